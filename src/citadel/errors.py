@@ -3,7 +3,7 @@
     CitadelError
     ├── ConfigError            a bad setting: names the key, the value and what was expected
     └── ApiError               an error answered to an HTTP client, OpenAI-style
-        ├── BadRequest         400 invalid_request_error (malformed JSON, wrong types, missing fields)
+        ├── BadRequest         400 invalid_request_error (bad JSON, wrong types, missing fields)
         ├── Unauthorized       401 authentication_error
         ├── Forbidden          403 permission_error
         ├── NotFound           404 not_found_error (unknown model, unknown path)
@@ -15,7 +15,8 @@
         ├── Unavailable        503 service_unavailable (no deployment can take the request)
         └── UpstreamTimeout    504 timeout (connect, first byte or total deadline passed)
 
-Foreign exceptions are translated once, at the boundary that caught them, with ``raise ... from exc``.
+Foreign exceptions are translated once, at the boundary that caught them, with
+``raise ... from exc``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ class CitadelError(Exception):
 
 
 class ConfigError(CitadelError):
-    """A setting is missing or invalid; the message names the key, the value and what was expected."""
+    """A setting is missing or invalid; the message names the key, the value and the expectation."""
 
     def __init__(self, key: str, value: object, expected: str) -> None:
         self.key = key
@@ -50,7 +51,7 @@ class ApiError(CitadelError):
         *,
         param: str | None = None,
         code: str | None = None,
-        headers: tuple[tuple[str, str], ...] = (),
+        headers: tuple[tuple[bytes, bytes], ...] = (),
     ) -> None:
         super().__init__(message)
         self.message = message

@@ -1,0 +1,496 @@
+"""Citadel's settings: one frozen, typed object, read once from a YAML file and the environment.
+
+``load_settings(path, environ)`` is the only way in; ``cli.py`` calls it once and hands the result
+to what it wires. The loader is given the environment as a mapping and never reads ``os.environ``.
+
+Where a value comes from, strongest first: an environment variable, the YAML file, the default here.
+The file is ``path`` if given, else ``$CITADEL_CONFIG``, else ``./citadel.yaml`` if it exists, else
+none (all defaults, no models). An empty environment variable counts as unset, as in env files.
+
+Every bad value raises ``ConfigError(key, value, expected)``, where ``key`` is the dotted YAML path
+(``models[0].deployments[1].weight``) or the environment variable's name. Types are strict: a bool
+is not a number, a string is not a list; an int is accepted where a float is expected. Unknown and
+repeated YAML keys are errors too, because a misspelt key silently ignored is a setting lost. A
+key set to null (or left empty) takes its default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from citadel.errors import ConfigError
+
+ENVS = ("development", "test", "staging", "production")
+KINDS = ("chat", "completion", "embedding")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+DEFAULT_CONFIG = "citadel.yaml"
+# The admin key a development or test instance gets when none is set; refused anywhere else.
+DEV_ADMIN_KEY = "sk-citadel-dev"
+_INSECURE_ENVS = ("development", "test")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Timeouts:
+    connect: float = 5.0  # seconds to open a TCP connection upstream
+    first_byte: float = 60.0  # seconds from sending the request to the first response byte
+    total: float = 600.0  # the whole request
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Price:
+    input_per_1k: float = 0.0  # USD per 1000 prompt tokens
+    output_per_1k: float = 0.0  # USD per 1000 completion tokens
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Deployment:
+    name: str  # unique across all models; default "<model>-<index>"
+    url: str  # base URL of an OpenAI-compatible server, without a trailing "/" or "/v1"
+    upstream_model: str  # the model name sent upstream; YAML key `model`; default the model's name
+    weight: float = 1.0
+    max_concurrency: int = 0  # 0 = unlimited
+    api_key: str | None = None
+    tags: tuple[str, ...] = ()
+    price: Price | None = None  # overrides the model's price
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Model:
+    name: str
+    kind: str = "chat"  # one of KINDS; chat models also serve /v1/completions
+    deployments: tuple[Deployment, ...]  # at least one
+    context_window: int = 8192
+    specialties: tuple[str, ...] = ()
+    price: Price = Price()
+    timeouts: Timeouts = Timeouts()  # each field falls back to the top-level `timeouts:`
+    aliases: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Ports:
+    gateway: int = 8000
+    custom_metrics: int = 9091
+    predictive_alerting: int = 9092
+    grafana_dashboards: int = 9093
+    prometheus_rules: int = 9094
+    graphql_api: int = 9095
+    streaming_api: int = 9096
+    routing_api: int = 9097
+    rate_limiting_api: int = 9098
+    simulator: int = 8100
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Endpoints:
+    """Where the outside services are; None means unset (the embedded default is used, if any)."""
+
+    api_gateway: str | None = None
+    prometheus: str | None = None
+    grafana: str | None = None
+    alertmanager: str | None = None
+    sql_database: str | None = None  # a URI: postgresql://..., sqlite:///...
+    redis: str | None = None  # a URI: redis://..., memory://
+    metrics_server: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GatewaySettings:
+    admin_key: str
+    max_body_bytes: int = 1_048_576
+    workers: int = 1
+    shutdown_grace_seconds: float = 30.0
+    keepalive_timeout_seconds: float = 75.0
+    access_log: bool = False
+    max_connections_per_deployment: int = 256
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Settings:
+    env: str = "development"  # one of ENVS
+    host: str = "127.0.0.1"  # the address services bind to
+    hostname: str = "localhost"  # the name used in printed and advertised URLs
+    log_level: str = "INFO"  # one of LOG_LEVELS
+    ports: Ports = Ports()
+    endpoints: Endpoints = Endpoints()
+    gateway: GatewaySettings
+    timeouts: Timeouts = Timeouts()  # the defaults for models
+    models: tuple[Model, ...] = ()
+    config_path: str | None = None  # the file read, if any
+    _index: Mapping[str, Model] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_index", _index_models(self.models))
+
+    def model(self, name: str) -> Model | None:
+        """The model with this name or alias, or None."""
+        return self._index.get(name)
+
+    def with_models(self, models: tuple[Model, ...]) -> Settings:
+        """A copy of these settings serving other models."""
+        return dataclasses.replace(self, models=models)
+
+
+def _index_models(models: tuple[Model, ...]) -> dict[str, Model]:
+    """Map each model name and alias to its model; refuse a name of a model or deployment reused."""
+    index: dict[str, Model] = {}
+    deployments: set[str] = set()
+    for i, model in enumerate(models):
+        names = [(f"models[{i}].name", model.name)]
+        names += [(f"models[{i}].aliases[{j}]", alias) for j, alias in enumerate(model.aliases)]
+        for key, name in names:
+            if name in index:
+                raise ConfigError(key, name, "a model name or alias not already in use")
+            index[name] = model
+        for j, deployment in enumerate(model.deployments):
+            if deployment.name in deployments:
+                key = f"models[{i}].deployments[{j}].name"
+                raise ConfigError(key, deployment.name, "a deployment name not already in use")
+            deployments.add(deployment.name)
+    return index
+
+
+# --- Validation: each parser takes a raw value and its key, and returns the typed value or raises.
+
+Parser = Callable[[object, str], Any]
+
+
+def _key(prefix: str, name: object) -> str:
+    return f"{prefix}.{name}" if prefix else str(name)
+
+
+def _mapping(value: object, key: str, known: tuple[str, ...]) -> dict[str, object]:
+    """A YAML mapping with only known keys; a missing or empty section is an empty mapping."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(key, value, "a mapping")
+    for name, item in value.items():
+        if name not in known:
+            raise ConfigError(_key(key, name), item, f"one of the known keys: {', '.join(known)}")
+    return value
+
+
+def _parse(doc: Mapping[str, object], key: str, parsers: Mapping[str, Parser]) -> dict[str, Any]:
+    """Parse the keys set in `doc`; absent and null ones are left to the dataclass defaults."""
+    return {
+        name: parse(value, _key(key, name))
+        for name, parse in parsers.items()
+        if (value := doc.get(name)) is not None
+    }
+
+
+def _section(value: object, key: str, parsers: Mapping[str, Parser]) -> dict[str, Any]:
+    return _parse(_mapping(value, key, tuple(parsers)), key, parsers)
+
+
+def _text(value: object, key: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(key, value, "a non-empty string")
+    return value.strip()
+
+
+def _choice(choices: tuple[str, ...]) -> Parser:
+    """One of `choices`, in any letter case, returned as spelt in `choices`."""
+    by_folded = {choice.casefold(): choice for choice in choices}
+
+    def parse(value: object, key: str) -> str:
+        if not isinstance(value, str) or value.strip().casefold() not in by_folded:
+            raise ConfigError(key, value, f"one of {', '.join(choices)}")
+        return by_folded[value.strip().casefold()]
+
+    return parse
+
+
+def _bool(value: object, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(key, value, "true or false")
+    return value
+
+
+def _number(positive: bool) -> Parser:
+    expected = "a number > 0" if positive else "a number >= 0"
+
+    def parse(value: object, key: str) -> float:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or value < 0
+            or (positive and value == 0)
+        ):
+            raise ConfigError(key, value, expected)
+        return float(value)
+
+    return parse
+
+
+_positive, _non_negative = _number(positive=True), _number(positive=False)
+
+
+def _integer(minimum: int) -> Parser:
+    def parse(value: object, key: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigError(key, value, f"an integer >= {minimum}")
+        return value
+
+    return parse
+
+
+def _port(value: object, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise ConfigError(key, value, "an integer port 1-65535")
+    return value
+
+
+def _url(value: object, key: str) -> str:
+    """An http(s) URL with a host, without trailing slashes."""
+    url = value.strip().rstrip("/") if isinstance(value, str) else ""
+    try:
+        parts = urlsplit(url)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+    except ValueError:  # a bad port or IPv6 literal
+        ok = False
+    if not ok:
+        raise ConfigError(key, value, "an http:// or https:// URL")
+    return url
+
+
+def _base_url(value: object, key: str) -> str:
+    """A deployment's base URL: the client adds "/v1/...", so a trailing "/v1" is dropped."""
+    return _url(value, key).removesuffix("/v1")
+
+
+_URI = re.compile(r"[a-z][a-z0-9+.-]*://\S*", re.IGNORECASE)
+
+
+def _uri(value: object, key: str) -> str:
+    if not isinstance(value, str) or not _URI.fullmatch(value.strip()):
+        raise ConfigError(key, value, "a URI such as scheme://host:port/path")
+    return value.strip()
+
+
+def _names(value: object, key: str) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(key, value, "a list of strings")
+    return tuple(_text(item, f"{key}[{i}]") for i, item in enumerate(value))
+
+
+_PRICE = {"input_per_1k": _non_negative, "output_per_1k": _non_negative}
+
+
+def _price(value: object, key: str) -> Price:
+    return Price(**_section(value, key, _PRICE))
+
+
+def _integer_text(parse: Parser) -> Parser:
+    """Adapt an integer parser to an environment variable's text."""
+
+    def parse_text(value: object, key: str) -> Any:
+        text = str(value).strip()
+        return parse(int(text) if re.fullmatch(r"[+-]?[0-9]+", text) else text, key)
+
+    return parse_text
+
+
+EnvTable = Mapping[str, tuple[str, Parser]]  # variable name -> (field name, parser)
+
+
+def _from_env(environ: Mapping[str, str], table: EnvTable) -> dict[str, Any]:
+    """The fields set by those variables of `table` that are present in `environ`."""
+    values: dict[str, Any] = {}
+    for var, (name, parse) in table.items():
+        text = environ.get(var, "")
+        if text.strip():
+            try:
+                values[name] = parse(text, var)
+            except ConfigError as exc:  # report the text as written, not as converted
+                raise ConfigError(var, text, exc.expected) from None
+    return values
+
+
+# --- The schema: YAML keys and environment variables, and what each one accepts.
+
+_SCALARS = {
+    "env": _choice(ENVS),
+    "host": _text,
+    "hostname": _text,
+    "log_level": _choice(LOG_LEVELS),
+}
+_TOP = (*_SCALARS, "ports", "endpoints", "gateway", "timeouts", "models")
+_SCALARS_ENV = {
+    "CITADEL_ENV": ("env", _SCALARS["env"]),
+    "SERVER_IP": ("host", _text),
+    "SERVER_HOSTNAME": ("hostname", _text),
+    "CITADEL_LOG_LEVEL": ("log_level", _SCALARS["log_level"]),
+}
+_PORTS = {f.name: _port for f in dataclasses.fields(Ports)}
+_PORTS_ENV = {
+    f"{'API_GATEWAY' if name == 'gateway' else name.upper()}_PORT": (name, _integer_text(_port))
+    for name in _PORTS
+}
+_ENDPOINTS: dict[str, Parser] = {f.name: _url for f in dataclasses.fields(Endpoints)}
+_ENDPOINTS |= {"sql_database": _uri, "redis": _uri}  # store URIs: postgresql://, redis://, ...
+_ENDPOINTS_ENV = {f"{name.upper()}_ENDPOINT": (name, parse) for name, parse in _ENDPOINTS.items()}
+_GATEWAY = {
+    "admin_key": _text,
+    "max_body_bytes": _integer(1),
+    "workers": _integer(1),
+    "shutdown_grace_seconds": _non_negative,
+    "keepalive_timeout_seconds": _positive,
+    "access_log": _bool,
+    "max_connections_per_deployment": _integer(1),
+}
+_GATEWAY_ENV = {
+    "CITADEL_ADMIN_KEY": ("admin_key", _text),
+    "CITADEL_MAX_BODY_BYTES": ("max_body_bytes", _integer_text(_integer(1))),
+    "CITADEL_WORKERS": ("workers", _integer_text(_integer(1))),
+}
+_TIMEOUTS = {f.name: _positive for f in dataclasses.fields(Timeouts)}
+_MODEL = {
+    "name": _text,
+    "kind": _choice(KINDS),
+    "context_window": _integer(1),
+    "specialties": _names,
+    "aliases": _names,
+    "price": _price,
+}
+_MODEL_KEYS = (*_MODEL, "timeouts", "deployments")
+_DEPLOYMENT = {
+    "name": _text,
+    "url": _base_url,
+    "model": _text,
+    "weight": _positive,
+    "max_concurrency": _integer(0),
+    "api_key": _text,
+    "tags": _names,
+    "price": _price,
+}
+
+
+def load_settings(path: str | None, environ: Mapping[str, str]) -> Settings:
+    """Read the settings from the YAML file (see the module docstring) and `environ`."""
+    source = _config_source(path, environ)
+    config_path = source[0] if source else None
+    data = _read_yaml(*source) if source else None
+    if not isinstance(data, dict | None):
+        raise ConfigError(str(config_path), data, "a mapping of settings at the top level")
+    doc = _mapping(data, "", _TOP)
+    scalars = _parse(doc, "", _SCALARS) | _from_env(environ, _SCALARS_ENV)
+    ports = _section(doc.get("ports"), "ports", _PORTS) | _from_env(environ, _PORTS_ENV)
+    endpoints = _section(doc.get("endpoints"), "endpoints", _ENDPOINTS)
+    endpoints |= _from_env(environ, _ENDPOINTS_ENV)
+    gateway = _section(doc.get("gateway"), "gateway", _GATEWAY) | _from_env(environ, _GATEWAY_ENV)
+    _check_admin_key(gateway, scalars.get("env", "development"))
+    timeouts = Timeouts(**_section(doc.get("timeouts"), "timeouts", _TIMEOUTS))
+    return Settings(
+        **scalars,
+        ports=Ports(**ports),
+        endpoints=Endpoints(**endpoints),
+        gateway=GatewaySettings(**gateway),
+        timeouts=timeouts,
+        models=_models(doc.get("models"), timeouts),
+        config_path=config_path,
+    )
+
+
+def _config_source(path: str | None, environ: Mapping[str, str]) -> tuple[str, str] | None:
+    """The file to read and the key naming it in errors, or None to read no file."""
+    if path is not None:
+        return path, "config"
+    if environ.get("CITADEL_CONFIG", "").strip():
+        return environ["CITADEL_CONFIG"].strip(), "CITADEL_CONFIG"
+    if Path(DEFAULT_CONFIG).is_file():
+        return DEFAULT_CONFIG, "config"
+    return None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """The safe loader, refusing a key repeated in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
+        seen: set[object] = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = self.construct_object(key_node)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping",
+                        node.start_mark,
+                        f"found duplicate key {key!r}",
+                        key_node.start_mark,
+                    )
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _read_yaml(path: str, key: str) -> object:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        raise ConfigError(key, path, f"an existing, readable UTF-8 YAML file ({reason})") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: plain data only
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        lines = text.splitlines()
+        line = lines[mark.line] if mark and mark.line < len(lines) else None
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(path, line, f"valid YAML: {exc.problem or exc.context}{where}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(path, None, f"valid YAML: {exc}") from exc
+
+
+def _check_admin_key(gateway: dict[str, Any], env: str) -> None:
+    """Give development and test instances the well-known key; demand a real one elsewhere."""
+    key = gateway.get("admin_key")
+    if env in _INSECURE_ENVS:
+        gateway.setdefault("admin_key", DEV_ADMIN_KEY)
+    elif key is None:
+        raise ConfigError("gateway.admin_key", None, "an admin key (set CITADEL_ADMIN_KEY)")
+    elif key == DEV_ADMIN_KEY:
+        raise ConfigError("gateway.admin_key", key, f"a non-development key in {env}")
+
+
+def _models(value: object, timeouts: Timeouts) -> tuple[Model, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ConfigError("models", value, "a list of models")
+    return tuple(_model(item, f"models[{i}]", timeouts) for i, item in enumerate(value))
+
+
+def _model(value: object, key: str, timeouts: Timeouts) -> Model:
+    doc = _mapping(value, key, _MODEL_KEYS)
+    if doc.get("name") is None:
+        raise ConfigError(f"{key}.name", None, "a model name")
+    fields = _parse(doc, key, _MODEL)
+    own_timeouts = _section(doc.get("timeouts"), f"{key}.timeouts", _TIMEOUTS)
+    return Model(
+        **fields,
+        timeouts=dataclasses.replace(timeouts, **own_timeouts),
+        deployments=_deployments(doc.get("deployments"), f"{key}.deployments", fields["name"]),
+    )
+
+
+def _deployments(value: object, key: str, model: str) -> tuple[Deployment, ...]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(key, value, "a non-empty list of deployments")
+    deployments = []
+    for i, item in enumerate(value):
+        fields = _section(item, f"{key}[{i}]", _DEPLOYMENT)
+        if "url" not in fields:
+            raise ConfigError(f"{key}[{i}].url", None, "an http:// or https:// URL")
+        fields.setdefault("name", f"{model}-{i}")
+        fields["upstream_model"] = fields.pop("model", model)
+        deployments.append(Deployment(**fields))
+    return tuple(deployments)
