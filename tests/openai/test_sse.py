@@ -277,19 +277,14 @@ def test_inspect_string_error_is_wrapped() -> None:
     assert {"message": "overloaded"} == inspect_chunk(b'{"error": "overloaded"}').error
 
 
-def test_inspect_garbage_is_an_empty_chunk() -> None:
-    """Malformed JSON, non-objects and odd shapes read as an empty chunk rather than raising."""
-    payloads = [
-        b"",
-        b"{not json",
-        b"\xff\xfe",
-        b"[1, 2]",
-        b'"text"',
-        b'{"choices": "nope"}',
-        b'{"choices": [1, null, {"delta": "x"}]}',
-    ]
+def test_inspect_garbage_is_malformed_and_odd_shapes_are_empty() -> None:
+    """Payloads that are not JSON objects read as malformed; odd shapes as an empty chunk."""
+    malformed = [b"", b"{not json", b"\xff\xfe", b"[1, 2]", b'"text"']
+    odd = [b'{"choices": "nope"}', b'{"choices": [1, null, {"delta": "x"}]}']
 
-    assert [EMPTY] * len(payloads) == [inspect_chunk(payload) for payload in payloads]
+    assert [True] * len(malformed) == [inspect_chunk(p).malformed for p in malformed]
+    assert [0] * len(malformed) == [inspect_chunk(p).content_pieces for p in malformed]
+    assert [EMPTY] * len(odd) == [inspect_chunk(p) for p in odd]
 
 
 @given(payload=st.binary())

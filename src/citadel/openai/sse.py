@@ -112,10 +112,21 @@ class StreamChunkInfo:
     """The generated text of the chunk (``delta.content`` or ``text``), all choices concatenated."""
     error: dict[str, Any] | None
     """The error object of an error event."""
+    malformed: bool = False
+    """The payload is not a JSON object (nor ``[DONE]``): the stream is broken."""
 
 
 _EMPTY = StreamChunkInfo(
     is_done=False, is_usage_only=False, usage=None, content_pieces=0, text="", error=None
+)
+_MALFORMED = StreamChunkInfo(
+    is_done=False,
+    is_usage_only=False,
+    usage=None,
+    content_pieces=0,
+    text="",
+    error=None,
+    malformed=True,
 )
 _DONE_INFO = StreamChunkInfo(
     is_done=True, is_usage_only=False, usage=None, content_pieces=0, text="", error=None
@@ -134,9 +145,9 @@ def inspect_chunk(payload: bytes) -> StreamChunkInfo:
     try:
         chunk = orjson.loads(payload)
     except orjson.JSONDecodeError:
-        return _EMPTY
+        return _MALFORMED
     if not isinstance(chunk, dict):
-        return _EMPTY
+        return _MALFORMED
 
     error = chunk.get("error")
     if error is not None:

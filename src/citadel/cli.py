@@ -1,0 +1,250 @@
+"""The one command, ``citadel``: the only place that reads settings and wires objects together.
+
+citadel up                 every service on this machine, with embedded defaults
+citadel serve NAME         one service (gateway, ...)
+citadel sim                the model simulator
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+from citadel import __version__
+from citadel.errors import ConfigError
+from citadel.log import configure_logging
+from citadel.settings import Deployment, Model, Price, Settings, load_settings
+
+# Services that exist so far, by their `citadel serve NAME` name; each entry: the settings port
+# attribute and the factory wiring function.
+SERVICES: dict[str, str] = {"gateway": "gateway"}
+# Names later issues add; `serve` says they are not built yet rather than "unknown".
+PLANNED = (
+    "custom-metrics",
+    "predictive-alerting",
+    "grafana-dashboards",
+    "prometheus-rules",
+    "graphql-api",
+    "streaming-api",
+    "routing-api",
+    "rate-limiting-api",
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one clear line, not usage text."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def embedded_models(settings: Settings) -> tuple[Model, ...]:
+    """The models served when none are configured: the simulator's, on its default port."""
+    url = f"http://127.0.0.1:{settings.ports.simulator}"
+
+    def model(name: str, kind: str, specialties: tuple[str, ...], price: Price) -> Model:
+        deployment = Deployment(name=f"{name}-sim", url=url, upstream_model=name)
+        return Model(
+            name=name,
+            kind=kind,
+            deployments=(deployment,),
+            specialties=specialties,
+            price=price,
+            timeouts=settings.timeouts,
+        )
+
+    return (
+        model("sim-chat", "chat", ("chat",), Price(input_per_1k=0.0005, output_per_1k=0.0015)),
+        model("sim-code", "chat", ("code",), Price(input_per_1k=0.001, output_per_1k=0.003)),
+        model("sim-embed", "embedding", ("embedding",), Price(input_per_1k=0.0001)),
+    )
+
+
+def _with_defaults(settings: Settings) -> Settings:
+    return settings if settings.models else settings.with_models(embedded_models(settings))
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    name = args.name
+    if name in PLANNED:
+        print(f"citadel: service {name!r} is not built yet", file=sys.stderr)
+        return 2
+    configure_logging(name, settings.log_level)
+    settings = _with_defaults(settings)
+    from citadel.service import serve
+
+    if name == "gateway":
+        from citadel.gateway.app import create_app, default_deps
+
+        port = args.port if args.port is not None else settings.ports.gateway
+        workers = args.workers if args.workers is not None else settings.gateway.workers
+
+        def factory() -> object:
+            return create_app(settings, default_deps(settings))
+
+        return serve(
+            factory,  # type: ignore[arg-type]
+            host=args.host or settings.host,
+            port=port,
+            workers=workers,
+            grace=settings.gateway.shutdown_grace_seconds,
+        )
+    print(f"citadel: unknown service {name!r}", file=sys.stderr)  # pragma: no cover
+    return 2
+
+
+def _cmd_sim(args: argparse.Namespace, settings: Settings) -> int:
+    from citadel.service import serve
+    from citadel.sim.app import create_app
+    from citadel.sim.config import config_from_args
+
+    configure_logging("simulator", settings.log_level)
+    config = config_from_args(args)
+    port = args.port if args.port is not None else settings.ports.simulator
+    return serve(
+        lambda: create_app(config),
+        host=args.host or settings.host,
+        port=port,
+        workers=args.workers,
+        grace=5.0,
+    )
+
+
+def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    """Start the simulator (when no model is configured) and every service, then wait."""
+    base = [sys.executable, "-m", "citadel"]
+    if args.config:
+        base += ["--config", args.config]
+    plan: list[tuple[str, list[str], int]] = []
+    if not settings.models:
+        plan.append(("simulator", [*base, "sim"], settings.ports.simulator))
+    plan.extend(
+        (name, [*base, "serve", name], getattr(settings.ports, attr))
+        for name, attr in SERVICES.items()
+    )
+    children: list[tuple[str, subprocess.Popen[bytes]]] = []
+    stopping = False
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for _name, child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    children.extend((name, subprocess.Popen(command)) for name, command, _port in plan)
+    host = settings.hostname
+    print("Citadel is starting:", flush=True)
+    for name, _command, port in plan:
+        print(f"  {name:<12} http://{host}:{port}", flush=True)
+    if settings.env in ("development", "test") and not os.environ.get("CITADEL_ADMIN_KEY"):
+        print(f"  admin key    {settings.gateway.admin_key}", flush=True)
+    code = 0
+    while children and not stopping:
+        for name, child in children:
+            if child.poll() is not None:
+                print(f"citadel: {name} exited with {child.returncode}", file=sys.stderr)
+                code = child.returncode or 1
+                stop(signal.SIGTERM, None)
+                break
+        time.sleep(0.2)
+    for _name, child in children:
+        try:
+            child.wait(timeout=settings.gateway.shutdown_grace_seconds + 5)
+        except subprocess.TimeoutExpired:
+            child.kill()
+    return code
+
+
+# -- parser -----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="citadel",
+        description="Citadel: an OpenAI-compatible gateway for self-hosted language models.",
+    )
+    parser.add_argument("--version", action="version", version=f"citadel {__version__}")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="settings file (default: $CITADEL_CONFIG, else ./citadel.yaml if present)",
+    )
+    # Not required=True: argparse would then report a missing command before an unknown flag,
+    # and `citadel --bogus` would not name --bogus. `main` checks both, the flag first.
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    up = commands.add_parser(
+        "up",
+        help="start every service on this machine (and the simulator if no model is configured)",
+        description="Start every built service on this machine with embedded defaults; when no "
+        "model is configured the simulator is started too and the gateway routes to it.",
+    )
+    up.set_defaults(func=_cmd_up)
+
+    serve = commands.add_parser(
+        "serve",
+        help="start one service",
+        description="Start one service in the foreground. SIGTERM stops it gracefully.",
+    )
+    serve.add_argument(
+        "name",
+        choices=[*SERVICES, *PLANNED],
+        metavar="NAME",
+        help="one of: " + ", ".join([*SERVICES, *PLANNED]),
+    )
+    serve.add_argument("--host", help="address to bind (default: SERVER_IP or 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to bind (default: the service's port)")
+    serve.add_argument(
+        "--workers", type=int, help="worker processes sharing the port (default: from settings)"
+    )
+    serve.set_defaults(func=_cmd_serve)
+
+    sim = commands.add_parser(
+        "sim",
+        help="start the simulated OpenAI-compatible model server",
+        description="A simulated vLLM-like model server with fault injection, for tests, "
+        "benchmarks and the embedded default upstream.",
+    )
+    sim.add_argument("--host", help="address to bind (default: SERVER_IP or 127.0.0.1)")
+    sim.add_argument("--port", type=int, help="port to bind (default: 8100 or SIMULATOR_PORT)")
+    sim.add_argument("--workers", type=int, default=1, help="worker processes (default: 1)")
+    from citadel.sim.config import add_arguments
+
+    add_arguments(sim)
+    sim.set_defaults(func=_cmd_sim)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command is None:
+        parser.error("a command is required: up, serve or sim")
+    try:
+        settings = load_settings(args.config, os.environ)
+    except ConfigError as exc:
+        print(f"citadel: {exc}", file=sys.stderr)
+        return 2
+    command: Callable[[argparse.Namespace, Settings], int] = args.func
+    try:
+        return command(args, settings)
+    except ConfigError as exc:
+        print(f"citadel: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # e.g. the port is taken
+        print(f"citadel: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,1 @@
+"""The API gateway (:8000): authenticate, route, forward, meter."""

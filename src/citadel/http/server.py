@@ -1,0 +1,515 @@
+"""A small, fast HTTP/1.1 server on asyncio.Protocol and httptools.
+
+Theory of operation. One ``HttpProtocol`` per TCP connection feeds received bytes to an httptools
+parser. When a whole request has arrived it becomes a ``Request`` and is handed to the handler in a
+task of its own; requests pipelined behind it wait in a queue and run strictly one after another, so
+responses leave in request order. The handler answers with a ``Response`` (a whole body, sent with
+``content-length``) or a ``StreamResponse`` (an async iterator of chunks, sent with chunked
+transfer-encoding as each chunk is produced, honouring the transport's write flow control).
+
+A client that goes away cancels the task serving it: the handler sees ``CancelledError`` where it
+was waiting, which is how an upstream generation is abandoned when nobody is left to read it.
+
+A body over ``max_body_bytes`` is not kept: it is read and discarded (the handler gets the
+request with ``body_too_large`` set and answers 413) unless the client keeps sending past a hard
+cap, when the connection is closed. Idle keep-alive connections close after
+``keepalive_timeout`` seconds.
+
+Graceful shutdown (``HttpServer.shutdown``) stops accepting, closes idle connections, lets busy ones
+finish the response in hand (then closes them), and after the grace period cancels what is left.
+
+Why not a framework: measured on this machine (shared/PERFORMANCE.md), an asyncio.Protocol
+server with httptools costs a fraction of what an ASGI server plus framework costs per request,
+and the gateway's hot path is nothing but this loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from email.utils import formatdate
+from typing import Any, cast
+
+import httptools
+
+__all__ = [
+    "AbortConnection",
+    "HttpProtocol",
+    "HttpServer",
+    "Request",
+    "Response",
+    "StreamResponse",
+]
+
+_log = logging.getLogger("citadel.http")
+
+_REASONS: dict[int, bytes] = {s.value: s.phrase.encode() for s in http.HTTPStatus}
+# Discarding an oversized body costs little, but not forever: past this multiple of the limit the
+# client is not worth waiting for and the connection is closed.
+_DISCARD_FACTOR = 16
+
+
+class AbortConnection(Exception):
+    """Raised by a handler or a stream body: close the connection now, without (more of) a response.
+
+    A stream cut this way ends without the terminating chunk, so the client sees a broken body.
+    """
+
+
+class Request:
+    """One parsed HTTP request. Header names are lower-case bytes."""
+
+    __slots__ = (
+        "body",
+        "body_too_large",
+        "client",
+        "headers",
+        "method",
+        "path",
+        "query",
+        "request_id",
+    )
+
+    def __init__(
+        self,
+        method: str,
+        path: str,
+        query: str,
+        headers: dict[bytes, bytes],
+        body: bytes,
+        client: str = "",
+        body_too_large: bool = False,
+    ) -> None:
+        self.method = method
+        self.path = path
+        self.query = query
+        self.headers = headers
+        self.body = body
+        self.client = client
+        self.body_too_large = body_too_large
+        self.request_id = ""
+
+    def header(self, name: bytes) -> str | None:
+        """The value of header ``name`` (lower-case) decoded as latin-1, or None."""
+        value = self.headers.get(name)
+        return None if value is None else value.decode("latin-1")
+
+
+class Response:
+    """A whole response: status, headers and body."""
+
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(
+        self,
+        status: int = 200,
+        body: bytes = b"",
+        headers: list[tuple[bytes, bytes]] | None = None,
+        content_type: bytes = b"application/json",
+    ) -> None:
+        self.status = status
+        self.body = body
+        self.headers = headers if headers is not None else []
+        if content_type:
+            self.headers.append((b"content-type", content_type))
+
+
+class StreamResponse:
+    """A response whose body is produced as it is sent (Server-Sent Events, typically)."""
+
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(
+        self,
+        body: AsyncIterator[bytes],
+        status: int = 200,
+        headers: list[tuple[bytes, bytes]] | None = None,
+        content_type: bytes = b"text/event-stream",
+    ) -> None:
+        self.status = status
+        self.body = body
+        self.headers = headers if headers is not None else []
+        if content_type:
+            self.headers.append((b"content-type", content_type))
+            self.headers.append((b"cache-control", b"no-cache"))
+
+
+Handler = Callable[[Request], Awaitable[Response | StreamResponse]]
+
+
+class _Clock:
+    """The ``date`` header, formatted at most once a second."""
+
+    __slots__ = ("_header", "_second")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._header = b""
+
+    def date_header(self) -> bytes:
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            self._header = b"date: " + formatdate(now, usegmt=True).encode() + b"\r\n"
+        return self._header
+
+
+def _head(
+    status: int,
+    headers: list[tuple[bytes, bytes]],
+    framing: bytes,
+    keep_alive: bool,
+    date: bytes,
+) -> bytes:
+    parts = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Unknown")), date]
+    for name, value in headers:
+        parts.append(name + b": " + value + b"\r\n")
+    parts.append(framing)
+    if not keep_alive:
+        parts.append(b"connection: close\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+async def _close_body(body: AsyncIterator[bytes]) -> None:
+    """Close a stream body (an async generator or anything with ``aclose``), whatever happens."""
+    aclose = getattr(body, "aclose", None)
+    if aclose is not None:
+        with contextlib.suppress(Exception):
+            await aclose()
+
+
+class HttpProtocol(asyncio.Protocol):
+    """One client connection: parse requests, run the handler, write responses in order."""
+
+    def __init__(self, server: HttpServer) -> None:
+        self._server = server
+        self._loop = server.loop
+        self._transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpRequestParser(self)
+        self._url = b""
+        self._headers: dict[bytes, bytes] = {}
+        self._body: list[bytes] = []
+        self._body_size = 0
+        self._too_large = False
+        self._pending: deque[tuple[Request, bool]] = deque()
+        self._task: asyncio.Task[None] | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._paused = False
+        self._drain: asyncio.Future[None] | None = None
+        self._client = ""
+        self._rejection: tuple[int, bytes] | None = None
+        self.closing = False
+
+    # -- asyncio.Protocol --------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Not an isinstance check: uvloop's transports do not derive from asyncio.Transport.
+        self._transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self._client = f"{peer[0]}:{peer[1]}"
+        self._server.connections.add(self)
+        self._arm_idle_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._server.forget(self)
+        self._cancel_idle_timer()
+        self.closing = True
+        self._pending.clear()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_exception(ConnectionResetError("client disconnected"))
+            self._drain.exception()  # mark retrieved: nobody may be waiting
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._reject(
+                400,
+                b'{"error":{"message":"protocol upgrade is not supported",'
+                b'"type":"invalid_request_error","param":null,"code":null}}',
+            )
+        except httptools.HttpParserError as exc:
+            message = f"malformed HTTP request: {exc}".replace('"', "'").encode()
+            self._reject(
+                400,
+                b'{"error":{"message":"'
+                + message
+                + b'","type":"invalid_request_error","param":null,"code":"bad_http"}}',
+            )
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+        self._drain = None
+
+    def eof_received(self) -> bool | None:
+        # The client closed its side. A full close looks just like a half-close, and a client that
+        # half-closes and still waits for an answer is rare, so EOF means the client went away:
+        # the transport closes and the handler is cancelled now, even one still waiting for an
+        # upstream with nothing written yet (a write would have found out only much later).
+        return None
+
+    # -- httptools callbacks -----------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._cancel_idle_timer()
+        self._url = b""
+        self._headers = {}
+        self._body = []
+        self._body_size = 0
+        self._too_large = False
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers[name.lower()] = value
+
+    def on_headers_complete(self) -> None:
+        length = self._headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self._server.max_body_bytes:
+            self._too_large = True
+        # Not while an earlier response is under way: the interim response would land inside it.
+        # A client not invited sends its body after a short wait of its own (RFC 9110, 10.1.1).
+        expect = self._headers.get(b"expect", b"").lower() == b"100-continue"
+        if expect and self._task is None and self._transport is not None:
+            self._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, body: bytes) -> None:
+        self._body_size += len(body)
+        if self._body_size > self._server.max_body_bytes:
+            self._too_large = True
+            self._body = []
+            if self._body_size > self._server.max_body_bytes * _DISCARD_FACTOR:
+                self._close()
+            return
+        if not self._too_large:
+            self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        url = self._url
+        qpos = url.find(b"?")
+        if qpos >= 0:
+            path, query = url[:qpos].decode("latin-1"), url[qpos + 1 :].decode("latin-1")
+        else:
+            path, query = url.decode("latin-1"), ""
+        body = b"".join(self._body) if not self._too_large else b""
+        request = Request(
+            self._parser.get_method().decode("ascii", "replace"),
+            path,
+            query,
+            self._headers,
+            body,
+            self._client,
+            self._too_large,
+        )
+        keep_alive = bool(self._parser.should_keep_alive())
+        if self._task is None:
+            self._task = self._loop.create_task(self._serve(request, keep_alive))
+        else:
+            self._pending.append((request, keep_alive))
+            if len(self._pending) > 32 and self._transport is not None:
+                self._transport.pause_reading()
+
+    # -- serving -----------------------------------------------------------------------------
+
+    async def _serve(self, request: Request, keep_alive: bool) -> None:
+        while True:
+            keep_alive = await self._serve_one(request, keep_alive)
+            if not keep_alive or self.closing:
+                self._close()
+                self._task = None
+                return
+            if not self._pending:
+                break
+            request, keep_alive = self._pending.popleft()
+            if self._transport is not None and len(self._pending) <= 8:
+                self._transport.resume_reading()
+        self._task = None
+        if self._rejection is not None:
+            self._reject(*self._rejection)
+        elif self._server.closing:
+            self._close()
+        else:
+            self._arm_idle_timer()
+
+    async def _serve_one(self, request: Request, keep_alive: bool) -> bool:
+        try:
+            response = await self._server.handler(request)
+        except asyncio.CancelledError:
+            raise
+        except AbortConnection:
+            return False
+        except Exception:
+            _log.exception("unhandled error in handler", extra={"path": request.path})
+            response = Response(
+                500,
+                b'{"error":{"message":"internal server error","type":"server_error",'
+                b'"param":null,"code":null}}',
+            )
+        keep_alive = keep_alive and not self._server.closing
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            if isinstance(response, StreamResponse):
+                await _close_body(response.body)
+            return False
+        date = self._server.clock.date_header()
+        if isinstance(response, Response):
+            framing = b"content-length: %d\r\n" % len(response.body)
+            transport.write(
+                _head(response.status, response.headers, framing, keep_alive, date) + response.body
+            )
+            return keep_alive
+        return await self._stream(response, keep_alive, date)
+
+    async def _stream(self, response: StreamResponse, keep_alive: bool, date: bytes) -> bool:
+        transport = self._transport
+        assert transport is not None
+        head = _head(
+            response.status, response.headers, b"transfer-encoding: chunked\r\n", keep_alive, date
+        )
+        transport.write(head)
+        body = response.body
+        try:
+            async for chunk in body:
+                if not chunk:
+                    continue
+                if transport.is_closing():
+                    return False
+                transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                if self._paused:
+                    self._drain = self._loop.create_future()
+                    await self._drain
+        except asyncio.CancelledError:
+            raise
+        except (ConnectionResetError, AbortConnection):
+            return False
+        except Exception:
+            # The status line is gone already: the only honest signal left is a broken stream.
+            _log.exception("stream failed after the response started")
+            return False
+        finally:
+            await _close_body(body)
+        if transport.is_closing():
+            return False
+        transport.write(b"0\r\n\r\n")
+        return keep_alive
+
+    # -- connection management ----------------------------------------------------------------
+
+    def _reject(self, status: int, body: bytes) -> None:
+        if self._task is not None:
+            # Requests before the bad one are answered first, in order; then this, then close.
+            self._rejection = (status, body)
+            return
+        if self._transport is not None and not self._transport.is_closing():
+            framing = b"content-length: %d\r\ncontent-type: application/json\r\n" % len(body)
+            date = self._server.clock.date_header()
+            self._transport.write(_head(status, [], framing, False, date) + body)
+        self._close()
+
+    def _close(self) -> None:
+        self.closing = True
+        self._cancel_idle_timer()
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.close()
+
+    def _arm_idle_timer(self) -> None:
+        self._cancel_idle_timer()
+        self._idle_timer = self._loop.call_later(self._server.keepalive_timeout, self._close)
+
+    def _cancel_idle_timer(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+    @property
+    def busy(self) -> bool:
+        return self._task is not None
+
+    def shutdown(self) -> None:
+        """Close now if idle; otherwise close after the response in hand."""
+        self.closing = True
+        if self._task is None:
+            self._close()
+
+    def abort(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        if self._transport is not None:
+            self._transport.abort()
+
+
+class HttpServer:
+    """Listens on one address and serves every connection with ``handler``."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        max_body_bytes: int = 1_048_576,
+        keepalive_timeout: float = 75.0,
+    ) -> None:
+        self.handler = handler
+        self.max_body_bytes = max_body_bytes
+        self.keepalive_timeout = keepalive_timeout
+        self.connections: set[HttpProtocol] = set()
+        self.clock = _Clock()
+        self.closing = False
+        self._drained: asyncio.Event | None = None
+        self._server: asyncio.Server | None = None
+        self.loop: asyncio.AbstractEventLoop  # bound in start(); protocols exist only after it
+
+    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> None:
+        """Bind and start accepting connections."""
+        self.loop = asyncio.get_running_loop()
+        self._server = await self.loop.create_server(
+            lambda: HttpProtocol(self),
+            host,
+            port,
+            reuse_port=reuse_port or None,
+            backlog=2048,
+        )
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful after binding port 0)."""
+        assert self._server is not None
+        assert self._server.sockets
+        sock: Any = self._server.sockets[0]
+        return int(sock.getsockname()[1])
+
+    def forget(self, conn: HttpProtocol) -> None:
+        """A connection has closed."""
+        self.connections.discard(conn)
+        if not self.connections and self._drained is not None:
+            self._drained.set()
+
+    async def shutdown(self, grace: float) -> None:
+        """Stop accepting; let in-flight requests and streams finish within ``grace`` seconds."""
+        self.closing = True
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            conn.shutdown()
+        if self.connections:
+            self._drained = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), grace)
+        for conn in list(self.connections):
+            conn.abort()
+        if self._server is not None:
+            await self._server.wait_closed()

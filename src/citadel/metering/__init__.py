@@ -1,0 +1,1 @@
+"""Metering: usage events, pricing, the ledger."""

@@ -1,0 +1,1 @@
+"""Routing: choosing a deployment of a model for each request."""

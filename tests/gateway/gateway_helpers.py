@@ -1,0 +1,81 @@
+"""Small raw-HTTP helpers for gateway tests that need exact bytes and statuses."""
+
+from __future__ import annotations
+
+import http.client
+import re
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+
+ADMIN_KEY = "sk-test-admin"
+
+
+@dataclass(frozen=True)
+class Stack:
+    """A running gateway in front of a running simulator."""
+
+    gateway: str  # base URL, e.g. http://127.0.0.1:PORT
+    sim: str
+    gateway_pid: int
+
+
+def request(
+    base: str,
+    method: str,
+    path: str,
+    body: bytes = b"",
+    headers: dict[str, str] | None = None,
+    *,
+    auth: bool = True,
+    timeout: float = 10.0,
+) -> tuple[int, dict[str, str], bytes]:
+    """One request on a fresh connection: status, lower-cased headers, body."""
+    parts = urlsplit(base)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    sent = {"content-type": "application/json"} if body else {}
+    if auth:
+        sent["authorization"] = f"Bearer {ADMIN_KEY}"
+    sent.update(headers or {})
+    try:
+        conn.request(method, path, body=body, headers=sent)
+        resp = conn.getresponse()
+        data = resp.read()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
+    finally:
+        conn.close()
+
+
+def post_json(
+    base: str, path: str, doc: Any, headers: dict[str, str] | None = None, **kw: Any
+) -> tuple[int, dict[str, str], bytes]:
+    return request(base, "POST", path, orjson.dumps(doc), headers, **kw)
+
+
+def error_of(body: bytes) -> dict[str, Any]:
+    """The OpenAI-style error object of a body, checking its shape."""
+    doc = orjson.loads(body)
+    error = doc["error"]
+    assert {"message", "type", "param", "code"} <= set(error)
+    assert isinstance(error["message"], str)
+    return dict(error)
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """The sum of every sample of ``name`` whose labels include ``labels``."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        match = re.match(r"^([^{ ]+)(\{(.*)\})? (\S+)$", line)
+        assert match is not None, line
+        found = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match.group(3) or ""))
+        if all(found.get(k) == v for k, v in labels.items()):
+            total += float(match.group(4))
+    return total
+
+
+def chat(content: str = "Say hello", **extra: Any) -> dict[str, Any]:
+    return {"model": "sim-chat", "messages": [{"role": "user", "content": content}], **extra}
