@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import re
+import socket
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -79,3 +82,60 @@ def metric_value(text: str, name: str, **labels: str) -> float:
 
 def chat(content: str = "Say hello", **extra: Any) -> dict[str, Any]:
     return {"model": "sim-chat", "messages": [{"role": "user", "content": content}], **extra}
+
+
+def blackhole() -> tuple[socket.socket, list[socket.socket], int]:
+    """A listener whose accept queue is full: connecting to it hangs until the caller gives up."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers: list[socket.socket] = []
+    for _ in range(4):
+        s = socket.socket()
+        s.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            s.connect(("127.0.0.1", port))
+        fillers.append(s)
+    return listener, fillers, port
+
+
+def write_config(path: Path, sim_port: int, dead_port: int, blackhole_port: int) -> Path:
+    sim = f"http://127.0.0.1:{sim_port}"
+    path.write_text(
+        f"""
+models:
+  - name: sim-chat
+    aliases: [default]
+    price: {{input_per_1k: 0.5, output_per_1k: 1.5}}
+    deployments:
+      - {{name: sim-a, url: "{sim}", model: sim-chat}}
+  - name: sim-embed
+    kind: embedding
+    deployments:
+      - {{name: sim-e, url: "{sim}", model: sim-embed}}
+  - name: renamed
+    deployments:
+      - {{name: sim-r, url: "{sim}/v1", model: sim-chat}}
+  - name: impatient
+    timeouts: {{first_byte: 0.5, total: 1.5}}
+    deployments:
+      - {{name: sim-i, url: "{sim}", model: sim-chat}}
+  - name: short
+    timeouts: {{first_byte: 5, total: 1}}
+    deployments:
+      - {{name: sim-s, url: "{sim}", model: sim-chat}}
+  - name: dead
+    deployments:
+      - {{name: dead-a, url: "http://127.0.0.1:{dead_port}", model: sim-chat}}
+  - name: half-dead
+    deployments:
+      - {{name: dead-b, url: "http://127.0.0.1:{dead_port}", model: sim-chat}}
+      - {{name: sim-h, url: "{sim}", model: sim-chat}}
+  - name: blackhole
+    timeouts: {{connect: 0.5}}
+    deployments:
+      - {{name: hole, url: "http://127.0.0.1:{blackhole_port}", model: sim-chat}}
+"""
+    )
+    return path

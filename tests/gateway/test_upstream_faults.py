@@ -36,7 +36,7 @@ def sse_events(body: bytes) -> list[bytes]:
 def test_upstream_error_statuses_are_mapped(
     stack: Stack, fault: str, status: int, code: str
 ) -> None:
-    """Upstream 5xx become 502, overload (429/503) a 503, with the upstream status in the message."""
+    """Upstream 5xx become 502 and overload (429/503) 503, the upstream status in the message."""
     got, _, body = post_json(stack.gateway, CHAT, chat(), {"x-sim-fault": fault})
     assert status == got
     error = error_of(body)
