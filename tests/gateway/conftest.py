@@ -6,8 +6,8 @@ import sys
 from collections.abc import Iterator
 
 import pytest
-from gateway_helpers import ADMIN_KEY, Stack, blackhole, write_config
 
+from gateway_helpers import ADMIN_KEY, Stack, blackhole, write_config
 from support import free_port, start_process, stop_process
 
 

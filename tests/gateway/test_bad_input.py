@@ -6,6 +6,7 @@ import socket
 from urllib.parse import urlsplit
 
 import pytest
+
 from gateway_helpers import Stack, chat, error_of, post_json, request
 
 CHAT = "/v1/chat/completions"

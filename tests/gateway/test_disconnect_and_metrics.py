@@ -7,6 +7,7 @@ import time
 from urllib.parse import urlsplit
 
 import orjson
+
 from gateway_helpers import ADMIN_KEY, Stack, chat, metric_value, post_json, request
 
 

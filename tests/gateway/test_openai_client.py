@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-from gateway_helpers import ADMIN_KEY, Stack
-
 import openai
+import pytest
+
+from gateway_helpers import ADMIN_KEY, Stack
 
 
 def client(stack: Stack) -> openai.OpenAI:

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import orjson
-from gateway_helpers import ADMIN_KEY, Stack, chat, metric_value, request, write_config
 
+from gateway_helpers import ADMIN_KEY, Stack, chat, metric_value, request, write_config
 from support import free_port, start_process, stop_process
 
 

@@ -6,6 +6,7 @@ import time
 
 import orjson
 import pytest
+
 from gateway_helpers import Stack, chat, error_of, metric_value, post_json, request
 
 CHAT = "/v1/chat/completions"

@@ -1,0 +1,6 @@
+"""A simulated OpenAI-compatible model server that behaves like vLLM: the embedded default upstream,
+the upstream of every test and benchmark, and a source of faults on demand.
+
+``config`` holds the settings and flags, ``text`` the deterministic output, ``faults`` the fault
+decisions (both pure), and ``app`` the HTTP handlers; ``citadel sim`` runs it.
+"""
