@@ -2,6 +2,7 @@
 
     CitadelError
     ├── ConfigError            a bad setting: names the key, the value and what was expected
+    ├── StoreUnavailable       Redis or SQL could not be reached or did not answer in time
     └── ApiError               an error answered to an HTTP client, OpenAI-style
         ├── BadRequest         400 invalid_request_error (bad JSON, wrong types, missing fields)
         ├── Unauthorized       401 authentication_error
@@ -134,3 +135,12 @@ class UpstreamTimeout(ApiError):
     status = 504
     type = "timeout"
     default_code = "upstream_timeout"
+
+
+class StoreUnavailable(CitadelError):
+    """A store (Redis, PostgreSQL, SQLite) could not be reached or did not answer in time."""
+
+    def __init__(self, store: str, detail: str) -> None:
+        self.store = store
+        self.detail = detail
+        super().__init__(f"{store} is unavailable: {detail}")

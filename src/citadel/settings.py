@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
@@ -114,6 +115,76 @@ class GatewaySettings:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class Tier:
+    """A service level: its limits (None = unlimited) and which models it may use."""
+
+    name: str
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    concurrent_requests: int | None = None
+    tokens_per_day: int | None = None
+    tokens_per_month: int | None = None
+    cost_per_month_usd: float | None = None
+    models: tuple[str, ...] = ("*",)  # model names or aliases; "*" = every model
+
+    def allows(self, model: str) -> bool:
+        return "*" in self.models or model in self.models
+
+
+DEFAULT_TIERS = (
+    Tier(
+        name="free",
+        requests_per_minute=20,
+        tokens_per_minute=20_000,
+        concurrent_requests=2,
+        tokens_per_day=200_000,
+        tokens_per_month=2_000_000,
+        cost_per_month_usd=5.0,
+    ),
+    Tier(
+        name="standard",
+        requests_per_minute=120,
+        tokens_per_minute=200_000,
+        concurrent_requests=8,
+        tokens_per_day=5_000_000,
+        tokens_per_month=100_000_000,
+        cost_per_month_usd=200.0,
+    ),
+    Tier(
+        name="premium",
+        requests_per_minute=600,
+        tokens_per_minute=1_000_000,
+        concurrent_requests=32,
+        tokens_per_day=50_000_000,
+        tokens_per_month=1_000_000_000,
+        cost_per_month_usd=2_000.0,
+    ),
+    Tier(name="enterprise", requests_per_minute=6_000, concurrent_requests=256),
+)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LimitsSettings:
+    """How limits are enforced."""
+
+    backend: str = "memory://"  # memory:// or redis://host:port/db (REDIS_ENDPOINT sets it)
+    failure_mode: str = "open"  # open: admit when the backend is down; closed: answer 503
+    timezone: str = "UTC"  # calendar days and months of the quotas
+    default_max_tokens: int = 256  # reserved for a request that gives no max_tokens
+    lease_ttl_seconds: float = 600.0  # a crashed gateway's concurrency slot frees itself then
+    store_timeout_seconds: float = 0.25  # one limiter call; past it the backend counts as down
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AccountsSettings:
+    """Where users and keys live."""
+
+    database: str = "sqlite+aiosqlite:///citadel.db"  # SQL_DATABASE_ENDPOINT sets a PostgreSQL one
+    key_cache_ttl_seconds: float = 5.0  # how long a key lookup is trusted (revocation delay)
+    default_tier: str = "free"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Settings:
     env: str = "development"  # one of ENVS
     host: str = "127.0.0.1"  # the address services bind to
@@ -124,6 +195,9 @@ class Settings:
     gateway: GatewaySettings
     timeouts: Timeouts = Timeouts()  # the defaults for models
     models: tuple[Model, ...] = ()
+    tiers: tuple[Tier, ...] = DEFAULT_TIERS
+    limits: LimitsSettings = LimitsSettings()
+    accounts: AccountsSettings = AccountsSettings()
     config_path: str | None = None  # the file read, if any
     _index: Mapping[str, Model] = field(init=False, repr=False, compare=False)
 
@@ -133,6 +207,10 @@ class Settings:
     def model(self, name: str) -> Model | None:
         """The model with this name or alias, or None."""
         return self._index.get(name)
+
+    def tier(self, name: str) -> Tier | None:
+        """The tier with this name, or None."""
+        return next((t for t in self.tiers if t.name == name), None)
 
     def with_models(self, models: tuple[Model, ...]) -> Settings:
         """A copy of these settings serving other models."""
@@ -278,6 +356,16 @@ def _uri(value: object, key: str) -> str:
     return value.strip()
 
 
+_HOST_PORT = re.compile(r"[A-Za-z0-9.\-\[\]:]+:[0-9]{1,5}")
+
+
+def _store(value: object, key: str) -> str:
+    """A store's URI, or just its host:port."""
+    if isinstance(value, str) and _HOST_PORT.fullmatch(value.strip()):
+        return value.strip()
+    return _uri(value, key)
+
+
 def _names(value: object, key: str) -> tuple[str, ...]:
     if not isinstance(value, list):
         raise ConfigError(key, value, "a list of strings")
@@ -325,7 +413,17 @@ _SCALARS = {
     "hostname": _text,
     "log_level": _choice(LOG_LEVELS),
 }
-_TOP = (*_SCALARS, "ports", "endpoints", "gateway", "timeouts", "models")
+_TOP = (
+    *_SCALARS,
+    "ports",
+    "endpoints",
+    "gateway",
+    "timeouts",
+    "models",
+    "tiers",
+    "limits",
+    "accounts",
+)
 _SCALARS_ENV = {
     "CITADEL_ENV": ("env", _SCALARS["env"]),
     "SERVER_IP": ("host", _text),
@@ -338,7 +436,7 @@ _PORTS_ENV = {
     for name in _PORTS
 }
 _ENDPOINTS: dict[str, Parser] = {f.name: _url for f in dataclasses.fields(Endpoints)}
-_ENDPOINTS |= {"sql_database": _uri, "redis": _uri}  # store URIs: postgresql://, redis://, ...
+_ENDPOINTS |= {"sql_database": _store, "redis": _store}  # postgresql://..., redis://..., host:port
 _ENDPOINTS_ENV = {f"{name.upper()}_ENDPOINT": (name, parse) for name, parse in _ENDPOINTS.items()}
 _GATEWAY = {
     "admin_key": _text,
@@ -376,6 +474,74 @@ _DEPLOYMENT = {
 }
 
 
+def _optional(parse: Parser) -> Parser:
+    """``parse``, letting an explicit null through as None (a limit switched off)."""
+
+    def parse_optional(value: object, key: str) -> Any:
+        return None if value is None else parse(value, key)
+
+    return parse_optional
+
+
+_TIER = {
+    "requests_per_minute": _integer(1),
+    "tokens_per_minute": _integer(1),
+    "concurrent_requests": _integer(1),
+    "tokens_per_day": _integer(1),
+    "tokens_per_month": _integer(1),
+    "cost_per_month_usd": _non_negative,
+    "models": _names,
+}
+_LIMITS = {
+    "backend": _uri,
+    "failure_mode": _choice(("open", "closed")),
+    "timezone": _text,
+    "default_max_tokens": _integer(1),
+    "lease_ttl_seconds": _positive,
+    "store_timeout_seconds": _positive,
+}
+_LIMITS_ENV = {"CITADEL_LIMITS_FAILURE_MODE": ("failure_mode", _LIMITS["failure_mode"])}
+_ACCOUNTS = {
+    "database": _uri,
+    "key_cache_ttl_seconds": _non_negative,
+    "default_tier": _text,
+}
+
+
+def _tiers(value: object, models: tuple[Model, ...]) -> tuple[Tier, ...]:
+    """Tiers by name; a tier's limits left out are unlimited. No `tiers:` = the default tiers."""
+    if value is None:
+        return DEFAULT_TIERS
+    if not isinstance(value, dict) or not value:
+        raise ConfigError("tiers", value, "a mapping of tier names to their limits")
+    known = {name for m in models for name in (m.name, *m.aliases)}
+    tiers = []
+    for name, body in value.items():
+        key = f"tiers.{name}"
+        doc = _mapping(body if body is not None else {}, key, tuple(_TIER))
+        fields = {k: _optional(_TIER[k])(v, f"{key}.{k}") for k, v in doc.items()}
+        if fields.get("models") is None:
+            fields.pop("models", None)
+        for i, model in enumerate(fields.get("models", ())):
+            if models and model != "*" and model not in known:
+                raise ConfigError(f"{key}.models[{i}]", model, "a configured model or alias, or *")
+        tiers.append(Tier(name=str(name), **fields))
+    return tuple(tiers)
+
+
+def _timezone(name: str, key: str) -> str:
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(key, name, "an IANA time zone such as UTC or Europe/Paris") from None
+    return name
+
+
+def _store_uri(value: str, scheme: str) -> str:
+    """A store endpoint given as host:port becomes a URI of ``scheme``."""
+    return value if "://" in value else f"{scheme}://{value}"
+
+
 def load_settings(path: str | None, environ: Mapping[str, str]) -> Settings:
     """Read the settings from the YAML file (see the module docstring) and `environ`."""
     source = _config_source(path, environ)
@@ -391,13 +557,28 @@ def load_settings(path: str | None, environ: Mapping[str, str]) -> Settings:
     gateway = _section(doc.get("gateway"), "gateway", _GATEWAY) | _from_env(environ, _GATEWAY_ENV)
     _check_admin_key(gateway, scalars.get("env", "development"))
     timeouts = Timeouts(**_section(doc.get("timeouts"), "timeouts", _TIMEOUTS))
+    models = _models(doc.get("models"), timeouts)
+    tiers = _tiers(doc.get("tiers"), models)
+    limits = _section(doc.get("limits"), "limits", _LIMITS) | _from_env(environ, _LIMITS_ENV)
+    if "backend" not in limits and endpoints.get("redis"):
+        limits["backend"] = _store_uri(endpoints["redis"], "redis")
+    _timezone(limits.get("timezone", "UTC"), "limits.timezone")
+    accounts = _section(doc.get("accounts"), "accounts", _ACCOUNTS)
+    if "database" not in accounts and endpoints.get("sql_database"):
+        accounts["database"] = _store_uri(endpoints["sql_database"], "postgresql")
+    default_tier = accounts.get("default_tier", "free")
+    if default_tier not in {t.name for t in tiers}:
+        raise ConfigError("accounts.default_tier", default_tier, "the name of a tier")
     return Settings(
         **scalars,
         ports=Ports(**ports),
         endpoints=Endpoints(**endpoints),
         gateway=GatewaySettings(**gateway),
         timeouts=timeouts,
-        models=_models(doc.get("models"), timeouts),
+        models=models,
+        tiers=tiers,
+        limits=LimitsSettings(**limits),
+        accounts=AccountsSettings(**accounts),
         config_path=config_path,
     )
 

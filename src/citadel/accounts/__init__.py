@@ -1,0 +1,1 @@
+"""Accounts: users, teams, API keys and per-user limit overrides, in SQL."""

@@ -1,0 +1,1 @@
+"""Limits: tiers, quotas, the limiter maths and its memory and Redis backends."""
