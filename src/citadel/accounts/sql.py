@@ -1,0 +1,537 @@
+"""The accounts store in SQL: PostgreSQL (asyncpg) in production, SQLite (aiosqlite) embedded.
+
+    store = await open_store("postgresql://db:5432/citadel", migrate=False)
+    key, secret = await store.create_key(user.id, name="ci")
+    record = await store.find_key(hashlib.sha256(secret.encode()).digest())
+
+This module is the boundary between Citadel and the database driver: every driver or connection
+error is translated here, once, into ``StoreUnavailable("sql", ...)``; a unique value taken into
+``ConflictError``; an unknown id into ``NotFoundError``. Each operation has a deadline
+(``operation_timeout``) after which the database counts as unavailable.
+
+Reads (``find_key``, ``get_user``, listings, ``ping``) run outside a transaction on PostgreSQL,
+saving a BEGIN and a ROLLBACK per call, and are retried once when the pooled connection they were
+given turns out to be dead (a restarted server), so only a database that is really down is
+reported as one. Writes are not retried: whether a lost commit happened is unknown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import secrets
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, cast
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from sqlalchemy import (
+    Executable,
+    bindparam,
+    event,
+    exc,
+    func,
+    insert,
+    literal,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from citadel.accounts.schema import (
+    KEY_PREFIX,
+    TEAM_PREFIX,
+    USER_PREFIX,
+    ApiKeyRow,
+    TeamRow,
+    UserRow,
+    UtcDateTime,
+    new_id,
+)
+from citadel.accounts.store import (
+    OVERRIDABLE,
+    ApiKey,
+    ConflictError,
+    KeyRecord,
+    NotFoundError,
+    Team,
+    User,
+    UserStatus,
+)
+from citadel.errors import ConfigError, StoreUnavailable
+
+__all__ = [
+    "SECRET_PREFIX",
+    "SqlAccountStore",
+    "build_engine",
+    "database_url",
+    "open_store",
+    "open_store_lazily",
+    "translate_errors",
+]
+
+SECRET_PREFIX = "sk-cit-"
+VISIBLE_PREFIX_CHARS = 12
+DEFAULT_TIMEOUT = 5.0  # seconds for one operation, connecting included
+STATUSES = ("active", "disabled")
+
+_USER = (
+    UserRow.id,
+    UserRow.name,
+    UserRow.email,
+    UserRow.team_id,
+    UserRow.tier,
+    UserRow.status,
+    UserRow.created_at,
+    UserRow.overrides,
+)
+_KEY = (
+    ApiKeyRow.id,
+    ApiKeyRow.user_id,
+    ApiKeyRow.name,
+    ApiKeyRow.prefix,
+    ApiKeyRow.created_at,
+    ApiKeyRow.last_used_at,
+    ApiKeyRow.expires_at,
+    ApiKeyRow.revoked_at,
+)
+_TEAM = (TeamRow.id, TeamRow.name, TeamRow.created_at)
+_PING = text("SELECT 1")
+# Authentication's query, built once: the key with this digest and its owner, in one round trip.
+_FIND_KEY = (
+    select(*_KEY, *_USER)
+    .join_from(ApiKeyRow, UserRow, ApiKeyRow.user_id == UserRow.id)
+    .where(ApiKeyRow.digest == bindparam("digest"))
+)
+_TOUCH_KEY = (
+    update(ApiKeyRow)
+    .where(ApiKeyRow.id == bindparam("key_id"))
+    .where((ApiKeyRow.last_used_at.is_(None)) | (ApiKeyRow.last_used_at < bindparam("used_at")))
+    .values(last_used_at=bindparam("used_at"))
+)
+
+
+# -- engines ----------------------------------------------------------------------------------
+
+
+def database_url(uri: str) -> str:
+    """The SQLAlchemy async URL for ``uri``: PostgreSQL through asyncpg, SQLite through aiosqlite.
+
+    ``postgresql://`` and ``postgres://`` become ``postgresql+asyncpg://`` (libpq's ``sslmode``
+    query parameter becoming asyncpg's ``ssl``); ``sqlite:///path`` becomes
+    ``sqlite+aiosqlite:///path``; URLs naming those drivers already are returned as given.
+    """
+    scheme, sep, rest = uri.strip().partition("://")
+    scheme = scheme.lower()
+    if not sep:
+        raise ConfigError("accounts.database", uri, "a postgresql:// or sqlite:/// URI")
+    if scheme in ("postgresql", "postgres", "postgresql+asyncpg"):
+        parts = urlsplit(f"postgresql+asyncpg://{rest}")
+        query = [("ssl" if k == "sslmode" else k, v) for k, v in parse_qsl(parts.query)]
+        return urlunsplit(parts._replace(query=urlencode(query)))
+    if scheme in ("sqlite", "sqlite+aiosqlite"):
+        return f"sqlite+aiosqlite://{rest}"
+    raise ConfigError(
+        "accounts.database", uri, "a postgresql:// or sqlite:/// URI (asyncpg or aiosqlite)"
+    )
+
+
+def build_engine(uri: str, *, operation_timeout: float = DEFAULT_TIMEOUT) -> AsyncEngine:
+    """An engine for ``uri``; nothing is connected until first used.
+
+    SQLite connections enforce foreign keys and use write-ahead logging (readers never wait for
+    the writer); ``operation_timeout`` bounds connecting to PostgreSQL and SQLite's lock waits.
+    """
+    url = database_url(uri)
+    if url.startswith("sqlite"):
+        engine = create_async_engine(url, connect_args={"timeout": operation_timeout})
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_async_engine(
+        url, connect_args={"timeout": operation_timeout}, pool_timeout=operation_timeout
+    )
+
+
+def _sqlite_pragmas(dbapi_connection: Any, connection_record: object) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.close()
+
+
+def _missing_table(detail: str) -> bool:
+    """Whether a driver's message says a table or column is missing (SQLite's or PostgreSQL's
+    words): the schema is older than this code."""
+    if "no such table" in detail or "no such column" in detail:
+        return True
+    return detail.startswith(("relation ", "column ")) and detail.endswith("does not exist")
+
+
+@contextlib.contextmanager
+def translate_errors(timeout: float | None = None) -> Iterator[None]:
+    """Turn a driver or connection failure into StoreUnavailable("sql", ...), and a constraint
+    violation the operation did not name more precisely into ConflictError."""
+    try:
+        yield
+    except exc.IntegrityError as error:
+        raise ConflictError(" ".join(str(error.orig).split())) from error
+    except TimeoutError as error:  # asyncio.timeout's deadline, or the driver's connect timeout
+        within = f" within {timeout:g} s" if timeout is not None else " in time"
+        raise StoreUnavailable("sql", f"the database did not answer{within}") from error
+    except exc.DBAPIError as error:
+        detail = " ".join(str(error.orig).split()) or type(error.orig).__name__
+        if _missing_table(detail):
+            detail += " (the accounts tables are missing or old: run `citadel migrate`)"
+        raise StoreUnavailable("sql", detail) from error
+    except exc.TimeoutError as error:  # no pooled connection became free in time
+        raise StoreUnavailable("sql", f"no free connection: {error}") from error
+    except OSError as error:  # refused, reset, unreachable
+        raise StoreUnavailable("sql", str(error) or type(error).__name__) from error
+
+
+# -- the store --------------------------------------------------------------------------------
+
+
+class SqlAccountStore:
+    """``AccountStore`` over a SQLAlchemy async engine (which the store owns and closes)."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        operation_timeout: float = DEFAULT_TIMEOUT,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._engine = engine
+        postgres = engine.dialect.name == "postgresql"
+        self._reader = (
+            engine.execution_options(isolation_level="AUTOCOMMIT") if postgres else engine
+        )
+        self._timeout = operation_timeout
+        self._clock = clock
+
+    @property
+    def engine(self) -> AsyncEngine:
+        return self._engine
+
+    # - teams
+
+    async def create_team(self, name: str) -> Team:
+        name = _required("name", name)
+        team = Team(id=new_id(TEAM_PREFIX), name=name, created_at=self._clock())
+        async with self._write() as conn:
+            try:
+                await conn.execute(
+                    insert(TeamRow).values(id=team.id, name=name, created_at=team.created_at)
+                )
+            except exc.IntegrityError as error:
+                raise ConflictError(f"a team named {name!r} exists already") from error
+        return team
+
+    async def list_teams(self) -> list[Team]:
+        rows = await self._read(select(*_TEAM).order_by(TeamRow.name))
+        return [Team(id=r[0], name=r[1], created_at=r[2]) for r in rows]
+
+    # - users
+
+    async def create_user(
+        self, *, name: str, email: str, tier: str, team_id: str | None = None
+    ) -> User:
+        user = User(
+            id=new_id(USER_PREFIX),
+            name=_required("name", name),
+            email=_email(email),
+            team_id=team_id,
+            tier=_required("tier", tier),
+            status="active",
+            created_at=self._clock(),
+        )
+        async with self._write() as conn:
+            if team_id is not None:
+                await _require_team(conn, team_id)
+            try:
+                await conn.execute(
+                    insert(UserRow).values(
+                        id=user.id,
+                        name=user.name,
+                        email=user.email,
+                        team_id=team_id,
+                        tier=user.tier,
+                        status=user.status,
+                        created_at=user.created_at,
+                        overrides={},
+                    )
+                )
+            except exc.IntegrityError as error:
+                raise _email_taken(user.email) from error
+        return user
+
+    async def get_user(self, user_id: str) -> User | None:
+        rows = await self._read(select(*_USER).where(UserRow.id == user_id))
+        return _user(rows[0]) if rows else None
+
+    async def list_users(self, *, team_id: str | None = None) -> list[User]:
+        statement = select(*_USER).order_by(UserRow.created_at, UserRow.id)
+        if team_id is not None:
+            statement = statement.where(UserRow.team_id == team_id)
+        return [_user(row) for row in await self._read(statement)]
+
+    async def update_user(
+        self,
+        user_id: str,
+        *,
+        name: str | None = None,
+        email: str | None = None,
+        tier: str | None = None,
+        team_id: str | None = None,
+        status: UserStatus | None = None,
+        overrides: dict[str, float | None] | None = None,
+    ) -> User:
+        """Change the fields given; ``overrides`` replaces the user's whole set of overrides."""
+        values: dict[str, object] = {}
+        if name is not None:
+            values["name"] = _required("name", name)
+        if email is not None:
+            values["email"] = _email(email)
+        if tier is not None:
+            values["tier"] = _required("tier", tier)
+        if team_id is not None:
+            values["team_id"] = team_id
+        if status is not None:
+            if status not in STATUSES:
+                raise ValueError(f"status {status!r}: expected one of {', '.join(STATUSES)}")
+            values["status"] = status
+        if overrides is not None:
+            values["overrides"] = checked_overrides(overrides)
+        async with self._write() as conn:
+            if team_id is not None:
+                await _require_team(conn, team_id)
+            statement: Executable
+            if values:
+                statement = (
+                    update(UserRow).where(UserRow.id == user_id).values(values).returning(*_USER)
+                )
+            else:
+                statement = select(*_USER).where(UserRow.id == user_id)
+            try:
+                row = (await conn.execute(statement)).first()
+            except exc.IntegrityError as error:
+                raise _email_taken(str(values.get("email"))) from error
+        if row is None:
+            raise NotFoundError(f"no user has id {user_id!r}")
+        return _user(row)
+
+    # - keys
+
+    async def create_key(
+        self, user_id: str, *, name: str, expires_at: datetime | None = None
+    ) -> tuple[ApiKey, str]:
+        """A new key and its secret; the secret is not kept and cannot be shown again."""
+        if expires_at is not None and expires_at.tzinfo is None:
+            raise ValueError(f"expires_at {expires_at.isoformat()}: expected a timezone-aware time")
+        secret = SECRET_PREFIX + secrets.token_urlsafe(32)
+        key = ApiKey(
+            id=new_id(KEY_PREFIX),
+            user_id=user_id,
+            name=_required("name", name),
+            prefix=secret[:VISIBLE_PREFIX_CHARS],
+            created_at=self._clock(),
+            last_used_at=None,
+            expires_at=None if expires_at is None else expires_at.astimezone(UTC),
+            revoked_at=None,
+        )
+        async with self._write() as conn:
+            found = await conn.execute(select(UserRow.id).where(UserRow.id == user_id))
+            if found.first() is None:
+                raise NotFoundError(f"no user has id {user_id!r}")
+            await conn.execute(
+                insert(ApiKeyRow).values(
+                    id=key.id,
+                    user_id=user_id,
+                    name=key.name,
+                    digest=hashlib.sha256(secret.encode()).digest(),
+                    prefix=key.prefix,
+                    created_at=key.created_at,
+                    expires_at=key.expires_at,
+                )
+            )
+        return key, secret
+
+    async def list_keys(self, *, user_id: str | None = None) -> list[ApiKey]:
+        statement = select(*_KEY).order_by(ApiKeyRow.created_at, ApiKeyRow.id)
+        if user_id is not None:
+            statement = statement.where(ApiKeyRow.user_id == user_id)
+        return [_key(row) for row in await self._read(statement)]
+
+    async def revoke_key(self, key_id: str) -> ApiKey:
+        """Revoke a key; revoking it again keeps the first revocation time."""
+        now = self._clock()
+        statement = (
+            update(ApiKeyRow)
+            .where(ApiKeyRow.id == key_id)
+            .values(revoked_at=func.coalesce(ApiKeyRow.revoked_at, literal(now, UtcDateTime())))
+            .returning(*_KEY)
+        )
+        async with self._write() as conn:
+            row = (await conn.execute(statement)).first()
+        if row is None:
+            raise NotFoundError(f"no key has id {key_id!r}")
+        return _key(row)
+
+    async def find_key(self, digest: bytes) -> KeyRecord | None:
+        """The key whose secret has this SHA-256 digest, with its owner; revoked ones included."""
+        rows = await self._read(_FIND_KEY, {"digest": digest})
+        if not rows:
+            return None
+        return KeyRecord(key=_key(rows[0][:8]), user=_user(rows[0][8:]))
+
+    async def touch_keys(self, last_used: dict[str, datetime]) -> None:
+        """Record when keys were last used; a time older than the one stored, or an unknown
+        key id, changes nothing (several gateways flush in any order)."""
+        if not last_used:
+            return
+        params = []
+        for key_id, used_at in sorted(last_used.items()):  # sorted: one lock order, no deadlock
+            if used_at.tzinfo is None:
+                raise ValueError(f"last used time of {key_id}: expected a timezone-aware time")
+            params.append({"key_id": key_id, "used_at": used_at})
+        async with self._write() as conn:
+            await conn.execute(_TOUCH_KEY, params)
+
+    async def ping(self) -> None:
+        """Raise StoreUnavailable unless the database answers ``SELECT 1``."""
+        await self._read(_PING)
+
+    async def aclose(self) -> None:
+        await self._engine.dispose()
+
+    # - plumbing
+
+    @contextlib.asynccontextmanager
+    async def _write(self) -> AsyncIterator[AsyncConnection]:
+        """A transaction, committed when the block ends without an error."""
+        with translate_errors(self._timeout):
+            async with asyncio.timeout(self._timeout), self._engine.begin() as conn:
+                yield conn
+
+    async def _read(
+        self, statement: Executable, params: Mapping[str, object] | None = None
+    ) -> Sequence[Sequence[Any]]:
+        """The rows of ``statement``; asked again on a fresh connection if the pooled one died."""
+        with translate_errors(self._timeout):
+            async with asyncio.timeout(self._timeout):
+                try:
+                    return await self._fetch(statement, params)
+                except exc.DBAPIError as error:
+                    if not error.connection_invalidated:
+                        raise
+                return await self._fetch(statement, params)
+
+    async def _fetch(
+        self, statement: Executable, params: Mapping[str, object] | None
+    ) -> Sequence[Sequence[Any]]:
+        async with self._reader.connect() as conn:
+            return (await conn.execute(statement, params)).all()
+
+
+async def open_store(
+    uri: str, *, migrate: bool, operation_timeout: float = DEFAULT_TIMEOUT
+) -> SqlAccountStore:
+    """A store on ``uri``, its database reached (StoreUnavailable if not) and, if ``migrate``,
+    upgraded to the newest schema."""
+    from citadel.accounts.migrate import upgrade_engine
+
+    store = SqlAccountStore(
+        build_engine(uri, operation_timeout=operation_timeout), operation_timeout=operation_timeout
+    )
+    try:
+        if migrate:
+            with translate_errors():
+                await upgrade_engine(store.engine)
+        else:
+            await store.ping()
+    except BaseException:
+        await store.aclose()
+        raise
+    return store
+
+
+def open_store_lazily(uri: str, *, operation_timeout: float = DEFAULT_TIMEOUT) -> SqlAccountStore:
+    """A store on ``uri`` that connects on first use (for processes that start before the
+    database); the tables must exist already (``citadel migrate``)."""
+    return SqlAccountStore(
+        build_engine(uri, operation_timeout=operation_timeout), operation_timeout=operation_timeout
+    )
+
+
+# -- rows and values --------------------------------------------------------------------------
+
+
+def _user(row: Sequence[Any]) -> User:
+    overrides = cast(Mapping[str, float | None] | None, row[7]) or {}
+    return User(
+        id=row[0],
+        name=row[1],
+        email=row[2],
+        team_id=row[3],
+        tier=row[4],
+        status=row[5],
+        created_at=row[6],
+        overrides={k: None if v is None else float(v) for k, v in overrides.items()},
+    )
+
+
+def _key(row: Sequence[Any]) -> ApiKey:
+    return ApiKey(
+        id=row[0],
+        user_id=row[1],
+        name=row[2],
+        prefix=row[3],
+        created_at=row[4],
+        last_used_at=row[5],
+        expires_at=row[6],
+        revoked_at=row[7],
+    )
+
+
+async def _require_team(conn: AsyncConnection, team_id: str) -> None:
+    found = await conn.execute(select(TeamRow.id).where(TeamRow.id == team_id))
+    if found.first() is None:
+        raise NotFoundError(f"no team has id {team_id!r}")
+
+
+def _required(field: str, value: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{field} {value!r}: expected a non-empty string")
+    return value.strip()
+
+
+def _email(value: str) -> str:
+    email = _required("email", value)
+    local, at, domain = email.rpartition("@")
+    if not (at and local and domain) or any(c.isspace() for c in email):
+        raise ValueError(f"email {value!r}: expected an address such as name@example.com")
+    return email
+
+
+def _email_taken(email: str) -> ConflictError:
+    return ConflictError(f"a user with email {email!r} exists already")
+
+
+def checked_overrides(overrides: Mapping[str, float | None]) -> dict[str, float | None]:
+    """Overrides as stored: known limit names, each a finite number >= 0 or None (unlimited)."""
+    checked: dict[str, float | None] = {}
+    for name, value in overrides.items():
+        if name not in OVERRIDABLE:
+            raise ValueError(f"override {name!r}: expected one of {', '.join(OVERRIDABLE)}")
+        if value is None:
+            checked[name] = None
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+            raise ValueError(f"override {name}={value!r}: expected a number >= 0, or None")
+        if value == float("inf"):
+            raise ValueError(f"override {name}={value!r}: expected a finite number, or None")
+        checked[name] = float(value)
+    return checked

@@ -1,0 +1,157 @@
+"""The accounts migrations on SQLite and on a real PostgreSQL server: empty to head, then no-ops."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Connection, inspect
+
+from citadel.accounts.migrate import (
+    VERSION_TABLE,
+    Upgrade,
+    accounts_only,
+    head,
+    script_location,
+    upgrade,
+    upgrade_engine,
+    upgrade_sync,
+)
+from citadel.accounts.schema import Base
+from citadel.accounts.sql import build_engine
+
+SERVER = os.environ.get("CITADEL_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
+TABLES = {"teams", "users", "api_keys", VERSION_TABLE}
+
+
+async def _admin(sql: str) -> None:
+    connection = await asyncpg.connect(f"{SERVER}/postgres", timeout=5)
+    try:
+        await connection.execute(sql)
+    finally:
+        await connection.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The URI of a database with nothing in it: a new SQLite file, or a new PostgreSQL database."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'accounts.db'}"
+        return
+    name = f"citadel_test_{uuid.uuid4().hex[:12]}"
+    try:
+        asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
+    except (OSError, asyncpg.PostgresError) as exc:
+        pytest.skip(f"PostgreSQL is not reachable at {SERVER}: {exc}")
+    try:
+        yield f"{SERVER}/{name}"
+    finally:
+        asyncio.run(_admin(f'DROP DATABASE "{name}" WITH (FORCE)'))
+
+
+def _describe(connection: Connection) -> dict[str, Any]:
+    inspector = inspect(connection)
+    digest_indexes = inspector.get_indexes("api_keys")
+    return {
+        "tables": set(inspector.get_table_names()),
+        "users": {c["name"] for c in inspector.get_columns("users")},
+        "api_keys": {c["name"] for c in inspector.get_columns("api_keys")},
+        "unique digest": any(
+            i["column_names"] == ["digest"] and i["unique"] for i in digest_indexes
+        ),
+        "revision": MigrationContext.configure(
+            connection, opts={"version_table": VERSION_TABLE}
+        ).get_current_revision(),
+        "drift": compare_metadata(
+            MigrationContext.configure(
+                connection, opts={"include_name": accounts_only, "compare_type": True}
+            ),
+            Base.metadata,
+        ),
+    }
+
+
+async def _inspect(uri: str) -> dict[str, Any]:
+    engine = build_engine(uri)
+    try:
+        async with engine.connect() as connection:
+            return await connection.run_sync(_describe)
+    finally:
+        await engine.dispose()
+
+
+def test_upgrade_creates_the_tables_and_a_second_upgrade_does_nothing(empty_database: str) -> None:
+    """Empty to head creates the three tables as schema.py describes them; again, nothing."""
+
+    async def main() -> tuple[Upgrade, Upgrade]:
+        engine = build_engine(empty_database)
+        try:
+            return await upgrade_engine(engine), await upgrade_engine(engine)
+        finally:
+            await engine.dispose()
+
+    first, second = asyncio.run(main())
+    assert Upgrade(before=None, after=head()) == first
+    assert Upgrade(before=head(), after=head()) == second
+    assert not second.changed
+    found = asyncio.run(_inspect(empty_database))
+    assert TABLES <= found["tables"]
+    assert {"id", "name", "email", "team_id", "tier", "status", "created_at", "overrides"} == (
+        found["users"]
+    )
+    assert {
+        "id",
+        "user_id",
+        "name",
+        "digest",
+        "prefix",
+        "created_at",
+        "last_used_at",
+        "expires_at",
+        "revoked_at",
+    } == found["api_keys"]
+    assert found["unique digest"]
+    assert head() == found["revision"]
+    assert [] == found["drift"]  # the migrations build exactly what schema.py declares
+
+
+def test_upgrade_by_uri_from_async_and_sync_code(empty_database: str) -> None:
+    """upgrade(uri) and upgrade_sync(uri) both bring a database to head, and repeat harmlessly."""
+    asyncio.run(upgrade(empty_database))
+    upgrade_sync(empty_database)
+    assert head() == asyncio.run(_inspect(empty_database))["revision"]
+
+
+def test_simultaneous_upgrades_do_not_collide(empty_database: str) -> None:
+    """Three processes' worth of upgrades at once (separate engines): one migrates, all succeed."""
+
+    async def one() -> Upgrade:
+        engine = build_engine(empty_database)
+        try:
+            return await upgrade_engine(engine)
+        finally:
+            await engine.dispose()
+
+    async def main() -> list[Upgrade]:
+        return list(await asyncio.gather(one(), one(), one()))
+
+    results = asyncio.run(main())
+    assert 1 == sum(r.changed for r in results)
+    assert {head()} == {r.after for r in results}
+
+
+def test_the_migrations_ship_inside_the_package() -> None:
+    """The Alembic environment and the first revision are files of the installed package."""
+    folder = Path(script_location())
+    assert (folder / "env.py").is_file()
+    assert (folder / "script.py.mako").is_file()
+    assert (folder / "versions" / "0001_accounts.py").is_file()
+    assert "0001" == head()
