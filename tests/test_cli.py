@@ -214,7 +214,11 @@ def test_up_starts_the_simulator_and_the_gateway_and_stops_them(
     for name in [k for k in os.environ if k.startswith(SETTING_PREFIXES)]:
         monkeypatch.delenv(name)
     gateway, simulator = free_port(), free_port()
-    env = {"API_GATEWAY_PORT": str(gateway), "SIMULATOR_PORT": str(simulator)}
+    env = {
+        "API_GATEWAY_PORT": str(gateway),
+        "SIMULATOR_PORT": str(simulator),
+        "RATE_LIMITING_API_PORT": str(free_port()),
+    }
     proc = start_process([sys.executable, "-m", "citadel", "up"], gateway, env=env, timeout=20)
     try:
         status, completion = chat(gateway)

@@ -23,7 +23,7 @@ from citadel.settings import Deployment, Model, Price, Settings, load_settings
 
 # Services that exist so far, by their `citadel serve NAME` name; each entry: the settings port
 # attribute and the factory wiring function.
-SERVICES: dict[str, str] = {"gateway": "gateway"}
+SERVICES: dict[str, str] = {"gateway": "gateway", "rate-limiting-api": "rate_limiting_api"}
 # Names later issues add; `serve` says they are not built yet rather than "unknown".
 PLANNED = (
     "custom-metrics",
@@ -33,7 +33,6 @@ PLANNED = (
     "graphql-api",
     "streaming-api",
     "routing-api",
-    "rate-limiting-api",
 )
 
 
@@ -96,6 +95,21 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             host=args.host or settings.host,
             port=port,
             workers=workers,
+            grace=settings.gateway.shutdown_grace_seconds,
+        )
+    if name == "rate-limiting-api":
+        from citadel.ratelimit import create_app as create_ratelimit_app
+        from citadel.ratelimit import default_deps as ratelimit_deps
+        from citadel.service import App
+
+        def ratelimit_factory() -> App:
+            return create_ratelimit_app(settings, ratelimit_deps(settings))
+
+        return serve(
+            ratelimit_factory,
+            host=args.host or settings.host,
+            port=args.port if args.port is not None else settings.ports.rate_limiting_api,
+            workers=args.workers if args.workers is not None else 1,
             grace=settings.gateway.shutdown_grace_seconds,
         )
     print(f"citadel: unknown service {name!r}", file=sys.stderr)  # pragma: no cover
@@ -224,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(sim)
     sim.set_defaults(func=_cmd_sim)
+    from citadel.accounts import admin
+
+    admin.add_arguments(commands)
     return parser
 
 

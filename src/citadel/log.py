@@ -48,3 +48,6 @@ def configure_logging(service: str, level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Alembic reports every migration step at INFO; a start-up that migrates says nothing unless
+    # something is wrong.
+    logging.getLogger("alembic").setLevel(max(logging.WARNING, root.level))

@@ -135,6 +135,21 @@ GATEWAY_CLIENT_DISCONNECTS = _counter(
     ("model",),
     "Gateway requests whose client went away before the response was complete.",
 )
+LIMITER_DECISIONS = _counter(
+    "citadel_limiter_decisions_total",
+    ("tier", "decision"),
+    "Admissions by the limiter: decision is allowed, or the name of the limit that refused.",
+)
+LIMITER_FAILURES = _counter(
+    "citadel_limiter_failures_total",
+    ("operation", "mode"),
+    "Limiter calls that failed because the backend was unreachable (mode: open or closed).",
+)
+AUTH_FAILURES = _counter(
+    "citadel_gateway_auth_failures_total",
+    ("reason",),
+    "Requests refused by authentication: missing, invalid, or store_unavailable.",
+)
 HTTP_REQUESTS = _counter(
     "citadel_http_requests_total",
     ("service", "method", "route", "status"),
@@ -172,7 +187,7 @@ SIM_FAULTS = _counter(
 CATALOGUE: tuple[MetricSpec, ...] = (
     *(GATEWAY_REQUESTS, GATEWAY_REQUEST_DURATION, GATEWAY_TTFT, GATEWAY_TPOT, GATEWAY_TOKENS),
     *(GATEWAY_TOKENS_TOTAL, GATEWAY_IN_FLIGHT, GATEWAY_UPSTREAM_ERRORS, GATEWAY_CLIENT_DISCONNECTS),
-    *(HTTP_REQUESTS, SERVICE_INFO),
+    *(HTTP_REQUESTS, SERVICE_INFO, LIMITER_DECISIONS, LIMITER_FAILURES, AUTH_FAILURES),
     *(SIM_RUNNING, SIM_TTFT, SIM_TPOT, SIM_E2E, SIM_PROMPT_TOKENS, SIM_GENERATION_TOKENS),
     *(SIM_REQUESTS, SIM_ABORTED, SIM_FAULTS),
 )

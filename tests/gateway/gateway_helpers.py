@@ -102,8 +102,10 @@ def blackhole() -> tuple[socket.socket, list[socket.socket], int]:
 
 def write_config(path: Path, sim_port: int, dead_port: int, blackhole_port: int) -> Path:
     sim = f"http://127.0.0.1:{sim_port}"
+    database = f"sqlite+aiosqlite:///{path.parent / 'accounts.db'}"
     path.write_text(
         f"""
+accounts: {{database: "{database}", key_cache_ttl_seconds: 0.2}}
 models:
   - name: sim-chat
     aliases: [default]

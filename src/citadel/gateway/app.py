@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from dataclasses import dataclass, field
 from functools import partial
 
-from citadel.gateway.auth import AdminKeyAuthenticator, Authenticator
+from citadel.accounts.store import AccountStore
+from citadel.errors import StoreUnavailable
+from citadel.gateway.auth import AdminKeyAuthenticator, Authenticator, KeyAuthenticator
 from citadel.gateway.proxy import UPSTREAM_PATHS, Gateway
 from citadel.http.client import HttpClient
+from citadel.limits.decision import Limiter
 from citadel.metering.events import UsageSink
 from citadel.metrics import Registry
 from citadel.service import App, DependencyHealth
 from citadel.settings import Settings
+
+_LAST_USED_FLUSH_SECONDS = 10.0
 
 
 @dataclass(slots=True, kw_only=True)
@@ -22,10 +29,46 @@ class GatewayDeps:
     authenticator: Authenticator
     registry: Registry = field(default_factory=Registry)
     usage: UsageSink | None = None
+    limiter: Limiter | None = None
+    accounts: AccountStore | None = None
 
 
 def default_deps(settings: Settings) -> GatewayDeps:
-    """Production wiring: a pooled upstream client and the admin-key authenticator."""
+    """Production wiring: pooled upstream client, API keys from the accounts store, the limiter.
+
+    Called inside each worker process; the store and the limiter connect lazily, on first use.
+    """
+    from citadel.accounts.sql import open_store_lazily
+    from citadel.limits.backend import create_limiter
+
+    registry = Registry()
+    accounts = open_store_lazily(settings.accounts.database)
+    limiter = create_limiter(
+        settings.limits.backend,
+        timezone=settings.limits.timezone,
+        lease_ttl=settings.limits.lease_ttl_seconds,
+        timeout=settings.limits.store_timeout_seconds,
+    )
+    return GatewayDeps(
+        client=HttpClient(
+            max_connections_per_origin=settings.gateway.max_connections_per_deployment
+        ),
+        authenticator=KeyAuthenticator(
+            accounts,
+            admin_key=settings.gateway.admin_key,
+            tiers={t.name: t for t in settings.tiers},
+            default_tier=settings.accounts.default_tier,
+            ttl=settings.accounts.key_cache_ttl_seconds,
+            registry=registry,
+        ),
+        registry=registry,
+        limiter=limiter,
+        accounts=accounts,
+    )
+
+
+def admin_only_deps(settings: Settings) -> GatewayDeps:
+    """No accounts, no limits: only the admin key (for tests and benchmarks of the bare path)."""
     return GatewayDeps(
         client=HttpClient(
             max_connections_per_origin=settings.gateway.max_connections_per_deployment
@@ -48,6 +91,7 @@ def create_app(settings: Settings, deps: GatewayDeps) -> App:
         authenticator=deps.authenticator,
         registry=deps.registry,
         usage=deps.usage,
+        limiter=deps.limiter,
     )
     for endpoint, path in UPSTREAM_PATHS.items():
         app.route("POST", path, partial(gateway.forward, endpoint))
@@ -60,5 +104,62 @@ def create_app(settings: Settings, deps: GatewayDeps) -> App:
         return DependencyHealth("ok", f"{len(settings.models)} models, {count} deployments")
 
     app.health_check("models", models_configured)
+    fail_closed = settings.limits.failure_mode == "closed"
+    limiter = deps.limiter
+    if limiter is not None:
+
+        async def limiter_health() -> DependencyHealth:
+            try:
+                await limiter.ping()
+            except StoreUnavailable as exc:
+                mode = "failing closed" if fail_closed else "failing open"
+                return DependencyHealth("down", f"{exc} ({mode})", critical=fail_closed)
+            return DependencyHealth("ok", settings.limits.backend.split("@")[-1])
+
+        app.health_check("limiter", limiter_health)
+        app.on_shutdown(limiter.aclose)
+    accounts = deps.accounts
+    if accounts is not None:
+
+        async def accounts_health() -> DependencyHealth:
+            try:
+                await accounts.ping()
+            except StoreUnavailable as exc:
+                return DependencyHealth("down", f"{exc} (known keys keep working from cache)")
+            return DependencyHealth("ok", settings.accounts.database.split("://")[0])
+
+        app.health_check("accounts", accounts_health)
+        app.on_shutdown(accounts.aclose)
+        database = settings.accounts.database
+        if database.startswith("sqlite"):  # the embedded default migrates itself
+
+            async def migrate_sqlite() -> None:
+                from citadel.accounts.migrate import upgrade
+
+                await upgrade(database)
+
+            app.on_startup(migrate_sqlite)
+    authenticator = deps.authenticator
+    if isinstance(authenticator, KeyAuthenticator):
+        flusher: list[asyncio.Task[None]] = []
+
+        async def flush_forever() -> None:
+            while True:
+                await asyncio.sleep(_LAST_USED_FLUSH_SECONDS)
+                await authenticator.flush_last_used()
+
+        async def start_flusher() -> None:
+            flusher.append(asyncio.get_running_loop().create_task(flush_forever()))
+
+        async def stop_flusher() -> None:
+            for task in flusher:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await authenticator.flush_last_used()
+
+        app.on_startup(start_flusher)
+        app.on_shutdown(stop_flusher)
+    app.on_shutdown(gateway.drain)
     app.on_shutdown(deps.client.aclose)
     return app

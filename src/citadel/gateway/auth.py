@@ -1,28 +1,56 @@
-"""Who is calling: the ``Authenticator`` seam and the admin-key implementation.
+"""Who is calling: the ``Authenticator`` seam, the admin key and per-user API keys.
 
-The gateway asks an ``Authenticator`` for the ``Principal`` behind a bearer token. For now the only
-implementation accepts the admin key from settings; per-user keys from the accounts store plug in
-here behind the same interface. Keys are compared as SHA-256 digests in constant time.
+The gateway asks an ``Authenticator`` for the ``Principal`` behind a bearer token. Keys are looked
+up by the SHA-256 digest of the secret, never by the secret, and compared in constant time.
+
+``KeyAuthenticator`` puts a short-TTL cache in front of the accounts store: a key is looked up at
+most once per TTL (unknown digests too, so a flood of bad keys cannot hammer the database), so a
+revocation takes effect within the TTL. When the store is unreachable, a key seen before keeps
+working from the cache (stale entries are kept for that) and an unseen key gets a 503. Every
+refusal says the same thing whatever the reason (unknown, revoked, expired, disabled owner), so a
+caller cannot probe which keys exist.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Protocol
 
-from citadel.errors import Unauthorized
+from citadel.accounts.store import AccountStore, KeyRecord
+from citadel.errors import StoreUnavailable, Unauthorized, Unavailable
+from citadel.limits.decision import Limits
+from citadel.limits.policy import effective_limits
+from citadel.metrics import AUTH_FAILURES, Registry
+from citadel.settings import Tier
+
+_log = logging.getLogger("citadel.gateway.auth")
+
+_CACHE_LIMIT = 100_000
 
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """The caller of one request."""
+    """The caller of one request. ``limits`` None means no limits apply (the admin key)."""
 
     user: str
     key_id: str
     tier: str = "admin"
     team: str = ""
+    limits: Limits | None = None
+    models: tuple[str, ...] = ("*",)
+
+    def may_use(self, *names: str) -> bool:
+        """Whether the tier allows a model known by any of ``names`` (its name and aliases)."""
+        return "*" in self.models or any(name in self.models for name in names)
+
+
+ADMIN = Principal(user="admin", key_id="admin")
 
 
 class Authenticator(Protocol):
@@ -52,15 +80,118 @@ def digest(secret: bytes) -> bytes:
     return hashlib.sha256(secret).digest()
 
 
+def _incorrect() -> Unauthorized:
+    return Unauthorized("Incorrect API key provided.", code="invalid_api_key")
+
+
 class AdminKeyAuthenticator:
     """Accepts exactly one key, the admin key from settings."""
 
     def __init__(self, admin_key: str) -> None:
         self._digest = digest(admin_key.encode())
-        self._principal = Principal(user="admin", key_id="admin")
+
+    def is_admin(self, token_digest: bytes) -> bool:
+        return hmac.compare_digest(token_digest, self._digest)
 
     async def authenticate(self, authorization: bytes | None) -> Principal:
-        token = bearer_token(authorization)
-        if not hmac.compare_digest(digest(token), self._digest):
-            raise Unauthorized("Incorrect API key provided.", code="invalid_api_key")
-        return self._principal
+        if not self.is_admin(digest(bearer_token(authorization))):
+            raise _incorrect()
+        return ADMIN
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    fetched_at: float  # monotonic
+    principal: Principal | None  # None: no usable key with this digest
+    expires_at: float | None  # Unix seconds
+
+
+class KeyAuthenticator:
+    """The admin key, and users' API keys from the accounts store behind a short-TTL cache."""
+
+    def __init__(
+        self,
+        store: AccountStore,
+        *,
+        admin_key: str,
+        tiers: Mapping[str, Tier],
+        default_tier: str,
+        ttl: float,
+        registry: Registry,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._admin = AdminKeyAuthenticator(admin_key)
+        self._tiers = tiers
+        self._default_tier = tiers[default_tier]
+        self._ttl = ttl
+        self._clock = clock
+        self._wall = wall
+        self._cache: dict[bytes, _Entry] = {}
+        self._last_used: dict[str, datetime] = {}
+        self._failures = registry.counter(AUTH_FAILURES)
+
+    async def authenticate(self, authorization: bytes | None) -> Principal:
+        try:
+            token = bearer_token(authorization)
+        except Unauthorized:
+            self._failures.inc(("missing",))
+            raise
+        token_digest = digest(token)
+        if self._admin.is_admin(token_digest):
+            return ADMIN
+        now = self._clock()
+        entry = self._cache.get(token_digest)
+        if entry is None or now - entry.fetched_at >= self._ttl:
+            entry = await self._lookup(token_digest, entry, now)
+        principal = entry.principal
+        if principal is None or (entry.expires_at is not None and self._wall() >= entry.expires_at):
+            self._failures.inc(("invalid",))
+            raise _incorrect()
+        self._last_used[principal.key_id] = datetime.now(UTC)
+        return principal
+
+    async def _lookup(self, token_digest: bytes, stale: _Entry | None, now: float) -> _Entry:
+        try:
+            record = await self._store.find_key(token_digest)
+        except StoreUnavailable as exc:
+            if stale is not None:
+                return stale  # keep serving a key we know while the store is away
+            self._failures.inc(("store_unavailable",))
+            raise Unavailable(
+                "API keys cannot be checked right now (the accounts store is unavailable); "
+                "retry shortly.",
+                code="accounts_unavailable",
+            ) from exc
+        entry = self._entry(record, now)
+        if len(self._cache) >= _CACHE_LIMIT:
+            self._cache.clear()
+        self._cache[token_digest] = entry
+        return entry
+
+    def _entry(self, record: KeyRecord | None, now: float) -> _Entry:
+        if record is None or record.key.revoked_at is not None or record.user.status != "active":
+            return _Entry(now, None, None)
+        user = record.user
+        tier = self._tiers.get(user.tier, self._default_tier)
+        principal = Principal(
+            user=user.id,
+            key_id=record.key.id,
+            tier=tier.name,
+            team=user.team_id or "",
+            limits=effective_limits(tier, user.overrides),
+            models=tier.models,
+        )
+        expires = record.key.expires_at.timestamp() if record.key.expires_at else None
+        return _Entry(now, principal, expires)
+
+    async def flush_last_used(self) -> None:
+        """Write the keys' last-used times gathered since the previous flush (best effort)."""
+        if not self._last_used:
+            return
+        batch, self._last_used = self._last_used, {}
+        try:
+            await self._store.touch_keys(batch)
+        except StoreUnavailable:
+            _log.warning("could not record keys' last use", extra={"keys": len(batch)})

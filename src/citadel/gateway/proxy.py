@@ -12,6 +12,14 @@ fires before the response started; once a stream has started, a failure ends it 
 event rather than a silent cut.
 
 A connection failure (nothing was sent) is retried on another deployment of the model, if any.
+
+Limits: before forwarding, one limiter call checks and reserves every limit of the caller's tier
+(the prompt's estimated tokens plus ``max_tokens`` are reserved); a refusal is a 429 with
+``Retry-After`` and the ``x-ratelimit-*`` headers, which successful responses carry too. When the
+request ends, however it ends (done, failed upstream, client gone), the reservation is reconciled
+to the actual usage in the background, which also releases the concurrency lease. When the limiter
+backend is unreachable the gateway fails open (admits, counts the failure) or closed (503), as
+configured.
 """
 
 from __future__ import annotations
@@ -29,7 +37,10 @@ import orjson
 from citadel.errors import (
     ApiError,
     BadRequest,
+    Forbidden,
     NotFound,
+    RateLimited,
+    StoreUnavailable,
     Unavailable,
     UnsupportedMedia,
     UpstreamError,
@@ -46,6 +57,8 @@ from citadel.http.client import (
     UpstreamResponse,
 )
 from citadel.http.server import Request, Response, StreamResponse
+from citadel.limits.decision import LimitDecision, Limiter, Limits, Reservation
+from citadel.limits.policy import cost_micros, ratelimit_headers, refusal_message
 from citadel.metering.events import UsageEvent, UsageSink, cost
 from citadel.metrics import (
     GATEWAY_CLIENT_DISCONNECTS,
@@ -57,13 +70,15 @@ from citadel.metrics import (
     GATEWAY_TPOT,
     GATEWAY_TTFT,
     GATEWAY_UPSTREAM_ERRORS,
+    LIMITER_DECISIONS,
+    LIMITER_FAILURES,
     Registry,
 )
 from citadel.openai.requests import Endpoint, ParsedRequest, parse_request, with_upstream_fields
 from citadel.openai.sse import SseDecoder, encode_data, event_data, inspect_chunk
 from citadel.openai.tokens import estimate_prompt_tokens, estimate_tokens
 from citadel.routing.balancer import WeightedRoundRobin
-from citadel.settings import Deployment, Model, Settings
+from citadel.settings import Deployment, LimitsSettings, Model, Settings
 
 _log = logging.getLogger("citadel.gateway")
 
@@ -163,11 +178,19 @@ class Gateway:
         authenticator: Authenticator,
         registry: Registry,
         usage: UsageSink | None = None,
+        limiter: Limiter | None = None,
     ) -> None:
         self._settings = settings
         self._client = client
         self._auth = authenticator
         self._usage = usage
+        self._limiter = limiter
+        self._limits: LimitsSettings = settings.limits
+        self._fail_closed = settings.limits.failure_mode == "closed"
+        self.limiter_healthy = True
+        self._reconciling: set[asyncio.Task[None]] = set()
+        self._decisions = registry.counter(LIMITER_DECISIONS)
+        self._limiter_failures = registry.counter(LIMITER_FAILURES)
         self._routes = {m.name: _Route(m) for m in settings.models}
         self._requests = registry.counter(GATEWAY_REQUESTS)
         self._duration = registry.histogram(GATEWAY_REQUEST_DURATION)
@@ -221,8 +244,16 @@ class Gateway:
                 param="model",
                 code="model_not_supported",
             )
+        if not principal.may_use(model.name, *model.aliases):
+            raise Forbidden(
+                f"Your tier '{principal.tier}' may not use the model `{parsed.model}`.",
+                param="model",
+                code="model_not_allowed",
+            )
         route = self._routes[model.name]
         call = _Call(self, endpoint, request, parsed, model, principal, started, wall)
+        if principal.limits is not None and self._limiter is not None:
+            await self._admit(call)
         self._in_flight.inc((model.name,))
         try:
             target, upstream = await self._open(route, call)
@@ -236,6 +267,95 @@ class Gateway:
             return await call.whole(upstream)
         finally:
             self._in_flight.dec((model.name,))
+
+    # -- limits ------------------------------------------------------------------------------
+
+    async def _admit(self, call: _Call) -> None:
+        """Reserve the caller's limits for this request, or raise the 429 (or fail-closed 503)."""
+        limiter = self._limiter
+        limits = call.principal.limits
+        assert limiter is not None
+        assert limits is not None
+        parsed = call.parsed
+        prompt = estimate_prompt_tokens(parsed)
+        completion = 0
+        if call.endpoint != "embedding":
+            completion = parsed.max_tokens or self._limits.default_max_tokens
+        try:
+            decision = await limiter.admit(
+                call.principal.user,
+                limits,
+                lease_id=call.request.request_id,
+                tokens=prompt + completion,
+                cost_micros=cost_micros(call.model.price, prompt, completion),
+                now=call.wall,
+            )
+        except StoreUnavailable as exc:
+            self._limiter_down("admit")
+            if self._fail_closed:
+                raise Unavailable(
+                    "Rate limits cannot be checked right now (the limiter store is unavailable) "
+                    "and this gateway fails closed; retry shortly.",
+                    code="limiter_unavailable",
+                ) from exc
+            return
+        self.limiter_healthy = True
+        if not decision.allowed:
+            self._decisions.inc((call.principal.tier, decision.refused_by or "unknown"))
+            raise RateLimited(
+                refusal_message(decision, limits=limits),
+                code=decision.refused_by,
+                headers=tuple(ratelimit_headers(decision)),
+            )
+        self._decisions.inc((call.principal.tier, "allowed"))
+        call.limit_decision = decision
+
+    def _limiter_down(self, operation: str) -> None:
+        self.limiter_healthy = False
+        mode = "closed" if self._fail_closed else "open"
+        self._limiter_failures.inc((operation, mode))
+        _log.warning("limiter unavailable", extra={"operation": operation, "mode": mode})
+
+    def _reconcile(self, call: _Call, reservation: Reservation) -> None:
+        """Settle the reservation to actual usage in the background (never on the response)."""
+        limiter = self._limiter
+        limits = call.principal.limits
+        if limiter is None or limits is None:
+            return
+        price = (call.target.deployment.price if call.target else None) or call.model.price
+        task = asyncio.get_running_loop().create_task(
+            self._settle(
+                limiter,
+                reservation,
+                limits,
+                call.prompt_tokens + call.completion_tokens,
+                cost_micros(price, call.prompt_tokens, call.completion_tokens),
+            )
+        )
+        self._reconciling.add(task)
+        task.add_done_callback(self._reconciling.discard)
+
+    async def _settle(
+        self,
+        limiter: Limiter,
+        reservation: Reservation,
+        limits: Limits,
+        tokens: int,
+        cost: int,
+    ) -> None:
+        try:
+            await limiter.reconcile(
+                reservation, limits, tokens=tokens, cost_micros=cost, now=time.time()
+            )
+        except StoreUnavailable:
+            self._limiter_down("reconcile")
+        except Exception:
+            _log.exception("reconciliation failed")
+
+    async def drain(self) -> None:
+        """Wait for reconciliations still under way (at shutdown)."""
+        if self._reconciling:
+            await asyncio.wait(list(self._reconciling), timeout=5.0)
 
     # -- upstream ----------------------------------------------------------------------------
 
@@ -380,8 +500,10 @@ class _Call:
         "completion_tokens",
         "deadline",
         "endpoint",
+        "finished",
         "first_token_at",
         "gateway",
+        "limit_decision",
         "model",
         "parsed",
         "principal",
@@ -416,6 +538,8 @@ class _Call:
         self.wall = wall
         self.deadline = started + model.timeouts.total
         self.target: _Target | None = None
+        self.limit_decision: LimitDecision | None = None
+        self.finished = False
         self.first_token_at: float | None = None
         self.prompt_tokens = 0
         self.completion_tokens = 0
@@ -423,10 +547,13 @@ class _Call:
 
     def response_headers(self) -> list[tuple[bytes, bytes]]:
         assert self.target is not None
-        return [
+        headers = [
             (b"x-citadel-model", self.model.name.encode()),
             (b"x-citadel-deployment", self.target.deployment.name.encode()),
         ]
+        if self.limit_decision is not None:
+            headers += ratelimit_headers(self.limit_decision)
+        return headers
 
     # -- non-streaming -----------------------------------------------------------------------
 
@@ -596,8 +723,13 @@ class _Call:
         self.gateway._disconnects.inc((self.model.name,))
 
     def finish(self, target: _Target | None, status: int) -> None:
-        """Record metrics and the usage event; never raises, never blocks."""
+        """Record metrics, reconcile limits and emit the usage event; never raises or blocks."""
+        if self.finished:
+            return
+        self.finished = True
         gateway = self.gateway
+        if self.limit_decision is not None and self.limit_decision.reservation is not None:
+            gateway._reconcile(self, self.limit_decision.reservation)
         now = time.perf_counter()
         elapsed = now - self.started
         labels = target.labels if target is not None else (self.model.name, "")
