@@ -1,3 +1,5 @@
+"""Settings: loading YAML and environment, defaults, and errors that name the key."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -391,3 +393,85 @@ def test_settings_are_frozen() -> None:
 
     with pytest.raises(dataclasses.FrozenInstanceError):
         settings.env = "production"  # type: ignore[misc]
+
+
+_MODELS = """
+models:
+  - name: chat
+    fallbacks: [backup]
+    deployments: [{url: "http://127.0.0.1:8100"}]
+  - name: backup
+    deployments: [{url: "http://127.0.0.1:8101"}]
+"""
+
+
+def test_tiers_limits_accounts_and_routing_load(tmp_path: Path) -> None:
+    """Tiers, limits, accounts and routing sections load into their typed settings."""
+    settings = load_text(
+        tmp_path,
+        _MODELS
+        + """
+tiers:
+  gold: {requests_per_minute: 5, cost_per_month_usd: 2.5, models: [chat]}
+  open: {}
+limits: {failure_mode: closed, timezone: Europe/Paris}
+accounts: {default_tier: gold, key_cache_ttl_seconds: 1}
+routing: {balancer: cost_optimised, breaker: {minimum_calls: 3}, health: {enabled: false}}
+""",
+    )
+    gold = settings.tier("gold")
+    assert gold is not None
+    assert (5, None, 2.5, ("chat",)) == (
+        gold.requests_per_minute,
+        gold.tokens_per_minute,
+        gold.cost_per_month_usd,
+        gold.models,
+    )
+    assert ("*",) == settings.tier("open").models  # type: ignore[union-attr]
+    assert ("closed", "Europe/Paris") == (settings.limits.failure_mode, settings.limits.timezone)
+    assert "gold" == settings.accounts.default_tier
+    assert ("cost_optimised", 3, False) == (
+        settings.routing.balancer,
+        settings.routing.breaker.minimum_calls,
+        settings.routing.health.enabled,
+    )
+    assert ("backup",) == settings.model("chat").fallbacks  # type: ignore[union-attr]
+
+
+def test_store_endpoints_set_the_limiter_and_accounts_backends(tmp_path: Path) -> None:
+    """REDIS_ENDPOINT and SQL_DATABASE_ENDPOINT (host:port or URI) choose the stores."""
+    settings = load_text(
+        tmp_path,
+        "",
+        {"REDIS_ENDPOINT": "10.0.0.5:6379", "SQL_DATABASE_ENDPOINT": "postgresql://db:5432/c"},
+    )
+    assert "redis://10.0.0.5:6379" == settings.limits.backend
+    assert "postgresql://db:5432/c" == settings.accounts.database
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("tiers: {gold: {requests_per_minute: 0}}", "tiers.gold.requests_per_minute"),
+        ("tiers: {gold: {models: [nope]}}", "tiers.gold.models[0]"),
+        ("tiers: {gold: {speed: 3}}", "tiers.gold.speed"),
+        ("accounts: {default_tier: platinum}", "accounts.default_tier"),
+        ("limits: {timezone: Mars/Olympus}", "limits.timezone"),
+        ("limits: {failure_mode: maybe}", "limits.failure_mode"),
+        ("routing: {balancer: fastest}", "routing.balancer"),
+        (
+            "routing: {breaker: {failure_rate_threshold: 1.5}}",
+            "routing.breaker.failure_rate_threshold",
+        ),
+        ("routing: {virtual_models: [chat]}", "routing.virtual_models[0]"),
+    ],
+)
+def test_bad_limits_and_routing_values_name_their_key(tmp_path: Path, text: str, key: str) -> None:
+    """Each bad tier, limits, accounts or routing value fails naming its key."""
+    assert key == config_error(tmp_path, _MODELS + text).key
+
+
+def test_unknown_fallback_model_is_an_error(tmp_path: Path) -> None:
+    """A fallback naming no configured model fails naming the key."""
+    text = _MODELS.replace("fallbacks: [backup]", "fallbacks: [ghost]")
+    assert "models[0].fallbacks[0]" == config_error(tmp_path, text).key

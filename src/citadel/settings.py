@@ -74,6 +74,8 @@ class Model:
     price: Price = Price()
     timeouts: Timeouts = Timeouts()  # each field falls back to the top-level `timeouts:`
     aliases: tuple[str, ...] = ()
+    balancer: str | None = None  # None: routing.balancer
+    fallbacks: tuple[str, ...] = ()  # models tried, in order, when every deployment failed
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -163,6 +165,58 @@ DEFAULT_TIERS = (
 )
 
 
+BALANCERS = (
+    "round_robin",
+    "weighted_random",
+    "least_outstanding",
+    "power_of_two",
+    "peak_ewma",
+    "cost_optimised",
+)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BreakerSettings:
+    """When a deployment's circuit opens, and how it closes again (see routing/breaker.py)."""
+
+    window_seconds: float = 30.0
+    minimum_calls: int = 10
+    failure_rate_threshold: float = 0.5
+    consecutive_failures: int = 5
+    slow_call_seconds: float = 30.0
+    slow_call_rate_threshold: float = 0.8
+    open_seconds: float = 5.0
+    backoff_multiplier: float = 2.0
+    max_open_seconds: float = 120.0
+    half_open_probes: int = 2
+    probes_to_close: int = 2
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class HealthSettings:
+    """Active health checks: a periodic probe of each deployment."""
+
+    enabled: bool = True
+    interval_seconds: float = 10.0
+    timeout_seconds: float = 2.0
+    path: str = "/v1/models"
+    unhealthy_after: int = 2  # consecutive failed probes
+    healthy_after: int = 1  # consecutive good probes
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RoutingSettings:
+    """How requests are spread over deployments, retried and sent to the right model."""
+
+    balancer: str = "peak_ewma"  # the default; a model may set its own
+    latency_target_seconds: float = 2.0  # cost_optimised: slowest acceptable latency
+    max_attempts: int = 3  # deployments tried per request, fallbacks included
+    retry_budget_ratio: float = 0.2  # retries at most this share of requests (plus 1/s)
+    virtual_models: tuple[str, ...] = ("auto",)  # names routed by task to the best model
+    breaker: BreakerSettings = BreakerSettings()
+    health: HealthSettings = HealthSettings()
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class LimitsSettings:
     """How limits are enforced."""
@@ -198,6 +252,7 @@ class Settings:
     tiers: tuple[Tier, ...] = DEFAULT_TIERS
     limits: LimitsSettings = LimitsSettings()
     accounts: AccountsSettings = AccountsSettings()
+    routing: RoutingSettings = RoutingSettings()
     config_path: str | None = None  # the file read, if any
     _index: Mapping[str, Model] = field(init=False, repr=False, compare=False)
 
@@ -314,6 +369,13 @@ def _number(positive: bool) -> Parser:
 _positive, _non_negative = _number(positive=True), _number(positive=False)
 
 
+def _fraction(value: object, key: str) -> float:
+    number: float = _non_negative(value, key)
+    if number > 1:
+        raise ConfigError(key, value, "a number from 0 to 1")
+    return number
+
+
 def _integer(minimum: int) -> Parser:
     def parse(value: object, key: str) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -423,6 +485,7 @@ _TOP = (
     "tiers",
     "limits",
     "accounts",
+    "routing",
 )
 _SCALARS_ENV = {
     "CITADEL_ENV": ("env", _SCALARS["env"]),
@@ -460,6 +523,8 @@ _MODEL = {
     "specialties": _names,
     "aliases": _names,
     "price": _price,
+    "balancer": _choice(BALANCERS),
+    "fallbacks": _names,
 }
 _MODEL_KEYS = (*_MODEL, "timeouts", "deployments")
 _DEPLOYMENT = {
@@ -501,6 +566,54 @@ _LIMITS = {
     "store_timeout_seconds": _positive,
 }
 _LIMITS_ENV = {"CITADEL_LIMITS_FAILURE_MODE": ("failure_mode", _LIMITS["failure_mode"])}
+_BREAKER = {
+    "window_seconds": _positive,
+    "minimum_calls": _integer(1),
+    "failure_rate_threshold": _fraction,
+    "consecutive_failures": _integer(1),
+    "slow_call_seconds": _positive,
+    "slow_call_rate_threshold": _fraction,
+    "open_seconds": _positive,
+    "backoff_multiplier": _positive,
+    "max_open_seconds": _positive,
+    "half_open_probes": _integer(1),
+    "probes_to_close": _integer(1),
+}
+_HEALTH = {
+    "enabled": _bool,
+    "interval_seconds": _positive,
+    "timeout_seconds": _positive,
+    "path": _text,
+    "unhealthy_after": _integer(1),
+    "healthy_after": _integer(1),
+}
+_ROUTING = {
+    "balancer": _choice(BALANCERS),
+    "latency_target_seconds": _positive,
+    "max_attempts": _integer(1),
+    "retry_budget_ratio": _non_negative,
+    "virtual_models": _names,
+}
+
+
+def _routing(value: object, models: tuple[Model, ...]) -> RoutingSettings:
+    doc = _mapping(value if value is not None else {}, "routing", (*_ROUTING, "breaker", "health"))
+    fields = _parse(doc, "routing", _ROUTING)
+    breaker = BreakerSettings(**_section(doc.get("breaker"), "routing.breaker", _BREAKER))
+    health = HealthSettings(**_section(doc.get("health"), "routing.health", _HEALTH))
+    known = {name for m in models for name in (m.name, *m.aliases)}
+    for i, name in enumerate(fields.get("virtual_models", ())):
+        if name in known:
+            raise ConfigError(f"routing.virtual_models[{i}]", name, "a name no model uses")
+    for m_index, model in enumerate(models):
+        for i, fallback in enumerate(model.fallbacks):
+            if fallback not in known or fallback in (model.name, *model.aliases):
+                raise ConfigError(
+                    f"models[{m_index}].fallbacks[{i}]", fallback, "another configured model"
+                )
+    return RoutingSettings(**fields, breaker=breaker, health=health)
+
+
 _ACCOUNTS = {
     "database": _uri,
     "key_cache_ttl_seconds": _non_negative,
@@ -579,6 +692,7 @@ def load_settings(path: str | None, environ: Mapping[str, str]) -> Settings:
         tiers=tiers,
         limits=LimitsSettings(**limits),
         accounts=AccountsSettings(**accounts),
+        routing=_routing(doc.get("routing"), models),
         config_path=config_path,
     )
 
