@@ -156,9 +156,17 @@ def build_engine(uri: str, *, operation_timeout: float = DEFAULT_TIMEOUT) -> Asy
 
 def _sqlite_pragmas(dbapi_connection: Any, connection_record: object) -> None:
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.close()
+    try:
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA journal_mode")
+        row = cursor.fetchone()
+        if row is None or str(row[0]).lower() != "wal":
+            # Switching to WAL needs the database to itself; the mode is kept in the file, so
+            # when another connection holds a lock now, a later connection makes the switch.
+            with contextlib.suppress(Exception):
+                cursor.execute("PRAGMA journal_mode=WAL")
+    finally:
+        cursor.close()
 
 
 def _missing_table(detail: str) -> bool:
