@@ -63,15 +63,23 @@ class SseDecoder:
         blocks: list[bytes] = []
         start = 0
         pos = self._scan_from
-        while True:
-            match = _BLANK_LINE.search(buffer, pos)
-            if match is None:
-                break
-            end = match.end()
-            block = buffer[start:end]
-            if block.strip(b"\r\n"):
-                blocks.append(block)
-            start = pos = end
+        if b"\r" in buffer:
+            while True:
+                match = _BLANK_LINE.search(buffer, pos)
+                if match is None:
+                    break
+                end = match.end()
+                block = buffer[start:end]
+                if block.strip(b"\r\n"):
+                    blocks.append(block)
+                start = pos = end
+        else:  # the common case (every OpenAI-compatible server): a plain find, no regex
+            find = buffer.find
+            while (at := find(b"\n\n", pos)) >= 0:
+                end = at + 2
+                if buffer[start:at].strip(b"\n"):
+                    blocks.append(buffer[start:end])
+                start = pos = end
         self._buffer = buffer[start:]
         self._scan_from = max(0, len(self._buffer) - _RESCAN)
         return blocks
@@ -79,6 +87,8 @@ class SseDecoder:
 
 def event_data(block: bytes) -> bytes | None:
     """The ``data`` payload of an event block, lines joined by ``\\n``; ``None`` if it has none."""
+    if block.startswith(b"data: ") and block.find(b"\n") == len(block) - 2:
+        return block[6:-2]  # the common case: one data line and the blank line
     values: list[bytes] = []
     for line in block.splitlines():
         if line.startswith(b"data:"):
