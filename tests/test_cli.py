@@ -57,7 +57,7 @@ def one_line(text: str) -> str:
     ("args", "mentions"),
     [
         (["--help"], ["up", "serve", "sim", "--config"]),
-        (["serve", "--help"], ["gateway", "routing-api", "--port", "--workers"]),
+        (["serve", "--help"], ["gateway", "graphql-api", "--port", "--workers"]),
         (["sim", "--help"], ["--port", "--tbt-ms", "--ttft-ms", "--error-rate"]),
     ],
     ids=["citadel", "serve", "sim"],
@@ -147,7 +147,7 @@ def test_bad_port_in_the_environment_names_the_variable(tmp_path: Path) -> None:
 
 def test_planned_service_is_not_built_yet(tmp_path: Path) -> None:
     """Serving a service that is planned but not built exits 2 saying so."""
-    result = citadel("serve", "routing-api", cwd=tmp_path)
+    result = citadel("serve", "graphql-api", cwd=tmp_path)
     assert 2 == result.returncode
     assert "not built yet" in one_line(result.stderr)
 
@@ -218,6 +218,7 @@ def test_up_starts_the_simulator_and_the_gateway_and_stops_them(
         "API_GATEWAY_PORT": str(gateway),
         "SIMULATOR_PORT": str(simulator),
         "RATE_LIMITING_API_PORT": str(free_port()),
+        "ROUTING_API_PORT": str(free_port()),
     }
     proc = start_process([sys.executable, "-m", "citadel", "up"], gateway, env=env, timeout=20)
     try:

@@ -23,7 +23,11 @@ from citadel.settings import Deployment, Model, Price, Settings, load_settings
 
 # Services that exist so far, by their `citadel serve NAME` name; each entry: the settings port
 # attribute and the factory wiring function.
-SERVICES: dict[str, str] = {"gateway": "gateway", "rate-limiting-api": "rate_limiting_api"}
+SERVICES: dict[str, str] = {
+    "gateway": "gateway",
+    "rate-limiting-api": "rate_limiting_api",
+    "routing-api": "routing_api",
+}
 # Names later issues add; `serve` says they are not built yet rather than "unknown".
 PLANNED = (
     "custom-metrics",
@@ -32,7 +36,6 @@ PLANNED = (
     "prometheus-rules",
     "graphql-api",
     "streaming-api",
-    "routing-api",
 )
 
 
@@ -109,6 +112,21 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             ratelimit_factory,
             host=args.host or settings.host,
             port=args.port if args.port is not None else settings.ports.rate_limiting_api,
+            workers=args.workers if args.workers is not None else 1,
+            grace=settings.gateway.shutdown_grace_seconds,
+        )
+    if name == "routing-api":
+        from citadel.routing.app import create_app as create_routing_app
+        from citadel.routing.app import default_deps as routing_deps
+        from citadel.service import App
+
+        def routing_factory() -> App:
+            return create_routing_app(settings, routing_deps(settings))
+
+        return serve(
+            routing_factory,
+            host=args.host or settings.host,
+            port=args.port if args.port is not None else settings.ports.routing_api,
             workers=args.workers if args.workers is not None else 1,
             grace=settings.gateway.shutdown_grace_seconds,
         )

@@ -150,6 +150,31 @@ AUTH_FAILURES = _counter(
     ("reason",),
     "Requests refused by authentication: missing, invalid, or store_unavailable.",
 )
+ROUTING_DECISIONS = _counter(
+    "citadel_routing_decisions_total",
+    ("model", "deployment", "balancer"),
+    "Deployments chosen by the router, by balancer.",
+)
+ROUTING_RETRIES = _counter(
+    "citadel_routing_retries_total",
+    ("model", "outcome"),
+    "Retries on another deployment or fallback model: attempted, or refused by the retry budget.",
+)
+BREAKER_TRANSITIONS = _counter(
+    "citadel_breaker_transitions_total",
+    ("deployment", "from_state", "to_state", "event"),
+    "Circuit-breaker state changes per deployment.",
+)
+BREAKER_STATE = _gauge(
+    "citadel_breaker_state",
+    ("deployment",),
+    "Circuit-breaker state per deployment: 0 closed, 1 half-open, 2 open.",
+)
+DEPLOYMENT_HEALTHY = _gauge(
+    "citadel_deployment_healthy",
+    ("deployment",),
+    "1 when the deployment's active health check passes (and it is not drained), else 0.",
+)
 HTTP_REQUESTS = _counter(
     "citadel_http_requests_total",
     ("service", "method", "route", "status"),
@@ -188,6 +213,7 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     *(GATEWAY_REQUESTS, GATEWAY_REQUEST_DURATION, GATEWAY_TTFT, GATEWAY_TPOT, GATEWAY_TOKENS),
     *(GATEWAY_TOKENS_TOTAL, GATEWAY_IN_FLIGHT, GATEWAY_UPSTREAM_ERRORS, GATEWAY_CLIENT_DISCONNECTS),
     *(HTTP_REQUESTS, SERVICE_INFO, LIMITER_DECISIONS, LIMITER_FAILURES, AUTH_FAILURES),
+    *(ROUTING_DECISIONS, ROUTING_RETRIES, BREAKER_TRANSITIONS, BREAKER_STATE, DEPLOYMENT_HEALTHY),
     *(SIM_RUNNING, SIM_TTFT, SIM_TPOT, SIM_E2E, SIM_PROMPT_TOKENS, SIM_GENERATION_TOKENS),
     *(SIM_REQUESTS, SIM_ABORTED, SIM_FAULTS),
 )

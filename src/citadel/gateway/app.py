@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -15,6 +17,9 @@ from citadel.http.client import HttpClient
 from citadel.limits.decision import Limiter
 from citadel.metering.events import UsageSink
 from citadel.metrics import Registry
+from citadel.routing.health import HealthProber
+from citadel.routing.router import Router
+from citadel.routing.shared import SharedRoutingState, SyncLoop
 from citadel.service import App, DependencyHealth
 from citadel.settings import Settings
 
@@ -85,6 +90,19 @@ def create_app(settings: Settings, deps: GatewayDeps) -> App:
         max_body_bytes=settings.gateway.max_body_bytes,
         keepalive_timeout=settings.gateway.keepalive_timeout_seconds,
     )
+    shared = SharedRoutingState.from_settings(
+        settings, replica=f"gateway@{socket.gethostname()}:{os.getpid()}"
+    )
+    router = Router(
+        settings,
+        registry=deps.registry,
+        on_transition=shared.on_transition if shared is not None else None,
+    )
+    if shared is not None:  # replicas agree on open breakers and drained deployments
+        sync = SyncLoop(shared, router)
+        app.on_startup(sync.start)
+        app.on_shutdown(shared.aclose)
+        app.on_shutdown(sync.stop)
     gateway = Gateway(
         settings,
         client=deps.client,
@@ -92,7 +110,11 @@ def create_app(settings: Settings, deps: GatewayDeps) -> App:
         registry=deps.registry,
         usage=deps.usage,
         limiter=deps.limiter,
+        router=router,
     )
+    prober = HealthProber(settings, deps.client, router.set_health)
+    app.on_startup(prober.start)
+    app.on_shutdown(prober.stop)
     for endpoint, path in UPSTREAM_PATHS.items():
         app.route("POST", path, partial(gateway.forward, endpoint))
     app.route("GET", "/v1/models", gateway.list_models)

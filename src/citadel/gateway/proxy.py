@@ -77,7 +77,7 @@ from citadel.metrics import (
 from citadel.openai.requests import Endpoint, ParsedRequest, parse_request, with_upstream_fields
 from citadel.openai.sse import SseDecoder, encode_data, event_data, inspect_chunk
 from citadel.openai.tokens import estimate_prompt_tokens, estimate_tokens
-from citadel.routing.balancer import WeightedRoundRobin
+from citadel.routing.router import DeploymentState, Router
 from citadel.settings import Deployment, LimitsSettings, Model, Settings
 
 _log = logging.getLogger("citadel.gateway")
@@ -107,26 +107,15 @@ class _Target:
     labels: tuple[str, str]
 
 
-class _Route:
-    """One model's deployments and its balancer."""
-
-    __slots__ = ("balancer", "model", "targets")
-
-    def __init__(self, model: Model) -> None:
-        self.model = model
-        self.balancer = WeightedRoundRobin(model.deployments)
-        self.targets = {
-            d.name: _Target(d, Origin.parse(d.url), (model.name, d.name)) for d in model.deployments
-        }
-
-
 class _Attempt(Exception):
     """A failure before any byte reached the client; ``retry`` says another deployment may try."""
 
-    def __init__(self, error: ApiError, *, retry: bool) -> None:
+    def __init__(self, error: ApiError, *, retry: bool, upstream_fault: bool = True) -> None:
         super().__init__(error.message)
         self.error = error
         self.retry = retry
+        # False when the upstream did its job (e.g. it rejected the caller's bad request).
+        self.counts_against_upstream = upstream_fault
 
 
 class _MalformedEventError(Exception):
@@ -163,7 +152,7 @@ class _StreamBody:
         await self._upstream.aclose()
         call = self._call
         call.cancelled()
-        call.gateway._in_flight.dec((call.model.name,))
+        call.gateway._in_flight.dec((call.gauge_model,))
         call.finish(call.target, 499)
 
 
@@ -179,19 +168,26 @@ class Gateway:
         registry: Registry,
         usage: UsageSink | None = None,
         limiter: Limiter | None = None,
+        router: Router | None = None,
     ) -> None:
         self._settings = settings
         self._client = client
         self._auth = authenticator
         self._usage = usage
         self._limiter = limiter
+        self._max_attempts = settings.routing.max_attempts
         self._limits: LimitsSettings = settings.limits
         self._fail_closed = settings.limits.failure_mode == "closed"
         self.limiter_healthy = True
         self._reconciling: set[asyncio.Task[None]] = set()
         self._decisions = registry.counter(LIMITER_DECISIONS)
         self._limiter_failures = registry.counter(LIMITER_FAILURES)
-        self._routes = {m.name: _Route(m) for m in settings.models}
+        self.router = router if router is not None else Router(settings, registry=registry)
+        self._targets = {
+            d.name: _Target(d, Origin.parse(d.url), (m.name, d.name))
+            for m in settings.models
+            for d in m.deployments
+        }
         self._requests = registry.counter(GATEWAY_REQUESTS)
         self._duration = registry.histogram(GATEWAY_REQUEST_DURATION)
         self._ttft = registry.histogram(GATEWAY_TTFT)
@@ -231,6 +227,8 @@ class Gateway:
             )
         parsed = parse_request(endpoint, request.body)
         model = self._settings.model(parsed.model)
+        if model is None and parsed.model in self.router.virtual:
+            model = self._specialise(endpoint, request, parsed, principal)
         if model is None:
             raise NotFound(
                 f"The model `{parsed.model}` does not exist or you do not have access to it.",
@@ -250,13 +248,12 @@ class Gateway:
                 param="model",
                 code="model_not_allowed",
             )
-        route = self._routes[model.name]
         call = _Call(self, endpoint, request, parsed, model, principal, started, wall)
         if principal.limits is not None and self._limiter is not None:
             await self._admit(call)
         self._in_flight.inc((model.name,))
         try:
-            target, upstream = await self._open(route, call)
+            target, upstream = await self._open(call)
         except BaseException:
             self._in_flight.dec((model.name,))
             raise
@@ -267,6 +264,34 @@ class Gateway:
             return await call.whole(upstream)
         finally:
             self._in_flight.dec((model.name,))
+
+    def _specialise(
+        self, endpoint: Endpoint, request: Request, parsed: ParsedRequest, principal: Principal
+    ) -> Model:
+        """The model a virtual name (``auto``) stands for, for this request's task."""
+        hint = request.header(b"x-citadel-task")
+        prompt = estimate_prompt_tokens(parsed)
+        needed = prompt + (
+            0 if endpoint == "embedding" else parsed.max_tokens or self._limits.default_max_tokens
+        )
+        try:
+            choice = self.router.resolve(
+                parsed.model,
+                endpoint=endpoint,
+                prompt_text=parsed.prompt_text,
+                needed_tokens=needed,
+                hint=hint,
+                allowed=lambda m: principal.may_use(m.name, *m.aliases),
+            )
+        except ValueError as exc:
+            raise BadRequest(str(exc), param="x-citadel-task", code="unknown_task") from exc
+        if choice is None:
+            raise BadRequest(
+                f"No model you may use fits this request ({needed} tokens with the reply).",
+                param="model",
+                code="no_model_fits",
+            )
+        return choice.model
 
     # -- limits ------------------------------------------------------------------------------
 
@@ -359,24 +384,71 @@ class Gateway:
 
     # -- upstream ----------------------------------------------------------------------------
 
-    async def _open(self, route: _Route, call: _Call) -> tuple[_Target, UpstreamResponse]:
-        tried: frozenset[str] = frozenset()
+    async def _open(self, call: _Call) -> tuple[_Target, UpstreamResponse]:
+        """The first upstream response head that is a 200, trying other deployments and then
+        fallback models while the attempt limit, the retry budget and the deadline allow."""
+        router = self.router
+        now = time.monotonic()
+        router.original_request(now)
+        attempts = 0
         failure: ApiError | None = None
-        while True:
-            deployment = route.balancer.pick(tried)
-            if deployment is None:
-                assert failure is not None
-                call.finish(None, failure.status)
-                raise failure
-            target = route.targets[deployment.name]
-            try:
-                return target, await self._send(target, call)
-            except _Attempt as attempt:
-                failure = attempt.error
-                if not attempt.retry:
-                    call.finish(target, failure.status)
-                    raise failure from attempt
-                tried |= {deployment.name}
+        chain = [call.model, *self._fallbacks(call)]
+        for model in chain:
+            tried: frozenset[str] = frozenset()
+            while attempts < self._max_attempts:
+                selection = router.select(model, tried, time.monotonic())
+                if selection is None:
+                    break
+                if attempts and not router.may_retry(call.model.name, time.monotonic()):
+                    assert failure is not None
+                    router.release(selection.state, time.monotonic())
+                    call.finish(None, failure.status)
+                    raise failure
+                attempts += 1
+                state = selection.state
+                target = self._targets[state.name]
+                call.model = model
+                router.begin(state)
+                began = time.perf_counter()
+                try:
+                    response = await self._send(target, call)
+                except _Attempt as attempt:
+                    router.end(
+                        state,
+                        time.monotonic(),
+                        success=not attempt.counts_against_upstream,
+                        latency=time.perf_counter() - began,
+                        error=attempt.error.message,
+                    )
+                    failure = attempt.error
+                    if not attempt.retry or time.perf_counter() >= call.deadline:
+                        call.finish(target, failure.status)
+                        raise failure from attempt
+                    tried |= {state.name}
+                    continue
+                except BaseException:
+                    router.release(state, time.monotonic())
+                    raise
+                call.selection = state
+                call.attempt_started = began
+                return target, response
+        if failure is None:
+            failure = Unavailable(
+                f"No deployment of model '{call.model.name}' can take requests now: all are "
+                "drained, unhealthy or have an open circuit.",
+                code="no_deployment_available",
+            )
+        call.finish(None, failure.status)
+        raise failure
+
+    def _fallbacks(self, call: _Call) -> list[Model]:
+        """The model's fallbacks the caller may use, in order."""
+        models = []
+        for name in call.model.fallbacks:
+            model = self._settings.model(name)
+            if model is not None and call.principal.may_use(model.name, *model.aliases):
+                models.append(model)
+        return models
 
     async def _send(self, target: _Target, call: _Call) -> UpstreamResponse:
         deployment = target.deployment
@@ -429,7 +501,7 @@ class Gateway:
                     + (" (the total timeout)." if total else " (the first-byte timeout)."),
                     code="upstream_total_timeout" if total else "upstream_first_byte_timeout",
                 ),
-                retry=False,
+                retry=not total,
             ) from exc
         except ProtocolError as exc:
             self._upstream_error(target, "malformed")
@@ -439,10 +511,13 @@ class Gateway:
                     f"connection or sent a malformed response: {exc}.",
                     code="upstream_protocol_error",
                 ),
-                retry=False,
+                retry=True,
             ) from exc
         if response.status != 200:
-            raise _Attempt(await self._status_error(target, call, response), retry=False)
+            status = response.status
+            error = await self._status_error(target, call, response)
+            retryable = status >= 500 or status == 429
+            raise _Attempt(error, retry=retryable, upstream_fault=retryable)
         return response
 
     async def _status_error(
@@ -497,12 +572,14 @@ class _Call:
     """The state of one forwarded request, from admission to its usage event."""
 
     __slots__ = (
+        "attempt_started",
         "completion_tokens",
         "deadline",
         "endpoint",
         "finished",
         "first_token_at",
         "gateway",
+        "gauge_model",
         "limit_decision",
         "model",
         "parsed",
@@ -510,6 +587,7 @@ class _Call:
         "prompt_tokens",
         "request",
         "request_id",
+        "selection",
         "started",
         "target",
         "usage_estimated",
@@ -539,6 +617,9 @@ class _Call:
         self.deadline = started + model.timeouts.total
         self.target: _Target | None = None
         self.limit_decision: LimitDecision | None = None
+        self.selection: DeploymentState | None = None
+        self.attempt_started = started
+        self.gauge_model = model.name
         self.finished = False
         self.first_token_at: float | None = None
         self.prompt_tokens = 0
@@ -698,8 +779,23 @@ class _Call:
                 self.prompt_tokens = estimate_prompt_tokens(self.parsed)
                 # Upstreams stream about one token per event; count text when they bundle more.
                 self.completion_tokens = max(pieces, estimate_tokens("".join(texts)))
-            gateway._in_flight.dec((self.model.name,))
+            gateway._in_flight.dec((self.gauge_model,))
             self.finish(target, status)
+
+    def _route_outcome(self, state: DeploymentState, status: int) -> None:
+        """Tell the router how the attempt that got a response head ended."""
+        router = self.gateway.router
+        now = time.monotonic()
+        if status == 499:
+            router.release(state, now)
+            return
+        ended = time.perf_counter()
+        latency = (
+            self.first_token_at - self.attempt_started
+            if self.first_token_at is not None
+            else ended - self.attempt_started
+        )
+        router.end(state, now, success=status < 500, latency=latency, error=str(status))
 
     def _stream_error(self, exc: Exception, status: int) -> bytes:
         assert self.target is not None
@@ -730,6 +826,8 @@ class _Call:
         gateway = self.gateway
         if self.limit_decision is not None and self.limit_decision.reservation is not None:
             gateway._reconcile(self, self.limit_decision.reservation)
+        if self.selection is not None:
+            self._route_outcome(self.selection, status)
         now = time.perf_counter()
         elapsed = now - self.started
         labels = target.labels if target is not None else (self.model.name, "")
