@@ -74,10 +74,18 @@ class DeploymentState:
 
 @dataclass(frozen=True, slots=True)
 class Selection:
-    """A deployment chosen for one attempt, and why."""
+    """A deployment chosen for one attempt; ``reason`` says why (worked out only when asked)."""
 
     state: DeploymentState
-    reason: str
+    balancer: Balancer | None
+    candidates: Sequence[Candidate]
+
+    @property
+    def reason(self) -> str:
+        if self.balancer is None:
+            return f"the only deployment that can take it: {self.state.name}"
+        chosen = next(c for c in self.candidates if c.name == self.state.name)
+        return explain(self.balancer, self.candidates, chosen)
 
 
 def breaker_config(settings: Settings) -> BreakerConfig:
@@ -175,6 +183,16 @@ class Router:
             healthy = [s for s in usable if s.healthy] or usable
             if not healthy:
                 return None
+            if len(healthy) == 1:  # nothing to balance
+                state = healthy[0]
+                allowed, transition = state.breaker.allow(now)
+                if transition is not None:
+                    self._record_transition(state, transition)
+                if not allowed:
+                    excluded.add(state.name)
+                    continue
+                self._decisions.inc((model.name, state.name, balancer.name))
+                return Selection(state, None, ())
             candidates = [
                 Candidate(
                     name=s.name,
@@ -195,14 +213,15 @@ class Router:
                 excluded.add(state.name)
                 continue
             self._decisions.inc((model.name, state.name, balancer.name))
-            return Selection(state, explain(balancer, candidates, chosen))
+            return Selection(state, balancer, candidates)
 
     @staticmethod
     def _breaker_may_allow(state: DeploymentState, now: float) -> bool:
-        snapshot = state.breaker.snapshot(now)
-        if snapshot.state is BreakerState.OPEN:
-            return snapshot.open_until is not None and snapshot.open_until <= now
-        return True
+        breaker = state.breaker
+        if breaker.state is not BreakerState.OPEN:
+            return True
+        open_until = breaker.snapshot(now).open_until
+        return open_until is not None and open_until <= now
 
     # -- outcomes -----------------------------------------------------------------------------
 
