@@ -3,6 +3,8 @@
     CitadelError
     ├── ConfigError            a bad setting: names the key, the value and what was expected
     ├── StoreUnavailable       Redis or SQL could not be reached or did not answer in time
+    ├── IllegalTransition      (routing.breaker) a move the breaker's table does not have
+    ├── RedisError             (stores.redis) Redis answered a command with an error reply
     └── ApiError               an error answered to an HTTP client, OpenAI-style
         ├── BadRequest         400 invalid_request_error (bad JSON, wrong types, missing fields)
         ├── Unauthorized       401 authentication_error

@@ -295,6 +295,8 @@ class CircuitBreaker:
         return self._fire(Event.RESET, now)
 
     def snapshot(self, now: float) -> BreakerSnapshot:
+        """The breaker at ``now``; it moves no state (an open breaker past its back-off still
+        reads open until the next ``allow``), it only drops outcomes that left the window."""
         self._prune(now)
         calls = self._calls
         state = self._state

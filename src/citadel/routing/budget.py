@@ -18,7 +18,8 @@ at most once per window. Let ``X(t)`` be the retries minus ``ratio`` times the r
 withdrawal, ``X(s) - X(c)`` with ``c`` the window's start (``c <= s - window_seconds``), is at
 most the reserve. ``X`` grows only at retries, hence ``max X`` up to ``t`` is at most one reserve
 more than ``max X`` up to ``t - window_seconds``, and by induction at most
-``reserve * (T / window_seconds + 1)``.
+``reserve * (T / window_seconds + 1)``. A retry outlives the deposits that paid for it, so the
+balance can fall below zero for a while: that debt is what keeps a deposit from paying twice.
 
 The window is kept in one-second buckets (a deque, appended to and pruned from in O(1)
 amortised). An entry expires when its bucket is more than ``ceil(window_seconds)`` seconds old, so
@@ -45,7 +46,7 @@ class BudgetSnapshot:
 
     requests: int
     retries: int
-    available: float  # tokens; a retry needs one
+    available: float  # tokens; a retry needs one. 0 when in debt (spent deposits expired first)
 
 
 class RetryBudget:
@@ -85,9 +86,12 @@ class RetryBudget:
         return True
 
     def snapshot(self, now: float) -> BudgetSnapshot:
+        """The window's counts and the tokens left at ``now``."""
         self._prune(now)
         return BudgetSnapshot(
-            requests=self._requests, retries=self._retries, available=self._units() / SCALE
+            requests=self._requests,
+            retries=self._retries,
+            available=max(self._units(), 0) / SCALE,
         )
 
     def _units(self) -> int:
@@ -106,7 +110,7 @@ class RetryBudget:
 
     def _prune(self, now: float) -> None:
         buckets = self._buckets
-        oldest = math.floor(now) - self._span  # buckets of this second and older have expired
+        oldest = math.floor(now) - self._span - 1  # buckets of this second and older have expired
         while buckets and buckets[0][0] <= oldest:
             _, requests, retries = buckets.popleft()
             self._requests -= requests
