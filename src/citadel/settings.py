@@ -62,6 +62,8 @@ class Deployment:
     api_key: str | None = None
     tags: tuple[str, ...] = ()
     price: Price | None = None  # overrides the model's price
+    gpu_hour_usd: float = 0.0  # what one GPU of this deployment costs per hour (infrastructure)
+    gpus: int = 1  # GPUs the deployment runs on
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -74,6 +76,7 @@ class Model:
     price: Price = Price()
     timeouts: Timeouts = Timeouts()  # each field falls back to the top-level `timeouts:`
     aliases: tuple[str, ...] = ()
+    reference_price: Price | None = None  # a commercial API's price, for savings and ROI
     balancer: str | None = None  # None: routing.balancer
     fallbacks: tuple[str, ...] = ()  # models tried, in order, when every deployment failed
 
@@ -230,6 +233,18 @@ class LimitsSettings:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class MeteringSettings:
+    """Where usage events go: a Redis Stream drained into the SQL ledger, or SQLite directly."""
+
+    stream: str = "citadel:{usage}:events"  # the Redis Stream (hash tag: one slot in a cluster)
+    group: str = "ledger"  # the consumer group of ledger writers
+    batch_size: int = 2000  # events per ledger write
+    flush_seconds: float = 0.5  # the longest an event waits in the gateway before it is sent
+    spool_path: str = "citadel-usage.spool"  # the gateway's file for events while Redis is down
+    database: str | None = None  # the ledger's SQL database; None: accounts.database
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class AccountsSettings:
     """Where users and keys live."""
 
@@ -253,6 +268,7 @@ class Settings:
     limits: LimitsSettings = LimitsSettings()
     accounts: AccountsSettings = AccountsSettings()
     routing: RoutingSettings = RoutingSettings()
+    metering: MeteringSettings = MeteringSettings()
     config_path: str | None = None  # the file read, if any
     _index: Mapping[str, Model] = field(init=False, repr=False, compare=False)
 
@@ -486,6 +502,7 @@ _TOP = (
     "limits",
     "accounts",
     "routing",
+    "metering",
 )
 _SCALARS_ENV = {
     "CITADEL_ENV": ("env", _SCALARS["env"]),
@@ -525,6 +542,7 @@ _MODEL = {
     "price": _price,
     "balancer": _choice(BALANCERS),
     "fallbacks": _names,
+    "reference_price": _price,
 }
 _MODEL_KEYS = (*_MODEL, "timeouts", "deployments")
 _DEPLOYMENT = {
@@ -536,6 +554,8 @@ _DEPLOYMENT = {
     "api_key": _text,
     "tags": _names,
     "price": _price,
+    "gpu_hour_usd": _non_negative,
+    "gpus": _integer(1),
 }
 
 
@@ -613,6 +633,15 @@ def _routing(value: object, models: tuple[Model, ...]) -> RoutingSettings:
                 )
     return RoutingSettings(**fields, breaker=breaker, health=health)
 
+
+_METERING = {
+    "stream": _text,
+    "group": _text,
+    "batch_size": _integer(1),
+    "flush_seconds": _positive,
+    "spool_path": _text,
+    "database": _uri,
+}
 
 _ACCOUNTS = {
     "database": _uri,
@@ -693,6 +722,7 @@ def load_settings(path: str | None, environ: Mapping[str, str]) -> Settings:
         limits=LimitsSettings(**limits),
         accounts=AccountsSettings(**accounts),
         routing=_routing(doc.get("routing"), models),
+        metering=MeteringSettings(**_section(doc.get("metering"), "metering", _METERING)),
         config_path=config_path,
     )
 

@@ -59,7 +59,7 @@ from citadel.http.client import (
 from citadel.http.server import Request, Response, StreamResponse
 from citadel.limits.decision import LimitDecision, Limiter, Limits, Reservation
 from citadel.limits.policy import cost_micros, ratelimit_headers, refusal_message
-from citadel.metering.events import UsageEvent, UsageSink, cost
+from citadel.metering.events import UsageEvent, UsageSink
 from citadel.metrics import (
     GATEWAY_CLIENT_DISCONNECTS,
     GATEWAY_IN_FLIGHT,
@@ -871,7 +871,7 @@ class _Call:
                     streamed=self.parsed.stream,
                     cancelled=status == 499,
                     usage_estimated=self.usage_estimated,
-                    cost_usd=cost(price, self.prompt_tokens, self.completion_tokens),
+                    cost_micros=cost_micros(price, self.prompt_tokens, self.completion_tokens),
                 )
             )
         except Exception:  # metering must never break a response

@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from citadel.settings import Price
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class UsageEvent:
@@ -30,18 +28,13 @@ class UsageEvent:
     streamed: bool
     cancelled: bool
     usage_estimated: bool  # the upstream did not report usage: the gateway counted it
-    cost_usd: float
+    cost_micros: int  # what the user is charged, in micro-USD (exact integer arithmetic)
 
 
 class UsageSink(Protocol):
     def emit(self, event: UsageEvent) -> None:
         """Accept one event; must not block (queue it and return)."""
         ...
-
-
-def cost(price: Price, prompt_tokens: int, completion_tokens: int) -> float:
-    """The price of a request in USD, from per-1k-token prices."""
-    return (prompt_tokens * price.input_per_1k + completion_tokens * price.output_per_1k) / 1000.0
 
 
 class MemorySink:
