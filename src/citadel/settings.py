@@ -22,6 +22,7 @@ import re
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -269,6 +270,9 @@ class Settings:
     accounts: AccountsSettings = AccountsSettings()
     routing: RoutingSettings = RoutingSettings()
     metering: MeteringSettings = MeteringSettings()
+    # The `alerting:` section as read; citadel.alerting.definitions validates it into typed
+    # objects (the alerting service owns its schema), naming keys like alerting.rules[0].query.
+    alerting: Mapping[str, Any] = field(default_factory=dict)
     config_path: str | None = None  # the file read, if any
     _index: Mapping[str, Model] = field(init=False, repr=False, compare=False)
 
@@ -503,6 +507,7 @@ _TOP = (
     "accounts",
     "routing",
     "metering",
+    "alerting",
 )
 _SCALARS_ENV = {
     "CITADEL_ENV": ("env", _SCALARS["env"]),
@@ -679,6 +684,15 @@ def _timezone(name: str, key: str) -> str:
     return name
 
 
+def _raw_section(value: object, key: str) -> Mapping[str, Any]:
+    """A section another module validates; here only: a mapping (frozen) or nothing."""
+    if value is None:
+        return MappingProxyType({})
+    if not isinstance(value, dict):
+        raise ConfigError(key, value, "a mapping")
+    return MappingProxyType(dict(value))
+
+
 def _store_uri(value: str, scheme: str) -> str:
     """A store endpoint given as host:port becomes a URI of ``scheme``."""
     return value if "://" in value else f"{scheme}://{value}"
@@ -723,6 +737,7 @@ def load_settings(path: str | None, environ: Mapping[str, str]) -> Settings:
         accounts=AccountsSettings(**accounts),
         routing=_routing(doc.get("routing"), models),
         metering=MeteringSettings(**_section(doc.get("metering"), "metering", _METERING)),
+        alerting=_raw_section(doc.get("alerting"), "alerting"),
         config_path=config_path,
     )
 
