@@ -36,7 +36,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             env={"CITADEL_ADMIN_KEY": ADMIN_KEY},
         )
         try:
-            yield Stack(f"http://127.0.0.1:{gw_port}", f"http://127.0.0.1:{sim_port}", gateway.pid)
+            yield Stack(
+                f"http://127.0.0.1:{gw_port}",
+                f"http://127.0.0.1:{sim_port}",
+                gateway.pid,
+                f"sqlite+aiosqlite:///{config.parent / 'accounts.db'}",
+            )
         finally:
             stop_process(gateway)
     finally:

@@ -23,6 +23,7 @@ class Stack:
     gateway: str  # base URL, e.g. http://127.0.0.1:PORT
     sim: str
     gateway_pid: int
+    database: str = ""  # the accounts and usage ledger database (SQLite)
 
 
 def request(

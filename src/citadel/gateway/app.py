@@ -16,6 +16,7 @@ from citadel.gateway.proxy import UPSTREAM_PATHS, Gateway
 from citadel.http.client import HttpClient
 from citadel.limits.decision import Limiter
 from citadel.metering.events import UsageSink
+from citadel.metering.sinks import RedisStreamSink, SqlLedgerSink
 from citadel.metrics import Registry
 from citadel.routing.health import HealthProber
 from citadel.routing.router import Router
@@ -48,6 +49,7 @@ def default_deps(settings: Settings) -> GatewayDeps:
 
     registry = Registry()
     accounts = open_store_lazily(settings.accounts.database)
+    usage = usage_sink(settings)
     limiter = create_limiter(
         settings.limits.backend,
         timezone=settings.limits.timezone,
@@ -69,6 +71,35 @@ def default_deps(settings: Settings) -> GatewayDeps:
         registry=registry,
         limiter=limiter,
         accounts=accounts,
+        usage=usage,
+    )
+
+
+def usage_sink(settings: Settings) -> RedisStreamSink | SqlLedgerSink:
+    """Usage events to the Redis Stream the ledger writer drains when Redis is configured (with a
+    spool file for outages); otherwise straight into the SQL ledger (the embedded default)."""
+    from citadel.accounts.sql import build_engine
+    from citadel.metering.sinks import RedisStreamSink, SqlLedgerSink
+    from citadel.metering.spool import Spool
+    from citadel.routing.shared import redis_url
+    from citadel.stores.redis import RedisClient
+
+    metering = settings.metering
+    url = redis_url(settings)
+    if url is not None:
+        return RedisStreamSink(
+            RedisClient.from_url(url, timeout=settings.limits.store_timeout_seconds * 4),
+            stream=metering.stream,
+            flush_seconds=metering.flush_seconds,
+            batch_size=metering.batch_size,
+            spool=Spool(metering.spool_path),
+        )
+    database = metering.database or settings.accounts.database
+    return SqlLedgerSink(
+        build_engine(database),
+        flush_seconds=metering.flush_seconds,
+        batch_size=metering.batch_size,
+        migrate=database.startswith("sqlite"),
     )
 
 
@@ -182,6 +213,21 @@ def create_app(settings: Settings, deps: GatewayDeps) -> App:
 
         app.on_startup(start_flusher)
         app.on_shutdown(stop_flusher)
+    usage = deps.usage
+    if isinstance(usage, RedisStreamSink | SqlLedgerSink):
+        app.on_startup(usage.start)
+        app.on_shutdown(usage.aclose)
+
+        async def ledger_health() -> DependencyHealth:
+            stats = usage.stats()
+            detail = (
+                f"{stats.pending} pending, {stats.spooled} spooled, {stats.sent} sent, "
+                f"{stats.failures} failures, {stats.dropped} dropped"
+            )
+            troubled = stats.spooled or stats.dropped or stats.pending > 10 * 2000
+            return DependencyHealth("degraded" if troubled else "ok", detail)
+
+        app.health_check("usage", ledger_health)
     app.on_shutdown(gateway.drain)
     app.on_shutdown(deps.client.aclose)
     return app
