@@ -1,0 +1,343 @@
+"""The usage ledger in SQL: batches of events stored once each, with their rollups, in one commit.
+
+    ledger = Ledger(build_engine("postgresql://db/citadel"))
+    stored = await ledger.write(events)   # how many were new; duplicates are skipped
+
+Theory of operation. An event may reach the ledger more than once: the gateway's spool is
+replayed at least once, and a writer that dies between its commit and its XACK gets the batch
+redelivered. The ledger absorbs that: ``usage_events`` is keyed by the event id, an event already
+there is skipped, and the rollups (``usage_hourly``, ``usage_daily``) are added to from the rows
+the insert really added, in the same transaction, so they count each event once too.
+
+- PostgreSQL: the batch is COPYed (binary protocol, asyncpg's ``copy_records_to_table``) into a
+  session-local temporary table emptied at each commit, then one statement does the rest:
+  ``INSERT INTO usage_events SELECT ... ON CONFLICT (event_id) DO NOTHING RETURNING ...`` in a
+  CTE, and from its RETURNING rows one grouped upsert per rollup. Four round trips per batch
+  (BEGIN, COPY, the statement, COMMIT), whatever its size.
+- SQLite (the embedded default): the write lock is taken first (``BEGIN IMMEDIATE``), the ids
+  already stored are looked up, the new events inserted with one executemany, and the rollups
+  computed here and upserted.
+
+The wire format, shared with the gateway's sinks and spool: one event is the orjson encoding of
+the list ``[1, event_id, time, request_id, user, team, key_id, tier, endpoint, model,
+deployment, prompt_tokens, completion_tokens, latency_seconds, ttft_seconds, status, streamed,
+cancelled, usage_estimated, cost_micros]`` (the leading 1 is the format's version).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg  # type: ignore[import-untyped]  # no stubs, no py.typed
+import orjson
+from sqlalchemy import insert, select, text
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from citadel.accounts.sql import translate_errors
+from citadel.errors import StoreUnavailable
+from citadel.metering.events import UsageEvent
+from citadel.metering.schema import ROLLUPS, usage_events
+
+__all__ = ["COLUMNS", "WIRE_VERSION", "Ledger", "decode_event", "encode_event", "event_row"]
+
+WIRE_VERSION = 1
+DEFAULT_TIMEOUT = 30.0  # seconds for one batch, connecting included
+_SQLITE_IN_CHUNK = 500  # ids per "event_id IN (...)" lookup (SQLite's parameter limit)
+
+# usage_events' columns, in the order of ``event_row`` and of the table.
+COLUMNS = (
+    "event_id",
+    "ts",
+    "request_id",
+    "user_id",
+    "team_id",
+    "key_id",
+    "tier",
+    "endpoint",
+    "model",
+    "deployment",
+    "prompt_tokens",
+    "completion_tokens",
+    "latency_ms",
+    "ttft_ms",
+    "status",
+    "streamed",
+    "cancelled",
+    "usage_estimated",
+    "cost_micros",
+)
+_KEY = ("user_id", "team_id", "model", "deployment", "tier")
+_SUMS = (
+    "requests",
+    "errors",
+    "prompt_tokens",
+    "completion_tokens",
+    "cost_micros",
+    "latency_ms_sum",
+    "ttft_ms_sum",
+    "ttft_requests",
+)
+
+
+# -- the wire format --------------------------------------------------------------------------
+
+
+def encode_event(event: UsageEvent) -> bytes:
+    """The event as it travels through the stream and the spool (see the module docstring)."""
+    return orjson.dumps(
+        [
+            WIRE_VERSION,
+            event.event_id,
+            event.time,
+            event.request_id,
+            event.user,
+            event.team,
+            event.key_id,
+            event.tier,
+            event.endpoint,
+            event.model,
+            event.deployment,
+            event.prompt_tokens,
+            event.completion_tokens,
+            event.latency_seconds,
+            event.ttft_seconds,
+            event.status,
+            event.streamed,
+            event.cancelled,
+            event.usage_estimated,
+            event.cost_micros,
+        ]
+    )
+
+
+def decode_event(data: bytes | str) -> UsageEvent:
+    """The event ``encode_event`` made; ValueError if ``data`` is not one."""
+    try:
+        v = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"a usage event is not JSON: {data[:80]!r}") from exc
+    if not isinstance(v, list) or len(v) != 20 or v[0] != WIRE_VERSION:
+        raise ValueError(f"expected a usage event (a list of 20, version {WIRE_VERSION}): {v!r}")
+    try:
+        return UsageEvent(
+            event_id=_str(v[1]),
+            time=float(v[2]),
+            request_id=_str(v[3]),
+            user=_str(v[4]),
+            team=_str(v[5]),
+            key_id=_str(v[6]),
+            tier=_str(v[7]),
+            endpoint=_str(v[8]),
+            model=_str(v[9]),
+            deployment=_str(v[10]),
+            prompt_tokens=int(v[11]),
+            completion_tokens=int(v[12]),
+            latency_seconds=float(v[13]),
+            ttft_seconds=None if v[14] is None else float(v[14]),
+            status=int(v[15]),
+            streamed=bool(v[16]),
+            cancelled=bool(v[17]),
+            usage_estimated=bool(v[18]),
+            cost_micros=int(v[19]),
+        )
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"a usage event has a field of the wrong type: {v!r}") from exc
+
+
+def _str(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, not {value!r}")
+    return value
+
+
+def event_row(event: UsageEvent) -> tuple[Any, ...]:
+    """The event as a ``usage_events`` row, in the order of ``COLUMNS``."""
+    ttft = event.ttft_seconds
+    return (
+        event.event_id,
+        datetime.fromtimestamp(event.time, UTC),
+        event.request_id,
+        event.user,
+        event.team,
+        event.key_id,
+        event.tier,
+        event.endpoint,
+        event.model,
+        event.deployment,
+        event.prompt_tokens,
+        event.completion_tokens,
+        event.latency_seconds * 1000.0,
+        None if ttft is None else ttft * 1000.0,
+        event.status,
+        event.streamed,
+        event.cancelled,
+        event.usage_estimated,
+        event.cost_micros,
+    )
+
+
+# -- PostgreSQL ------------------------------------------------------------------------------
+
+_INCOMING = "usage_events_incoming"
+_CREATE_INCOMING = (
+    f"CREATE TEMPORARY TABLE IF NOT EXISTS {_INCOMING} "
+    "(LIKE usage_events INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+)
+
+
+def _pg_rollup(table: str, unit: str) -> str:
+    key = ", ".join(_KEY)
+    updates = ", ".join(f"{c} = r.{c} + EXCLUDED.{c}" for c in _SUMS)
+    # Buckets in UTC whatever the session's time zone; ORDER BY gives concurrent writers one
+    # lock order (fewer deadlocks; a deadlock only rolls the batch back for a retry).
+    return f"""{table}_up AS (
+    INSERT INTO {table} AS r (bucket, {key}, {", ".join(_SUMS)})
+    SELECT date_trunc('{unit}', ts AT TIME ZONE 'UTC') AT TIME ZONE 'UTC', {key},
+        count(*), count(*) FILTER (WHERE status >= 400), sum(prompt_tokens),
+        sum(completion_tokens), sum(cost_micros), sum(latency_ms::float8),
+        coalesce(sum(ttft_ms::float8), 0), count(ttft_ms)
+    FROM inserted
+    GROUP BY 1, {key}
+    ORDER BY 1, {key}
+    ON CONFLICT (bucket, {key}) DO UPDATE SET {updates}
+)"""
+
+
+_UNITS = {3600: "hour", 86400: "day"}
+_PG_STORE = (
+    "WITH inserted AS (\n"
+    f"    INSERT INTO usage_events SELECT * FROM {_INCOMING}\n"
+    "    ON CONFLICT (event_id) DO NOTHING\n"
+    "    RETURNING ts, user_id, team_id, model, deployment, tier, status, prompt_tokens,\n"
+    "        completion_tokens, cost_micros, latency_ms, ttft_ms\n"
+    "), "
+    + ", ".join(_pg_rollup(table.name, _UNITS[width]) for table, width in ROLLUPS)
+    + "\nSELECT count(*) FROM inserted"
+)
+
+
+# -- SQLite ----------------------------------------------------------------------------------
+
+
+def rollup_rows(events: Iterable[UsageEvent], width: int) -> list[dict[str, Any]]:
+    """The events summed by (bucket ``width`` seconds wide, user, team, model, deployment, tier)."""
+    sums: dict[tuple[Any, ...], list[Any]] = {}
+    for e in events:
+        key = (int(e.time // width) * width, e.user, e.team, e.model, e.deployment, e.tier)
+        row = sums.get(key)
+        if row is None:
+            row = sums[key] = [0, 0, 0, 0, 0, 0.0, 0.0, 0]
+        row[0] += 1
+        row[1] += e.status >= 400
+        row[2] += e.prompt_tokens
+        row[3] += e.completion_tokens
+        row[4] += e.cost_micros
+        row[5] += e.latency_seconds * 1000.0
+        if e.ttft_seconds is not None:
+            row[6] += e.ttft_seconds * 1000.0
+            row[7] += 1
+    return [
+        {
+            "bucket": datetime.fromtimestamp(key[0], UTC),
+            **dict(zip(_KEY, key[1:], strict=True)),
+            **dict(zip(_SUMS, row, strict=True)),
+        }
+        for key, row in sorted(sums.items())
+    ]
+
+
+# -- the ledger ------------------------------------------------------------------------------
+
+
+class Ledger:
+    """Writes batches of usage events into the SQL ledger behind ``engine`` (not owned)."""
+
+    def __init__(self, engine: AsyncEngine, *, operation_timeout: float = DEFAULT_TIMEOUT) -> None:
+        self._engine = engine
+        self._postgres = engine.dialect.name == "postgresql"
+        self._timeout = operation_timeout
+
+    @property
+    def engine(self) -> AsyncEngine:
+        return self._engine
+
+    async def write(self, events: Sequence[UsageEvent]) -> int:
+        """Store ``events`` and add them to the rollups, in one transaction; return how many were
+        new (an id stored already, or repeated in the batch, is skipped). StoreUnavailable if the
+        database failed: then nothing of the batch was committed, or all of it was."""
+        unique = list({e.event_id: e for e in events}.values())
+        if not unique:
+            return 0
+        if self._postgres:
+            return await self._write_postgres(unique)
+        return await self._write_sqlite(unique)
+
+    async def _write_postgres(self, events: list[UsageEvent]) -> int:
+        records = [event_row(e) for e in events]
+        async with self._raw() as (conn, pg):
+            if not conn.info.get(_INCOMING):
+                await pg.execute(_CREATE_INCOMING)
+                conn.info[_INCOMING] = True
+            async with pg.transaction():
+                await pg.copy_records_to_table(_INCOMING, records=records, columns=COLUMNS)
+                stored = await pg.fetchval(_PG_STORE)
+        return int(stored)
+
+    @contextlib.asynccontextmanager
+    async def _raw(self) -> AsyncIterator[tuple[AsyncConnection, asyncpg.Connection]]:
+        """A pooled connection and asyncpg's own beneath it (for COPY); a connection an error
+        went through is dropped from the pool, since it may be dead or mid-transaction."""
+        with translate_errors(self._timeout):
+            async with asyncio.timeout(self._timeout), self._engine.connect() as conn:
+                raw = await conn.get_raw_connection()
+                pg: asyncpg.Connection = raw.driver_connection
+                try:
+                    yield conn, pg
+                except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+                    await conn.invalidate()
+                    detail = " ".join(str(exc).split()) or type(exc).__name__
+                    raise StoreUnavailable("sql", detail) from exc
+                except BaseException:
+                    await conn.invalidate()
+                    raise
+
+    async def _write_sqlite(self, events: list[UsageEvent]) -> int:
+        with translate_errors(self._timeout):
+            async with asyncio.timeout(self._timeout), self._engine.begin() as conn:
+                # Take the write lock before reading: a reader upgrading to a writer could
+                # fail at once ("database is locked") when another process writes too.
+                await conn.exec_driver_sql("BEGIN IMMEDIATE")
+                known: set[str] = set()
+                ids = [e.event_id for e in events]
+                for start in range(0, len(ids), _SQLITE_IN_CHUNK):
+                    chunk = ids[start : start + _SQLITE_IN_CHUNK]
+                    found = await conn.execute(
+                        select(usage_events.c.event_id).where(usage_events.c.event_id.in_(chunk))
+                    )
+                    known.update(found.scalars())
+                new = [e for e in events if e.event_id not in known]
+                if not new:
+                    return 0
+                rows = [dict(zip(COLUMNS, event_row(e), strict=True)) for e in new]
+                await conn.execute(insert(usage_events), rows)
+                for table, width in ROLLUPS:
+                    upsert = sqlite_insert(table)
+                    await conn.execute(
+                        upsert.on_conflict_do_update(
+                            index_elements=["bucket", *_KEY],
+                            set_={c: table.c[c] + upsert.excluded[c] for c in _SUMS},
+                        ),
+                        rollup_rows(new, width),
+                    )
+                return len(new)
+
+    async def ping(self) -> None:
+        """Raise StoreUnavailable unless the database answers ``SELECT 1``."""
+        with translate_errors(self._timeout):
+            async with asyncio.timeout(self._timeout), self._engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))

@@ -1,0 +1,105 @@
+"""The usage ledger's tables, as SQLAlchemy Core: one row per event, and rollups kept beside it.
+
+These describe the tables for queries (the analytics service reads them) and for Alembic's
+autogenerate; the tables themselves are created and changed only by ``migrations/versions``.
+
+``usage_events`` is the ledger: one row per usage event, keyed by the event id the gateway gave
+it, so storing an event twice stores it once. ``usage_hourly`` and ``usage_daily`` are rollups
+of the ledger by (bucket, user, team, model, deployment, tier): the ledger writer adds each event
+to both in the same transaction that inserts it, and only when the insert really added the row,
+so a redelivered event is counted once. The bucket is the UTC hour (``usage_hourly``) or the UTC
+day (``usage_daily``) the request started in. Analytics over long ranges read the rollups, whose
+size grows with hours x distinct keys, not with requests.
+
+Every timestamp is a timezone-aware UTC ``datetime`` in Python (``UtcDateTime``: ``timestamptz``
+on PostgreSQL, UTC wall time on SQLite). An event without a team has ``team_id = ''``: the
+rollups' key columns are never NULL (NULLs would break their primary key and ON CONFLICT).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    REAL,
+    BigInteger,
+    Boolean,
+    Column,
+    Double,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    SmallInteger,
+    Table,
+    Text,
+)
+
+from citadel.accounts.schema import NAMING, UtcDateTime
+
+__all__ = [
+    "ROLLUPS",
+    "metadata",
+    "usage_daily",
+    "usage_events",
+    "usage_hourly",
+]
+
+metadata = MetaData(naming_convention=NAMING)
+
+usage_events = Table(
+    "usage_events",
+    metadata,
+    Column("event_id", Text, primary_key=True),  # 32 hex digits, from the gateway
+    Column("ts", UtcDateTime(), nullable=False),  # when the request started
+    Column("request_id", Text, nullable=False),
+    Column("user_id", Text, nullable=False),
+    Column("team_id", Text, nullable=False),  # '' when the user has no team
+    Column("key_id", Text, nullable=False),
+    Column("tier", Text, nullable=False),
+    Column("endpoint", Text, nullable=False),  # e.g. /v1/chat/completions
+    Column("model", Text, nullable=False),
+    Column("deployment", Text, nullable=False),
+    Column("prompt_tokens", Integer, nullable=False),
+    Column("completion_tokens", Integer, nullable=False),
+    Column("latency_ms", REAL, nullable=False),
+    Column("ttft_ms", REAL, nullable=True),  # streamed requests only
+    Column("status", SmallInteger, nullable=False),  # the HTTP status returned to the client
+    Column("streamed", Boolean, nullable=False),
+    Column("cancelled", Boolean, nullable=False),
+    Column("usage_estimated", Boolean, nullable=False),
+    Column("cost_micros", BigInteger, nullable=False),  # micro-USD charged
+    PrimaryKeyConstraint("event_id", name="pk_usage_events"),
+    Index("ix_usage_events_ts", "ts"),
+    Index("ix_usage_events_team_id_ts", "team_id", "ts"),
+    Index("ix_usage_events_user_id_ts", "user_id", "ts"),
+)
+
+
+def _rollup(name: str) -> Table:
+    return Table(
+        name,
+        metadata,
+        Column("bucket", UtcDateTime(), nullable=False),  # start of the UTC hour or day
+        Column("user_id", Text, nullable=False),
+        Column("team_id", Text, nullable=False),
+        Column("model", Text, nullable=False),
+        Column("deployment", Text, nullable=False),
+        Column("tier", Text, nullable=False),
+        Column("requests", BigInteger, nullable=False),
+        Column("errors", BigInteger, nullable=False),  # requests with status >= 400
+        Column("prompt_tokens", BigInteger, nullable=False),
+        Column("completion_tokens", BigInteger, nullable=False),
+        Column("cost_micros", BigInteger, nullable=False),
+        Column("latency_ms_sum", Double, nullable=False),  # mean latency: sum / requests
+        Column("ttft_ms_sum", Double, nullable=False),  # mean TTFT: sum / ttft_requests
+        Column("ttft_requests", BigInteger, nullable=False),  # requests that reported a TTFT
+        PrimaryKeyConstraint(
+            "bucket", "user_id", "team_id", "model", "deployment", "tier", name=f"pk_{name}"
+        ),
+    )
+
+
+usage_hourly = _rollup("usage_hourly")
+usage_daily = _rollup("usage_daily")
+
+# Each rollup table and the width of its bucket, in seconds (UTC hours and days).
+ROLLUPS: tuple[tuple[Table, int], ...] = ((usage_hourly, 3600), (usage_daily, 86400))
