@@ -1,0 +1,1 @@
+"""Predictive alerting (:9092): forecasts, anomaly detection, alerts to Alertmanager."""

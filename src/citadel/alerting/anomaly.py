@@ -1,0 +1,168 @@
+"""Streaming anomaly detectors: a score in [0, 1] per row, causal, one parameter set for all series.
+
+Theory of operation
+-------------------
+A detector is built fresh for each series and fed its rows in time order; ``update(timestamp,
+value)`` returns the row's score using only the rows up to it. Scores are compared against one
+threshold across *all* series, so they must mean the same thing everywhere: the default detector
+scores *records*, which are scale-free.
+
+``RecordDetector`` (the default) follows five deviation signals, each a non-negative number in the
+series' own units, updated in O(1) per row:
+
+- **spatial**: how far the value leaves the range ``[lo, hi]`` seen so far, as a fraction of the
+  range (a new extreme: the spike or level shift nothing before it resembles);
+- **residual**: ``|x - fast EWMA|``, the one-step prediction error (spikes, dips);
+- **level**: ``|mean of the last k rows - slow EWMA|`` (level shifts, drifts);
+- **variance**: the standard deviation of the last k rows (bursts of noise);
+- **season**: ``|x - profile[hour of day]|``, where the profile is an EWMA per time-of-day bucket
+  (values normal for the series but not for the time of day).
+
+Each of the last four is divided by its own *decaying maximum* (half-life ``decay_half`` rows): a
+ratio above 1 is a record, an excursion larger than anything in the recent past of this series. The
+decay lets a series that had one big event flag a later, smaller one once the first has faded; the
+record itself damps repeated alarms (after a spike the next alarm must beat it). The spatial signal
+is ``1 + overshoot / range``. The row's ratio is the largest weighted ratio and its score is
+``ratio / (1 + ratio)``: 0.5 at a plain record, approaching 1 for excursions far beyond the
+past. The first ``warmup`` rows only learn and score 0.
+
+The weights and rates are one parameter set, chosen once on the NAB corpus as a whole
+(``bench/nab.py``), never per series.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+DAY = 86400.0
+
+
+class Detector(Protocol):
+    """A streaming detector: fed rows in time order, returns each row's anomaly score in [0, 1]."""
+
+    def update(self, timestamp: float, value: float) -> float: ...
+
+
+class NullDetector:
+    """Never detects anything (NAB's baseline)."""
+
+    def update(self, timestamp: float, value: float) -> float:
+        return 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Params:
+    """The one parameter set of ``RecordDetector``, shared by every series."""
+
+    warmup: int = 150  # rows that only learn (NAB's shortest probation is 169 rows)
+    fast: float = 0.3  # EWMA rate of the one-step predictor
+    slow: float = 0.005  # EWMA rate of the level baseline
+    short: int = 6  # rows in the recent window (level and variance)
+    decay_half: float = 5000.0  # half-life, in rows, of each record
+    season_alpha: float = 0.3  # EWMA rate of the time-of-day profile
+    buckets: int = 24  # time-of-day buckets of the profile
+    spatial_tol: float = 0.05  # overshoot, as a fraction of the range, that makes a spatial record
+    w_spatial: float = 1.1
+    w_resid: float = 0.7
+    w_level: float = 1.0
+    w_var: float = 0.9
+    w_season: float = 0.7
+
+
+class _Record:
+    """Ratio of a non-negative signal to its decaying past maximum (above 1 is a new record)."""
+
+    __slots__ = ("_decay", "_max")
+
+    def __init__(self, decay: float) -> None:
+        self._decay = decay
+        self._max = 0.0
+
+    def ratio(self, x: float, eps: float) -> float:
+        r = x / (self._max + eps) if self._max > 0.0 else 0.0
+        self._max = max(self._max * self._decay, x)
+        return r
+
+
+class RecordDetector:
+    """Scores each row by how far its deviations beat their recent records (module docstring)."""
+
+    def __init__(self, params: Params | None = None) -> None:
+        self._p = p = params or Params()
+        self._n = 0
+        self._lo = math.inf
+        self._hi = -math.inf
+        self._fast = 0.0
+        self._slow = 0.0
+        self._recent: deque[float] = deque()
+        self._sum = 0.0
+        self._sq = 0.0
+        decay = 0.5 ** (1.0 / p.decay_half)
+        self._resid = _Record(decay)
+        self._level = _Record(decay)
+        self._var = _Record(decay)
+        self._season = _Record(decay)
+        self._profile: list[float | None] = [None] * p.buckets
+
+    def update(self, timestamp: float, value: float) -> float:
+        p = self._p
+        self._n += 1
+        if self._n == 1:
+            self._lo = self._hi = self._fast = self._slow = value
+        span = self._hi - self._lo
+        eps = 1e-3 * span + 1e-9  # a flat series has no records, only noise at this scale
+        spatial = (
+            1.0 + max(value - self._hi, self._lo - value) / span - p.spatial_tol
+            if span > 0
+            else 0.0
+        )
+        resid = self._resid.ratio(abs(value - self._fast), eps)
+
+        self._recent.append(value)
+        self._sum += value
+        self._sq += value * value
+        if len(self._recent) > p.short:
+            old = self._recent.popleft()
+            self._sum -= old
+            self._sq -= old * old
+        k = len(self._recent)
+        mean = self._sum / k
+        std = math.sqrt(max(self._sq / k - mean * mean, 0.0))
+        level = self._level.ratio(abs(mean - self._slow), eps)
+        var = self._var.ratio(std, eps)
+
+        bucket = int(timestamp % DAY * p.buckets // DAY)
+        profile = self._profile[bucket]
+        season = 0.0 if profile is None else self._season.ratio(abs(value - profile), eps)
+        self._profile[bucket] = (
+            value if profile is None else profile + p.season_alpha * (value - profile)
+        )
+
+        self._fast += p.fast * (value - self._fast)
+        self._slow += p.slow * (value - self._slow)
+        self._lo = min(self._lo, value)
+        self._hi = max(self._hi, value)
+        if self._n <= p.warmup:
+            return 0.0
+        ratio = max(
+            p.w_spatial * spatial,
+            p.w_resid * resid,
+            p.w_level * level,
+            p.w_var * var,
+            p.w_season * season,
+        )
+        if not ratio > 0.0:  # also NaN from non-finite input
+            return 0.0
+        return 1.0 - 1.0 / (1.0 + ratio)  # ratio / (1 + ratio), and 1 for an infinite ratio
+
+
+DEFAULT_DETECTOR = "records"
+
+DETECTORS: dict[str, Callable[[], Detector]] = {
+    "records": RecordDetector,
+    "null": NullDetector,
+}

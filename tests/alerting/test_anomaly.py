@@ -1,0 +1,106 @@
+"""Anomaly detectors: known answers on synthetic series, bounds, causality and determinism."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from citadel.alerting.anomaly import DEFAULT_DETECTOR, DETECTORS, NullDetector, RecordDetector
+
+STEP = 300.0  # five-minute rows, as in NAB
+AT = 2000
+
+
+def run(values: np.ndarray | list[float]) -> np.ndarray:
+    detector = RecordDetector()
+    return np.array([detector.update(i * STEP, float(v)) for i, v in enumerate(values)])
+
+
+def noise(rows: int = 3000, seed: int = 7) -> np.ndarray:
+    return np.random.default_rng(seed).normal(10.0, 1.0, rows)
+
+
+def test_spike_scores_above_everything_before_it() -> None:
+    """A 20-sigma spike scores high and above every earlier row."""
+    values = noise()
+    values[AT] += 20.0
+    scores = run(values)
+    assert scores[AT] >= 0.75
+    assert scores[:AT].max() < scores[AT]
+
+
+def test_level_shift_is_detected_at_once() -> None:
+    """A shift of 8 sigma is flagged within a few rows, above everything before it."""
+    values = noise()
+    values[AT:] += 8.0
+    scores = run(values)
+    assert scores[AT : AT + 5].max() >= 0.6
+    assert scores[:AT].max() < scores[AT : AT + 5].max()
+
+
+def test_variance_change_is_detected() -> None:
+    """Noise that becomes six times wider is flagged soon after the change."""
+    values = noise()
+    values[AT:] = 10.0 + (values[AT:] - 10.0) * 6.0
+    scores = run(values)
+    assert scores[:AT].max() < scores[AT : AT + 50].max()
+
+
+def test_noise_without_anomaly_scores_low() -> None:
+    """Plain noise around a flat line stays below the level of real events."""
+    scores = run(noise(seed=11))
+    assert scores.max() < 0.65
+    assert np.mean(scores >= 0.55) < 0.01
+
+
+def test_flat_line_scores_zero() -> None:
+    """A constant series never scores."""
+    assert 0.0 == run([5.0] * 1000).max()
+
+
+def test_warmup_scores_zero() -> None:
+    """The first rows only learn."""
+    values = noise()
+    values[50] += 100.0
+    assert 0.0 == run(values)[:100].max()
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.floats(min_value=-1e6, max_value=1e6), min_size=1, max_size=400))
+def test_scores_are_in_unit_interval(values: list[float]) -> None:
+    """Whatever the input, every score is in [0, 1]."""
+    scores = run(values)
+    assert bool(np.all((scores >= 0.0) & (scores <= 1.0)))
+
+
+def test_extreme_values_stay_in_unit_interval() -> None:
+    """Huge and non-finite values still give scores in [0, 1]."""
+    values = [*noise(300).tolist(), 1e300, -1e300, math.inf, math.nan, 10.0]
+    scores = run(values)
+    assert bool(np.all((scores >= 0.0) & (scores <= 1.0)))
+
+
+@pytest.mark.parametrize("cut", [200, 1000, 2500])
+def test_causal(cut: int) -> None:
+    """The score of row i does not change when rows after i change."""
+    values = noise()
+    changed = values.copy()
+    changed[cut + 1 :] = np.random.default_rng(99).normal(50.0, 9.0, len(values) - cut - 1)
+    assert run(values)[: cut + 1].tolist() == run(changed)[: cut + 1].tolist()
+
+
+def test_deterministic() -> None:
+    """Two fresh detectors fed the same rows give the same scores."""
+    values = noise()
+    values[AT] += 10.0
+    assert run(values).tolist() == run(values).tolist()
+
+
+def test_registry() -> None:
+    """The default detector and the null detector are registered by name."""
+    assert isinstance(DETECTORS[DEFAULT_DETECTOR](), RecordDetector)
+    assert 0.0 == NullDetector().update(0.0, 1.0)
