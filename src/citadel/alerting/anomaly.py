@@ -166,3 +166,8 @@ DETECTORS: dict[str, Callable[[], Detector]] = {
     "records": RecordDetector,
     "null": NullDetector,
 }
+
+
+def default_detector() -> Detector:
+    """A fresh detector of the default kind (one per series), with the one fixed parameter set."""
+    return RecordDetector()
