@@ -9,7 +9,14 @@ installed (else by ``loadgen.py``), streams always by ``loadgen.py``; the load g
 load core with the simulator, so the gateway has a core to itself. With ``--floor``, a bare byte
 relay on the gateway's core is measured too: what any proxy hop costs on this machine.
 
+With ``--limits``, the gateway also gets a Redis limiter and an accounts database, a tier whose
+limits are all set but never reached, and a user of that tier with an API key; each point is then
+measured through the same gateway twice, with the admin key (unlimited: no limiter call) and with
+the user's key (one Lua call to admit, one to reconcile), and the difference is what the limiter
+costs.
+
     .venv/bin/python bench/gateway_overhead.py [--duration 5] [--runs 3] [--concurrency 1,16,64]
+    .venv/bin/python bench/gateway_overhead.py --limits          # c=1,16: limits off vs on
 """
 
 from __future__ import annotations
@@ -52,9 +59,14 @@ HEALTH_TIMEOUT = 30.0
 NOISY_OTHER_CPU = 20.0  # % of a core used by unrelated processes during a point
 
 Mode = Literal["plain", "stream"]
-Target = Literal["direct", "relay", "gateway"]
+Target = Literal["direct", "relay", "gateway", "limits"]
 MODES: tuple[Mode, ...] = ("plain", "stream")
-TARGETS: tuple[Target, ...] = ("direct", "relay", "gateway")
+TARGETS: tuple[Target, ...] = ("direct", "relay", "gateway", "limits")
+# --limits: a tier with every rate limit set (so each is checked) but far out of reach.
+LIMITS_BACKEND = "redis://127.0.0.1:6379/11"
+LIMITS_TARGET_MS = 0.3  # the most the limiter may add to p50 at c=1
+BENCH_TIER = {"requests_per_minute": 100_000_000, "tokens_per_minute": 1_000_000_000}
+BENCH_TIER["concurrent_requests"] = 10_000
 
 
 @dataclass(slots=True)
@@ -308,21 +320,23 @@ class Bench:
         self.wrk = wrk
         self.load_core: int = args.load_core
         self.lua_dir = Path(tempfile.mkdtemp(prefix="citadel-bench-"))
+        # The API key each target is called with (none: the simulator or the relay).
+        self.keys: dict[Target, str] = {"gateway": API_KEY}
 
     def close(self) -> None:
         shutil.rmtree(self.lua_dir, ignore_errors=True)
 
-    def lua_script(self, auth: bool) -> Path:
-        path = self.lua_dir / ("gateway.lua" if auth else "direct.lua")
+    def lua_script(self, key: str | None) -> Path:
+        path = self.lua_dir / (f"key-{hash(key) & 0xFFFFFFFF:08x}.lua" if key else "direct.lua")
         if not path.exists():
             body = json.dumps(json.dumps(PLAIN_BODY, separators=(",", ":")))  # a Lua string
-            header = f'wrk.headers["Authorization"] = "Bearer {API_KEY}"' if auth else ""
+            header = f'wrk.headers["Authorization"] = "Bearer {key}"' if key else ""
             path.write_text(_WRK_LUA.format(body=body, auth=header))
         return path
 
-    def run_wrk(self, port: int, concurrency: int, auth: bool, watch: dict[str, int]) -> Point:
+    def run_wrk(self, port: int, concurrency: int, key: str | None, watch: dict[str, int]) -> Point:
         url = f"http://127.0.0.1:{port}{CHAT_PATH}"
-        script = self.lua_script(auth)
+        script = self.lua_script(key)
 
         def wrk(seconds: int, latency: bool) -> str:
             command = ["taskset", "-c", str(self.load_core), self.wrk or "wrk", "-t1"]
@@ -363,14 +377,14 @@ class Bench:
         )
 
     def run_loadgen(
-        self, port: int, mode: Mode, concurrency: int, auth: bool, watch: dict[str, int]
+        self, port: int, mode: Mode, concurrency: int, key: str | None, watch: dict[str, int]
     ) -> Point:
         body = json.dumps(STREAM_BODY if mode == "stream" else PLAIN_BODY)
         command = ["taskset", "-c", str(self.load_core), sys.executable, str(LOADGEN)]
         command += ["--url", f"http://127.0.0.1:{port}{CHAT_PATH}", "--json", "--body", body]
         command += ["-c", str(concurrency), "-d", str(self.args.duration)]
         command += ["--warmup", str(WARMUP_SECONDS)]
-        command += ["-H", f"Authorization: Bearer {API_KEY}"] if auth else []
+        command += ["-H", f"Authorization: Bearer {key}"] if key else []
         for name, pid in watch.items():
             command += ["--watch-pid", f"{name}={pid}"]
         timeout = WARMUP_SECONDS + self.args.duration + 60
@@ -406,11 +420,11 @@ class Bench:
     def measure(
         self, mode: Mode, concurrency: int, target: Target, port: int, watch: dict[str, int]
     ) -> Point:
-        auth = target == "gateway"
+        key = self.keys.get(target)
         if mode == "plain" and self.wrk:
-            point = self.run_wrk(port, concurrency, auth, watch)
+            point = self.run_wrk(port, concurrency, key, watch)
         else:
-            point = self.run_loadgen(port, mode, concurrency, auth, watch)
+            point = self.run_loadgen(port, mode, concurrency, key, watch)
         point.target = target
         return point
 
@@ -436,6 +450,8 @@ def summarize(points: list[Point], concurrencies: list[int]) -> list[dict[str, A
                     continue
                 row[target] = {
                     "rps": median([p.rps for p in mine]),
+                    # CPU of the service under test per request, µs (gateway or relay)
+                    "cpu_us_per_request": median([_cpu_per_request(p) for p in mine]),
                     "p50_ms": median([p.p50_ms for p in mine]),
                     "p99_ms": median([p.p99_ms for p in mine]),
                     "total_p50_ms": median([p.total_p50_ms for p in mine]),
@@ -450,16 +466,46 @@ def summarize(points: list[Point], concurrencies: list[int]) -> list[dict[str, A
                     "runs": len(mine),
                     "tool": mine[0].tool,
                 }
-            for target, prefix in (("gateway", ""), ("relay", "relay_")):
-                if "direct" not in row or target not in row:
+            pairs = (("direct", "gateway", ""), ("direct", "relay", "relay_"))
+            # --limits: the same gateway with limits on (user key) against off (admin key).
+            pairs += (("gateway", "limits", "limits_"),)
+            for base, target, prefix in pairs:
+                if base not in row or target not in row:
                     continue
-                direct, other = row["direct"], row[target]
+                direct, other = row[base], row[target]
                 row[f"{prefix}ratio"] = other["rps"] / direct["rps"] if direct["rps"] else None
                 for q in ("p50", "p99"):
                     d, g = direct[f"{q}_ms"], other[f"{q}_ms"]
                     row[f"{prefix}added_{q}_ms"] = None if d is None or g is None else g - d
+            if "gateway" in row and "limits" in row:
+                # Limits off and on are measured back to back in each run: the median of the
+                # per-run differences is less exposed to drift in the machine's load.
+                paired: dict[str, list[float | None]] = {"p50": [], "p99": [], "ratio": []}
+                by_run: dict[int, dict[str, Point]] = {}
+                for p in points:
+                    if (p.mode, p.concurrency) == (mode, conc):
+                        by_run.setdefault(p.run, {})[p.target] = p
+                for pair in by_run.values():
+                    off, on = pair.get("gateway"), pair.get("limits")
+                    if off is None or on is None:
+                        continue
+                    for q in ("p50", "p99"):
+                        a, b = getattr(off, f"{q}_ms"), getattr(on, f"{q}_ms")
+                        paired[q].append(None if a is None or b is None else b - a)
+                    paired["ratio"].append(on.rps / off.rps if off.rps else None)
+                row["limits_paired_added_p50_ms"] = median(paired["p50"])
+                row["limits_paired_added_p99_ms"] = median(paired["p99"])
+                row["limits_paired_ratio"] = median(paired["ratio"])
             rows.append(row)
     return rows
+
+
+def _cpu_per_request(point: Point) -> float | None:
+    """CPU µs per request of the service under test (the gateway, else the relay)."""
+    percent = point.cpu.get("gateway", point.cpu.get("relay"))
+    if percent is None or not point.rps:
+        return None
+    return percent / 100.0 / point.rps * 1e6
 
 
 def _f(value: float | None, fmt: str) -> str:
@@ -538,6 +584,55 @@ def print_floor(rows: list[dict[str, Any]]) -> None:
         )
 
 
+def print_limits(rows: list[dict[str, Any]], check: dict[str, Any] | None) -> None:
+    if not any("limits" in row for row in rows):
+        return
+    print()
+    print("Limits on vs off: the same gateway, the user's key (tier 'bench': every rate limit set,")
+    print("none reached) against the admin key (unlimited, no limiter call). 'added' = on - off,")
+    print("ms (difference of medians; 'paired' = median of the per-run differences, the two being")
+    print("measured back to back). CPU µs/req: the gateway's CPU per request.")
+    header = (
+        f"{'mode':<7}{'conc':>5}{'off rps':>9}{'on rps':>9}{'ratio':>7}"
+        f"{'off p50':>9}{'on p50':>9}{'added p50':>11}{'paired':>9}"
+        f"{'off p99':>9}{'on p99':>9}{'added p99':>11}"
+        f"{'µs/req off':>12}{'on':>6}{'redis %':>9}"
+    )
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        off, on = row.get("gateway"), row.get("limits")
+        if not (off and on):
+            continue
+        print(
+            f"{row['mode']:<7}{row['concurrency']:>5}{_f(off['rps'], '%.0f'):>9}"
+            f"{_f(on['rps'], '%.0f'):>9}{_f(row.get('limits_ratio'), '%.2f'):>7}"
+            f"{_f(off['p50_ms'], '%.3f'):>9}{_f(on['p50_ms'], '%.3f'):>9}"
+            f"{_f(row.get('limits_added_p50_ms'), '%+.3f'):>11}"
+            f"{_f(row.get('limits_paired_added_p50_ms'), '%+.3f'):>9}"
+            f"{_f(off['p99_ms'], '%.3f'):>9}{_f(on['p99_ms'], '%.3f'):>9}"
+            f"{_f(row.get('limits_added_p99_ms'), '%+.3f'):>11}"
+            f"{_f(off.get('cpu_us_per_request'), '%.0f'):>12}"
+            f"{_f(on.get('cpu_us_per_request'), '%.0f'):>6}"
+            f"{_f(on['cpu'].get('redis'), '%.0f'):>9}"
+        )
+    for row in rows:
+        added = row.get("limits_added_p50_ms")
+        if row["concurrency"] == 1 and added is not None:
+            verdict = "met" if added <= LIMITS_TARGET_MS else "MISSED"
+            print(
+                f"Target: limits add <= {LIMITS_TARGET_MS:.3f} ms to p50 at c=1 "
+                f"({row['mode']}): {added:+.3f} ms, {verdict}"
+            )
+    if check:
+        print(
+            f"Check: the limiter allowed {check['allowed']} requests with "
+            f"{check['failures']} backend failures; Redis ran {check['evalsha']} EVALSHA "
+            f"({_f(check.get('evalsha_per_admission'), '%.2f')} per admission: admit + "
+            f"reconcile), {_f(check.get('evalsha_usec'), '%.1f')} µs each inside Redis."
+        )
+
+
 def print_notes(rows: list[dict[str, Any]]) -> None:
     notes: list[str] = []
     for row in rows:
@@ -586,7 +681,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per point (5)")
     parser.add_argument("--runs", type=int, default=3, help="passes over the matrix (3)")
     parser.add_argument(
-        "--concurrency", default="1,16,64", help="comma-separated connection counts (1,16,64)"
+        "--concurrency",
+        default=None,
+        help="comma-separated connection counts (1,16,64; with --limits 1,16)",
     )
     parser.add_argument(
         "--modes", default="plain,stream", help="comma-separated: plain, stream (both)"
@@ -618,9 +715,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--sim-args", default="", help="extra simulator flags, e.g. '--ttft-ms 0 --tbt-ms 0'"
     )
+    parser.add_argument(
+        "--limits",
+        action="store_true",
+        help="also measure the gateway with limits on: a user's key (a Redis limiter call to "
+        "admit and one to reconcile) against the admin key (unlimited), in the same run",
+    )
+    parser.add_argument(
+        "--limits-backend",
+        default=LIMITS_BACKEND,
+        metavar="URL",
+        help=f"with --limits: the Redis database, flushed first ({LIMITS_BACKEND})",
+    )
     args = parser.parse_args(argv)
     if args.relay:
         return args
+    if args.concurrency is None:
+        args.concurrency = "1,16" if args.limits else "1,16,64"
     try:
         args.concurrencies = [int(c) for c in args.concurrency.split(",") if c.strip()]
     except ValueError:
@@ -652,30 +763,58 @@ def find_wrk(tool: str) -> str | None:
     return wrk
 
 
-def smoke_test(port: int, auth: bool, what: str) -> None:
+def smoke_test(port: int, key: str | None, what: str, limited: bool | None = None) -> None:
+    """Both bodies answer 200; with ``limited`` set, check that the limiter did (or did not)
+    see the request: its ``x-ratelimit-*`` headers are there exactly when limits apply."""
     headers = {"Content-Type": "application/json"}
-    if auth:
-        headers["Authorization"] = f"Bearer {API_KEY}"
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
     for body in (PLAIN_BODY, STREAM_BODY):
-        status, text = http_request("POST", port, CHAT_PATH, json.dumps(body).encode(), headers)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10.0)
+        try:
+            conn.request("POST", CHAT_PATH, body=json.dumps(body).encode(), headers=headers)
+            response = conn.getresponse()
+            status, text = response.status, response.read()
+            has_limits = response.getheader("x-ratelimit-limit-requests") is not None
+        finally:
+            conn.close()
         if status != 200:
             raise RuntimeError(f"{what}: POST {CHAT_PATH} gave HTTP {status}: {text[:300]!r}")
+        if limited is not None and has_limits != limited:
+            raise RuntimeError(
+                f"{what}: x-ratelimit headers {'missing' if limited else 'present'}: "
+                f"limits are {'not ' if limited else ''}applied to this key"
+            )
 
 
 def run_matrix(
-    bench: Bench, args: argparse.Namespace, sim: Service, gateway: Service, relay: Service | None
+    bench: Bench,
+    args: argparse.Namespace,
+    sim: Service,
+    gateway: Service,
+    relay: Service | None,
+    redis_pid: int | None = None,
 ) -> list[Point]:
-    """Every pass, mode and concurrency: direct, (the relay,) then through the gateway."""
+    """Every pass, mode and concurrency: direct, (the relay,) then through the gateway (with
+    ``--limits``: with the admin key and with the user's key, in alternating order by pass)."""
     targets: list[tuple[Target, int, dict[str, int]]] = [("direct", sim.port, {"sim": sim.pid})]
     if relay is not None:
         targets.append(("relay", relay.port, {"relay": relay.pid, "sim": sim.pid}))
-    targets.append(("gateway", gateway.port, {"gateway": gateway.pid, "sim": sim.pid}))
+    gw_watch = {"gateway": gateway.pid, "sim": sim.pid}
+    if redis_pid is not None:
+        gw_watch["redis"] = redis_pid
+    targets.append(("gateway", gateway.port, gw_watch))
+    if "limits" in bench.keys:
+        targets.append(("limits", gateway.port, gw_watch))
     services = [service for service in (sim, relay, gateway) if service is not None]
     points: list[Point] = []
     for run in range(1, args.runs + 1):
+        order = list(targets)
+        if run % 2 == 0 and "limits" in bench.keys:  # limits on first every other pass
+            order[-2], order[-1] = order[-1], order[-2]
         for mode in args.mode_list:
             for conc in args.concurrencies:
-                for target, port, watch in targets:
+                for target, port, watch in order:
                     for service in services:
                         if service.proc.poll() is not None:
                             raise RuntimeError(
@@ -740,6 +879,97 @@ def source_version() -> str:
     return f"{head or 'unknown'}{' + uncommitted changes' if dirty else ''}"
 
 
+# -- --limits: Redis, the accounts database, the user's key ----------------------------------
+
+
+def redis_command(url: str, *command: str) -> Any:
+    """One command through the gateway's own Redis client (a fresh connection)."""
+    from citadel.stores.redis import RedisClient
+
+    async def call() -> Any:
+        client = RedisClient.from_url(url, timeout=5.0)
+        try:
+            return await client.execute(*command)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(call())
+
+
+def redis_info(url: str, section: str) -> dict[str, str]:
+    reply = redis_command(url, "INFO", section)
+    text = reply.decode() if isinstance(reply, bytes) else str(reply)
+    info: dict[str, str] = {}
+    for line in text.splitlines():
+        name, sep, value = line.partition(":")
+        if sep and not name.startswith("#"):
+            info[name.strip()] = value.strip()
+    return info
+
+
+def evalsha_stats(url: str) -> tuple[int, int]:
+    """EVALSHA calls and the server's total µs in them so far (INFO commandstats)."""
+    stat = redis_info(url, "commandstats").get("cmdstat_evalsha", "")
+    fields = dict(item.split("=", 1) for item in stat.split(",") if "=" in item)
+    return int(fields.get("calls", 0)), int(float(fields.get("usec", 0)))
+
+
+def redis_pid(url: str) -> int | None:
+    """Redis's process id when it runs on this machine (for its CPU use), else None."""
+    pid = redis_info(url, "server").get("process_id", "")
+    return int(pid) if pid.isdigit() and Path(f"/proc/{pid}").exists() else None
+
+
+def limits_config(backend: str, database: Path) -> str:
+    tier = ", ".join(f"{name}: {value}" for name, value in BENCH_TIER.items())
+    return (
+        "tiers:\n"
+        f"  bench: {{{tier}}}\n"
+        f'limits: {{backend: "{backend}"}}\n'
+        f'accounts: {{database: "sqlite+aiosqlite:///{database}", default_tier: bench}}\n'
+    )
+
+
+def create_user_key(config: str, env: dict[str, str]) -> str:
+    """A user of the tier 'bench' and an API key of theirs, with the CLI; returns the secret."""
+
+    def cli(*command: str) -> dict[str, Any]:
+        done = subprocess.run(
+            [sys.executable, "-m", "citadel", "--config", config, *command, "--json"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"citadel {' '.join(command)} failed ({done.returncode}): {done.stderr.strip()}"
+            )
+        result: dict[str, Any] = json.loads(done.stdout)
+        return result
+
+    user = cli(
+        "users", "create", "--name", "bench", "--email", "bench@example.com", "--tier", "bench"
+    )
+    key = cli("keys", "create", "--user", user["id"])
+    secret: str = key["secret"]
+    return secret
+
+
+def gateway_metric(port: int, name: str, label: str = "") -> float:
+    """The sum of a counter's samples on the gateway's /metrics (those containing ``label``)."""
+    status, body = http_request("GET", port, "/metrics")
+    if status != 200:
+        raise RuntimeError(f"gateway /metrics gave HTTP {status}")
+    total = 0.0
+    for line in body.decode().splitlines():
+        if line.startswith(name) and label in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -756,6 +986,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     python = sys.executable
     sim_port, gw_port = free_port(), free_port()
     env = {**os.environ, "CITADEL_ADMIN_KEY": API_KEY}
+    # These would override the settings file's limiter and accounts database.
+    for name in ("REDIS_ENDPOINT", "SQL_DATABASE_ENDPOINT"):
+        env.pop(name, None)
+    bench = Bench(args, wrk)
     config = tempfile.NamedTemporaryFile(  # noqa: SIM115 - removed in the finally below
         "w", prefix="citadel-bench-", suffix=".yaml", delete=False
     )
@@ -765,14 +999,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         "    deployments:\n"
         f'      - {{name: sim-a, url: "http://127.0.0.1:{sim_port}", model: sim-chat}}\n'
     )
+    if args.limits:
+        config.write(limits_config(args.limits_backend, bench.lua_dir / "accounts.db"))
     config.close()
     services: list[Service] = []
-    bench = Bench(args, wrk)
     points: list[Point] = []
+    check: dict[str, Any] | None = None
+    redis: int | None = None
     started = datetime.now(UTC)
     source = source_version()
     print(f"citadel source: {source}", flush=True)
     try:
+        if args.limits:
+            redis_command(args.limits_backend, "FLUSHDB")
+            redis = redis_pid(args.limits_backend)
+            bench.keys["limits"] = create_user_key(config.name, env)
         with running(services):
             sim_cmd = [python, "-m", "citadel", "sim", "--port", str(sim_port)]
             sim_cmd += args.sim_args.split()
@@ -791,8 +1032,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 relay = Service("relay", relay_cmd, relay_port, args.gateway_core, env)
                 services.append(relay)
                 relay.wait_healthy()
-            smoke_test(sim_port, auth=False, what="simulator")
-            smoke_test(gw_port, auth=True, what="gateway")
+            smoke_test(sim_port, None, "simulator")
+            smoke_test(gw_port, API_KEY, "gateway", limited=False if args.limits else None)
+            if args.limits:
+                smoke_test(gw_port, bench.keys["limits"], "gateway (user key)", limited=True)
             print(
                 f"simulator pid {sim.pid} :{sim_port} on core {args.load_core}; "
                 f"gateway pid {gateway.pid} :{gw_port} on core {args.gateway_core}; "
@@ -801,7 +1044,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{WARMUP_SECONDS:g} s warm-up",
                 flush=True,
             )
-            points = run_matrix(bench, args, sim, gateway, relay)
+            if args.limits:
+                calls0, usec0 = evalsha_stats(args.limits_backend)
+                allowed0 = gateway_metric(gw_port, "citadel_limiter_decisions_total", "allowed")
+            points = run_matrix(bench, args, sim, gateway, relay, redis)
+            if args.limits:
+                time.sleep(0.5)  # reconciliations run in the background
+                calls, usec = evalsha_stats(args.limits_backend)
+                calls, usec = calls - calls0, usec - usec0
+                allowed = gateway_metric(gw_port, "citadel_limiter_decisions_total", "allowed")
+                allowed -= allowed0
+                check = {
+                    "allowed": int(allowed),
+                    "failures": int(gateway_metric(gw_port, "citadel_limiter_failures_total")),
+                    "evalsha": calls,
+                    "evalsha_per_admission": calls / allowed if allowed else None,
+                    "evalsha_usec": usec / calls if calls else None,
+                }
     except (RuntimeError, OSError, http.client.HTTPException) as exc:
         print(f"error: {exc!s}" if str(exc) else f"error: {exc!r}", file=sys.stderr)
         return 1
@@ -816,6 +1075,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = summarize(points, args.concurrencies)
     print_table(rows, args.runs)
     print_floor(rows)
+    print_limits(rows, check)
     print_notes(rows)
     if args.json:
         document = {
@@ -832,7 +1092,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "plain_tool": "wrk" if wrk else "loadgen.py",
                 "sim_args": args.sim_args,
                 "floor": args.floor,
+                "limits": args.limits_backend if args.limits else None,
             },
+            "limits_check": check,
             "medians": rows,
             "points": [asdict(p) for p in points],
         }

@@ -27,11 +27,11 @@ SERVICES: dict[str, str] = {
     "gateway": "gateway",
     "rate-limiting-api": "rate_limiting_api",
     "routing-api": "routing_api",
+    "custom-metrics": "custom_metrics",
+    "predictive-alerting": "predictive_alerting",
 }
 # Names later issues add; `serve` says they are not built yet rather than "unknown".
 PLANNED = (
-    "custom-metrics",
-    "predictive-alerting",
     "grafana-dashboards",
     "prometheus-rules",
     "graphql-api",
@@ -128,6 +128,38 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             host=args.host or settings.host,
             port=args.port if args.port is not None else settings.ports.routing_api,
             workers=args.workers if args.workers is not None else 1,
+            grace=settings.gateway.shutdown_grace_seconds,
+        )
+    if name == "custom-metrics":
+        from citadel.metering.app import create_app as create_metering_app
+        from citadel.metering.app import default_deps as metering_deps
+        from citadel.service import App
+
+        def metering_factory() -> App:
+            return create_metering_app(settings, metering_deps(settings))
+
+        return serve(
+            metering_factory,
+            host=args.host or settings.host,
+            port=args.port if args.port is not None else settings.ports.custom_metrics,
+            workers=args.workers if args.workers is not None else 1,
+            grace=settings.gateway.shutdown_grace_seconds,
+        )
+    if name == "predictive-alerting":
+        # One thread per forecast fit: set before numpy loads OpenBLAS (see tests/conftest.py).
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+        from citadel.alerting.app import create_app as create_alerting_app
+        from citadel.alerting.app import default_deps as alerting_deps
+        from citadel.service import App
+
+        def alerting_factory() -> App:
+            return create_alerting_app(settings, alerting_deps(settings))
+
+        return serve(
+            alerting_factory,
+            host=args.host or settings.host,
+            port=args.port if args.port is not None else settings.ports.predictive_alerting,
+            workers=1,  # one scheduler: more workers would send every alert more than once
             grace=settings.gateway.shutdown_grace_seconds,
         )
     print(f"citadel: unknown service {name!r}", file=sys.stderr)  # pragma: no cover

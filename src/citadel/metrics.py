@@ -209,6 +209,97 @@ SIM_FAULTS = _counter(
     "citadel_sim_faults_injected_total", ("kind",), "Faults the simulator injected, by kind."
 )
 
+# Business metrics (the custom-metrics service, :9091): computed from the usage ledger's rollups
+# at scrape time. "This month" is the calendar month in limits.timezone, up to now.
+_BUSINESS = ("tier", "team", "model")
+BUSINESS_SPEND = _gauge(
+    "citadel_business_spend_usd", _BUSINESS, "Charged to users this month, in USD."
+)
+BUSINESS_TOKENS = _gauge(
+    "citadel_business_tokens",
+    (*_BUSINESS, "token_type"),
+    "Tokens served this month, by token_type (input or output).",
+)
+BUSINESS_REQUESTS = _gauge("citadel_business_requests", _BUSINESS, "Requests served this month.")
+BUSINESS_ACTIVE_USERS = _gauge(
+    "citadel_business_active_users",
+    ("tier",),
+    "Users with at least one request in the last 24 hours (to the hour), by tier.",
+)
+BUSINESS_BUDGET_UTILISATION = _gauge(
+    "citadel_business_budget_utilisation_ratio",
+    ("scope", "id"),
+    "This month's spend over the monthly cost budget (1 = all of it), of each user and team "
+    "(scope) with a budget.",
+)
+BUSINESS_INFRA_COST = _gauge(
+    "citadel_business_infrastructure_cost_usd",
+    ("model", "deployment"),
+    "What each deployment's GPUs cost this month so far (gpu_hour_usd x gpus x hours), in USD.",
+)
+BUSINESS_COST_PER_1K = _gauge(
+    "citadel_business_cost_per_1k_tokens_usd",
+    ("model", "deployment", "kind"),
+    "This month's cost of 1000 tokens on each deployment: kind infrastructure (the real cost at "
+    "its utilisation) or charged (the price users pay).",
+)
+BUSINESS_REFERENCE_COST = _gauge(
+    "citadel_business_reference_cost_usd",
+    ("model",),
+    "What this month's tokens would have cost at the model's commercial reference price, in USD.",
+)
+BUSINESS_SAVINGS = _gauge(
+    "citadel_business_savings_usd",
+    ("model",),
+    "Reference cost less infrastructure cost this month, in USD, for models with a reference "
+    "price.",
+)
+LEDGER_LAG = _gauge(
+    "citadel_ledger_lag_events", (), "Usage events waiting to be written to the ledger."
+)
+LEDGER_WRITER_ERRORS = _counter(
+    "citadel_ledger_writer_errors_total",
+    (),
+    "Ledger batches the writer failed to store (each is retried).",
+)
+
+# Predictive alerting (:9092): rule evaluations, the models behind them, and what reached
+# Alertmanager.
+ALERTING_EVALUATIONS = _counter(
+    "citadel_alerting_evaluations_total",
+    ("rule", "outcome"),
+    "Alert rule evaluations, by outcome: ok, firing, insufficient_history or error.",
+)
+ALERTING_EVALUATION_DURATION = _histogram(
+    "citadel_alerting_evaluation_duration_seconds",
+    ("rule",),
+    _SECONDS,
+    "Time to evaluate one alert rule: the query, the model fits and the decision.",
+)
+ALERTING_MODEL_ERROR = _gauge(
+    "citadel_alerting_model_backtest_error",
+    ("rule", "model"),
+    "The backtest error of the forecasting model chosen for each rule (lower is more accurate).",
+)
+ALERTING_ALERTS_FIRING = _gauge(
+    "citadel_alerting_alerts_firing", ("rule", "severity"), "Alerts firing now, by rule."
+)
+ALERTING_ALERTS_SENT = _counter(
+    "citadel_alerting_alerts_sent_total",
+    ("state",),
+    "Alerts delivered to Alertmanager, by state (firing or resolved).",
+)
+ALERTING_ALERTS_DROPPED = _counter(
+    "citadel_alerting_alerts_dropped_total",
+    (),
+    "Alerts dropped undelivered because the queue for an unreachable Alertmanager was full.",
+)
+ALERTING_DELIVERY_FAILURES = _counter(
+    "citadel_alerting_alertmanager_failures_total",
+    (),
+    "Failed attempts to post alerts to Alertmanager (each is retried with back-off).",
+)
+
 CATALOGUE: tuple[MetricSpec, ...] = (
     *(GATEWAY_REQUESTS, GATEWAY_REQUEST_DURATION, GATEWAY_TTFT, GATEWAY_TPOT, GATEWAY_TOKENS),
     *(GATEWAY_TOKENS_TOTAL, GATEWAY_IN_FLIGHT, GATEWAY_UPSTREAM_ERRORS, GATEWAY_CLIENT_DISCONNECTS),
@@ -216,6 +307,12 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     *(ROUTING_DECISIONS, ROUTING_RETRIES, BREAKER_TRANSITIONS, BREAKER_STATE, DEPLOYMENT_HEALTHY),
     *(SIM_RUNNING, SIM_TTFT, SIM_TPOT, SIM_E2E, SIM_PROMPT_TOKENS, SIM_GENERATION_TOKENS),
     *(SIM_REQUESTS, SIM_ABORTED, SIM_FAULTS),
+    *(BUSINESS_SPEND, BUSINESS_TOKENS, BUSINESS_REQUESTS, BUSINESS_ACTIVE_USERS),
+    *(BUSINESS_BUDGET_UTILISATION, BUSINESS_INFRA_COST, BUSINESS_COST_PER_1K),
+    *(BUSINESS_REFERENCE_COST, BUSINESS_SAVINGS, LEDGER_LAG, LEDGER_WRITER_ERRORS),
+    *(ALERTING_EVALUATIONS, ALERTING_EVALUATION_DURATION, ALERTING_MODEL_ERROR),
+    *(ALERTING_ALERTS_FIRING, ALERTING_ALERTS_SENT, ALERTING_ALERTS_DROPPED),
+    ALERTING_DELIVERY_FAILURES,
 )
 _BY_NAME = MappingProxyType({s.name: s for s in CATALOGUE})
 

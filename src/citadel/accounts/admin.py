@@ -166,16 +166,19 @@ def _fail(message: str, status: int) -> int:
 
 
 def _cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
-    from citadel.accounts.migrate import upgrade_engine
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    from citadel.accounts.migrate import Upgrade, upgrade_engine
     from citadel.accounts.sql import build_engine, translate_errors
+    from citadel.metering.migrate import upgrade_engine as upgrade_ledger
 
     uri = settings.accounts.database
 
-    async def run() -> dict[str, str | None]:
-        engine = build_engine(uri)
+    async def migrate(database: str, upgrade: Callable[[AsyncEngine], Awaitable[Upgrade]]) -> Any:
+        engine = build_engine(database)
         try:
             with translate_errors():
-                done = await upgrade_engine(engine)
+                done = await upgrade(engine)
         finally:
             await engine.dispose()
         return {
@@ -184,17 +187,26 @@ def _cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
             "after": done.after,
         }
 
+    async def run() -> dict[str, Any]:
+        # The accounts first, then the usage ledger (in the same database unless metering.database).
+        result = await migrate(uri, upgrade_engine)
+        result["metering"] = await migrate(settings.metering.database or uri, upgrade_ledger)
+        return dict(result)
+
     try:
         result = asyncio.run(run())
     except StoreUnavailable as exc:
         return _fail(str(exc), 1)
     if args.json:
         sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
-    elif result["before"] == result["after"]:
-        print(f"{result['database']}: already at revision {result['after']}")
-    else:
-        before = result["before"] or "empty"
-        print(f"{result['database']}: upgraded from {before} to revision {result['after']}")
+        return 0
+    for part, done in (("accounts", result), ("metering", result["metering"])):
+        where = f"{part} {done['database']}"
+        if done["before"] == done["after"]:
+            print(f"{where}: already at revision {done['after']}")
+        else:
+            before = done["before"] or "empty"
+            print(f"{where}: upgraded from {before} to revision {done['after']}")
     return 0
 
 

@@ -39,7 +39,7 @@ from citadel.metering.events import UsageEvent
 from citadel.metering.ledger import Ledger, encode_event
 from citadel.metering.spool import Spool
 from citadel.metering.writer import FIELD
-from citadel.stores.redis import RedisClient, RedisError
+from citadel.stores.redis import RedisClient
 
 __all__ = ["RedisStreamSink", "SinkStats", "SqlLedgerSink"]
 
@@ -168,7 +168,9 @@ class RedisStreamSink(_BatchingSink):
         await super().start()
 
     async def _flush(self) -> None:
-        if self._spool_dirty and time.monotonic() >= self._next_try:
+        # Closing: one more try whatever the retry timer says, so a gateway stopped after Redis
+        # came back leaves nothing behind in its spool.
+        if self._spool_dirty and (self._closing or time.monotonic() >= self._next_try):
             await self._replay()
         batch = self._take()
         if not batch:
@@ -178,7 +180,11 @@ class RedisStreamSink(_BatchingSink):
             if self._spool_dirty:  # Redis is down (or the spool not yet replayed): to the file
                 await self._to_spool(batch)
                 return
-            failed = await self._send(batch)
+            try:
+                failed = await self._send(batch)
+            except Exception:  # a surprise: keep the events, in the spool
+                _log.exception("usage sink: sending %d events failed", len(batch))
+                failed = batch
             if failed:
                 self._failures += 1
                 self._next_try = time.monotonic() + self._retry_seconds
@@ -200,8 +206,8 @@ class RedisStreamSink(_BatchingSink):
             )
             for event, reply in zip(chunk, replies, strict=True):
                 if isinstance(reply, BaseException):
-                    if not isinstance(reply, StoreUnavailable | RedisError):
-                        raise reply
+                    if not isinstance(reply, Exception):
+                        raise reply  # cancelled: the task is being stopped
                     failed.append(event)
             self._sent += len(chunk) - len(failed)
             if failed:  # Redis is down: the rest of the batch goes to the spool too
@@ -294,7 +300,9 @@ class SqlLedgerSink(_BatchingSink):
                 chunk = batch[start : start + self._batch_size]
                 try:
                     await self._ledger.write(chunk)
-                except StoreUnavailable as exc:
+                except Exception as exc:  # the database is down (or a surprise): keep them
+                    if not isinstance(exc, StoreUnavailable):
+                        _log.exception("usage ledger: writing %d events failed", len(chunk))
                     self._failures += 1
                     self._queue[:0] = batch[start:]  # kept, in order, for the next attempt
                     self._next_try = time.monotonic() + self._retry

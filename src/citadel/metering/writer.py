@@ -20,6 +20,10 @@ acknowledges a batch only after the transaction storing it has committed. So:
   acknowledged is stored once.
 - A writer dies after the commit, before XACK: the same; redelivered and skipped.
 
+Throughput: each batch is one transaction (see ``citadel.metering.ledger``); ``run`` keeps up
+to ``concurrency`` of them in flight on separate connections while it reads and decodes the
+next, so the database's cores and this process work side by side (``bench/ledger.py``).
+
 The group is created at the stream's start (``0``, not ``$``): events XADDed before any writer
 ran are drained too. Entries every writer is done with are trimmed (XTRIM MINID below the oldest
 entry still pending or undelivered), so the stream holds only the backlog; the stream therefore
@@ -40,14 +44,13 @@ import socket
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from citadel.errors import CitadelError, ConfigError, StoreUnavailable
-from citadel.metering.events import UsageEvent
-from citadel.metering.ledger import Ledger, decode_event
+from citadel.metering.ledger import Ledger, Row, decode_row
 from citadel.stores.redis import RedisClient, RedisError
 
 __all__ = ["LedgerWriter", "WriterStats", "main", "redis_url"]
@@ -86,10 +89,13 @@ class LedgerWriter:
         batch_size: int,
         block_ms: int = 200,
         claim_idle_seconds: float = 30.0,
+        concurrency: int = 2,
         trim: bool = True,
     ) -> None:
         if batch_size < 1:
             raise ConfigError("metering.batch_size", batch_size, "an integer >= 1")
+        if concurrency < 1:
+            raise ConfigError("ledger writer concurrency", concurrency, "an integer >= 1")
         self._redis = redis
         self._ledger = Ledger(engine)
         self._stream = stream
@@ -98,6 +104,7 @@ class LedgerWriter:
         self._batch = batch_size
         self._block_ms = block_ms
         self._claim_idle_ms = int(claim_idle_seconds * 1000)
+        self._concurrency = concurrency
         self._trim = trim
         self._group_ready = False
         # True while this consumer may have entries pending under its own name (at start, after
@@ -129,31 +136,36 @@ class LedgerWriter:
 
         StoreUnavailable when Redis or the database failed: nothing uncommitted was acknowledged,
         and the same entries are read again by the next step."""
+        return await self._commit(await self._next_batch())
+
+    async def _next_batch(self) -> _Batch:
+        """The next entries (this consumer's own pending ones first), decoded."""
         if not self._group_ready:
             await self.ensure_group()
-        entries = await self._read()
-        if not entries:
-            return 0
-        ids: list[bytes] = []
-        events: list[UsageEvent] = []
-        dead: list[tuple[bytes, bytes]] = []
-        for entry_id, fields in entries:
-            ids.append(entry_id)
+        batch = _Batch()
+        for entry_id, fields in await self._read():
+            batch.ids.append(entry_id)
             if fields is None:  # trimmed or deleted while pending: nothing left to store
                 continue
             payload = _field(fields)
             try:
-                events.append(decode_event(payload if payload is not None else b""))
+                batch.rows.append(decode_row(payload if payload is not None else b""))
             except ValueError as exc:
                 _log.error("usage entry %s is not an event: %s", entry_id.decode(), exc)
-                dead.append((entry_id, payload or b""))
+                batch.dead.append((entry_id, payload or b""))
+        return batch
+
+    async def _commit(self, batch: _Batch) -> int:
+        """Store a batch, then acknowledge it; return how many entries were acknowledged."""
+        if not batch.ids:
+            return 0
         try:
-            stored = await self._ledger.write(events)
-            for entry_id, payload in dead:
+            stored = await self._ledger.write_rows(batch.rows)
+            for entry_id, payload in batch.dead:
                 await self._redis.execute(
                     "XADD", f"{self._stream}:dead", "*", "id", entry_id, "e", payload
                 )
-            await self._redis.execute("XACK", self._stream, self._group, *ids)
+            await self._redis.execute("XACK", self._stream, self._group, *batch.ids)
         except (StoreUnavailable, RedisError):
             self._backlog = True
             self._counts["failures"] += 1
@@ -161,9 +173,9 @@ class LedgerWriter:
         counts = self._counts
         counts["batches"] += 1
         counts["stored"] += stored
-        counts["duplicates"] += len(events) - stored
-        counts["dead"] += len(dead)
-        return len(ids)
+        counts["duplicates"] += len(batch.rows) - stored
+        counts["dead"] += len(batch.dead)
+        return len(batch.ids)
 
     async def _read(self) -> list[tuple[bytes, list[bytes] | None]]:
         if self._backlog:
@@ -277,11 +289,19 @@ class LedgerWriter:
                 await self._redis.execute("XGROUP", "DELCONSUMER", self._stream, self._group, name)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Step until ``stop`` is set, backing off while Redis or the database is down; take
-        over stale entries at start and every ``claim_idle_seconds / 2``; trim now and then."""
+        """Store batches until ``stop`` is set, backing off while Redis or the database is down;
+        take over stale entries at start and every ``claim_idle_seconds / 2``; trim now and then.
+
+        Up to ``concurrency`` batches are written at once, each in its own transaction on its
+        own connection, while the next one is read and decoded: the database's cores and this
+        process work side by side. Only new entries (ID ``>``) are handled so; this consumer's
+        pending ones (after a failure or a claim) are read again (ID ``0``) and written one
+        batch at a time, once every write in flight has ended, so no entry is in two batches
+        being written."""
         delay = _BACKOFF_MIN
         claim_every = max(self._claim_idle_ms / 2000, 1.0)
         next_claim = next_trim = 0.0
+        writing: set[asyncio.Task[int]] = set()
         while not stop.is_set():
             try:
                 now = time.monotonic()
@@ -292,14 +312,56 @@ class LedgerWriter:
                     await self.trim()
                     await self.forget_idle_consumers()
                     next_trim = now + _TRIM_SECONDS
-                await self.step()
-            except (StoreUnavailable, RedisError) as exc:
-                _log.warning("usage ledger: %s; retrying in %.1f s", exc, delay)
+                if self._backlog:
+                    await _finish(writing)
+                    await self.step()
+                    continue
+                batch = await self._next_batch()
+                if batch.ids:
+                    while len(writing) >= self._concurrency:
+                        await asyncio.wait(writing, return_when=asyncio.FIRST_COMPLETED)
+                        _reap(writing)
+                    writing.add(asyncio.get_running_loop().create_task(self._commit(batch)))
+                _reap(writing)
+            except Exception as exc:  # a store down, or a surprise: the writer must go on
+                # What was read and not committed stays pending, and is read again from ID 0.
+                self._backlog = True
+                await _finish(writing, quiet=True)
+                if isinstance(exc, StoreUnavailable | RedisError):
+                    _log.warning("usage ledger: %s; retrying in %.1f s", exc, delay)
+                else:
+                    _log.exception("usage ledger: unexpected error; retrying in %.1f s", delay)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay)
                 delay = min(delay * 2, _BACKOFF_MAX)
             else:
                 delay = _BACKOFF_MIN
+        await _finish(writing, quiet=True)
+
+
+def _reap(writing: set[asyncio.Task[int]]) -> None:
+    """Forget the writes that ended; raise the first one's error, if any failed."""
+    for task in [t for t in writing if t.done()]:
+        writing.discard(task)
+        task.result()
+
+
+async def _finish(writing: set[asyncio.Task[int]], *, quiet: bool = False) -> None:
+    """Wait for every write in flight; raise the first error unless ``quiet``."""
+    if not writing:
+        return
+    results = await asyncio.gather(*writing, return_exceptions=True)
+    writing.clear()
+    for result in results:
+        if isinstance(result, BaseException) and not quiet:
+            raise result
+
+
+@dataclass(slots=True)
+class _Batch:
+    ids: list[bytes] = field(default_factory=list)  # every entry read, acknowledged together
+    rows: list[Row] = field(default_factory=list)
+    dead: list[tuple[bytes, bytes]] = field(default_factory=list)  # (entry id, payload)
 
 
 def _field(fields: Sequence[bytes]) -> bytes | None:
@@ -323,10 +385,14 @@ def _next_id(entry_id: bytes) -> tuple[int, int]:
 
 
 def redis_url(endpoint: str | None, limits_backend: str) -> str:
-    """Where the usage stream is: ``endpoints.redis``, else the limiter's Redis."""
-    for candidate in (endpoint, limits_backend):
-        if candidate and candidate.startswith("redis://"):
-            return candidate
+    """Where the usage stream is: ``endpoints.redis`` (``host:port`` becomes ``redis://``), else
+    the limiter's Redis: the same choice as the gateway's (``citadel.routing.shared``)."""
+    if endpoint:
+        url = endpoint if "://" in endpoint else f"redis://{endpoint}"
+        if url.startswith("redis://"):
+            return url
+    elif limits_backend.startswith("redis://"):
+        return limits_backend
     raise ConfigError(
         "endpoints.redis", endpoint, "a redis:// URI: the ledger writer drains a Redis Stream"
     )
@@ -350,6 +416,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=float,
         default=30.0,
         help="take over entries another writer has held this long (default: 30)",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=2,
+        help="batches written at once, each on its own connection (default: 2)",
     )
     args = parser.parse_args(argv)
     try:
@@ -384,6 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             consumer=consumer,
             batch_size=metering.batch_size,
             claim_idle_seconds=args.claim_idle_seconds,
+            concurrency=args.concurrency,
         )
         _log.info("ledger writer %s: %s -> %s", consumer, metering.stream, engine.url)
         try:

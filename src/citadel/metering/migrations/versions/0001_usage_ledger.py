@@ -19,22 +19,24 @@ branch_labels = None
 depends_on = None
 
 _TIMESTAMP = sa.DateTime(timezone=True)
+# Ids and names compared byte by byte on PostgreSQL: cheaper index inserts than a locale's rules.
+_KEY = sa.Text().with_variant(sa.Text(collation="C"), "postgresql")
 _ROLLUPS = ("usage_hourly", "usage_daily")
 
 
 def upgrade() -> None:
     op.create_table(
         "usage_events",
-        sa.Column("event_id", sa.Text(), nullable=False),
+        sa.Column("event_id", _KEY, nullable=False),
         sa.Column("ts", _TIMESTAMP, nullable=False),
-        sa.Column("request_id", sa.Text(), nullable=False),
-        sa.Column("user_id", sa.Text(), nullable=False),
-        sa.Column("team_id", sa.Text(), nullable=False),
-        sa.Column("key_id", sa.Text(), nullable=False),
-        sa.Column("tier", sa.Text(), nullable=False),
-        sa.Column("endpoint", sa.Text(), nullable=False),
-        sa.Column("model", sa.Text(), nullable=False),
-        sa.Column("deployment", sa.Text(), nullable=False),
+        sa.Column("request_id", _KEY, nullable=False),
+        sa.Column("user_id", _KEY, nullable=False),
+        sa.Column("team_id", _KEY, nullable=False),
+        sa.Column("key_id", _KEY, nullable=False),
+        sa.Column("tier", _KEY, nullable=False),
+        sa.Column("endpoint", _KEY, nullable=False),
+        sa.Column("model", _KEY, nullable=False),
+        sa.Column("deployment", _KEY, nullable=False),
         sa.Column("prompt_tokens", sa.Integer(), nullable=False),
         sa.Column("completion_tokens", sa.Integer(), nullable=False),
         sa.Column("latency_ms", sa.REAL(), nullable=False),
@@ -53,11 +55,11 @@ def upgrade() -> None:
         op.create_table(
             name,
             sa.Column("bucket", _TIMESTAMP, nullable=False),
-            sa.Column("user_id", sa.Text(), nullable=False),
-            sa.Column("team_id", sa.Text(), nullable=False),
-            sa.Column("model", sa.Text(), nullable=False),
-            sa.Column("deployment", sa.Text(), nullable=False),
-            sa.Column("tier", sa.Text(), nullable=False),
+            sa.Column("user_id", _KEY, nullable=False),
+            sa.Column("team_id", _KEY, nullable=False),
+            sa.Column("model", _KEY, nullable=False),
+            sa.Column("deployment", _KEY, nullable=False),
+            sa.Column("tier", _KEY, nullable=False),
             sa.Column("requests", sa.BigInteger(), nullable=False),
             sa.Column("errors", sa.BigInteger(), nullable=False),
             sa.Column("prompt_tokens", sa.BigInteger(), nullable=False),
@@ -70,6 +72,9 @@ def upgrade() -> None:
                 "bucket", "user_id", "team_id", "model", "deployment", "tier", name=f"pk_{name}"
             ),
         )
+        if op.get_bind().dialect.name == "postgresql":
+            # Rollup rows are updated over and over: room on the page keeps updates HOT.
+            op.execute(f"ALTER TABLE {name} SET (fillfactor = 70)")
 
 
 def downgrade() -> None:

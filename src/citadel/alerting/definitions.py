@@ -1,0 +1,311 @@
+"""Alert definitions: the ``alerting:`` section of citadel.yaml, validated into frozen objects.
+
+    alerting:
+      interval_seconds: 30          # how often every rule is evaluated
+      resend_seconds: 60            # a firing alert is re-sent to Alertmanager this often
+      generator_url: https://...    # optional; default: this service's /v1/alerts
+      rules:
+        - name: GatewayLatencyRising
+          kind: forecast            # forecast (a threshold crossing) or anomaly
+          query: histogram_quantile(0.99, sum by (le) (rate(...[5m])))
+          threshold: 2.0
+          direction: above          # above or below
+          horizon_seconds: 1800     # fire when the forecast crosses within this
+          lookback_seconds: 3600    # history fed to the model
+          step_seconds: 15          # resolution of that history
+          min_points: 10            # fewer points: "insufficient history", no alert
+          model: auto               # auto (picked by backtest), linear, arima, ets or lstm
+          severity: warning         # critical, warning or info
+          labels: {team: platform}
+          summary: p99 latency will pass 2 s within 30 minutes
+        - name: TeamBudget
+          kind: forecast
+          ledger: {metric: team_spend, team: TEAM_ID}   # month-to-date spend, USD
+          threshold: 500
+          horizon_seconds: month_end                     # until the end of the month
+        - name: TrafficAnomaly
+          kind: anomaly
+          query: sum(rate(citadel_gateway_requests_total[1m]))
+          score_threshold: 0.95      # anomaly score in [0, 1] at which it fires
+
+Each rule watches either a PromQL ``query`` or a ``ledger`` query, never both. Every bad value
+raises ``ConfigError`` naming its key (``alerting.rules[2].horizon_seconds``), and unknown keys
+are errors too, as everywhere in citadel.yaml. PromQL is checked here only for being non-empty;
+its syntax is checked against Prometheus itself (``prometheus.PrometheusClient.validate``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Literal
+
+from citadel.errors import ConfigError
+
+__all__ = [
+    "DIRECTIONS",
+    "KINDS",
+    "LEDGER_METRICS",
+    "MODELS",
+    "MONTH_END",
+    "SEVERITIES",
+    "AlertingSettings",
+    "LedgerQuery",
+    "Rule",
+    "parse_alerting",
+]
+
+Kind = Literal["forecast", "anomaly"]
+Direction = Literal["above", "below"]
+Severity = Literal["critical", "warning", "info"]
+LedgerMetric = Literal["team_spend"]
+
+KINDS: tuple[Kind, ...] = ("forecast", "anomaly")
+DIRECTIONS: tuple[Direction, ...] = ("above", "below")
+SEVERITIES: tuple[Severity, ...] = ("critical", "warning", "info")
+LEDGER_METRICS: tuple[LedgerMetric, ...] = ("team_spend",)
+MODELS = ("auto", "linear", "arima", "ets", "lstm")
+MONTH_END = "month_end"  # horizon_seconds: until the end of the current calendar month
+
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
+# Labels the service sets itself; a rule may not override them.
+_RESERVED_LABELS = frozenset({"alertname", "severity", "rule"})
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LedgerQuery:
+    """A series read from the usage ledger rather than Prometheus."""
+
+    metric: LedgerMetric  # team_spend: the team's month-to-date spend in USD, hour by hour
+    team: str  # the team's id
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Rule:
+    """One alert definition."""
+
+    name: str  # also the alert's alertname
+    kind: Kind
+    query: str | None = None  # PromQL; exactly one of query and ledger is set
+    ledger: LedgerQuery | None = None
+    threshold: float | None = None  # required for a forecast rule
+    direction: Direction = "above"
+    horizon_seconds: float | None = 1800.0  # None: until the end of the month (MONTH_END)
+    lookback_seconds: float = 3600.0
+    step_seconds: float = 15.0
+    min_points: int = 10
+    model: str = "auto"  # one of MODELS: the forecaster, or "auto" to pick one by backtest
+    score_threshold: float = 0.95  # anomaly rules: the score at which an alert fires
+    severity: Severity = "warning"
+    labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    summary: str = ""
+
+    @property
+    def source(self) -> str:
+        """What the rule reads, for people: the PromQL, or ``ledger:team_spend(team)``."""
+        if self.ledger is not None:
+            return f"ledger:{self.ledger.metric}({self.ledger.team})"
+        return self.query or ""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AlertingSettings:
+    interval_seconds: float = 30.0
+    resend_seconds: float = 60.0
+    generator_url: str | None = None
+    rules: tuple[Rule, ...] = ()
+
+    def rule(self, name: str) -> Rule | None:
+        return next((r for r in self.rules if r.name == name), None)
+
+
+# -- parsing ----------------------------------------------------------------------------------
+
+Parser = Callable[[object, str], Any]
+
+
+def _mapping(value: object, key: str, known: tuple[str, ...]) -> dict[str, object]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(key, value, "a mapping")
+    for name, item in value.items():
+        if name not in known:
+            raise ConfigError(f"{key}.{name}", item, f"one of the known keys: {', '.join(known)}")
+    return dict(value)
+
+
+def _text(value: object, key: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(key, value, "a non-empty string")
+    return value.strip()
+
+
+def _any_text(value: object, key: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(key, value, "a string")
+    return value
+
+
+def _choice(choices: tuple[str, ...]) -> Parser:
+    def parse(value: object, key: str) -> str:
+        if not isinstance(value, str) or value.strip().lower() not in choices:
+            raise ConfigError(key, value, f"one of {', '.join(choices)}")
+        return value.strip().lower()
+
+    return parse
+
+
+def _number(value: object, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigError(key, value, "a number")
+    return float(value)
+
+
+def _positive(value: object, key: str) -> float:
+    number = _number(value, key) if not isinstance(value, bool) else math.nan
+    if not number > 0:
+        raise ConfigError(key, value, "a number > 0")
+    return number
+
+
+def _fraction(value: object, key: str) -> float:
+    number = _number(value, key)
+    if not 0 < number <= 1:
+        raise ConfigError(key, value, "a number above 0 and at most 1")
+    return number
+
+
+def _min_points(value: object, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 3:
+        raise ConfigError(key, value, "an integer >= 3")
+    return value
+
+
+def _horizon(value: object, key: str) -> float | None:
+    if value == MONTH_END:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigError(key, value, f"a number of seconds > 0, or {MONTH_END}")
+    return float(value)
+
+
+def _labels(value: object, key: str) -> Mapping[str, str]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(key, value, "a mapping of label names to strings")
+    labels: dict[str, str] = {}
+    for name, item in value.items():
+        where = f"{key}.{name}"
+        if not isinstance(name, str) or not _LABEL_NAME.match(name) or name.startswith("__"):
+            raise ConfigError(where, item, "a label name matching [a-zA-Z_][a-zA-Z0-9_]*")
+        if name in _RESERVED_LABELS:
+            raise ConfigError(
+                where, item, f"a label other than {', '.join(sorted(_RESERVED_LABELS))}"
+            )
+        if isinstance(item, bool) or not isinstance(item, str | int | float):
+            raise ConfigError(where, item, "a string")
+        labels[name] = str(item)
+    return MappingProxyType(labels)
+
+
+def _ledger(value: object, key: str) -> LedgerQuery:
+    doc = _mapping(value, key, ("metric", "team"))
+    for name in ("metric", "team"):
+        if doc.get(name) is None:
+            raise ConfigError(f"{key}.{name}", None, "a value (it is required)")
+    metric = _choice(LEDGER_METRICS)(doc["metric"], f"{key}.metric")
+    return LedgerQuery(metric=metric, team=_text(doc["team"], f"{key}.team"))
+
+
+_RULE: dict[str, Parser] = {
+    "name": _text,
+    "kind": _choice(KINDS),
+    "query": _text,
+    "ledger": _ledger,
+    "threshold": _number,
+    "direction": _choice(DIRECTIONS),
+    "horizon_seconds": _horizon,
+    "lookback_seconds": _positive,
+    "step_seconds": _positive,
+    "min_points": _min_points,
+    "model": _choice(MODELS),
+    "score_threshold": _fraction,
+    "severity": _choice(SEVERITIES),
+    "labels": _labels,
+    "summary": _any_text,
+}
+_TOP: dict[str, Parser] = {
+    "interval_seconds": _positive,
+    "resend_seconds": _positive,
+    "generator_url": _text,
+}
+
+
+def _rule(value: object, key: str) -> Rule:
+    doc = _mapping(value, key, tuple(_RULE))
+    if not isinstance(value, Mapping):
+        raise ConfigError(key, value, "a mapping")
+    for name in ("name", "kind"):
+        if doc.get(name) is None:
+            raise ConfigError(f"{key}.{name}", None, "a value (it is required)")
+    fields = {
+        name: parse(item, f"{key}.{name}")
+        for name, parse in _RULE.items()
+        if (item := doc.get(name)) is not None
+    }
+    has_query, has_ledger = "query" in fields, "ledger" in fields
+    if has_query == has_ledger:
+        what = "both" if has_query else "neither"
+        raise ConfigError(
+            f"{key}.query", doc.get("query"), f"exactly one of query and ledger ({what} given)"
+        )
+    if fields["kind"] == "forecast" and "threshold" not in fields:
+        raise ConfigError(f"{key}.threshold", None, "a number (a forecast rule needs a threshold)")
+    if "horizon_seconds" in fields and fields["horizon_seconds"] is None and not has_ledger:
+        raise ConfigError(
+            f"{key}.horizon_seconds",
+            MONTH_END,
+            "a number of seconds (month_end needs a ledger query)",
+        )
+    if has_ledger and "step_seconds" not in fields:
+        fields["step_seconds"] = 3600.0  # the ledger's rollups are hourly
+    if has_ledger and "lookback_seconds" not in fields:
+        fields["lookback_seconds"] = 31 * 86400.0  # the whole month so far
+    step, lookback = fields.get("step_seconds", 15.0), fields.get("lookback_seconds", 3600.0)
+    if step > lookback:
+        raise ConfigError(f"{key}.step_seconds", step, f"at most lookback_seconds ({lookback:g})")
+    return Rule(**fields)
+
+
+def parse_alerting(raw: Mapping[str, Any]) -> AlertingSettings:
+    """The ``alerting:`` section as typed settings; ConfigError names the first bad key."""
+    doc = _mapping(raw, "alerting", (*_TOP, "rules"))
+    fields: dict[str, Any] = {
+        name: parse(item, f"alerting.{name}")
+        for name, parse in _TOP.items()
+        if (item := doc.get(name)) is not None
+    }
+    raw_rules = doc.get("rules")
+    if raw_rules is None:
+        raw_rules = []
+    if not isinstance(raw_rules, list):
+        raise ConfigError("alerting.rules", raw_rules, "a list of rules")
+    rules: list[Rule] = []
+    for i, item in enumerate(raw_rules):
+        rule = _rule(item, f"alerting.rules[{i}]")
+        if any(r.name == rule.name for r in rules):
+            raise ConfigError(
+                f"alerting.rules[{i}].name", rule.name, "a rule name not already in use"
+            )
+        rules.append(rule)
+    settings = AlertingSettings(**fields, rules=tuple(rules))
+    if settings.resend_seconds < settings.interval_seconds:
+        raise ConfigError(
+            "alerting.resend_seconds",
+            settings.resend_seconds,
+            f"at least interval_seconds ({settings.interval_seconds:g})",
+        )
+    return settings

@@ -1,0 +1,548 @@
+"""Rule evaluation: from a rule and its series to firing or not, with the reason why.
+
+Theory of operation. ``Evaluator`` is the pure core (time passed in, no I/O). It keeps one model
+per (rule, series): a forecast ``Selector`` refitted on each evaluation's history (so /health can
+show what each model has seen and how well it backtested), or a streaming anomaly detector fed
+only the samples newer than those it has seen. For each series it returns a ``Finding``:
+
+- ``insufficient_history``: fewer than ``min_points`` samples (or a model that says so); never an
+  alert, because a forecast from three points is a guess.
+- ``firing``: a forecast rule whose mean path crosses the threshold within the horizon (a series
+  already past the threshold crosses now), or an anomaly rule whose score reaches
+  ``score_threshold``.
+- ``ok``: neither; ``error``: the model failed.
+
+A rule whose query fails leaves its alerts as they were (an outage of Prometheus is not a
+resolution); a series that stops firing resolves its alert.
+
+``Scheduler`` is the adapter: every ``interval_seconds`` it reads each rule's series from its
+``Source`` (Prometheus range queries, or the usage ledger), evaluates them, hands the alerts to
+``AlertBook`` for deduplication and the result to the Alertmanager client, and records metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from types import MappingProxyType
+from typing import Literal, Protocol
+from zoneinfo import ZoneInfo
+
+from citadel.alerting.alertmanager import AlertBook, AlertmanagerClient
+from citadel.alerting.definitions import AlertingSettings, Rule
+from citadel.alerting.forecast import (
+    ArimaForecaster,
+    EtsForecaster,
+    Forecast,
+    Forecaster,
+    ForecastError,
+    LinearForecaster,
+    ModelState,
+    Selector,
+    crossing_time,
+    default_candidates,
+)
+from citadel.alerting.prometheus import PrometheusClient, Series
+from citadel.errors import CitadelError
+from citadel.metrics import (
+    ALERTING_ALERTS_FIRING,
+    ALERTING_EVALUATION_DURATION,
+    ALERTING_EVALUATIONS,
+    ALERTING_MODEL_ERROR,
+    Registry,
+)
+
+__all__ = [
+    "Detector",
+    "Evaluation",
+    "Evaluator",
+    "Finding",
+    "LedgerSource",
+    "PrometheusSource",
+    "Scheduler",
+    "Source",
+    "SourceUnavailable",
+    "month_end",
+]
+
+_log = logging.getLogger("citadel.alerting")
+
+Outcome = Literal["ok", "firing", "insufficient_history", "error"]
+_BACKTEST_STEPS = 12  # the longest horizon the selector backtests over
+_MAX_HORIZON_STEPS = 5000  # a forecast longer than this is coarsened by the step
+
+
+class Detector(Protocol):
+    """A streaming anomaly detector: each sample in, an anomaly score in [0, 1] out."""
+
+    def update(self, timestamp: float, value: float) -> float: ...
+
+
+class SourceUnavailable(CitadelError):
+    """A rule's data could not be read (Prometheus down, the ledger not configured, ...)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Finding:
+    """The decision for one series of one rule, and why."""
+
+    series: Mapping[str, str]  # the series' labels
+    outcome: Outcome
+    detail: str  # for people: the forecast, the crossing, or what was missing
+    points: int = 0
+    value: float | None = None  # the last sample
+    model: str | None = None
+    crossing_at: float | None = None  # Unix seconds: when the forecast reaches the threshold
+    forecast_at: float | None = None  # the end of the horizon
+    forecast_mean: float | None = None  # the forecast there, and its interval
+    forecast_lower: float | None = None
+    forecast_upper: float | None = None
+    score: float | None = None  # anomaly rules
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "series": dict(self.series),
+            "outcome": self.outcome,
+            "detail": self.detail,
+            "points": self.points,
+            "value": self.value,
+            "model": self.model,
+            "crossing_at": _iso(self.crossing_at),
+            "forecast": None
+            if self.forecast_at is None
+            else {
+                "at": _iso(self.forecast_at),
+                "mean": self.forecast_mean,
+                "lower": self.forecast_lower,
+                "upper": self.forecast_upper,
+            },
+            "score": self.score,
+        }
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Evaluation:
+    """One evaluation of one rule: a finding per series, or the error that prevented it."""
+
+    rule: Rule
+    at: float
+    findings: tuple[Finding, ...] = ()
+    error: str | None = None
+    duration: float = 0.0
+
+    @property
+    def outcome(self) -> Outcome:
+        """The rule's outcome: error, else firing if any series fires, else the most hopeful."""
+        if self.error is not None:
+            return "error"
+        outcomes = {f.outcome for f in self.findings}
+        for outcome in ("firing", "ok", "insufficient_history", "error"):
+            if outcome in outcomes:
+                return outcome
+        return "insufficient_history"  # no series at all: nothing to judge yet
+
+    def to_json(self) -> dict[str, object]:
+        rule = self.rule
+        return {
+            "rule": rule.name,
+            "kind": rule.kind,
+            "source": rule.source,
+            "threshold": rule.threshold,
+            "direction": rule.direction,
+            "severity": rule.severity,
+            "at": _iso(self.at),
+            "outcome": self.outcome,
+            "error": self.error,
+            "duration_seconds": self.duration,
+            "findings": [f.to_json() for f in self.findings],
+        }
+
+
+def _iso(when: float | None) -> str | None:
+    if when is None:
+        return None
+    return datetime.fromtimestamp(when, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def month_end(now: float, timezone: str = "UTC") -> float:
+    """The start of the next calendar month in ``timezone``, in Unix seconds."""
+    local = datetime.fromtimestamp(now, ZoneInfo(timezone))
+    first = local.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    following = (first + timedelta(days=32)).replace(day=1)
+    return following.timestamp()
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.6g}"
+
+
+def selector_for(rule: Rule, horizon_steps: int) -> Selector:
+    """The forecaster of ``rule.model``: every candidate ("auto") or one, behind a Selector so
+    that its state reads the same either way."""
+    horizon = max(1, min(horizon_steps, _BACKTEST_STEPS))
+    one: dict[str, Callable[[], Forecaster]] = {
+        "linear": LinearForecaster,
+        "arima": ArimaForecaster,
+        "ets": EtsForecaster,
+    }
+    if rule.model == "auto":
+        return Selector(default_candidates(), horizon=horizon)
+    if rule.model == "lstm":
+        return Selector(default_candidates(lstm=True)[2:3], horizon=horizon)
+    return Selector([one[rule.model]], horizon=horizon)
+
+
+class Evaluator:
+    """Decides rules on their series; holds each series' model between evaluations."""
+
+    def __init__(
+        self,
+        *,
+        detector_factory: Callable[[], Detector] | None = None,
+        selector_factory: Callable[[Rule, int], Selector] = selector_for,
+        timezone: str = "UTC",
+    ) -> None:
+        self._detector_factory = detector_factory
+        self._selector_factory = selector_factory
+        self._timezone = timezone
+        self._selectors: dict[tuple[str, str], Selector] = {}
+        self._detectors: dict[tuple[str, str], tuple[Detector, float, int, float]] = {}
+
+    def models(self) -> dict[str, dict[str, tuple[ModelState, ...]]]:
+        """Each rule's forecast models per series, as /health reports them."""
+        found: dict[str, dict[str, tuple[ModelState, ...]]] = {}
+        for (rule, key), selector in self._selectors.items():
+            found.setdefault(rule, {})[key] = selector.states()
+        return found
+
+    def forget(self, rule: str) -> None:
+        """Drop every model of ``rule``."""
+        for store in (self._selectors, self._detectors):
+            for key in [k for k in store if k[0] == rule]:
+                del store[key]
+
+    def evaluate(self, rule: Rule, series: Sequence[Series], *, now: float) -> Evaluation:
+        started = time.perf_counter()
+        findings = tuple(
+            self._forecast(rule, s, now) if rule.kind == "forecast" else self._anomaly(rule, s)
+            for s in series
+        )
+        return Evaluation(
+            rule=rule, at=now, findings=findings, duration=time.perf_counter() - started
+        )
+
+    # -- forecast -------------------------------------------------------------------------------
+
+    def _horizon(self, rule: Rule, now: float) -> float:
+        if rule.horizon_seconds is None:
+            return max(rule.step_seconds, month_end(now, self._timezone) - now)
+        return rule.horizon_seconds
+
+    def _forecast(self, rule: Rule, series: Series, now: float) -> Finding:
+        points, labels = len(series.values), series.labels
+        value = series.values[-1] if points else None
+        if points < rule.min_points:
+            return _short(rule, series)
+        assert rule.threshold is not None
+        assert value is not None
+        horizon = self._horizon(rule, now)
+        step = _step(series.times, rule.step_seconds)
+        steps = max(1, min(_MAX_HORIZON_STEPS, math.ceil(horizon / step)))
+        key = (rule.name, series.key)
+        selector = self._selectors.get(key)
+        if selector is None:
+            selector = self._selectors[key] = self._selector_factory(rule, steps)
+        try:
+            selector.fit(series.times, series.values, now=now)
+            forecast = selector.forecast(steps)
+        except ForecastError as exc:
+            outcome: Outcome = "insufficient_history" if "at least" in str(exc) else "error"
+            detail = f"{'insufficient history' if outcome != 'error' else 'no forecast'}: {exc}"
+            return Finding(
+                series=labels, outcome=outcome, detail=detail, points=points, value=value
+            )
+        threshold, direction = rule.threshold, rule.direction
+        past = value >= threshold if direction == "above" else value <= threshold
+        crossing = now if past else crossing_time(forecast, threshold, direction=direction)
+        if crossing is not None and crossing > now + horizon:
+            crossing = None
+        return _forecast_finding(rule, series, forecast, crossing, now=now, horizon=horizon)
+
+    # -- anomaly --------------------------------------------------------------------------------
+
+    def _anomaly(self, rule: Rule, series: Series) -> Finding:
+        labels, points = series.labels, len(series.values)
+        if self._detector_factory is None:
+            return Finding(
+                series=labels,
+                outcome="error",
+                detail="no anomaly detector is available",
+                points=points,
+            )
+        key = (rule.name, series.key)
+        detector, last_time, seen, score = self._detectors.get(
+            key, (self._detector_factory(), -math.inf, 0, 0.0)
+        )
+        for t, v in zip(series.times, series.values, strict=True):
+            if t > last_time:
+                score, last_time, seen = float(detector.update(t, v)), t, seen + 1
+        self._detectors[key] = (detector, last_time, seen, score)
+        value = series.values[-1] if points else None
+        if seen < rule.min_points or value is None:
+            return _short(rule, series, seen=seen)
+        firing = score >= rule.score_threshold
+        detail = (
+            f"anomaly score {score:.3f} at value {_fmt(value)} "
+            f"({'at or above' if firing else 'below'} {rule.score_threshold:g})"
+        )
+        return Finding(
+            series=labels,
+            outcome="firing" if firing else "ok",
+            detail=detail,
+            points=seen,
+            value=value,
+            score=score,
+        )
+
+
+def _step(times: Sequence[float], default: float) -> float:
+    if len(times) < 2:
+        return default
+    gaps = sorted(b - a for a, b in itertools.pairwise(times))
+    return gaps[len(gaps) // 2] or default
+
+
+def _short(rule: Rule, series: Series, *, seen: int | None = None) -> Finding:
+    points = len(series.values) if seen is None else seen
+    return Finding(
+        series=series.labels,
+        outcome="insufficient_history",
+        detail=(
+            f"insufficient history: {points} points, at least {rule.min_points} needed "
+            f"(lookback {rule.lookback_seconds:g} s at a step of {rule.step_seconds:g} s)"
+        ),
+        points=points,
+        value=series.values[-1] if series.values else None,
+    )
+
+
+def _forecast_finding(
+    rule: Rule,
+    series: Series,
+    forecast: Forecast,
+    crossing: float | None,
+    *,
+    now: float,
+    horizon: float,
+) -> Finding:
+    assert rule.threshold is not None
+    end = now + horizon
+    # The forecast point nearest the end of the horizon.
+    index = max(0, min(len(forecast.times) - 1, _last_at_or_before(forecast.times, end)))
+    mean, lower, upper = forecast.mean[index], forecast.lower[index], forecast.upper[index]
+    at = forecast.times[index]
+    predicted = (
+        f"{forecast.model} forecasts {_fmt(mean)} "
+        f"({_fmt(lower)} to {_fmt(upper)}, {forecast.level:.0%}) at {_iso(at)}"
+    )
+    side = f"{rule.direction} {_fmt(rule.threshold)}"
+    if crossing is None:
+        detail = f"{predicted}; no crossing {side} within {horizon:g} s"
+    else:
+        detail = (
+            f"{predicted}; crosses {side} at {_iso(crossing)} (in {max(0.0, crossing - now):.0f} s)"
+        )
+    return Finding(
+        series=series.labels,
+        outcome="firing" if crossing is not None else "ok",
+        detail=detail,
+        points=len(series.values),
+        value=series.values[-1],
+        model=forecast.model,
+        crossing_at=crossing,
+        forecast_at=at,
+        forecast_mean=mean,
+        forecast_lower=lower,
+        forecast_upper=upper,
+    )
+
+
+def _last_at_or_before(times: Sequence[float], when: float) -> int:
+    found = 0
+    for i, t in enumerate(times):
+        if t > when:
+            break
+        found = i
+    return found
+
+
+def alerts_of(evaluation: Evaluation) -> list[tuple[Mapping[str, str], Mapping[str, str]]]:
+    """The (labels, annotations) of every firing series of an evaluation."""
+    rule = evaluation.rule
+    found: list[tuple[Mapping[str, str], Mapping[str, str]]] = []
+    for finding in evaluation.findings:
+        if finding.outcome != "firing":
+            continue
+        labels = {k: v for k, v in finding.series.items() if k != "__name__"}
+        labels |= dict(rule.labels)
+        labels |= {"alertname": rule.name, "severity": rule.severity}
+        notes = {"summary": rule.summary or _summary(rule, finding), "description": finding.detail}
+        if finding.value is not None:
+            notes["value"] = _fmt(finding.value)
+        if finding.forecast_at is not None and finding.forecast_mean is not None:
+            notes["forecast"] = (
+                f"{finding.model}: {_fmt(finding.forecast_mean)} at {_iso(finding.forecast_at)} "
+                f"({_fmt(finding.forecast_lower or 0.0)} to {_fmt(finding.forecast_upper or 0.0)})"
+            )
+        if finding.crossing_at is not None:
+            notes["expected_crossing"] = _iso(finding.crossing_at) or ""
+            notes["crossing_in_seconds"] = f"{max(0.0, finding.crossing_at - evaluation.at):.0f}"
+        if rule.threshold is not None:
+            notes["threshold"] = f"{rule.direction} {_fmt(rule.threshold)}"
+        if finding.score is not None:
+            notes["anomaly_score"] = f"{finding.score:.3f}"
+        found.append((MappingProxyType(labels), MappingProxyType(notes)))
+    return found
+
+
+def _summary(rule: Rule, finding: Finding) -> str:
+    if rule.kind == "anomaly":
+        return f"{rule.source} is anomalous (score {finding.score or 0.0:.2f})"
+    assert rule.threshold is not None
+    when = _iso(finding.crossing_at) if finding.crossing_at is not None else "soon"
+    return f"{rule.source} is forecast to go {rule.direction} {_fmt(rule.threshold)} by {when}"
+
+
+# -- adapters ---------------------------------------------------------------------------------
+
+
+class Source(Protocol):
+    """Where a rule's series come from."""
+
+    async def fetch(self, rule: Rule, *, now: float) -> list[Series]: ...
+
+
+class PrometheusSource:
+    """A rule's PromQL over its lookback, as a range query."""
+
+    def __init__(self, client: PrometheusClient) -> None:
+        self.client = client
+
+    async def fetch(self, rule: Rule, *, now: float) -> list[Series]:
+        if rule.query is None:
+            raise SourceUnavailable(f"rule {rule.name!r} has no PromQL query")
+        start = now - rule.lookback_seconds
+        return await self.client.query_range(
+            rule.query, start=start, end=now, step=rule.step_seconds
+        )
+
+
+class SpendReader(Protocol):
+    """What the ledger source needs: a team's spend in micro-USD per hour of this month."""
+
+    async def hourly_team_spend(self, team: str, *, now: float) -> list[tuple[float, int]]: ...
+
+
+class LedgerSource:
+    """Ledger queries: ``team_spend`` is the team's month-to-date spend in USD, hour by hour
+    (each point at the end of its hour, the current hour included so far)."""
+
+    def __init__(self, reader: SpendReader | None) -> None:
+        self.reader = reader
+
+    async def fetch(self, rule: Rule, *, now: float) -> list[Series]:
+        if rule.ledger is None:
+            raise SourceUnavailable(f"rule {rule.name!r} has no ledger query")
+        if self.reader is None:
+            raise SourceUnavailable(
+                "ledger queries are not available: no usage ledger database is configured "
+                "(metering.database or accounts.database)"
+            )
+        hours = await self.reader.hourly_team_spend(rule.ledger.team, now=now)
+        times: list[float] = []
+        values: list[float] = []
+        total = 0
+        for hour, micros in hours:
+            total += micros
+            times.append(min(hour + 3600.0, now))
+            values.append(total / 1e6)
+        labels = MappingProxyType({"team": rule.ledger.team, "metric": rule.ledger.metric})
+        return [Series(labels=labels, times=tuple(times), values=tuple(values))]
+
+
+@dataclass(kw_only=True)
+class Scheduler:
+    """Evaluates every rule on an interval and delivers the alerts (the I/O around Evaluator)."""
+
+    settings: AlertingSettings
+    evaluator: Evaluator
+    sources: Mapping[str, Source]  # "prometheus" and "ledger"
+    book: AlertBook
+    notifier: AlertmanagerClient | None
+    registry: Registry = field(default_factory=Registry)
+    clock: Callable[[], float] = time.time
+    generator_url: str = ""
+    latest: dict[str, Evaluation] = field(default_factory=dict)
+    last_run: float | None = None
+
+    def __post_init__(self) -> None:
+        self._evaluations = self.registry.counter(ALERTING_EVALUATIONS)
+        self._duration = self.registry.histogram(ALERTING_EVALUATION_DURATION)
+        self._model_error = self.registry.gauge(ALERTING_MODEL_ERROR)
+        self._firing = self.registry.gauge(ALERTING_ALERTS_FIRING)
+
+    async def evaluate(self, rule: Rule, *, now: float) -> Evaluation:
+        """Read, decide and deliver one rule; never raises for a failed source or model."""
+        started = time.perf_counter()
+        source = self.sources.get("ledger" if rule.ledger is not None else "prometheus")
+        try:
+            if source is None:
+                raise SourceUnavailable(f"no source for rule {rule.name!r}")
+            series = await source.fetch(rule, now=now)
+            evaluation = await asyncio.to_thread(self.evaluator.evaluate, rule, series, now=now)
+        except (CitadelError, OSError) as exc:
+            evaluation = Evaluation(rule=rule, at=now, error=str(exc))
+        except Exception as exc:  # a model bug must not stop the other rules
+            _log.exception("rule evaluation failed", extra={"rule": rule.name})
+            evaluation = Evaluation(rule=rule, at=now, error=f"{type(exc).__name__}: {exc}")
+        duration = time.perf_counter() - started
+        evaluation = Evaluation(
+            rule=rule,
+            at=now,
+            findings=evaluation.findings,
+            error=evaluation.error,
+            duration=duration,
+        )
+        self.latest[rule.name] = evaluation
+        self._evaluations.inc((rule.name, evaluation.outcome))
+        self._duration.observe((rule.name,), duration)
+        if evaluation.error is None:  # a failed read is not a resolution
+            fired = alerts_of(evaluation)
+            self._firing.set((rule.name, rule.severity), float(len(fired)))
+            sends = self.book.update(rule.name, fired, now=now, generator_url=self.generator_url)
+            if sends and self.notifier is not None:
+                self.notifier.submit(sends)
+        for states in self.evaluator.models().get(rule.name, {}).values():
+            for state in states:
+                if state.backtest_error is not None and state.selected:
+                    self._model_error.set((rule.name, state.name), state.backtest_error)
+        return evaluation
+
+    async def evaluate_all(self) -> list[Evaluation]:
+        now = self.clock()
+        self.last_run = now
+        return [await self.evaluate(rule, now=now) for rule in self.settings.rules]
+
+    async def run(self) -> None:
+        """Evaluate every rule each interval until cancelled."""
+        interval = self.settings.interval_seconds
+        while True:
+            started = time.monotonic()
+            await self.evaluate_all()
+            await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
