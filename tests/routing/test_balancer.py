@@ -152,9 +152,12 @@ def test_peak_ewma_avoids_a_five_times_slower_candidate() -> None:
 
 
 def test_peak_ewma_sends_load_to_the_slow_one_when_the_fast_one_is_busy() -> None:
-    """Latency times load: a fast deployment with 9 in flight scores worse than an idle slow one."""
-    candidates = [Candidate("fast", latency=0.1, in_flight=9), Candidate("slow", latency=0.5)]
-    assert {"slow": 100} == counts(PeakEwmaBalancer(random.Random(9)), candidates, 100)
+    """Latency times the square root of load: a 5x faster deployment keeps the traffic with 9
+    requests in flight, and loses it to an idle slow one with 30."""
+    moderate = [Candidate("fast", latency=0.1, in_flight=9), Candidate("slow", latency=0.5)]
+    assert {"fast": 100} == counts(PeakEwmaBalancer(random.Random(9)), moderate, 100)
+    busy = [Candidate("fast", latency=0.1, in_flight=30), Candidate("slow", latency=0.5)]
+    assert {"slow": 100} == counts(PeakEwmaBalancer(random.Random(9)), busy, 100)
 
 
 def test_peak_ewma_tries_a_candidate_with_no_data() -> None:

@@ -141,10 +141,17 @@ def _latency_for_unknown(candidates: Sequence[Candidate]) -> float:
 
 
 def _latency_score(c: Candidate, unknown: float) -> float:
-    """Peak-EWMA latency (floored) times load: the expected wait behind this deployment's queue."""
+    """Peak-EWMA latency (floored) times the square root of load.
+
+    Finagle multiplies by the load itself, which suits servers that answer one request at a
+    time. Model servers batch (vLLM's continuous batching): a few more requests in flight cost a
+    fast deployment little, so linear weighting sent traffic to a 5x slower one as soon as the
+    fast ones had four requests each, and its latency showed in the p99 (bench/routing.py).
+    """
     latency = unknown if c.latency is None else c.latency
     weight = c.weight if c.weight > 0 else _TINY_WEIGHT
-    return (latency if latency > _LATENCY_FLOOR else _LATENCY_FLOOR) * (c.in_flight + 1) / weight
+    floored = latency if latency > _LATENCY_FLOOR else _LATENCY_FLOOR
+    return floored * math.sqrt((c.in_flight + 1) / weight)
 
 
 # --- The balancers -----------------------------------------------------------------------------
