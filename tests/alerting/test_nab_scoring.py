@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,22 @@ from citadel.alerting.nab import (
     window_starts,
 )
 
-NAB = Path(__file__).resolve().parents[3] / "shared" / "nab"
+
+def _nab_dir() -> Path:
+    """The NAB subset: $CITADEL_NAB_DIR, else ../shared/nab beside the checkout, else the
+    workplace's copy (a fresh clone for CI may live elsewhere)."""
+    candidates = [
+        os.environ.get("CITADEL_NAB_DIR", ""),
+        str(Path(__file__).resolve().parents[3] / "shared" / "nab"),
+        "/work/shared/nab",
+    ]
+    for candidate in candidates:
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    return Path(candidates[1])
+
+
+NAB = _nab_dir()
 STANDARD = PROFILES[0]
 
 
