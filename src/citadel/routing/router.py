@@ -53,7 +53,11 @@ class DeploymentState:
     deployment: Deployment
     model: str
     breaker: CircuitBreaker
-    latency: PeakEwma = field(default_factory=PeakEwma)
+    # A 1 s decay: with a 10 s one (Finagle's) a single slow response of a fast deployment kept
+    # its score up for seconds, sending traffic to a 5x slower peer (bench/routing.py).
+    latency: PeakEwma = field(
+        default_factory=lambda: PeakEwma(tau_seconds=1.0, stale_after_seconds=30.0)
+    )
     errors: Ewma = field(default_factory=Ewma)
     in_flight: int = 0
     healthy: bool = True
