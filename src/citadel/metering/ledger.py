@@ -11,9 +11,12 @@ the insert really added, in the same transaction, so they count each event once 
 
 - PostgreSQL: the batch is COPYed (binary protocol, asyncpg's ``copy_records_to_table``) into a
   session-local temporary table emptied at each commit, then one statement does the rest:
-  ``INSERT INTO usage_events SELECT ... ON CONFLICT (event_id) DO NOTHING RETURNING ...`` in a
-  CTE, and from its RETURNING rows one grouped upsert per rollup. Four round trips per batch
-  (BEGIN, COPY, the statement, COMMIT), whatever its size.
+  ``INSERT INTO usage_events SELECT * FROM`` that table, and one grouped upsert per rollup
+  (``INSERT ... ON CONFLICT DO UPDATE``), as CTEs. Usually no event of a batch is stored yet,
+  and a plain INSERT is tried first; if one is (a UniqueViolation), the transaction is run
+  again with ``INSERT ... ON CONFLICT (event_id) DO NOTHING RETURNING ...``, and the rollups
+  are summed from the RETURNING rows only. Four round trips per batch (BEGIN, COPY, the
+  statement, COMMIT), whatever its size.
 - SQLite (the embedded default): the write lock is taken first (``BEGIN IMMEDIATE``), the ids
   already stored are looked up, the new events inserted with one executemany, and the rollups
   computed here and upserted.
@@ -271,7 +274,7 @@ _CREATE_INCOMING = (
 )
 
 
-def _pg_rollup(table: str, unit: str) -> str:
+def _pg_rollup(table: str, unit: str, source: str) -> str:
     key = ", ".join(_KEY)
     updates = ", ".join(f"{c} = r.{c} + EXCLUDED.{c}" for c in _SUMS)
     # Buckets in UTC whatever the session's time zone; ORDER BY gives concurrent writers one
@@ -282,7 +285,7 @@ def _pg_rollup(table: str, unit: str) -> str:
         count(*), count(*) FILTER (WHERE status >= 400), sum(prompt_tokens),
         sum(completion_tokens), sum(cost_micros), sum(latency_ms::float8),
         coalesce(sum(ttft_ms::float8), 0), count(ttft_ms)
-    FROM inserted
+    FROM {source}
     GROUP BY 1, {key}
     ORDER BY 1, {key}
     ON CONFLICT (bucket, {key}) DO UPDATE SET {updates}
@@ -290,14 +293,23 @@ def _pg_rollup(table: str, unit: str) -> str:
 
 
 _UNITS = {3600: "hour", 86400: "day"}
-_PG_STORE = (
+# The usual case: no event of the batch is stored yet. A plain INSERT (cheaper than ON CONFLICT's
+# speculative insertion) and the rollups straight from the batch; a UniqueViolation (a
+# redelivered or replayed event) rolls the transaction back for _PG_STORE_SKIPPING.
+_PG_STORE_NEW = (
+    f"WITH inserted AS (INSERT INTO usage_events SELECT * FROM {_INCOMING} RETURNING 1), "
+    + ", ".join(_pg_rollup(table.name, _UNITS[width], _INCOMING) for table, width in ROLLUPS)
+    + "\nSELECT count(*) FROM inserted"
+)
+# Some events may be stored already: skip them, and roll up only the rows really inserted.
+_PG_STORE_SKIPPING = (
     "WITH inserted AS (\n"
     f"    INSERT INTO usage_events SELECT * FROM {_INCOMING}\n"
     "    ON CONFLICT (event_id) DO NOTHING\n"
     "    RETURNING ts, user_id, team_id, model, deployment, tier, status, prompt_tokens,\n"
     "        completion_tokens, cost_micros, latency_ms, ttft_ms\n"
     "), "
-    + ", ".join(_pg_rollup(table.name, _UNITS[width]) for table, width in ROLLUPS)
+    + ", ".join(_pg_rollup(table.name, _UNITS[width], "inserted") for table, width in ROLLUPS)
     + "\nSELECT count(*) FROM inserted"
 )
 
@@ -369,17 +381,23 @@ class Ledger:
             if not conn.info.get(_INCOMING):
                 await pg.execute(_CREATE_INCOMING)
                 conn.info[_INCOMING] = True
-            for attempt in range(_DEADLOCK_RETRIES, -1, -1):
+            statement, deadlocks = _PG_STORE_NEW, 0
+            while True:
                 try:
                     async with pg.transaction():
                         await pg.copy_records_to_table(_INCOMING, records=records, columns=COLUMNS)
-                        stored = await pg.fetchval(_PG_STORE)
+                        stored = await pg.fetchval(statement)
                     break
+                except asyncpg.UniqueViolationError:
+                    if statement is _PG_STORE_SKIPPING:
+                        raise
+                    statement = _PG_STORE_SKIPPING
                 except asyncpg.DeadlockDetectedError:
                     # Concurrent writers upsert rollup rows in one order, but the server may
                     # still pick this batch as a deadlock's victim: it was rolled back, so
                     # run it again.
-                    if not attempt:
+                    deadlocks += 1
+                    if deadlocks > _DEADLOCK_RETRIES:
                         raise
         return int(stored)
 

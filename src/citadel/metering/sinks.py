@@ -102,10 +102,8 @@ class _BatchingSink:
             await task
         else:
             await self._flush()
-
-    async def flush(self) -> None:
-        """Deliver what is queued now (the background task does this by itself)."""
-        await self._flush()
+        if self._queue:  # the store (and the spool) refused them to the end
+            _log.error("usage sink closed with %d events undelivered", len(self._queue))
 
     async def _run(self) -> None:
         while True:
