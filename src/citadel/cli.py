@@ -8,6 +8,7 @@ citadel sim                the model simulator
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import signal
 import subprocess
@@ -29,6 +30,14 @@ SERVICES: dict[str, str] = {
     "routing-api": "routing_api",
     "custom-metrics": "custom_metrics",
     "predictive-alerting": "predictive_alerting",
+}
+# Where each service's create_app(settings, deps) and default_deps(settings) live.
+_APP_MODULES = {
+    "gateway": "citadel.gateway.app",
+    "rate-limiting-api": "citadel.ratelimit",
+    "routing-api": "citadel.routing.app",
+    "custom-metrics": "citadel.metering.app",
+    "predictive-alerting": "citadel.alerting.app",
 }
 # Names later issues add; `serve` says they are not built yet rather than "unknown".
 PLANNED = (
@@ -82,88 +91,34 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     configure_logging(name, settings.log_level)
     settings = _with_defaults(settings)
-    from citadel.service import serve
+    from citadel.service import App, serve
 
-    if name == "gateway":
-        from citadel.gateway.app import create_app, default_deps
-
-        port = args.port if args.port is not None else settings.ports.gateway
-        workers = args.workers if args.workers is not None else settings.gateway.workers
-
-        def factory() -> object:
-            return create_app(settings, default_deps(settings))
-
-        return serve(
-            factory,  # type: ignore[arg-type]
-            host=args.host or settings.host,
-            port=port,
-            workers=workers,
-            grace=settings.gateway.shutdown_grace_seconds,
-        )
-    if name == "rate-limiting-api":
-        from citadel.ratelimit import create_app as create_ratelimit_app
-        from citadel.ratelimit import default_deps as ratelimit_deps
-        from citadel.service import App
-
-        def ratelimit_factory() -> App:
-            return create_ratelimit_app(settings, ratelimit_deps(settings))
-
-        return serve(
-            ratelimit_factory,
-            host=args.host or settings.host,
-            port=args.port if args.port is not None else settings.ports.rate_limiting_api,
-            workers=args.workers if args.workers is not None else 1,
-            grace=settings.gateway.shutdown_grace_seconds,
-        )
-    if name == "routing-api":
-        from citadel.routing.app import create_app as create_routing_app
-        from citadel.routing.app import default_deps as routing_deps
-        from citadel.service import App
-
-        def routing_factory() -> App:
-            return create_routing_app(settings, routing_deps(settings))
-
-        return serve(
-            routing_factory,
-            host=args.host or settings.host,
-            port=args.port if args.port is not None else settings.ports.routing_api,
-            workers=args.workers if args.workers is not None else 1,
-            grace=settings.gateway.shutdown_grace_seconds,
-        )
-    if name == "custom-metrics":
-        from citadel.metering.app import create_app as create_metering_app
-        from citadel.metering.app import default_deps as metering_deps
-        from citadel.service import App
-
-        def metering_factory() -> App:
-            return create_metering_app(settings, metering_deps(settings))
-
-        return serve(
-            metering_factory,
-            host=args.host or settings.host,
-            port=args.port if args.port is not None else settings.ports.custom_metrics,
-            workers=args.workers if args.workers is not None else 1,
-            grace=settings.gateway.shutdown_grace_seconds,
-        )
+    module_name = _APP_MODULES.get(name)
+    if module_name is None:  # pragma: no cover - argparse only lets SERVICES through
+        print(f"citadel: unknown service {name!r}", file=sys.stderr)
+        return 2
     if name == "predictive-alerting":
         # One thread per forecast fit: set before numpy loads OpenBLAS (see tests/conftest.py).
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-        from citadel.alerting.app import create_app as create_alerting_app
-        from citadel.alerting.app import default_deps as alerting_deps
-        from citadel.service import App
+    module = importlib.import_module(module_name)
+    if name == "gateway":
+        workers = args.workers if args.workers is not None else settings.gateway.workers
+    elif name == "predictive-alerting":
+        workers = 1  # one scheduler: more workers would send every alert more than once
+    else:
+        workers = args.workers if args.workers is not None else 1
 
-        def alerting_factory() -> App:
-            return create_alerting_app(settings, alerting_deps(settings))
+    def factory() -> App:
+        app: App = module.create_app(settings, module.default_deps(settings))
+        return app
 
-        return serve(
-            alerting_factory,
-            host=args.host or settings.host,
-            port=args.port if args.port is not None else settings.ports.predictive_alerting,
-            workers=1,  # one scheduler: more workers would send every alert more than once
-            grace=settings.gateway.shutdown_grace_seconds,
-        )
-    print(f"citadel: unknown service {name!r}", file=sys.stderr)  # pragma: no cover
-    return 2
+    return serve(
+        factory,
+        host=args.host or settings.host,
+        port=args.port if args.port is not None else getattr(settings.ports, SERVICES[name]),
+        workers=workers,
+        grace=settings.gateway.shutdown_grace_seconds,
+    )
 
 
 def _cmd_sim(args: argparse.Namespace, settings: Settings) -> int:
