@@ -9,14 +9,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from citadel.alerting.anomaly import DEFAULT_DETECTOR, DETECTORS, NullDetector, RecordDetector
+from citadel.alerting.anomaly import (
+    DEFAULT_DETECTOR,
+    DETECTORS,
+    NullDetector,
+    Params,
+    RecordDetector,
+)
 
 STEP = 300.0  # five-minute rows, as in NAB
 AT = 2000
 
 
-def run(values: np.ndarray | list[float]) -> np.ndarray:
-    detector = RecordDetector()
+def run(values: np.ndarray | list[float], params: Params | None = None) -> np.ndarray:
+    detector = RecordDetector(params)
     return np.array([detector.update(i * STEP, float(v)) for i, v in enumerate(values)])
 
 
@@ -90,6 +96,51 @@ def test_causal(cut: int) -> None:
     values = noise()
     changed = values.copy()
     changed[cut + 1 :] = np.random.default_rng(99).normal(50.0, 9.0, len(values) - cut - 1)
+    assert run(values)[: cut + 1].tolist() == run(changed)[: cut + 1].tolist()
+
+
+def spikes() -> np.ndarray:
+    """Noise with a spike at AT, a larger one 10 rows later and a much larger one 40 rows later."""
+    values = noise()
+    values[AT] += 20.0
+    values[AT + 10] += 40.0
+    values[AT + 40] += 80.0
+    return values
+
+
+def test_refractory_damps_alarms_right_after_an_alarm() -> None:
+    """A record within ``refractory_rows`` of an alarm scores its ratio x ``refractory_damp``."""
+    params = Params()
+    free = run(spikes(), Params(refractory_rows=0))
+    damped = run(spikes(), params)
+    assert free[AT - params.refractory_rows : AT].max() < 0.5  # no alarm just before AT
+    assert damped[AT] == free[AT] >= 0.75
+    ratio = free[AT + 10] / (1.0 - free[AT + 10])
+    assert ratio > 1.0  # a record without the refractory period
+    expected = params.refractory_damp * ratio
+    assert damped[AT + 10] == pytest.approx(expected / (1.0 + expected))
+    # Past the refractory period the records, learnt from undamped signals, score as before.
+    assert damped[AT + 40] == pytest.approx(free[AT + 40])
+    assert damped[AT + 40] >= 0.6
+
+
+def test_refractory_removes_bursts_but_keeps_the_first_row() -> None:
+    """After a level shift only the first alarm stands out: fewer rows above 0.5 than without."""
+    values = noise()
+    values[AT:] += 8.0
+    free = run(values, Params(refractory_rows=0))
+    damped = run(values, Params())
+    first = AT + int(np.argmax(free[AT : AT + 5] >= 0.5))
+    assert damped[first] == free[first] >= 0.5
+    assert np.sum(damped[AT : AT + 50] >= 0.5) <= np.sum(free[AT : AT + 50] >= 0.5)
+
+
+@pytest.mark.parametrize("cut", [AT, AT + 5, AT + 10, AT + 39, AT + 40])
+def test_causal_through_refractory_periods(cut: int) -> None:
+    """Around alarms too, the score of row i does not change when rows after i change."""
+    values = spikes()
+    changed = values.copy()
+    changed[cut + 1 :] = np.random.default_rng(5).normal(-30.0, 20.0, len(values) - cut - 1)
     assert run(values)[: cut + 1].tolist() == run(changed)[: cut + 1].tolist()
 
 
