@@ -36,12 +36,28 @@ def test_first_sample_is_taken_whole() -> None:
     assert 0.2 == ewma.value(100.0)
 
 
-def test_peak_jumps_up_at_once() -> None:
-    """A sample above the estimate replaces it, however little time has passed."""
+def test_peak_jumps_up_at_once_when_two_samples_agree() -> None:
+    """Two samples above the estimate lift it to the smaller of them, however little time passed."""
     ewma = PeakEwma(tau_seconds=TAU)
     ewma.observe(0.1, now=0.0)
     ewma.observe(2.0, now=0.001)
-    assert 2.0 == ewma.value(0.001)
+    ewma.observe(3.0, now=0.002)
+    assert 2.0 == ewma.value(0.002)
+    ewma.observe(2.5, now=0.003)
+    assert 2.5 == ewma.value(0.003)
+
+
+def test_a_lone_peak_only_pulls_like_the_plain_average() -> None:
+    """One late response among fast ones moves the estimate by its time weight, no more."""
+    peak, plain = PeakEwma(tau_seconds=TAU), Ewma(tau_seconds=TAU)
+    for ewma in (peak, plain):
+        ewma.observe(0.01, now=0.0)
+        ewma.observe(0.01, now=0.001)
+        ewma.observe(0.5, now=0.002)
+    assert plain.value(0.002) == pytest.approx(peak.value(0.002))
+    assert peak.value(0.002) == pytest.approx(0.01, abs=1e-4)
+    peak.observe(0.01, now=0.003)  # the next one is fast again: the outlier is forgotten
+    assert peak.value(0.003) == pytest.approx(0.01, abs=1e-4)
 
 
 def test_peak_decays_towards_a_lower_sample_with_tau() -> None:

@@ -9,10 +9,15 @@ previous one gets weight ``1 - w`` with ``w = exp(-dt / tau)``, so history is fo
 rate in time (about 63 % per ``tau``) whatever the request rate. Two samples at one instant leave
 the second without weight, as in Finagle.
 
-``PeakEwma`` is the peak-sensitive variant of Finagle's and Linkerd's balancers: a sample above the
-current estimate replaces it at once, and a lower one only pulls it down gradually. A deployment
-that turns slow is thus avoided from its first slow response, and trusted again only after a run
-of fast ones. For streams the sample is the time to first token, the latency a caller notices.
+``PeakEwma`` is the peak-sensitive variant of Finagle's and Linkerd's balancers: a peak replaces
+the estimate at once, and a lower sample only pulls it down gradually. Unlike Finagle's, a peak
+must be *confirmed*: the estimate jumps to the smaller of the last two samples, so it takes two
+slow responses in a row, not one. On this noisy 2-core host a single late response of a fast
+deployment (a pause of the gateway or the host) otherwise lifted its estimate to near that of a
+5x slower peer for about a second, and the balancer sent the slow one enough requests to show in
+the p99 (bench/routing.py). A deployment that turns slow is still avoided from its second slow
+response, and trusted again only after a run of fast ones. For streams the sample is the time to
+first token, the latency a caller notices.
 
 ``Ewma`` is the plain average, for rates such as the fraction of requests that failed (observe
 1.0 for a failure, 0.0 for a success).
@@ -89,17 +94,34 @@ class Ewma:
 
 
 class PeakEwma(Ewma):
-    """A peak-sensitive moving average: jumps up to a higher sample, decays towards a lower one."""
+    """A peak-sensitive moving average: jumps to a confirmed peak, decays towards lower samples."""
 
-    __slots__ = ()
+    __slots__ = ("_last",)
+
+    def __init__(
+        self,
+        *,
+        tau_seconds: float = 10.0,
+        initial: float | None = None,
+        stale_after_seconds: float | None = None,
+    ) -> None:
+        super().__init__(
+            tau_seconds=tau_seconds, initial=initial, stale_after_seconds=stale_after_seconds
+        )
+        self._last = 0.0
 
     def observe(self, sample_seconds: float, now: float) -> None:
-        """Fold in a latency measured at ``now``: a new peak is taken whole."""
+        """Fold in a latency measured at ``now``: a peak two samples agree on is taken whole."""
         value = self._current(now)
-        if value is None or sample_seconds >= value:
+        if value is None:
             self._value = sample_seconds
         else:
             w = self._weight(now)
-            self._value = value * w + sample_seconds * (1.0 - w)
+            averaged = value * w + sample_seconds * (1.0 - w)
+            # The peak this sample and the previous one agree on: a lone outlier (a pause of the
+            # gateway or the host) only pulls the estimate like the plain average.
+            confirmed = sample_seconds if sample_seconds < self._last else self._last
+            self._value = confirmed if confirmed > averaged else averaged
+        self._last = sample_seconds
         if now > self._stamp:
             self._stamp = now
