@@ -44,6 +44,41 @@ def test_client_disconnect_mid_stream_cancels_the_upstream_request(stack: Stack)
     assert gone_before + 1 == gone
 
 
+def test_a_client_leaving_after_done_is_a_completed_stream(stack: Stack) -> None:
+    """The upstream's end lags [DONE]; a client that closes on [DONE] got it all: 200, not 499."""
+    labels = {"endpoint": "chat", "model": "sim-chat", "deployment": "sim-a"}
+    before = scrape(stack.gateway)
+    body = orjson.dumps(chat(max_tokens=3, stream=True))
+    parts = urlsplit(stack.gateway)
+    with socket.create_connection((parts.hostname, parts.port), timeout=5) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            + f"authorization: Bearer {ADMIN_KEY}\r\n".encode()
+            + b"x-sim-fault: linger=1500\r\n"
+            + f"content-length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        received = b""
+        while b"data: [DONE]" not in received:
+            data = sock.recv(4096)
+            assert data, "the gateway closed before [DONE]"
+            received += data
+    deadline = time.monotonic() + 10
+    after = before
+    ok = 0.0
+    while time.monotonic() < deadline and ok == 0.0:
+        time.sleep(0.05)
+        after = scrape(stack.gateway)
+        ok = metric_value(after, "citadel_gateway_requests_total", status="200", **labels)
+        ok -= metric_value(before, "citadel_gateway_requests_total", status="200", **labels)
+    assert 1 == ok
+    gone = metric_value(after, "citadel_gateway_requests_total", status="499", **labels)
+    assert gone == metric_value(before, "citadel_gateway_requests_total", status="499", **labels)
+    assert metric_value(before, "citadel_gateway_client_disconnects_total") == metric_value(
+        after, "citadel_gateway_client_disconnects_total"
+    )
+
+
 def test_requests_tokens_and_latency_are_counted(stack: Stack) -> None:
     """A completed request moves the request counter, the token counters and the histograms."""
     before = scrape(stack.gateway)

@@ -37,6 +37,8 @@ def _never() -> float:
         ("malformed", Faults(malformed=True)),
         ("latency=200,disconnect=3", Faults(latency_ms=200.0, disconnect_after=3)),
         (" Status = 429 , LATENCY=10 ", Faults(status=429, latency_ms=10.0)),
+        ("linger=500", Faults(linger_ms=500.0)),
+        ("status=503,linger=5", Faults(status=503, linger_ms=5.0)),
         ("none", NO_FAULTS),
     ],
 )
@@ -61,6 +63,8 @@ def test_fault_header_parses(header: str, expected: Faults) -> None:
         ("latency=nan", "latency=nan is not a number of milliseconds >= 0"),
         ("latency=inf", "latency=inf is not a number of milliseconds >= 0"),
         ("latency=soon", "latency=soon is not a number of milliseconds >= 0"),
+        ("linger=-5", "linger=-5 is not a number of milliseconds >= 0"),
+        ("linger", "'linger' needs a value, as in linger=500"),
         ("disconnect=-1", "disconnect=-1 is not an integer between 0 and 1000000"),
         ("hang=1", "'hang' takes no value"),
         ("malformed=yes", "'malformed' takes no value"),
@@ -83,6 +87,7 @@ def test_fault_kinds_name_what_is_present() -> None:
     assert () == NO_FAULTS.kinds
     assert ("latency", "disconnect") == Faults(latency_ms=5, disconnect_after=1).kinds
     assert ("status",) == Faults(status=500).kinds
+    assert ("linger",) == Faults(linger_ms=5).kinds
 
 
 def test_delay_headers_parse_as_milliseconds() -> None:

@@ -723,6 +723,7 @@ class _Call:
         pieces = 0
         texts: list[str] = []
         status = 200
+        delivered = False  # the [DONE] sentinel has gone to the client: the stream is complete
         chunks = upstream.__aiter__()
         try:
             while True:
@@ -736,12 +737,14 @@ class _Call:
                 except StopAsyncIteration:
                     break
                 out: list[bytes] = []
+                done = False
                 for block in decoder.feed(chunk):
                     payload = event_data(block)
                     if payload is None:
                         out.append(block)
                         continue
                     info = inspect_chunk(payload)
+                    done = done or info.is_done
                     if info.malformed:
                         raise _MalformedEventError(payload[:80].decode("utf-8", "replace"))
                     if info.usage is not None:
@@ -757,9 +760,13 @@ class _Call:
                     out.append(block)
                 if out:
                     yield b"".join(out)
+                    delivered = delivered or done
         except (asyncio.CancelledError, GeneratorExit):
-            self.cancelled()
-            status = 499
+            # A client that leaves after [DONE] (while the upstream's end is still on its way)
+            # got the whole stream: that is a success, not a cancellation.
+            if not delivered:
+                self.cancelled()
+                status = 499
             raise
         except _MalformedEventError:
             status = 502

@@ -435,6 +435,8 @@ class _Simulator:
                 completion = count * len(choices)
                 yield chunks.usage(job.prompt_tokens, completion)
             yield DONE
+            if job.faults.linger_ms > 0:
+                await asyncio.sleep(job.faults.linger_ms / 1000.0)
             done = True
             end = clock()
             ttft_seen = (first_token_at or end) - job.start

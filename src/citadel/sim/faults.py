@@ -9,10 +9,12 @@ the server's flags, so a test can pin a request's behaviour whatever the server 
     hang             never answer (until the client goes away, or an hour has passed)
     disconnect=N     close the connection after N content tokens (a whole response: before it)
     malformed        answer 200 with a body that is not JSON (a stream: one garbage event)
+    linger=MS        a stream: hold the response open MS milliseconds after ``[DONE]`` before
+                     ending it (an upstream whose end lags its last event)
     none             no fault
 
-``latency`` combines with any other; of ``status``, ``hang``, ``disconnect`` and ``malformed`` at
-most one may be named, since each of them is the end of the response.
+``latency`` and ``linger`` combine with any other; of ``status``, ``hang``, ``disconnect`` and
+``malformed`` at most one may be named, since each of them is the end of the response.
 
 Without the header the server's flags decide: ``--latency-ms`` applies to every request, and one
 uniform draw in [0, 1) picks at most one other fault, the rates laid end to end on that interval
@@ -54,6 +56,7 @@ class Faults:
     hang: bool = False
     disconnect_after: int | None = None
     malformed: bool = False
+    linger_ms: float = 0.0
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -69,6 +72,8 @@ class Faults:
             kinds.append("disconnect")
         if self.malformed:
             kinds.append("malformed")
+        if self.linger_ms > 0:
+            kinds.append("linger")
         return tuple(kinds)
 
 
@@ -107,7 +112,7 @@ def draw_faults(config: SimConfig, draw: Callable[[], float]) -> Faults:
 def parse_fault_header(value: str) -> Faults:
     """The faults named by an ``x-sim-fault`` header; a bad value raises ``BadRequest``."""
     status: int | None = None
-    latency = 0.0
+    latency = linger = 0.0
     hang = malformed = False
     disconnect: int | None = None
     seen: set[str] = set()
@@ -124,7 +129,7 @@ def parse_fault_header(value: str) -> Faults:
                 raise _bad_fault(value, f"{name!r} takes no value")
             hang = hang or name == "hang"
             malformed = malformed or name == "malformed"
-        elif name in ("status", "latency", "disconnect"):
+        elif name in ("status", "latency", "disconnect", "linger"):
             if not arg:
                 raise _bad_fault(value, f"{name!r} needs a value, as in {name}={_EXAMPLES[name]}")
             if name == "status":
@@ -132,14 +137,18 @@ def parse_fault_header(value: str) -> Faults:
             elif name == "disconnect":
                 disconnect = _int_in(value, name, arg, 0, 1_000_000)
             else:
-                latency = _milliseconds(arg)
-                if latency < 0:
-                    raise _bad_fault(value, f"latency={arg} is not a number of milliseconds >= 0")
+                ms = _milliseconds(arg)
+                if ms < 0:
+                    raise _bad_fault(value, f"{name}={arg} is not a number of milliseconds >= 0")
+                if name == "latency":
+                    latency = ms
+                else:
+                    linger = ms
         else:
             raise _bad_fault(
                 value,
                 f"unknown fault {name!r}; expected status=CODE, latency=MS, hang, "
-                "disconnect=N, malformed or none",
+                "disconnect=N, malformed, linger=MS or none",
             )
     if "none" in seen and len(seen) > 1:
         raise _bad_fault(value, "'none' cannot be combined with other faults")
@@ -157,6 +166,7 @@ def parse_fault_header(value: str) -> Faults:
         hang=hang,
         disconnect_after=disconnect,
         malformed=malformed,
+        linger_ms=linger,
     )
 
 
@@ -173,7 +183,7 @@ def parse_milliseconds(header: str, value: str) -> float:
     return ms
 
 
-_EXAMPLES = {"status": "503", "latency": "200", "disconnect": "3"}
+_EXAMPLES = {"status": "503", "latency": "200", "disconnect": "3", "linger": "500"}
 
 
 def _milliseconds(text: str) -> float:
