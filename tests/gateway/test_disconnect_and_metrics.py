@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import time
+from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
@@ -17,20 +18,26 @@ def scrape(base: str) -> str:
     return body.decode()
 
 
+def stream_socket(stack: Stack, payload: dict[str, Any], header: bytes) -> socket.socket:
+    """A raw socket that has sent one chat request with ``header``, for a test to read and drop."""
+    body = orjson.dumps(payload)
+    parts = urlsplit(stack.gateway)
+    sock = socket.create_connection((parts.hostname, parts.port), timeout=5)
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        + f"authorization: Bearer {ADMIN_KEY}\r\n".encode()
+        + header
+        + f"\r\ncontent-length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    return sock
+
+
 def test_client_disconnect_mid_stream_cancels_the_upstream_request(stack: Stack) -> None:
     """Closing the client socket mid-stream makes the gateway abandon the simulator's generation."""
     aborted_before = metric_value(scrape(stack.sim), "citadel_sim_requests_aborted_total")
     gone_before = metric_value(scrape(stack.gateway), "citadel_gateway_client_disconnects_total")
-    body = orjson.dumps(chat(max_tokens=200, stream=True))
-    parts = urlsplit(stack.gateway)
-    with socket.create_connection((parts.hostname, parts.port), timeout=5) as sock:
-        sock.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-            + f"authorization: Bearer {ADMIN_KEY}\r\n".encode()
-            + b"x-sim-tbt-ms: 50\r\n"
-            + f"content-length: {len(body)}\r\n\r\n".encode()
-            + body
-        )
+    with stream_socket(stack, chat(max_tokens=200, stream=True), b"x-sim-tbt-ms: 50") as sock:
         received = b""
         while b"content" not in received:
             received += sock.recv(4096)
@@ -48,16 +55,7 @@ def test_a_client_leaving_after_done_is_a_completed_stream(stack: Stack) -> None
     """The upstream's end lags [DONE]; a client that closes on [DONE] got it all: 200, not 499."""
     labels = {"endpoint": "chat", "model": "sim-chat", "deployment": "sim-a"}
     before = scrape(stack.gateway)
-    body = orjson.dumps(chat(max_tokens=3, stream=True))
-    parts = urlsplit(stack.gateway)
-    with socket.create_connection((parts.hostname, parts.port), timeout=5) as sock:
-        sock.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-            + f"authorization: Bearer {ADMIN_KEY}\r\n".encode()
-            + b"x-sim-fault: linger=1500\r\n"
-            + f"content-length: {len(body)}\r\n\r\n".encode()
-            + body
-        )
+    with stream_socket(stack, chat(max_tokens=3, stream=True), b"x-sim-fault: linger=1500") as sock:
         received = b""
         while b"data: [DONE]" not in received:
             data = sock.recv(4096)

@@ -97,18 +97,7 @@ class PeakEwma(Ewma):
     """A peak-sensitive moving average: jumps to a confirmed peak, decays towards lower samples."""
 
     __slots__ = ("_last",)
-
-    def __init__(
-        self,
-        *,
-        tau_seconds: float = 10.0,
-        initial: float | None = None,
-        stale_after_seconds: float | None = None,
-    ) -> None:
-        super().__init__(
-            tau_seconds=tau_seconds, initial=initial, stale_after_seconds=stale_after_seconds
-        )
-        self._last = 0.0
+    _last: float  # the previous sample; set by the first observe, read only after it
 
     def observe(self, sample_seconds: float, now: float) -> None:
         """Fold in a latency measured at ``now``: a peak two samples agree on is taken whole."""
