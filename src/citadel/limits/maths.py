@@ -237,6 +237,30 @@ class Calendar:
         return current
 
 
+def reserve(
+    calendar: Calendar,
+    principal: str,
+    *,
+    lease_id: str,
+    tokens: int,
+    cost_micros: int,
+    now: float,
+) -> tuple[int, Periods, Reservation]:
+    """Where an admission at ``now`` starts: ``now`` in ms, its periods, what it would reserve."""
+    now_ms = to_ms(now)
+    at = calendar.at(now_ms / 1000)
+    reservation = Reservation(
+        principal=principal,
+        lease_id=lease_id,
+        tokens=tokens,
+        cost_micros=cost_micros,
+        admitted_at=now,
+        day=at.day,
+        month=at.month,
+    )
+    return now_ms, at, reservation
+
+
 # --- one admission ----------------------------------------------------------------------------
 
 

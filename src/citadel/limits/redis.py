@@ -36,6 +36,7 @@ from citadel.limits.maths import (
     check_limit,
     decision,
     gcra_level,
+    reserve,
     to_ms,
     usage_figures,
 )
@@ -111,16 +112,13 @@ class RedisLimiter:
         cost_micros: int,
         now: float,
     ) -> LimitDecision:
-        now_ms = to_ms(now)
-        periods = self._calendar.at(now_ms / 1000)
-        reservation = Reservation(
-            principal=principal,
+        now_ms, periods, reservation = reserve(
+            self._calendar,
+            principal,
             lease_id=lease_id,
             tokens=tokens,
             cost_micros=cost_micros,
-            admitted_at=now,
-            day=periods.day,
-            month=periods.month,
+            now=now,
         )
         if limits.unlimited:
             return decision(limits, Verdict(None, 0, 0, 0), reservation)

@@ -46,7 +46,6 @@ from citadel.routing.balancer import (
     Candidate,
     CostOptimised,
     LeastOutstanding,
-    PeakEwmaBalancer,
     PowerOfTwoChoices,
     RoundRobin,
     WeightedRandom,
@@ -643,7 +642,7 @@ def _note(balancer: Balancer) -> str:
     inner = balancer.fallback if isinstance(balancer, CostOptimised) else balancer
     if isinstance(inner, RoundRobin):
         return "round_robin rotates: the requests after this one go to the others in turn"
-    if isinstance(inner, WeightedRandom | PowerOfTwoChoices | PeakEwmaBalancer):
+    if isinstance(inner, WeightedRandom | PowerOfTwoChoices):  # PeakEwmaBalancer too
         return (
             f"{inner.name} draws at random: a live request may get another candidate "
             "(compare their scores)"

@@ -246,27 +246,23 @@ class PowerOfTwoChoices:
             return pool[0]
         i, j = _two(self._rng, len(pool))
         a, b = pool[i], pool[j]
-        return b if _load(b) < _load(a) else a
+        return b if self._prefers(b, a, pool) else a
+
+    def _prefers(self, b: Candidate, a: Candidate, pool: Sequence[Candidate]) -> bool:
+        """``b`` over ``a``: a strictly lower load (a tie keeps the first draw)."""
+        return _load(b) < _load(a)
 
 
-class PeakEwmaBalancer:
+class PeakEwmaBalancer(PowerOfTwoChoices):
     """Power of two choices on peak-EWMA latency times load (Finagle, Linkerd)."""
 
-    __slots__ = ("_rng",)
+    __slots__ = ()
     name = "peak_ewma"
 
-    def __init__(self, rng: random.Random) -> None:
-        self._rng = rng
-
-    def pick(self, candidates: Sequence[Candidate]) -> Candidate:
-        pool = _open(candidates)
-        if len(pool) == 1:
-            return pool[0]
-        i, j = _two(self._rng, len(pool))
-        a, b = pool[i], pool[j]
+    def _prefers(self, b: Candidate, a: Candidate, pool: Sequence[Candidate]) -> bool:
         no_data = a.latency is None or b.latency is None
         unknown = _latency_for_unknown(pool) if no_data else 1.0  # 1.0: unused
-        return b if _latency_score(b, unknown) < _latency_score(a, unknown) else a
+        return _latency_score(b, unknown) < _latency_score(a, unknown)
 
 
 class CostOptimised:
@@ -352,13 +348,13 @@ def _reason(balancer: Balancer, pool: Sequence[Candidate], chosen: Candidate) ->
         return f"drawn at random with {share} ({_weight(chosen) / total:.0%})"
     if isinstance(balancer, LeastOutstanding):
         return f"lowest in-flight per weight {_num(_load(chosen))} ({in_flight})"
-    if isinstance(balancer, PowerOfTwoChoices):
-        return f"lower in-flight per weight of two drawn, {_num(_load(chosen))} ({in_flight})"
-    if isinstance(balancer, PeakEwmaBalancer):
+    if isinstance(balancer, PeakEwmaBalancer):  # before its base, PowerOfTwoChoices
         unknown = _latency_for_unknown(pool)
         latency = "no latency data" if chosen.latency is None else f"{_num(chosen.latency)} s"
         score = _num(_latency_score(chosen, unknown))
         return f"lower latency×load score of two drawn, {score} ({latency}, {in_flight})"
+    if isinstance(balancer, PowerOfTwoChoices):
+        return f"lower in-flight per weight of two drawn, {_num(_load(chosen))} ({in_flight})"
     if isinstance(balancer, CostOptimised):
         shortlist, within = balancer.shortlist(pool)
         target = _num(balancer.latency_target)
