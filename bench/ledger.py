@@ -5,8 +5,8 @@ between measurements), it measures events/s of:
 
 - ``ledger``: the writer's path without Redis: ``--events`` wire payloads decoded
   (``decode_row``) and written by ``Ledger.write_rows`` in batches of ``--batch``, one
-  transaction each (COPY into a temporary table, then one INSERT ... SELECT ... ON CONFLICT DO
-  NOTHING with both rollups upserted from its RETURNING rows), ``--concurrency`` transactions
+  transaction each (COPY into a temporary table, then one INSERT ... SELECT with every rollup,
+  full and narrow, upserted from the batch), ``--concurrency`` transactions
   in flight while the next batch is decoded, as the writer does;
 - ``end to end``: the same events XADDed to a Redis Stream beforehand (not timed: that is the
   gateway's side; its rate is printed apart), then drained by ``LedgerWriter.run`` (XREADGROUP,
@@ -20,7 +20,7 @@ and prints medians and the ratios to the reference. Targets: ``ledger`` at least
 reference and at least 20,000 events/s.
 
     .venv/bin/python bench/ledger.py [--server postgresql://postgres@127.0.0.1:5432]
-        [--redis redis://127.0.0.1:6379/10] [--events 200000] [--sample 5000] [--batch 2000]
+        [--redis redis://127.0.0.1:6379/10] [--events 200000] [--sample 5000] [--batch 10000]
         [--concurrency 2] [--runs 3] [--quiet-wait 60] [--json PATH]
 """
 
@@ -45,7 +45,9 @@ from citadel.accounts.sql import build_engine
 from citadel.metering.events import UsageEvent
 from citadel.metering.ledger import COLUMNS, Ledger, decode_row, encode_event, event_row
 from citadel.metering.migrate import upgrade
+from citadel.metering.schema import ROLLUPS
 from citadel.metering.writer import LedgerWriter
+from citadel.settings import MeteringSettings
 from citadel.stores.redis import RedisClient
 
 TARGET_RATIO = 20.0
@@ -116,7 +118,8 @@ def make_events(
 async def _empty(url: str) -> None:
     connection = await asyncpg.connect(url)
     try:
-        await connection.execute("TRUNCATE usage_events, usage_hourly, usage_daily")
+        tables = ", ".join(["usage_events", *(t.name for t, _ in ROLLUPS)])
+        await connection.execute(f"TRUNCATE {tables}")
         await connection.execute("VACUUM ANALYZE usage_events")
     finally:
         await connection.close()
@@ -340,7 +343,13 @@ def main() -> int:
     parser.add_argument("--no-redis", action="store_true", help="skip the end-to-end path")
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--sample", type=int, default=5_000)
-    parser.add_argument("--batch", type=int, default=2_000, help="events per transaction")
+    default_batch = MeteringSettings().batch_size
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=default_batch,
+        help=f"events per transaction (default: metering.batch_size's, {default_batch:,})",
+    )
     parser.add_argument(
         "--concurrency", type=int, default=2, help="transactions in flight (the writer's default)"
     )

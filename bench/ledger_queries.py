@@ -1,10 +1,12 @@
 """Analytics latency over the usage ledger at 1 and 10 million events, on PostgreSQL.
 
 For each scale, a dedicated database (``citadel_bench_<hex>``, dropped at the end) is migrated
-with the ledger's own migrations and loaded with COPY: synthetic raw events (``usage_events``) and
-the hourly and daily rollups of exactly those events, as the ledger writer would have left them.
-Then each query below runs through ``citadel.metering.analytics.Analytics`` (SQLAlchemy, asyncpg:
-the service's own code path), warm, ``--runs`` times, and its p50 and p99 are printed:
+with the ledger's own migrations and its synthetic raw events (``usage_events``) are loaded with
+COPY; then every rollup (full and narrow, hourly and daily) is computed from them by the product's
+own ``citadel.metering.ledger.rebuild_rollups`` (the same sums the writer keeps, checked below
+against the raw events). Then each query below runs through ``citadel.metering.analytics.Analytics``
+(SQLAlchemy, asyncpg: the service's own code path, which reads the narrowest rollup that has the
+columns asked for), warm, ``--runs`` times, and its p50 and p99 are printed:
 
 - ``by-team 30d``: cost by team over the 30 days to the end of the last hour (hour-aligned, not
   day-aligned, so it reads hourly + daily + hourly rollups): the headline query, target p50 under
@@ -15,18 +17,15 @@ the service's own code path), warm, ``--runs`` times, and its p50 and p99 are pr
   (``SELECT team_id, sum(cost_micros) FROM usage_events WHERE ts ...``), measured in the same run;
   its answer is checked equal to the rollups'.
 
-Then, unless ``--no-proposed``, the same queries again with the narrower rollups proposed for the
-schema (not in it yet), built here from the base rollups exactly as the writer would keep them:
-by team (team, tier, model), by deployment (model, deployment, tier) and by user (user, team,
-tier), each hourly and daily. ``Analytics`` is handed them (``rollups=``) and picks, per query,
-the smallest rollup that has the columns asked for.
+With ``--full-only`` too, the same queries again reading only the full rollups (``usage_hourly``
+and ``usage_daily``, keyed by user, team, model, deployment and tier), for comparison.
 
 Data: ~2,000 users (Zipf-like activity), 50 teams, 4 tiers, 10 models with 2 deployments each,
 each user using 1-3 favourite models; 60 days with a diurnal load curve; random token counts,
 latencies and ~6 % errors.
 
     .venv/bin/python bench/ledger_queries.py [--events 1000000,10000000] [--runs 50] [--json PATH]
-        [--server postgresql://postgres@127.0.0.1:5432] [--no-proposed]
+        [--server postgresql://postgres@127.0.0.1:5432] [--full-only]
 """
 
 from __future__ import annotations
@@ -48,12 +47,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
-from sqlalchemy import BigInteger, Column, Double, MetaData, PrimaryKeyConstraint, Table, Text, text
+from sqlalchemy import Table, text
 
-from citadel.accounts.schema import UtcDateTime
 from citadel.accounts.sql import build_engine
 from citadel.metering.analytics import Analytics, TimeRange
-from citadel.metering.ledger import COLUMNS
+from citadel.metering.ledger import COLUMNS, rebuild_rollups
 from citadel.metering.migrate import upgrade
 from citadel.metering.schema import ROLLUPS
 from citadel.settings import Deployment, GatewaySettings, Model, Price, Settings
@@ -63,22 +61,6 @@ TIERS = (("free", 0.5), ("standard", 0.3), ("premium", 0.15), ("enterprise", 0.0
 END = datetime(2024, 6, 30, 14, tzinfo=UTC)  # the end of the data: mid-afternoon, not midnight
 START = END - timedelta(days=DAYS)
 TARGET_MS = 100.0
-_ROLLUP_COLUMNS = (
-    "bucket",
-    "user_id",
-    "team_id",
-    "model",
-    "deployment",
-    "tier",
-    "requests",
-    "errors",
-    "prompt_tokens",
-    "completion_tokens",
-    "cost_micros",
-    "latency_ms_sum",
-    "ttft_ms_sum",
-    "ttft_requests",
-)
 # The ledger's indexes on usage_events, dropped for the bulk load and built again after it.
 _EVENT_INDEXES = {
     "ix_usage_events_ts": "CREATE INDEX ix_usage_events_ts ON usage_events (ts)",
@@ -159,8 +141,9 @@ def hourly_counts(events: int) -> list[int]:
 # -- loading ------------------------------------------------------------------------------------
 
 
-async def load(conn: asyncpg.Connection, events: int, seed: int = 1) -> dict[str, float]:
-    """Generate ``events`` events hour by hour, COPY them and their rollups; build indexes."""
+async def load(conn: asyncpg.Connection, uri: str, events: int, seed: int = 1) -> dict[str, float]:
+    """Generate ``events`` events hour by hour and COPY them (indexes built after); then compute
+    every rollup from them with the ledger's ``rebuild_rollups``."""
     rng = random.Random(seed)
     users, cumulative = organisation(rng)
     began = time.perf_counter()
@@ -168,12 +151,9 @@ async def load(conn: asyncpg.Connection, events: int, seed: int = 1) -> dict[str
         await conn.execute(f"DROP INDEX IF EXISTS {name}")
     await conn.execute("ALTER TABLE usage_events DROP CONSTRAINT IF EXISTS pk_usage_events")
     batch: list[tuple[Any, ...]] = []
-    hourly: list[tuple[Any, ...]] = []
-    daily_sums: dict[tuple[Any, ...], list[Any]] = {}
     number = 0
     for h, count in enumerate(hourly_counts(events)):
         hour = START + timedelta(hours=h)
-        sums: dict[tuple[Any, ...], list[Any]] = {}
         for u in rng.choices(range(USERS), cum_weights=cumulative, k=count):
             user = users[u]
             model = user.models[rng.randrange(len(user.models))]
@@ -193,110 +173,36 @@ async def load(conn: asyncpg.Connection, events: int, seed: int = 1) -> dict[str
                 )
             )  # fmt: skip
             number += 1
-            key = (user.id, user.team, f"model-{model}", deployment, user.tier)
-            row = sums.get(key)
-            if row is None:
-                row = sums[key] = [0, 0, 0, 0, 0, 0.0, 0.0, 0]
-            row[0] += 1
-            row[1] += status >= 400
-            row[2] += prompt
-            row[3] += completion
-            row[4] += cost
-            # float4, as the ledger stores it, so the rollups equal the writer's sums
-            row[5] += _real(latency)
-            if ttft is not None:
-                row[6] += _real(ttft)
-                row[7] += 1
-        hourly.extend((hour, *key, *row) for key, row in sums.items())
-        day = hour.replace(hour=0)
-        for key, row in sums.items():
-            total = daily_sums.get((day, *key))
-            if total is None:
-                daily_sums[(day, *key)] = list(row)
-            else:
-                for i, value in enumerate(row):
-                    total[i] += value
         if len(batch) >= 200_000:
             await conn.copy_records_to_table("usage_events", records=batch, columns=COLUMNS)
             batch = []
-        if len(hourly) >= 200_000:
-            await conn.copy_records_to_table(
-                "usage_hourly", records=hourly, columns=_ROLLUP_COLUMNS
-            )
-            hourly = []
     await conn.copy_records_to_table("usage_events", records=batch, columns=COLUMNS)
-    await conn.copy_records_to_table("usage_hourly", records=hourly, columns=_ROLLUP_COLUMNS)
-    await conn.copy_records_to_table(
-        "usage_daily",
-        records=[(*key, *row) for key, row in daily_sums.items()],
-        columns=_ROLLUP_COLUMNS,
-    )
     copied = time.perf_counter()
     await conn.execute(
         "ALTER TABLE usage_events ADD CONSTRAINT pk_usage_events PRIMARY KEY (event_id)"
     )
     for statement in _EVENT_INDEXES.values():
         await conn.execute(statement)
+    indexed = time.perf_counter()
+    engine = build_engine(uri)
+    try:
+        await rebuild_rollups(engine)
+    finally:
+        await engine.dispose()
+    rolled = time.perf_counter()
     await conn.execute("VACUUM ANALYZE")  # what autovacuum does soon after a load this size
     done = time.perf_counter()
     sizes = {
         table: float(await conn.fetchval(f"SELECT count(*) FROM {table}"))
-        for table in ("usage_events", "usage_hourly", "usage_daily")
+        for table in ("usage_events", *(t.name for t, _ in ROLLUPS))
     }
-    return {**sizes, "load_s": copied - began, "index_vacuum_s": done - copied}
-
-
-def _real(value: float) -> float:
-    import struct
-
-    return float(struct.unpack("f", struct.pack("f", value))[0])
-
-
-# -- the proposed rollups -----------------------------------------------------------------------
-
-_PROPOSED_KEYS = {
-    "team": ("team_id", "tier", "model"),
-    "deployment": ("model", "deployment", "tier"),
-    "user": ("user_id", "team_id", "tier"),
-}
-_MEASURES = _ROLLUP_COLUMNS[6:]
-
-
-def proposed_rollups() -> tuple[tuple[Table, int], ...]:
-    metadata = MetaData()
-    tables = []
-    for name, keys in _PROPOSED_KEYS.items():
-        for unit, width in (("hourly", 3600), ("daily", 86400)):
-            table = Table(
-                f"usage_{unit}_{name}",
-                metadata,
-                Column("bucket", UtcDateTime(), nullable=False),
-                *(Column(k, Text, nullable=False) for k in keys),
-                *(Column(m, Double if m.endswith("_sum") else BigInteger) for m in _MEASURES),
-                PrimaryKeyConstraint("bucket", *keys),
-            )
-            tables.append((table, width))
-    return tuple(tables)
-
-
-async def build_proposed(conn: asyncpg.Connection) -> float:
-    """Create the proposed rollups from the base ones (the same sums); return the seconds."""
-    began = time.perf_counter()
-    sums = ", ".join(
-        f"sum({m}) AS {m}" if m.endswith("_sum") else f"CAST(sum({m}) AS BIGINT) AS {m}"
-        for m in _MEASURES
-    )
-    for table, width in proposed_rollups():
-        keys = [c.name for c in table.primary_key.columns]
-        source = "usage_hourly" if width == 3600 else "usage_daily"
-        columns = ", ".join(keys)
-        await conn.execute(
-            f"CREATE TABLE {table.name} AS SELECT {columns}, {sums} FROM {source} "
-            f"GROUP BY {columns}"
-        )
-        await conn.execute(f"ALTER TABLE {table.name} ADD PRIMARY KEY ({columns})")
-    await conn.execute("VACUUM ANALYZE")
-    return time.perf_counter() - began
+    return {
+        **sizes,
+        "load_s": copied - began,
+        "index_s": indexed - copied,
+        "rebuild_rollups_s": rolled - indexed,
+        "vacuum_s": done - rolled,
+    }
 
 
 # -- measuring ----------------------------------------------------------------------------------
@@ -305,7 +211,7 @@ async def build_proposed(conn: asyncpg.Connection) -> float:
 @dataclass(slots=True)
 class Point:
     events: int
-    rollups: str  # "schema": the ledger's own; "proposed": with the narrower ones
+    rollups: str  # "schema": every rollup, the narrowest read; "full only": the full ones only
     query: str
     runs: int
     p50_ms: float
@@ -393,7 +299,7 @@ async def admin(server: str, sql: str) -> None:
 
 
 async def run_scale(
-    server: str, events: int, runs: int, proposed: bool
+    server: str, events: int, runs: int, full_only: bool
 ) -> tuple[dict[str, float], list[Point]]:
     name = f"citadel_bench_{uuid.uuid4().hex[:12]}"
     await admin(server, f'CREATE DATABASE "{name}"')
@@ -403,23 +309,19 @@ async def run_scale(
         conn = await asyncpg.connect(uri, timeout=10)
         try:
             print(f"{events:,} events: loading ...", flush=True)
-            sizes = await load(conn, events)
+            sizes = await load(conn, uri, events)
+            rows = ", ".join(f"{t.name} {sizes[t.name]:,.0f}" for t, _ in ROLLUPS)
             print(
-                f"  loaded in {sizes['load_s']:.0f} s + {sizes['index_vacuum_s']:.0f} s indexes "
-                f"and VACUUM ANALYZE; rows: events {sizes['usage_events']:,.0f}, hourly "
-                f"{sizes['usage_hourly']:,.0f}, daily {sizes['usage_daily']:,.0f}",
+                f"  loaded in {sizes['load_s']:.0f} s + {sizes['index_s']:.0f} s indexes + "
+                f"{sizes['rebuild_rollups_s']:.0f} s rebuild_rollups + {sizes['vacuum_s']:.0f} s "
+                f"VACUUM ANALYZE; rows: events {sizes['usage_events']:,.0f}, {rows}",
                 flush=True,
             )
-            print("  with the schema's rollups:", flush=True)
+            print("  with the schema's rollups (the narrowest that answers):", flush=True)
             points = await measure(uri, events, runs, "schema", ROLLUPS)
-            if proposed:
-                sizes["proposed_build_s"] = await build_proposed(conn)
-                for table, _ in proposed_rollups():
-                    count = await conn.fetchval(f"SELECT count(*) FROM {table.name}")
-                    sizes[table.name] = float(count)
-                built = ", ".join(f"{t.name} {sizes[t.name]:,.0f}" for t, _ in proposed_rollups())
-                print(f"  with the proposed rollups too ({built} rows):", flush=True)
-                points += await measure(uri, events, runs, "proposed", ROLLUPS + proposed_rollups())
+            if full_only:
+                print("  with the full rollups only (user in the key):", flush=True)
+                points += await measure(uri, events, runs, "full only", ROLLUPS[:2])
         finally:
             await conn.close()
         return sizes, points
@@ -438,7 +340,9 @@ def main() -> int:
     )
     parser.add_argument("--json", help="write every point to this file")
     parser.add_argument(
-        "--no-proposed", action="store_true", help="measure with the schema's rollups only"
+        "--full-only",
+        action="store_true",
+        help="measure again reading the full rollups only (user in the key), for comparison",
     )
     args = parser.parse_args()
     scales = [int(s) for s in args.events.split(",")]
@@ -449,7 +353,7 @@ def main() -> int:
     }
     results = []
     for events in scales:
-        sizes, points = asyncio.run(run_scale(args.server, events, args.runs, not args.no_proposed))
+        sizes, points = asyncio.run(run_scale(args.server, events, args.runs, args.full_only))
         results.append(points)
         report["scales"].append(
             {"events": events, "sizes": sizes, "points": [asdict(p) for p in points]}
@@ -460,8 +364,12 @@ def main() -> int:
         cells = [f"{points[i].p50_ms:.1f} / {points[i].p99_ms:.1f}" for points in results]
         print(f"| {point.query} | {point.rollups} | " + " | ".join(cells) + " |")
     for points in results:
-        reference = next(p for p in points if p.query.startswith("reference"))
         for headline in (p for p in points if p.query == "by-team 30d"):
+            reference = next(
+                p
+                for p in points
+                if p.query.startswith("reference") and p.rollups == headline.rollups
+            )
             verdict = "met" if headline.p50_ms < TARGET_MS else "missed"
             print(
                 f"{headline.events:,} events, {headline.rollups} rollups: by-team 30d p50 "

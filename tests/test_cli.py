@@ -234,3 +234,86 @@ def test_up_starts_the_simulator_and_the_gateway_and_stops_them(
     assert re.search(rf"gateway +http://[^\s:]+:{gateway}\n", output) is not None, output
     assert "Traceback" not in output
     assert (0, True, True) == (code, refuses(gateway), refuses(simulator))
+
+
+def _redis_reachable(url: str) -> bool:
+    host, _, rest = url.removeprefix("redis://").partition(":")
+    try:
+        with socket.create_connection((host, int(rest.partition("/")[0])), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _ledger_requests(database: Path) -> int:
+    import sqlite3
+
+    if not database.exists():
+        return 0
+    with sqlite3.connect(database) as conn:
+        try:
+            return int(conn.execute("SELECT count(*) FROM usage_events").fetchone()[0])
+        except sqlite3.OperationalError:  # the tables are not there yet
+            return 0
+
+
+def test_up_runs_a_ledger_writer_when_usage_goes_through_redis(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With Redis configured the gateway XADDs usage to a stream, and `citadel up` also runs a
+    ledger writer, which stores the request's event in the (SQLite) ledger; SIGTERM stops it
+    with the rest. The embedded default (no Redis) runs none: the gateway writes the ledger."""
+    redis = os.environ.get("CITADEL_TEST_REDIS", "redis://127.0.0.1:6379/10")
+    if not _redis_reachable(redis):
+        pytest.skip(f"Redis is not reachable at {redis}")
+    monkeypatch.chdir(tmp_path)
+    for name in [k for k in os.environ if k.startswith(SETTING_PREFIXES)]:
+        monkeypatch.delenv(name)
+    stream = f"citadel:{{usage-cli-{os.getpid()}-{time.monotonic_ns()}}}:events"
+    (tmp_path / "citadel.yaml").write_text(
+        f"endpoints:\n  redis: {redis}\nmetering:\n  stream: '{stream}'\n  flush_seconds: 0.05\n"
+    )
+    gateway = free_port()
+    env = {
+        "API_GATEWAY_PORT": str(gateway),
+        "SIMULATOR_PORT": str(free_port()),
+        "RATE_LIMITING_API_PORT": str(free_port()),
+        "ROUTING_API_PORT": str(free_port()),
+        "CUSTOM_METRICS_PORT": str(free_port()),
+        "PREDICTIVE_ALERTING_PORT": str(free_port()),
+    }
+    proc = start_process([sys.executable, "-m", "citadel", "up"], gateway, env=env, timeout=30)
+    try:
+        status, _ = chat(gateway)
+        deadline = time.monotonic() + 15
+        while _ledger_requests(tmp_path / "citadel.db") < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        stored = _ledger_requests(tmp_path / "citadel.db")
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=20)
+        output = process_output(proc)
+    finally:
+        stop_process(proc)
+        subprocess.run(
+            ["redis-cli", "-u", redis, "DEL", stream, f"{stream}:dead"],
+            capture_output=True,
+            check=False,
+        )
+    assert 200 == status
+    assert re.search(r"ledger-writer +citadel:\{usage-cli", output) is not None, output
+    assert 1 == stored, output
+    assert "Traceback" not in output
+    assert 0 == code, output
+
+
+def test_up_runs_no_ledger_writer_without_redis() -> None:
+    """The embedded default: usage goes straight into the ledger, nothing to drain."""
+    from citadel.cli import _usage_stream
+    from citadel.settings import Endpoints, GatewaySettings, LimitsSettings, Settings
+
+    gateway = GatewaySettings(admin_key="sk-test")
+    assert not _usage_stream(Settings(gateway=gateway))
+    assert not _usage_stream(Settings(gateway=gateway, endpoints=Endpoints(redis="memory://")))
+    assert _usage_stream(Settings(gateway=gateway, endpoints=Endpoints(redis="127.0.0.1:6379")))
+    redis_limits = LimitsSettings(backend="redis://127.0.0.1:6379/3")
+    assert _usage_stream(Settings(gateway=gateway, limits=redis_limits))

@@ -138,18 +138,38 @@ def _cmd_sim(args: argparse.Namespace, settings: Settings) -> int:
     )
 
 
+def _usage_stream(settings: Settings) -> bool:
+    """Whether the gateway's usage events go to a Redis Stream (``endpoints.redis``, else a
+    redis:// limiter backend: the gateway's ``usage_sink`` choice) for a ledger writer to drain."""
+    from citadel.metering.writer import redis_url
+
+    try:
+        redis_url(settings.endpoints.redis, settings.limits.backend)
+    except ConfigError:
+        return False
+    return True
+
+
 def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
-    """Start the simulator (when no model is configured) and every service, then wait."""
+    """Start the simulator (when no model is configured), every service and, when usage goes
+    through Redis, a ledger writer; then wait."""
     base = [sys.executable, "-m", "citadel"]
     if args.config:
         base += ["--config", args.config]
-    plan: list[tuple[str, list[str], int]] = []
+    plan: list[tuple[str, list[str], int | None]] = []
     if not settings.models:
         plan.append(("simulator", [*base, "sim"], settings.ports.simulator))
     plan.extend(
         (name, [*base, "serve", name], getattr(settings.ports, attr))
         for name, attr in SERVICES.items()
     )
+    if _usage_stream(settings):
+        # The gateway sends usage events to a Redis Stream: one writer drains it into the SQL
+        # ledger. Without Redis the gateway writes the ledger itself and no writer is needed.
+        writer = [sys.executable, "-m", "citadel.metering.writer"]
+        plan.append(
+            ("ledger-writer", writer + (["--config", args.config] if args.config else []), None)
+        )
     children: list[tuple[str, subprocess.Popen[bytes]]] = []
     stopping = False
 
@@ -166,7 +186,8 @@ def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     host = settings.hostname
     print("Citadel is starting:", flush=True)
     for name, _command, port in plan:
-        print(f"  {name:<12} http://{host}:{port}", flush=True)
+        where = f"http://{host}:{port}" if port is not None else settings.metering.stream
+        print(f"  {name:<12} {where}", flush=True)
     if settings.env in ("development", "test") and not os.environ.get("CITADEL_ADMIN_KEY"):
         print(f"  admin key    {settings.gateway.admin_key}", flush=True)
     code = 0

@@ -24,6 +24,7 @@ from zoneinfo import ZoneInfo
 
 import asyncpg
 import pytest
+from sqlalchemy import Table
 
 from citadel.accounts.sql import build_engine
 from citadel.accounts.store import Team, User
@@ -42,6 +43,7 @@ from citadel.metering.analytics import (
 from citadel.metering.events import UsageEvent
 from citadel.metering.ledger import Ledger
 from citadel.metering.migrate import upgrade
+from citadel.metering.schema import ROLLUPS, rollup_key
 from citadel.settings import (
     Deployment,
     GatewaySettings,
@@ -208,8 +210,12 @@ async def _load(uri: str, events: Sequence[UsageEvent]) -> None:
     engine = build_engine(uri)
     try:
         ledger = Ledger(engine)
-        for start in range(0, len(events), 700):
-            await ledger.write(events[start : start + 700])
+        cut = len(events) * 7 // 8
+        for start in range(0, cut, 700):
+            await ledger.write(events[start : min(start + 700, cut)])
+        # Redelivered with new ones: only the new ones are rolled up, in every rollup.
+        overlap = events[cut - 300 :]
+        assert len(events) - cut == await ledger.write(overlap)
         assert 0 == await ledger.write(events[:100])  # redelivered: counted once
     finally:
         await engine.dispose()
@@ -241,11 +247,15 @@ def ledger(
 T = TypeVar("T")
 
 
-def run(uri: str, body: Callable[[Analytics], Awaitable[T]]) -> T:
+def run(
+    uri: str,
+    body: Callable[[Analytics], Awaitable[T]],
+    rollups: Sequence[tuple[Table, int]] = ROLLUPS,
+) -> T:
     async def main() -> T:
         engine = build_engine(uri)
         try:
-            return await body(Analytics(engine))
+            return await body(Analytics(engine, rollups=rollups))
         finally:
             await engine.dispose()
 
@@ -684,12 +694,82 @@ def test_a_range_splits_into_hours_days_hours() -> None:
     assert [(86400, D0, D0 + 30 * DAY)] == RANGES["whole-days"].parts("day")
 
 
-def test_the_rollup_read_has_every_column_asked_for() -> None:
-    """Each width has a rollup with every dimension; an impossible question is a LookupError."""
-    assert "usage_hourly" == rollup(3600, {"user_id", "team_id"}).name
-    assert "usage_daily" == rollup(86400, {"tier"}).name
+@pytest.mark.parametrize(
+    ("needed", "name"),
+    [
+        ((), "deployment"),
+        (("team_id",), "team"),
+        (("team_id", "model"), "team"),
+        (("team_id", "tier"), "team"),
+        (("model",), "deployment"),
+        (("deployment", "model"), "deployment"),
+        (("tier",), "deployment"),
+        (("user_id",), "user"),
+        (("user_id", "tier"), "user"),
+        (("user_id", "team_id"), "user"),
+        (("team_id", "deployment"), ""),
+        (("user_id", "model"), ""),
+        (("user_id", "team_id", "model", "deployment", "tier"), ""),
+    ],
+)
+def test_the_rollup_read_is_the_narrowest_with_every_column_asked_for(
+    needed: tuple[str, ...], name: str
+) -> None:
+    """Each width has a rollup with every dimension, and the narrowest that has them is read;
+    an impossible question is a LookupError."""
+    suffix = f"_{name}" if name else ""
+    assert f"usage_hourly{suffix}" == rollup(3600, needed).name
+    assert f"usage_daily{suffix}" == rollup(86400, needed).name
     with pytest.raises(LookupError, match="colour"):
         rollup(86400, {"colour"})
+
+
+def _subsets(key: Sequence[str]) -> list[tuple[str, ...]]:
+    """(), each dimension of a rollup's key alone, and all of them."""
+    dims = [d for d in DIMENSIONS if _COLUMNS[d] in key]
+    return [(), *((d,) for d in dims), tuple(dims)]
+
+
+_COLUMNS = {d: "user_id" if d == "user" else "team_id" if d == "team" else d for d in DIMENSIONS}
+# Each family of rollups (hourly and daily), read alone: every query it can answer.
+FAMILIES = {
+    rollup_key(hourly): ((hourly, 3600), (daily, 86400))
+    for (hourly, _), (daily, _) in zip(ROLLUPS[::2], ROLLUPS[1::2], strict=True)
+}
+FAMILY_CASES = [
+    pytest.param(key, group_by, range_name, id=f"{'+'.join(key)}:{'+'.join(group_by)}:{range_name}")
+    for key in FAMILIES
+    for group_by in _subsets(key)
+    for range_name in ("split", "whole-days", "within-a-day")
+]
+
+
+@pytest.mark.parametrize(("key", "group_by", "range_name"), FAMILY_CASES)
+def test_each_rollup_answers_like_the_events(
+    ledger: str, key: tuple[str, ...], group_by: tuple[str, ...], range_name: str
+) -> None:
+    """Each rollup, full or narrow, hourly and daily, read on its own (not only when it is the
+    narrowest), answers every grouping of its key like the events: ranges of hours + days +
+    hours, whole days, hours within a day; and hourly and daily buckets."""
+    rollups = FAMILIES[key]
+    span = RANGES[range_name]
+    dims = check_group_by(group_by)
+
+    async def body(narrow: Analytics) -> tuple[list[UsageRow], ...]:
+        plain = await narrow.usage(span, group_by=dims)
+        hourly = await narrow.usage(
+            TimeRange(span.start, min(span.end, span.start + 3 * DAY)), group_by=dims, bucket="hour"
+        )
+        days = TimeRange(span.start.replace(hour=0), span.end.replace(hour=0) + DAY)
+        daily = await narrow.usage(days, group_by=dims, bucket="day")
+        return plain, hourly, daily
+
+    plain, hourly, daily = run(ledger, body, rollups)
+    assert_same(expected_usage(span, group_by), actual(plain, group_by))
+    three_days = TimeRange(span.start, min(span.end, span.start + 3 * DAY))
+    assert_same(expected_usage(three_days, group_by, "hour"), actual(hourly, group_by))
+    days = TimeRange(span.start.replace(hour=0), span.end.replace(hour=0) + DAY)
+    assert_same(expected_usage(days, group_by, "day"), actual(daily, group_by))
 
 
 def test_month_range_starts_at_the_local_first_of_the_month() -> None:

@@ -5,7 +5,9 @@ SQLite."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
+import random
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -22,9 +24,16 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from citadel.accounts.sql import build_engine
 from citadel.errors import ConfigError, StoreUnavailable
 from citadel.metering.events import UsageEvent
-from citadel.metering.ledger import Ledger, decode_event, decode_row, encode_event, event_row
+from citadel.metering.ledger import (
+    Ledger,
+    decode_event,
+    decode_row,
+    encode_event,
+    event_row,
+    rebuild_rollups,
+)
 from citadel.metering.migrate import upgrade
-from citadel.metering.schema import usage_daily, usage_events, usage_hourly
+from citadel.metering.schema import ROLLUPS, usage_daily, usage_events, usage_hourly
 from citadel.metering.writer import LedgerWriter, redis_url
 from citadel.stores.redis import RedisClient
 
@@ -111,7 +120,8 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 async def _truncate(uri: str) -> None:
     connection = await asyncpg.connect(uri, timeout=5)
     try:
-        await connection.execute("TRUNCATE usage_events, usage_hourly, usage_daily")
+        tables = ", ".join(["usage_events", *(t.name for t, _ in ROLLUPS)])
+        await connection.execute(f"TRUNCATE {tables}")
     finally:
         await connection.close()
 
@@ -196,7 +206,7 @@ async def ledger_totals(engine: AsyncEngine) -> dict[str, Any]:
             )
         ).one()
         totals: dict[str, Any] = {"events": tuple(int(v) for v in events)}
-        for table in (usage_hourly, usage_daily):
+        for table, _ in ROLLUPS:
             row = (
                 await conn.execute(
                     select(
@@ -219,11 +229,7 @@ def expected_totals(events: list[UsageEvent]) -> dict[str, Any]:
     cost = sum(e.cost_micros for e in events)
     errors = sum(e.status >= 400 for e in events)
     rollup = (n, errors, prompt, completion, cost)
-    return {
-        "events": (n, n, prompt, completion, cost),
-        "usage_hourly": rollup,
-        "usage_daily": rollup,
-    }
+    return {"events": (n, n, prompt, completion, cost)} | {t.name: rollup for t, _ in ROLLUPS}
 
 
 # -- the wire format and the ledger ------------------------------------------------------------
@@ -320,6 +326,87 @@ def test_rollups_bucket_by_utc_hour_and_day(database: str) -> None:
         assert [("2024-06-01T00:00:00+00:00", 2), ("2024-06-02T00:00:00+00:00", 1)] == [
             (d[0].isoformat(), d[1]) for d in days
         ]
+
+    asyncio.run(body())
+
+
+async def rollup_contents(engine: AsyncEngine) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of every rollup, in key order; float sums rounded (REAL latencies are summed
+    in a different order by each path)."""
+    contents: dict[str, list[tuple[Any, ...]]] = {}
+    async with engine.connect() as conn:
+        for table, _ in ROLLUPS:
+            rows = (await conn.execute(select(table).order_by(*table.primary_key.columns))).all()
+            contents[table.name] = [
+                tuple(round(v, 2) if isinstance(v, float) else v for v in row) for row in rows
+            ]
+    return contents
+
+
+def varied_events(count: int, seed: int = 3) -> list[UsageEvent]:
+    """Events of a few users, teams, models, deployments and tiers over three days."""
+    rng = random.Random(seed)
+    events = []
+    for i in range(1, count + 1):
+        user = rng.randrange(6)
+        model = rng.randrange(3)
+        events.append(
+            dataclasses.replace(
+                event(i, t=T0 + rng.uniform(-86400, 2 * 86400), status=rng.choice((200, 502))),
+                user=f"usr_{user}",
+                team=("team_a", "team_b", "")[user % 3],
+                tier=("free", "pro")[user % 2],
+                model=f"m{model}",
+                deployment=f"m{model}-{rng.randrange(2)}",
+            )
+        )
+    return events
+
+
+def test_every_rollup_counts_each_new_event_once(database: str) -> None:
+    """Batches that mix new events with ones stored already add only the new ones to every
+    rollup, full and narrow: the rollups equal a rebuild from the stored events."""
+    events = varied_events(300)
+
+    async def body() -> None:
+        engine = build_engine(database)
+        ledger = Ledger(engine)
+        try:
+            assert 150 == await ledger.write(events[:150])
+            assert 100 == await ledger.write(events[100:250])  # 50 stored already
+            assert 50 == await ledger.write(events[:50] + events[250:] + events[250:260])
+            assert 0 == await ledger.write(events[::7])
+            assert expected_totals(events) == await ledger_totals(engine)
+            written = await rollup_contents(engine)
+            await rebuild_rollups(engine)
+            assert written == await rollup_contents(engine)
+            assert all(written.values())
+        finally:
+            await engine.dispose()
+
+    asyncio.run(body())
+
+
+def test_rebuild_recomputes_the_rollups_from_the_events(database: str) -> None:
+    """Rollups emptied (or wrong) are recomputed from usage_events, the same as the writer's."""
+    events = varied_events(200, seed=5)
+
+    async def body() -> None:
+        engine = build_engine(database)
+        try:
+            for start in range(0, 200, 40):
+                await Ledger(engine).write(events[start : start + 40])
+            written = await rollup_contents(engine)
+            async with engine.begin() as conn:
+                for table, _ in ROLLUPS[2:]:
+                    await conn.execute(table.delete())
+                await conn.execute(usage_hourly.delete().where(usage_hourly.c.user_id == "usr_1"))
+                await conn.execute(usage_daily.update().values(requests=usage_daily.c.requests + 1))
+            await rebuild_rollups(engine)
+            assert written == await rollup_contents(engine)
+            assert expected_totals(events) == await ledger_totals(engine)
+        finally:
+            await engine.dispose()
 
     asyncio.run(body())
 

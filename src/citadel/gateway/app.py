@@ -93,6 +93,7 @@ def usage_sink(settings: Settings) -> RedisStreamSink | SqlLedgerSink:
             flush_seconds=metering.flush_seconds,
             batch_size=metering.batch_size,
             spool=Spool(metering.spool_path),
+            owns_store=True,  # closed at shutdown, with the sink (create_app: usage.aclose)
         )
     database = metering.database or settings.accounts.database
     return SqlLedgerSink(
@@ -100,6 +101,7 @@ def usage_sink(settings: Settings) -> RedisStreamSink | SqlLedgerSink:
         flush_seconds=metering.flush_seconds,
         batch_size=metering.batch_size,
         migrate=database.startswith("sqlite"),
+        owns_store=True,  # disposed of at shutdown, with the sink (create_app: usage.aclose)
     )
 
 

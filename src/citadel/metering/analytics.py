@@ -9,8 +9,12 @@ the last whole day, read from an hourly one. Each part is aggregated on its own,
 partial sums are added by an outer aggregate. Hourly buckets therefore read the hourly rollup
 (at most ``MAX_HOURLY_DAYS`` of it), daily buckets the daily one (a range of whole days), and an
 ungrouped-in-time query reads as few rows as its range allows. Of the rollups of one bucket
-width (``schema.ROLLUPS``), each part reads the one with the fewest key columns that still has
-every column grouped or filtered on (``rollup``).
+width (``schema.ROLLUPS``: the full one, and the narrower ones by team, by deployment and by
+user), each part reads the one likely smallest that still has every column grouped or filtered
+on (``rollup``): cost by team reads ``usage_*_team``, by model or deployment
+``usage_*_deployment``, by user ``usage_*_user``, and only a question that needs the user with
+the model or the deployment (or the team with the deployment) reads the full rollups. Each gives
+the same sums: the ledger writer adds every event to all of them in one transaction.
 
 Amounts are integer micro-USD and token counts integers, summed exactly by the database (cast
 to BIGINT: PostgreSQL's SUM of a BIGINT is a NUMERIC). Inputs come validated: ``TimeRange.checked``

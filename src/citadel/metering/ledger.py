@@ -6,20 +6,25 @@
 Theory of operation. An event may reach the ledger more than once: the gateway's spool is
 replayed at least once, and a writer that dies between its commit and its XACK gets the batch
 redelivered. The ledger absorbs that: ``usage_events`` is keyed by the event id, an event already
-there is skipped, and the rollups (``usage_hourly``, ``usage_daily``) are added to from the rows
-the insert really added, in the same transaction, so they count each event once too.
+there is skipped, and the rollups (``schema.ROLLUPS``: ``usage_hourly`` and ``usage_daily`` by
+the full key, and the narrower ones by team, by deployment and by user) are added to from the
+rows the insert really added, in the same transaction, so they count each event once too.
 
 - PostgreSQL: the batch is COPYed (binary protocol, asyncpg's ``copy_records_to_table``) into a
   session-local temporary table emptied at each commit, then one statement does the rest:
-  ``INSERT INTO usage_events SELECT * FROM`` that table, and one grouped upsert per rollup
-  (``INSERT ... ON CONFLICT DO UPDATE``), as CTEs. Usually no event of a batch is stored yet,
-  and a plain INSERT is tried first; if one is (a UniqueViolation), the transaction is run
-  again with ``INSERT ... ON CONFLICT (event_id) DO NOTHING RETURNING ...``, and the rollups
-  are summed from the RETURNING rows only. Four round trips per batch (BEGIN, COPY, the
-  statement, COMMIT), whatever its size.
+  ``INSERT INTO usage_events SELECT * FROM`` that table, the new rows summed once by (UTC hour,
+  full key), and from those sums one grouped upsert per rollup (``INSERT ... ON CONFLICT DO
+  UPDATE``), as CTEs. Usually no event of a batch is stored yet, and a plain INSERT is tried
+  first; if one is (a UniqueViolation), the transaction is run again with ``INSERT ... ON
+  CONFLICT (event_id) DO NOTHING RETURNING ...``, and the rollups are summed from the RETURNING
+  rows only. Four round trips per batch (BEGIN, COPY, the statement, COMMIT), whatever its size.
 - SQLite (the embedded default): the write lock is taken first (``BEGIN IMMEDIATE``), the ids
   already stored are looked up, the new events inserted with one executemany, and the rollups
   computed here and upserted.
+
+``rebuild_rollups`` recomputes every rollup from ``usage_events`` in one transaction (after a bulk
+load of events, or to repair them; the ledger writers stopped meanwhile): ``usage_hourly`` from
+the events, the others from it (``usage_daily``) or from the full rollup of their width.
 
 The wire format, shared with the gateway's sinks and spool: one event is the orjson encoding of
 the list ``[1, event_id, time, request_id, user, team, key_id, tier, endpoint, model,
@@ -44,7 +49,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from citadel.accounts.sql import translate_errors
 from citadel.errors import StoreUnavailable
 from citadel.metering.events import UsageEvent
-from citadel.metering.schema import ROLLUPS, usage_events
+from citadel.metering.schema import (
+    DAY,
+    FULL_KEY,
+    HOUR,
+    MEASURES,
+    ROLLUPS,
+    rollup_key,
+    usage_events,
+)
 
 __all__ = [
     "COLUMNS",
@@ -55,6 +68,8 @@ __all__ = [
     "decode_row",
     "encode_event",
     "event_row",
+    "rebuild_rollups",
+    "rebuild_statements",
     "rollup_rows",
 ]
 
@@ -84,17 +99,6 @@ COLUMNS = (
     "cancelled",
     "usage_estimated",
     "cost_micros",
-)
-_KEY = ("user_id", "team_id", "model", "deployment", "tier")
-_SUMS = (
-    "requests",
-    "errors",
-    "prompt_tokens",
-    "completion_tokens",
-    "cost_micros",
-    "latency_ms_sum",
-    "ttft_ms_sum",
-    "ttft_requests",
 )
 
 
@@ -274,31 +278,59 @@ _CREATE_INCOMING = (
 )
 
 
-def _pg_rollup(table: str, unit: str, source: str) -> str:
-    key = ", ".join(_KEY)
-    updates = ", ".join(f"{c} = r.{c} + EXCLUDED.{c}" for c in _SUMS)
-    # Buckets in UTC whatever the session's time zone; ORDER BY gives concurrent writers one
-    # lock order (fewer deadlocks; a deadlock only rolls the batch back for a retry).
-    return f"""{table}_up AS (
-    INSERT INTO {table} AS r (bucket, {key}, {", ".join(_SUMS)})
-    SELECT date_trunc('{unit}', ts AT TIME ZONE 'UTC') AT TIME ZONE 'UTC', {key},
-        count(*), count(*) FILTER (WHERE status >= 400), sum(prompt_tokens),
-        sum(completion_tokens), sum(cost_micros), sum(latency_ms::float8),
-        coalesce(sum(ttft_ms::float8), 0), count(ttft_ms)
+_UNITS = {HOUR: "hour", DAY: "day"}
+_FULL = ", ".join(FULL_KEY)
+_PG_SUMS = (
+    "count(*) AS requests, count(*) FILTER (WHERE status >= 400) AS errors, "
+    "sum(prompt_tokens)::int8 AS prompt_tokens, sum(completion_tokens)::int8 AS completion_tokens, "
+    "sum(cost_micros)::int8 AS cost_micros, sum(latency_ms::float8) AS latency_ms_sum, "
+    "coalesce(sum(ttft_ms::float8), 0) AS ttft_ms_sum, count(ttft_ms) AS ttft_requests"
+)
+_RESUM = ", ".join(
+    f"sum({m})" if m.endswith("_sum") else f"sum({m})::int8" for m in MEASURES
+)  # the rollups' own sums, summed again
+
+
+def _pg_rollups(source: str) -> str:
+    """CTEs adding the rows of ``source`` (usage_events' columns) to every rollup: the rows are
+    summed once by (UTC hour, full key), and every rollup is upserted from those sums."""
+    ctes = [
+        f"""batch_hours AS (
+    SELECT date_trunc('hour', ts AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS bucket, {_FULL},
+        {_PG_SUMS}
     FROM {source}
+    GROUP BY 1, {_FULL}
+)"""
+    ]
+    for table, width in ROLLUPS:
+        key = ", ".join(rollup_key(table))
+        bucket = "bucket" if width == HOUR else _pg_bucket("day", "bucket")
+        updates = ", ".join(f"{c} = r.{c} + EXCLUDED.{c}" for c in MEASURES)
+        # Buckets in UTC whatever the session's time zone; ORDER BY gives concurrent writers one
+        # lock order (fewer deadlocks; a deadlock only rolls the batch back for a retry).
+        ctes.append(
+            f"""{table.name}_up AS (
+    INSERT INTO {table.name} AS r (bucket, {key}, {", ".join(MEASURES)})
+    SELECT {bucket}, {key}, {_RESUM}
+    FROM batch_hours
     GROUP BY 1, {key}
     ORDER BY 1, {key}
     ON CONFLICT (bucket, {key}) DO UPDATE SET {updates}
 )"""
+        )
+    return ", ".join(ctes)
 
 
-_UNITS = {3600: "hour", 86400: "day"}
+def _pg_bucket(unit: str, column: str) -> str:
+    return f"date_trunc('{unit}', {column} AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'"
+
+
 # The usual case: no event of the batch is stored yet. A plain INSERT (cheaper than ON CONFLICT's
 # speculative insertion) and the rollups straight from the batch; a UniqueViolation (a
 # redelivered or replayed event) rolls the transaction back for _PG_STORE_SKIPPING.
 _PG_STORE_NEW = (
     f"WITH inserted AS (INSERT INTO usage_events SELECT * FROM {_INCOMING} RETURNING 1), "
-    + ", ".join(_pg_rollup(table.name, _UNITS[width], _INCOMING) for table, width in ROLLUPS)
+    + _pg_rollups(_INCOMING)
     + "\nSELECT count(*) FROM inserted"
 )
 # Some events may be stored already: skip them, and roll up only the rows really inserted.
@@ -308,25 +340,29 @@ _PG_STORE_SKIPPING = (
     "    ON CONFLICT (event_id) DO NOTHING\n"
     "    RETURNING ts, user_id, team_id, model, deployment, tier, status, prompt_tokens,\n"
     "        completion_tokens, cost_micros, latency_ms, ttft_ms\n"
-    "), "
-    + ", ".join(_pg_rollup(table.name, _UNITS[width], "inserted") for table, width in ROLLUPS)
-    + "\nSELECT count(*) FROM inserted"
+    "), " + _pg_rollups("inserted") + "\nSELECT count(*) FROM inserted"
 )
 
 
 # -- SQLite ----------------------------------------------------------------------------------
 
 
-def rollup_rows(rows: Iterable[Row], width: int) -> list[dict[str, Any]]:
-    """Ledger rows summed by (bucket ``width`` seconds wide, user, team, model, deployment,
-    tier), as rollup rows to upsert."""
+# Where each key column is in a Row.
+_ROW_INDEX = {name: COLUMNS.index(name) for name in FULL_KEY}
+
+
+def rollup_rows(
+    rows: Iterable[Row], width: int, key: Sequence[str] = FULL_KEY
+) -> list[dict[str, Any]]:
+    """Ledger rows summed by (bucket ``width`` seconds wide, ``key``'s columns), as rollup rows
+    to upsert."""
+    at = [_ROW_INDEX[name] for name in key]
     sums: dict[tuple[Any, ...], list[Any]] = {}
     for r in rows:
-        bucket = int(r[1].timestamp() // width) * width
-        key = (bucket, r[3], r[4], r[8], r[9], r[6])
-        acc = sums.get(key)
+        group = (int(r[1].timestamp() // width) * width, *(r[i] for i in at))
+        acc = sums.get(group)
         if acc is None:
-            acc = sums[key] = [0, 0, 0, 0, 0, 0.0, 0.0, 0]
+            acc = sums[group] = [0, 0, 0, 0, 0, 0.0, 0.0, 0]
         acc[0] += 1
         acc[1] += r[14] >= 400
         acc[2] += r[10]
@@ -338,12 +374,80 @@ def rollup_rows(rows: Iterable[Row], width: int) -> list[dict[str, Any]]:
             acc[7] += 1
     return [
         {
-            "bucket": datetime.fromtimestamp(key[0], UTC),
-            **dict(zip(_KEY, key[1:], strict=True)),
-            **dict(zip(_SUMS, acc, strict=True)),
+            "bucket": datetime.fromtimestamp(group[0], UTC),
+            **dict(zip(key, group[1:], strict=True)),
+            **dict(zip(MEASURES, acc, strict=True)),
         }
-        for key, acc in sorted(sums.items())
+        for group, acc in sorted(sums.items())
     ]
+
+
+# -- rebuilding the rollups -------------------------------------------------------------------
+
+
+def _sqlite_bucket(unit: str, column: str) -> str:
+    # SQLAlchemy stores SQLite datetimes as 'YYYY-MM-DD HH:MM:SS.ffffff', UTC wall time here.
+    if unit == "hour":
+        return f"substr({column}, 1, 13) || ':00:00.000000'"
+    return f"substr({column}, 1, 10) || ' 00:00:00.000000'"
+
+
+def rebuild_statements(dialect: str) -> list[str]:
+    """The SQL that recomputes every rollup from ``usage_events``, in order: empty them, sum the
+    events into ``usage_hourly``, then each other rollup from a full one (``usage_daily`` from
+    ``usage_hourly``, each narrower one from the full one of its width). To run in one
+    transaction, the ledger's writers stopped (or their batches would be counted twice or not
+    at all)."""
+    bucket = _pg_bucket if dialect == "postgresql" else _sqlite_bucket
+    measures = ", ".join(MEASURES)
+    events = (
+        "count(*), sum(CASE WHEN status >= 400 THEN 1 ELSE 0 END), sum(prompt_tokens), "
+        "sum(completion_tokens), sum(cost_micros), sum(CAST(latency_ms AS DOUBLE PRECISION)), "
+        "coalesce(sum(CAST(ttft_ms AS DOUBLE PRECISION)), 0), count(ttft_ms)"
+    )
+    resum = ", ".join(
+        f"sum({m})" if m.endswith("_sum") else f"CAST(sum({m}) AS BIGINT)" for m in MEASURES
+    )
+    if dialect == "postgresql":
+        statements = [f"TRUNCATE {', '.join(t.name for t, _ in ROLLUPS)}"]
+    else:
+        statements = [f"DELETE FROM {t.name}" for t, _ in ROLLUPS]
+    statements.append(
+        f"INSERT INTO usage_hourly (bucket, {_FULL}, {measures}) "
+        f"SELECT {bucket('hour', 'ts')}, {_FULL}, {events} FROM usage_events "
+        f"GROUP BY 1, {_FULL}"
+    )
+    statements.append(
+        f"INSERT INTO usage_daily (bucket, {_FULL}, {measures}) "
+        f"SELECT {bucket('day', 'bucket')}, {_FULL}, {resum} FROM usage_hourly "
+        f"GROUP BY 1, {_FULL}"
+    )
+    for table, width in ROLLUPS:
+        if table.name in ("usage_hourly", "usage_daily"):
+            continue
+        key = ", ".join(rollup_key(table))
+        source = "usage_hourly" if width == HOUR else "usage_daily"
+        statements.append(
+            f"INSERT INTO {table.name} (bucket, {key}, {measures}) "
+            f"SELECT bucket, {key}, {resum} FROM {source} GROUP BY bucket, {key}"
+        )
+    return statements
+
+
+async def rebuild_rollups(engine: AsyncEngine) -> None:
+    """Recompute every rollup from the ledger's events, in one transaction (see
+    ``rebuild_statements``): after a bulk load of ``usage_events``, or to repair the rollups.
+    Stop the ledger writers first. It takes as long as a scan of the events (wrap it in
+    ``asyncio.timeout`` to bound it). StoreUnavailable if the database failed: nothing changed."""
+    statements = rebuild_statements(engine.dialect.name)
+    with translate_errors():
+        async with engine.begin() as conn:
+            if engine.dialect.name == "postgresql":
+                await conn.exec_driver_sql("SET LOCAL work_mem = '256MB'")
+            else:
+                await conn.exec_driver_sql("BEGIN IMMEDIATE")
+            for statement in statements:
+                await conn.exec_driver_sql(statement)
 
 
 # -- the ledger ------------------------------------------------------------------------------
@@ -440,13 +544,14 @@ class Ledger:
                     insert(usage_events), [dict(zip(COLUMNS, r, strict=True)) for r in new]
                 )
                 for table, width in ROLLUPS:
+                    key = rollup_key(table)
                     upsert = sqlite_insert(table)
                     await conn.execute(
                         upsert.on_conflict_do_update(
-                            index_elements=["bucket", *_KEY],
-                            set_={c: table.c[c] + upsert.excluded[c] for c in _SUMS},
+                            index_elements=["bucket", *key],
+                            set_={c: table.c[c] + upsert.excluded[c] for c in MEASURES},
                         ),
-                        rollup_rows(new, width),
+                        rollup_rows(new, width, key),
                     )
                 return len(new)
 

@@ -1,7 +1,7 @@
 """Where the gateway's usage events go: a Redis Stream (durable), or the SQL ledger directly.
 
     sink = RedisStreamSink(redis, stream="citadel:{usage}:events", flush_seconds=0.5,
-                           batch_size=2000, spool=Spool("citadel-usage.spool"))
+                           batch_size=10_000, spool=Spool("citadel-usage.spool"))
     await sink.start()
     sink.emit(event)          # O(1): appends to a list; never awaits, never raises
     await sink.aclose()       # sends (or spools) what is left
@@ -21,7 +21,9 @@ event id).
 the same code as the ledger writer; a failed batch is kept and tried again.
 
 Both hold at most ``max_pending`` events in memory; beyond that (the store and the disk both
-failing for a long time) new events are dropped and counted.
+failing for a long time) new events are dropped and counted. Given ``owns_store=True`` (as the
+gateway's ``usage_sink`` makes them), a sink closes its Redis client or disposes of its engine
+in ``aclose``, after the last flush; otherwise the store is the caller's to close.
 """
 
 from __future__ import annotations
@@ -63,7 +65,9 @@ class SinkStats:
 class _BatchingSink:
     """The queue and the background task; subclasses say how a batch is delivered."""
 
-    def __init__(self, *, flush_seconds: float, batch_size: int, max_pending: int) -> None:
+    def __init__(
+        self, *, flush_seconds: float, batch_size: int, max_pending: int, owns_store: bool
+    ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size {batch_size!r}: expected an integer >= 1")
         self._flush_seconds = flush_seconds
@@ -74,6 +78,7 @@ class _BatchingSink:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._owns_store = owns_store
         self._sent = 0
         self._failures = 0
         self._dropped = 0
@@ -94,16 +99,25 @@ class _BatchingSink:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def aclose(self) -> None:
-        """Stop the task after a last flush of everything queued."""
+        """Stop the task after a last flush of everything queued; then close the store, if the
+        sink owns it."""
         self._closing = True
         self._wake.set()
         task, self._task = self._task, None
-        if task is not None:
-            await task
-        else:
-            await self._flush()
-        if self._queue:  # the store (and the spool) refused them to the end
-            _log.error("usage sink closed with %d events undelivered", len(self._queue))
+        try:
+            if task is not None:
+                await task
+            else:
+                await self._flush()
+            if self._queue:  # the store (and the spool) refused them to the end
+                _log.error("usage sink closed with %d events undelivered", len(self._queue))
+        finally:
+            if self._owns_store:
+                self._owns_store = False  # closed once, however often aclose is called
+                await self._close_store()
+
+    async def _close_store(self) -> None:
+        raise NotImplementedError
 
     async def _run(self) -> None:
         while True:
@@ -138,9 +152,13 @@ class RedisStreamSink(_BatchingSink):
         spool: Spool,
         retry_seconds: float = 1.0,
         max_pending: int = DEFAULT_MAX_PENDING,
+        owns_store: bool = False,
     ) -> None:
         super().__init__(
-            flush_seconds=flush_seconds, batch_size=batch_size, max_pending=max_pending
+            flush_seconds=flush_seconds,
+            batch_size=batch_size,
+            max_pending=max_pending,
+            owns_store=owns_store,
         )
         self._redis = redis
         self._stream = stream
@@ -189,6 +207,9 @@ class RedisStreamSink(_BatchingSink):
                 await self._to_spool(failed)
         finally:
             self._in_flight = 0
+
+    async def _close_store(self) -> None:
+        await self._redis.aclose()
 
     async def _send(self, events: list[UsageEvent]) -> list[UsageEvent]:
         """XADD the events, pipelined; return those not known to be added."""
@@ -260,9 +281,13 @@ class SqlLedgerSink(_BatchingSink):
         batch_size: int,
         migrate: bool = False,
         max_pending: int = DEFAULT_MAX_PENDING,
+        owns_store: bool = False,
     ) -> None:
         super().__init__(
-            flush_seconds=flush_seconds, batch_size=batch_size, max_pending=max_pending
+            flush_seconds=flush_seconds,
+            batch_size=batch_size,
+            max_pending=max_pending,
+            owns_store=owns_store,
         )
         self._ledger = Ledger(engine)
         self._migrate = migrate
@@ -287,6 +312,13 @@ class SqlLedgerSink(_BatchingSink):
             with translate_errors():
                 await upgrade_engine(self._ledger.engine)
         await super().start()
+
+    @property
+    def engine(self) -> AsyncEngine:
+        return self._ledger.engine
+
+    async def _close_store(self) -> None:
+        await self._ledger.engine.dispose()
 
     async def _flush(self) -> None:
         if not self._queue or (time.monotonic() < self._next_try and not self._closing):

@@ -1,7 +1,7 @@
 """The ledger writer: drains the usage stream (Redis) into the SQL ledger, losing nothing.
 
     writer = LedgerWriter(redis, engine, stream="citadel:{usage}:events", group="ledger",
-                          consumer="host-1234", batch_size=2000)
+                          consumer="host-1234", batch_size=10_000)
     await writer.run(stop)          # until stop is set
 
     python -m citadel.metering.writer --config citadel.yaml      # the same, as a process

@@ -1,0 +1,192 @@
+"""The usage ledger's migrations, on SQLite and PostgreSQL: empty to head builds exactly what
+``schema.py`` declares; m0002 fills the narrow rollups from the full ones a m0001 ledger holds;
+downgrading drops them and upgrading again builds them again."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Connection, insert, inspect, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from citadel.accounts.sql import build_engine
+from citadel.metering.events import UsageEvent
+from citadel.metering.ledger import COLUMNS, event_row, rebuild_rollups, rollup_rows
+from citadel.metering.migrate import VERSION_TABLE, alembic_config, head, metering_only, upgrade
+from citadel.metering.schema import (
+    FULL_KEY,
+    ROLLUPS,
+    metadata,
+    rollup_key,
+    usage_daily,
+    usage_events,
+    usage_hourly,
+)
+
+SERVER = os.environ.get("CITADEL_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
+NARROW = {t.name for t, _ in ROLLUPS} - {"usage_hourly", "usage_daily"}
+
+
+async def _admin(sql: str) -> None:
+    connection = await asyncpg.connect(f"{SERVER}/postgres", timeout=5)
+    try:
+        await connection.execute(sql)
+    finally:
+        await connection.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The URI of a database with nothing in it: a new SQLite file, or a new PostgreSQL database."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'ledger.db'}"
+        return
+    name = f"citadel_test_{uuid.uuid4().hex[:12]}"
+    try:
+        asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
+    except (OSError, asyncpg.PostgresError) as exc:
+        pytest.skip(f"PostgreSQL is not reachable at {SERVER}: {exc}")
+    try:
+        yield f"{SERVER}/{name}"
+    finally:
+        asyncio.run(_admin(f'DROP DATABASE "{name}" WITH (FORCE)'))
+
+
+def _to(revision: str, *, down: bool = False) -> Any:
+    def migrate(connection: Connection) -> None:
+        config = alembic_config()
+        config.attributes["connection"] = connection
+        (command.downgrade if down else command.upgrade)(config, revision)
+
+    return migrate
+
+
+def _describe(connection: Connection) -> dict[str, Any]:
+    return {
+        "tables": set(inspect(connection).get_table_names()),
+        "revision": MigrationContext.configure(
+            connection, opts={"version_table": VERSION_TABLE}
+        ).get_current_revision(),
+        "drift": compare_metadata(
+            MigrationContext.configure(
+                connection, opts={"include_name": metering_only, "compare_type": True}
+            ),
+            metadata,
+        ),
+    }
+
+
+def events(count: int) -> list[UsageEvent]:
+    return [
+        UsageEvent(
+            event_id=f"{i:032x}",
+            time=1_717_243_200.0 + i * 1111.0,  # across hours and days
+            request_id=f"req-{i}",
+            user=f"usr_{i % 5}",
+            team=("team_a", "team_b", "")[i % 3],
+            key_id="key",
+            tier=("free", "pro")[i % 2],
+            endpoint="chat",
+            model=f"m{i % 2}",
+            deployment=f"m{i % 2}-{i % 4 // 2}",
+            prompt_tokens=i,
+            completion_tokens=2 * i,
+            latency_seconds=0.5,
+            ttft_seconds=0.25 if i % 3 else None,
+            status=500 if i % 7 == 0 else 200,
+            streamed=bool(i % 3),
+            cancelled=False,
+            usage_estimated=False,
+            cost_micros=3 * i,
+        )
+        for i in range(1, 301)
+    ]
+
+
+async def _contents(engine: AsyncEngine) -> dict[str, list[tuple[Any, ...]]]:
+    async with engine.connect() as conn:
+        return {
+            table.name: [
+                tuple(row)
+                for row in await conn.execute(select(table).order_by(*table.primary_key.columns))
+            ]
+            for table, _ in ROLLUPS
+        }
+
+
+def test_empty_to_head_builds_the_schema_and_again_does_nothing(empty_database: str) -> None:
+    """Every table schema.py declares, no drift, the head revision; a second upgrade: nothing."""
+    first = asyncio.run(upgrade(empty_database))
+    second = asyncio.run(upgrade(empty_database))
+    assert (None, head()) == (first.before, first.after)
+    assert not second.changed
+
+    async def describe() -> dict[str, Any]:
+        engine = build_engine(empty_database)
+        try:
+            async with engine.connect() as conn:
+                return await conn.run_sync(_describe)
+        finally:
+            await engine.dispose()
+
+    found = asyncio.run(describe())
+    assert set(metadata.tables) <= found["tables"]
+    assert "m0002" == head() == found["revision"]
+    assert [] == found["drift"]  # the migrations build exactly what schema.py declares
+
+
+def test_m0002_fills_the_narrow_rollups_from_a_m0001_ledger(empty_database: str) -> None:
+    """A ledger written under m0001 (events and the full rollups) gains narrow rollups holding
+    the same sums; down to m0001 drops them and leaves the rest; up again fills them again."""
+    rows = [event_row(e) for e in events(300)]
+
+    async def body() -> None:
+        engine = build_engine(empty_database)
+        try:
+            async with engine.begin() as conn:
+                await conn.run_sync(_to("m0001"))
+            async with engine.begin() as conn:
+                await conn.execute(
+                    insert(usage_events), [dict(zip(COLUMNS, r, strict=True)) for r in rows]
+                )
+                for table in (usage_hourly, usage_daily):
+                    width = 3600 if table is usage_hourly else 86400
+                    await conn.execute(insert(table), rollup_rows(rows, width, FULL_KEY))
+            async with engine.begin() as conn:
+                await conn.run_sync(_to("m0002"))
+            migrated = await _contents(engine)
+            for table, width in ROLLUPS:
+                expected = rollup_rows(rows, width, rollup_key(table))
+                assert len(expected) == len(migrated[table.name]), table.name
+                assert sum(r["requests"] for r in expected) == 300
+                assert [r["cost_micros"] for r in expected] == [
+                    row[len(rollup_key(table)) + 5] for row in migrated[table.name]
+                ], table.name
+            await rebuild_rollups(engine)  # the product's own rebuild agrees with the migration
+            rebuilt = await _contents(engine)
+            assert {k: len(v) for k, v in migrated.items()} == {
+                k: len(v) for k, v in rebuilt.items()
+            }
+            async with engine.begin() as conn:
+                await conn.run_sync(_to("m0001", down=True))
+                found = await conn.run_sync(_describe)
+            assert "m0001" == found["revision"]
+            assert not NARROW & found["tables"]
+            assert {"usage_events", "usage_hourly", "usage_daily"} <= found["tables"]
+            async with engine.begin() as conn:
+                await conn.run_sync(_to("head"))
+            assert migrated == await _contents(engine)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(body())
