@@ -1,6 +1,6 @@
 """OpenAPI 3.1 for a service: routes registered with their description, served with their docs.
 
-    api = ApiRoutes(app, title="Citadel rate limiting", version=__version__)
+    api = ApiRoutes(app, title="Citadel rate limiting")
     api.add(Operation(method="GET", path="/v1/users/{user_id}", summary="Get a user",
                       response=USER), get_user)
 
@@ -24,6 +24,7 @@ from urllib.parse import unquote
 
 import orjson
 
+from citadel import __version__
 from citadel.errors import MethodNotAllowed, NotFound
 from citadel.http.server import Request, Response
 from citadel.service import App
@@ -103,7 +104,9 @@ class Operation:
 class ApiRoutes:
     """The documented routes of one ``App``, and its ``/openapi.json`` and ``/docs``."""
 
-    def __init__(self, app: App, *, title: str, version: str, description: str = "") -> None:
+    def __init__(
+        self, app: App, *, title: str, version: str = __version__, description: str = ""
+    ) -> None:
         self._app = app
         self._info: dict[str, str] = {"title": title, "version": version}
         if description:

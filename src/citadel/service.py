@@ -21,7 +21,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 
@@ -29,6 +29,9 @@ from citadel import __version__
 from citadel.errors import ApiError, MethodNotAllowed, NotFound, PayloadTooLarge
 from citadel.http.server import AbortConnection, HttpServer, Request, Response, StreamResponse
 from citadel.metrics import HTTP_REQUESTS, SERVICE_INFO, Registry, SharedMetrics
+
+if TYPE_CHECKING:
+    from citadel.settings import Settings
 
 __all__ = ["App", "DependencyHealth", "serve"]
 
@@ -60,6 +63,21 @@ def _request_id(request: Request) -> bytes:
     if given and len(given) <= _MAX_REQUEST_ID and all(32 < c < 127 for c in given):
         return given
     return os.urandom(12).hex().encode()
+
+
+def service_app(name: str, settings: Settings, registry: Registry) -> App:
+    """A service's ``App``, with the HTTP limits every Citadel service takes from the settings."""
+    return App(
+        name=name,
+        registry=registry,
+        max_body_bytes=settings.gateway.max_body_bytes,
+        keepalive_timeout=settings.gateway.keepalive_timeout_seconds,
+    )
+
+
+def store_scheme(uri: str) -> str:
+    """What kind of store a URI names (``postgresql``, ``sqlite``, ``redis``), nothing secret."""
+    return uri.partition(":")[0].partition("+")[0]
 
 
 class App:

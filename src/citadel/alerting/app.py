@@ -30,7 +30,6 @@ from typing import Any
 
 import orjson
 
-from citadel import __version__
 from citadel.alerting.alertmanager import AlertBook, AlertmanagerClient, AlertmanagerError
 from citadel.alerting.anomaly import default_detector
 from citadel.alerting.definitions import AlertingSettings, Rule, parse_alerting
@@ -53,7 +52,7 @@ from citadel.http.client import HttpClient
 from citadel.http.server import Request, Response
 from citadel.metrics import Registry
 from citadel.openapi import ApiRoutes, Operation, PathHandler
-from citadel.service import App, DependencyHealth
+from citadel.service import App, DependencyHealth, service_app
 from citadel.settings import Settings
 
 __all__ = ["AlertingDeps", "create_app", "default_deps", "validate_rules"]
@@ -158,16 +157,10 @@ async def validate_rules(rules: tuple[Rule, ...], client: PrometheusClient) -> N
 def create_app(settings: Settings, deps: AlertingDeps) -> App:
     """The predictive-alerting service: its JSON API, /docs, /openapi.json, /health, /metrics."""
     alerting = parse_alerting(settings.alerting)
-    app = App(
-        name="predictive-alerting",
-        registry=deps.registry,
-        max_body_bytes=settings.gateway.max_body_bytes,
-        keepalive_timeout=settings.gateway.keepalive_timeout_seconds,
-    )
+    app = service_app("predictive-alerting", settings, deps.registry)
     api = ApiRoutes(
         app,
         title="Citadel predictive alerting",
-        version=__version__,
         description="Forecasts and anomaly scores of the alert rules in citadel.yaml, and the "
         "alerts sent to Alertmanager. Authenticate with the admin key.",
     )

@@ -21,7 +21,7 @@ from citadel.metrics import Registry
 from citadel.routing.health import HealthProber
 from citadel.routing.router import Router
 from citadel.routing.shared import SharedRoutingState, SyncLoop
-from citadel.service import App, DependencyHealth
+from citadel.service import App, DependencyHealth, service_app
 from citadel.settings import Settings
 
 _LAST_USED_FLUSH_SECONDS = 10.0
@@ -117,12 +117,7 @@ def admin_only_deps(settings: Settings) -> GatewayDeps:
 
 def create_app(settings: Settings, deps: GatewayDeps) -> App:
     """The gateway: the four OpenAI endpoints, /health and /metrics."""
-    app = App(
-        name="gateway",
-        registry=deps.registry,
-        max_body_bytes=settings.gateway.max_body_bytes,
-        keepalive_timeout=settings.gateway.keepalive_timeout_seconds,
-    )
+    app = service_app("gateway", settings, deps.registry)
     shared = SharedRoutingState.from_settings(
         settings, replica=f"gateway@{socket.gethostname()}:{os.getpid()}"
     )

@@ -24,7 +24,6 @@ from typing import Any
 
 import orjson
 
-from citadel import __version__
 from citadel.accounts.store import AccountStore, ConflictError, NotFoundError, User, UserStatus
 from citadel.errors import BadRequest, Forbidden, NotFound, StoreUnavailable, Unavailable
 from citadel.gateway.auth import AdminKeyAuthenticator
@@ -49,7 +48,7 @@ from citadel.ratelimit.wire import (
     usage_json,
     user_json,
 )
-from citadel.service import App, DependencyHealth
+from citadel.service import App, DependencyHealth, service_app, store_scheme
 from citadel.settings import Settings, Tier
 
 __all__ = ["RateLimitDeps", "create_app", "default_deps"]
@@ -96,16 +95,10 @@ def default_deps(settings: Settings) -> RateLimitDeps:
 
 def create_app(settings: Settings, deps: RateLimitDeps) -> App:
     """The rate-limiting service: its admin API, /docs, /openapi.json, /health and /metrics."""
-    app = App(
-        name="rate-limiting-api",
-        registry=deps.registry,
-        max_body_bytes=settings.gateway.max_body_bytes,
-        keepalive_timeout=settings.gateway.keepalive_timeout_seconds,
-    )
+    app = service_app("rate-limiting-api", settings, deps.registry)
     api = ApiRoutes(
         app,
         title="Citadel rate limiting",
-        version=__version__,
         description="Users, teams, API keys, tiers and quotas; `/v1/check` and `/v1/reconcile` "
         "let another gateway share Citadel's limits. Authenticate with the admin key.",
     )
@@ -137,11 +130,11 @@ def create_app(settings: Settings, deps: RateLimitDeps) -> App:
         except TimeoutError:
             detail = f"no answer within {_ACCOUNTS_CHECK_TIMEOUT} s"
             return DependencyHealth("down", detail, critical=True)
-        return DependencyHealth("ok", _scheme(settings.accounts.database))
+        return DependencyHealth("ok", store_scheme(settings.accounts.database))
 
     async def limiter_health() -> DependencyHealth:
         await deps.limiter.ping()
-        return DependencyHealth("ok", _scheme(settings.limits.backend))
+        return DependencyHealth("ok", store_scheme(settings.limits.backend))
 
     app.health_check("accounts", accounts_health)
     app.health_check("limiter", limiter_health)
@@ -150,11 +143,6 @@ def create_app(settings: Settings, deps: RateLimitDeps) -> App:
     app.on_shutdown(deps.accounts.aclose)
     app.on_shutdown(deps.limiter.aclose)
     return app
-
-
-def _scheme(uri: str) -> str:
-    """What kind of store a URI names, without its address or credentials."""
-    return uri.partition(":")[0].partition("+")[0]
 
 
 def _guarded(auth: AdminKeyAuthenticator, handler: PathHandler) -> PathHandler:

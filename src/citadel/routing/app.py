@@ -32,7 +32,6 @@ from typing import Any, Final
 
 import orjson
 
-from citadel import __version__
 from citadel.errors import BadRequest, NotFound, StoreUnavailable, Unavailable
 from citadel.gateway.auth import AdminKeyAuthenticator
 from citadel.http.client import HttpClient
@@ -57,7 +56,7 @@ from citadel.routing.classifier import TASKS, classify
 from citadel.routing.health import HealthProber
 from citadel.routing.router import DeploymentState, Router
 from citadel.routing.shared import SharedRoutingState, SyncLoop, deployment_rows
-from citadel.service import App, DependencyHealth
+from citadel.service import App, DependencyHealth, service_app
 from citadel.settings import Model, Settings
 
 __all__ = ["RoutingDeps", "create_app", "default_deps"]
@@ -98,16 +97,10 @@ def default_deps(settings: Settings) -> RoutingDeps:
 
 def create_app(settings: Settings, deps: RoutingDeps) -> App:
     """The routing service: its admin API, /docs, /openapi.json, /health and /metrics."""
-    app = App(
-        name="routing-api",
-        registry=deps.registry,
-        max_body_bytes=settings.gateway.max_body_bytes,
-        keepalive_timeout=settings.gateway.keepalive_timeout_seconds,
-    )
+    app = service_app("routing-api", settings, deps.registry)
     api = ApiRoutes(
         app,
         title="Citadel routing",
-        version=__version__,
         description="Deployment state (breakers, health, latency, load), dry-run routing "
         "decisions, and draining. Authenticate with the admin key.",
     )
