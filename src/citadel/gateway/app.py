@@ -221,7 +221,8 @@ def create_app(settings: Settings, deps: GatewayDeps) -> App:
                 f"{stats.pending} pending, {stats.spooled} spooled, {stats.sent} sent, "
                 f"{stats.failures} failures, {stats.dropped} dropped"
             )
-            troubled = stats.spooled or stats.dropped or stats.pending > 10 * 2000
+            backlog = stats.pending > 10 * settings.metering.batch_size  # ten batches behind
+            troubled = stats.spooled or stats.dropped or backlog
             return DependencyHealth("degraded" if troubled else "ok", detail)
 
         app.health_check("usage", ledger_health)

@@ -36,7 +36,6 @@ from urllib.parse import parse_qsl
 
 import orjson
 
-from citadel import __version__
 from citadel.accounts.store import AccountStore, Team, User
 from citadel.errors import BadRequest, StoreUnavailable, Unavailable
 from citadel.gateway.auth import AdminKeyAuthenticator
@@ -75,7 +74,7 @@ from citadel.metrics import (
     Registry,
 )
 from citadel.openapi import ApiRoutes, Operation, PathHandler
-from citadel.service import App, DependencyHealth
+from citadel.service import App, DependencyHealth, service_app, store_scheme
 from citadel.settings import Settings
 from citadel.stores.redis import RedisError
 
@@ -189,16 +188,10 @@ def default_deps(settings: Settings) -> MeteringDeps:
 
 def create_app(settings: Settings, deps: MeteringDeps) -> App:
     """The custom-metrics service: the analytics API, /docs, /openapi.json, /health, /metrics."""
-    app = App(
-        name="custom-metrics",
-        registry=deps.registry,
-        max_body_bytes=settings.gateway.max_body_bytes,
-        keepalive_timeout=settings.gateway.keepalive_timeout_seconds,
-    )
+    app = service_app("custom-metrics", settings, deps.registry)
     api = ApiRoutes(
         app,
         title="Citadel custom metrics",
-        version=__version__,
         description="Usage, cost, budgets, real cost per deployment and savings against a "
         "commercial API, from the usage ledger. JSON, or CSV with `?format=csv`. Authenticate "
         "with the admin key.",
@@ -259,7 +252,7 @@ def _health_checks(
         except TimeoutError:
             detail = f"no answer within {_CHECK_TIMEOUT} s"
             return DependencyHealth("down", detail, critical=critical)
-        return DependencyHealth("ok", _scheme(uri))
+        return DependencyHealth("ok", store_scheme(uri))
 
     async def ledger() -> DependencyHealth:
         return await bounded(deps.analytics, ledger_uri(settings), critical=True)
@@ -346,11 +339,6 @@ async def _lag(writer: LedgerWriterLike | None) -> int | None:
             return await writer.lag()
     except (StoreUnavailable, RedisError, TimeoutError):
         return None
-
-
-def _scheme(uri: str) -> str:
-    """What kind of store a URI names, without its address or credentials."""
-    return uri.partition(":")[0].partition("+")[0]
 
 
 def _guarded(auth: AdminKeyAuthenticator, handler: PathHandler) -> PathHandler:
