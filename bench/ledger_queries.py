@@ -64,12 +64,6 @@ TARGET_MS = 100.0
 # The ledger's indexes on usage_events, dropped for the bulk load and built again after it.
 _EVENT_INDEXES = {
     "ix_usage_events_ts": "CREATE INDEX ix_usage_events_ts ON usage_events (ts)",
-    "ix_usage_events_team_id_ts": (
-        "CREATE INDEX ix_usage_events_team_id_ts ON usage_events (team_id, ts)"
-    ),
-    "ix_usage_events_user_id_ts": (
-        "CREATE INDEX ix_usage_events_user_id_ts ON usage_events (user_id, ts)"
-    ),
 }
 
 

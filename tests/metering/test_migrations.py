@@ -141,7 +141,7 @@ def test_empty_to_head_builds_the_schema_and_again_does_nothing(empty_database: 
 
     found = asyncio.run(describe())
     assert set(metadata.tables) <= found["tables"]
-    assert "m0002" == head() == found["revision"]
+    assert "m0003" == head() == found["revision"]
     assert [] == found["drift"]  # the migrations build exactly what schema.py declares
 
 

@@ -89,9 +89,8 @@ usage_events = Table(
     Column("usage_estimated", Boolean, nullable=False),
     Column("cost_micros", BigInteger, nullable=False),  # micro-USD charged
     PrimaryKeyConstraint("event_id", name="pk_usage_events"),
+    # Time ranges only (retention, rebuilds): by-team and by-user questions read the rollups.
     Index("ix_usage_events_ts", "ts"),
-    Index("ix_usage_events_team_id_ts", "team_id", "ts"),
-    Index("ix_usage_events_user_id_ts", "user_id", "ts"),
 )
 
 
