@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,12 +18,12 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Connection, insert, inspect, select
+from sqlalchemy import Connection, delete, insert, inspect, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from citadel.accounts.sql import build_engine
 from citadel.metering.events import UsageEvent
-from citadel.metering.ledger import COLUMNS, event_row, rebuild_rollups, rollup_rows
+from citadel.metering.ledger import COLUMNS, Ledger, event_row, rebuild_rollups, rollup_rows
 from citadel.metering.migrate import VERSION_TABLE, alembic_config, head, metering_only, upgrade
 from citadel.metering.schema import (
     FULL_KEY,
@@ -190,3 +192,63 @@ def test_m0002_fills_the_narrow_rollups_from_a_m0001_ledger(empty_database: str)
             await engine.dispose()
 
     asyncio.run(body())
+
+
+def test_migrate_rebuild_rollups_recomputes_them_from_the_events(
+    empty_database: str, tmp_path: Path
+) -> None:
+    """``citadel migrate --rebuild-rollups`` (as an operator runs it) puts back rollups that a
+    bulk load left empty or an accident damaged: equal to what the writer had built."""
+    ledger_uri = empty_database.replace("sqlite://", "sqlite+aiosqlite://", 1)
+    config = tmp_path / "citadel.yaml"
+    config.write_text(
+        f'accounts:\n  database: "sqlite+aiosqlite:///{tmp_path / "accounts.db"}"\n'
+        f'metering:\n  database: "{ledger_uri}"\n',
+        encoding="utf-8",
+    )
+
+    def citadel(*args: str) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("CITADEL_", "SQL_"))}
+        done = subprocess.run(
+            [sys.executable, "-m", "citadel", "--config", str(config), *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert 0 == done.returncode, done.stderr
+        return done
+
+    citadel("migrate")
+    rows = [event_row(e) for e in events(300)]
+
+    async def load_then_damage() -> dict[str, list[tuple[Any, ...]]]:
+        engine = build_engine(ledger_uri)
+        try:
+            await Ledger(engine).write_rows(rows)  # the writer's own rollups: the reference
+            written = await _contents(engine)
+            async with engine.begin() as conn:
+                await conn.execute(delete(usage_hourly))
+                await conn.execute(update(usage_daily).values(requests=0))
+            return written
+        finally:
+            await engine.dispose()
+
+    written = asyncio.run(load_then_damage())
+    assert written != _read(ledger_uri)
+    out = citadel("migrate", "--rebuild-rollups").stdout
+    assert "rollups rebuilt from the events" in out
+    assert written == _read(ledger_uri)
+    assert 300 == sum(row[len(FULL_KEY) + 1] for row in written["usage_daily"])
+
+
+def _read(uri: str) -> dict[str, list[tuple[Any, ...]]]:
+    async def read() -> dict[str, list[tuple[Any, ...]]]:
+        engine = build_engine(uri)
+        try:
+            return await _contents(engine)
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(read())

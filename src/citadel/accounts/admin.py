@@ -53,7 +53,14 @@ def add_arguments(commands: argparse._SubParsersAction[Any]) -> None:
         parents=[output],
         help="create or upgrade the accounts tables",
         description="Upgrade the accounts database (accounts.database, SQL_DATABASE_ENDPOINT) "
-        "to the newest schema. Safe to run again, and from several machines at once.",
+        "and the usage ledger (metering.database, else the same) to the newest schema. Safe to "
+        "run again, and from several machines at once.",
+    )
+    migrate.add_argument(
+        "--rebuild-rollups",
+        action="store_true",
+        help="then recompute every usage rollup from the ledger's events, in one transaction "
+        "(after a bulk load of events, or to repair them); stop the ledger writers first",
     )
     migrate.set_defaults(func=_cmd_migrate)
 
@@ -170,9 +177,15 @@ def _cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 
     from citadel.accounts.migrate import Upgrade, upgrade_engine
     from citadel.accounts.sql import build_engine, translate_errors
+    from citadel.metering.ledger import rebuild_rollups
     from citadel.metering.migrate import upgrade_engine as upgrade_ledger
 
     uri = settings.accounts.database
+
+    async def upgrade_and_rebuild(engine: AsyncEngine) -> Upgrade:
+        done = await upgrade_ledger(engine)
+        await rebuild_rollups(engine)
+        return done
 
     async def migrate(database: str, upgrade: Callable[[AsyncEngine], Awaitable[Upgrade]]) -> Any:
         engine = build_engine(database)
@@ -190,7 +203,9 @@ def _cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     async def run() -> dict[str, Any]:
         # The accounts first, then the usage ledger (in the same database unless metering.database).
         result = await migrate(uri, upgrade_engine)
-        result["metering"] = await migrate(settings.metering.database or uri, upgrade_ledger)
+        ledger = upgrade_and_rebuild if args.rebuild_rollups else upgrade_ledger
+        result["metering"] = await migrate(settings.metering.database or uri, ledger)
+        result["metering"]["rollups_rebuilt"] = args.rebuild_rollups
         return dict(result)
 
     try:
@@ -207,6 +222,8 @@ def _cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
         else:
             before = done["before"] or "empty"
             print(f"{where}: upgraded from {before} to revision {done['after']}")
+    if args.rebuild_rollups:
+        print(f"metering {result['metering']['database']}: rollups rebuilt from the events")
     return 0
 
 
