@@ -19,7 +19,6 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from functools import partial
 from typing import Any
 
 import orjson
@@ -81,6 +80,10 @@ def default_deps(settings: Settings) -> RateLimitDeps:
 
     uri = settings.accounts.database
     limits = settings.limits
+
+    async def upgrade_embedded() -> None:
+        await upgrade(uri)
+
     return RateLimitDeps(
         accounts=open_store_lazily(uri),
         limiter=create_limiter(
@@ -89,7 +92,7 @@ def default_deps(settings: Settings) -> RateLimitDeps:
             lease_ttl=limits.lease_ttl_seconds,
             timeout=limits.store_timeout_seconds,
         ),
-        startup=(partial(upgrade, uri),) if uri.startswith("sqlite") else (),
+        startup=(upgrade_embedded,) if uri.startswith("sqlite") else (),
     )
 
 
