@@ -1,4 +1,4 @@
-"""Helpers for tests that run Citadel as real processes on loopback ports.
+"""Helpers for tests that run Citadel as real processes on loopback ports, or need a database.
 
     port = free_port()
     proc = start_process([sys.executable, "-m", "citadel", "sim", "--port", str(port)], port)
@@ -9,10 +9,21 @@
 
 A started process's stdout and stderr go to a temporary file, readable with ``process_output``
 (to check its log lines) and quoted in the error if the process fails to start.
+
+And for tests on the shared PostgreSQL server (``CITADEL_TEST_POSTGRES``), a database of their own:
+
+    with scratch_postgres(prepare=upgrade) as uri:  # created, migrated; dropped afterwards
+        ...
+
+or, for a test parametrized over both backends, ``scratch_database("sqlite", path)`` (a new file)
+or ``scratch_database("postgresql", path)`` (the above).
+
+A test needing PostgreSQL fails, rather than skips, when the server cannot be reached.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.client
 import os
@@ -21,9 +32,30 @@ import socket
 import subprocess
 import tempfile
 import time
-from typing import IO
+import uuid
+from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import IO, Any
 
-__all__ = ["free_port", "process_output", "start_process", "stop_process"]
+import asyncpg  # type: ignore[import-untyped]  # no stubs, no py.typed
+import pytest
+
+__all__ = [
+    "POSTGRES_SERVER",
+    "free_port",
+    "postgres_admin",
+    "postgres_execute",
+    "process_output",
+    "scratch_database",
+    "scratch_postgres",
+    "start_process",
+    "stop_process",
+]
+
+Prepare = Callable[[str], Coroutine[Any, Any, object]]
+"""What readies a new database, given its URI: a migration's ``upgrade``, say."""
+
+POSTGRES_SERVER = os.environ.get("CITADEL_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
 
 _STOP_TIMEOUT = 10.0
 _POLL_INTERVAL = 0.05
@@ -102,3 +134,55 @@ def _healthy(port: int) -> bool:
         return False
     finally:
         conn.close()
+
+
+async def postgres_execute(uri: str, sql: str) -> None:
+    """Run one SQL statement on the PostgreSQL database at ``uri``."""
+    connection = await asyncpg.connect(uri, timeout=5)
+    try:
+        await connection.execute(sql)
+    finally:
+        await connection.close()
+
+
+async def postgres_admin(sql: str) -> None:
+    """Run one SQL statement on the ``postgres`` database of ``POSTGRES_SERVER``."""
+    await postgres_execute(f"{POSTGRES_SERVER}/postgres", sql)
+
+
+@contextlib.contextmanager
+def scratch_postgres(prepare: Prepare | None = None) -> Iterator[str]:
+    """Create a database of its own on ``POSTGRES_SERVER``, run ``prepare(uri)`` on it if given
+    (a migration's ``upgrade``, say), yield its URI, and drop it afterwards. Fails the test, with
+    how to start PostgreSQL, if the server cannot be reached."""
+    name = f"citadel_test_{uuid.uuid4().hex[:12]}"
+    try:
+        asyncio.run(postgres_admin(f'CREATE DATABASE "{name}"'))
+    except (OSError, asyncpg.PostgresError) as exc:
+        pytest.fail(
+            f"PostgreSQL is not reachable at {POSTGRES_SERVER}: {exc}"
+            " (start it: see README / .ci/run)"
+        )
+    uri = f"{POSTGRES_SERVER}/{name}"
+    try:
+        if prepare is not None:
+            asyncio.run(prepare(uri))
+        yield uri
+    finally:
+        asyncio.run(postgres_admin(f'DROP DATABASE "{name}" WITH (FORCE)'))
+
+
+@contextlib.contextmanager
+def scratch_database(kind: str, sqlite_file: Path, prepare: Prepare | None = None) -> Iterator[str]:
+    """A new database of ``kind``: ``"sqlite"``, at ``sqlite_file`` (which should not exist yet),
+    or ``"postgresql"``, as ``scratch_postgres``; ``prepare(uri)`` run on it if given."""
+    if kind == "postgresql":
+        with scratch_postgres(prepare) as uri:
+            yield uri
+        return
+    if kind != "sqlite":
+        raise ValueError(f"no such kind of database: {kind!r}")
+    uri = f"sqlite:///{sqlite_file}"
+    if prepare is not None:
+        asyncio.run(prepare(uri))
+    yield uri

@@ -9,15 +9,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
-import os
 import re
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
-import asyncpg
 import pytest
 
 from citadel.accounts.migrate import upgrade
@@ -31,9 +28,8 @@ from citadel.accounts.sql import (
 from citadel.accounts.store import ConflictError, NotFoundError
 from citadel.errors import ConfigError, StoreUnavailable
 
-from support import free_port
+from support import free_port, postgres_admin, postgres_execute, scratch_postgres
 
-SERVER = os.environ.get("CITADEL_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
 T0 = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
 
 Body = Callable[[SqlAccountStore], Awaitable[None]]
@@ -52,36 +48,15 @@ class Clock:
         self.now += timedelta(seconds=seconds)
 
 
-async def _admin(sql: str) -> None:
-    connection = await asyncpg.connect(f"{SERVER}/postgres", timeout=5)
-    try:
-        await connection.execute(sql)
-    finally:
-        await connection.close()
-
-
 @pytest.fixture(scope="module")
 def postgres_database() -> Iterator[str]:
     """A fresh PostgreSQL database for this module, migrated, dropped afterwards."""
-    name = f"citadel_test_{uuid.uuid4().hex[:12]}"
-    try:
-        asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
-    except (OSError, asyncpg.PostgresError) as exc:
-        pytest.skip(f"PostgreSQL is not reachable at {SERVER}: {exc}")
-    uri = f"{SERVER}/{name}"
-    try:
-        asyncio.run(upgrade(uri))
+    with scratch_postgres(prepare=upgrade) as uri:
         yield uri
-    finally:
-        asyncio.run(_admin(f'DROP DATABASE "{name}" WITH (FORCE)'))
 
 
-async def _empty(uri: str) -> None:
-    connection = await asyncpg.connect(uri, timeout=5)
-    try:
-        await connection.execute("TRUNCATE api_keys, users, teams")
-    finally:
-        await connection.close()
+def _empty(uri: str) -> None:
+    asyncio.run(postgres_execute(uri, "TRUNCATE api_keys, users, teams"))
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -92,7 +67,7 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         asyncio.run(upgrade(uri))
         return uri
     uri = str(request.getfixturevalue("postgres_database"))
-    asyncio.run(_empty(uri))
+    _empty(uri)
     return uri
 
 
@@ -361,7 +336,7 @@ def test_reads_survive_a_dropped_connection(postgres_database: str) -> None:
         _, secret = await store.create_key(user.id, name="ci")
         assert await store.find_key(digest(secret)) is not None
         name = postgres_database.rsplit("/", 1)[1]
-        await _admin(
+        await postgres_admin(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
             f"WHERE datname = '{name}' AND pid <> pg_backend_pid()"
         )
@@ -369,7 +344,7 @@ def test_reads_survive_a_dropped_connection(postgres_database: str) -> None:
         assert record is not None
         assert user == record.user
 
-    asyncio.run(_empty(postgres_database))
+    _empty(postgres_database)
     run(postgres_database, body)
 
 

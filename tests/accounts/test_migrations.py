@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -28,33 +25,16 @@ from citadel.accounts.migrate import (
 from citadel.accounts.schema import Base
 from citadel.accounts.sql import build_engine
 
-SERVER = os.environ.get("CITADEL_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
+from support import scratch_database
+
 TABLES = {"teams", "users", "api_keys", VERSION_TABLE}
-
-
-async def _admin(sql: str) -> None:
-    connection = await asyncpg.connect(f"{SERVER}/postgres", timeout=5)
-    try:
-        await connection.execute(sql)
-    finally:
-        await connection.close()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def empty_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """The URI of a database with nothing in it: a new SQLite file, or a new PostgreSQL database."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'accounts.db'}"
-        return
-    name = f"citadel_test_{uuid.uuid4().hex[:12]}"
-    try:
-        asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
-    except (OSError, asyncpg.PostgresError) as exc:
-        pytest.skip(f"PostgreSQL is not reachable at {SERVER}: {exc}")
-    try:
-        yield f"{SERVER}/{name}"
-    finally:
-        asyncio.run(_admin(f'DROP DATABASE "{name}" WITH (FORCE)'))
+    with scratch_database(request.param, tmp_path / "accounts.db") as uri:
+        yield uri
 
 
 def _describe(connection: Connection) -> dict[str, Any]:

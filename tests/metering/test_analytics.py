@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 import random
 import uuid
 from collections import defaultdict
@@ -22,7 +21,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
-import asyncpg
 import pytest
 from sqlalchemy import Table
 
@@ -54,7 +52,8 @@ from citadel.settings import (
     Tier,
 )
 
-SERVER = os.environ.get("CITADEL_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
+from support import scratch_database
+
 NOW = datetime(2024, 6, 20, 15, 37, 12, tzinfo=UTC)
 NOW_HOUR = datetime(2024, 6, 20, 15, tzinfo=UTC)
 HOUR, DAY = timedelta(hours=1), timedelta(days=1)
@@ -197,14 +196,6 @@ ALL = make_events(EVENTS)
 # -- the databases ------------------------------------------------------------------------------
 
 
-async def _admin(sql: str) -> None:
-    connection = await asyncpg.connect(f"{SERVER}/postgres", timeout=5)
-    try:
-        await connection.execute(sql)
-    finally:
-        await connection.close()
-
-
 async def _load(uri: str, events: Sequence[UsageEvent]) -> None:
     await upgrade(uri)
     engine = build_engine(uri)
@@ -226,22 +217,9 @@ def ledger(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
     """The URI of a ledger holding ALL, on each backend."""
-    if request.param == "sqlite":
-        uri = f"sqlite:///{tmp_path_factory.mktemp('ledger') / 'ledger.db'}"
-        asyncio.run(_load(uri, ALL))
+    sqlite_file = tmp_path_factory.mktemp("ledger") / "ledger.db"
+    with scratch_database(request.param, sqlite_file, lambda uri: _load(uri, ALL)) as uri:
         yield uri
-        return
-    name = f"citadel_test_{uuid.uuid4().hex[:12]}"
-    try:
-        asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
-    except (OSError, asyncpg.PostgresError) as exc:
-        pytest.skip(f"PostgreSQL is not reachable at {SERVER}: {exc}")
-    uri = f"{SERVER}/{name}"
-    try:
-        asyncio.run(_load(uri, ALL))
-        yield uri
-    finally:
-        asyncio.run(_admin(f'DROP DATABASE "{name}" WITH (FORCE)'))
 
 
 T = TypeVar("T")

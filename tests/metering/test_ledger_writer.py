@@ -14,7 +14,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import orjson
 import pytest
 from pg import PrivatePostgres, available
@@ -37,7 +36,8 @@ from citadel.metering.schema import ROLLUPS, usage_daily, usage_events, usage_ho
 from citadel.metering.writer import LedgerWriter, redis_url
 from citadel.stores.redis import RedisClient
 
-SERVER = os.environ.get("CITADEL_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
+from support import postgres_execute, scratch_postgres
+
 REDIS = os.environ.get("CITADEL_TEST_REDIS", "redis://127.0.0.1:6379/10")
 T0 = 1_717_243_200.0  # 2024-06-01 12:00:00 UTC
 
@@ -70,28 +70,11 @@ def event(i: int, *, t: float = T0, status: int = 200, user: str = "usr_a") -> U
 # -- stores -----------------------------------------------------------------------------------
 
 
-async def _admin(sql: str) -> None:
-    connection = await asyncpg.connect(f"{SERVER}/postgres", timeout=5)
-    try:
-        await connection.execute(sql)
-    finally:
-        await connection.close()
-
-
 @pytest.fixture(scope="module")
 def shared_postgres() -> Iterator[str]:
     """A fresh, migrated database on the shared PostgreSQL, dropped afterwards."""
-    name = f"citadel_test_{uuid.uuid4().hex[:12]}"
-    try:
-        asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
-    except (OSError, asyncpg.PostgresError) as exc:
-        pytest.skip(f"PostgreSQL is not reachable at {SERVER}: {exc}")
-    uri = f"{SERVER}/{name}"
-    try:
-        asyncio.run(upgrade(uri))
+    with scratch_postgres(prepare=upgrade) as uri:
         yield uri
-    finally:
-        asyncio.run(_admin(f'DROP DATABASE "{name}" WITH (FORCE)'))
 
 
 @pytest.fixture(scope="module")
@@ -118,12 +101,8 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 async def _truncate(uri: str) -> None:
-    connection = await asyncpg.connect(uri, timeout=5)
-    try:
-        tables = ", ".join(["usage_events", *(t.name for t, _ in ROLLUPS)])
-        await connection.execute(f"TRUNCATE {tables}")
-    finally:
-        await connection.close()
+    tables = ", ".join(["usage_events", *(t.name for t, _ in ROLLUPS)])
+    await postgres_execute(uri, f"TRUNCATE {tables}")
 
 
 @pytest.fixture

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-import asyncpg
 import orjson
 import pytest
 
@@ -41,11 +40,10 @@ from citadel.metering.writer import WriterStats
 from citadel.settings import load_settings
 from citadel.stores.redis import RedisClient
 
-from support import free_port, process_output, start_process, stop_process
+from support import free_port, process_output, scratch_postgres, start_process, stop_process
 
 ADMIN = "sk-test-admin"
 ENV = {"CITADEL_ADMIN_KEY": ADMIN, "CITADEL_ENV": "test", "REDIS_ENDPOINT": ""}
-POSTGRES = os.environ.get("CITADEL_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
 REDIS = "redis://127.0.0.1:6379/11"
 CONFIG = """
 models:
@@ -547,26 +545,11 @@ def test_business_metrics_agree_with_the_events(seeded: Seeded) -> None:
 # -- Redis, PostgreSQL and the writer in-process --------------------------------------------
 
 
-async def _admin(sql: str) -> None:
-    connection = await asyncpg.connect(f"{POSTGRES}/postgres", timeout=5)
-    try:
-        await connection.execute(sql)
-    finally:
-        await connection.close()
-
-
 @pytest.fixture
 def postgres_database() -> Iterator[str]:
     """A fresh PostgreSQL database, dropped afterwards."""
-    name = f"citadel_test_{uuid.uuid4().hex[:12]}"
-    try:
-        asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
-    except (OSError, asyncpg.PostgresError) as exc:
-        pytest.skip(f"PostgreSQL is not reachable at {POSTGRES}: {exc}")
-    try:
-        yield f"{POSTGRES}/{name}"
-    finally:
-        asyncio.run(_admin(f'DROP DATABASE "{name}" WITH (FORCE)'))
+    with scratch_postgres() as uri:
+        yield uri
 
 
 async def _xadd(stream: str, events: list[UsageEvent]) -> None:

@@ -7,7 +7,6 @@ another's.
 
 from __future__ import annotations
 
-import asyncio
 import http.client
 import os
 import subprocess
@@ -20,17 +19,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import orjson
 import pytest
 
 from citadel.accounts.migrate import upgrade
 
-from support import free_port, process_output, start_process, stop_process
+from support import free_port, process_output, scratch_postgres, start_process, stop_process
 
 ADMIN = "sk-test-admin"
 REDIS = "redis://127.0.0.1:6379/14"
-POSTGRES = "postgresql://postgres@127.0.0.1:5432"
 CONFIG = """
 tiers:
   tiny:
@@ -731,28 +728,11 @@ def test_an_unreachable_accounts_database_is_a_503_and_takes_health_down(tmp_pat
 # -- PostgreSQL --------------------------------------------------------------------------------
 
 
-async def _admin_sql(sql: str) -> None:
-    connection = await asyncpg.connect(f"{POSTGRES}/postgres", timeout=5)
-    try:
-        await connection.execute(sql)
-    finally:
-        await connection.close()
-
-
 @pytest.fixture
 def postgres_database() -> Iterator[str]:
     """A fresh, migrated PostgreSQL database, dropped afterwards."""
-    name = f"citadel_ratelimit_{uuid.uuid4().hex[:12]}"
-    try:
-        asyncio.run(_admin_sql(f'CREATE DATABASE "{name}"'))
-    except (OSError, asyncpg.PostgresError) as exc:
-        pytest.skip(f"PostgreSQL is not reachable at {POSTGRES}: {exc}")
-    uri = f"{POSTGRES}/{name}"
-    try:
-        asyncio.run(upgrade(uri))
+    with scratch_postgres(prepare=upgrade) as uri:
         yield uri
-    finally:
-        asyncio.run(_admin_sql(f'DROP DATABASE "{name}" WITH (FORCE)'))
 
 
 def test_on_postgresql_users_keys_and_checks_work(tmp_path: Path, postgres_database: str) -> None:
