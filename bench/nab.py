@@ -8,6 +8,8 @@ instead of running a detector (``reference/contextOSE`` must give 75.4 / 72.7 / 
 
     .venv/bin/python bench/nab.py --data ../shared/nab/data \\
         --windows ../shared/nab/labels/combined_windows.json [--out DIR] [--detector records]
+
+``--detector records-basic`` runs the former five-signal default, for comparison.
 """
 
 from __future__ import annotations
