@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import shutil
@@ -242,6 +243,15 @@ def _run(main: Coroutine[Any, Any, None]) -> None:
         uvloop.run(main)
 
 
+def _freeze_startup_objects() -> None:
+    """Keep what start-up built (modules, settings, pools: most of the process's objects) out of
+    every later garbage collection. Without it, each collection of the oldest generation walked
+    them all: pauses of 20-60 ms, a few per second under load, that made the gateway's p99 at
+    concurrency 1 about a hundred times its p50 (bench/gateway_overhead.py)."""
+    gc.collect()
+    gc.freeze()
+
+
 async def _serve_worker(
     factory: AppFactory,
     host: str,
@@ -252,6 +262,7 @@ async def _serve_worker(
 ) -> None:
     app = factory()
     await app.startup()
+    _freeze_startup_objects()
     server = HttpServer(
         app, max_body_bytes=app.max_body_bytes, keepalive_timeout=app.keepalive_timeout
     )

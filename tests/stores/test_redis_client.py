@@ -13,6 +13,8 @@ import pytest
 from citadel.errors import ConfigError, StoreUnavailable
 from citadel.stores.redis import RedisClient, RedisError, Script, encode_command
 
+from support import free_port
+
 REDIS_URL = "redis://127.0.0.1:6379/15"
 
 
@@ -64,6 +66,41 @@ def test_a_thousand_concurrent_commands_get_their_own_replies_in_order() -> None
     incrs, echoes = run(body)
     assert list(range(1, 1001)) == incrs
     assert [f"{echo}{i}".encode() for i in range(1000)] == echoes
+
+
+def test_a_pipeline_returns_every_reply_in_order_with_errors_in_place() -> None:
+    """One write, many commands: the replies in order, an error reply returned where it fell,
+    and the connection usable afterwards; a batch mixed with concurrent single calls too."""
+    counter, text = key("counter"), key("text")
+
+    async def body(client: RedisClient) -> tuple[list[Any], Any, Any]:
+        await client.execute("SET", text, "not a number")
+        commands: list[tuple[str, ...]] = [("INCR", counter)] * 600
+        commands[300] = ("INCR", text)
+        replies, single = await asyncio.gather(
+            client.pipeline(commands), client.execute("ECHO", "between")
+        )
+        return replies, single, await client.execute("GET", counter)
+
+    replies, single, final = run(body)
+    assert list(range(1, 301)) == replies[:300]
+    assert isinstance(replies[300], RedisError)
+    assert list(range(301, 600)) == replies[301:]
+    assert (b"between", b"599") == (single, final)
+
+
+def test_a_pipeline_to_a_server_that_is_down_raises_store_unavailable() -> None:
+    """No Redis: the pipeline fails as a whole, like a single call."""
+
+    async def main() -> None:
+        client = RedisClient("127.0.0.1", free_port(), timeout=0.2)
+        try:
+            with pytest.raises(StoreUnavailable):
+                await client.pipeline([("PING",), ("PING",)])
+        finally:
+            await client.aclose()
+
+    asyncio.run(main())
 
 
 def test_replies_are_decoded_by_type() -> None:

@@ -77,6 +77,7 @@ WIRE_VERSION = 1
 DEFAULT_TIMEOUT = 30.0  # seconds for one batch, connecting included
 _DEADLOCK_RETRIES = 3
 _SQLITE_IN_CHUNK = 500  # ids per "event_id IN (...)" lookup (SQLite's parameter limit)
+_SQLITE_SLICE = 250  # rows per executemany: what the event loop is held up by at a time
 
 # usage_events' columns, in the order of ``event_row`` and of the table.
 COLUMNS = (
@@ -540,19 +541,26 @@ class Ledger:
                 new = [r for r in rows if r[0] not in known]
                 if not new:
                     return 0
-                await conn.execute(
-                    insert(usage_events), [dict(zip(COLUMNS, r, strict=True)) for r in new]
-                )
+                # In slices: SQLAlchemy prepares the parameters on the event loop's thread, and
+                # a whole batch at once held a gateway's requests up for tens of milliseconds.
+                for start in range(0, len(new), _SQLITE_SLICE):
+                    await conn.execute(
+                        insert(usage_events),
+                        [
+                            dict(zip(COLUMNS, r, strict=True))
+                            for r in new[start : start + _SQLITE_SLICE]
+                        ],
+                    )
                 for table, width in ROLLUPS:
                     key = rollup_key(table)
                     upsert = sqlite_insert(table)
-                    await conn.execute(
-                        upsert.on_conflict_do_update(
-                            index_elements=["bucket", *key],
-                            set_={c: table.c[c] + upsert.excluded[c] for c in MEASURES},
-                        ),
-                        rollup_rows(new, width, key),
+                    statement = upsert.on_conflict_do_update(
+                        index_elements=["bucket", *key],
+                        set_={c: table.c[c] + upsert.excluded[c] for c in MEASURES},
                     )
+                    sums = rollup_rows(new, width, key)
+                    for start in range(0, len(sums), _SQLITE_SLICE):
+                        await conn.execute(statement, sums[start : start + _SQLITE_SLICE])
                 return len(new)
 
     async def ping(self) -> None:

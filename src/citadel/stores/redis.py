@@ -15,6 +15,7 @@ costs about half (see PERFORMANCE.md). It does only what the limiter needs:
     client = RedisClient.from_url("redis://:secret@127.0.0.1:6379/0", timeout=0.25)
     await client.execute("SET", "key", 1)
     await client.evalsha(script, keys=["key"], args=[2])
+    await client.pipeline([("XADD", "s", "*", "f", "v1"), ("XADD", "s", "*", "f", "v2")])
     await client.aclose()
 """
 
@@ -147,6 +148,18 @@ class _Connection(asyncio.Protocol):
             self._timer = self.loop.call_at(deadline, self._check_deadline)
         return future
 
+    def send_many(self, data: Sequence[bytes]) -> list[asyncio.Future[Any]]:
+        """Write encoded commands in one go; a future per command gets its reply."""
+        if self.closed or self._transport is None:
+            raise StoreUnavailable(_STORE, f"connection to {self._where} is closed")
+        deadline = self.loop.time() + self._timeout
+        futures = [self.loop.create_future() for _ in data]
+        self._pending.extend((future, deadline) for future in futures)
+        self._transport.write(b"".join(data))
+        if self._timer is None:
+            self._timer = self.loop.call_at(deadline, self._check_deadline)
+        return futures
+
     def _check_deadline(self) -> None:
         # One timer watches the oldest pending reply: the ones behind it cannot be earlier.
         self._timer = None
@@ -228,6 +241,22 @@ class RedisClient:
         if conn is None or conn.closed or conn.loop is not asyncio.get_running_loop():
             conn = await self._connect()
         return await conn.send(encode_command(args))
+
+    async def pipeline(self, commands: Sequence[Sequence[Arg]]) -> list[Any]:
+        """Send ``commands`` in one write and return their replies in order; an error reply is
+        returned as a ``RedisError``, not raised. A lost connection or a late reply raises
+        StoreUnavailable, as for ``execute``. No task per command: cheap for thousands."""
+        conn = self._conn
+        if conn is None or conn.closed or conn.loop is not asyncio.get_running_loop():
+            conn = await self._connect()
+        futures = conn.send_many([encode_command(list(c)) for c in commands])
+        replies = await asyncio.gather(*futures, return_exceptions=True)
+        for reply in replies:
+            if isinstance(reply, StoreUnavailable):
+                raise reply
+            if isinstance(reply, BaseException) and not isinstance(reply, Exception):
+                raise reply  # cancelled
+        return replies
 
     async def evalsha(self, script: Script, keys: Sequence[Arg], args: Sequence[Arg]) -> Any:
         """Run ``script`` by its SHA1, loading it once if the server does not know it."""
