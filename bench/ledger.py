@@ -42,7 +42,7 @@ import asyncpg
 import orjson
 
 from citadel.accounts.sql import build_engine
-from citadel.metering.events import UsageEvent
+from citadel.metering.events import UsageEvent, new_event_id
 from citadel.metering.ledger import COLUMNS, Ledger, decode_row, encode_event, event_row
 from citadel.metering.migrate import upgrade
 from citadel.metering.schema import ROLLUPS
@@ -91,7 +91,7 @@ def make_events(
         streamed = rng.random() < 0.5
         events.append(
             UsageEvent(
-                event_id=rng.randbytes(16).hex(),
+                event_id=new_event_id(start + i / rate, rng.randbytes(10)),
                 time=start + i / rate,
                 request_id=f"req-{i}",
                 user=f"usr_{user:016x}",

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
@@ -59,7 +58,7 @@ from citadel.http.client import (
 from citadel.http.server import Request, Response, StreamResponse
 from citadel.limits.decision import LimitDecision, Limiter, Limits, Reservation
 from citadel.limits.policy import cost_micros, ratelimit_headers, refusal_message
-from citadel.metering.events import UsageEvent, UsageSink
+from citadel.metering.events import UsageEvent, UsageSink, new_event_id
 from citadel.metrics import (
     GATEWAY_CLIENT_DISCONNECTS,
     GATEWAY_IN_FLIGHT,
@@ -860,7 +859,7 @@ class _Call:
         try:
             sink.emit(
                 UsageEvent(
-                    event_id=os.urandom(16).hex(),
+                    event_id=new_event_id(self.wall),
                     time=self.wall,
                     request_id=self.request.request_id,
                     user=self.principal.user,
