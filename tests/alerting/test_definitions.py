@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from citadel.alerting.definitions import LedgerQuery, parse_alerting
 from citadel.errors import ConfigError
+from citadel.settings import load_settings
 
 
 def rule(**fields: Any) -> dict[str, Any]:
@@ -129,3 +131,12 @@ def test_the_message_says_what_was_expected() -> None:
     """The error names the key, the value and the expectation."""
     with pytest.raises(ConfigError, match=r"alerting\.rules\[0\]\.direction='up'.*above, below"):
         parse_alerting({"rules": [rule(direction="up")]})
+
+
+def test_the_shipped_example_has_valid_rules() -> None:
+    """citadel.example.yaml's alerting section parses into its two rules, one of each kind."""
+    example = Path(__file__).resolve().parents[2] / "citadel.example.yaml"
+    rules = parse_alerting(load_settings(str(example), {}).alerting).rules
+    assert [("GatewayLatencyRising", "forecast"), ("TrafficAnomaly", "anomaly")] == [
+        (r.name, r.kind) for r in rules
+    ]
