@@ -12,7 +12,8 @@ from functools import partial
 from citadel.accounts.store import AccountStore
 from citadel.errors import StoreUnavailable
 from citadel.gateway.auth import AdminKeyAuthenticator, Authenticator, KeyAuthenticator
-from citadel.gateway.proxy import UPSTREAM_PATHS, Gateway
+from citadel.gateway.proxy import Gateway
+from citadel.gateway.upstream import UPSTREAM_PATHS
 from citadel.http.client import HttpClient
 from citadel.limits.decision import Limiter
 from citadel.metering.events import UsageSink

@@ -1,0 +1,401 @@
+"""One forwarded request's state, from admission to its usage event: ``Call``.
+
+Non-streaming requests have their body relayed whole. Streaming requests ask the upstream for usage
+(``stream_options.include_usage``, see ``citadel.openai.requests``), relay every SSE event as it
+arrives, drop the usage event when the client did not ask for it, and count tokens themselves when
+the stream ends without one. A client that goes away cancels the task serving it (see
+``citadel.http.server``): the upstream response is then closed, which closes its connection and
+stops the generation upstream.
+
+Once a stream has started, a failure (the total timeout, a stall past the first-byte timeout, a
+broken connection, an event that is not JSON) ends it with an SSE error event rather than a silent
+cut; a failure before any byte reached the client is a 502 or a 504.
+
+However the request ends (done, failed upstream, client gone), ``Call.finish`` runs exactly once: it
+tells the router how the attempt went, records the metrics, has the gateway reconcile the limits
+reservation and emits the usage event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncGenerator
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from citadel.errors import UpstreamError, UpstreamTimeout
+from citadel.gateway.auth import Principal
+from citadel.http.client import ProtocolError, ReadTimeout, UpstreamResponse
+from citadel.http.server import Request, Response
+from citadel.limits.decision import LimitDecision
+from citadel.limits.policy import cost_micros, ratelimit_headers
+from citadel.metering.events import UsageEvent, new_event_id
+from citadel.openai.requests import Endpoint, ParsedRequest
+from citadel.openai.sse import SseDecoder, encode_data, event_data, inspect_chunk
+from citadel.openai.tokens import estimate_prompt_tokens, estimate_tokens
+from citadel.routing.router import DeploymentState
+from citadel.settings import Model
+
+if TYPE_CHECKING:
+    from citadel.gateway.proxy import Gateway
+    from citadel.gateway.upstream import Target
+
+_log = logging.getLogger("citadel.gateway")
+
+
+class _MalformedEventError(Exception):
+    """An upstream SSE event that is not JSON."""
+
+
+class Call:
+    """The state of one forwarded request, from admission to its usage event."""
+
+    __slots__ = (
+        "attempt_started",
+        "completion_tokens",
+        "deadline",
+        "endpoint",
+        "finished",
+        "first_token_at",
+        "gateway",
+        "gauge_model",
+        "limit_decision",
+        "model",
+        "parsed",
+        "principal",
+        "prompt_tokens",
+        "request",
+        "request_id",
+        "selection",
+        "started",
+        "target",
+        "usage_estimated",
+        "wall",
+    )
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        endpoint: Endpoint,
+        request: Request,
+        parsed: ParsedRequest,
+        model: Model,
+        principal: Principal,
+        started: float,
+        wall: float,
+    ) -> None:
+        self.gateway = gateway
+        self.endpoint = endpoint
+        self.request = request
+        self.request_id = request.request_id.encode()
+        self.parsed = parsed
+        self.model = model
+        self.principal = principal
+        self.started = started
+        self.wall = wall
+        self.deadline = started + model.timeouts.total
+        self.target: Target | None = None
+        self.limit_decision: LimitDecision | None = None
+        self.selection: DeploymentState | None = None
+        self.attempt_started = started
+        self.gauge_model = model.name
+        self.finished = False
+        self.first_token_at: float | None = None
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.usage_estimated = False
+
+    def response_headers(self) -> list[tuple[bytes, bytes]]:
+        assert self.target is not None
+        headers = [
+            (b"x-citadel-model", self.model.name.encode()),
+            (b"x-citadel-deployment", self.target.deployment.name.encode()),
+        ]
+        if self.limit_decision is not None:
+            headers += ratelimit_headers(self.limit_decision)
+        return headers
+
+    # -- non-streaming -----------------------------------------------------------------------
+
+    async def whole(self, upstream: UpstreamResponse) -> Response:
+        target = self.target
+        assert target is not None
+        gateway = self.gateway
+        try:
+            async with asyncio.timeout(self.deadline - time.perf_counter()):
+                raw = await upstream.read()
+        except TimeoutError as exc:
+            gateway.upstream.count_error(target, "timeout_total")
+            self.finish(target, 504)
+            raise UpstreamTimeout(
+                f"Deployment '{target.deployment.name}' of model '{self.model.name}' did not "
+                f"finish within the total timeout of {self.model.timeouts.total:g} s.",
+                code="upstream_total_timeout",
+            ) from exc
+        except (ProtocolError, ReadTimeout) as exc:
+            kind = "timeout_first_byte" if isinstance(exc, ReadTimeout) else "disconnect"
+            gateway.upstream.count_error(target, kind)
+            self.finish(target, 502)
+            raise UpstreamError(
+                f"Deployment '{target.deployment.name}' of model '{self.model.name}' broke off "
+                f"its response: {exc}.",
+                code="upstream_protocol_error",
+            ) from exc
+        except asyncio.CancelledError:
+            self.cancelled()
+            self.finish(target, 499)
+            raise
+        finally:
+            await upstream.aclose()
+        try:
+            doc = orjson.loads(raw)
+            if not isinstance(doc, dict):
+                raise TypeError("not an object")
+        except (orjson.JSONDecodeError, TypeError) as exc:
+            gateway.upstream.count_error(target, "malformed")
+            self.finish(target, 502)
+            raise UpstreamError(
+                f"Deployment '{target.deployment.name}' of model '{self.model.name}' sent a "
+                "malformed response body (not a JSON object).",
+                code="upstream_malformed_body",
+            ) from exc
+        self._take_usage(doc.get("usage"))
+        if self.prompt_tokens == 0 and self.completion_tokens == 0:
+            self._estimate_from(doc)
+        if doc.get("model") != self.parsed.model:
+            doc["model"] = self.parsed.model
+            raw = orjson.dumps(doc)
+        self.finish(target, 200)
+        return Response(200, raw, self.response_headers())
+
+    def _estimate_from(self, doc: dict[str, Any]) -> None:
+        self.usage_estimated = True
+        self.prompt_tokens = estimate_prompt_tokens(self.parsed)
+        texts: list[str] = []
+        for choice in doc.get("choices") or ():
+            if isinstance(choice, dict):
+                message = choice.get("message")
+                if isinstance(message, dict) and isinstance(message.get("content"), str):
+                    texts.append(message["content"])
+                elif isinstance(choice.get("text"), str):
+                    texts.append(choice["text"])
+        self.completion_tokens = sum(estimate_tokens(t) for t in texts)
+
+    def _take_usage(self, usage: object) -> None:
+        if isinstance(usage, dict):
+            prompt = usage.get("prompt_tokens")
+            completion = usage.get("completion_tokens", 0)
+            if isinstance(prompt, int) and isinstance(completion, int):
+                self.prompt_tokens = prompt
+                self.completion_tokens = completion
+
+    # -- streaming ---------------------------------------------------------------------------
+
+    async def relay(self, upstream: UpstreamResponse) -> AsyncGenerator[bytes, None]:
+        """Pass SSE events through as they arrive; see the module docstring for the rules."""
+        target = self.target
+        assert target is not None
+        gateway = self.gateway
+        wants_usage = self.parsed.include_usage
+        decoder = SseDecoder()
+        saw_usage = False
+        pieces = 0
+        texts: list[str] = []
+        status = 200
+        delivered = False  # the [DONE] sentinel has gone to the client: the stream is complete
+        chunks = upstream.__aiter__()
+        try:
+            while True:
+                try:
+                    remaining = self.deadline - time.perf_counter()
+                    if remaining < self.model.timeouts.first_byte:
+                        async with asyncio.timeout(remaining):
+                            chunk = await chunks.__anext__()
+                    else:
+                        chunk = await chunks.__anext__()
+                except StopAsyncIteration:
+                    break
+                out: list[bytes] = []
+                done = False
+                for block in decoder.feed(chunk):
+                    payload = event_data(block)
+                    if payload is None:
+                        out.append(block)
+                        continue
+                    info = inspect_chunk(payload)
+                    done = done or info.is_done
+                    if info.malformed:
+                        raise _MalformedEventError(payload[:80].decode("utf-8", "replace"))
+                    if info.usage is not None:
+                        saw_usage = True
+                        self._take_usage(info.usage)
+                        if info.is_usage_only and not wants_usage:
+                            continue
+                    if info.content_pieces:
+                        if self.first_token_at is None:
+                            self.first_token_at = time.perf_counter()
+                        pieces += info.content_pieces
+                        texts.append(info.text)
+                    out.append(block)
+                if out:
+                    yield b"".join(out)
+                    delivered = delivered or done
+        except (asyncio.CancelledError, GeneratorExit):
+            # A client that leaves after [DONE] (while the upstream's end is still on its way)
+            # got the whole stream: that is a success, not a cancellation.
+            if not delivered:
+                self.cancelled()
+                status = 499
+            raise
+        except _MalformedEventError:
+            status = 502
+            gateway.upstream.count_error(target, "malformed")
+            yield encode_data(
+                self._stream_error(_MalformedEventError("an event was not JSON"), status)
+            )
+        except (TimeoutError, ReadTimeout, ProtocolError) as exc:
+            status = 504 if isinstance(exc, TimeoutError | ReadTimeout) else 502
+            kind = {504: "timeout_total" if isinstance(exc, TimeoutError) else "timeout_first_byte"}
+            gateway.upstream.count_error(target, kind.get(status, "disconnect"))
+            yield encode_data(self._stream_error(exc, status))
+        finally:
+            await upstream.aclose()
+            if not saw_usage:
+                self.usage_estimated = True
+                self.prompt_tokens = estimate_prompt_tokens(self.parsed)
+                # Upstreams stream about one token per event; count text when they bundle more.
+                self.completion_tokens = max(pieces, estimate_tokens("".join(texts)))
+            gateway.in_flight.dec((self.gauge_model,))
+            self.finish(target, status)
+
+    def _route_outcome(self, state: DeploymentState, status: int) -> None:
+        """Tell the router how the attempt that got a response head ended."""
+        router = self.gateway.router
+        now = time.monotonic()
+        if status == 499:
+            router.release(state, now)
+            return
+        ended = time.perf_counter()
+        latency = (
+            self.first_token_at - self.attempt_started
+            if self.first_token_at is not None
+            else ended - self.attempt_started
+        )
+        router.end(state, now, success=status < 500, latency=latency, error=str(status))
+
+    def _stream_error(self, exc: Exception, status: int) -> bytes:
+        assert self.target is not None
+        where = f"deployment '{self.target.deployment.name}' of model '{self.model.name}'"
+        if isinstance(exc, TimeoutError):
+            message = f"The stream from {where} passed the total timeout."
+        elif isinstance(exc, ReadTimeout):
+            message = f"The stream from {where} stalled past the first-byte timeout."
+        elif isinstance(exc, _MalformedEventError):
+            message = f"The stream from {where} sent a malformed event: {exc}."
+        else:
+            message = f"The stream from {where} broke off: {exc}."
+        code = "upstream_timeout" if status == 504 else "upstream_stream_broken"
+        return orjson.dumps(
+            {"error": {"message": message, "type": "upstream_error", "param": None, "code": code}}
+        )
+
+    # -- metering ----------------------------------------------------------------------------
+
+    def cancelled(self) -> None:
+        self.gateway.disconnects.inc((self.model.name,))
+
+    def finish(self, target: Target | None, status: int) -> None:
+        """Record metrics, reconcile limits and emit the usage event; never raises or blocks."""
+        if self.finished:
+            return
+        self.finished = True
+        gateway = self.gateway
+        if self.limit_decision is not None and self.limit_decision.reservation is not None:
+            gateway.reconcile(self, self.limit_decision.reservation)
+        if self.selection is not None:
+            self._route_outcome(self.selection, status)
+        now = time.perf_counter()
+        elapsed = now - self.started
+        labels = target.labels if target is not None else (self.model.name, "")
+        gateway.requests.inc((self.endpoint, *labels, str(status)))
+        gateway.duration.observe((self.endpoint, *labels), elapsed)
+        ttft: float | None = None
+        if self.first_token_at is not None:
+            ttft = self.first_token_at - self.started
+            gateway.ttft.observe(labels, ttft)
+            if self.completion_tokens > 1:
+                tpot = (now - self.first_token_at) / (self.completion_tokens - 1)
+                gateway.tpot.observe(labels, tpot)
+        if self.prompt_tokens or self.completion_tokens:
+            gateway.tokens.observe((*labels, "input"), self.prompt_tokens)
+            gateway.tokens_total.inc((*labels, "input"), self.prompt_tokens)
+            if self.endpoint != "embedding":
+                gateway.tokens.observe((*labels, "output"), self.completion_tokens)
+                gateway.tokens_total.inc((*labels, "output"), self.completion_tokens)
+        sink = gateway.usage
+        if sink is None or target is None:
+            return
+        price = target.deployment.price or self.model.price
+        try:
+            sink.emit(
+                UsageEvent(
+                    event_id=new_event_id(self.wall),
+                    time=self.wall,
+                    request_id=self.request.request_id,
+                    user=self.principal.user,
+                    team=self.principal.team,
+                    key_id=self.principal.key_id,
+                    tier=self.principal.tier,
+                    endpoint=self.endpoint,
+                    model=self.model.name,
+                    deployment=target.deployment.name,
+                    prompt_tokens=self.prompt_tokens,
+                    completion_tokens=self.completion_tokens,
+                    latency_seconds=elapsed,
+                    ttft_seconds=ttft,
+                    status=status,
+                    streamed=self.parsed.stream,
+                    cancelled=status == 499,
+                    usage_estimated=self.usage_estimated,
+                    cost_micros=cost_micros(price, self.prompt_tokens, self.completion_tokens),
+                )
+            )
+        except Exception:  # metering must never break a response
+            _log.exception("usage sink failed")
+
+
+class StreamBody:
+    """The relay as a stream body that cleans up even when it is closed before it started.
+
+    An async generator closed before its first step never runs its ``finally``; the server closes
+    a body it will not send (the client left first), and the upstream must be released then too.
+    """
+
+    __slots__ = ("_call", "_relay", "_started", "_upstream")
+
+    def __init__(self, call: Call, upstream: UpstreamResponse) -> None:
+        self._call = call
+        self._upstream = upstream
+        self._relay = call.relay(upstream)
+        self._started = False
+
+    def __aiter__(self) -> StreamBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        self._started = True
+        return await self._relay.__anext__()
+
+    async def aclose(self) -> None:
+        if self._started:
+            await self._relay.aclose()
+            return
+        self._started = True
+        await self._upstream.aclose()
+        call = self._call
+        call.cancelled()
+        call.gateway.in_flight.dec((call.gauge_model,))
+        call.finish(call.target, 499)

@@ -1,0 +1,268 @@
+"""Upstream attempts: the first 200 response head from a deployment of the model or its fallbacks.
+
+Timeouts: ``connect`` bounds opening a connection, ``first_byte`` bounds the wait for the response
+head (and any one stall of the body), ``total`` bounds the whole request. Each is a 504 when it
+fires before the response started (what happens once it has started is ``citadel.gateway.call``'s).
+
+A connection failure (nothing was sent) is retried on another deployment of the model, if any; so
+are a 5xx and a 429. When the model has none left, its fallback models the caller may use are tried
+in order, while the attempt limit, the router's retry budget and the deadline allow. A refusal of
+the request itself (a 4xx) is not retried: another deployment would refuse it too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import orjson
+
+from citadel.errors import ApiError, BadRequest, Unavailable, UpstreamError, UpstreamTimeout
+from citadel.http.client import (
+    ConnectError,
+    ConnectTimeout,
+    HttpClient,
+    Origin,
+    ProtocolError,
+    ReadTimeout,
+    UpstreamResponse,
+)
+from citadel.metrics import GATEWAY_UPSTREAM_ERRORS, Registry
+from citadel.openai.requests import Endpoint, with_upstream_fields
+from citadel.routing.router import Router
+from citadel.settings import Deployment, Model, Settings
+
+if TYPE_CHECKING:
+    from citadel.gateway.call import Call
+
+UPSTREAM_PATHS: dict[Endpoint, str] = {
+    "chat": "/v1/chat/completions",
+    "completion": "/v1/completions",
+    "embedding": "/v1/embeddings",
+}
+# Headers the gateway sets itself or that describe the hop; all other x-* headers pass through.
+_NOT_FORWARDED_PREFIXES = (b"x-citadel-", b"x-forwarded-", b"x-request-id", b"x-real-ip")
+_ERROR_BODY_LIMIT = 64 * 1024
+
+
+@dataclass(slots=True)
+class Target:
+    """A deployment with its parsed origin and the label tuples its metrics use."""
+
+    deployment: Deployment
+    origin: Origin
+    labels: tuple[str, str]
+
+
+class _Attempt(Exception):
+    """A failure before any byte reached the client; ``retry`` says another deployment may try."""
+
+    def __init__(self, error: ApiError, *, retry: bool, upstream_fault: bool = True) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.retry = retry
+        # False when the upstream did its job (e.g. it rejected the caller's bad request).
+        self.counts_against_upstream = upstream_fault
+
+
+class Upstream:
+    """Opens a request's upstream response through the router, and counts upstream errors."""
+
+    def __init__(
+        self, settings: Settings, *, client: HttpClient, router: Router, registry: Registry
+    ) -> None:
+        self._settings = settings
+        self._client = client
+        self._router = router
+        self._max_attempts = settings.routing.max_attempts
+        self._targets = {
+            d.name: Target(d, Origin.parse(d.url), (m.name, d.name))
+            for m in settings.models
+            for d in m.deployments
+        }
+        self._errors = registry.counter(GATEWAY_UPSTREAM_ERRORS)
+
+    async def open(self, call: Call) -> tuple[Target, UpstreamResponse]:
+        """The first upstream response head that is a 200, trying other deployments and then
+        fallback models while the attempt limit, the retry budget and the deadline allow."""
+        router = self._router
+        now = time.monotonic()
+        router.original_request(now)
+        attempts = 0
+        failure: ApiError | None = None
+        chain = [call.model, *self._fallbacks(call)]
+        for model in chain:
+            tried: frozenset[str] = frozenset()
+            while attempts < self._max_attempts:
+                selection = router.select(model, tried, time.monotonic())
+                if selection is None:
+                    break
+                if attempts and not router.may_retry(call.model.name, time.monotonic()):
+                    assert failure is not None
+                    router.release(selection.state, time.monotonic())
+                    call.finish(None, failure.status)
+                    raise failure
+                attempts += 1
+                state = selection.state
+                target = self._targets[state.name]
+                call.model = model
+                router.begin(state)
+                began = time.perf_counter()
+                try:
+                    response = await self._send(target, call)
+                except _Attempt as attempt:
+                    router.end(
+                        state,
+                        time.monotonic(),
+                        success=not attempt.counts_against_upstream,
+                        latency=time.perf_counter() - began,
+                        error=attempt.error.message,
+                    )
+                    failure = attempt.error
+                    if not attempt.retry or time.perf_counter() >= call.deadline:
+                        call.finish(target, failure.status)
+                        raise failure from attempt
+                    tried |= {state.name}
+                    continue
+                except BaseException:
+                    router.release(state, time.monotonic())
+                    raise
+                call.selection = state
+                call.attempt_started = began
+                return target, response
+        if failure is None:
+            failure = Unavailable(
+                f"No deployment of model '{call.model.name}' can take requests now: all are "
+                "drained, unhealthy or have an open circuit.",
+                code="no_deployment_available",
+            )
+        call.finish(None, failure.status)
+        raise failure
+
+    def _fallbacks(self, call: Call) -> list[Model]:
+        """The model's fallbacks the caller may use, in order."""
+        models = []
+        for name in call.model.fallbacks:
+            model = self._settings.model(name)
+            if model is not None and call.principal.may_use(model.name, *model.aliases):
+                models.append(model)
+        return models
+
+    async def _send(self, target: Target, call: Call) -> UpstreamResponse:
+        deployment = target.deployment
+        timeouts = call.model.timeouts
+        headers = [(b"content-type", b"application/json"), (b"x-request-id", call.request_id)]
+        if deployment.api_key:
+            headers.append((b"authorization", b"Bearer " + deployment.api_key.encode()))
+        for name, value in call.request.headers.items():
+            if name.startswith(b"x-") and not name.startswith(_NOT_FORWARDED_PREFIXES):
+                headers.append((name, value))
+        body = with_upstream_fields(call.parsed, deployment.upstream_model)
+        remaining = call.deadline - time.perf_counter()
+        try:
+            response = await self._client.request(
+                "POST",
+                target.origin,
+                UPSTREAM_PATHS[call.endpoint],
+                headers,
+                body,
+                connect_timeout=min(timeouts.connect, remaining),
+                first_byte_timeout=min(timeouts.first_byte, remaining),
+            )
+        except ConnectTimeout as exc:
+            self.count_error(target, "timeout_connect")
+            raise _Attempt(
+                UpstreamTimeout(
+                    f"Timed out after {timeouts.connect:g} s connecting to deployment "
+                    f"'{deployment.name}' of model '{call.model.name}'.",
+                    code="upstream_connect_timeout",
+                ),
+                retry=True,
+            ) from exc
+        except ConnectError as exc:
+            self.count_error(target, "connect")
+            raise _Attempt(
+                UpstreamError(
+                    f"Could not connect to deployment '{deployment.name}' of model "
+                    f"'{call.model.name}': {exc}.",
+                    code="upstream_unreachable",
+                ),
+                retry=True,
+            ) from exc
+        except ReadTimeout as exc:
+            total = remaining < timeouts.first_byte  # the total deadline came first
+            self.count_error(target, "timeout_total" if total else "timeout_first_byte")
+            raise _Attempt(
+                UpstreamTimeout(
+                    f"Deployment '{deployment.name}' of model '{call.model.name}' sent no "
+                    f"response within {min(timeouts.first_byte, remaining):.3g} s"
+                    + (" (the total timeout)." if total else " (the first-byte timeout)."),
+                    code="upstream_total_timeout" if total else "upstream_first_byte_timeout",
+                ),
+                retry=not total,
+            ) from exc
+        except ProtocolError as exc:
+            self.count_error(target, "malformed")
+            raise _Attempt(
+                UpstreamError(
+                    f"Deployment '{deployment.name}' of model '{call.model.name}' broke the "
+                    f"connection or sent a malformed response: {exc}.",
+                    code="upstream_protocol_error",
+                ),
+                retry=True,
+            ) from exc
+        if response.status != 200:
+            status = response.status
+            error = await self._status_error(target, call, response)
+            retryable = status >= 500 or status == 429
+            raise _Attempt(error, retry=retryable, upstream_fault=retryable)
+        return response
+
+    async def _status_error(
+        self, target: Target, call: Call, response: UpstreamResponse
+    ) -> ApiError:
+        status = response.status
+        try:
+            async with asyncio.timeout(call.model.timeouts.first_byte):
+                raw = await response.read()
+        except (TimeoutError, ProtocolError, ReadTimeout):
+            raw = b""
+        finally:
+            await response.aclose()
+        detail = _upstream_message(raw[:_ERROR_BODY_LIMIT])
+        where = f"deployment '{target.deployment.name}' of model '{call.model.name}'"
+        if status >= 500 or status == 429:
+            self.count_error(target, "status_5xx" if status >= 500 else "status_429")
+            cls: type[ApiError] = Unavailable if status in (429, 503) else UpstreamError
+            return cls(
+                f"The upstream {where} answered {status}: {detail}", code=f"upstream_{status}"
+            )
+        self.count_error(target, "status_4xx")
+        if status in (400, 413, 422):  # the request itself was refused: the caller can fix it
+            return BadRequest(f"The upstream {where} rejected the request ({status}): {detail}")
+        return UpstreamError(
+            f"The upstream {where} answered {status}: {detail}", code=f"upstream_{status}"
+        )
+
+    def count_error(self, target: Target, kind: str) -> None:
+        self._errors.inc((*target.labels, kind))
+
+
+def _upstream_message(raw: bytes) -> str:
+    """The message of an upstream error body, OpenAI-shaped or not."""
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        text = raw.decode("utf-8", "replace").strip()
+        return text[:500] or "(empty body)"
+    if isinstance(doc, dict):
+        error = doc.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return str(error["message"])
+        if isinstance(doc.get("message"), str):
+            return str(doc["message"])
+        if isinstance(doc.get("detail"), str):
+            return str(doc["detail"])
+    return raw.decode("utf-8", "replace")[:500]
