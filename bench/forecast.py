@@ -51,17 +51,10 @@ from typing import Any
 
 import numpy as np
 
-from citadel.alerting.forecast import (
-    ArimaForecaster,
-    EtsForecaster,
-    Forecaster,
-    LinearForecaster,
-    Selector,
-    default_candidates,
-    season_length,
-    series_step,
-)
+from citadel.alerting.forecast import Forecaster, season_length, series_step
+from citadel.alerting.forecasters import ArimaForecaster, EtsForecaster, LinearForecaster
 from citadel.alerting.lstm import LstmForecaster, torch_unavailable
+from citadel.alerting.selector import Selector, default_candidates
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "nab" / "data"
 TARGET = 0.85

@@ -11,18 +11,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from citadel.alerting.forecast import (
-    ArimaForecaster,
-    EtsForecaster,
     Forecast,
     Forecaster,
     ForecastError,
-    LinearForecaster,
-    SeasonalNaiveForecaster,
-    Selector,
     crossing_time,
     detect_season,
     season_length,
 )
+from citadel.alerting.forecasters import (
+    ArimaForecaster,
+    EtsForecaster,
+    LinearForecaster,
+    SeasonalNaiveForecaster,
+)
+from citadel.alerting.selector import Selector
 
 HOUR = 3600.0
 T0 = 1_700_000_000.0

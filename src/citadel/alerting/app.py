@@ -44,8 +44,8 @@ from citadel.alerting.engine import (
     SourceUnavailable,
     SpendReader,
 )
-from citadel.alerting.forecast import ModelState
 from citadel.alerting.prometheus import InvalidQuery, PrometheusClient, PrometheusError
+from citadel.alerting.selector import ModelState
 from citadel.errors import ConfigError
 from citadel.gateway.auth import AdminKeyAuthenticator
 from citadel.http.client import HttpClient

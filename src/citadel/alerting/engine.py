@@ -36,19 +36,10 @@ from zoneinfo import ZoneInfo
 
 from citadel.alerting.alertmanager import AlertBook, AlertmanagerClient
 from citadel.alerting.definitions import AlertingSettings, Rule
-from citadel.alerting.forecast import (
-    ArimaForecaster,
-    EtsForecaster,
-    Forecast,
-    Forecaster,
-    ForecastError,
-    LinearForecaster,
-    ModelState,
-    Selector,
-    crossing_time,
-    default_candidates,
-)
+from citadel.alerting.forecast import Forecast, Forecaster, ForecastError, crossing_time
+from citadel.alerting.forecasters import ArimaForecaster, EtsForecaster, LinearForecaster
 from citadel.alerting.prometheus import PrometheusClient, Series
+from citadel.alerting.selector import ModelState, Selector, default_candidates
 from citadel.errors import CitadelError
 from citadel.metrics import (
     ALERTING_ALERTS_FIRING,
