@@ -1,0 +1,372 @@
+"""The dry run of ``POST /v1/route``: which model a described request would get (a virtual model
+such as ``auto`` resolved by task), which deployment, why, and why not the others.
+
+Theory of operation: the dry run repeats the gateway's decision over the router's live state
+without any of its side effects. The request is parsed as the gateway would parse it, its tokens
+estimated and its task classified; the model (or the virtual model's choice) is then evaluated,
+and its fallbacks in turn while none of the chain's deployments could take the request. Each
+evaluation filters the deployments as ``Router.select`` does (drained, breaker refusing, then
+unhealthy unless none is healthy) and lets a balancer pick among the rest. Three things keep it
+read-only: a breaker is never asked (a half-open one would count a probe), only its snapshot is
+read; the live balancer is not advanced, a fresh one of the same kind, seeded, picks instead; and
+no routing decision is counted.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Final
+
+import orjson
+
+from citadel.errors import BadRequest, NotFound
+from citadel.http.server import Request
+from citadel.openai.requests import Endpoint, ParsedRequest, parse_request
+from citadel.openai.tokens import estimate_prompt_tokens
+from citadel.openapi import Schema
+from citadel.routing.balancer import (
+    Balancer,
+    Candidate,
+    CostOptimised,
+    LeastOutstanding,
+    PowerOfTwoChoices,
+    RoundRobin,
+    WeightedRandom,
+    create_balancer,
+    explain,
+)
+from citadel.routing.breaker import BreakerState
+from citadel.routing.classifier import TASKS, classify
+from citadel.routing.router import DeploymentState, Router
+from citadel.settings import Model, Settings
+
+__all__ = ["ROUTE_REQUEST", "ROUTE_RESULT", "breaker_refusal", "dry_run"]
+
+_SERVES: Final[Mapping[str, frozenset[str]]] = {
+    "chat": frozenset({"chat", "completion"}),
+    "completion": frozenset({"completion"}),
+    "embedding": frozenset({"embedding"}),
+}
+_PROMPT_FIELDS: Final[Mapping[str, Endpoint]] = {
+    "messages": "chat",
+    "prompt": "completion",
+    "input": "embedding",
+}
+
+ROUTE_REQUEST: Schema = {
+    "type": "object",
+    "required": ["model"],
+    "description": "An OpenAI request body (at most one of messages, prompt, input) and `task`.",
+    "properties": {
+        "model": {"type": "string", "description": "a model, an alias or a virtual model (auto)"},
+        "messages": {"type": "array", "items": {"type": "object"}},
+        "prompt": {"type": ["string", "array"]},
+        "input": {"type": ["string", "array"]},
+        "max_tokens": {"type": "integer", "minimum": 1},
+        "stream": {"type": "boolean"},
+        "task": {"enum": list(TASKS), "description": "as the x-citadel-task header"},
+    },
+}
+_EVALUATION: Schema = {
+    "type": "object",
+    "properties": {
+        "model": {"type": "string"},
+        "balancer": {"type": "string"},
+        "deployment": {"type": ["string", "null"]},
+        "reason": {"type": "string"},
+        "note": {"type": "string"},
+        "candidates": {"type": "array", "items": {"type": "object"}},
+        "excluded": {"type": "array", "items": {"type": "object"}},
+    },
+}
+ROUTE_RESULT: Schema = {
+    "type": "object",
+    "properties": {
+        "object": {"const": "route.dry_run"},
+        "requested_model": {"type": "string"},
+        "virtual": {"type": "boolean"},
+        "endpoint": {"enum": ["chat", "completion", "embedding"]},
+        "task": {"type": "string"},
+        "prompt_tokens": {"type": "integer"},
+        "needed_tokens": {"type": "integer"},
+        "model": {"type": ["string", "null"]},
+        "model_reason": {"type": "string"},
+        "deployment": {"type": ["string", "null"]},
+        "deployment_model": {"type": ["string", "null"], "description": "a fallback's, maybe"},
+        "reason": {"type": "string"},
+        "evaluations": {
+            "type": "array",
+            "items": _EVALUATION,
+            "description": "the model, then its fallbacks while none could take the request",
+        },
+    },
+}
+
+
+def dry_run(
+    settings: Settings, router: Router, request: Request, clock: Callable[[], float]
+) -> dict[str, Any]:
+    """The answer to ``POST /v1/route`` for ``request``; a bad body raises the 400 naming the
+    field, an unknown model the 404."""
+    parsed, endpoint, hint = _parse_route(request)
+    model = settings.model(parsed.model)
+    virtual = model is None and parsed.model in router.virtual
+    if model is None and not virtual:
+        raise NotFound(
+            f"The model `{parsed.model}` does not exist.",
+            param="model",
+            code="model_not_found",
+        )
+    if endpoint is None:  # no prompt given: the endpoint the model serves first
+        endpoint = "chat" if model is None else _first_endpoint(model)
+    if parsed.stream and endpoint == "embedding":
+        raise BadRequest(
+            "Invalid value for 'stream': embeddings cannot be streamed.", param="stream"
+        )
+    prompt_tokens = estimate_prompt_tokens(parsed) if parsed.endpoint == endpoint else 0
+    reply = 0 if endpoint == "embedding" else parsed.max_tokens
+    needed = prompt_tokens + (reply if reply is not None else settings.limits.default_max_tokens)
+    task = (
+        "embedding"
+        if endpoint == "embedding"
+        else classify(parsed.prompt_text, estimated_tokens=prompt_tokens, hint=hint)
+    )
+    body: dict[str, Any] = {
+        "object": "route.dry_run",
+        "requested_model": parsed.model,
+        "virtual": virtual,
+        "endpoint": endpoint,
+        "stream": parsed.stream,
+        "task": task,
+        "prompt_tokens": prompt_tokens,
+        "needed_tokens": needed,
+    }
+    if model is None:
+        choice = router.resolve(
+            parsed.model,
+            endpoint=endpoint,
+            prompt_text=parsed.prompt_text,
+            needed_tokens=needed,
+            hint=hint,
+            allowed=lambda m: True,
+        )
+        if choice is None:
+            body |= {
+                "model": None,
+                "model_reason": f"no model of this kind fits {needed} tokens with the reply",
+                "deployment": None,
+                "deployment_model": None,
+                "reason": "no model fits, so no deployment is chosen",
+                "evaluations": [],
+            }
+            return body
+        model, model_reason = choice.model, choice.reason
+    elif model.name == parsed.model:
+        model_reason = f"{model.name} is named in the request"
+    else:
+        model_reason = f"{parsed.model} is an alias of {model.name}"
+    if endpoint not in _SERVES[model.kind]:
+        raise BadRequest(
+            f"The model `{model.name}` is a {model.kind} model and does not serve "
+            f"{endpoint} requests.",
+            param="model",
+            code="model_not_supported",
+        )
+    body |= {"model": model.name, "model_reason": model_reason}
+    evaluations = []
+    chosen: dict[str, Any] | None = None
+    for candidate_model in _chain(settings, model):
+        evaluation = _evaluate(settings, router, candidate_model, clock())
+        evaluations.append(evaluation)
+        if evaluation["deployment"] is not None:
+            chosen = evaluation
+            break
+    if chosen is None:
+        tried = ", ".join(e["model"] for e in evaluations)
+        reason = f"no deployment of {tried} can take the request; the gateway answers 503"
+    else:
+        reason = chosen["reason"]
+        if chosen["model"] != model.name:
+            reason = f"every deployment of {model.name} is out; fallback {chosen['model']}: "
+            reason += chosen["reason"]
+    body |= {
+        "deployment": chosen["deployment"] if chosen is not None else None,
+        "deployment_model": chosen["model"] if chosen is not None else None,
+        "reason": reason,
+        "evaluations": evaluations,
+    }
+    return body
+
+
+def _chain(settings: Settings, model: Model) -> list[Model]:
+    """The model, then its fallbacks (each once)."""
+    chain = [model]
+    for name in model.fallbacks:
+        fallback = settings.model(name)
+        if fallback is not None and fallback not in chain:
+            chain.append(fallback)
+    return chain
+
+
+def _parse_route(request: Request) -> tuple[ParsedRequest, Endpoint | None, str | None]:
+    """The described request, the endpoint its prompt field implies (None: no prompt given),
+    and the task hint (``task``, else the ``x-citadel-task`` header)."""
+    raw = request.body
+    try:
+        body = orjson.loads(raw) if raw.strip() else None
+    except orjson.JSONDecodeError:
+        body = None  # parse_request names the problem
+    if not isinstance(body, dict):
+        parse_request("chat", raw)  # raises the 400 for an empty, unreadable or non-object body
+        raise AssertionError("parse_request accepted a body that is not an object")
+    given = [name for name in _PROMPT_FIELDS if body.get(name) is not None]
+    if len(given) > 1:
+        raise BadRequest(
+            f"Give at most one of 'messages', 'prompt' and 'input'; got {' and '.join(given)}.",
+            param=given[1],
+        )
+    hint = body.get("task", request.header(b"x-citadel-task"))
+    if hint is not None and (not isinstance(hint, str) or hint.strip().lower() not in TASKS):
+        raise BadRequest(
+            f"'task' must be one of {', '.join(TASKS)}; got {hint!r}.",
+            param="task",
+            code="unknown_task",
+        )
+    if given:
+        endpoint = _PROMPT_FIELDS[given[0]]
+        return parse_request(endpoint, raw), endpoint, hint
+    # No prompt: the other fields are still checked, as a completion with an empty prompt.
+    return parse_request("completion", orjson.dumps({**body, "prompt": ""})), None, hint
+
+
+def _first_endpoint(model: Model) -> Endpoint:
+    kind = model.kind
+    return "embedding" if kind == "embedding" else "completion" if kind == "completion" else "chat"
+
+
+def breaker_refusal(state: DeploymentState, now: float) -> str | None:
+    """Why the breaker would refuse the next request, or None (without asking it: a half-open
+    breaker would count a probe)."""
+    snapshot = state.breaker.snapshot(now)
+    if snapshot.state is BreakerState.OPEN:
+        until = snapshot.open_until
+        if until is None or math.isinf(until):
+            return "breaker held open (open on another replica)"
+        if until > now:
+            return f"breaker open for another {until - now:.3g} s"
+    elif (
+        snapshot.state is BreakerState.HALF_OPEN
+        and snapshot.probes_in_flight >= state.breaker.config.half_open_probes
+    ):
+        return "breaker half-open with every probe slot taken"
+    return None
+
+
+def _evaluate(settings: Settings, router: Router, model: Model, now: float) -> dict[str, Any]:
+    """What ``Router.select`` would do for ``model``, and why, without its side effects."""
+    excluded: list[dict[str, Any]] = []
+    usable: list[DeploymentState] = []
+    for state in router.deployments_of(model.name):
+        reasons = []
+        if state.drained:
+            reasons.append("drained by an operator")
+        refusal = breaker_refusal(state, now)
+        if refusal is not None:
+            reasons.append(refusal)
+        if reasons:
+            if not state.healthy:
+                reasons.append(f"unhealthy: {state.health_detail}")
+            excluded.append({"deployment": state.name, "reasons": reasons})
+        else:
+            usable.append(state)
+    healthy = [s for s in usable if s.healthy]
+    for state in usable:
+        if healthy and not state.healthy:
+            reason = f"unhealthy: {state.health_detail}"
+            excluded.append({"deployment": state.name, "reasons": [reason]})
+    pool = healthy or usable
+    name = model.balancer or settings.routing.balancer
+    evaluation: dict[str, Any] = {"model": model.name, "balancer": name}
+    if not pool:
+        evaluation |= {
+            "deployment": None,
+            "reason": "every deployment is drained or has its breaker open",
+            "candidates": [],
+            "excluded": excluded,
+        }
+        return evaluation
+    candidates = [
+        Candidate(
+            name=s.name,
+            weight=s.deployment.weight,
+            in_flight=s.in_flight,
+            max_concurrency=s.deployment.max_concurrency,
+            latency=s.latency.value(now),
+            cost_per_1k=s.cost_per_1k(model),
+        )
+        for s in pool
+    ]
+    # A balancer of the same kind, fresh and seeded: the live one is not advanced by a dry run.
+    balancer = create_balancer(
+        name, random.Random(0), latency_target=settings.routing.latency_target_seconds
+    )
+    chosen = balancer.pick(candidates)
+    reason = explain(balancer, candidates, chosen)
+    if not healthy:
+        reason += " (no deployment is healthy, so the unhealthy ones are tried)"
+    breaker = router.states[chosen.name].breaker.snapshot(now).state
+    if breaker is not BreakerState.CLOSED:
+        reason += " (its breaker's back-off is over: this request would be a half-open probe)"
+    evaluation |= {
+        "deployment": chosen.name,
+        "reason": reason,
+        "note": _note(balancer),
+        "candidates": _scores(candidates, router, now),
+        "excluded": excluded,
+    }
+    return evaluation
+
+
+def _note(balancer: Balancer) -> str:
+    inner = balancer.fallback if isinstance(balancer, CostOptimised) else balancer
+    if isinstance(inner, RoundRobin):
+        return "round_robin rotates: the requests after this one go to the others in turn"
+    if isinstance(inner, WeightedRandom | PowerOfTwoChoices):  # PeakEwmaBalancer too
+        return (
+            f"{inner.name} draws at random: a live request may get another candidate "
+            "(compare their scores)"
+        )
+    if isinstance(inner, LeastOutstanding):
+        return "least_outstanding breaks ties at random"
+    return ""
+
+
+def _scores(candidates: Sequence[Candidate], router: Router, now: float) -> list[dict[str, Any]]:
+    """Each candidate with what the balancers weigh: load = (in flight + 1) / weight, and the
+    peak-EWMA score = max(latency, 1 ms) * load, a candidate without latency data counting as
+    the fastest known (as in ``citadel.routing.balancer``)."""
+    known = [c.latency for c in candidates if c.latency is not None]
+    unknown = min(known) if known else 1.0
+    rows = []
+    for c in candidates:
+        load = (c.in_flight + 1) / (c.weight if c.weight > 0 else 1e-9)
+        latency = unknown if c.latency is None else c.latency
+        state = router.states[c.name]
+        rows.append(
+            {
+                "deployment": c.name,
+                "weight": c.weight,
+                "in_flight": c.in_flight,
+                "max_concurrency": c.max_concurrency,
+                "full": c.full,
+                "latency_ewma_seconds": c.latency,
+                "load": round(load, 6),
+                "latency_score": round(max(latency, 0.001) * load, 6),
+                "cost_per_1k": c.cost_per_1k,
+                "healthy": state.healthy,
+                "breaker": state.breaker.snapshot(now).state.value,
+            }
+        )
+    return rows
