@@ -50,9 +50,10 @@ import asyncpg
 from sqlalchemy import Table, text
 
 from citadel.accounts.sql import build_engine
-from citadel.metering.analytics import Analytics, TimeRange
+from citadel.metering.analytics import Analytics
 from citadel.metering.ledger import COLUMNS, rebuild_rollups
 from citadel.metering.migrate import upgrade
+from citadel.metering.ranges import TimeRange
 from citadel.metering.schema import ROLLUPS
 from citadel.settings import Deployment, GatewaySettings, Model, Price, Settings
 

@@ -28,19 +28,12 @@ from citadel.accounts.sql import build_engine
 from citadel.accounts.store import Team, User
 from citadel.limits.policy import cost_micros
 from citadel.metering import analytics as analytics_module
-from citadel.metering.analytics import (
-    DIMENSIONS,
-    Analytics,
-    QueryError,
-    TimeRange,
-    UsageRow,
-    check_group_by,
-    month_range,
-    rollup,
-)
+from citadel.metering.analytics import Analytics
 from citadel.metering.events import UsageEvent
 from citadel.metering.ledger import Ledger
 from citadel.metering.migrate import upgrade
+from citadel.metering.ranges import DIMENSIONS, QueryError, TimeRange, check_group_by, month_range
+from citadel.metering.rollups import UsageRow, rollup
 from citadel.metering.schema import ROLLUPS, rollup_key
 from citadel.settings import (
     Deployment,

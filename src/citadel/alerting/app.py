@@ -89,7 +89,7 @@ class AnalyticsSpend:
         self._timezone = timezone
 
     async def hourly_team_spend(self, team: str, *, now: float) -> list[tuple[float, int]]:
-        from citadel.metering.analytics import month_range
+        from citadel.metering.ranges import month_range
 
         span = month_range(datetime.fromtimestamp(now, UTC), self._timezone)
         rows = await self._analytics.usage(

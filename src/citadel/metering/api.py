@@ -29,19 +29,8 @@ from citadel.accounts.store import AccountStore, Team, User
 from citadel.errors import BadRequest, StoreUnavailable, Unavailable
 from citadel.gateway.auth import AdminKeyAuthenticator
 from citadel.http.server import Request, Response
-from citadel.metering.analytics import (
-    DIMENSIONS,
-    METRICS,
-    Analytics,
-    Bucket,
-    BudgetUse,
-    Dimension,
-    Metric,
-    QueryError,
-    TimeRange,
-    UsageRow,
-    check_group_by,
-)
+from citadel.metering.analytics import Analytics
+from citadel.metering.budgets import BudgetUse
 from citadel.metering.pricing import DeploymentCost, Savings, sum_savings, usd
 from citadel.metering.query import (
     parse_bucket,
@@ -51,6 +40,17 @@ from citadel.metering.query import (
     parse_range,
     parse_whole,
 )
+from citadel.metering.ranges import (
+    DIMENSIONS,
+    METRICS,
+    Bucket,
+    Dimension,
+    Metric,
+    QueryError,
+    TimeRange,
+    check_group_by,
+)
+from citadel.metering.rollups import UsageRow
 from citadel.openapi import Operation, PathHandler
 from citadel.settings import Settings
 

@@ -23,13 +23,9 @@ from typing import Protocol
 
 from citadel.accounts.store import AccountStore
 from citadel.errors import StoreUnavailable
-from citadel.metering.analytics import (
-    Analytics,
-    TimeRange,
-    budget_use,
-    month_range,
-    savings_by_model,
-)
+from citadel.metering.analytics import Analytics, savings_by_model
+from citadel.metering.budgets import budget_use
+from citadel.metering.ranges import TimeRange, month_range
 from citadel.metering.writer_task import LedgerWriterLike, writer_lag
 from citadel.metrics import (
     BUSINESS_ACTIVE_USERS,

@@ -13,7 +13,7 @@ from typing import Final
 from urllib.parse import parse_qsl
 
 from citadel.http.server import Request
-from citadel.metering.analytics import BUCKETS, METRICS, Bucket, Metric, QueryError, TimeRange
+from citadel.metering.ranges import BUCKETS, METRICS, Bucket, Metric, QueryError, TimeRange
 
 __all__ = [
     "DEFAULT_DAYS",
