@@ -105,8 +105,13 @@ def write_config(path: Path, sim_port: int, dead_port: int, blackhole_port: int)
     sim = f"http://127.0.0.1:{sim_port}"
     database = f"sqlite+aiosqlite:///{path.parent / 'accounts.db'}"
     path.write_text(
+        # The breakers never trip here: these tests check how each fault is answered, and
+        # sim-a's breaker would otherwise open after a few of them and make the answers depend
+        # on which tests ran before (breakers are tested in tests/routing and test_routing.py).
         f"""
 accounts: {{database: "{database}", key_cache_ttl_seconds: 0.2}}
+routing:
+  breaker: {{consecutive_failures: 1000000, minimum_calls: 1000000}}
 models:
   - name: sim-chat
     aliases: [default]
