@@ -137,6 +137,22 @@ class ApiRoutes:
                 secured=False,
             )
         )
+        # Every App serves these two itself (citadel.service).
+        for path, summary in (
+            ("/health", "Service and dependency health"),
+            ("/metrics", "Metrics"),
+        ):
+            self.describe(
+                Operation(
+                    method="GET",
+                    path=path,
+                    summary=summary,
+                    tags=("operations",),
+                    secured=False,
+                    content_type="application/json" if path == "/health" else "text/plain",
+                    response={"type": "object"} if path == "/health" else None,
+                )
+            )
 
     @property
     def operations(self) -> tuple[Operation, ...]:

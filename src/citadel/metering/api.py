@@ -51,6 +51,7 @@ from citadel.metering.ranges import (
     check_group_by,
 )
 from citadel.metering.rollups import UsageRow
+from citadel.metering.schema import MEASURES
 from citadel.openapi import Operation, PathHandler
 from citadel.settings import Settings
 
@@ -288,7 +289,7 @@ class AnalyticsApi:
         total = UsageRow(
             bucket=None,
             keys={},
-            **{k: sum(getattr(r, k) for r in rows) for k in _SUMMED},
+            **{k: sum(getattr(r, k) for r in rows) for k in MEASURES},
         )
         meta = {
             "object": "usage",
@@ -371,16 +372,6 @@ class AnalyticsApi:
         return _answer(query, data, meta, list(total))
 
 
-_SUMMED: Final = (
-    "requests",
-    "errors",
-    "prompt_tokens",
-    "completion_tokens",
-    "cost_micros",
-    "latency_ms_sum",
-    "ttft_ms_sum",
-    "ttft_requests",
-)
 _BUDGET_COLUMNS: Final = tuple(
     _budget_json(BudgetUse(scope="team", id="", name="", spent_micros=0, budget_micros=None))
 )

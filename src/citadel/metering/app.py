@@ -30,7 +30,7 @@ from citadel.metering.api import AnalyticsApi, guarded
 from citadel.metering.business import BusinessMetrics
 from citadel.metering.writer_task import CHECK_TIMEOUT, LedgerWriterLike, WriterTask, writer_lag
 from citadel.metrics import Registry
-from citadel.openapi import ApiRoutes, Operation
+from citadel.openapi import ApiRoutes
 from citadel.service import App, DependencyHealth, service_app, store_scheme
 from citadel.settings import Settings
 
@@ -136,18 +136,6 @@ def create_app(settings: Settings, deps: MeteringDeps) -> App:
     service = AnalyticsApi(settings, deps)
     for operation, handler in service.routes():
         api.add(operation, guarded(service.auth, handler))
-    for path, summary in (("/health", "Service and dependency health"), ("/metrics", "Metrics")):
-        api.describe(
-            Operation(
-                method="GET",
-                path=path,
-                summary=summary,
-                tags=("operations",),
-                secured=False,
-                content_type="application/json" if path == "/health" else "text/plain",
-                response={"type": "object"} if path == "/health" else None,
-            )
-        )
     business = BusinessMetrics(settings, deps)
 
     async def metrics(request: Request) -> Response:

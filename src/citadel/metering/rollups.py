@@ -41,7 +41,7 @@ from sqlalchemy import (
 
 from citadel.metering.pricing import Totals
 from citadel.metering.ranges import Bucket, Dimension, Metric, TimeRange
-from citadel.metering.schema import ROLLUPS
+from citadel.metering.schema import MEASURES, ROLLUPS
 
 __all__ = ["UsageRow", "rollup", "usage_row", "usage_select"]
 
@@ -52,16 +52,6 @@ _COLUMN: Final[Mapping[Dimension, str]] = {
     "deployment": "deployment",
     "tier": "tier",
 }
-_MEASURES: Final = (
-    "requests",
-    "errors",
-    "prompt_tokens",
-    "completion_tokens",
-    "cost_micros",
-    "latency_ms_sum",
-    "ttft_ms_sum",
-    "ttft_requests",
-)
 _FLOATS: Final = frozenset({"latency_ms_sum", "ttft_ms_sum"})
 
 
@@ -151,7 +141,7 @@ def _part(
     keys = [table.c[_COLUMN[d]] for d in group_by]
     if bucketed:
         keys.insert(0, table.c.bucket)
-    statement = select(*keys, *(_sum(table, m) for m in _MEASURES)).where(
+    statement = select(*keys, *(_sum(table, m) for m in MEASURES)).where(
         table.c.bucket >= start, table.c.bucket < end
     )
     for dimension, value in filters.items():
@@ -190,7 +180,7 @@ def usage_select(
     if len(parts) > 1:
         union = union_all(*parts).subquery("parts")
         outer = [union.c[k] for k in keys]
-        statement = select(*outer, *(_sum(union, m) for m in _MEASURES))
+        statement = select(*outer, *(_sum(union, m) for m in MEASURES))
         if outer:
             statement = statement.group_by(*outer)
     # Ordered outside, where the sums are plain columns an expression may use.

@@ -108,19 +108,6 @@ def create_app(settings: Settings, deps: RateLimitDeps) -> App:
     service = _Service(settings, deps)
     for operation, handler in service.routes():
         api.add(operation, _guarded(service.auth, handler))
-    for path, summary in (("/health", "Service and dependency health"), ("/metrics", "Metrics")):
-        content = "application/json" if path == "/health" else "text/plain"
-        api.describe(
-            Operation(
-                method="GET",
-                path=path,
-                summary=summary,
-                tags=("operations",),
-                secured=False,
-                content_type=content,
-                response={"type": "object"} if path == "/health" else None,
-            )
-        )
 
     async def accounts_health() -> DependencyHealth:
         # Checked here, within a deadline shorter than /health's own, because only a check that

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from citadel.http.client import HttpClient
 from citadel.metrics import Registry
-from citadel.openapi import ApiRoutes, Operation
+from citadel.openapi import ApiRoutes
 from citadel.routing.api import RoutingApi, guarded
 from citadel.routing.health import HealthProber
 from citadel.routing.router import Router
@@ -73,18 +73,6 @@ def create_app(settings: Settings, deps: RoutingDeps) -> App:
     service = RoutingApi(settings, router, shared, loop, deps.clock)
     for operation, handler in service.routes():
         api.add(operation, guarded(service.auth, handler))
-    for path, summary in (("/health", "Service and dependency health"), ("/metrics", "Metrics")):
-        api.describe(
-            Operation(
-                method="GET",
-                path=path,
-                summary=summary,
-                tags=("operations",),
-                secured=False,
-                content_type="application/json" if path == "/health" else "text/plain",
-                response={"type": "object"} if path == "/health" else None,
-            )
-        )
     app.health_check("deployments", service.deployments_health)
     app.health_check("shared_state", service.shared_health)
     prober = HealthProber(settings, deps.client, router.set_health)

@@ -46,7 +46,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
-from citadel.settings import Deployment, Price
+from citadel.settings import BALANCERS, Deployment, Price
 
 __all__ = [
     "BALANCERS",
@@ -64,14 +64,6 @@ __all__ = [
     "explain",
 ]
 
-BALANCERS: Final = (
-    "round_robin",
-    "weighted_random",
-    "least_outstanding",
-    "power_of_two",
-    "peak_ewma",
-    "cost_optimised",
-)
 _TINY_WEIGHT: Final = 1e-9  # a weight <= 0: chosen only when nothing else is
 _LATENCY_FLOOR: Final = 0.001  # seconds; below it, load alone decides between deployments
 

@@ -297,17 +297,7 @@ def _evaluate(settings: Settings, router: Router, model: Model, now: float) -> d
             "excluded": excluded,
         }
         return evaluation
-    candidates = [
-        Candidate(
-            name=s.name,
-            weight=s.deployment.weight,
-            in_flight=s.in_flight,
-            max_concurrency=s.deployment.max_concurrency,
-            latency=s.latency.value(now),
-            cost_per_1k=s.cost_per_1k(model),
-        )
-        for s in pool
-    ]
+    candidates = [s.candidate(model, now) for s in pool]
     # A balancer of the same kind, fresh and seeded: the live one is not advanced by a dry run.
     balancer = create_balancer(
         name, random.Random(0), latency_target=settings.routing.latency_target_seconds

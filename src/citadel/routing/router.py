@@ -75,6 +75,17 @@ class DeploymentState:
         price = self.deployment.price or model.price
         return (price.input_per_1k + price.output_per_1k) / 2
 
+    def candidate(self, model: Model, now: float) -> Candidate:
+        """This deployment as a balancer sees it at ``now``."""
+        return Candidate(
+            name=self.name,
+            weight=self.deployment.weight,
+            in_flight=self.in_flight,
+            max_concurrency=self.deployment.max_concurrency,
+            latency=self.latency.value(now),
+            cost_per_1k=self.cost_per_1k(model),
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Selection:
@@ -187,29 +198,12 @@ class Router:
             healthy = [s for s in usable if s.healthy] or usable
             if not healthy:
                 return None
+            candidates: list[Candidate] = []
             if len(healthy) == 1:  # nothing to balance
                 state = healthy[0]
-                allowed, transition = state.breaker.allow(now)
-                if transition is not None:
-                    self._record_transition(state, transition)
-                if not allowed:
-                    excluded.add(state.name)
-                    continue
-                self._decisions.inc((model.name, state.name, balancer.name))
-                return Selection(state, None, ())
-            candidates = [
-                Candidate(
-                    name=s.name,
-                    weight=s.deployment.weight,
-                    in_flight=s.in_flight,
-                    max_concurrency=s.deployment.max_concurrency,
-                    latency=s.latency.value(now),
-                    cost_per_1k=s.cost_per_1k(model),
-                )
-                for s in healthy
-            ]
-            chosen = balancer.pick(candidates)
-            state = self.states[chosen.name]
+            else:
+                candidates = [s.candidate(model, now) for s in healthy]
+                state = self.states[balancer.pick(candidates).name]
             allowed, transition = state.breaker.allow(now)
             if transition is not None:
                 self._record_transition(state, transition)
@@ -217,7 +211,7 @@ class Router:
                 excluded.add(state.name)
                 continue
             self._decisions.inc((model.name, state.name, balancer.name))
-            return Selection(state, balancer, candidates)
+            return Selection(state, balancer if candidates else None, candidates)
 
     @staticmethod
     def _breaker_may_allow(state: DeploymentState, now: float) -> bool:
