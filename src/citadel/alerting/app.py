@@ -168,7 +168,7 @@ def create_app(settings: Settings, deps: AlertingDeps) -> App:
     service = _Service(settings, alerting, deps, f"http://{settings.hostname}:{port}/v1/alerts")
     auth = AdminKeyAuthenticator(settings.gateway.admin_key)
     for operation, handler in service.routes():
-        api.add(operation, _guarded(auth, handler))
+        api.add(operation, auth.guard(handler))
     api.describe(
         Operation(
             method="GET",
@@ -197,14 +197,6 @@ def create_app(settings: Settings, deps: AlertingDeps) -> App:
     app.on_startup(service.start)
     app.on_shutdown(service.stop)
     return app
-
-
-def _guarded(auth: AdminKeyAuthenticator, handler: PathHandler) -> PathHandler:
-    async def guarded(request: Request, params: Mapping[str, str]) -> Response:
-        await auth.authenticate(request.headers.get(b"authorization"))
-        return await handler(request, params)
-
-    return guarded
 
 
 def _json(body: object, status: int = 200) -> Response:

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from citadel.accounts.store import AccountStore, KeyRecord
 from citadel.errors import StoreUnavailable, Unauthorized, Unavailable
@@ -28,6 +28,10 @@ from citadel.limits.decision import Limits
 from citadel.limits.policy import effective_limits
 from citadel.metrics import AUTH_FAILURES, Registry
 from citadel.settings import Tier
+
+if TYPE_CHECKING:
+    from citadel.http.server import Request, Response
+    from citadel.openapi import PathHandler
 
 _log = logging.getLogger("citadel.gateway.auth")
 
@@ -97,6 +101,15 @@ class AdminKeyAuthenticator:
         if not self.is_admin(digest(bearer_token(authorization))):
             raise _incorrect()
         return ADMIN
+
+    def guard(self, handler: PathHandler) -> PathHandler:
+        """``handler`` behind the admin key (an admin API's route)."""
+
+        async def guarded(request: Request, params: Mapping[str, str]) -> Response:
+            await self.authenticate(request.headers.get(b"authorization"))
+            return await handler(request, params)
+
+        return guarded
 
 
 @dataclass(frozen=True, slots=True)

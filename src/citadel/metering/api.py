@@ -65,8 +65,7 @@ MAX_TOP: Final = 1000
 def guarded(auth: AdminKeyAuthenticator, handler: PathHandler) -> PathHandler:
     """``handler`` behind the admin key; a bad parameter a 400, an unreachable store a 503."""
 
-    async def guarded(request: Request, params: Mapping[str, str]) -> Response:
-        await auth.authenticate(request.headers.get(b"authorization"))
+    async def translated(request: Request, params: Mapping[str, str]) -> Response:
         try:
             return await handler(request, params)
         except QueryError as exc:
@@ -75,7 +74,7 @@ def guarded(auth: AdminKeyAuthenticator, handler: PathHandler) -> PathHandler:
             what = "The usage ledger" if exc.store == "sql" else exc.store
             raise Unavailable(f"{what} is unavailable: {exc.detail}. Try again later.") from exc
 
-    return guarded
+    return auth.guard(translated)
 
 
 # -- writing -----------------------------------------------------------------------------------

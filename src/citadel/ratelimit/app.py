@@ -138,8 +138,7 @@ def create_app(settings: Settings, deps: RateLimitDeps) -> App:
 def _guarded(auth: AdminKeyAuthenticator, handler: PathHandler) -> PathHandler:
     """``handler`` behind the admin key, with the stores' errors turned into HTTP ones."""
 
-    async def guarded(request: Request, params: Mapping[str, str]) -> Response:
-        await auth.authenticate(request.headers.get(b"authorization"))
+    async def translated(request: Request, params: Mapping[str, str]) -> Response:
         try:
             return await handler(request, params)
         except StoreUnavailable as exc:
@@ -152,7 +151,7 @@ def _guarded(auth: AdminKeyAuthenticator, handler: PathHandler) -> PathHandler:
         except ValueError as exc:  # a value the store refused that the checks here let through
             raise BadRequest(_sentence(exc)) from exc
 
-    return guarded
+    return auth.guard(translated)
 
 
 def _sentence(exc: Exception) -> str:

@@ -34,19 +34,9 @@ from citadel.routing.shared import SharedRoutingState, SyncLoop, deployment_rows
 from citadel.service import DependencyHealth
 from citadel.settings import Model, Settings
 
-__all__ = ["CHANGED", "DEPLOYMENT", "DEPLOYMENTS", "RoutingApi", "guarded"]
+__all__ = ["CHANGED", "DEPLOYMENT", "DEPLOYMENTS", "RoutingApi"]
 
 _SHARED_CHECK_TIMEOUT: Final = 1.5  # seconds; /health gives each check 2
-
-
-def guarded(auth: AdminKeyAuthenticator, handler: PathHandler) -> PathHandler:
-    """``handler`` behind the admin key."""
-
-    async def guarded(request: Request, params: Mapping[str, str]) -> Response:
-        await auth.authenticate(request.headers.get(b"authorization"))
-        return await handler(request, params)
-
-    return guarded
 
 
 def _json(body: object, status: int = 200) -> Response:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from citadel.http.client import HttpClient
 from citadel.metrics import Registry
 from citadel.openapi import ApiRoutes
-from citadel.routing.api import RoutingApi, guarded
+from citadel.routing.api import RoutingApi
 from citadel.routing.health import HealthProber
 from citadel.routing.router import Router
 from citadel.routing.shared import SharedRoutingState, SyncLoop
@@ -72,7 +72,7 @@ def create_app(settings: Settings, deps: RoutingDeps) -> App:
     )
     service = RoutingApi(settings, router, shared, loop, deps.clock)
     for operation, handler in service.routes():
-        api.add(operation, guarded(service.auth, handler))
+        api.add(operation, service.auth.guard(handler))
     app.health_check("deployments", service.deployments_health)
     app.health_check("shared_state", service.shared_health)
     prober = HealthProber(settings, deps.client, router.set_health)
