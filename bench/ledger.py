@@ -44,7 +44,7 @@ import orjson
 from citadel.accounts.sql import build_engine
 from citadel.metering.events import UsageEvent, new_event_id
 from citadel.metering.ledger import COLUMNS, Ledger, decode_row, encode_event, event_row
-from citadel.metering.migrate import upgrade
+from citadel.metering.migrate import LEDGER
 from citadel.metering.schema import ROLLUPS
 from citadel.metering.writer import LedgerWriter
 from citadel.settings import MeteringSettings
@@ -269,7 +269,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     points: list[Point] = []
     xadd_rates: list[float] = []
     try:
-        await upgrade(url)
+        await LEDGER.upgrade(url)
         for run_index in range(args.runs):
             other = wait_for_quiet(args.quiet_wait)
             if other is not None:

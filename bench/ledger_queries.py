@@ -52,7 +52,7 @@ from sqlalchemy import Table, text
 from citadel.accounts.sql import build_engine
 from citadel.metering.analytics import Analytics
 from citadel.metering.ledger import COLUMNS, rebuild_rollups
-from citadel.metering.migrate import upgrade
+from citadel.metering.migrate import LEDGER
 from citadel.metering.ranges import TimeRange
 from citadel.metering.schema import ROLLUPS
 from citadel.settings import Deployment, GatewaySettings, Model, Price, Settings
@@ -300,7 +300,7 @@ async def run_scale(
     await admin(server, f'CREATE DATABASE "{name}"')
     uri = f"{server}/{name}"
     try:
-        await upgrade(uri)
+        await LEDGER.upgrade(uri)
         conn = await asyncpg.connect(uri, timeout=10)
         try:
             print(f"{events:,} events: loading ...", flush=True)

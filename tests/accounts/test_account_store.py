@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from citadel.accounts.migrate import upgrade
+from citadel.accounts.migrate import ACCOUNTS
 from citadel.accounts.sql import (
     SqlAccountStore,
     build_engine,
@@ -51,7 +51,7 @@ class Clock:
 @pytest.fixture(scope="module")
 def postgres_database() -> Iterator[str]:
     """A fresh PostgreSQL database for this module, migrated, dropped afterwards."""
-    with scratch_postgres(prepare=upgrade) as uri:
+    with scratch_postgres(prepare=ACCOUNTS.upgrade) as uri:
         yield uri
 
 
@@ -64,7 +64,7 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """The URI of an empty, migrated accounts database of each kind."""
     if request.param == "sqlite":
         uri = f"sqlite:///{tmp_path / 'accounts.db'}"
-        asyncio.run(upgrade(uri))
+        asyncio.run(ACCOUNTS.upgrade(uri))
         return uri
     uri = str(request.getfixturevalue("postgres_database"))
     _empty(uri)

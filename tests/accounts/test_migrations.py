@@ -12,22 +12,14 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, inspect
 
-from citadel.accounts.migrate import (
-    VERSION_TABLE,
-    Upgrade,
-    accounts_only,
-    head,
-    script_location,
-    upgrade,
-    upgrade_engine,
-    upgrade_sync,
-)
+from citadel.accounts.migrate import ACCOUNTS
 from citadel.accounts.schema import Base
 from citadel.accounts.sql import build_engine
+from citadel.migrations import Upgrade
 
 from support import scratch_database
 
-TABLES = {"teams", "users", "api_keys", VERSION_TABLE}
+TABLES = {"teams", "users", "api_keys", ACCOUNTS.version_table}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -48,11 +40,11 @@ def _describe(connection: Connection) -> dict[str, Any]:
             i["column_names"] == ["digest"] and i["unique"] for i in digest_indexes
         ),
         "revision": MigrationContext.configure(
-            connection, opts={"version_table": VERSION_TABLE}
+            connection, opts={"version_table": ACCOUNTS.version_table}
         ).get_current_revision(),
         "drift": compare_metadata(
             MigrationContext.configure(
-                connection, opts={"include_name": accounts_only, "compare_type": True}
+                connection, opts={"include_name": ACCOUNTS.only, "compare_type": True}
             ),
             Base.metadata,
         ),
@@ -74,13 +66,13 @@ def test_upgrade_creates_the_tables_and_a_second_upgrade_does_nothing(empty_data
     async def main() -> tuple[Upgrade, Upgrade]:
         engine = build_engine(empty_database)
         try:
-            return await upgrade_engine(engine), await upgrade_engine(engine)
+            return await ACCOUNTS.upgrade_engine(engine), await ACCOUNTS.upgrade_engine(engine)
         finally:
             await engine.dispose()
 
     first, second = asyncio.run(main())
-    assert Upgrade(before=None, after=head()) == first
-    assert Upgrade(before=head(), after=head()) == second
+    assert Upgrade(before=None, after=ACCOUNTS.head()) == first
+    assert Upgrade(before=ACCOUNTS.head(), after=ACCOUNTS.head()) == second
     assert not second.changed
     found = asyncio.run(_inspect(empty_database))
     assert TABLES <= found["tables"]
@@ -99,15 +91,15 @@ def test_upgrade_creates_the_tables_and_a_second_upgrade_does_nothing(empty_data
         "revoked_at",
     } == found["api_keys"]
     assert found["unique digest"]
-    assert head() == found["revision"]
+    assert ACCOUNTS.head() == found["revision"]
     assert [] == found["drift"]  # the migrations build exactly what schema.py declares
 
 
 def test_upgrade_by_uri_from_async_and_sync_code(empty_database: str) -> None:
     """upgrade(uri) and upgrade_sync(uri) both bring a database to head, and repeat harmlessly."""
-    asyncio.run(upgrade(empty_database))
-    upgrade_sync(empty_database)
-    assert head() == asyncio.run(_inspect(empty_database))["revision"]
+    asyncio.run(ACCOUNTS.upgrade(empty_database))
+    ACCOUNTS.upgrade_sync(empty_database)
+    assert ACCOUNTS.head() == asyncio.run(_inspect(empty_database))["revision"]
 
 
 def test_simultaneous_upgrades_do_not_collide(empty_database: str) -> None:
@@ -116,7 +108,7 @@ def test_simultaneous_upgrades_do_not_collide(empty_database: str) -> None:
     async def one() -> Upgrade:
         engine = build_engine(empty_database)
         try:
-            return await upgrade_engine(engine)
+            return await ACCOUNTS.upgrade_engine(engine)
         finally:
             await engine.dispose()
 
@@ -125,13 +117,13 @@ def test_simultaneous_upgrades_do_not_collide(empty_database: str) -> None:
 
     results = asyncio.run(main())
     assert 1 == sum(r.changed for r in results)
-    assert {head()} == {r.after for r in results}
+    assert {ACCOUNTS.head()} == {r.after for r in results}
 
 
 def test_the_migrations_ship_inside_the_package() -> None:
     """The Alembic environment and the first revision are files of the installed package."""
-    folder = Path(script_location())
+    folder = Path(ACCOUNTS.script_location())
     assert (folder / "env.py").is_file()
     assert (folder / "script.py.mako").is_file()
     assert (folder / "versions" / "0001_accounts.py").is_file()
-    assert "0001" == head()
+    assert "0001" == ACCOUNTS.head()

@@ -31,7 +31,7 @@ from citadel.metering import analytics as analytics_module
 from citadel.metering.analytics import Analytics
 from citadel.metering.events import UsageEvent
 from citadel.metering.ledger import Ledger
-from citadel.metering.migrate import upgrade
+from citadel.metering.migrate import LEDGER
 from citadel.metering.ranges import DIMENSIONS, QueryError, TimeRange, check_group_by, month_range
 from citadel.metering.rollups import UsageRow, rollup
 from citadel.metering.schema import ROLLUPS, rollup_key
@@ -190,7 +190,7 @@ ALL = make_events(EVENTS)
 
 
 async def _load(uri: str, events: Sequence[UsageEvent]) -> None:
-    await upgrade(uri)
+    await LEDGER.upgrade(uri)
     engine = build_engine(uri)
     try:
         ledger = Ledger(engine)

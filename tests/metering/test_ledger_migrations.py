@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from citadel.accounts.sql import build_engine
 from citadel.metering.events import UsageEvent
 from citadel.metering.ledger import COLUMNS, Ledger, event_row, rebuild_rollups, rollup_rows
-from citadel.metering.migrate import VERSION_TABLE, alembic_config, head, metering_only, upgrade
+from citadel.metering.migrate import LEDGER
 from citadel.metering.schema import (
     FULL_KEY,
     ROLLUPS,
@@ -47,7 +47,7 @@ def empty_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[s
 
 def _to(revision: str, *, down: bool = False) -> Any:
     def migrate(connection: Connection) -> None:
-        config = alembic_config()
+        config = LEDGER.alembic_config()
         config.attributes["connection"] = connection
         (command.downgrade if down else command.upgrade)(config, revision)
 
@@ -58,11 +58,11 @@ def _describe(connection: Connection) -> dict[str, Any]:
     return {
         "tables": set(inspect(connection).get_table_names()),
         "revision": MigrationContext.configure(
-            connection, opts={"version_table": VERSION_TABLE}
+            connection, opts={"version_table": LEDGER.version_table}
         ).get_current_revision(),
         "drift": compare_metadata(
             MigrationContext.configure(
-                connection, opts={"include_name": metering_only, "compare_type": True}
+                connection, opts={"include_name": LEDGER.only, "compare_type": True}
             ),
             metadata,
         ),
@@ -109,9 +109,9 @@ async def _contents(engine: AsyncEngine) -> dict[str, list[tuple[Any, ...]]]:
 
 def test_empty_to_head_builds_the_schema_and_again_does_nothing(empty_database: str) -> None:
     """Every table schema.py declares, no drift, the head revision; a second upgrade: nothing."""
-    first = asyncio.run(upgrade(empty_database))
-    second = asyncio.run(upgrade(empty_database))
-    assert (None, head()) == (first.before, first.after)
+    first = asyncio.run(LEDGER.upgrade(empty_database))
+    second = asyncio.run(LEDGER.upgrade(empty_database))
+    assert (None, LEDGER.head()) == (first.before, first.after)
     assert not second.changed
 
     async def describe() -> dict[str, Any]:
@@ -124,7 +124,7 @@ def test_empty_to_head_builds_the_schema_and_again_does_nothing(empty_database: 
 
     found = asyncio.run(describe())
     assert set(metadata.tables) <= found["tables"]
-    assert "m0003" == head() == found["revision"]
+    assert "m0003" == LEDGER.head() == found["revision"]
     assert [] == found["drift"]  # the migrations build exactly what schema.py declares
 
 

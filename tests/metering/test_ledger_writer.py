@@ -31,7 +31,7 @@ from citadel.metering.ledger import (
     event_row,
     rebuild_rollups,
 )
-from citadel.metering.migrate import upgrade
+from citadel.metering.migrate import LEDGER
 from citadel.metering.schema import ROLLUPS, usage_daily, usage_events, usage_hourly
 from citadel.metering.writer import LedgerWriter, redis_url
 from citadel.stores.redis import RedisClient
@@ -73,7 +73,7 @@ def event(i: int, *, t: float = T0, status: int = 200, user: str = "usr_a") -> U
 @pytest.fixture(scope="module")
 def shared_postgres() -> Iterator[str]:
     """A fresh, migrated database on the shared PostgreSQL, dropped afterwards."""
-    with scratch_postgres(prepare=upgrade) as uri:
+    with scratch_postgres(prepare=LEDGER.upgrade) as uri:
         yield uri
 
 
@@ -84,7 +84,7 @@ def private_postgres() -> Iterator[PrivatePostgres]:
     if reason is not None:
         pytest.skip(reason)
     with PrivatePostgres() as server:
-        asyncio.run(upgrade(server.url))
+        asyncio.run(LEDGER.upgrade(server.url))
         yield server
 
 
@@ -93,7 +93,7 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """The URI of an empty, migrated ledger database of each kind."""
     if request.param == "sqlite":
         uri = f"sqlite:///{tmp_path / 'ledger.db'}"
-        asyncio.run(upgrade(uri))
+        asyncio.run(LEDGER.upgrade(uri))
         return uri
     uri = str(request.getfixturevalue("shared_postgres"))
     asyncio.run(_truncate(uri))
@@ -469,7 +469,7 @@ def with_sqlite(body: Callable[[str], Awaitable[None]]) -> None:
 
     with tempfile.TemporaryDirectory() as directory:
         uri = f"sqlite:///{directory}/ledger.db"
-        asyncio.run(upgrade(uri))
+        asyncio.run(LEDGER.upgrade(uri))
         asyncio.run(body(uri))
 
 

@@ -35,7 +35,7 @@ from citadel.metering.analytics import Analytics
 from citadel.metering.app import MeteringDeps, create_app
 from citadel.metering.events import UsageEvent
 from citadel.metering.ledger import Ledger, encode_event
-from citadel.metering.migrate import upgrade
+from citadel.metering.migrate import LEDGER
 from citadel.metering.writer import WriterStats
 from citadel.settings import load_settings
 from citadel.stores.redis import RedisClient
@@ -167,7 +167,7 @@ def make_events(people: list[Person], count: int, seed: int = 11) -> list[UsageE
 
 async def _seed(uri: str, count: int) -> tuple[list[Person], list[UsageEvent]]:
     """Teams and users in the accounts store, and events of theirs in the ledger."""
-    await upgrade(uri)
+    await LEDGER.upgrade(uri)
     store = await open_store(uri, migrate=True)
     try:
         people = []
@@ -683,7 +683,7 @@ def test_a_writer_that_stops_is_reported_down(tmp_path: Path) -> None:
     uri = f"sqlite+aiosqlite:///{tmp_path / 'ledger.db'}"
 
     async def main() -> None:
-        await upgrade(uri)
+        await LEDGER.upgrade(uri)
         engine = build_engine(uri)
         accounts = await open_store(uri, migrate=True)
         settings = load_settings(_config(tmp_path, uri), {"CITADEL_ENV": "test"})

@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 from citadel.accounts.sql import build_engine
 from citadel.metering.events import UsageEvent
 from citadel.metering.ledger import decode_event, encode_event
-from citadel.metering.migrate import upgrade
+from citadel.metering.migrate import LEDGER
 from citadel.metering.schema import usage_events, usage_hourly
 from citadel.metering.sinks import RedisStreamSink, SinkStats, SqlLedgerSink
 from citadel.metering.spool import Spool
@@ -289,7 +289,7 @@ def test_sink_stream_writer_ledger_end_to_end(redis_server: PrivateRedis, tmp_pa
     """Events emitted by the sink, through a Redis outage, land in the ledger exactly once."""
     events = [event(i) for i in range(1, 401)]
     uri = f"sqlite:///{tmp_path / 'ledger.db'}"
-    asyncio.run(upgrade(uri))
+    asyncio.run(LEDGER.upgrade(uri))
 
     async def body() -> None:
         redis = RedisClient.from_url(redis_server.url, timeout=0.5)
@@ -366,7 +366,7 @@ def test_the_sql_sink_keeps_events_while_the_database_is_down(tmp_path: Path) ->
     events = [event(i) for i in range(1, 51)]
 
     async def body(server: PrivatePostgres) -> None:
-        await upgrade(server.url)
+        await LEDGER.upgrade(server.url)
         engine = build_engine(server.url, operation_timeout=2)
         sink = SqlLedgerSink(engine, flush_seconds=0.02, batch_size=20)
         await sink.start()

@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 import pytest
 
-from citadel.accounts.migrate import upgrade
+from citadel.accounts.migrate import ACCOUNTS
 
 from support import free_port, process_output, scratch_postgres, start_process, stop_process
 
@@ -731,7 +731,7 @@ def test_an_unreachable_accounts_database_is_a_503_and_takes_health_down(tmp_pat
 @pytest.fixture
 def postgres_database() -> Iterator[str]:
     """A fresh, migrated PostgreSQL database, dropped afterwards."""
-    with scratch_postgres(prepare=upgrade) as uri:
+    with scratch_postgres(prepare=ACCOUNTS.upgrade) as uri:
         yield uri
 
 

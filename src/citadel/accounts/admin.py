@@ -175,15 +175,16 @@ def _fail(message: str, status: int) -> int:
 def _cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     from sqlalchemy.ext.asyncio import AsyncEngine
 
-    from citadel.accounts.migrate import Upgrade, upgrade_engine
+    from citadel.accounts.migrate import ACCOUNTS
     from citadel.accounts.sql import build_engine, translate_errors
     from citadel.metering.ledger import rebuild_rollups
-    from citadel.metering.migrate import upgrade_engine as upgrade_ledger
+    from citadel.metering.migrate import LEDGER
+    from citadel.migrations import Upgrade
 
     uri = settings.accounts.database
 
     async def upgrade_and_rebuild(engine: AsyncEngine) -> Upgrade:
-        done = await upgrade_ledger(engine)
+        done = await LEDGER.upgrade_engine(engine)
         await rebuild_rollups(engine)
         return done
 
@@ -202,8 +203,8 @@ def _cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 
     async def run() -> dict[str, Any]:
         # The accounts first, then the usage ledger (in the same database unless metering.database).
-        result = await migrate(uri, upgrade_engine)
-        ledger = upgrade_and_rebuild if args.rebuild_rollups else upgrade_ledger
+        result = await migrate(uri, ACCOUNTS.upgrade_engine)
+        ledger = upgrade_and_rebuild if args.rebuild_rollups else LEDGER.upgrade_engine
         result["metering"] = await migrate(settings.metering.database or uri, ledger)
         result["metering"]["rollups_rebuilt"] = args.rebuild_rollups
         return dict(result)

@@ -10,20 +10,9 @@ from __future__ import annotations
 
 from sqlalchemy import MetaData
 
-from citadel.migrations import Migrations, Upgrade
+from citadel.migrations import Migrations
 
-__all__ = [
-    "MIGRATIONS",
-    "VERSION_TABLE",
-    "Upgrade",
-    "accounts_only",
-    "alembic_config",
-    "head",
-    "script_location",
-    "upgrade",
-    "upgrade_engine",
-    "upgrade_sync",
-]
+__all__ = ["ACCOUNTS"]
 
 
 def _metadata() -> MetaData:
@@ -32,17 +21,9 @@ def _metadata() -> MetaData:
     return Base.metadata
 
 
-MIGRATIONS = Migrations(
+ACCOUNTS = Migrations(
     package="citadel.accounts",
     version_table="alembic_version_accounts",
     lock_id=0x63_69_74_61_64_65_6C,  # "citadel"
     metadata=_metadata,
 )
-VERSION_TABLE = MIGRATIONS.version_table
-accounts_only = MIGRATIONS.only
-script_location = MIGRATIONS.script_location
-alembic_config = MIGRATIONS.alembic_config
-head = MIGRATIONS.head
-upgrade_engine = MIGRATIONS.upgrade_engine
-upgrade = MIGRATIONS.upgrade
-upgrade_sync = MIGRATIONS.upgrade_sync

@@ -449,7 +449,7 @@ async def open_store(
 ) -> SqlAccountStore:
     """A store on ``uri``, its database reached (StoreUnavailable if not) and, if ``migrate``,
     upgraded to the newest schema."""
-    from citadel.accounts.migrate import upgrade_engine
+    from citadel.accounts.migrate import ACCOUNTS
 
     store = SqlAccountStore(
         build_engine(uri, operation_timeout=operation_timeout), operation_timeout=operation_timeout
@@ -457,7 +457,7 @@ async def open_store(
     try:
         if migrate:
             with translate_errors():
-                await upgrade_engine(store.engine)
+                await ACCOUNTS.upgrade_engine(store.engine)
         else:
             await store.ping()
     except BaseException:

@@ -185,9 +185,9 @@ def create_app(settings: Settings, deps: GatewayDeps) -> App:
         if database.startswith("sqlite"):  # the embedded default migrates itself
 
             async def migrate_sqlite() -> None:
-                from citadel.accounts.migrate import upgrade
+                from citadel.accounts.migrate import ACCOUNTS
 
-                await upgrade(database)
+                await ACCOUNTS.upgrade(database)
 
             app.on_startup(migrate_sqlite)
     authenticator = deps.authenticator

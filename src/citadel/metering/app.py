@@ -71,10 +71,10 @@ def default_deps(settings: Settings) -> MeteringDeps:
     import os
     import socket
 
-    from citadel.accounts.migrate import upgrade as upgrade_accounts
+    from citadel.accounts.migrate import ACCOUNTS
     from citadel.accounts.sql import build_engine, open_store_lazily
     from citadel.errors import ConfigError
-    from citadel.metering.migrate import upgrade as upgrade_ledger
+    from citadel.metering.migrate import LEDGER
     from citadel.metering.writer import LedgerWriter, redis_url
     from citadel.stores.redis import RedisClient
 
@@ -86,13 +86,13 @@ def default_deps(settings: Settings) -> MeteringDeps:
     if accounts_uri.startswith("sqlite"):
 
         async def upgrade_accounts_db() -> None:
-            await upgrade_accounts(accounts_uri)
+            await ACCOUNTS.upgrade(accounts_uri)
 
         startup.append(upgrade_accounts_db)
     if uri.startswith("sqlite"):
 
         async def upgrade_ledger_db() -> None:
-            await upgrade_ledger(uri)
+            await LEDGER.upgrade(uri)
 
         startup.append(upgrade_ledger_db)
     redis: RedisClient | None = None

@@ -10,20 +10,9 @@ from __future__ import annotations
 
 from sqlalchemy import MetaData
 
-from citadel.migrations import Migrations, Upgrade
+from citadel.migrations import Migrations
 
-__all__ = [
-    "MIGRATIONS",
-    "VERSION_TABLE",
-    "Upgrade",
-    "alembic_config",
-    "head",
-    "metering_only",
-    "script_location",
-    "upgrade",
-    "upgrade_engine",
-    "upgrade_sync",
-]
+__all__ = ["LEDGER"]
 
 
 def _metadata() -> MetaData:
@@ -32,17 +21,9 @@ def _metadata() -> MetaData:
     return metadata
 
 
-MIGRATIONS = Migrations(
+LEDGER = Migrations(
     package="citadel.metering",
     version_table="alembic_version_metering",
     lock_id=0x6D_65_74_65_72_69_6E,  # "meterin"
     metadata=_metadata,
 )
-VERSION_TABLE = MIGRATIONS.version_table
-metering_only = MIGRATIONS.only
-script_location = MIGRATIONS.script_location
-alembic_config = MIGRATIONS.alembic_config
-head = MIGRATIONS.head
-upgrade_engine = MIGRATIONS.upgrade_engine
-upgrade = MIGRATIONS.upgrade
-upgrade_sync = MIGRATIONS.upgrade_sync

@@ -303,10 +303,10 @@ class SqlLedgerSink(_BatchingSink):
         """Upgrade the ledger's tables first if ``migrate`` (the embedded default), then start."""
         if self._migrate:
             from citadel.accounts.sql import translate_errors
-            from citadel.metering.migrate import upgrade_engine
+            from citadel.metering.migrate import LEDGER
 
             with translate_errors():
-                await upgrade_engine(self._ledger.engine)
+                await LEDGER.upgrade_engine(self._ledger.engine)
         await super().start()
 
     @property

@@ -443,9 +443,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         if database.startswith("sqlite"):  # the embedded default migrates itself
-            from citadel.metering.migrate import upgrade
+            from citadel.metering.migrate import LEDGER
 
-            await upgrade(database)
+            await LEDGER.upgrade(database)
         redis = RedisClient.from_url(url, timeout=5.0)
         engine = build_engine(database)
         writer = LedgerWriter(

@@ -74,7 +74,7 @@ def default_deps(settings: Settings) -> RateLimitDeps:
     """Production wiring: the SQL accounts store, connected on first use, and the limiter of
     ``limits.backend``. The embedded SQLite database is created or upgraded at start; a
     PostgreSQL one is upgraded only by ``citadel migrate``."""
-    from citadel.accounts.migrate import upgrade
+    from citadel.accounts.migrate import ACCOUNTS
     from citadel.accounts.sql import open_store_lazily
     from citadel.limits.backend import create_limiter
 
@@ -82,7 +82,7 @@ def default_deps(settings: Settings) -> RateLimitDeps:
     limits = settings.limits
 
     async def upgrade_embedded() -> None:
-        await upgrade(uri)
+        await ACCOUNTS.upgrade(uri)
 
     return RateLimitDeps(
         accounts=open_store_lazily(uri),
