@@ -40,6 +40,8 @@ from typing import IO, Any
 import asyncpg  # type: ignore[import-untyped]  # no stubs, no py.typed
 import pytest
 
+from citadel.metering.events import UsageEvent
+
 __all__ = [
     "POSTGRES_SERVER",
     "free_port",
@@ -186,3 +188,29 @@ def scratch_database(kind: str, sqlite_file: Path, prepare: Prepare | None = Non
     if prepare is not None:
         asyncio.run(prepare(uri))
     yield uri
+
+
+def usage_event(**fields: Any) -> UsageEvent:
+    """A usage event with plausible values; ``fields`` replace any of them."""
+    values: dict[str, Any] = {
+        "event_id": os.urandom(16).hex(),
+        "time": 1_717_243_200.0,
+        "request_id": "req",
+        "user": "usr_a",
+        "team": "",
+        "key_id": "key_1",
+        "tier": "free",
+        "endpoint": "chat",
+        "model": "sim-chat",
+        "deployment": "sim-a",
+        "prompt_tokens": 3,
+        "completion_tokens": 4,
+        "latency_seconds": 0.1,
+        "ttft_seconds": None,
+        "status": 200,
+        "streamed": False,
+        "cancelled": False,
+        "usage_estimated": False,
+        "cost_micros": 7,
+    }
+    return UsageEvent(**(values | fields))

@@ -29,6 +29,7 @@ from citadel.settings import (
 from citadel.stores.redis import RedisClient
 
 from gateway_helpers import Stack, chat, post_json
+from support import usage_event
 
 REDIS = os.environ.get("CITADEL_TEST_REDIS", "redis://127.0.0.1:6379/10")
 
@@ -106,26 +107,11 @@ def _settings(tmp_path: Path, redis: str | None = None) -> Settings:
 
 
 def _event() -> UsageEvent:
-    return UsageEvent(
+    return usage_event(
         event_id=uuid.uuid4().hex,
         time=time.time(),
         request_id="req-close",
-        user="usr_a",
-        team="",
-        key_id="key_1",
-        tier="free",
         endpoint="/v1/chat/completions",
-        model="sim-chat",
-        deployment="sim-a",
-        prompt_tokens=3,
-        completion_tokens=4,
-        latency_seconds=0.1,
-        ttft_seconds=None,
-        status=200,
-        streamed=False,
-        cancelled=False,
-        usage_estimated=False,
-        cost_micros=7,
     )
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from citadel.metering.events import UsageEvent, new_event_id
+from citadel.metering.events import new_event_id
 from citadel.metering.ledger import decode_row, encode_event
+
+from support import usage_event
 
 
 def test_ids_sort_by_time_and_are_unique_within_a_millisecond() -> None:
@@ -29,25 +31,5 @@ def test_the_random_part_can_be_given_for_reproducible_ids() -> None:
 def test_the_ledger_accepts_the_ids() -> None:
     """An event with such an id survives the stream encoding and the ledger's checks."""
     event_id = new_event_id(1_717_200_000.5)
-    event = UsageEvent(
-        event_id=event_id,
-        time=1_717_200_000.5,
-        request_id="req",
-        user="usr",
-        team="",
-        key_id="key",
-        tier="free",
-        endpoint="chat",
-        model="m",
-        deployment="d",
-        prompt_tokens=1,
-        completion_tokens=2,
-        latency_seconds=0.1,
-        ttft_seconds=None,
-        status=200,
-        streamed=False,
-        cancelled=False,
-        usage_estimated=False,
-        cost_micros=3,
-    )
+    event = usage_event(event_id=event_id, time=1_717_200_000.5)
     assert event_id == decode_row(encode_event(event))[0]

@@ -4,7 +4,6 @@ the spool file torn by a crash, and the embedded SQLite ledger."""
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import subprocess
 import time
@@ -25,30 +24,17 @@ from citadel.metering.spool import Spool
 from citadel.metering.writer import LedgerWriter
 from citadel.stores.redis import RedisClient
 
-from support import free_port
+from support import free_port, usage_event
 
 STREAM = "citadel:{usage}:events"
 
 
 def event(i: int) -> UsageEvent:
-    return UsageEvent(
-        event_id=os.urandom(16).hex(),
+    return usage_event(
         time=1_717_243_200.0 + i,
         request_id=f"req-{i}",
-        user="usr_a",
-        team="",
-        key_id="key_1",
-        tier="free",
-        endpoint="chat",
-        model="sim-chat",
-        deployment="sim-a",
         prompt_tokens=i,
         completion_tokens=i + 1,
-        latency_seconds=0.1,
-        ttft_seconds=None,
-        status=200,
-        streamed=False,
-        cancelled=False,
         usage_estimated=i % 2 == 0,
         cost_micros=5 * i,
     )

@@ -83,6 +83,7 @@ class _BatchingSink:
         self._sent = 0
         self._failures = 0
         self._dropped = 0
+        self._spooled = 0  # events in the spool file (only a sink with a spool has any)
 
     def emit(self, event: UsageEvent) -> None:
         """Queue one event; never blocks (see the module docstring)."""
@@ -93,6 +94,15 @@ class _BatchingSink:
         queue.append(event)
         if len(queue) >= self._batch_size:
             self._wake.set()
+
+    def stats(self) -> SinkStats:
+        return SinkStats(
+            pending=len(self._queue) + self._in_flight,
+            spooled=self._spooled,
+            sent=self._sent,
+            failures=self._failures,
+            dropped=self._dropped,
+        )
 
     async def start(self) -> None:
         """Start the background task (in the running loop)."""
@@ -165,18 +175,8 @@ class RedisStreamSink(_BatchingSink):
         self._stream = stream
         self._spool = spool
         self._retry_seconds = retry_seconds
-        self._spooled = 0
         self._spool_dirty = False  # the file may hold events: replay before sending directly
         self._next_try = 0.0  # monotonic time of the next attempt at Redis while it is down
-
-    def stats(self) -> SinkStats:
-        return SinkStats(
-            pending=len(self._queue) + self._in_flight,
-            spooled=self._spooled,
-            sent=self._sent,
-            failures=self._failures,
-            dropped=self._dropped,
-        )
 
     async def start(self) -> None:
         """Start sending; a spool left by an earlier run is replayed first."""
@@ -289,15 +289,6 @@ class SqlLedgerSink(_BatchingSink):
         self._migrate = migrate
         self._retry = _RETRY_MIN
         self._next_try = 0.0
-
-    def stats(self) -> SinkStats:
-        return SinkStats(
-            pending=len(self._queue) + self._in_flight,
-            spooled=0,
-            sent=self._sent,
-            failures=self._failures,
-            dropped=self._dropped,
-        )
 
     async def start(self) -> None:
         """Upgrade the ledger's tables first if ``migrate`` (the embedded default), then start."""
