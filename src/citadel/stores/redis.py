@@ -237,19 +237,15 @@ class RedisClient:
 
     async def execute(self, *args: Arg) -> Any:
         """Send one command and return its reply (bytes, int, list or None)."""
-        conn = self._conn
-        if conn is None or conn.closed or conn.loop is not asyncio.get_running_loop():
-            conn = await self._connect()
+        conn = self._usable() or await self._connect()
         return await conn.send(encode_command(args))
 
-    async def pipeline(self, commands: Sequence[Sequence[Arg]]) -> list[Any]:
+    async def pipeline(self, commands: Sequence[tuple[Arg, ...]]) -> list[Any]:
         """Send ``commands`` in one write and return their replies in order; an error reply is
         returned as a ``RedisError``, not raised. A lost connection or a late reply raises
         StoreUnavailable, as for ``execute``. No task per command: cheap for thousands."""
-        conn = self._conn
-        if conn is None or conn.closed or conn.loop is not asyncio.get_running_loop():
-            conn = await self._connect()
-        futures = conn.send_many([encode_command(list(c)) for c in commands])
+        conn = self._usable() or await self._connect()
+        futures = conn.send_many([encode_command(c) for c in commands])
         replies = await asyncio.gather(*futures, return_exceptions=True)
         for reply in replies:
             if isinstance(reply, StoreUnavailable):
@@ -278,6 +274,13 @@ class RedisClient:
         conn, self._conn = self._conn, None
         if conn is not None and not conn.closed:
             conn.fail("the client was closed")
+
+    def _usable(self) -> _Connection | None:
+        """The open connection of the running loop, if there is one (no await: the hot path)."""
+        conn = self._conn
+        if conn is None or conn.closed or conn.loop is not asyncio.get_running_loop():
+            return None
+        return conn
 
     async def _connect(self) -> _Connection:
         # Callers that arrive while a connection is being opened wait for the same one.
