@@ -12,7 +12,10 @@ saw it.
 from __future__ import annotations
 
 import http.client
+import subprocess
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -84,3 +87,35 @@ class Conformance:
                 f"{method} {template} {status}: the body does not match its schema: "
                 f"{exc.message} at {list(exc.absolute_path)}"
             ) from exc
+
+
+def fuzz(port: int, admin_key: str, *, examples: int = 30, seed: int = 1) -> None:
+    """Run schemathesis against the document the service on ``port`` serves: every phase
+    (examples, coverage, fuzzing, stateful), ``examples`` cases per operation, with the admin key;
+    fail on any 5xx, any status or content type the document does not list and any body outside
+    its schema."""
+    command = [
+        str(Path(sys.executable).with_name("schemathesis")),
+        "run",
+        f"http://127.0.0.1:{port}/openapi.json",
+        "--header",
+        f"Authorization: Bearer {admin_key}",
+        "--max-examples",
+        str(examples),
+        "--seed",
+        str(seed),
+        "--workers",
+        "1",
+        "--checks",
+        ",".join(_CHECKS),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert 0 == result.returncode, result.stdout[-6000:] + result.stderr[-2000:]
+
+
+_CHECKS = (
+    "not_a_server_error",
+    "status_code_conformance",
+    "content_type_conformance",
+    "response_schema_conformance",
+)

@@ -11,7 +11,6 @@ import msgspec
 import orjson
 import pytest
 from litestar import Controller, Litestar, get, post
-from litestar.di import NamedDependency
 from litestar.params import FromQuery, JSONBody
 from litestar.testing import AsyncTestClient
 
@@ -19,7 +18,7 @@ from citadel.errors import StoreUnavailable, Unavailable
 from citadel.health import DependencyHealth
 from citadel.metrics import Registry
 from citadel.settings import Settings, load_settings
-from citadel.web import Struct, create_service, errors, provide
+from citadel.web import Injected, Struct, create_service, errors, provide
 
 from conformance import Conformance
 
@@ -59,7 +58,7 @@ class ThingsController(Controller):
     path = "/v1/things"
 
     @post(responses=errors(503))
-    async def create(self, data: JSONBody[NewThing], store: NamedDependency[Store]) -> Thing:
+    async def create(self, data: JSONBody[NewThing], store: Injected[Store]) -> Thing:
         if data.name == "unavailable":
             raise StoreUnavailable("sql", "connection refused")
         store.names.append(data.name)
@@ -69,7 +68,7 @@ class ThingsController(Controller):
     @get()
     async def listing(
         self,
-        store: NamedDependency[Store],
+        store: Injected[Store],
         prefix: FromQuery[Annotated[str, msgspec.Meta(min_length=1)] | None] = None,
     ) -> list[str]:
         if prefix == "boom":

@@ -5,7 +5,7 @@ faster than any framework); every other service is a Litestar app built here, so
 the same ``/health``, ``/metrics``, admin key, error bodies and docs without writing them::
 
     from litestar import Controller, get
-    from citadel.web import Struct, create_service, errors, provide
+    from citadel.web import Injected, Struct, create_service, errors, provide
 
     class Team(Struct):                     # a reply: msgspec gives the OpenAPI schema
         id: str
@@ -16,11 +16,11 @@ the same ``/health``, ``/metrics``, admin key, error bodies and docs without wri
         tags = ["teams"]
 
         @get()
-        async def list_teams(self, store: TeamStore) -> list[Team]:
+        async def list_teams(self, store: Injected[TeamStore]) -> list[Team]:
             return [Team(id=t.id, name=t.name) for t in await store.teams()]
 
         @get("/{team_id:str}", responses=errors(404))  # documents the 404's error body
-        async def get_team(self, team_id: str, store: TeamStore) -> Team: ...
+        async def get_team(self, team_id: FromPath[str], store: Injected[TeamStore]) -> Team: ...
 
     def create_app(settings: Settings, deps: TeamDeps) -> Litestar:
         return create_service(
@@ -54,11 +54,20 @@ What ``create_service`` gives every app:
   (Swagger UI from files shipped in this package: no CDN, so it works air-gapped).
 - ``x-request-id`` on every response (the client's, if well-formed, else a new one).
 
+Litestar 2.25 wants every handler argument marked: ``FromPath[...]``, ``FromQuery[...]``,
+``JSONBody[...]`` (``litestar.params``) and ``Injected[...]`` for dependencies.
 Bodies and replies are ``msgspec.Struct``s with constraints in ``Meta(...)`` (``citadel.web.Struct``
 refuses unknown fields); stores go in by dependency injection (``Provide``) under stable names.
 ``citadel.web.run.serve`` runs the app under uvicorn for ``citadel serve NAME``.
 """
 
-from citadel.web.app import ErrorTranslation, Struct, create_service, errors, provide
+from citadel.web.app import ErrorTranslation, Injected, Struct, create_service, errors, provide
 
-__all__ = ["ErrorTranslation", "Struct", "create_service", "errors", "provide"]
+__all__ = [
+    "ErrorTranslation",
+    "Injected",
+    "Struct",
+    "create_service",
+    "errors",
+    "provide",
+]

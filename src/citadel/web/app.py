@@ -8,12 +8,12 @@ import os
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeAlias, TypeVar
 
 import msgspec
 from litestar import Litestar, Request, Response, Router, get
 from litestar.datastructures import MutableScopeHeaders
-from litestar.di import Provide
+from litestar.di import Dependency, Provide
 from litestar.exceptions import (
     HTTPException,
     MethodNotAllowedException,
@@ -23,6 +23,7 @@ from litestar.exceptions import (
 from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.plugins import JsonRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
+from litestar.params import SkipValidationMarker
 
 from citadel import __version__
 from citadel.adminkey import AdminKey
@@ -44,7 +45,14 @@ if TYPE_CHECKING:
 
     from citadel.settings import Settings
 
-__all__ = ["ErrorTranslation", "Struct", "create_service", "errors", "provide"]
+__all__ = [
+    "ErrorTranslation",
+    "Injected",
+    "Struct",
+    "create_service",
+    "errors",
+    "provide",
+]
 
 _log = logging.getLogger("citadel.web")
 
@@ -68,6 +76,11 @@ _RESERVED = frozenset(
 
 class Struct(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """A request body: an unknown field is a 400 naming it. Replies may use it too."""
+
+
+Injected: TypeAlias = Annotated[_T, Dependency(kind="named"), SkipValidationMarker()]
+"""A handler argument given by name from ``dependencies`` (``store: Injected[TeamStore]``); not
+validated, so a ``Protocol`` may be its type."""
 
 
 def provide(value: _T) -> Provide:
@@ -295,10 +308,11 @@ def _api_error(
 ) -> ApiError:
     if isinstance(exc, ApiError):
         return exc
-    for kind in type(exc).__mro__:
-        translate = translations.get(kind)
-        if translate is not None:
-            return translate(exc)
+    if not isinstance(exc, HTTPException):  # the framework's own (some are ValueErrors) first
+        for kind in type(exc).__mro__:
+            translate = translations.get(kind)
+            if translate is not None:
+                return translate(exc)
     if isinstance(exc, ValidationException):
         return _invalid(exc)
     if isinstance(exc, NotFoundException):

@@ -65,8 +65,9 @@ window.ui = SwaggerUIBundle({{url: "/openapi.json", dom_id: "#swagger-ui", deepL
 
 def finish(document: dict[str, Any]) -> dict[str, Any]:
     """Litestar's document, made true to what the service answers: every error has the
-    OpenAI-style body (Litestar describes its own; /health's 503 excepted), a secured operation
-    can answer 401, an open one says ``security: []``, and /openapi.json answers an object."""
+    OpenAI-style body (where a handler gives no body of its own, and where Litestar describes
+    its validation error), a secured operation can answer 401, an open one says
+    ``security: []``, and /openapi.json answers an object."""
     document.setdefault("components", {}).setdefault("schemas", {})["Error"] = ERROR_SCHEMA
     for path, item in document.get("paths", {}).items():
         for method in _METHODS:
@@ -83,11 +84,20 @@ def finish(document: dict[str, Any]) -> dict[str, Any]:
             if "requestBody" in operation:
                 responses.setdefault("413", {"description": _ERRORS["413"]})
             for status, response in responses.items():
-                if int(status) >= 400 and path != "/health":  # /health's 503 is its own body
+                if int(status) >= 400 and _framework_error(response):
                     response["content"] = {"application/json": {"schema": _ERROR_REF}}
             if path == "/openapi.json":
                 responses["200"]["content"] = {"application/json": {"schema": {"type": "object"}}}
     return document
+
+
+def _framework_error(response: dict[str, Any]) -> bool:
+    """Whether an error response has no body of its own, or Litestar's validation error's."""
+    content = response.get("content")
+    if not content:
+        return True
+    schema = content.get("application/json", {}).get("schema", {})
+    return bool(schema.get("description") == "Validation Exception")
 
 
 def docs_handlers() -> list[HTTPRouteHandler]:

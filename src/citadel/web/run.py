@@ -4,12 +4,23 @@ requests in flight get ``grace`` seconds, then the app's shutdown hooks run."""
 
 from __future__ import annotations
 
+from types import FrameType
+
 import uvicorn
 from litestar import Litestar
 
 from citadel.service import check_bindable
 
 __all__ = ["serve"]
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, but a SIGTERM that stopped it gracefully is a clean exit (0), as for
+    the gateway, rather than re-raised once the server has stopped."""
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        self._captured_signals.clear()
 
 
 def serve(app: Litestar, *, host: str, port: int, grace: float = 30.0) -> int:
@@ -27,7 +38,7 @@ def serve(app: Litestar, *, host: str, port: int, grace: float = 30.0) -> int:
         server_header=False,
         timeout_graceful_shutdown=int(grace),
     )
-    server = uvicorn.Server(config)
+    server = _Server(config)
     server.run()
     # uvicorn reports a failed start-up (a hook that raised) only by not having started.
     return 0 if server.started else 1
