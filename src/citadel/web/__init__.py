@@ -43,7 +43,8 @@ What ``create_service`` gives every app:
 - ``GET /metrics`` (no key): the service's ``Registry`` in the Prometheus text format, with
   ``citadel_service_info`` and ``citadel_http_requests_total`` by route template and status;
   ``metrics_extra`` appends series rendered at scrape time.
-- The admin key as a Litestar guard on every handler passed as ``admin`` (the router carries the
+- The admin key on every handler passed as ``admin`` (a ``before_request`` hook rather than a
+  guard: Litestar copies the handler object on every guard call) (the router carries the
   OpenAPI ``bearer`` security requirement); handlers passed as ``public`` are open.
 - One exception handler: every error, the framework's own included (404, 405, 413, a body that
   fails its ``msgspec.Struct``), becomes the OpenAI-style body of ``citadel.errors``, with
