@@ -1,0 +1,154 @@
+"""The admin APIs before and after Litestar: p50 latency and requests/s of typical calls, old and
+new code side by side in one run, and the ratio.
+
+    .venv/bin/python bench/admin_api.py --old /tmp/citadel-old      # a checkout of the old code
+    git worktree add /tmp/citadel-old ce256a0                        # (the last hand-built one)
+
+Each side is ``python -m citadel serve rate-limiting-api`` from its own ``src/`` on a fresh SQLite
+database with the memory limiter; one keep-alive connection sends each call back to back for
+``--duration`` seconds after a warm-up (concurrency 1: the cost of one request through each
+stack). Sides alternate per call and per run; medians of ``--runs`` runs are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import orjson
+
+ADMIN = "sk-bench-admin"
+CONFIG = """
+tiers:
+  open: {{}}
+accounts: {{database: "sqlite+aiosqlite:///{db}", default_tier: open}}
+"""
+HERE = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def start(source: Path, tmp: Path, name: str) -> tuple[subprocess.Popen[bytes], int]:
+    config = tmp / f"{name}.yaml"
+    config.write_text(CONFIG.format(db=tmp / f"{name}.db"), encoding="utf-8")
+    port = free_port()
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(source / "src"),
+        "CITADEL_ADMIN_KEY": ADMIN,
+        "CITADEL_ENV": "test",
+        "CITADEL_LOG_LEVEL": "warning",
+    }
+    command = [sys.executable, "-m", "citadel", "--config", str(config)]
+    command += ["serve", "rate-limiting-api", "--port", str(port)]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            if call(http.client.HTTPConnection("127.0.0.1", port), "GET", "/health")[0] == 200:
+                return proc, port
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"{name} did not start")
+
+
+def call(
+    conn: http.client.HTTPConnection, method: str, path: str, body: object = None
+) -> tuple[int, bytes]:
+    headers = {"authorization": f"Bearer {ADMIN}", "content-type": "application/json"}
+    conn.request(method, path, b"" if body is None else orjson.dumps(body), headers)
+    response = conn.getresponse()
+    return response.status, response.read()
+
+
+def calls(port: int) -> dict[str, tuple[str, str, object]]:
+    """The typical calls, on a user made for them."""
+    conn = http.client.HTTPConnection("127.0.0.1", port)
+    status, raw = call(conn, "POST", "/v1/users", {"name": "Ada", "email": "ada@example.com"})
+    assert status == 201, raw
+    user = orjson.loads(raw)["id"]
+    return {
+        "GET /health": ("GET", "/health", None),
+        "GET /v1/users/{id}": ("GET", f"/v1/users/{user}", None),
+        "GET /v1/tiers": ("GET", "/v1/tiers", None),
+        "POST /v1/check": ("POST", "/v1/check", {"user_id": user, "tokens": 10}),
+        "PATCH /v1/users/{id} (bad)": (
+            "PATCH",
+            f"/v1/users/{user}",
+            {"overrides": {"tokens_per_day": -1}},
+        ),
+    }
+
+
+def measure(port: int, request: tuple[str, str, object], duration: float) -> tuple[float, float]:
+    """p50 in ms and requests/s of one call, back to back on one connection."""
+    conn = http.client.HTTPConnection("127.0.0.1", port)
+    method, path, body = request
+    warm = time.monotonic() + 0.5
+    while time.monotonic() < warm:
+        call(conn, method, path, body)
+    latencies = []
+    start = time.perf_counter()
+    while (now := time.perf_counter()) - start < duration:
+        call(conn, method, path, body)
+        latencies.append(time.perf_counter() - now)
+    elapsed = time.perf_counter() - start
+    conn.close()
+    return statistics.median(latencies) * 1000, len(latencies) / elapsed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--old", type=Path, required=True, help="checkout of the old code")
+    parser.add_argument("--new", type=Path, default=HERE, help="checkout of the new code")
+    parser.add_argument("--duration", type=float, default=2.0, help="seconds per call and side")
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = Path(scratch)
+        old, old_port = start(args.old, tmp, "old")
+        new, new_port = start(args.new, tmp, "new")
+        try:
+            sides = {"old": calls(old_port), "new": calls(new_port)}
+            ports = {"old": old_port, "new": new_port}
+            results: dict[tuple[str, str], list[tuple[float, float]]] = {}
+            for run in range(args.runs):
+                for label in sides["old"]:
+                    order = ("old", "new") if run % 2 == 0 else ("new", "old")
+                    for side in order:
+                        point = measure(ports[side], sides[side][label], args.duration)
+                        results.setdefault((label, side), []).append(point)
+        finally:
+            for proc in (old, new):
+                proc.terminate()
+                proc.wait(10)
+    print(f"{'call':<28}{'old p50 ms':>11}{'new p50 ms':>11}{'x':>6}{'old req/s':>11}"
+          f"{'new req/s':>11}{'x':>6}")  # fmt: skip
+    for label in sides["old"]:
+        old_p50 = statistics.median(p for p, _ in results[(label, "old")])
+        new_p50 = statistics.median(p for p, _ in results[(label, "new")])
+        old_rps = statistics.median(r for _, r in results[(label, "old")])
+        new_rps = statistics.median(r for _, r in results[(label, "new")])
+        print(
+            f"{label:<28}{old_p50:>11.3f}{new_p50:>11.3f}{new_p50 / old_p50:>6.2f}"
+            f"{old_rps:>11.0f}{new_rps:>11.0f}{new_rps / old_rps:>6.2f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
