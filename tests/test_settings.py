@@ -504,3 +504,17 @@ def test_a_tier_limit_at_the_maximum_loads(tmp_path: Path) -> None:
         "accounts: {default_tier: big}\ntiers:\n  big: {tokens_per_minute: 10000000000}\n",
     )
     assert 10_000_000_000 == settings.tiers[0].tokens_per_minute
+
+
+def test_metrics_token_is_required_by_default_outside_development(tmp_path: Path) -> None:
+    """/metrics is open in development, needs the admin key elsewhere, and metrics.token wins."""
+    prod = {"CITADEL_ENV": "production", "CITADEL_ADMIN_KEY": "sk-prod-admin-key"}
+    assert load_text(tmp_path, "").metrics_token() is None
+    assert "sk-prod-admin-key" == load_text(tmp_path, "", prod).metrics_token()
+    token = load_text(tmp_path, "metrics: {token: scrape}\n", prod).metrics_token()
+    assert "scrape" == token
+    env_token = {**prod, "CITADEL_METRICS_TOKEN": "from-env"}
+    assert "from-env" == load_text(tmp_path, "", env_token).metrics_token()
+    opened = load_text(tmp_path, "metrics: {require_token: false}\n", prod)
+    assert opened.metrics_token() is None
+    assert "dev-token" == load_text(tmp_path, "metrics: {token: dev-token}\n").metrics_token()

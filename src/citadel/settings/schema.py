@@ -56,6 +56,7 @@ __all__ = [
     "GATEWAY",
     "LIMITS",
     "METERING",
+    "METRICS",
     "PORTS",
     "SCALARS",
     "TIMEOUTS",
@@ -90,6 +91,7 @@ TOP = (
     "accounts",
     "routing",
     "metering",
+    "metrics",
     "alerting",
 )
 PORTS = {f.name: port for f in dataclasses.fields(Ports)}
@@ -104,6 +106,7 @@ GATEWAY = {
     "access_log": boolean,
     "max_connections_per_deployment": integer(1),
 }
+METRICS = {"token": text, "require_token": boolean}
 TIMEOUTS = {f.name: positive for f in dataclasses.fields(Timeouts)}
 _MODEL = {
     "name": text,
