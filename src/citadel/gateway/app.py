@@ -68,6 +68,8 @@ def default_deps(settings: Settings) -> GatewayDeps:
             default_tier=settings.accounts.default_tier,
             ttl=settings.accounts.key_cache_ttl_seconds,
             registry=registry,
+            cache_size=settings.accounts.key_cache_size,
+            accept_legacy=settings.accounts.accept_legacy_keys,
         ),
         registry=registry,
         limiter=limiter,
@@ -80,12 +82,18 @@ def usage_sink(settings: Settings) -> RedisStreamSink | SqlLedgerSink:
     """Usage events to the Redis Stream the ledger writer drains when Redis is configured (with a
     spool file for outages); otherwise straight into the SQL ledger (the embedded default)."""
     from citadel.accounts.sql import build_engine
+    from citadel.metering.journal import Journal
     from citadel.metering.sinks import RedisStreamSink, SqlLedgerSink
     from citadel.metering.spool import Spool
     from citadel.routing.shared import redis_url
     from citadel.stores.redis import RedisClient
 
     metering = settings.metering
+    journal = (
+        Journal(metering.journal_path, fsync_on_rotate=metering.journal_fsync)
+        if metering.journal
+        else None
+    )
     url = redis_url(settings)
     if url is not None:
         return RedisStreamSink(
@@ -94,6 +102,7 @@ def usage_sink(settings: Settings) -> RedisStreamSink | SqlLedgerSink:
             flush_seconds=metering.flush_seconds,
             batch_size=metering.batch_size,
             spool=Spool(metering.spool_path),
+            journal=journal,
             owns_store=True,  # closed at shutdown, with the sink (create_app: usage.aclose)
         )
     database = metering.database or settings.accounts.database
@@ -102,6 +111,7 @@ def usage_sink(settings: Settings) -> RedisStreamSink | SqlLedgerSink:
         flush_seconds=metering.flush_seconds,
         batch_size=metering.batch_size,
         migrate=database.startswith("sqlite"),
+        journal=journal,
         owns_store=True,  # disposed of at shutdown, with the sink (create_app: usage.aclose)
     )
 
