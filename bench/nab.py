@@ -22,9 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-
-from citadel.alerting.anomaly import DEFAULT_DETECTOR, DETECTORS
-from citadel.alerting.nab import (
+from nab_scoring import (
     PROFILES,
     FloatArray,
     Series,
@@ -33,6 +31,8 @@ from citadel.alerting.nab import (
     load_scores,
     score_corpus,
 )
+
+from citadel.alerting.anomaly import DEFAULT_DETECTOR, DETECTORS
 
 
 def run_detector(name: str, series: Series) -> FloatArray:

@@ -1,4 +1,5 @@
-"""Makes the shared test helpers in this directory (``support``) importable from every test."""
+"""Makes the shared test helpers in this directory (``support``) and the benchmarks' helpers in
+``bench/`` (``nab_scoring``) importable from every test."""
 
 import os
 import pathlib
@@ -9,5 +10,7 @@ import sys
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 _TESTS = str(pathlib.Path(__file__).parent)
-if _TESTS not in sys.path:
-    sys.path.insert(0, _TESTS)
+_BENCH = str(pathlib.Path(__file__).parents[1] / "bench")
+for _path in (_BENCH, _TESTS):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
