@@ -147,3 +147,13 @@ def test_loco_run_reproduces_its_numbers(tmp_path: Path) -> None:
         for line in outputs[0]
         if line.split()[:1] in (["alpha"], ["beta"], ["gamma"])
     ]
+
+
+def test_candidates_start_with_the_default_unless_left_out() -> None:
+    """Candidate 0 is the default ``Params``; ``default=False`` draws only other points."""
+    with_default = nab.loco_candidates(6, 19)
+    without = nab.loco_candidates(6, 19, default=False)
+    first = with_default[0]
+    assert (6, 6) == (len(with_default), len(without))
+    assert first == {k: getattr(nab.Params(), k) for k in sorted(nab.SPACE)}
+    assert first not in without
