@@ -21,7 +21,7 @@ too; only when named in ``--models``: it trains the LSTM four times per origin).
 fit+forecast time per model summed over all series and origins (in the worker processes), and the
 total wall time.
 
-    .venv/bin/python bench/forecast.py [--data ../shared/nab/data] [--origins 8] [--models ...]
+    .venv/bin/python bench/forecast.py [--data bench/data/nab/data] [--origins 8] [--models ...]
         [--horizon 12] [--tail 0.3] [--jobs N] [--json PATH]
 
 Target: ``auto`` at most 0.85 (AutoARIMA reached 0.82 on Datadog's observability benchmark).
@@ -38,6 +38,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import argparse
 import csv
+import gzip
 import json
 import math
 import statistics
@@ -51,12 +52,18 @@ from typing import Any
 
 import numpy as np
 
-from citadel.alerting.forecast import Forecaster, season_length, series_step
-from citadel.alerting.forecasters import ArimaForecaster, EtsForecaster, LinearForecaster
+from citadel.alerting.forecast import (
+    ArimaForecaster,
+    EtsForecaster,
+    Forecaster,
+    LinearForecaster,
+    season_length,
+    series_step,
+)
 from citadel.alerting.lstm import LstmForecaster, torch_unavailable
 from citadel.alerting.selector import Selector, default_candidates
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "nab" / "data"
+DEFAULT_DATA = Path(__file__).resolve().parent / "data" / "nab" / "data"  # vendored, gzipped
 TARGET = 0.85
 
 
@@ -74,7 +81,9 @@ def factories() -> dict[str, Callable[[], Forecaster]]:
 def load(path: Path) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
     """The series in time order; of rows sharing a timestamp (six NAB files have some), the last."""
     by_time: dict[float, float] = {}
-    with path.open(newline="") as handle:
+    with (
+        gzip.open(path, "rt", newline="") if path.suffix == ".gz" else path.open(newline="")
+    ) as handle:
         for row in csv.DictReader(handle):
             stamp = datetime.fromisoformat(row["timestamp"]).replace(tzinfo=UTC)
             by_time[stamp.timestamp()] = float(row["value"])
@@ -158,9 +167,9 @@ def main() -> int:
     if (reason := torch_unavailable()) and any("lstm" in name for name in models):
         print(f"skipping lstm models: {reason}")
         models = [name for name in models if "lstm" not in name]
-    paths = sorted(str(p) for p in args.data.glob("*/*.csv"))
+    paths = sorted(str(p) for p in [*args.data.glob("*/*.csv"), *args.data.glob("*/*.csv.gz")])
     if not paths:
-        parser.error(f"--data {args.data}: no <category>/<series>.csv files")
+        parser.error(f"--data {args.data}: no <category>/<series>.csv (or .csv.gz) files")
 
     jobs = [(p, models, args.horizon, args.origins, args.tail) for p in paths]
     start = time.perf_counter()

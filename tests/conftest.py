@@ -1,4 +1,5 @@
-"""Makes the shared test helpers in this directory (``support``) importable from every test."""
+"""Makes the shared test helpers in this directory (``support``) and the benchmarks' helpers in
+``bench/`` (``nab_scoring``) importable from every test."""
 
 import os
 import pathlib
@@ -9,8 +10,10 @@ import sys
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 _TESTS = str(pathlib.Path(__file__).parent)
-if _TESTS not in sys.path:
-    sys.path.insert(0, _TESTS)
+_BENCH = str(pathlib.Path(__file__).parents[1] / "bench")
+for _path in (_BENCH, _TESTS):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 
 # In CI (``CI=true``, which ``.ci/run`` sets) a skip means a part the tests need is missing —
 # Redis, PostgreSQL, a Debian package — so it fails the run instead of hiding that feature's tests.

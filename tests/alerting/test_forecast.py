@@ -11,18 +11,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from citadel.alerting.forecast import (
+    ArimaForecaster,
+    EtsForecaster,
     Forecast,
     Forecaster,
     ForecastError,
+    LinearForecaster,
+    SeasonalNaiveForecaster,
     crossing_time,
     detect_season,
     season_length,
-)
-from citadel.alerting.forecasters import (
-    ArimaForecaster,
-    EtsForecaster,
-    LinearForecaster,
-    SeasonalNaiveForecaster,
 )
 from citadel.alerting.selector import Selector
 

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
-
-from citadel.alerting.nab import (
+from nab_scoring import (
+    DATA,
     PROFILES,
     Profile,
     Series,
@@ -22,22 +20,7 @@ from citadel.alerting.nab import (
     window_starts,
 )
 
-
-def _nab_dir() -> Path:
-    """The NAB subset: $CITADEL_NAB_DIR, else ../shared/nab beside the checkout, else the
-    workplace's copy (a fresh clone for CI may live elsewhere)."""
-    candidates = [
-        os.environ.get("CITADEL_NAB_DIR", ""),
-        str(Path(__file__).resolve().parents[3] / "shared" / "nab"),
-        "/work/shared/nab",
-    ]
-    for candidate in candidates:
-        if candidate and Path(candidate).is_dir():
-            return Path(candidate)
-    return Path(candidates[1])
-
-
-NAB = _nab_dir()
+NAB = DATA  # the NAB subset vendored in bench/data/nab
 STANDARD = PROFILES[0]
 
 
@@ -58,8 +41,6 @@ def fire_at(rows: int, *at: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def corpus() -> tuple[Series, ...]:
-    if not NAB.is_dir():
-        pytest.skip(f"NAB subset not found at {NAB}")
     return load_corpus(NAB / "data", NAB / "labels" / "combined_windows.json")
 
 
@@ -101,8 +82,6 @@ def test_cad_ose_reference_scores(corpus: tuple[Series, ...]) -> None:
 
 def test_profiles_file_matches_builtin() -> None:
     """NAB's profiles.json holds the three built-in profiles."""
-    if not NAB.is_dir():
-        pytest.skip(f"NAB subset not found at {NAB}")
     assert PROFILES == load_profiles(NAB / "profiles.json")
 
 

@@ -35,9 +35,17 @@ from typing import Literal, Protocol
 from zoneinfo import ZoneInfo
 
 from citadel.alerting.alertmanager import AlertBook, AlertmanagerClient
+from citadel.alerting.anomaly import Detector
 from citadel.alerting.definitions import AlertingSettings, Rule
-from citadel.alerting.forecast import Forecast, Forecaster, ForecastError, crossing_time
-from citadel.alerting.forecasters import ArimaForecaster, EtsForecaster, LinearForecaster
+from citadel.alerting.forecast import (
+    ArimaForecaster,
+    EtsForecaster,
+    Forecast,
+    Forecaster,
+    ForecastError,
+    LinearForecaster,
+    crossing_time,
+)
 from citadel.alerting.prometheus import PrometheusClient, Series
 from citadel.alerting.selector import ModelState, Selector, default_candidates
 from citadel.errors import CitadelError
@@ -67,12 +75,6 @@ _log = logging.getLogger("citadel.alerting")
 Outcome = Literal["ok", "firing", "insufficient_history", "error"]
 _BACKTEST_STEPS = 12  # the longest horizon the selector backtests over
 _MAX_HORIZON_STEPS = 5000  # a forecast longer than this is coarsened by the step
-
-
-class Detector(Protocol):
-    """A streaming anomaly detector: each sample in, an anomaly score in [0, 1] out."""
-
-    def update(self, timestamp: float, value: float) -> float: ...
 
 
 class SourceUnavailable(CitadelError):

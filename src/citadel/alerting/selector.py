@@ -21,21 +21,19 @@ import numpy as np
 
 from citadel.alerting.forecast import (
     DAY,
+    ArimaForecaster,
     Array,
+    EtsForecaster,
     Forecast,
     Forecaster,
     ForecastError,
+    LinearForecaster,
     Numbers,
+    SeasonalNaiveForecaster,
     as_series,
     require,
     season_length,
     series_step,
-)
-from citadel.alerting.forecasters import (
-    ArimaForecaster,
-    EtsForecaster,
-    LinearForecaster,
-    SeasonalNaiveForecaster,
 )
 
 

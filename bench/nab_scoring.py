@@ -21,6 +21,16 @@ A corpus is a set of series, each with rows (timestamp, value) and labelled anom
 - The corpus score is ``100 x (raw - null) / (perfect - null)``: the null detector detects nothing
   (``-A_FN`` per window) and the perfect one earns ``A_TP`` on every window.
 
+**Leave one category out** (``leave_one_category_out``) measures a parameter search honestly:
+given each candidate parameter set's output on every series, for each NAB category it chooses the
+candidate and each profile's threshold on the *other* categories, and scores the held-out one at
+them (``score_corpus(..., thresholds=...)``). ``held_out_total`` scores all held-out folds as one
+corpus (their raw, null and perfect totals add up). ``sample_grid`` draws the candidates
+reproducibly from a grid.
+
+This module serves the benchmark and the tests only (it is not part of the package); the NAB
+subset it reads is vendored in ``bench/data/nab`` (``DATA``), gzipped, with NAB's MIT licence.
+
 Everything here is pure except ``load_corpus``, ``load_profiles`` and ``load_scores``, which read
 NAB-format files (``timestamp,value`` series, a windows JSON, ``timestamp,...,anomaly_score``
 result files).
@@ -29,8 +39,10 @@ result files).
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import math
+import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -43,6 +55,7 @@ from citadel.errors import CitadelError
 
 FloatArray = npt.NDArray[np.float64]
 
+DATA = Path(__file__).resolve().parent / "data" / "nab"  # the vendored NAB subset
 PROBATION_FRACTION = 0.15
 PROBATION_MAX = 750
 
@@ -152,8 +165,12 @@ def score_corpus(
     corpus: Sequence[Series],
     scores: Mapping[str, Sequence[float] | FloatArray],
     profiles: Sequence[Profile] = PROFILES,
+    *,
+    thresholds: Mapping[str, float] | None = None,
 ) -> tuple[ProfileScore, ...]:
-    """Score detector output ``scores`` (one score per row, by series name) under each profile."""
+    """Score detector output ``scores`` (one score per row, by series name) under each profile,
+    at the threshold that maximises it, or at ``thresholds[profile.name]`` when given (a row is
+    a detection when its score is at or above the threshold)."""
     windows = 0
     parts_window: list[npt.NDArray[np.int64]] = []
     parts_tp: list[FloatArray] = []
@@ -184,7 +201,19 @@ def score_corpus(
     # Rows that share a score are admitted together: the sweep may stop only at the last of them.
     group_end = np.ones(len(score), dtype=bool)
     group_end[:-1] = score[1:] != score[:-1]
-    return tuple(_sweep(profile, windows, score, window, tp, fp, group_end) for profile in profiles)
+    return tuple(
+        _sweep(
+            profile,
+            windows,
+            score,
+            window,
+            tp,
+            fp,
+            group_end,
+            None if thresholds is None else thresholds[profile.name],
+        )
+        for profile in profiles
+    )
 
 
 def _sweep(
@@ -195,8 +224,10 @@ def _sweep(
     tp: FloatArray,
     fp: FloatArray,
     group_end: npt.NDArray[np.bool_],
+    threshold: float | None = None,
 ) -> ProfileScore:
-    """Find the threshold maximising the corpus total under ``profile``, rows sorted by score."""
+    """Find the threshold maximising the corpus total under ``profile``, rows sorted by score;
+    with ``threshold``, the total at that threshold instead."""
     null = -profile.fn_weight * windows
     perfect = profile.tp_weight * windows
     best = (null, math.inf, 0, 0)  # total, threshold, true positives, false positives
@@ -208,8 +239,17 @@ def _sweep(
     false_positives = 0
     tp_w = profile.tp_weight
     fp_w = profile.fp_weight
+    admitted = len(score)
+    if threshold is not None:  # rows are sorted by score, descending
+        admitted = int(np.searchsorted(-score, -threshold, "right"))
     for k, (w, reward, cost, last) in enumerate(
-        zip(window.tolist(), tp.tolist(), fp.tolist(), group_end.tolist(), strict=True)
+        zip(
+            window[:admitted].tolist(),
+            tp[:admitted].tolist(),
+            fp[:admitted].tolist(),
+            group_end[:admitted].tolist(),
+            strict=True,
+        )
     ):
         if w < 0:
             total += fp_w * cost
@@ -222,12 +262,14 @@ def _sweep(
                     true_positives += 1
                 window_best[w] = gain
                 total += gain - old
-        if last and total > best[0]:
+        if threshold is None and last and total > best[0]:
             best = (total, float(score[k]), true_positives, false_positives)
-    raw, threshold, tps, fps = best
+    if threshold is not None:
+        best = (total, threshold, true_positives, false_positives)
+    raw, chosen, tps, fps = best
     return ProfileScore(
         profile=profile.name,
-        threshold=threshold,
+        threshold=chosen,
         raw=float(raw),
         null=null,
         perfect=perfect,
@@ -257,9 +299,18 @@ def parse_timestamp(text: str) -> float:
         raise NabError(f"timestamp {text!r} is not ISO 8601 (YYYY-MM-DD HH:MM:SS)") from exc
 
 
+def _stored(path: Path) -> Path:
+    """``path``, or its gzipped copy ``path.gz`` when only that exists (the vendored subset)."""
+    packed = path.with_name(path.name + ".gz")
+    return packed if not path.exists() and packed.exists() else path
+
+
 def _read_columns(path: Path, column: str) -> tuple[FloatArray, FloatArray]:
+    path = _stored(path)
     try:
-        with path.open(newline="") as handle:
+        with (
+            gzip.open(path, "rt", newline="") if path.suffix == ".gz" else path.open(newline="")
+        ) as handle:
             reader = csv.DictReader(handle)
             if reader.fieldnames is None or column not in reader.fieldnames:
                 raise NabError(f"{path}: expected a 'timestamp' and a {column!r} column")
@@ -317,9 +368,11 @@ def load_scores(results_dir: Path, corpus: Sequence[Series]) -> dict[str, FloatA
     """
     scores: dict[str, FloatArray] = {}
     for series in corpus:
-        path = results_dir / series.name
+        path = _stored(results_dir / series.name)
         if not path.exists():
-            matches = sorted(path.parent.glob(f"*_{path.name}"))
+            matches = sorted(path.parent.glob(f"*_{path.name}")) or sorted(
+                path.parent.glob(f"*_{path.name}.gz")
+            )
             if not matches:
                 raise NabError(f"{results_dir}: no result file for {series.name!r}")
             path = matches[0]
@@ -328,3 +381,116 @@ def load_scores(results_dir: Path, corpus: Sequence[Series]) -> dict[str, FloatA
             raise NabError(f"{path}: timestamps differ from the series {series.name!r}")
         scores[series.name] = values
     return scores
+
+
+# --- leave one category out -------------------------------------------------------------------
+
+
+def category(series: Series) -> str:
+    """The NAB category of a series: the folder its file is in (``realTweets/...``)."""
+    return series.name.split("/", 1)[0] if "/" in series.name else ""
+
+
+def combine(results: Sequence[ProfileScore]) -> ProfileScore:
+    """Several scores of one profile as one corpus: raw, null and perfect totals add up."""
+    raw = sum(r.raw for r in results)
+    null = sum(r.null for r in results)
+    perfect = sum(r.perfect for r in results)
+    return ProfileScore(
+        profile=results[0].profile,
+        threshold=math.nan,  # each part has its own
+        raw=raw,
+        null=null,
+        perfect=perfect,
+        score=100.0 * (raw - null) / (perfect - null) if perfect != null else 0.0,
+        true_positives=sum(r.true_positives for r in results),
+        false_positives=sum(r.false_positives for r in results),
+        false_negatives=sum(r.false_negatives for r in results),
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class HeldOut:
+    """One fold of leave-one-category-out: what was chosen without ``category``, and its score."""
+
+    category: str
+    candidate: int  # index of the candidate chosen on the other categories
+    train: tuple[ProfileScore, ...]  # its scores there (their thresholds are the ones applied)
+    test: tuple[ProfileScore, ...]  # the held-out category, scored at those thresholds
+
+
+Scores = Mapping[str, Sequence[float] | FloatArray]
+
+
+def choose(
+    corpus: Sequence[Series],
+    candidates: Sequence[Scores],
+    profile: Profile = PROFILES[0],
+) -> tuple[int, float]:
+    """The candidate scoring best on ``corpus`` under ``profile`` (the first of equals), and its
+    score: the parameter search, given each candidate's output on every series."""
+    best, best_score = -1, -math.inf
+    for i, scores in enumerate(candidates):
+        (result,) = score_corpus(corpus, scores, (profile,))
+        if result.score > best_score:
+            best, best_score = i, result.score
+    if best < 0:
+        raise NabError("no candidates to choose from")
+    return best, best_score
+
+
+def leave_one_category_out(
+    corpus: Sequence[Series],
+    candidates: Sequence[Scores],
+    profiles: Sequence[Profile] = PROFILES,
+    *,
+    select: str = "standard",
+) -> tuple[HeldOut, ...]:
+    """For each category: choose the candidate (by ``select``) and each profile's threshold on
+    the other categories only, then score the category at them. Nothing is tuned on what is
+    scored: the held-out rows reach neither the choice nor the thresholds."""
+    by_name = {p.name: p for p in profiles}
+    if select not in by_name:
+        raise NabError(f"select={select!r}: not one of the profiles {sorted(by_name)}")
+    folds = []
+    for held in sorted({category(s) for s in corpus}):
+        train = [s for s in corpus if category(s) != held]
+        test = [s for s in corpus if category(s) == held]
+        if not train:
+            raise NabError("leave-one-category-out needs at least two categories")
+        chosen, _ = choose(train, candidates, by_name[select])
+        fitted = score_corpus(train, candidates[chosen], profiles)
+        at = {r.profile: r.threshold for r in fitted}
+        folds.append(
+            HeldOut(
+                category=held,
+                candidate=chosen,
+                train=fitted,
+                test=score_corpus(test, candidates[chosen], profiles, thresholds=at),
+            )
+        )
+    return tuple(folds)
+
+
+def held_out_total(folds: Sequence[HeldOut]) -> tuple[ProfileScore, ...]:
+    """Every held-out category scored together as one corpus, per profile."""
+    return tuple(combine([f.test[i] for f in folds]) for i in range(len(folds[0].test)))
+
+
+def sample_grid(
+    space: Mapping[str, Sequence[object]], n: int, seed: int
+) -> list[dict[str, object]]:
+    """``n`` distinct points of the grid ``space`` (all of it when smaller), drawn with ``seed``:
+    the same seed gives the same points in the same order."""
+    names = sorted(space)
+    size = math.prod(len(space[k]) for k in names)
+    rng = random.Random(seed)
+    picks = range(size) if n >= size else sorted(rng.sample(range(size), n))
+    points = []
+    for index in picks:
+        point: dict[str, object] = {}
+        for name in reversed(names):
+            index, digit = divmod(index, len(space[name]))
+            point[name] = space[name][digit]
+        points.append(dict(sorted(point.items())))
+    return points
