@@ -11,3 +11,5 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 _TESTS = str(pathlib.Path(__file__).parent)
 if _TESTS not in sys.path:
     sys.path.insert(0, _TESTS)
+
+from redis_topologies import topologies  # noqa: E402, F401  (a session fixture)

@@ -41,7 +41,7 @@ from citadel.metering.events import UsageEvent
 from citadel.metering.ledger import Ledger, encode_event
 from citadel.metering.spool import Spool
 from citadel.metering.writer import FIELD
-from citadel.stores.redis import RedisClient
+from citadel.stores.endpoint import RedisStore
 
 __all__ = ["RedisStreamSink", "SinkStats", "SqlLedgerSink"]
 
@@ -155,7 +155,7 @@ class RedisStreamSink(_BatchingSink):
 
     def __init__(
         self,
-        redis: RedisClient,
+        redis: RedisStore,
         *,
         stream: str,
         flush_seconds: float,
