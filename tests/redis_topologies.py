@@ -39,7 +39,10 @@ def cluster_port() -> int:
         return port
 
 
-_BASE = ["--save", "", "--appendonly", "no", "--bind", "127.0.0.1", "--protected-mode", "no"]
+_BASE = [
+    *("--save", "", "--appendonly", "no", "--bind", "127.0.0.1", "--protected-mode", "no"),
+    *("--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0"),  # replicas sync at once
+]
 
 
 @dataclass
@@ -199,7 +202,7 @@ def cluster(masters: int = 3, replicas: int = 1) -> Iterator[ClusterGroup]:
                     group,
                     port,
                     *("--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf"),
-                    *("--cluster-node-timeout", "1000"),
+                    *("--cluster-node-timeout", "1000", "--cluster-replica-validity-factor", "0"),
                 )
             subprocess.run(
                 [
@@ -212,6 +215,8 @@ def cluster(masters: int = 3, replicas: int = 1) -> Iterator[ClusterGroup]:
                 timeout=60,
             )
             wait_for(lambda: group.healthy(ports), "the cluster")
+            # a replica can take over only once its first sync is done
+            wait_for(lambda: group.replicas_synced(masters * replicas), "the replicas' sync")
             group.url = "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in ports[:2])
             yield group
         finally:
@@ -238,6 +243,22 @@ class ClusterGroup(Group):
                 if low.isdigit() and int(low) <= int(slot) <= int(high or low):
                     return int(fields[1].split("@")[0].rsplit(":", 1)[1])
         raise AssertionError(f"no master serves {key}")
+
+    def replicas_synced(self, count: int) -> bool:
+        synced = sum(
+            "master_link_status:up" in self.cli(p, "INFO", "replication") for p in self.processes
+        )
+        return synced == count
+
+    def masters(self) -> list[int]:
+        """The ports of the live masters."""
+        live = next(iter(self.processes))
+        found = []
+        for line in self.cli(live, "CLUSTER", "NODES").splitlines():
+            fields = line.split()
+            if "master" in fields[2] and "fail" not in fields[2]:
+                found.append(int(fields[1].split("@")[0].rsplit(":", 1)[1]))
+        return found
 
     def kill_master(self, key: str) -> int:
         """SIGKILL the master serving ``key``; its replica takes over."""

@@ -41,6 +41,7 @@ _STORE: Final = "redis"
 _PAUSE: Final = 0.05  # seconds between retries of a command that did not run
 # error replies that say the command did not run: retried until the deadline
 _NOT_RUN: Final = (
+    rex.ClusterError,  # CLUSTERDOWN, and redirections beyond redis-py's "TTL"
     rex.ClusterDownError,
     rex.TryAgainError,
     rex.MovedError,
@@ -93,6 +94,9 @@ class _RedisPyStore:
     def address(self) -> str:
         return self._address
 
+    def _failed(self) -> None:
+        """A call met a fault: the topology may be about to change (see ClusterClient)."""
+
     async def _call(self, call: Callable[[], Awaitable[Any]]) -> Any:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
@@ -101,6 +105,7 @@ class _RedisPyStore:
                 async with asyncio.timeout_at(deadline):
                     return await call()
             except _NOT_RUN as exc:
+                self._failed()
                 if loop.time() + _PAUSE >= deadline:
                     raise StoreUnavailable(_STORE, f"{self._address}: {exc}") from exc
                 await asyncio.sleep(_PAUSE)
@@ -109,9 +114,11 @@ class _RedisPyStore:
             except rex.ResponseError as exc:
                 raise RedisError(str(exc)) from exc
             except TimeoutError as exc:
+                self._failed()
                 detail = f"no reply from {self._address} within {self._timeout} s"
                 raise StoreUnavailable(_STORE, detail) from exc
             except _UNAVAILABLE as exc:
+                self._failed()
                 raise StoreUnavailable(_STORE, f"{self._address}: {exc}") from exc
 
     async def execute(self, *args: Arg) -> Any:
@@ -157,6 +164,21 @@ class ClusterClient(_RedisPyStore):
         )
         address = ",".join(f"{host}:{port}" for host, port in endpoint.nodes)
         super().__init__(client, f"cluster {address}", timeout)
+        self._cluster = client
+        self._seen: dict[str, ClusterNode] = {}
+
+    def _failed(self) -> None:
+        # redis-py drops a node from its map after a failover without closing its connections:
+        # remember the nodes of the old map, so that aclose closes them.
+        for node in self._cluster.get_nodes():
+            self._seen.setdefault(node.name, node)
+
+    async def aclose(self) -> None:
+        current = {node.name for node in self._cluster.get_nodes()}
+        await super().aclose()
+        for name, node in self._seen.items():
+            if name not in current:
+                await node.disconnect()
 
 
 class SentinelClient(_RedisPyStore):
