@@ -15,19 +15,5 @@ for _path in (_BENCH, _TESTS):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
-# In CI (``CI=true``, which ``.ci/run`` sets) a skip means a part the tests need is missing —
-# Redis, PostgreSQL, a Debian package — so it fails the run instead of hiding that feature's tests.
-_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
-
-if _CI:
-    import pytest
-
-    @pytest.hookimpl(hookwrapper=True)
-    def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> object:
-        """Turn every skip into a failure that names the skip's reason."""
-        outcome = yield
-        report = outcome.get_result()  # type: ignore[attr-defined]
-        if report.skipped and not hasattr(report, "wasxfail"):
-            report.outcome = "failed"
-            report.longrepr = f"skipped under CI=true (a needed part is missing): {report.longrepr}"
-        return None
+from ci_skips import pytest_runtest_makereport  # noqa: E402, F401  (CI=true: a skip fails)
+from redis_topologies import topologies  # noqa: E402, F401  (a session fixture)

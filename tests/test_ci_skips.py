@@ -16,11 +16,12 @@ def test_needs_a_server():
 
 
 def _run(tmp_path: Path, ci: str) -> subprocess.CompletedProcess[str]:
-    (tmp_path / "conftest.py").write_text((Path(__file__).parent / "conftest.py").read_text())
     (tmp_path / "test_skipping.py").write_text(_SKIPPING)
-    env = {**os.environ, "CI": ci}
+    path = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "CI": ci, "PYTHONPATH": path}
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "ci_skips"]
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+        [*command, str(tmp_path)],
         capture_output=True,
         text=True,
         env=env,

@@ -1,4 +1,5 @@
-"""The Limiter contract: the same assertions on the memory limiter and on Redis (DB 15).
+"""The Limiter contract: the same assertions on the memory limiter, on Redis (DB 15), and on a
+TLS server, a Sentinel group and a Redis Cluster.
 
 Time is passed in, so the tests move a fake ``now`` instead of sleeping; each test uses its own
 principal, so the Redis runs do not meet other tests' keys.
@@ -13,12 +14,14 @@ from collections.abc import Awaitable, Callable
 from zoneinfo import ZoneInfo
 
 import pytest
+from redis_topologies import Topologies
 
 from citadel.errors import ConfigError
 from citadel.limits.backend import create_limiter
 from citadel.limits.decision import LimitDecision, Limiter, Limits, LimitUsage, Reservation
 from citadel.limits.memory import MemoryLimiter
 from citadel.limits.redis import RedisLimiter
+from citadel.stores.endpoint import connect_redis
 from citadel.stores.redis import RedisClient
 
 REDIS_URL = "redis://127.0.0.1:6379/15"
@@ -29,8 +32,8 @@ Body = Callable[[Limiter, str], Awaitable[None]]
 Runner = Callable[..., None]
 
 
-@pytest.fixture(params=["memory", "redis"])
-def run(request: pytest.FixtureRequest) -> Runner:
+@pytest.fixture(params=["memory", "redis", "tls", "sentinel", "cluster"])
+def run(request: pytest.FixtureRequest, topologies: Topologies) -> Runner:
     """Runs a test body against a fresh limiter of the backend and a principal of its own."""
 
     def runner(body: Body, *, timezone: str = "UTC", lease_ttl: float = 600.0) -> None:
@@ -38,9 +41,12 @@ def run(request: pytest.FixtureRequest) -> Runner:
             limiter: Limiter
             if request.param == "memory":
                 limiter = MemoryLimiter(timezone, lease_ttl)
-            else:
+            elif request.param == "redis":
                 client = RedisClient.from_url(REDIS_URL, timeout=2.0)
                 limiter = RedisLimiter(client, timezone, lease_ttl)
+            else:  # the same assertions on each topology (tests/redis_topologies.py)
+                store = connect_redis(topologies.url(request.param), timeout=2.0)
+                limiter = RedisLimiter(store, timezone, lease_ttl)
             principal = f"contract-{uuid.uuid4().hex}"
             try:
                 await body(limiter, principal)

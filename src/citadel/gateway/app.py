@@ -86,7 +86,7 @@ def usage_sink(settings: Settings) -> RedisStreamSink | SqlLedgerSink:
     from citadel.metering.sinks import RedisStreamSink, SqlLedgerSink
     from citadel.metering.spool import Spool
     from citadel.routing.shared import redis_url
-    from citadel.stores.redis import RedisClient
+    from citadel.stores.endpoint import connect_redis
 
     metering = settings.metering
     journal = (
@@ -97,7 +97,7 @@ def usage_sink(settings: Settings) -> RedisStreamSink | SqlLedgerSink:
     url = redis_url(settings)
     if url is not None:
         return RedisStreamSink(
-            RedisClient.from_url(url, timeout=settings.limits.store_timeout_seconds * 4),
+            connect_redis(url, timeout=settings.limits.store_timeout_seconds * 4),
             stream=metering.stream,
             flush_seconds=metering.flush_seconds,
             batch_size=metering.batch_size,

@@ -1,4 +1,5 @@
-"""Pick the limiter backend by URI: ``memory://`` (one process) or ``redis://host:port/db``."""
+"""Pick the limiter backend by URI: ``memory://`` (one process) or a Redis URL of any topology
+(``citadel.stores.endpoint``: ``redis://``, ``rediss://``, ``redis+sentinel://``, ``redis+cluster://``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from citadel.errors import ConfigError
 from citadel.limits.decision import Limiter
 from citadel.limits.memory import MemoryLimiter
 from citadel.limits.redis import RedisLimiter
-from citadel.stores.redis import RedisClient
+from citadel.stores.endpoint import connect_redis, is_redis_url
 
 __all__ = ["create_limiter"]
 
@@ -21,6 +22,10 @@ def create_limiter(uri: str, *, timezone: str, lease_ttl: float, timeout: float)
         raise ConfigError("limits.timezone", timezone, "an IANA time zone name") from exc
     if uri == "memory://" or uri == "memory":
         return MemoryLimiter(timezone, lease_ttl)
-    if uri.startswith("redis://"):
-        return RedisLimiter(RedisClient.from_url(uri, timeout=timeout), timezone, lease_ttl)
-    raise ConfigError("limits.backend", uri, "memory:// or redis://host:port/db")
+    if is_redis_url(uri):
+        return RedisLimiter(connect_redis(uri, timeout=timeout), timezone, lease_ttl)
+    raise ConfigError(
+        "limits.backend",
+        uri,
+        "memory://, redis://host:port/db, redis+sentinel:// or redis+cluster://",
+    )

@@ -40,7 +40,8 @@ from citadel.limits.maths import (
     to_ms,
     usage_figures,
 )
-from citadel.stores.redis import Arg, RedisClient, RedisError, Script
+from citadel.stores.endpoint import RedisStore
+from citadel.stores.redis import Arg, RedisError, Script
 
 __all__ = ["RedisLimiter", "principal_keys"]
 
@@ -96,7 +97,7 @@ class RedisLimiter:
 
     __slots__ = ("_calendar", "_client", "_keep_ms", "_lease_ttl_ms")
 
-    def __init__(self, client: RedisClient, timezone: str, lease_ttl: float) -> None:
+    def __init__(self, client: RedisStore, timezone: str, lease_ttl: float) -> None:
         self._client = client
         self._calendar = Calendar(timezone)
         self._lease_ttl_ms = to_ms(lease_ttl)

@@ -76,7 +76,7 @@ def default_deps(settings: Settings) -> MeteringDeps:
     from citadel.errors import ConfigError
     from citadel.metering.migrate import LEDGER
     from citadel.metering.writer import LedgerWriter, redis_url
-    from citadel.stores.redis import RedisClient
+    from citadel.stores.endpoint import RedisStore, connect_redis
 
     uri = ledger_uri(settings)
     engine = build_engine(uri)
@@ -95,7 +95,7 @@ def default_deps(settings: Settings) -> MeteringDeps:
             await LEDGER.upgrade(uri)
 
         startup.append(upgrade_ledger_db)
-    redis: RedisClient | None = None
+    redis: RedisStore | None = None
     writer: LedgerWriter | None = None
     try:
         url = redis_url(settings.endpoints.redis, settings.limits.backend)
@@ -103,7 +103,7 @@ def default_deps(settings: Settings) -> MeteringDeps:
         url = None
     if url is not None:
         metering = settings.metering
-        redis = RedisClient.from_url(url, timeout=5.0)
+        redis = connect_redis(url, timeout=5.0)
         writer = LedgerWriter(
             redis,
             engine,

@@ -47,7 +47,7 @@ from citadel.metering.journal import Journal
 from citadel.metering.ledger import Ledger, encode_event
 from citadel.metering.spool import Spool
 from citadel.metering.writer import FIELD
-from citadel.stores.redis import RedisClient
+from citadel.stores.endpoint import RedisStore
 
 __all__ = ["RedisStreamSink", "SinkStats", "SqlLedgerSink"]
 
@@ -200,7 +200,7 @@ class RedisStreamSink(_BatchingSink):
 
     def __init__(
         self,
-        redis: RedisClient,
+        redis: RedisStore,
         *,
         stream: str,
         flush_seconds: float,

@@ -51,7 +51,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from citadel.errors import CitadelError, ConfigError, StoreUnavailable
 from citadel.metering.ledger import Ledger, Row, decode_row
-from citadel.stores.redis import RedisClient, RedisError
+from citadel.stores.endpoint import RedisStore, connect_redis, is_redis_url
+from citadel.stores.redis import RedisError
 
 __all__ = ["LedgerWriter", "WriterStats", "main", "redis_url"]
 
@@ -80,7 +81,7 @@ class LedgerWriter:
 
     def __init__(
         self,
-        redis: RedisClient,
+        redis: RedisStore,
         engine: AsyncEngine,
         *,
         stream: str,
@@ -389,12 +390,15 @@ def redis_url(endpoint: str | None, limits_backend: str) -> str:
     the limiter's Redis: the same choice as the gateway's (``citadel.routing.shared``)."""
     if endpoint:
         url = endpoint if "://" in endpoint else f"redis://{endpoint}"
-        if url.startswith("redis://"):
+        if is_redis_url(url):
             return url
-    elif limits_backend.startswith("redis://"):
+    elif is_redis_url(limits_backend):
         return limits_backend
     raise ConfigError(
-        "endpoints.redis", endpoint, "a redis:// URI: the ledger writer drains a Redis Stream"
+        "endpoints.redis",
+        endpoint,
+        "a Redis URL (redis://, rediss://, redis+sentinel://, redis+cluster://): the ledger "
+        "writer drains a Redis Stream",
     )
 
 
@@ -446,7 +450,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from citadel.metering.migrate import LEDGER
 
             await LEDGER.upgrade(database)
-        redis = RedisClient.from_url(url, timeout=5.0)
+        redis = connect_redis(url, timeout=5.0)
         engine = build_engine(database)
         writer = LedgerWriter(
             redis,

@@ -46,7 +46,8 @@ from citadel.errors import StoreUnavailable
 from citadel.routing.breaker import BreakerState, Event, Transition
 from citadel.routing.router import DeploymentState, Router
 from citadel.settings import Settings
-from citadel.stores.redis import RedisClient, Script
+from citadel.stores.endpoint import RedisStore, connect_redis, is_redis_url
+from citadel.stores.redis import Script
 
 __all__ = [
     "SNAPSHOT_TTL",
@@ -99,13 +100,13 @@ class Pulled:
 
 def redis_url(settings: Settings) -> str | None:
     """The Redis of the shared state: ``endpoints.redis`` (host:port becomes redis://), else a
-    redis:// ``limits.backend``; None when there is none (memory:// included)."""
+    Redis ``limits.backend`` (any topology); None when there is none (memory:// included)."""
     endpoint = settings.endpoints.redis
     if endpoint:
         url = endpoint if "://" in endpoint else f"redis://{endpoint}"
-        return url if url.startswith("redis://") else None
+        return url if is_redis_url(url) else None
     backend = settings.limits.backend
-    return backend if backend.startswith("redis://") else None
+    return backend if is_redis_url(backend) else None
 
 
 def deployment_rows(router: Router, now: float) -> list[dict[str, Any]]:
@@ -126,7 +127,7 @@ def deployment_rows(router: Router, now: float) -> list[dict[str, Any]]:
 class SharedRoutingState:
     """This replica's view of the shared keys; see the module docstring."""
 
-    def __init__(self, client: RedisClient, *, replica: str, prefix: str = "citadel") -> None:
+    def __init__(self, client: RedisStore, *, replica: str, prefix: str = "citadel") -> None:
         self.client = client
         self.replica = replica
         base = f"{prefix}:{{routing}}"
@@ -149,7 +150,7 @@ class SharedRoutingState:
         url = redis_url(settings)
         if url is None:
             return None
-        return cls(RedisClient.from_url(url, timeout=_TIMEOUT), replica=replica)
+        return cls(connect_redis(url, timeout=_TIMEOUT), replica=replica)
 
     # -- the keys -------------------------------------------------------------------------------
 

@@ -17,6 +17,9 @@ costs about half (see PERFORMANCE.md). It does only what the limiter needs:
     await client.evalsha(script, keys=["key"], args=[2])
     await client.pipeline([("XADD", "s", "*", "f", "v1"), ("XADD", "s", "*", "f", "v2")])
     await client.aclose()
+
+``tls`` (an ``ssl.SSLContext``) speaks TLS; ``citadel.stores.endpoint.connect_redis`` builds it
+from a ``rediss://`` URL, and picks redis-py for Sentinel and Cluster endpoints.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
+import ssl
 from collections.abc import Sequence
 from typing import Any, Final, cast
 from urllib.parse import unquote, urlsplit
@@ -188,7 +192,17 @@ class _Connection(asyncio.Protocol):
 class RedisClient:
     """A Redis client on one pipelined connection; see the module docstring."""
 
-    __slots__ = ("_conn", "_connecting", "_db", "_host", "_password", "_port", "_timeout", "_user")
+    __slots__ = (
+        "_conn",
+        "_connecting",
+        "_db",
+        "_host",
+        "_password",
+        "_port",
+        "_timeout",
+        "_tls",
+        "_user",
+    )
 
     def __init__(
         self,
@@ -199,8 +213,10 @@ class RedisClient:
         username: str | None = None,
         password: str | None = None,
         timeout: float = 0.25,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self._host = host
+        self._tls = tls
         self._port = port
         self._db = db
         self._user = username
@@ -305,9 +321,13 @@ class RedisClient:
         try:
             async with asyncio.timeout(self._timeout):
                 _, conn = await loop.create_connection(
-                    lambda: _Connection(loop, self._timeout, where), self._host, self._port
+                    lambda: _Connection(loop, self._timeout, where),
+                    self._host,
+                    self._port,
+                    ssl=self._tls,
+                    server_hostname=self._host if self._tls is not None else None,
                 )
-        except (OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
             detail = str(exc) or type(exc).__name__
             raise StoreUnavailable(_STORE, f"cannot connect to {where}: {detail}") from exc
         setup: list[asyncio.Future[Any]] = []

@@ -1,0 +1,221 @@
+"""Three gateway replicas on three hosts (network namespaces, ``netns``), sharing one Redis on a
+fourth, in front of two simulated model servers on two more; the test process is the client.
+
+Accounts are a SQLite file every host reads (the namespaces share the filesystem); PostgreSQL
+multi-host runs are not covered here. Killing a replica mid-load without losing a usage event
+needs the durable spool of the hardening issue and is not tested here yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+import pytest
+from netns import Hosts
+
+from citadel.accounts.sql import open_store
+
+from gateway_helpers import chat, metric_value
+
+pytestmark = pytest.mark.netns
+
+GW_PORT = 8000
+SIM_PORT = 8100
+
+
+@dataclass
+class Site:
+    hosts: Hosts
+    gateways: list[str]  # base URLs, one per replica
+    database: str
+    sim_b: str  # the deployment that always fails
+
+
+def wait_healthy(url: str, proc: object, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=1) as reply:
+                if reply.status == 200:
+                    return
+        except (OSError, urllib.error.URLError):
+            pass
+        if proc.poll() is not None:  # type: ignore[attr-defined]
+            log = Path(proc.citadel_log).read_text()  # type: ignore[attr-defined]
+            raise RuntimeError(f"{url} exited:\n{log}")
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer /health within {timeout} s")
+
+
+def post(base: str, secret: str, body: dict[str, object], timeout: float = 10.0) -> int:
+    request = urllib.request.Request(
+        f"{base}/v1/chat/completions",
+        data=orjson.dumps(body),
+        headers={"authorization": f"Bearer {secret}", "content-type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as reply:
+            reply.read()
+            return int(reply.status)
+    except urllib.error.HTTPError as exc:
+        exc.read()
+        return int(exc.code)
+    except OSError:
+        return 0  # no answer (a cut link)
+
+
+def metrics(base: str) -> str:
+    with urllib.request.urlopen(f"{base}/metrics", timeout=5) as reply:
+        return str(reply.read().decode())
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    tmp = tmp_path_factory.mktemp("hosts")
+    with Hosts() as hosts:
+        redis = hosts.add("redis")
+        sims = [hosts.add("sim-a"), hosts.add("sim-b")]
+        gws = [hosts.add(f"gw-{i}") for i in (1, 2, 3)]
+        hosts.run(
+            "redis",
+            [
+                *("redis-server", "--bind", redis.address, "--port", "6379", "--save", ""),
+                *("--appendonly", "no", "--protected-mode", "no"),
+            ],
+        )
+        sim_procs = [
+            hosts.run(
+                s.name,
+                [
+                    *(sys.executable, "-m", "citadel", "sim", "--host", s.address),
+                    *("--port", str(SIM_PORT)),
+                    *(("--error-rate", "1", "--error-codes", "500") if s.name == "sim-b" else ()),
+                ],
+            )
+            for s in sims
+        ]
+        for s, proc in zip(sims, sim_procs, strict=True):
+            wait_healthy(f"http://{s.address}:{SIM_PORT}", proc)
+        database = f"sqlite+aiosqlite:///{tmp / 'accounts.db'}"
+        config = tmp / "citadel.yaml"
+        config.write_text(
+            f"""
+accounts: {{database: "{database}", key_cache_ttl_seconds: 0.2, default_tier: roomy}}
+limits: {{backend: "redis://{redis.address}:6379/0", failure_mode: closed,
+          store_timeout_seconds: 0.1}}
+routing:
+  breaker: {{consecutive_failures: 3, open_seconds: 60, max_open_seconds: 60}}
+tiers:
+  roomy: {{}}
+  twenty: {{requests_per_minute: 20}}
+models:
+  - name: sim-chat
+    deployments:
+      - {{name: sim-a, url: "http://{sims[0].address}:{SIM_PORT}", model: sim-chat}}
+  - name: pair
+    deployments:
+      - {{name: pair-a, url: "http://{sims[0].address}:{SIM_PORT}", model: sim-chat}}
+      - {{name: pair-b, url: "http://{sims[1].address}:{SIM_PORT}", model: sim-chat}}
+"""
+        )
+        asyncio.run(_migrate(database))
+        gateways = []
+        for gw in gws:
+            proc = hosts.run(
+                gw.name,
+                [
+                    *(sys.executable, "-m", "citadel", "--config", str(config), "serve"),
+                    *("gateway", "--host", gw.address, "--port", str(GW_PORT)),
+                ],
+                env={"CITADEL_ADMIN_KEY": "sk-test-admin"},
+            )
+            url = f"http://{gw.address}:{GW_PORT}"
+            wait_healthy(url, proc)
+            gateways.append(url)
+        yield Site(hosts, gateways, database, "pair-b")
+
+
+async def _migrate(database: str) -> None:
+    store = await open_store(database, migrate=True)
+    await store.aclose()
+
+
+def new_key(database: str, tier: str) -> str:
+    async def make() -> str:
+        store = await open_store(database, migrate=False)
+        try:
+            user = await store.create_user(
+                name="tester", email=f"{uuid.uuid4().hex}@example.com", tier=tier
+            )
+            _, secret = await store.create_key(user.id, name="test")
+            return secret
+        finally:
+            await store.aclose()
+
+    return asyncio.run(make())
+
+
+def test_limits_are_exact_across_three_replicas(site: Site) -> None:
+    """60 concurrent requests spread over three replicas against 20 requests per minute:
+    exactly 20 are admitted, the other 40 are 429."""
+    secret = new_key(site.database, "twenty")
+    started = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(30) as pool:
+        statuses = list(pool.map(lambda i: post(site.gateways[i % 3], secret, chat()), range(60)))
+    # the limit refills one request every 3 s: the burst must be over before that
+    assert time.monotonic() - started < 3.0
+    assert (20, 40) == (statuses.count(200), statuses.count(429))
+
+
+def test_a_breaker_opened_on_one_replica_is_respected_by_the_others(site: Site) -> None:
+    """Failures seen on replica 1 open its breaker of pair-b; replicas 2 and 3, which saw none,
+    hold it open within the sync interval (1 s)."""
+    secret = new_key(site.database, "roomy")
+    first = site.gateways[0]
+    deadline = time.monotonic() + 15
+    while metric_value(metrics(first), "citadel_breaker_state", deployment=site.sim_b) != 2:
+        assert time.monotonic() < deadline, "replica 1's breaker never opened"
+        post(first, secret, chat(model="pair"))
+    deadline = time.monotonic() + 5
+    for other in site.gateways[1:]:
+        while metric_value(metrics(other), "citadel_breaker_state", deployment=site.sim_b) != 2:
+            assert time.monotonic() < deadline, f"{other} did not hold the breaker open"
+            time.sleep(0.1)
+    # and they route around it: every request goes to pair-a
+    assert all(200 == post(site.gateways[1], secret, chat(model="pair")) for _ in range(10))
+
+
+def test_a_replica_cut_off_and_healed_recovers_without_a_restart(site: Site) -> None:
+    """With its link down the third replica answers nothing while the others serve; once healed
+    it serves again, with limits enforced through Redis, without being restarted."""
+    secret = new_key(site.database, "twenty")
+    site.hosts.cut("gw-3")
+    try:
+        assert 0 == post(site.gateways[2], secret, chat(), timeout=1.0)
+        assert all(200 == post(g, secret, chat()) for g in site.gateways[:2] for _ in range(4))
+    finally:
+        site.hosts.heal("gw-3")
+    # failure_mode is closed: the healed replica answers 503 until it reaches Redis again
+    deadline = time.monotonic() + 15
+    seen = []
+    while (status := post(site.gateways[2], secret, chat(), timeout=2.0)) != 200:
+        seen.append(status)
+        assert time.monotonic() < deadline, f"the healed replica did not serve again: {seen}"
+        time.sleep(0.2)
+    assert set(seen) <= {0, 503}
+    # 8 admitted on the other two and 1 here: 11 more fit the 20 shared through Redis, or 10
+    # when the request sent during the cut arrives after healing (its SYN is retransmitted)
+    statuses = [post(site.gateways[2], secret, chat()) for _ in range(15)]
+    assert statuses.count(200) in (10, 11)
+    assert 15 == statuses.count(200) + statuses.count(429)

@@ -1,0 +1,110 @@
+"""Hosts as network namespaces: each on its own address on one bridge, reachable from the test.
+
+    with Hosts() as hosts:
+        redis = hosts.add("redis")                  # 10.N.0.2, its own network stack
+        proc = hosts.run("redis", ["redis-server", "--bind", redis.address, ...])
+        hosts.cut("redis")                          # its link down: unreachable
+        hosts.heal("redis")
+
+Needs root (``ip netns add``, veth pairs, a bridge: iproute2). Everything it makes has a name of
+its own (a random tag), and ``close`` stops its processes by pid and deletes its namespaces and
+links, so several runs can share the machine.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+
+def ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
+
+
+@dataclass(frozen=True)
+class Host:
+    name: str
+    namespace: str
+    address: str
+    link: str  # the veth end on the bridge side: down cuts the host off
+
+
+class Hosts:
+    """A bridge and the namespaces on it; see the module docstring."""
+
+    def __init__(self) -> None:
+        self.tag = f"{random.randrange(16**4):04x}"
+        self.subnet = f"10.{random.randrange(100, 250)}.{random.randrange(1, 250)}"
+        self.bridge = f"cbr{self.tag}"
+        self.hosts: dict[str, Host] = {}
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.logs = Path(tempfile.mkdtemp(prefix="citadel-hosts-"))
+
+    def __enter__(self) -> Hosts:
+        ip("link", "add", self.bridge, "type", "bridge")
+        ip("addr", "add", f"{self.subnet}.1/24", "dev", self.bridge)
+        ip("link", "set", self.bridge, "up")
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def add(self, name: str) -> Host:
+        index = len(self.hosts) + 2
+        namespace = f"c{self.tag}-{name}"
+        outer, inner = f"c{self.tag}o{index}", f"c{self.tag}i{index}"
+        ip("netns", "add", namespace)
+        ip("link", "add", outer, "type", "veth", "peer", "name", inner)
+        ip("link", "set", inner, "netns", namespace)
+        ip("link", "set", outer, "master", self.bridge)
+        ip("link", "set", outer, "up")
+        address = f"{self.subnet}.{index}"
+        ns = ("-n", namespace)
+        ip(*ns, "addr", "add", f"{address}/24", "dev", inner)
+        ip(*ns, "link", "set", inner, "up")
+        ip(*ns, "link", "set", "lo", "up")
+        ip(*ns, "route", "add", "default", "via", f"{self.subnet}.1")
+        host = Host(name, namespace, address, outer)
+        self.hosts[name] = host
+        return host
+
+    def run(
+        self, name: str, argv: list[str], env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Start ``argv`` on host ``name``; its output goes to a log file (``log``)."""
+        path = self.logs / f"{name}-{len(self.processes)}.log"
+        with path.open("wb") as log:  # the child keeps its own descriptor
+            proc = subprocess.Popen(
+                ["ip", "netns", "exec", self.hosts[name].namespace, *argv],
+                env={**os.environ, **(env or {})},
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        proc.citadel_log = str(path)  # type: ignore[attr-defined]
+        self.processes.append(proc)
+        return proc
+
+    def cut(self, name: str) -> None:
+        ip("link", "set", self.hosts[name].link, "down")
+
+    def heal(self, name: str) -> None:
+        ip("link", "set", self.hosts[name].link, "up")
+
+    def close(self) -> None:
+        for proc in self.processes:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(timeout=10)
+        for host in self.hosts.values():
+            subprocess.run(["ip", "netns", "del", host.namespace], capture_output=True, check=False)
+            subprocess.run(["ip", "link", "del", host.link], capture_output=True, check=False)
+        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True, check=False)
