@@ -160,7 +160,8 @@ class App:
             if handler is None:
                 allowed = ", ".join(sorted(methods))
                 raise MethodNotAllowed(
-                    f"Method {request.method} is not allowed on {request.path}; use {allowed}.",
+                    f"Method {request.method} is not allowed on {_prefix(request.path)};"
+                    f" use {allowed}.",
                     headers=((b"allow", allowed.encode()),),
                 )
             if request.body_too_large:
@@ -188,7 +189,7 @@ class App:
         for prefix, methods in self._prefix_routes:
             if path.startswith(prefix):
                 return methods, prefix + "*"
-        raise NotFound(f"Unknown path {path}.", code="unknown_url")
+        raise NotFound(f"Unknown path {_prefix(path)}.", code="unknown_url")
 
     async def _metrics(self, request: Request) -> Response:
         expected = self._metrics_digest
@@ -377,3 +378,8 @@ def _supervise(
         _log.warning("worker died; restarting", extra={"pid": pid, "exit_status": status})
         children.add(_spawn(factory, host, port, grace, metrics_dir))
     return 1 if failed else 0
+
+
+def _prefix(text: str, limit: int = 64) -> str:
+    """At most ``limit`` characters of client input, marked when cut: messages never echo more."""
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -15,6 +15,17 @@ request with ``body_too_large`` set and answers 413) unless the client keeps sen
 cap, when the connection is closed. Idle keep-alive connections close after
 ``keepalive_timeout`` seconds.
 
+What faces the internet is bounded, so one client cannot stall the loop or hold a connection
+forever: the URL (``max_url_bytes``, 414), the head (``max_head_bytes``, counted as bytes arrive,
+before httptools has joined a long header, 431) and the header count (``max_headers``, 431); a
+head must arrive within ``head_timeout`` seconds and a body must keep moving (``body_timeout``
+between chunks), or the client gets 408 and the connection closes. Framing the server cannot be
+sure of is refused, then the connection closes, so nothing after it can be read as a smuggled
+request: duplicate ``host``, ``authorization`` or ``content-length`` and a missing ``host``
+(400), a transfer coding other than ``chunked`` (501), and ``expect: 100-continue`` with a body
+over the limit (413, without inviting the body). Past ``max_connections`` a worker answers new
+connections with 503 and closes them, rather than running out of file descriptors.
+
 Graceful shutdown (``HttpServer.shutdown``) stops accepting, closes idle connections, lets busy ones
 finish the response in hand (then closes them), and after the grace period cancels what is left.
 
@@ -29,6 +40,7 @@ import asyncio
 import contextlib
 import http
 import logging
+import resource
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -36,6 +48,7 @@ from email.utils import formatdate
 from typing import Any, cast
 
 import httptools
+import orjson
 
 __all__ = [
     "AbortConnection",
@@ -52,6 +65,23 @@ _REASONS: dict[int, bytes] = {s.value: s.phrase.encode() for s in http.HTTPStatu
 # Discarding an oversized body costs little, but not forever: past this multiple of the limit the
 # client is not worth waiting for and the connection is closed.
 _DISCARD_FACTOR = 16
+# Headers whose repetition makes the request ambiguous (RFC 9112 3.2, 6.3; RFC 9110 11.6.2).
+_SINGLE = frozenset((b"host", b"authorization", b"content-length"))
+
+
+def error_body(message: str, code: str | None = None) -> bytes:
+    """An OpenAI-style error body (``invalid_request_error``) for a refusal at the HTTP level."""
+    detail = {"message": message, "type": "invalid_request_error", "param": None, "code": code}
+    return orjson.dumps({"error": detail})
+
+
+class _Refused(Exception):
+    """Raised inside a parser callback to stop parsing: answer ``status`` and close."""
+
+    def __init__(self, status: int, body: bytes) -> None:
+        super().__init__(status)
+        self.status = status
+        self.body = body
 
 
 class AbortConnection(Exception):
@@ -204,6 +234,12 @@ class HttpProtocol(asyncio.Protocol):
         self._drain: asyncio.Future[None] | None = None
         self._client = ""
         self._rejection: tuple[int, bytes] | None = None
+        self._in_head = True
+        self._head_bytes = 0
+        self._header_count = 0
+        self._head_size = 0
+        self._read_timer: asyncio.TimerHandle | None = None
+        self._refused = False
         self.closing = False
 
     # -- asyncio.Protocol --------------------------------------------------------------------
@@ -214,12 +250,16 @@ class HttpProtocol(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if peer:
             self._client = f"{peer[0]}:{peer[1]}"
+        if len(self._server.connections) >= self._server.max_connections:
+            self._refuse_connection()
+            return
         self._server.connections.add(self)
         self._arm_idle_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._server.forget(self)
         self._cancel_idle_timer()
+        self._cancel_read_timer()
         self.closing = True
         self._pending.clear()
         if self._task is not None and not self._task.done():
@@ -229,8 +269,18 @@ class HttpProtocol(asyncio.Protocol):
             self._drain.exception()  # mark retrieved: nobody may be waiting
 
     def data_received(self, data: bytes) -> None:
+        if self._refused or self._rejection is not None or (self.closing and self._task is None):
+            return  # refused already: nothing more of this connection is read
+        if self._in_head:
+            self._head_bytes += len(data)
         try:
             self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            refused = exc.__context__
+            if isinstance(refused, _Refused):
+                self._reject(refused.status, refused.body)
+            else:
+                raise
         except httptools.HttpParserUpgrade:
             self._reject(
                 400,
@@ -245,6 +295,11 @@ class HttpProtocol(asyncio.Protocol):
                 + message
                 + b'","type":"invalid_request_error","param":null,"code":"bad_http"}}',
             )
+        else:
+            # Counted per chunk as it arrives: httptools joins a long header itself, so a cap
+            # checked in on_header would come only after the whole (say 64 MB) header.
+            if self._in_head and self._head_bytes > self._server.max_head_bytes:
+                self._reject(431, self._too_big_head())
 
     def pause_writing(self) -> None:
         self._paused = True
@@ -266,6 +321,10 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self._cancel_idle_timer()
+        self._arm_read_timer(self._server.head_timeout, "head")
+        self._in_head = True
+        self._header_count = 0
+        self._head_size = 0
         self._url = b""
         self._headers = {}
         self._body = []
@@ -274,21 +333,57 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self._url += url
+        if len(self._url) > self._server.max_url_bytes:
+            limit = self._server.max_url_bytes
+            raise _Refused(
+                414,
+                error_body(f"The URL is longer than the limit of {limit} bytes.", "uri_too_long"),
+            )
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers[name.lower()] = value
+        name = name.lower()
+        self._header_count += 1
+        self._head_size += len(name) + len(value) + 4
+        if self._head_size + len(self._url) > self._server.max_head_bytes:
+            raise _Refused(431, self._too_big_head())
+        if self._header_count > self._server.max_headers:
+            limit = self._server.max_headers
+            message = f"The request has more than {limit} header fields."
+            raise _Refused(431, error_body(message, "header_fields_too_large"))
+        if name in _SINGLE and name in self._headers:
+            message = f"The request has more than one {name.decode()} header."
+            raise _Refused(400, error_body(message, "bad_http"))
+        self._headers[name] = value
 
     def on_headers_complete(self) -> None:
-        length = self._headers.get(b"content-length")
+        self._in_head = False
+        self._arm_read_timer(self._server.body_timeout, "body")
+        headers = self._headers
+        if b"host" not in headers and self._parser.get_http_version() == "1.1":
+            raise _Refused(
+                400, error_body("An HTTP/1.1 request must carry a host header.", "bad_http")
+            )
+        coding = headers.get(b"transfer-encoding")
+        if coding is not None and coding.strip().lower() != b"chunked":
+            shown = coding[:40].decode("latin-1")
+            message = f"Transfer-Encoding {shown!r} is not supported; only chunked is."
+            raise _Refused(501, error_body(message, "unsupported_transfer_encoding"))
+        length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self._server.max_body_bytes:
             self._too_large = True
+        expect = headers.get(b"expect", b"").lower() == b"100-continue"
+        if expect and self._too_large:
+            # Not invited, so the client need not send the body: refuse now, before it does.
+            limit = self._server.max_body_bytes
+            message = f"The request body is larger than the limit of {limit} bytes."
+            raise _Refused(413, error_body(message, "body_too_large"))
         # Not while an earlier response is under way: the interim response would land inside it.
         # A client not invited sends its body after a short wait of its own (RFC 9110, 10.1.1).
-        expect = self._headers.get(b"expect", b"").lower() == b"100-continue"
         if expect and self._task is None and self._transport is not None:
             self._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
+        self._arm_read_timer(self._server.body_timeout, "body")
         self._body_size += len(body)
         if self._body_size > self._server.max_body_bytes:
             self._too_large = True
@@ -300,6 +395,9 @@ class HttpProtocol(asyncio.Protocol):
             self._body.append(body)
 
     def on_message_complete(self) -> None:
+        self._cancel_read_timer()
+        self._in_head = True
+        self._head_bytes = 0
         url = self._url
         qpos = url.find(b"?")
         if qpos >= 0:
@@ -419,11 +517,54 @@ class HttpProtocol(asyncio.Protocol):
             framing = b"content-length: %d\r\ncontent-type: application/json\r\n" % len(body)
             date = self._server.clock.date_header()
             self._transport.write(_head(status, [], framing, False, date) + body)
+            if self._transport.can_write_eof():
+                # A lingering close: closing with the client's bytes unread would send a reset,
+                # which can destroy the refusal before the client reads it. So half-close, drop
+                # what still arrives, and close when the client does or a second has passed.
+                self._refused = True
+                self._cancel_idle_timer()
+                self._cancel_read_timer()
+                self._transport.write_eof()
+                self._idle_timer = self._loop.call_later(1.0, self._close)
+                return
         self._close()
+
+    def _too_big_head(self) -> bytes:
+        limit = self._server.max_head_bytes
+        return error_body(
+            f"The request head is larger than the limit of {limit} bytes.",
+            "header_fields_too_large",
+        )
+
+    def _refuse_connection(self) -> None:
+        transport = self._transport
+        assert transport is not None
+        body = error_body("The server has too many open connections; try again.", "overloaded")
+        framing = b"content-length: %d\r\ncontent-type: application/json\r\n" % len(body)
+        date = self._server.clock.date_header()
+        transport.write(_head(503, [(b"retry-after", b"1")], framing, False, date) + body)
+        self.closing = True
+        transport.close()
+
+    def _arm_read_timer(self, seconds: float, part: str) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+        self._read_timer = self._loop.call_later(seconds, self._read_timed_out, part)
+
+    def _cancel_read_timer(self) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+
+    def _read_timed_out(self, part: str) -> None:
+        self._read_timer = None
+        message = f"The request {part} did not arrive in time."
+        self._reject(408, error_body(message, "request_timeout"))
 
     def _close(self) -> None:
         self.closing = True
         self._cancel_idle_timer()
+        self._cancel_read_timer()
         if self._transport is not None and not self._transport.is_closing():
             self._transport.close()
 
@@ -453,6 +594,14 @@ class HttpProtocol(asyncio.Protocol):
             self._transport.abort()
 
 
+def _connection_cap() -> int:
+    """Leave room under the process's descriptor limit for upstream, store and log descriptors."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 10_000
+    return max(16, min(10_000, soft * 3 // 4))
+
+
 class HttpServer:
     """Listens on one address and serves every connection with ``handler``."""
 
@@ -462,10 +611,22 @@ class HttpServer:
         *,
         max_body_bytes: int = 1_048_576,
         keepalive_timeout: float = 75.0,
+        max_url_bytes: int = 8192,
+        max_head_bytes: int = 16384,
+        max_headers: int = 100,
+        head_timeout: float = 10.0,
+        body_timeout: float = 30.0,
+        max_connections: int | None = None,
     ) -> None:
         self.handler = handler
         self.max_body_bytes = max_body_bytes
         self.keepalive_timeout = keepalive_timeout
+        self.max_url_bytes = max_url_bytes
+        self.max_head_bytes = max_head_bytes
+        self.max_headers = max_headers
+        self.head_timeout = head_timeout
+        self.body_timeout = body_timeout
+        self.max_connections = _connection_cap() if max_connections is None else max_connections
         self.connections: set[HttpProtocol] = set()
         self.clock = _Clock()
         self.closing = False
