@@ -104,12 +104,14 @@ def run_candidates(
 
 
 def loco_candidates(n: int, seed: int, *, default: bool = True) -> list[dict[str, object]]:
-    """The default parameters (unless ``default`` is false), then other points of ``SPACE``
-    drawn with ``seed``: ``n`` in all."""
+    """``n`` points of ``SPACE`` drawn with ``seed``; with ``default``, the default parameters
+    first and then the other draws (at most ``n`` in all)."""
+    drawn = sample_grid(SPACE, n, seed)
+    if not default:
+        return drawn
     params = Params()
     first = {name: getattr(params, name) for name in sorted(SPACE)}
-    others = [p for p in sample_grid(SPACE, n, seed) if p != first]
-    return [first, *others[: max(0, n - 1)]] if default else others[:n]
+    return [first, *[p for p in drawn if p != first][: max(0, n - 1)]]
 
 
 def write_results(out: Path, series: Series, scores: FloatArray) -> None:
