@@ -18,6 +18,8 @@ import random
 import signal
 import subprocess
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -108,3 +110,70 @@ class Hosts:
             subprocess.run(["ip", "netns", "del", host.namespace], capture_output=True, check=False)
             subprocess.run(["ip", "link", "del", host.link], capture_output=True, check=False)
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True, check=False)
+
+
+def redis_cli(host: str, port: int, *args: str) -> str:
+    done = subprocess.run(
+        ["redis-cli", "-h", host, "-p", str(port), *args],
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    return done.stdout.decode()
+
+
+def until(check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"{what} not within {timeout} s"
+        time.sleep(0.1)
+
+
+def start_redis(hosts: Hosts, topology: str) -> str:
+    """One Redis server on host "redis", or a Cluster of three masters and three replicas on
+    hosts "redis-1..3" (a master and another master's replica on each); returns its URL."""
+    base = [
+        *("--save", "", "--appendonly", "no", "--protected-mode", "no"),
+        *("--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0"),
+    ]
+    if topology == "server":
+        redis = hosts.add("redis")
+        hosts.run("redis", ["redis-server", "--bind", redis.address, "--port", "6379", *base])
+        until(lambda: "PONG" in redis_cli(redis.address, 6379, "PING"), "redis")
+        return f"redis://{redis.address}:6379/0"
+    nodes = []
+    for i in (1, 2, 3):
+        host = hosts.add(f"redis-{i}")
+        for port in (7000, 7001):
+            hosts.run(
+                host.name,
+                [
+                    *("redis-server", "--bind", host.address, "--port", str(port), *base),
+                    *("--cluster-enabled", "yes", "--cluster-node-timeout", "1000"),
+                    *("--cluster-config-file", f"/tmp/nodes-{hosts.tag}-{i}-{port}.conf"),
+                    *("--cluster-replica-validity-factor", "0"),
+                ],
+            )
+            nodes.append((host.address, port))
+    for address, port in nodes:
+        until(lambda a=address, p=port: "PONG" in redis_cli(a, p, "PING"), "a cluster node")
+    # masters first: redis-cli makes the first three masters and spreads the replicas
+    order = [n for n in nodes if n[1] == 7000] + [n for n in nodes if n[1] == 7001]
+    subprocess.run(
+        [
+            *("redis-cli", "--cluster", "create", *(f"{a}:{p}" for a, p in order)),
+            *("--cluster-replicas", "1", "--cluster-yes"),
+        ],
+        capture_output=True,
+        check=True,
+        timeout=60,
+    )
+    until(
+        lambda: all("cluster_state:ok" in redis_cli(a, p, "CLUSTER", "INFO") for a, p in nodes),
+        "the cluster",
+    )
+    until(
+        lambda: sum("master_link_status:up" in redis_cli(a, p, "INFO") for a, p in nodes) == 3,
+        "the replicas' sync",
+    )
+    return "redis+cluster://" + ",".join(f"{a}:{p}" for a, p in order[:3])
