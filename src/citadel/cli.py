@@ -107,18 +107,27 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         workers = 1  # one scheduler: more workers would send every alert more than once
     else:
         workers = args.workers if args.workers is not None else 1
+    grace = settings.gateway.shutdown_grace_seconds
+
+    host = args.host or settings.host
+    port = args.port if args.port is not None else getattr(settings.ports, SERVICES[name])
+    if name != "gateway":
+        from litestar import Litestar
+
+        from citadel.web.run import serve as serve_web
+
+        app = module.create_app(settings, module.default_deps(settings))
+        if isinstance(app, Litestar):
+            if workers > 1:
+                print(f"citadel: {name} runs one worker process; drop --workers", file=sys.stderr)
+                return 2
+            return serve_web(app, host=host, port=port, grace=grace)
 
     def factory() -> App:
         app: App = module.create_app(settings, module.default_deps(settings))
         return app
 
-    return serve(
-        factory,
-        host=args.host or settings.host,
-        port=args.port if args.port is not None else getattr(settings.ports, SERVICES[name]),
-        workers=workers,
-        grace=settings.gateway.shutdown_grace_seconds,
-    )
+    return serve(factory, host=host, port=port, workers=workers, grace=grace)
 
 
 def _cmd_sim(args: argparse.Namespace, settings: Settings) -> int:

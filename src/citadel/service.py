@@ -21,40 +21,35 @@ import socket
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from citadel import __version__
 from citadel.errors import ApiError, MethodNotAllowed, NotFound, PayloadTooLarge
+from citadel.health import DependencyHealth, HealthCheck, Status, check_all, store_scheme
 from citadel.http.server import AbortConnection, HttpServer, Request, Response, StreamResponse
 from citadel.metrics import HTTP_REQUESTS, SERVICE_INFO, Registry, SharedMetrics
 
 if TYPE_CHECKING:
     from citadel.settings import Settings
 
-__all__ = ["App", "DependencyHealth", "serve"]
+__all__ = [
+    "App",
+    "DependencyHealth",
+    "HealthCheck",
+    "Status",
+    "check_all",
+    "check_bindable",
+    "serve",
+    "store_scheme",
+]
 
 _log = logging.getLogger("citadel.service")
 
-Status = Literal["ok", "degraded", "down", "disabled"]
 RouteHandler = Callable[[Request], Awaitable[Response | StreamResponse]]
 Hook = Callable[[], Awaitable[None]]
 
-
-@dataclass(frozen=True, slots=True)
-class DependencyHealth:
-    """The state of one dependency: ``critical`` ones take the whole service down with them."""
-
-    status: Status
-    detail: str = ""
-    critical: bool = False
-
-
-HealthCheck = Callable[[], Awaitable[DependencyHealth]]
-
-_HEALTH_TIMEOUT = 2.0
 _MAX_REQUEST_ID = 128
 _UNMATCHED = "unmatched"  # the route label of a request to an unknown path
 
@@ -74,11 +69,6 @@ def service_app(name: str, settings: Settings, registry: Registry) -> App:
         max_body_bytes=settings.gateway.max_body_bytes,
         keepalive_timeout=settings.gateway.keepalive_timeout_seconds,
     )
-
-
-def store_scheme(uri: str) -> str:
-    """What kind of store a URI names (``postgresql``, ``sqlite``, ``redis``), nothing secret."""
-    return uri.partition(":")[0].partition("+")[0]
 
 
 class App:
@@ -197,28 +187,7 @@ class App:
 
     async def check_health(self) -> tuple[Status, dict[str, dict[str, str]]]:
         """Run every dependency check (each bounded in time) and combine them."""
-        names = list(self._checks)
-        results = await asyncio.gather(
-            *(self._run_check(self._checks[name]) for name in names),
-        )
-        overall: Status = "ok"
-        deps: dict[str, dict[str, str]] = {}
-        for name, result in zip(names, results, strict=True):
-            deps[name] = {"status": result.status, "detail": result.detail}
-            if result.status == "down" and result.critical:
-                overall = "down"
-            elif result.status in ("down", "degraded") and overall == "ok":
-                overall = "degraded"
-        return overall, deps
-
-    @staticmethod
-    async def _run_check(check: HealthCheck) -> DependencyHealth:
-        try:
-            return await asyncio.wait_for(check(), _HEALTH_TIMEOUT)
-        except TimeoutError:
-            return DependencyHealth("down", f"no answer within {_HEALTH_TIMEOUT} s")
-        except Exception as exc:
-            return DependencyHealth("down", f"{type(exc).__name__}: {exc}")
+        return await check_all(self._checks)
 
     async def _health(self, request: Request) -> Response:
         status, deps = await self.check_health()
@@ -309,7 +278,7 @@ def serve(
     if workers <= 1:
         _run(_serve_worker(factory, host, port, grace, None, announce))
         return 0
-    _check_bindable(host, port)
+    check_bindable(host, port)
     metrics_dir = tempfile.mkdtemp(prefix="citadel-metrics-")
     try:
         return _supervise(factory, host, port, workers, grace, metrics_dir)
@@ -317,7 +286,7 @@ def serve(
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
-def _check_bindable(host: str, port: int) -> None:
+def check_bindable(host: str, port: int) -> None:
     """Raise OSError here, once, if the workers could not bind (the port is taken, say).
 
     Otherwise each worker would fail alike and be restarted until the supervisor gives up, a

@@ -24,6 +24,7 @@ import pytest
 
 from citadel.accounts.migrate import ACCOUNTS
 
+from conformance import Conformance
 from support import free_port, process_output, scratch_postgres, start_process, stop_process
 
 ADMIN = "sk-test-admin"
@@ -84,6 +85,7 @@ class Reply:
 @dataclass(frozen=True)
 class Service:
     port: int
+    document: Conformance | None = None
 
     def call(
         self,
@@ -102,13 +104,17 @@ class Service:
         try:
             conn.request(method, path, payload, headers)
             response = conn.getresponse()
-            return Reply(
+            reply = Reply(
                 response.status,
                 {k.lower(): v for k, v in response.getheaders()},
                 response.read(),
             )
         finally:
             conn.close()
+        if self.document is not None:  # every reply is checked against the served document
+            content_type = reply.headers.get("content-type", "")
+            self.document.check(method, path, reply.status, reply.body, content_type)
+        return reply
 
     def user(self, tier: str | None = None, **extra: object) -> dict[str, Any]:
         body: dict[str, object] = {"name": "Ada", "email": f"{uuid.uuid4().hex}@example.com"}
@@ -145,7 +151,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     port = free_port()
     proc = start_process(_command(config, port), port, env=ENV)
     try:
-        yield Service(port)
+        yield Service(port, Conformance.fetch("127.0.0.1", port))
     finally:
         output = process_output(proc)
         assert 0 == stop_process(proc), output
@@ -182,13 +188,16 @@ def test_every_admin_route_needs_the_admin_key(
 
 
 def test_docs_page_loads_swagger_ui_for_the_openapi_document(service: Service) -> None:
-    """/docs is an HTML page that loads Swagger UI from jsDelivr pointing at /openapi.json."""
+    """/docs is an HTML page that loads Swagger UI from the service itself (no CDN) pointing at
+    /openapi.json."""
     reply = service.call("GET", "/docs", key=None)
     assert 200 == reply.status
     assert reply.headers["content-type"].startswith("text/html")
     page = reply.body.decode()
-    assert "https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui-bundle.js" in page
+    assert '<script src="/docs/assets/swagger-ui-bundle.js">' in page
+    assert "https://" not in page
     assert '"/openapi.json"' in page
+    assert 200 == service.call("GET", "/docs/assets/swagger-ui-bundle.js", key=None).status
 
 
 def test_openapi_document_lists_every_route(service: Service) -> None:
@@ -405,6 +414,28 @@ def test_a_bad_update_is_a_400_naming_the_field(
     assert 400 == reply.status, reply.body
     assert param == reply.error["param"]
     assert user == service.call("GET", f"/v1/users/{user['id']}").json()
+
+
+@pytest.mark.parametrize(
+    ("limit", "value"),
+    [
+        ("tokens_per_day", 1e300),
+        ("tokens_per_month", 10**13),
+        ("tokens_per_minute", 10**11),
+        ("cost_per_month_usd", 1e300),
+    ],
+)
+def test_an_override_beyond_its_bound_is_a_400_and_the_user_stays_readable(
+    service: Service, limit: str, value: float
+) -> None:
+    """Issue 16 defect 5: an override too large to encode or to count (1e300) is refused with a
+    400 naming it, so every read of the user keeps working."""
+    user = service.user()
+    reply = service.call("PATCH", f"/v1/users/{user['id']}", {"overrides": {limit: value}})
+    assert (400, f"overrides.{limit}") == (reply.status, reply.error["param"]), reply.body
+    assert 200 == service.call("GET", f"/v1/users/{user['id']}").status
+    assert 200 == service.call("GET", "/v1/users").status
+    assert 200 == service.call("GET", f"/v1/users/{user['id']}/usage").status
 
 
 def test_a_disabled_user_is_refused_by_check(service: Service) -> None:

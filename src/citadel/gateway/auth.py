@@ -13,8 +13,6 @@ caller cannot probe which keys exist.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -23,6 +21,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Protocol
 
 from citadel.accounts.store import AccountStore, KeyRecord
+from citadel.adminkey import AdminKey, bearer_token, digest, incorrect_key
 from citadel.errors import StoreUnavailable, Unauthorized, Unavailable
 from citadel.limits.decision import Limits
 from citadel.limits.policy import effective_limits
@@ -63,47 +62,21 @@ class Authenticator(Protocol):
         ...
 
 
-def bearer_token(authorization: bytes | None) -> bytes:
-    """The token of ``Bearer <token>``; raises ``Unauthorized`` when absent or malformed."""
-    if not authorization:
-        raise Unauthorized(
-            "You didn't provide an API key. Send it in the Authorization header as "
-            "'Authorization: Bearer YOUR_KEY'.",
-            code="missing_api_key",
-        )
-    scheme, _, token = authorization.strip().partition(b" ")
-    token = token.strip()
-    if scheme.lower() != b"bearer" or not token:
-        raise Unauthorized(
-            "The Authorization header must be 'Bearer YOUR_KEY'.", code="invalid_authorization"
-        )
-    return token
-
-
-def digest(secret: bytes) -> bytes:
-    return hashlib.sha256(secret).digest()
-
-
-def _incorrect() -> Unauthorized:
-    return Unauthorized("Incorrect API key provided.", code="invalid_api_key")
-
-
 class AdminKeyAuthenticator:
-    """Accepts exactly one key, the admin key from settings."""
+    """The gateway's ``Authenticator`` for the admin key alone (``citadel.adminkey``)."""
 
     def __init__(self, admin_key: str) -> None:
-        self._digest = digest(admin_key.encode())
+        self._key = AdminKey(admin_key)
 
     def is_admin(self, token_digest: bytes) -> bool:
-        return hmac.compare_digest(token_digest, self._digest)
+        return self._key.is_admin(token_digest)
 
     async def authenticate(self, authorization: bytes | None) -> Principal:
-        if not self.is_admin(digest(bearer_token(authorization))):
-            raise _incorrect()
+        self._key.verify(authorization)
         return ADMIN
 
     def guard(self, handler: PathHandler) -> PathHandler:
-        """``handler`` behind the admin key (an admin API's route)."""
+        """``handler`` behind the admin key (an admin API's route on ``citadel.openapi``)."""
 
         async def guarded(request: Request, params: Mapping[str, str]) -> Response:
             await self.authenticate(request.headers.get(b"authorization"))
@@ -161,7 +134,7 @@ class KeyAuthenticator:
         principal = entry.principal
         if principal is None or (entry.expires_at is not None and self._wall() >= entry.expires_at):
             self._failures.inc(("invalid",))
-            raise _incorrect()
+            raise incorrect_key()
         self._last_used[principal.key_id] = datetime.now(UTC)
         return principal
 

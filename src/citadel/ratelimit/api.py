@@ -1,0 +1,352 @@
+"""The rate-limiting API's handlers: one controller per resource, each a thin call into the
+accounts store, the limiter and the limits policy (``citadel.limits.policy``).
+
+Injected (``app.py``): ``accounts`` (the ``AccountStore``), ``limiter`` (the ``Limiter``) and
+``rules`` (``Rules``: the tiers of the settings, the clock and the decision counter).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Annotated
+
+import msgspec
+from litestar import Controller, Response, get, patch, post
+from litestar.openapi import ResponseSpec
+from litestar.params import FromPath, FromQuery, JSONBody
+
+from citadel.accounts.store import AccountStore, User
+from citadel.errors import ApiError, BadRequest, Forbidden, NotFound
+from citadel.limits.decision import Limiter, Limits
+from citadel.limits.policy import effective_limits, ratelimit_headers, refusal_message
+from citadel.limits.policy import usd_to_micros as micros
+from citadel.metrics import LIMITER_DECISIONS, Counter, Registry
+from citadel.ratelimit.bodies import (
+    DEFAULT,
+    Check,
+    DecisionReply,
+    KeyReply,
+    Listing,
+    NewKey,
+    NewKeyReply,
+    NewTeam,
+    NewUser,
+    Reconcile,
+    RefusalReply,
+    TeamReply,
+    TierReply,
+    UsageReply,
+    UserChanges,
+    UserReply,
+)
+from citadel.settings import Settings, Tier
+from citadel.web import Injected, errors
+
+__all__ = ["CONTROLLERS", "Conflict", "Rules"]
+
+Id = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+
+
+class Conflict(ApiError):
+    """409: the request conflicts with what exists (an email or team name taken)."""
+
+    status = 409
+    type = "invalid_request_error"
+    default_code = "conflict"
+
+
+@dataclass(slots=True)
+class Rules:
+    """What the handlers know beyond the stores: the tiers, the clock, the decision counter."""
+
+    settings: Settings
+    registry: Registry
+    clock: Callable[[], float] = time.time  # Unix seconds
+    decisions: Counter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.decisions = self.registry.counter(LIMITER_DECISIONS)
+
+    def now(self) -> datetime:
+        return datetime.fromtimestamp(self.clock(), UTC)
+
+    def tier_name(self, tier: str | None, param: str = "tier") -> str | None:
+        if tier is not None and self.settings.tier(tier.strip()) is None:
+            names = ", ".join(t.name for t in self.settings.tiers)
+            raise BadRequest(f"'{param}' must be one of: {names}; got {tier!r}.", param=param)
+        return None if tier is None else tier.strip()
+
+    def limits_of(self, user: User) -> tuple[Tier, Limits]:
+        tier = self.settings.tier(user.tier)
+        if tier is None:
+            names = ", ".join(t.name for t in self.settings.tiers)
+            raise Conflict(
+                f"User {user.id} has tier {user.tier!r}, which is not configured (tiers: {names}); "
+                "change the user's tier.",
+                param="tier",
+            )
+        return tier, effective_limits(tier, user.overrides)
+
+    def user_reply(self, user: User) -> UserReply:
+        tier = self.settings.tier(user.tier)
+        return UserReply.of(user, None if tier is None else effective_limits(tier, user.overrides))
+
+
+def _strip(value: str | None) -> str | None:
+    return None if value is None else value.strip()
+
+
+async def _user(accounts: AccountStore, user_id: str, param: str = "user_id") -> User:
+    user = await accounts.get_user(user_id)
+    if user is None:
+        raise NotFound(f"No user has id {user_id!r}.", param=param)
+    return user
+
+
+async def _require_team(accounts: AccountStore, team_id: str) -> None:
+    if all(team.id != team_id for team in await accounts.list_teams()):
+        raise NotFound(f"No team has id {team_id!r}.", param="team_id")
+
+
+Accounts = Injected[AccountStore]
+Limits_ = Injected[Limiter]
+Rules_ = Injected[Rules]
+
+
+class TeamsController(Controller):
+    path = "/v1/teams"
+    tags = ["teams"]  # noqa: RUF012 - Litestar's layer attribute
+
+    @post(summary="Create a team", responses=errors(409, 503))
+    async def create_team(self, data: JSONBody[NewTeam], accounts: Accounts) -> TeamReply:
+        return TeamReply.of(await accounts.create_team(data.name.strip()))
+
+    @get(summary="List teams", responses=errors(503))
+    async def list_teams(self, accounts: Accounts) -> Listing[TeamReply]:
+        return Listing([TeamReply.of(t) for t in await accounts.list_teams()])
+
+
+class UsersController(Controller):
+    path = "/v1/users"
+    tags = ["users"]  # noqa: RUF012 - Litestar's layer attribute
+
+    @post(summary="Create a user", responses=errors(404, 409, 503))
+    async def create_user(
+        self, data: JSONBody[NewUser], accounts: Accounts, rules: Rules_
+    ) -> UserReply:
+        tier = rules.tier_name(data.tier) or rules.settings.accounts.default_tier
+        team_id = _strip(data.team_id)
+        if team_id is not None:
+            await _require_team(accounts, team_id)
+        user = await accounts.create_user(
+            name=data.name.strip(), email=data.email.strip(), tier=tier, team_id=team_id
+        )
+        return rules.user_reply(user)
+
+    @get(summary="List users", responses=errors(404, 503))
+    async def list_users(
+        self,
+        accounts: Accounts,
+        rules: Rules_,
+        team_id: Annotated[FromQuery[Id | None], msgspec.Meta(description="only its members")] = (
+            None
+        ),
+    ) -> Listing[UserReply]:
+        if team_id is not None:
+            await _require_team(accounts, team_id)
+        users = await accounts.list_users(team_id=team_id)
+        return Listing([rules.user_reply(u) for u in users])
+
+    @get("/{user_id:str}", summary="Get a user", responses=errors(404, 503))
+    async def get_user(self, user_id: FromPath[Id], accounts: Accounts, rules: Rules_) -> UserReply:
+        return rules.user_reply(await _user(accounts, user_id))
+
+    @patch("/{user_id:str}", summary="Change a user", responses=errors(404, 409, 503))
+    async def update_user(
+        self,
+        user_id: FromPath[Id],
+        accounts: Accounts,
+        rules: Rules_,
+        data: JSONBody[UserChanges | None] = None,
+    ) -> UserReply:
+        changes = data or UserChanges()
+        tier = rules.tier_name(changes.tier)
+        team_id = _strip(changes.team_id)
+        if team_id is not None:
+            await _require_team(accounts, team_id)
+        overrides: dict[str, float | None] | None = None
+        if changes.overrides is not None:
+            overrides = dict((await _user(accounts, user_id)).overrides)
+            for limit, value in changes.overrides.changes().items():
+                if value == DEFAULT:
+                    overrides.pop(limit, None)
+                else:
+                    overrides[limit] = None if value is None else float(value)
+        user = await accounts.update_user(
+            user_id,
+            name=_strip(changes.name),
+            email=_strip(changes.email),
+            tier=tier,
+            team_id=team_id,
+            status=changes.status,
+            overrides=overrides,
+        )
+        return rules.user_reply(user)
+
+    @post(
+        "/{user_id:str}/disable",
+        summary="Disable a user: their keys stop working",
+        status_code=200,
+        responses=errors(404, 503),
+    )
+    async def disable_user(
+        self, user_id: FromPath[Id], accounts: Accounts, rules: Rules_
+    ) -> UserReply:
+        return rules.user_reply(await accounts.update_user(user_id, status="disabled"))
+
+    @get(
+        "/{user_id:str}/usage",
+        summary="A user's usage and remaining quota",
+        tags=["usage"],
+        responses=errors(404, 409, 503),
+    )
+    async def usage(
+        self, user_id: FromPath[Id], accounts: Accounts, limiter: Limits_, rules: Rules_
+    ) -> UsageReply:
+        user = await _user(accounts, user_id)
+        _, limits = rules.limits_of(user)
+        now = rules.clock()
+        return UsageReply.of(user, await limiter.usage(user.id, limits, now), now)
+
+    @post(
+        "/{user_id:str}/usage/reset",
+        summary="Forget a user's counters",
+        tags=["usage"],
+        status_code=200,
+        responses=errors(404, 409, 503),
+    )
+    async def reset_usage(
+        self, user_id: FromPath[Id], accounts: Accounts, limiter: Limits_, rules: Rules_
+    ) -> UsageReply:
+        user = await _user(accounts, user_id)
+        _, limits = rules.limits_of(user)
+        await limiter.reset(user.id)
+        now = rules.clock()
+        return UsageReply.of(user, await limiter.usage(user.id, limits, now), now)
+
+
+class KeysController(Controller):
+    path = "/v1/keys"
+    tags = ["keys"]  # noqa: RUF012 - Litestar's layer attribute
+
+    @post(summary="Create an API key; its secret is shown once", responses=errors(404, 503))
+    async def create_key(
+        self, data: JSONBody[NewKey], accounts: Accounts, rules: Rules_
+    ) -> NewKeyReply:
+        now = rules.now()
+        days = data.expires_in_days
+        expires = None if days is None else now + timedelta(days=days)
+        name = _strip(data.name) or "default"
+        key, secret = await accounts.create_key(data.user_id, name=name, expires_at=expires)
+        reply = KeyReply.of(key, now)
+        return NewKeyReply(**msgspec.structs.asdict(reply), secret=secret)
+
+    @get(summary="List API keys (never their secrets)", responses=errors(404, 503))
+    async def list_keys(
+        self,
+        accounts: Accounts,
+        rules: Rules_,
+        user_id: Annotated[FromQuery[Id | None], msgspec.Meta(description="only this user's")] = (
+            None
+        ),
+    ) -> Listing[KeyReply]:
+        if user_id is not None:
+            await _user(accounts, user_id)
+        now = rules.now()
+        return Listing([KeyReply.of(k, now) for k in await accounts.list_keys(user_id=user_id)])
+
+    @post(
+        "/{key_id:str}/revoke",
+        summary="Revoke an API key",
+        status_code=200,
+        responses=errors(404, 503),
+    )
+    async def revoke_key(self, key_id: FromPath[Id], accounts: Accounts, rules: Rules_) -> KeyReply:
+        return KeyReply.of(await accounts.revoke_key(key_id), rules.now())
+
+
+class LimitsController(Controller):
+    tags = ["limits"]  # noqa: RUF012 - Litestar's layer attribute
+
+    @get("/v1/tiers", summary="List tiers and their limits", tags=["tiers"])
+    async def list_tiers(self, rules: Rules_) -> Listing[TierReply]:
+        default = rules.settings.accounts.default_tier
+        return Listing(
+            [
+                TierReply.of(t, effective_limits(t, {}), default=t.name == default)
+                for t in rules.settings.tiers
+            ]
+        )
+
+    @post(
+        "/v1/check",
+        summary="Admit a request against a user's limits, reserving them",
+        description="200 and a reservation when admitted; 429, `retry-after` and a message "
+        "naming the limit when refused. `x-ratelimit-*` headers either way.",
+        status_code=200,
+        responses={
+            **errors(403, 404, 409, 503),
+            429: ResponseSpec(DecisionReply, description="refused: `error` names the limit"),
+        },
+    )
+    async def check(
+        self, data: JSONBody[Check], accounts: Accounts, limiter: Limits_, rules: Rules_
+    ) -> Response[DecisionReply]:
+        user = await _user(accounts, data.user_id.strip())
+        if user.status != "active":
+            raise Forbidden(f"User {user.id} is disabled.", param="user_id", code="user_disabled")
+        tier, limits = rules.limits_of(user)
+        decision = await limiter.admit(
+            user.id,
+            limits,
+            lease_id=data.lease_id or uuid.uuid4().hex,
+            tokens=data.tokens,
+            cost_micros=micros(data.cost_usd or 0.0),
+            now=rules.clock(),
+        )
+        rules.decisions.inc((tier.name, decision.refused_by or "allowed"))
+        body = DecisionReply.of(decision)
+        headers = {k.decode(): v.decode() for k, v in ratelimit_headers(decision)}
+        if decision.allowed:
+            return Response(body, headers=headers)
+        body.error = RefusalReply(
+            message=refusal_message(decision, limits=limits),
+            type="rate_limit_exceeded",
+            param=None,
+            code=decision.refused_by,
+        )
+        return Response(body, status_code=429, headers=headers)
+
+    @post(
+        "/v1/reconcile",
+        summary="Settle a reservation to the actual usage",
+        status_code=204,
+        responses=errors(404, 409, 503),
+    )
+    async def reconcile(
+        self, data: JSONBody[Reconcile], accounts: Accounts, limiter: Limits_, rules: Rules_
+    ) -> None:
+        reservation = data.reservation.reservation()
+        cost = reservation.cost_micros if data.cost_usd is None else micros(data.cost_usd)
+        user = await _user(accounts, reservation.principal, param="reservation.principal")
+        _, limits = rules.limits_of(user)
+        await limiter.reconcile(
+            reservation, limits, tokens=data.tokens, cost_micros=cost, now=rules.clock()
+        )
+
+
+CONTROLLERS = (TeamsController, UsersController, KeysController, LimitsController)
