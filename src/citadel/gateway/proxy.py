@@ -2,9 +2,9 @@
 
 ``Gateway.forward`` checks the request, resolves its model (a virtual name such as ``auto`` is
 specialised to a model for the request's task), admits it against the caller's limits, opens the
-upstream response (``citadel.gateway.upstream``: attempts, retries, fallbacks) and hands the rest
-to the request's ``Call`` (``citadel.gateway.call``: the body whole or the SSE relay, then
-metering).
+request to its ``Call`` (``citadel.gateway.call``), the one owner of the rest of its life: the
+upstream attempts (``citadel.gateway.upstream``: retries, fallbacks), the body whole or the SSE
+relay, and whatever ends it, the settling (``citadel.gateway.meter``).
 
 Limits: before forwarding, one limiter call checks and reserves every limit of the caller's tier
 (the prompt's estimated tokens plus ``max_tokens`` are reserved); a refusal is a 429 with
@@ -17,7 +17,6 @@ configured.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
@@ -29,30 +28,21 @@ from citadel.errors import (
     NotFound,
     RateLimited,
     StoreUnavailable,
+    Unauthorized,
     Unavailable,
     UnsupportedMedia,
 )
 from citadel.gateway.auth import Authenticator, Principal
-from citadel.gateway.call import Call, StreamBody
+from citadel.gateway.call import Call
+from citadel.gateway.meter import Meter
+from citadel.gateway.throttle import AuthThrottle, client_address, parse_networks
 from citadel.gateway.upstream import UPSTREAM_PATHS, Upstream
 from citadel.http.client import HttpClient
 from citadel.http.server import Request, Response, StreamResponse
-from citadel.limits.decision import Limiter, Limits, Reservation
+from citadel.limits.decision import Limiter
 from citadel.limits.policy import cost_micros, ratelimit_headers, refusal_message
 from citadel.metering.events import UsageSink
-from citadel.metrics import (
-    GATEWAY_CLIENT_DISCONNECTS,
-    GATEWAY_IN_FLIGHT,
-    GATEWAY_REQUEST_DURATION,
-    GATEWAY_REQUESTS,
-    GATEWAY_TOKENS,
-    GATEWAY_TOKENS_TOTAL,
-    GATEWAY_TPOT,
-    GATEWAY_TTFT,
-    LIMITER_DECISIONS,
-    LIMITER_FAILURES,
-    Registry,
-)
+from citadel.metrics import AUTH_FAILURES, LIMITER_DECISIONS, Registry
 from citadel.openai.requests import Endpoint, ParsedRequest, parse_request
 from citadel.openai.tokens import estimate_prompt_tokens
 from citadel.routing.router import Router
@@ -84,26 +74,25 @@ class Gateway:
     ) -> None:
         self._settings = settings
         self._auth = authenticator
-        self.usage = usage
         self._limiter = limiter
         self._limits: LimitsSettings = settings.limits
         self._fail_closed = settings.limits.failure_mode == "closed"
-        self.limiter_healthy = True
-        self._reconciling: set[asyncio.Task[None]] = set()
         self._decisions = registry.counter(LIMITER_DECISIONS)
-        self._limiter_failures = registry.counter(LIMITER_FAILURES)
+        self._auth_failures = registry.counter(AUTH_FAILURES)
+        self._trusted = parse_networks(settings.gateway.trusted_proxies)
+        self._throttle = AuthThrottle(
+            limit=settings.gateway.auth_failure_limit,
+            window=settings.gateway.auth_failure_window_seconds,
+        )
         self.router = router if router is not None else Router(settings, registry=registry)
-        # What a Call reports to when it ends (public for citadel.gateway.call); /metrics lists
-        # the metrics in the order they are registered here.
-        self.requests = registry.counter(GATEWAY_REQUESTS)
-        self.duration = registry.histogram(GATEWAY_REQUEST_DURATION)
-        self.ttft = registry.histogram(GATEWAY_TTFT)
-        self.tpot = registry.histogram(GATEWAY_TPOT)
-        self.tokens = registry.histogram(GATEWAY_TOKENS)
-        self.tokens_total = registry.counter(GATEWAY_TOKENS_TOTAL)
-        self.in_flight = registry.gauge(GATEWAY_IN_FLIGHT)
-        self.upstream = Upstream(settings, client=client, router=self.router, registry=registry)
-        self.disconnects = registry.counter(GATEWAY_CLIENT_DISCONNECTS)
+        self.meter = Meter(
+            registry=registry,
+            router=self.router,
+            usage=usage,
+            limiter=limiter,
+            fail_closed=self._fail_closed,
+        )
+        self.upstream = Upstream(settings, client=client, meter=self.meter)
         created = int(time.time())
         self._models_body = orjson.dumps(
             {
@@ -119,13 +108,34 @@ class Gateway:
     # -- endpoints ---------------------------------------------------------------------------
 
     async def list_models(self, request: Request) -> Response:
-        await self._auth.authenticate(request.headers.get(b"authorization"))
+        await self._authenticate(request)
         return Response(200, self._models_body)
+
+    async def _authenticate(self, request: Request) -> Principal:
+        """The caller, or a 401; a 429 first for an address that failed too often lately."""
+        address = client_address(
+            request.client, request.headers.get(b"x-forwarded-for"), self._trusted
+        )
+        now = time.monotonic()
+        wait = self._throttle.retry_after(address, now)
+        if wait:
+            self._auth_failures.inc(("throttled",))
+            raise RateLimited(
+                f"Too many failed authentications from your address; retry in {wait} s.",
+                code="too_many_authentication_failures",
+                headers=((b"retry-after", str(wait).encode()),),
+            )
+        try:
+            return await self._auth.authenticate(request.headers.get(b"authorization"))
+        except Unauthorized as exc:
+            if exc.code != "missing_api_key":  # a guess, not a client that forgot its key
+                self._throttle.failed(address, now)
+            raise
 
     async def forward(self, endpoint: Endpoint, request: Request) -> Response | StreamResponse:
         started = time.perf_counter()
         wall = time.time()
-        principal = await self._auth.authenticate(request.headers.get(b"authorization"))
+        principal = await self._authenticate(request)
         ctype = request.headers.get(b"content-type")
         if ctype is not None and not ctype.lower().startswith(b"application/json"):
             raise UnsupportedMedia(
@@ -155,22 +165,10 @@ class Gateway:
                 param="model",
                 code="model_not_allowed",
             )
-        call = Call(self, endpoint, request, parsed, model, principal, started, wall)
+        call = Call(self.meter, endpoint, request, parsed, model, principal, started, wall)
         if principal.limits is not None and self._limiter is not None:
             await self._admit(call)
-        self.in_flight.inc((model.name,))
-        try:
-            target, upstream = await self.upstream.open(call)
-        except BaseException:
-            self.in_flight.dec((model.name,))
-            raise
-        call.target = target
-        if parsed.stream:
-            return StreamResponse(StreamBody(call, upstream), headers=call.response_headers())
-        try:
-            return await call.whole(upstream)
-        finally:
-            self.in_flight.dec((model.name,))
+        return await call.serve(self.upstream)
 
     def _specialise(
         self, endpoint: Endpoint, request: Request, parsed: ParsedRequest, principal: Principal
@@ -223,7 +221,7 @@ class Gateway:
                 now=call.wall,
             )
         except StoreUnavailable as exc:
-            self._limiter_down("admit")
+            self.meter.limiter_down("admit")
             if self._fail_closed:
                 raise Unavailable(
                     "Rate limits cannot be checked right now (the limiter store is unavailable) "
@@ -231,7 +229,7 @@ class Gateway:
                     code="limiter_unavailable",
                 ) from exc
             return
-        self.limiter_healthy = True
+        self.meter.limiter_healthy = True
         if not decision.allowed:
             self._decisions.inc((call.principal.tier, decision.refused_by or "unknown"))
             raise RateLimited(
@@ -242,49 +240,6 @@ class Gateway:
         self._decisions.inc((call.principal.tier, "allowed"))
         call.limit_decision = decision
 
-    def _limiter_down(self, operation: str) -> None:
-        self.limiter_healthy = False
-        mode = "closed" if self._fail_closed else "open"
-        self._limiter_failures.inc((operation, mode))
-        _log.warning("limiter unavailable", extra={"operation": operation, "mode": mode})
-
-    def reconcile(self, call: Call, reservation: Reservation) -> None:
-        """Settle the reservation to actual usage in the background (never on the response)."""
-        limiter = self._limiter
-        limits = call.principal.limits
-        if limiter is None or limits is None:
-            return
-        price = (call.target.deployment.price if call.target else None) or call.model.price
-        task = asyncio.get_running_loop().create_task(
-            self._settle(
-                limiter,
-                reservation,
-                limits,
-                call.prompt_tokens + call.completion_tokens,
-                cost_micros(price, call.prompt_tokens, call.completion_tokens),
-            )
-        )
-        self._reconciling.add(task)
-        task.add_done_callback(self._reconciling.discard)
-
-    async def _settle(
-        self,
-        limiter: Limiter,
-        reservation: Reservation,
-        limits: Limits,
-        tokens: int,
-        cost: int,
-    ) -> None:
-        try:
-            await limiter.reconcile(
-                reservation, limits, tokens=tokens, cost_micros=cost, now=time.time()
-            )
-        except StoreUnavailable:
-            self._limiter_down("reconcile")
-        except Exception:
-            _log.exception("reconciliation failed")
-
     async def drain(self) -> None:
         """Wait for reconciliations still under way (at shutdown)."""
-        if self._reconciling:
-            await asyncio.wait(list(self._reconciling), timeout=5.0)
+        await self.meter.drain()

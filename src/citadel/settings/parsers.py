@@ -8,6 +8,7 @@ an int is accepted where a float is expected.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -20,6 +21,7 @@ from citadel.errors import ConfigError
 
 __all__ = [
     "Parser",
+    "at_most",
     "base_url",
     "boolean",
     "choice",
@@ -28,6 +30,7 @@ __all__ = [
     "integer",
     "mapping",
     "names",
+    "networks",
     "non_negative",
     "optional",
     "parse_keys",
@@ -126,13 +129,35 @@ def fraction(value: object, key: str) -> float:
     return number
 
 
-def integer(minimum: int) -> Parser:
+def integer(minimum: int, maximum: int | None = None, why: str = "") -> Parser:
+    """An int of at least ``minimum`` (and at most ``maximum``, ``why`` saying what sets it)."""
+    expected = f"an integer >= {minimum}"
+    if maximum is not None:
+        expected = f"an integer from {minimum} to {maximum}" + (f" ({why})" if why else "")
+
     def parse(value: object, key: str) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ConfigError(key, value, f"an integer >= {minimum}")
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or value < minimum
+            or (maximum is not None and value > maximum)
+        ):
+            raise ConfigError(key, value, expected)
         return value
 
     return parse
+
+
+def at_most(parse: Parser, maximum: float, why: str) -> Parser:
+    """``parse``, then refuse a number above ``maximum`` (``why`` says what sets it)."""
+
+    def bounded(value: object, key: str) -> Any:
+        number = parse(value, key)
+        if number > maximum:
+            raise ConfigError(key, value, f"a number up to {maximum} ({why})")
+        return number
+
+    return bounded
 
 
 def port(value: object, key: str) -> int:
@@ -182,6 +207,17 @@ def names(value: object, key: str) -> tuple[str, ...]:
     if not isinstance(value, list):
         raise ConfigError(key, value, "a list of strings")
     return tuple(text(item, f"{key}[{i}]") for i, item in enumerate(value))
+
+
+def networks(value: object, key: str) -> tuple[str, ...]:
+    """A list of IP addresses or networks (``10.0.0.0/8``, ``::1``)."""
+    entries = names(value, key)
+    for i, entry in enumerate(entries):
+        try:
+            ipaddress.ip_network(entry.strip(), strict=False)
+        except ValueError:
+            raise ConfigError(f"{key}[{i}]", entry, "an IP address or network") from None
+    return entries
 
 
 def optional(parse: Parser) -> Parser:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import dataclasses
 
 from citadel.errors import ConfigError
+from citadel.limits.maths import MAX_COUNT, MAX_RATE
 from citadel.settings.parsers import (
     Parser,
+    at_most,
     base_url,
     boolean,
     choice,
@@ -20,6 +22,7 @@ from citadel.settings.parsers import (
     integer,
     mapping,
     names,
+    networks,
     non_negative,
     optional,
     parse_keys,
@@ -54,6 +57,7 @@ __all__ = [
     "GATEWAY",
     "LIMITS",
     "METERING",
+    "METRICS",
     "PORTS",
     "SCALARS",
     "TIMEOUTS",
@@ -88,6 +92,7 @@ TOP = (
     "accounts",
     "routing",
     "metering",
+    "metrics",
     "alerting",
 )
 PORTS = {f.name: port for f in dataclasses.fields(Ports)}
@@ -101,7 +106,11 @@ GATEWAY = {
     "keepalive_timeout_seconds": positive,
     "access_log": boolean,
     "max_connections_per_deployment": integer(1),
+    "trusted_proxies": networks,
+    "auth_failure_limit": integer(0),
+    "auth_failure_window_seconds": positive,
 }
+METRICS = {"token": text, "require_token": boolean}
 TIMEOUTS = {f.name: positive for f in dataclasses.fields(Timeouts)}
 _MODEL = {
     "name": text,
@@ -127,13 +136,19 @@ _DEPLOYMENT = {
     "gpu_hour_usd": non_negative,
     "gpus": integer(1),
 }
+# Bounded by what the limiter's exact arithmetic can hold (citadel.limits.maths): a larger limit
+# would pass start-up and then fail every request of its tier.
+_RATE = integer(1, MAX_RATE, "the most the limiter can represent")
+_COUNT = integer(1, MAX_COUNT, "the most the limiter can represent")
 _TIER = {
-    "requests_per_minute": integer(1),
-    "tokens_per_minute": integer(1),
-    "concurrent_requests": integer(1),
-    "tokens_per_day": integer(1),
-    "tokens_per_month": integer(1),
-    "cost_per_month_usd": non_negative,
+    "requests_per_minute": _RATE,
+    "tokens_per_minute": _RATE,
+    "concurrent_requests": _COUNT,
+    "tokens_per_day": _COUNT,
+    "tokens_per_month": _COUNT,
+    "cost_per_month_usd": at_most(
+        non_negative, MAX_COUNT // 1_000_000, "micro-USD the limiter can represent"
+    ),
     "models": names,
 }
 LIMITS = {
@@ -204,6 +219,8 @@ METERING = {
 ACCOUNTS = {
     "database": uri,
     "key_cache_ttl_seconds": non_negative,
+    "key_cache_size": integer(1),
+    "accept_legacy_keys": boolean,
     "default_tier": text,
 }
 

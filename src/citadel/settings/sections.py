@@ -106,6 +106,21 @@ class GatewaySettings:
     keepalive_timeout_seconds: float = 75.0
     access_log: bool = False
     max_connections_per_deployment: int = 256
+    # Peers whose X-Forwarded-For names the client (addresses or networks, e.g. 10.0.0.0/8).
+    trusted_proxies: tuple[str, ...] = ()
+    # An address that fails authentication this often within the window gets a 429 (0: never).
+    auth_failure_limit: int = 20
+    auth_failure_window_seconds: float = 60.0
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MetricsSettings:
+    """Who may scrape ``/metrics`` (every service): the panels carry per-team spend."""
+
+    token: str | None = None  # the bearer token a scrape must send (Prometheus: `authorization`)
+    # Whether a token is required when `token` is unset (the admin key then serves); the loader
+    # sets it: on outside development and test unless `metrics.require_token: false`.
+    require_token: bool = False
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -229,6 +244,9 @@ class AccountsSettings:
 
     database: str = "sqlite+aiosqlite:///citadel.db"  # SQL_DATABASE_ENDPOINT sets a PostgreSQL one
     key_cache_ttl_seconds: float = 5.0  # how long a key lookup is trusted (revocation delay)
+    key_cache_size: int = 100_000  # known keys kept (least recently used evicted first)
+    # Keys made before the checksummed format (citadel.accounts.keyformat) are still looked up.
+    accept_legacy_keys: bool = True
     default_tier: str = "free"
 
 
@@ -248,6 +266,7 @@ class Settings:
     accounts: AccountsSettings = AccountsSettings()
     routing: RoutingSettings = RoutingSettings()
     metering: MeteringSettings = MeteringSettings()
+    metrics: MetricsSettings = MetricsSettings()
     # The `alerting:` section as read; citadel.alerting.definitions validates it into typed
     # objects (the alerting service owns its schema), naming keys like alerting.rules[0].query.
     alerting: Mapping[str, Any] = field(default_factory=dict)
@@ -264,6 +283,16 @@ class Settings:
     def tier(self, name: str) -> Tier | None:
         """The tier with this name, or None."""
         return next((t for t in self.tiers if t.name == name), None)
+
+    def metrics_token(self) -> str | None:
+        """The bearer token ``/metrics`` requires, or None when it is open to anyone.
+
+        ``metrics.token`` when set; else the admin key when a token is required (by default
+        outside development and test); else None.
+        """
+        if self.metrics.token:
+            return self.metrics.token
+        return self.gateway.admin_key if self.metrics.require_token else None
 
     def with_models(self, models: tuple[Model, ...]) -> Settings:
         """A copy of these settings serving other models."""
