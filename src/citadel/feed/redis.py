@@ -52,6 +52,7 @@ class RedisFeed(Feed):
         *,
         maxlen: int = 10_000,
         streams: Mapping[str, str] | None = None,
+        owns_client: bool = False,
     ) -> None:
         super().__init__()
         if maxlen < 1:
@@ -61,6 +62,7 @@ class RedisFeed(Feed):
         self._maxlen = maxlen
         self._streams = dict(streams or {})
         self._tails: dict[str, asyncio.Task[None]] = {}
+        self._owns_client = owns_client
 
     def key(self, topic: str) -> str:
         return self._streams.get(topic) or stream_key(check_topic(topic))
@@ -109,6 +111,8 @@ class RedisFeed(Feed):
         await super().aclose()
         for topic in list(self._tails):
             await self._unwatch(topic)
+        if self._owns_client:
+            await self._redis.aclose()
 
     async def _tail(self, topic: str, start: str) -> None:
         key = self.key(topic)

@@ -140,7 +140,7 @@ class KeyAuthenticator:
         shape = keyformat.shape(token)
         if shape == "malformed" or (shape == "legacy" and not self._accept_legacy):
             self._failures.inc(("malformed",))
-            raise _incorrect()
+            raise incorrect_key()
         now = self._clock()
         entry = self._known.get(token_digest) or self._unknown.get(token_digest)
         if entry is None or now - entry.fetched_at >= self._ttl:
