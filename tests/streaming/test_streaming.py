@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -30,6 +32,8 @@ ADMIN_KEY = "sk-admin-streaming-test-key-0123456789"
 class Stack:
     sim: int
     ports: list[int]  # two streaming-service replicas on one Redis
+    config: Path
+    env: dict[str, str]
 
     def url(self, replica: int = 0) -> str:
         return f"http://127.0.0.1:{self.ports[replica]}"
@@ -70,7 +74,7 @@ models:
             args = [sys.executable, "-m", "citadel", "--config", str(config)]
             args += ["serve", "streaming-api", "--port", str(port)]
             procs.append(start_process(args, port, env=env))
-        yield Stack(sim_port, ports)
+        yield Stack(sim_port, ports, config, env)
     finally:
         for proc in procs:
             stop_process(proc)
@@ -299,3 +303,27 @@ def test_health_and_metrics(stack: Stack) -> None:
     text = httpx.get(stack.url() + "/metrics").text
     assert 'citadel_streaming_messages_sent_total{protocol="websocket"}' in text
     assert "citadel_streaming_cancellations_total" in text
+
+
+def test_sigterm_tells_websocket_clients_to_reconnect_with_1012(stack: Stack) -> None:
+    port = free_port()
+    args = [sys.executable, "-m", "citadel", "--config", str(stack.config)]
+    proc = start_process(
+        [*args, "serve", "streaming-api", "--port", str(port)], port, env=stack.env
+    )
+
+    async def main() -> None:
+        url = f"ws://127.0.0.1:{port}/v1/ws"
+        async with websockets.connect(url, additional_headers=AUTH) as ws:
+            await ws.send(orjson.dumps({"type": "subscribe", "id": "s", "topics": ["alerts"]}))
+            assert (await recv(ws))["type"] == "subscribed"
+            proc.send_signal(signal.SIGTERM)
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await recv(ws)
+            assert closed.value.rcvd is not None
+            assert closed.value.rcvd.code == 1012
+
+    try:
+        asyncio.run(main())
+    finally:
+        assert stop_process(proc) == 0
