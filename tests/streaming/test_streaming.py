@@ -327,3 +327,25 @@ def test_sigterm_tells_websocket_clients_to_reconnect_with_1012(stack: Stack) ->
         asyncio.run(main())
     finally:
         assert stop_process(proc) == 0
+
+
+def test_too_many_connections_for_one_key_are_refused_with_4429(stack: Stack) -> None:
+    async def main() -> None:
+        sockets = [await websockets.connect(stack.ws(), additional_headers=AUTH) for _ in range(64)]
+        try:
+            async with websockets.connect(stack.ws(), additional_headers=AUTH) as extra:
+                error = await recv(extra)
+                assert error["error"]["code"] == "too_many_connections"
+                with pytest.raises(websockets.ConnectionClosed) as closed:
+                    await recv(extra)
+                assert closed.value.rcvd is not None
+                assert closed.value.rcvd.code == 4429
+        finally:
+            for ws in sockets:
+                await ws.close()
+        await asyncio.sleep(0.2)
+        async with websockets.connect(stack.ws(), additional_headers=AUTH) as again:
+            await again.send(orjson.dumps({"type": "chat.completion", "id": "a", "body": chat(1)}))
+            assert (await recv(again))["type"] == "chunk"
+
+    asyncio.run(main())

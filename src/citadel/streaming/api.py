@@ -303,6 +303,7 @@ class WsSession:
         self.authorization = b""
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.lock = asyncio.Lock()
+        self.held = contextlib.ExitStack()  # this socket's place in the per-key count
 
     async def send(self, message: dict[str, Any]) -> None:
         data = orjson.dumps(message)
@@ -332,6 +333,7 @@ class WsSession:
             with contextlib.suppress(Exception):
                 await self.socket.close(CLOSE_INTERNAL, "internal error")
         finally:
+            self.held.close()
             self.api.sockets.discard(self.socket)
             for task in list(self.tasks.values()):
                 task.cancel()
@@ -339,11 +341,14 @@ class WsSession:
 
     async def login(self, header: str) -> bool:
         try:
-            self.principal = await authenticate(self.api, header)
+            principal = await authenticate(self.api, header)
+            self.held.enter_context(self.api.connection("websocket", principal))
         except ApiError as exc:
             await self.send({"type": "error", "error": error_body(exc)})
-            await self.socket.close(CLOSE_UNAUTHORIZED, exc.message[:120])
+            code = CLOSE_TOO_MANY if isinstance(exc, RateLimited) else CLOSE_UNAUTHORIZED
+            await self.socket.close(code, exc.message[:120])
             return False
+        self.principal = principal
         self.authorization = header.encode()
         return True
 
