@@ -219,6 +219,7 @@ def test_up_starts_the_simulator_and_the_gateway_and_stops_them(
         "SIMULATOR_PORT": str(simulator),
         "RATE_LIMITING_API_PORT": str(free_port()),
         "ROUTING_API_PORT": str(free_port()),
+        "STREAMING_API_PORT": str(free_port()),
     }
     proc = start_process([sys.executable, "-m", "citadel", "up"], gateway, env=env, timeout=20)
     try:
@@ -279,6 +280,7 @@ def test_up_runs_a_ledger_writer_when_usage_goes_through_redis(
         "SIMULATOR_PORT": str(free_port()),
         "RATE_LIMITING_API_PORT": str(free_port()),
         "ROUTING_API_PORT": str(free_port()),
+        "STREAMING_API_PORT": str(free_port()),
         "CUSTOM_METRICS_PORT": str(free_port()),
         "PREDICTIVE_ALERTING_PORT": str(free_port()),
     }

@@ -27,6 +27,7 @@ SERVICES: dict[str, str] = {
     "routing-api": "routing_api",
     "custom-metrics": "custom_metrics",
     "predictive-alerting": "predictive_alerting",
+    "streaming-api": "streaming_api",
 }
 # Where each service's create_app(settings, deps) and default_deps(settings) live.
 _APP_MODULES = {
@@ -35,13 +36,13 @@ _APP_MODULES = {
     "routing-api": "citadel.routing.app",
     "custom-metrics": "citadel.metering.app",
     "predictive-alerting": "citadel.alerting.app",
+    "streaming-api": "citadel.streaming",
 }
 # Names later issues add; `serve` says they are not built yet rather than "unknown".
 PLANNED = (
     "grafana-dashboards",
     "prometheus-rules",
     "graphql-api",
-    "streaming-api",
 )
 
 

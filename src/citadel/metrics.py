@@ -300,6 +300,32 @@ ALERTING_DELIVERY_FAILURES = _counter(
     (),
     "Failed attempts to post alerts to Alertmanager (each is retried with back-off).",
 )
+STREAMING_CONNECTIONS = _gauge(
+    "citadel_streaming_connections",
+    ("protocol",),
+    "Open streaming-service connections, by protocol (websocket, sse).",
+)
+STREAMING_MESSAGES = _counter(
+    "citadel_streaming_messages_sent_total",
+    ("protocol",),
+    "Messages (WebSocket frames, SSE events) the streaming service sent.",
+)
+STREAMING_BYTES = _counter(
+    "citadel_streaming_sent_bytes_total",
+    ("protocol",),
+    "Bytes of messages the streaming service sent.",
+    unit="bytes",
+)
+STREAMING_LAGGED = _counter(
+    "citadel_streaming_lagged_events_total",
+    ("topic",),
+    "Live events dropped for subscribers that fell behind (each told with a lagged message).",
+)
+STREAMING_CANCELLED = _counter(
+    "citadel_streaming_cancellations_total",
+    (),
+    "Completions cancelled by a client's cancel message or its disconnect.",
+)
 
 CATALOGUE: tuple[MetricSpec, ...] = (
     *(GATEWAY_REQUESTS, GATEWAY_REQUEST_DURATION, GATEWAY_TTFT, GATEWAY_TPOT, GATEWAY_TOKENS),
@@ -314,6 +340,8 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     *(ALERTING_EVALUATIONS, ALERTING_EVALUATION_DURATION, ALERTING_MODEL_ERROR),
     *(ALERTING_ALERTS_FIRING, ALERTING_ALERTS_SENT, ALERTING_ALERTS_DROPPED),
     ALERTING_DELIVERY_FAILURES,
+    *(STREAMING_CONNECTIONS, STREAMING_MESSAGES, STREAMING_BYTES, STREAMING_LAGGED),
+    STREAMING_CANCELLED,
 )
 _BY_NAME = MappingProxyType({s.name: s for s in CATALOGUE})
 

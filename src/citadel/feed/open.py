@@ -1,0 +1,32 @@
+"""The feed a service's settings call for: Redis Streams when Redis is configured, else memory."""
+
+from __future__ import annotations
+
+from citadel.errors import ConfigError
+from citadel.feed.core import Feed
+from citadel.feed.memory import MemoryFeed
+from citadel.feed.redis import RedisFeed
+from citadel.settings import Settings
+from citadel.stores.redis import RedisClient
+
+__all__ = ["USAGE", "open_feed"]
+
+USAGE = "usage"  # the topic of usage events: the metering stream itself
+_TAIL_TIMEOUT = 5.0  # seconds: above the tail's XREAD BLOCK (1 s)
+
+
+def open_feed(settings: Settings, *, maxlen: int = 10_000) -> Feed:
+    """``endpoints.redis`` (or a redis:// limiter backend), else a MemoryFeed of ``maxlen``."""
+    from citadel.metering.writer import redis_url
+
+    try:
+        url = redis_url(settings.endpoints.redis, settings.limits.backend)
+    except ConfigError:
+        return MemoryFeed(maxlen=maxlen)
+    return RedisFeed(
+        RedisClient.from_url(url, timeout=settings.limits.store_timeout_seconds * 4),
+        lambda: RedisClient.from_url(url, timeout=_TAIL_TIMEOUT),
+        maxlen=maxlen,
+        streams={USAGE: settings.metering.stream},
+        owns_client=True,
+    )
