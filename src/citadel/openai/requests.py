@@ -22,6 +22,12 @@ from typing import Any, Literal
 import orjson
 
 from citadel.errors import BadRequest
+from citadel.openai.invalid import empty_array as _empty_array
+from citadel.openai.invalid import empty_string as _empty_string
+from citadel.openai.invalid import missing as _missing
+from citadel.openai.invalid import type_name as _type_name
+from citadel.openai.invalid import wrong_type as _wrong_type
+from citadel.openai.params import check_parameters
 
 __all__ = ["Endpoint", "ParsedRequest", "parse_request", "with_upstream_fields"]
 
@@ -138,6 +144,7 @@ def parse_request(endpoint: Endpoint, raw: bytes) -> ParsedRequest:
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise _wrong_type("user", "a string", user)
+    check_parameters(endpoint, body)
 
     return ParsedRequest(
         endpoint=endpoint,
@@ -354,57 +361,3 @@ def _check_stop(body: dict[str, Any]) -> None:
     for index, item in enumerate(stop):
         if not isinstance(item, str):
             raise _wrong_type(f"stop[{index}]", "a string", item)
-
-
-# -- error messages -----------------------------------------------------------------------------
-
-
-def _type_name(value: object) -> str:
-    """How OpenAI names a JSON value's type in its error messages."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a decimal"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__  # pragma: no cover - JSON has no other types
-
-
-def _missing(param: str) -> BadRequest:
-    return BadRequest(
-        f"'{param}' is a required property", param=param, code="missing_required_parameter"
-    )
-
-
-def _wrong_type(param: str, expected: str, value: object) -> BadRequest:
-    return BadRequest(
-        f"Invalid type for '{param}': expected {expected}, but got {_type_name(value)} instead.",
-        param=param,
-        code="invalid_type",
-    )
-
-
-def _empty_array(param: str) -> BadRequest:
-    return BadRequest(
-        f"Invalid '{param}': empty array. Expected an array with minimum length 1, "
-        "but got an empty array instead.",
-        param=param,
-        code="empty_array",
-    )
-
-
-def _empty_string(param: str) -> BadRequest:
-    return BadRequest(
-        f"Invalid '{param}': empty string. Expected a string with minimum length 1, "
-        "but got an empty string instead.",
-        param=param,
-        code="empty_string",
-    )
