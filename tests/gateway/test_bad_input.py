@@ -142,3 +142,13 @@ def test_request_id_is_echoed_and_forwarded(stack: Stack) -> None:
     assert "abc-123" == headers["x-request-id"]
     assert "sim-chat" == headers["x-citadel-model"]
     assert "sim-a" == headers["x-citadel-deployment"]
+
+
+@pytest.mark.parametrize("levels", [65, 300, 1023])
+def test_deeply_nested_json_is_a_400_not_a_500(stack: Stack, levels: int) -> None:
+    """A body nested past 64 levels is refused with a 400 naming the limit."""
+    raw = b'{"model": "sim-chat", "messages": [{"role": "user", "content": "x"}], "x": '
+    raw += b"[" * levels + b"]" * levels + b"}"
+    status, _, body = request(stack.gateway, "POST", CHAT, raw)
+    assert 400 == status
+    assert "64 levels" in error_of(body)["message"]

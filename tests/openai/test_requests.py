@@ -749,3 +749,41 @@ def test_upstream_body_without_stream_only_renames_model(
     upstream = orjson.loads(with_upstream_fields(req, "up"))
 
     assert {**body, "model": "up"} == upstream
+
+
+def _nested(levels: int) -> bytes:
+    """A chat body whose extension field takes the body to ``levels`` levels of nesting."""
+    inner = "[" * (levels - 1) + "]" * (levels - 1)
+    return (
+        b'{"model": "llama-3-8b", "messages": [{"role": "user", "content": "hi"}], "x": '
+        + inner.encode()
+        + b"}"
+    )
+
+
+def test_nesting_up_to_the_limit_parses_and_serialises_upstream() -> None:
+    """A body 64 levels deep is accepted and goes upstream intact."""
+    parsed = parse_request("chat", _nested(64))
+    assert orjson.loads(_nested(64))["x"] == orjson.loads(with_upstream_fields(parsed, "m"))["x"]
+
+
+@pytest.mark.parametrize(
+    ("levels", "code"),
+    [
+        (65, "json_too_deep"),
+        (255, "json_too_deep"),
+        (1024, "json_too_deep"),
+        (5000, "invalid_json"),
+    ],
+)
+def test_nesting_past_the_limit_is_a_400(levels: int, code: str) -> None:
+    """Past 64 levels is a 400 naming the limit; past orjson's own parse limit, invalid JSON."""
+    error = _error("chat", _nested(levels))
+    assert 400 == error.status
+    assert code == error.code
+    assert code == "invalid_json" or "64 levels" in error.message
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting() -> None:
+    """Many brackets in a string are text, not depth."""
+    parse_request("chat", _raw(_chat(messages=[{"role": "user", "content": "[{" * 500}])))

@@ -1,4 +1,13 @@
-"""One forwarded request's state, from admission to its usage event: ``Call``.
+"""One forwarded request's life, from admission to its usage event: ``Call``, its one owner.
+
+``Call.serve`` runs the request once it is admitted: it opens the upstream response
+(``citadel.gateway.upstream``), then relays the body whole or as an SSE stream. Whatever ends the
+request — done, failed upstream, a bug, the client gone before the first byte or mid-stream, a
+cancellation — ``Call.finish`` runs exactly once: it frees the router's slot (or tells the router
+how the attempt went), has the limiter settle the reservation to actual usage (which returns the
+concurrency lease), records the metrics and emits one usage event (status 499 when the client
+went away first). ``serve`` owns that until it hands a stream to the server; the stream body
+(``StreamBody``) owns it from then on, including when the server closes it unstarted.
 
 Non-streaming requests have their body relayed whole. Streaming requests ask the upstream for usage
 (``stream_options.include_usage``, see ``citadel.openai.requests``), relay every SSE event as it
@@ -10,10 +19,6 @@ stops the generation upstream.
 Once a stream has started, a failure (the total timeout, a stall past the first-byte timeout, a
 broken connection, an event that is not JSON) ends it with an SSE error event rather than a silent
 cut; a failure before any byte reached the client is a 502 or a 504.
-
-However the request ends (done, failed upstream, client gone), ``Call.finish`` runs exactly once: it
-tells the router how the attempt went, records the metrics, has the gateway reconcile the limits
-reservation and emits the usage event.
 """
 
 from __future__ import annotations
@@ -22,14 +27,16 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncGenerator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 
-from citadel.errors import UpstreamError, UpstreamTimeout
+from citadel.errors import ApiError, UpstreamError, UpstreamTimeout
 from citadel.gateway.auth import Principal
+from citadel.gateway.meter import Meter, Target
+from citadel.gateway.upstream import Upstream
 from citadel.http.client import ProtocolError, ReadTimeout, UpstreamResponse
-from citadel.http.server import Request, Response
+from citadel.http.server import Request, Response, StreamResponse
 from citadel.limits.decision import LimitDecision
 from citadel.limits.policy import cost_micros, ratelimit_headers
 from citadel.metering.events import UsageEvent, new_event_id
@@ -39,11 +46,9 @@ from citadel.openai.tokens import estimate_prompt_tokens, estimate_tokens
 from citadel.routing.router import DeploymentState
 from citadel.settings import Model
 
-if TYPE_CHECKING:
-    from citadel.gateway.proxy import Gateway
-    from citadel.gateway.upstream import Target
-
 _log = logging.getLogger("citadel.gateway")
+
+CLIENT_CLOSED = 499  # nginx's "client closed request": the client left before the response ended
 
 
 class _MalformedEventError(Exception):
@@ -60,9 +65,9 @@ class Call:
         "endpoint",
         "finished",
         "first_token_at",
-        "gateway",
         "gauge_model",
         "limit_decision",
+        "meter",
         "model",
         "parsed",
         "principal",
@@ -78,7 +83,7 @@ class Call:
 
     def __init__(
         self,
-        gateway: Gateway,
+        meter: Meter,
         endpoint: Endpoint,
         request: Request,
         parsed: ParsedRequest,
@@ -87,7 +92,7 @@ class Call:
         started: float,
         wall: float,
     ) -> None:
-        self.gateway = gateway
+        self.meter = meter
         self.endpoint = endpoint
         self.request = request
         self.request_id = request.request_id.encode()
@@ -118,18 +123,44 @@ class Call:
             headers += ratelimit_headers(self.limit_decision)
         return headers
 
+    # -- the one owner ---------------------------------------------------------------------
+
+    async def serve(self, upstream: Upstream) -> Response | StreamResponse:
+        """Open the upstream response and relay it; settle the call whatever ends it."""
+        meter = self.meter
+        meter.in_flight.inc((self.gauge_model,))
+        streaming = False
+        try:
+            _, response = await upstream.open(self)
+            if self.parsed.stream:
+                streaming = True  # from here the stream body owns the end (StreamBody)
+                return StreamResponse(StreamBody(self, response), headers=self.response_headers())
+            return await self.whole(response)
+        except asyncio.CancelledError:
+            self.cancelled()
+            self.finish(self.target, CLIENT_CLOSED)
+            raise
+        except ApiError as exc:
+            self.finish(self.target, exc.status)
+            raise
+        except BaseException:
+            self.finish(self.target, 500)
+            raise
+        finally:
+            if not streaming:
+                meter.in_flight.dec((self.gauge_model,))
+
     # -- non-streaming -----------------------------------------------------------------------
 
     async def whole(self, upstream: UpstreamResponse) -> Response:
         target = self.target
         assert target is not None
-        gateway = self.gateway
+        meter = self.meter
         try:
             async with asyncio.timeout(self.deadline - time.perf_counter()):
                 raw = await upstream.read()
         except TimeoutError as exc:
-            gateway.upstream.count_error(target, "timeout_total")
-            self.finish(target, 504)
+            meter.count_error(target, "timeout_total")
             raise UpstreamTimeout(
                 f"Deployment '{target.deployment.name}' of model '{self.model.name}' did not "
                 f"finish within the total timeout of {self.model.timeouts.total:g} s.",
@@ -137,17 +168,12 @@ class Call:
             ) from exc
         except (ProtocolError, ReadTimeout) as exc:
             kind = "timeout_first_byte" if isinstance(exc, ReadTimeout) else "disconnect"
-            gateway.upstream.count_error(target, kind)
-            self.finish(target, 502)
+            meter.count_error(target, kind)
             raise UpstreamError(
                 f"Deployment '{target.deployment.name}' of model '{self.model.name}' broke off "
                 f"its response: {exc}.",
                 code="upstream_protocol_error",
             ) from exc
-        except asyncio.CancelledError:
-            self.cancelled()
-            self.finish(target, 499)
-            raise
         finally:
             await upstream.aclose()
         try:
@@ -155,8 +181,7 @@ class Call:
             if not isinstance(doc, dict):
                 raise TypeError("not an object")
         except (orjson.JSONDecodeError, TypeError) as exc:
-            gateway.upstream.count_error(target, "malformed")
-            self.finish(target, 502)
+            meter.count_error(target, "malformed")
             raise UpstreamError(
                 f"Deployment '{target.deployment.name}' of model '{self.model.name}' sent a "
                 "malformed response body (not a JSON object).",
@@ -198,7 +223,7 @@ class Call:
         """Pass SSE events through as they arrive; see the module docstring for the rules."""
         target = self.target
         assert target is not None
-        gateway = self.gateway
+        meter = self.meter
         wants_usage = self.parsed.include_usage
         decoder = SseDecoder()
         saw_usage = False
@@ -248,43 +273,33 @@ class Call:
             # got the whole stream: that is a success, not a cancellation.
             if not delivered:
                 self.cancelled()
-                status = 499
+                status = CLIENT_CLOSED
             raise
         except _MalformedEventError:
             status = 502
-            gateway.upstream.count_error(target, "malformed")
+            meter.count_error(target, "malformed")
             yield encode_data(
                 self._stream_error(_MalformedEventError("an event was not JSON"), status)
             )
         except (TimeoutError, ReadTimeout, ProtocolError) as exc:
             status = 504 if isinstance(exc, TimeoutError | ReadTimeout) else 502
             kind = {504: "timeout_total" if isinstance(exc, TimeoutError) else "timeout_first_byte"}
-            gateway.upstream.count_error(target, kind.get(status, "disconnect"))
+            meter.count_error(target, kind.get(status, "disconnect"))
             yield encode_data(self._stream_error(exc, status))
+        except Exception:
+            status = 500  # a bug: the stream breaks off (the server logs it), the call still ends
+            raise
         finally:
-            await upstream.aclose()
-            if not saw_usage:
-                self.usage_estimated = True
-                self.prompt_tokens = estimate_prompt_tokens(self.parsed)
-                # Upstreams stream about one token per event; count text when they bundle more.
-                self.completion_tokens = max(pieces, estimate_tokens("".join(texts)))
-            gateway.in_flight.dec((self.gauge_model,))
-            self.finish(target, status)
-
-    def _route_outcome(self, state: DeploymentState, status: int) -> None:
-        """Tell the router how the attempt that got a response head ended."""
-        router = self.gateway.router
-        now = time.monotonic()
-        if status == 499:
-            router.release(state, now)
-            return
-        ended = time.perf_counter()
-        latency = (
-            self.first_token_at - self.attempt_started
-            if self.first_token_at is not None
-            else ended - self.attempt_started
-        )
-        router.end(state, now, success=status < 500, latency=latency, error=str(status))
+            try:
+                await upstream.aclose()
+            finally:
+                if not saw_usage:
+                    self.usage_estimated = True
+                    self.prompt_tokens = estimate_prompt_tokens(self.parsed)
+                    # Upstreams stream about one token per event; count text when they bundle more.
+                    self.completion_tokens = max(pieces, estimate_tokens("".join(texts)))
+                meter.in_flight.dec((self.gauge_model,))
+                self.finish(target, status)
 
     def _stream_error(self, exc: Exception, status: int) -> bytes:
         assert self.target is not None
@@ -305,66 +320,75 @@ class Call:
     # -- metering ----------------------------------------------------------------------------
 
     def cancelled(self) -> None:
-        self.gateway.disconnects.inc((self.model.name,))
+        self.meter.disconnects.inc((self.model.name,))
 
     def finish(self, target: Target | None, status: int) -> None:
-        """Record metrics, reconcile limits and emit the usage event; never raises or blocks."""
+        """Free the router slot, settle the limits, record metrics and emit the usage event.
+
+        Runs once per call (later calls do nothing); never raises or blocks.
+        """
         if self.finished:
             return
         self.finished = True
-        gateway = self.gateway
-        if self.limit_decision is not None and self.limit_decision.reservation is not None:
-            gateway.reconcile(self, self.limit_decision.reservation)
-        if self.selection is not None:
-            self._route_outcome(self.selection, status)
+        meter = self.meter
         now = time.perf_counter()
+        price = (target.deployment.price if target is not None else None) or self.model.price
+        cost = cost_micros(price, self.prompt_tokens, self.completion_tokens)
+        decision = self.limit_decision
+        limits = self.principal.limits
+        if decision is not None and decision.reservation is not None and limits is not None:
+            meter.settle(
+                decision.reservation,
+                limits,
+                tokens=self.prompt_tokens + self.completion_tokens,
+                cost=cost,
+            )
+        if self.selection is not None:
+            start = self.attempt_started
+            latency = (self.first_token_at if self.first_token_at is not None else now) - start
+            meter.route_outcome(self.selection, status=status, latency=latency)
         elapsed = now - self.started
         labels = target.labels if target is not None else (self.model.name, "")
-        gateway.requests.inc((self.endpoint, *labels, str(status)))
-        gateway.duration.observe((self.endpoint, *labels), elapsed)
+        meter.requests.inc((self.endpoint, *labels, str(status)))
+        meter.duration.observe((self.endpoint, *labels), elapsed)
         ttft: float | None = None
         if self.first_token_at is not None:
             ttft = self.first_token_at - self.started
-            gateway.ttft.observe(labels, ttft)
+            meter.ttft.observe(labels, ttft)
             if self.completion_tokens > 1:
                 tpot = (now - self.first_token_at) / (self.completion_tokens - 1)
-                gateway.tpot.observe(labels, tpot)
+                meter.tpot.observe(labels, tpot)
         if self.prompt_tokens or self.completion_tokens:
-            gateway.tokens.observe((*labels, "input"), self.prompt_tokens)
-            gateway.tokens_total.inc((*labels, "input"), self.prompt_tokens)
+            meter.tokens.observe((*labels, "input"), self.prompt_tokens)
+            meter.tokens_total.inc((*labels, "input"), self.prompt_tokens)
             if self.endpoint != "embedding":
-                gateway.tokens.observe((*labels, "output"), self.completion_tokens)
-                gateway.tokens_total.inc((*labels, "output"), self.completion_tokens)
-        sink = gateway.usage
-        if sink is None or target is None:
+                meter.tokens.observe((*labels, "output"), self.completion_tokens)
+                meter.tokens_total.inc((*labels, "output"), self.completion_tokens)
+        if meter.usage is None:
             return
-        price = target.deployment.price or self.model.price
-        try:
-            sink.emit(
-                UsageEvent(
-                    event_id=new_event_id(self.wall),
-                    time=self.wall,
-                    request_id=self.request.request_id,
-                    user=self.principal.user,
-                    team=self.principal.team,
-                    key_id=self.principal.key_id,
-                    tier=self.principal.tier,
-                    endpoint=self.endpoint,
-                    model=self.model.name,
-                    deployment=target.deployment.name,
-                    prompt_tokens=self.prompt_tokens,
-                    completion_tokens=self.completion_tokens,
-                    latency_seconds=elapsed,
-                    ttft_seconds=ttft,
-                    status=status,
-                    streamed=self.parsed.stream,
-                    cancelled=status == 499,
-                    usage_estimated=self.usage_estimated,
-                    cost_micros=cost_micros(price, self.prompt_tokens, self.completion_tokens),
-                )
+        meter.emit(
+            UsageEvent(
+                event_id=new_event_id(self.wall),
+                time=self.wall,
+                request_id=self.request.request_id,
+                user=self.principal.user,
+                team=self.principal.team,
+                key_id=self.principal.key_id,
+                tier=self.principal.tier,
+                endpoint=self.endpoint,
+                model=self.model.name,
+                deployment=target.deployment.name if target is not None else "",
+                prompt_tokens=self.prompt_tokens,
+                completion_tokens=self.completion_tokens,
+                latency_seconds=elapsed,
+                ttft_seconds=ttft,
+                status=status,
+                streamed=self.parsed.stream,
+                cancelled=status == CLIENT_CLOSED,
+                usage_estimated=self.usage_estimated,
+                cost_micros=cost,
             )
-        except Exception:  # metering must never break a response
-            _log.exception("usage sink failed")
+        )
 
 
 class StreamBody:
@@ -394,8 +418,10 @@ class StreamBody:
             await self._relay.aclose()
             return
         self._started = True
-        await self._upstream.aclose()
         call = self._call
-        call.cancelled()
-        call.gateway.in_flight.dec((call.gauge_model,))
-        call.finish(call.target, 499)
+        try:
+            await self._upstream.aclose()
+        finally:
+            call.cancelled()
+            call.meter.in_flight.dec((call.gauge_model,))
+            call.finish(call.target, CLIENT_CLOSED)

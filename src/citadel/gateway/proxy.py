@@ -2,9 +2,9 @@
 
 ``Gateway.forward`` checks the request, resolves its model (a virtual name such as ``auto`` is
 specialised to a model for the request's task), admits it against the caller's limits, opens the
-upstream response (``citadel.gateway.upstream``: attempts, retries, fallbacks) and hands the rest
-to the request's ``Call`` (``citadel.gateway.call``: the body whole or the SSE relay, then
-metering).
+request to its ``Call`` (``citadel.gateway.call``), the one owner of the rest of its life: the
+upstream attempts (``citadel.gateway.upstream``: retries, fallbacks), the body whole or the SSE
+relay, and whatever ends it, the settling (``citadel.gateway.meter``).
 
 Limits: before forwarding, one limiter call checks and reserves every limit of the caller's tier
 (the prompt's estimated tokens plus ``max_tokens`` are reserved); a refusal is a 429 with
@@ -17,7 +17,6 @@ configured.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
@@ -33,26 +32,15 @@ from citadel.errors import (
     UnsupportedMedia,
 )
 from citadel.gateway.auth import Authenticator, Principal
-from citadel.gateway.call import Call, StreamBody
+from citadel.gateway.call import Call
+from citadel.gateway.meter import Meter
 from citadel.gateway.upstream import UPSTREAM_PATHS, Upstream
 from citadel.http.client import HttpClient
 from citadel.http.server import Request, Response, StreamResponse
-from citadel.limits.decision import Limiter, Limits, Reservation
+from citadel.limits.decision import Limiter
 from citadel.limits.policy import cost_micros, ratelimit_headers, refusal_message
 from citadel.metering.events import UsageSink
-from citadel.metrics import (
-    GATEWAY_CLIENT_DISCONNECTS,
-    GATEWAY_IN_FLIGHT,
-    GATEWAY_REQUEST_DURATION,
-    GATEWAY_REQUESTS,
-    GATEWAY_TOKENS,
-    GATEWAY_TOKENS_TOTAL,
-    GATEWAY_TPOT,
-    GATEWAY_TTFT,
-    LIMITER_DECISIONS,
-    LIMITER_FAILURES,
-    Registry,
-)
+from citadel.metrics import LIMITER_DECISIONS, Registry
 from citadel.openai.requests import Endpoint, ParsedRequest, parse_request
 from citadel.openai.tokens import estimate_prompt_tokens
 from citadel.routing.router import Router
@@ -84,26 +72,19 @@ class Gateway:
     ) -> None:
         self._settings = settings
         self._auth = authenticator
-        self.usage = usage
         self._limiter = limiter
         self._limits: LimitsSettings = settings.limits
         self._fail_closed = settings.limits.failure_mode == "closed"
-        self.limiter_healthy = True
-        self._reconciling: set[asyncio.Task[None]] = set()
         self._decisions = registry.counter(LIMITER_DECISIONS)
-        self._limiter_failures = registry.counter(LIMITER_FAILURES)
         self.router = router if router is not None else Router(settings, registry=registry)
-        # What a Call reports to when it ends (public for citadel.gateway.call); /metrics lists
-        # the metrics in the order they are registered here.
-        self.requests = registry.counter(GATEWAY_REQUESTS)
-        self.duration = registry.histogram(GATEWAY_REQUEST_DURATION)
-        self.ttft = registry.histogram(GATEWAY_TTFT)
-        self.tpot = registry.histogram(GATEWAY_TPOT)
-        self.tokens = registry.histogram(GATEWAY_TOKENS)
-        self.tokens_total = registry.counter(GATEWAY_TOKENS_TOTAL)
-        self.in_flight = registry.gauge(GATEWAY_IN_FLIGHT)
-        self.upstream = Upstream(settings, client=client, router=self.router, registry=registry)
-        self.disconnects = registry.counter(GATEWAY_CLIENT_DISCONNECTS)
+        self.meter = Meter(
+            registry=registry,
+            router=self.router,
+            usage=usage,
+            limiter=limiter,
+            fail_closed=self._fail_closed,
+        )
+        self.upstream = Upstream(settings, client=client, meter=self.meter)
         created = int(time.time())
         self._models_body = orjson.dumps(
             {
@@ -155,22 +136,10 @@ class Gateway:
                 param="model",
                 code="model_not_allowed",
             )
-        call = Call(self, endpoint, request, parsed, model, principal, started, wall)
+        call = Call(self.meter, endpoint, request, parsed, model, principal, started, wall)
         if principal.limits is not None and self._limiter is not None:
             await self._admit(call)
-        self.in_flight.inc((model.name,))
-        try:
-            target, upstream = await self.upstream.open(call)
-        except BaseException:
-            self.in_flight.dec((model.name,))
-            raise
-        call.target = target
-        if parsed.stream:
-            return StreamResponse(StreamBody(call, upstream), headers=call.response_headers())
-        try:
-            return await call.whole(upstream)
-        finally:
-            self.in_flight.dec((model.name,))
+        return await call.serve(self.upstream)
 
     def _specialise(
         self, endpoint: Endpoint, request: Request, parsed: ParsedRequest, principal: Principal
@@ -223,7 +192,7 @@ class Gateway:
                 now=call.wall,
             )
         except StoreUnavailable as exc:
-            self._limiter_down("admit")
+            self.meter.limiter_down("admit")
             if self._fail_closed:
                 raise Unavailable(
                     "Rate limits cannot be checked right now (the limiter store is unavailable) "
@@ -231,7 +200,7 @@ class Gateway:
                     code="limiter_unavailable",
                 ) from exc
             return
-        self.limiter_healthy = True
+        self.meter.limiter_healthy = True
         if not decision.allowed:
             self._decisions.inc((call.principal.tier, decision.refused_by or "unknown"))
             raise RateLimited(
@@ -242,49 +211,6 @@ class Gateway:
         self._decisions.inc((call.principal.tier, "allowed"))
         call.limit_decision = decision
 
-    def _limiter_down(self, operation: str) -> None:
-        self.limiter_healthy = False
-        mode = "closed" if self._fail_closed else "open"
-        self._limiter_failures.inc((operation, mode))
-        _log.warning("limiter unavailable", extra={"operation": operation, "mode": mode})
-
-    def reconcile(self, call: Call, reservation: Reservation) -> None:
-        """Settle the reservation to actual usage in the background (never on the response)."""
-        limiter = self._limiter
-        limits = call.principal.limits
-        if limiter is None or limits is None:
-            return
-        price = (call.target.deployment.price if call.target else None) or call.model.price
-        task = asyncio.get_running_loop().create_task(
-            self._settle(
-                limiter,
-                reservation,
-                limits,
-                call.prompt_tokens + call.completion_tokens,
-                cost_micros(price, call.prompt_tokens, call.completion_tokens),
-            )
-        )
-        self._reconciling.add(task)
-        task.add_done_callback(self._reconciling.discard)
-
-    async def _settle(
-        self,
-        limiter: Limiter,
-        reservation: Reservation,
-        limits: Limits,
-        tokens: int,
-        cost: int,
-    ) -> None:
-        try:
-            await limiter.reconcile(
-                reservation, limits, tokens=tokens, cost_micros=cost, now=time.time()
-            )
-        except StoreUnavailable:
-            self._limiter_down("reconcile")
-        except Exception:
-            _log.exception("reconciliation failed")
-
     async def drain(self) -> None:
         """Wait for reconciliations still under way (at shutdown)."""
-        if self._reconciling:
-            await asyncio.wait(list(self._reconciling), timeout=5.0)
+        await self.meter.drain()

@@ -8,18 +8,24 @@ A connection failure (nothing was sent) is retried on another deployment of the 
 are a 5xx and a 429. When the model has none left, its fallback models the caller may use are tried
 in order, while the attempt limit, the router's retry budget and the deadline allow. A refusal of
 the request itself (a 4xx) is not retried: another deployment would refuse it too.
+
+``Upstream.open`` never ends the request: it raises the failure with ``call.target`` set to the
+deployment that failed last (None when none was tried), and the call's owner
+(``citadel.gateway.call.Call.serve``) settles it. Any exception other than the failures it raises
+(a cancellation included) frees the router slot of the attempt under way before it propagates.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import orjson
 
 from citadel.errors import ApiError, BadRequest, Unavailable, UpstreamError, UpstreamTimeout
+from citadel.gateway.auth import Principal
+from citadel.gateway.meter import Meter, Target
 from citadel.http.client import (
     ConnectError,
     ConnectTimeout,
@@ -29,13 +35,10 @@ from citadel.http.client import (
     ReadTimeout,
     UpstreamResponse,
 )
-from citadel.metrics import GATEWAY_UPSTREAM_ERRORS, Registry
-from citadel.openai.requests import Endpoint, with_upstream_fields
-from citadel.routing.router import Router
-from citadel.settings import Deployment, Model, Settings
-
-if TYPE_CHECKING:
-    from citadel.gateway.call import Call
+from citadel.http.server import Request
+from citadel.openai.requests import Endpoint, ParsedRequest, with_upstream_fields
+from citadel.routing.router import DeploymentState
+from citadel.settings import Model, Settings
 
 UPSTREAM_PATHS: dict[Endpoint, str] = {
     "chat": "/v1/chat/completions",
@@ -47,13 +50,19 @@ _NOT_FORWARDED_PREFIXES = (b"x-citadel-", b"x-forwarded-", b"x-request-id", b"x-
 _ERROR_BODY_LIMIT = 64 * 1024
 
 
-@dataclass(slots=True)
-class Target:
-    """A deployment with its parsed origin and the label tuples its metrics use."""
+class Forwarded(Protocol):
+    """What the attempts read of a request and record on it (``citadel.gateway.call.Call``)."""
 
-    deployment: Deployment
-    origin: Origin
-    labels: tuple[str, str]
+    endpoint: Endpoint
+    request: Request
+    request_id: bytes
+    parsed: ParsedRequest
+    principal: Principal
+    deadline: float
+    model: Model  # set to the fallback model being tried
+    target: Target | None  # the deployment tried last
+    selection: DeploymentState | None  # the router slot of the attempt that answered
+    attempt_started: float
 
 
 class _Attempt(Exception):
@@ -70,21 +79,19 @@ class _Attempt(Exception):
 class Upstream:
     """Opens a request's upstream response through the router, and counts upstream errors."""
 
-    def __init__(
-        self, settings: Settings, *, client: HttpClient, router: Router, registry: Registry
-    ) -> None:
+    def __init__(self, settings: Settings, *, client: HttpClient, meter: Meter) -> None:
         self._settings = settings
         self._client = client
-        self._router = router
+        self._router = meter.router
+        self._meter = meter
         self._max_attempts = settings.routing.max_attempts
         self._targets = {
             d.name: Target(d, Origin.parse(d.url), (m.name, d.name))
             for m in settings.models
             for d in m.deployments
         }
-        self._errors = registry.counter(GATEWAY_UPSTREAM_ERRORS)
 
-    async def open(self, call: Call) -> tuple[Target, UpstreamResponse]:
+    async def open(self, call: Forwarded) -> tuple[Target, UpstreamResponse]:
         """The first upstream response head that is a 200, trying other deployments and then
         fallback models while the attempt limit, the retry budget and the deadline allow."""
         router = self._router
@@ -102,12 +109,13 @@ class Upstream:
                 if attempts and not router.may_retry(call.model.name, time.monotonic()):
                     assert failure is not None
                     router.release(selection.state, time.monotonic())
-                    call.finish(None, failure.status)
+                    call.target = None
                     raise failure
                 attempts += 1
                 state = selection.state
                 target = self._targets[state.name]
                 call.model = model
+                call.target = target
                 router.begin(state)
                 began = time.perf_counter()
                 try:
@@ -122,7 +130,6 @@ class Upstream:
                     )
                     failure = attempt.error
                     if not attempt.retry or time.perf_counter() >= call.deadline:
-                        call.finish(target, failure.status)
                         raise failure from attempt
                     tried |= {state.name}
                     continue
@@ -138,10 +145,10 @@ class Upstream:
                 "drained, unhealthy or have an open circuit.",
                 code="no_deployment_available",
             )
-        call.finish(None, failure.status)
+        call.target = None
         raise failure
 
-    def _fallbacks(self, call: Call) -> list[Model]:
+    def _fallbacks(self, call: Forwarded) -> list[Model]:
         """The model's fallbacks the caller may use, in order."""
         models = []
         for name in call.model.fallbacks:
@@ -150,7 +157,7 @@ class Upstream:
                 models.append(model)
         return models
 
-    async def _send(self, target: Target, call: Call) -> UpstreamResponse:
+    async def _send(self, target: Target, call: Forwarded) -> UpstreamResponse:
         deployment = target.deployment
         timeouts = call.model.timeouts
         headers = [(b"content-type", b"application/json"), (b"x-request-id", call.request_id)]
@@ -172,7 +179,7 @@ class Upstream:
                 first_byte_timeout=min(timeouts.first_byte, remaining),
             )
         except ConnectTimeout as exc:
-            self.count_error(target, "timeout_connect")
+            self._meter.count_error(target, "timeout_connect")
             raise _Attempt(
                 UpstreamTimeout(
                     f"Timed out after {timeouts.connect:g} s connecting to deployment "
@@ -182,7 +189,7 @@ class Upstream:
                 retry=True,
             ) from exc
         except ConnectError as exc:
-            self.count_error(target, "connect")
+            self._meter.count_error(target, "connect")
             raise _Attempt(
                 UpstreamError(
                     f"Could not connect to deployment '{deployment.name}' of model "
@@ -193,7 +200,7 @@ class Upstream:
             ) from exc
         except ReadTimeout as exc:
             total = remaining < timeouts.first_byte  # the total deadline came first
-            self.count_error(target, "timeout_total" if total else "timeout_first_byte")
+            self._meter.count_error(target, "timeout_total" if total else "timeout_first_byte")
             raise _Attempt(
                 UpstreamTimeout(
                     f"Deployment '{deployment.name}' of model '{call.model.name}' sent no "
@@ -204,7 +211,7 @@ class Upstream:
                 retry=not total,
             ) from exc
         except ProtocolError as exc:
-            self.count_error(target, "malformed")
+            self._meter.count_error(target, "malformed")
             raise _Attempt(
                 UpstreamError(
                     f"Deployment '{deployment.name}' of model '{call.model.name}' broke the "
@@ -221,7 +228,7 @@ class Upstream:
         return response
 
     async def _status_error(
-        self, target: Target, call: Call, response: UpstreamResponse
+        self, target: Target, call: Forwarded, response: UpstreamResponse
     ) -> ApiError:
         status = response.status
         try:
@@ -234,20 +241,17 @@ class Upstream:
         detail = _upstream_message(raw[:_ERROR_BODY_LIMIT])
         where = f"deployment '{target.deployment.name}' of model '{call.model.name}'"
         if status >= 500 or status == 429:
-            self.count_error(target, "status_5xx" if status >= 500 else "status_429")
+            self._meter.count_error(target, "status_5xx" if status >= 500 else "status_429")
             cls: type[ApiError] = Unavailable if status in (429, 503) else UpstreamError
             return cls(
                 f"The upstream {where} answered {status}: {detail}", code=f"upstream_{status}"
             )
-        self.count_error(target, "status_4xx")
+        self._meter.count_error(target, "status_4xx")
         if status in (400, 413, 422):  # the request itself was refused: the caller can fix it
             return BadRequest(f"The upstream {where} rejected the request ({status}): {detail}")
         return UpstreamError(
             f"The upstream {where} answered {status}: {detail}", code=f"upstream_{status}"
         )
-
-    def count_error(self, target: Target, kind: str) -> None:
-        self._errors.inc((*target.labels, kind))
 
 
 def _upstream_message(raw: bytes) -> str:

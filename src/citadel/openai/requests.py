@@ -12,6 +12,10 @@ Errors about the body as a whole (empty, not JSON, not an object) have no field,
 is ``None``, as OpenAI answers them.
 
 A JSON ``null`` for an optional parameter means "not given", as OpenAI treats it.
+
+Nesting is bounded at ``MAX_JSON_DEPTH`` levels (the top-level object is level 1), one limit both
+ways: orjson parses up to 1,024 levels but serialises only 254, so without a bound below both a
+body could parse and then fail on its way upstream. No OpenAI field nests anywhere near 64.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ Endpoint = Literal["chat", "completion", "embedding"]
 
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool", "developer", "function"})
 MAX_STOP_SEQUENCES = 4
+MAX_JSON_DEPTH = 64
 
 _ROLES_LISTED = "'system', 'user', 'assistant', 'tool', 'developer', and 'function'"
 _PROMPT_SHAPES = (
@@ -81,6 +86,14 @@ def parse_request(endpoint: Endpoint, raw: bytes) -> ParsedRequest:
         raise BadRequest(
             f"Invalid request body: expected a JSON object, but got {_type_name(body)} instead.",
             code="invalid_type",
+        )
+    # Each level opens a bracket, so fewer brackets than the limit cannot nest too deep (a count in
+    # C, nothing on the common path); otherwise walk the parsed body to be exact.
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _too_deep(body, MAX_JSON_DEPTH):
+        raise BadRequest(
+            f"We could not parse the JSON body of your request: it nests more than "
+            f"{MAX_JSON_DEPTH} levels of arrays and objects, the most this API accepts.",
+            code="json_too_deep",
         )
 
     model = body.get("model")
@@ -169,6 +182,22 @@ def with_upstream_fields(req: ParsedRequest, upstream_model: str) -> bytes:
         options = req.body.get("stream_options") or {}
         body["stream_options"] = {**options, "include_usage": True}
     return orjson.dumps(body)
+
+
+def _too_deep(value: object, limit: int) -> bool:
+    """Whether ``value`` nests more than ``limit`` levels of arrays and objects (it is level 1)."""
+    level: list[Any] = [value]
+    for _ in range(limit):
+        below: list[Any] = []
+        for item in level:
+            if isinstance(item, dict):
+                below.extend(v for v in item.values() if isinstance(v, dict | list))
+            elif isinstance(item, list):
+                below.extend(v for v in item if isinstance(v, dict | list))
+        if not below:
+            return False
+        level = below
+    return True
 
 
 # -- chat messages -----------------------------------------------------------------------------
