@@ -14,6 +14,7 @@
         ├── PayloadTooLarge    413 invalid_request_error
         ├── UnsupportedMedia   415 invalid_request_error
         ├── RateLimited        429 rate_limit_exceeded
+        ├── UpstreamRefusal    the model server's own 4xx/429, its status, type, code and param kept
         ├── UpstreamError      502 upstream_error (the upstream answered badly or broke)
         ├── Unavailable        503 service_unavailable (no deployment can take the request)
         └── UpstreamTimeout    504 timeout (connect, first byte or total deadline passed)
@@ -119,6 +120,24 @@ class RateLimited(ApiError):
     status = 429
     type = "rate_limit_exceeded"
     default_code = "rate_limit_exceeded"
+
+
+class UpstreamRefusal(ApiError):
+    """A model server refused the request: its status and error fields, passed through whole."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        kind: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> None:
+        super().__init__(message, param=param, code=code, headers=headers)
+        self.status = status
+        self.type = kind
 
 
 class UpstreamError(ApiError):

@@ -171,7 +171,7 @@ class Call:
             meter.count_error(target, kind)
             raise UpstreamError(
                 f"Deployment '{target.deployment.name}' of model '{self.model.name}' broke off "
-                f"its response: {exc}.",
+                "its response.",
                 code="upstream_protocol_error",
             ) from exc
         finally:
@@ -311,7 +311,8 @@ class Call:
         elif isinstance(exc, _MalformedEventError):
             message = f"The stream from {where} sent a malformed event: {exc}."
         else:
-            message = f"The stream from {where} broke off: {exc}."
+            message = f"The stream from {where} broke off."
+            _log.warning("upstream stream broke off", extra={"where": where, "detail": str(exc)})
         code = "upstream_timeout" if status == 504 else "upstream_stream_broken"
         return orjson.dumps(
             {"error": {"message": message, "type": "upstream_error", "param": None, "code": code}}
