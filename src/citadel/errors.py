@@ -13,7 +13,7 @@
         ├── MethodNotAllowed   405 invalid_request_error
         ├── PayloadTooLarge    413 invalid_request_error
         ├── UnsupportedMedia   415 invalid_request_error
-        ├── RateLimited        429 rate_limit_exceeded
+        ├── RateLimited        429 requests | tokens (code rate_limit_exceeded)
         ├── UpstreamRefusal    the model server's own 4xx/429, its status, type, code and param kept
         ├── UpstreamError      502 upstream_error (the upstream answered badly or broke)
         ├── Unavailable        503 service_unavailable (no deployment can take the request)
@@ -117,9 +117,21 @@ class UnsupportedMedia(ApiError):
 
 
 class RateLimited(ApiError):
+    """OpenAI's 429: code ``rate_limit_exceeded``, type the kind of limit (requests, tokens)."""
+
     status = 429
-    type = "rate_limit_exceeded"
+    type = "requests"
     default_code = "rate_limit_exceeded"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        kind: str = "requests",
+        headers: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> None:
+        super().__init__(message, headers=headers)
+        self.type = kind
 
 
 class UpstreamRefusal(ApiError):

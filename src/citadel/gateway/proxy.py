@@ -42,7 +42,7 @@ from citadel.limits.policy import cost_micros, ratelimit_headers, refusal_messag
 from citadel.metering.events import UsageSink
 from citadel.metrics import LIMITER_DECISIONS, Registry
 from citadel.openai.requests import Endpoint, ParsedRequest, parse_request
-from citadel.openai.tokens import estimate_prompt_tokens
+from citadel.openai.tokens import check_context_window, estimate_prompt_tokens
 from citadel.routing.router import Router
 from citadel.settings import LimitsSettings, Model, Settings
 
@@ -54,6 +54,9 @@ _SERVES: dict[str, frozenset[str]] = {
     "completion": frozenset({"completion"}),
     "embedding": frozenset({"embedding"}),
 }
+
+# OpenAI's 429 ``type``: which kind of limit refused the request (the rest are token or spend).
+_LIMIT_KINDS = {"requests_per_minute": "requests", "concurrent_requests": "requests"}
 
 
 class Gateway:
@@ -136,6 +139,7 @@ class Gateway:
                 param="model",
                 code="model_not_allowed",
             )
+        check_context_window(parsed, model.context_window)
         call = Call(self.meter, endpoint, request, parsed, model, principal, started, wall)
         if principal.limits is not None and self._limiter is not None:
             await self._admit(call)
@@ -182,6 +186,17 @@ class Gateway:
         completion = 0
         if call.endpoint != "embedding":
             completion = parsed.max_tokens or self._limits.default_max_tokens
+        tpm = limits.tokens_per_minute
+        if tpm is not None and prompt + completion > tpm:
+            # Waiting cannot help a request larger than a whole minute's budget: a 400, no
+            # Retry-After (OpenAI answers a 429 here, and clients retry it for nothing).
+            raise BadRequest(
+                f"Request too large for model `{parsed.model}` on tokens per minute: limit {tpm}, "
+                f"requested {prompt + completion} ({prompt} in the prompt, {completion} for the "
+                "reply). Lower max_tokens or shorten the prompt.",
+                param="max_tokens" if completion else "messages",
+                code="tokens_per_minute_exceeded",
+            )
         try:
             decision = await limiter.admit(
                 call.principal.user,
@@ -203,10 +218,11 @@ class Gateway:
         self.meter.limiter_healthy = True
         if not decision.allowed:
             self._decisions.inc((call.principal.tier, decision.refused_by or "unknown"))
+            name = decision.refused_by or "requests_per_minute"
             raise RateLimited(
                 refusal_message(decision, limits=limits),
-                code=decision.refused_by,
-                headers=tuple(ratelimit_headers(decision)),
+                kind=_LIMIT_KINDS.get(name, "tokens"),
+                headers=(*ratelimit_headers(decision), (b"x-citadel-limit", name.encode())),
             )
         self._decisions.inc((call.principal.tier, "allowed"))
         call.limit_decision = decision
