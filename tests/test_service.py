@@ -391,3 +391,20 @@ def test_serve_with_two_workers_shares_the_port_and_the_metrics(tmp_path: Path) 
     assert [200] * 40 == statuses
     assert {"200": 40.0} == counted
     assert (0, "") == (code, output if "Traceback" in output else "")
+
+
+def test_metrics_need_the_bearer_token_when_one_is_set() -> None:
+    """With a metrics token, /metrics is a 401 without it or with another, and 200 with it."""
+    app = App(name="test", metrics_token="scrape-me")
+    missing = run(app(request("GET", "/metrics")))
+    wrong = run(app(request("GET", "/metrics", {b"authorization": b"Bearer nope"})))
+    right = run(app(request("GET", "/metrics", {b"authorization": b"Bearer scrape-me"})))
+    assert (401, 401, 200) == (missing.status, wrong.status, right.status)
+    assert (b"www-authenticate", b'Bearer realm="metrics"') in missing.headers
+    assert b"citadel_service_info" in right.body
+    assert 200 == run(app(request("GET", "/health"))).status  # health stays open
+
+
+def test_metrics_are_open_without_a_token() -> None:
+    """Without a token (development), /metrics answers anyone."""
+    assert 200 == run(App(name="test")(request("GET", "/metrics"))).status

@@ -475,3 +475,46 @@ def test_unknown_fallback_model_is_an_error(tmp_path: Path) -> None:
     """A fallback naming no configured model fails naming the key."""
     text = _MODELS.replace("fallbacks: [backup]", "fallbacks: [ghost]")
     assert "models[0].fallbacks[0]" == config_error(tmp_path, text).key
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "maximum"),
+    [
+        ("tokens_per_minute", 100_000_000_000, "10000000000"),
+        ("requests_per_minute", 10_000_000_001, "10000000000"),
+        ("tokens_per_month", 2**53, str(2**53 - 1)),
+        ("concurrent_requests", 2**60, str(2**53 - 1)),
+        ("cost_per_month_usd", "1.0e+300", "9007199254"),
+    ],
+)
+def test_a_tier_limit_the_limiter_cannot_represent_is_refused_at_start(
+    tmp_path: Path, field: str, value: object, maximum: str
+) -> None:
+    """A limit above what the limiter's arithmetic holds fails at load, naming key and maximum."""
+    error = config_error(tmp_path, f"tiers:\n  huge: {{{field}: {value}}}\n")
+    assert f"tiers.huge.{field}" == error.key
+    assert maximum in error.expected
+    assert "the limiter can represent" in error.expected
+
+
+def test_a_tier_limit_at_the_maximum_loads(tmp_path: Path) -> None:
+    """The largest representable per-minute limit is accepted."""
+    settings = load_text(
+        tmp_path,
+        "accounts: {default_tier: big}\ntiers:\n  big: {tokens_per_minute: 10000000000}\n",
+    )
+    assert 10_000_000_000 == settings.tiers[0].tokens_per_minute
+
+
+def test_metrics_token_is_required_by_default_outside_development(tmp_path: Path) -> None:
+    """/metrics is open in development, needs the admin key elsewhere, and metrics.token wins."""
+    prod = {"CITADEL_ENV": "production", "CITADEL_ADMIN_KEY": "sk-prod-admin-key"}
+    assert load_text(tmp_path, "").metrics_token() is None
+    assert "sk-prod-admin-key" == load_text(tmp_path, "", prod).metrics_token()
+    token = load_text(tmp_path, "metrics: {token: scrape}\n", prod).metrics_token()
+    assert "scrape" == token
+    env_token = {**prod, "CITADEL_METRICS_TOKEN": "from-env"}
+    assert "from-env" == load_text(tmp_path, "", env_token).metrics_token()
+    opened = load_text(tmp_path, "metrics: {require_token: false}\n", prod)
+    assert opened.metrics_token() is None
+    assert "dev-token" == load_text(tmp_path, "metrics: {token: dev-token}\n").metrics_token()

@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import hashlib
+import hmac
 import logging
 import os
 import shutil
@@ -27,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import orjson
 
 from citadel import __version__
-from citadel.errors import ApiError, MethodNotAllowed, NotFound, PayloadTooLarge
+from citadel.errors import ApiError, MethodNotAllowed, NotFound, PayloadTooLarge, Unauthorized
 from citadel.http.server import AbortConnection, HttpServer, Request, Response, StreamResponse
 from citadel.metrics import HTTP_REQUESTS, SERVICE_INFO, Registry, SharedMetrics
 
@@ -73,6 +75,7 @@ def service_app(name: str, settings: Settings, registry: Registry) -> App:
         registry=registry,
         max_body_bytes=settings.gateway.max_body_bytes,
         keepalive_timeout=settings.gateway.keepalive_timeout_seconds,
+        metrics_token=settings.metrics_token(),
     )
 
 
@@ -92,6 +95,7 @@ class App:
         max_body_bytes: int = 1_048_576,
         keepalive_timeout: float = 75.0,
         version: str = __version__,
+        metrics_token: str | None = None,
     ) -> None:
         self.name = name
         self.version = version
@@ -104,6 +108,10 @@ class App:
         self._startup: list[Hook] = []
         self._shutdown: list[Hook] = []
         self.render_metrics: Callable[[], bytes] = self.registry.render
+        # None: /metrics is open; else the SHA-256 of the bearer token a scrape must send.
+        self._metrics_digest = (
+            hashlib.sha256(metrics_token.encode()).digest() if metrics_token else None
+        )
         self._http_requests = self.registry.counter(HTTP_REQUESTS)
         self.registry.gauge(SERVICE_INFO).set((name, version), 1.0)
         self.route("GET", "/health", self._health)
@@ -193,6 +201,17 @@ class App:
         raise NotFound(f"Unknown path {path}.", code="unknown_url")
 
     async def _metrics(self, request: Request) -> Response:
+        expected = self._metrics_digest
+        if expected is not None:
+            scheme, _, token = (request.headers.get(b"authorization") or b"").partition(b" ")
+            given = hashlib.sha256(token.strip()).digest()
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(given, expected):
+                raise Unauthorized(
+                    "/metrics needs 'Authorization: Bearer <metrics.token>' (or the admin key "
+                    "when metrics.token is unset).",
+                    code="metrics_token_required",
+                    headers=((b"www-authenticate", b'Bearer realm="metrics"'),),
+                )
         return Response(200, self.render_metrics(), content_type=b"text/plain; version=0.0.4")
 
     async def check_health(self) -> tuple[Status, dict[str, dict[str, str]]]:

@@ -46,6 +46,8 @@ from citadel.limits.decision import LimitDecision, LimitName, Limits, LimitUsage
 
 PERIOD_MS: Final = 60_000  # the window of the per-minute limits
 MAX_RATE: Final = 10_000_000_000  # per minute: keeps 3 * limit * PERIOD_MS under 2**53
+# Quotas and concurrency are counters the Lua scripts hold as doubles: exact up to 2**53.
+MAX_COUNT: Final = 2**53 - 1
 CONCURRENCY_RETRY_MS: Final = 1_000  # a slot frees when any request ends: suggest a short wait
 UNSET: Final = -1  # how an unset (unlimited) limit travels to the Lua scripts
 

@@ -43,6 +43,7 @@ from citadel.settings.schema import (
     GATEWAY,
     LIMITS,
     METERING,
+    METRICS,
     PORTS,
     SCALARS,
     TIMEOUTS,
@@ -65,6 +66,7 @@ from citadel.settings.sections import (
     HealthSettings,
     LimitsSettings,
     MeteringSettings,
+    MetricsSettings,
     Model,
     Ports,
     Price,
@@ -90,6 +92,7 @@ __all__ = [
     "HealthSettings",
     "LimitsSettings",
     "MeteringSettings",
+    "MetricsSettings",
     "Model",
     "Ports",
     "Price",
@@ -152,6 +155,7 @@ _GATEWAY_ENV = {
     "CITADEL_WORKERS": ("workers", _integer_text(GATEWAY["workers"])),
 }
 _LIMITS_ENV = {"CITADEL_LIMITS_FAILURE_MODE": ("failure_mode", LIMITS["failure_mode"])}
+_METRICS_ENV = {"CITADEL_METRICS_TOKEN": ("token", METRICS["token"])}
 
 
 def _store_uri(value: str, scheme: str) -> str:
@@ -184,6 +188,10 @@ def load_settings(path: str | None, environ: Mapping[str, str]) -> Settings:
     accounts = parse_section(doc.get("accounts"), "accounts", ACCOUNTS)
     if "database" not in accounts and endpoints.get("sql_database"):
         accounts["database"] = _store_uri(endpoints["sql_database"], "postgresql")
+    metrics = parse_section(doc.get("metrics"), "metrics", METRICS)
+    metrics |= _from_env(environ, _METRICS_ENV)
+    env = scalars.get("env", "development")
+    metrics.setdefault("require_token", env not in _INSECURE_ENVS)
     default_tier = accounts.get("default_tier", "free")
     if default_tier not in {t.name for t in tiers}:
         raise ConfigError("accounts.default_tier", default_tier, "the name of a tier")
@@ -199,6 +207,7 @@ def load_settings(path: str | None, environ: Mapping[str, str]) -> Settings:
         accounts=AccountsSettings(**accounts),
         routing=parse_routing(doc.get("routing"), models),
         metering=MeteringSettings(**parse_section(doc.get("metering"), "metering", METERING)),
+        metrics=MetricsSettings(**metrics),
         alerting=raw_section(doc.get("alerting"), "alerting"),
         config_path=config_path,
     )

@@ -126,13 +126,35 @@ def fraction(value: object, key: str) -> float:
     return number
 
 
-def integer(minimum: int) -> Parser:
+def integer(minimum: int, maximum: int | None = None, why: str = "") -> Parser:
+    """An int of at least ``minimum`` (and at most ``maximum``, ``why`` saying what sets it)."""
+    expected = f"an integer >= {minimum}"
+    if maximum is not None:
+        expected = f"an integer from {minimum} to {maximum}" + (f" ({why})" if why else "")
+
     def parse(value: object, key: str) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ConfigError(key, value, f"an integer >= {minimum}")
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or value < minimum
+            or (maximum is not None and value > maximum)
+        ):
+            raise ConfigError(key, value, expected)
         return value
 
     return parse
+
+
+def at_most(parse: Parser, maximum: float, why: str) -> Parser:
+    """``parse``, then refuse a number above ``maximum`` (``why`` says what sets it)."""
+
+    def bounded(value: object, key: str) -> Any:
+        number = parse(value, key)
+        if number > maximum:
+            raise ConfigError(key, value, f"a number up to {maximum} ({why})")
+        return number
+
+    return bounded
 
 
 def port(value: object, key: str) -> int:

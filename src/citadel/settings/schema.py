@@ -10,8 +10,10 @@ from __future__ import annotations
 import dataclasses
 
 from citadel.errors import ConfigError
+from citadel.limits.maths import MAX_COUNT, MAX_RATE
 from citadel.settings.parsers import (
     Parser,
+    at_most,
     base_url,
     boolean,
     choice,
@@ -54,6 +56,7 @@ __all__ = [
     "GATEWAY",
     "LIMITS",
     "METERING",
+    "METRICS",
     "PORTS",
     "SCALARS",
     "TIMEOUTS",
@@ -88,6 +91,7 @@ TOP = (
     "accounts",
     "routing",
     "metering",
+    "metrics",
     "alerting",
 )
 PORTS = {f.name: port for f in dataclasses.fields(Ports)}
@@ -102,6 +106,7 @@ GATEWAY = {
     "access_log": boolean,
     "max_connections_per_deployment": integer(1),
 }
+METRICS = {"token": text, "require_token": boolean}
 TIMEOUTS = {f.name: positive for f in dataclasses.fields(Timeouts)}
 _MODEL = {
     "name": text,
@@ -127,13 +132,19 @@ _DEPLOYMENT = {
     "gpu_hour_usd": non_negative,
     "gpus": integer(1),
 }
+# Bounded by what the limiter's exact arithmetic can hold (citadel.limits.maths): a larger limit
+# would pass start-up and then fail every request of its tier.
+_RATE = integer(1, MAX_RATE, "the most the limiter can represent")
+_COUNT = integer(1, MAX_COUNT, "the most the limiter can represent")
 _TIER = {
-    "requests_per_minute": integer(1),
-    "tokens_per_minute": integer(1),
-    "concurrent_requests": integer(1),
-    "tokens_per_day": integer(1),
-    "tokens_per_month": integer(1),
-    "cost_per_month_usd": non_negative,
+    "requests_per_minute": _RATE,
+    "tokens_per_minute": _RATE,
+    "concurrent_requests": _COUNT,
+    "tokens_per_day": _COUNT,
+    "tokens_per_month": _COUNT,
+    "cost_per_month_usd": at_most(
+        non_negative, MAX_COUNT // 1_000_000, "micro-USD the limiter can represent"
+    ),
     "models": names,
 }
 LIMITS = {

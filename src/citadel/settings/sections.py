@@ -109,6 +109,16 @@ class GatewaySettings:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class MetricsSettings:
+    """Who may scrape ``/metrics`` (every service): the panels carry per-team spend."""
+
+    token: str | None = None  # the bearer token a scrape must send (Prometheus: `authorization`)
+    # Whether a token is required when `token` is unset (the admin key then serves); the loader
+    # sets it: on outside development and test unless `metrics.require_token: false`.
+    require_token: bool = False
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Tier:
     """A service level: its limits (None = unlimited) and which models it may use."""
 
@@ -248,6 +258,7 @@ class Settings:
     accounts: AccountsSettings = AccountsSettings()
     routing: RoutingSettings = RoutingSettings()
     metering: MeteringSettings = MeteringSettings()
+    metrics: MetricsSettings = MetricsSettings()
     # The `alerting:` section as read; citadel.alerting.definitions validates it into typed
     # objects (the alerting service owns its schema), naming keys like alerting.rules[0].query.
     alerting: Mapping[str, Any] = field(default_factory=dict)
@@ -264,6 +275,16 @@ class Settings:
     def tier(self, name: str) -> Tier | None:
         """The tier with this name, or None."""
         return next((t for t in self.tiers if t.name == name), None)
+
+    def metrics_token(self) -> str | None:
+        """The bearer token ``/metrics`` requires, or None when it is open to anyone.
+
+        ``metrics.token`` when set; else the admin key when a token is required (by default
+        outside development and test); else None.
+        """
+        if self.metrics.token:
+            return self.metrics.token
+        return self.gateway.admin_key if self.metrics.require_token else None
 
     def with_models(self, models: tuple[Model, ...]) -> Settings:
         """A copy of these settings serving other models."""
