@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import openai
 import pytest
 
@@ -33,7 +35,7 @@ def test_reply_budget_counts_against_the_context_window(stack: Stack) -> None:
 
 def test_sdk_raises_bad_request_with_the_context_code(stack: Stack) -> None:
     """The openai SDK raises BadRequestError whose code is context_length_exceeded."""
-    client = openai.OpenAI(base_url=stack.gateway + "/v1", api_key=ADMIN_KEY, max_retries=0)
+    client = _client(stack)
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(
             model="sim-chat", messages=[{"role": "user", "content": LONG}]
@@ -59,3 +61,73 @@ def test_invalid_parameter_is_refused_by_the_gateway(
     assert 400 == status
     assert param == error_of(body)["param"]
     assert "x-citadel-deployment" not in headers
+
+
+def _client(stack: Stack, max_retries: int = 0) -> openai.OpenAI:
+    return openai.OpenAI(base_url=stack.gateway + "/v1", api_key=ADMIN_KEY, max_retries=max_retries)
+
+
+def test_sdk_retrieves_models_and_aliases(stack: Stack) -> None:
+    """``models.retrieve`` finds a model and an alias; an unknown name is a 404 model_not_found."""
+    client = _client(stack)
+    assert ("sim-chat", "model") == (client.models.retrieve("sim-chat").id, "model")
+    assert "default" == client.models.retrieve("default").id
+    with pytest.raises(openai.NotFoundError) as info:
+        client.models.retrieve("no-such-model")
+    assert "model_not_found" == info.value.code
+
+
+WEATHER = {
+    "type": "function",
+    "name": "get_weather",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+}
+
+
+def test_sdk_creates_a_response_through_chat(stack: Stack) -> None:
+    """``responses.create`` (with a tool) is served by a chat deployment, and stored."""
+    client = _client(stack)
+    response = client.responses.create(
+        model="sim-chat", input="Say hello", instructions="Be brief.", tools=[WEATHER]
+    )
+    assert ("completed", "sim-chat") == (response.status, response.model)
+    assert response.output_text
+    assert response.usage is not None
+    assert response.usage.output_tokens > 0
+    assert response.id == client.responses.retrieve(response.id).id
+    follow = client.responses.create(
+        model="sim-chat", input="And again", previous_response_id=response.id
+    )
+    assert follow.usage is not None
+    assert follow.usage.input_tokens > response.usage.input_tokens  # the history was sent
+    client.responses.delete(response.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(response.id)
+
+
+def test_sdk_streams_a_response(stack: Stack) -> None:
+    """``responses.create(stream=True)`` yields typed events ending with the completed response."""
+    client = _client(stack)
+    events = list(
+        client.responses.create(model="sim-chat", input="Say hello", tools=[WEATHER], stream=True)
+    )
+    kinds = [e.type for e in events]
+    assert ["response.created", "response.in_progress"] == kinds[:2]
+    assert "response.completed" == kinds[-1]
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    final = events[-1].response  # type: ignore[union-attr]
+    assert text == final.output_text
+    assert final.usage is not None
+    assert final.usage.total_tokens > 0
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+
+
+def test_sdk_retries_an_upstream_429_after_retry_after(stack: Stack) -> None:
+    """An upstream 429 with Retry-After is a 429 the SDK waits for and retries."""
+    client = _client(stack, max_retries=1)
+    started = time.monotonic()
+    with pytest.raises(openai.RateLimitError):
+        client.with_options(default_headers={"x-sim-fault": "status=429"}).chat.completions.create(
+            model="sim-chat", messages=[{"role": "user", "content": "hi"}]
+        )
+    assert time.monotonic() - started >= 0.9  # it waited Retry-After: 1 once

@@ -12,7 +12,8 @@ from functools import partial
 from citadel.accounts.store import AccountStore
 from citadel.errors import StoreUnavailable
 from citadel.gateway.auth import AdminKeyAuthenticator, Authenticator, KeyAuthenticator
-from citadel.gateway.proxy import Gateway
+from citadel.gateway.proxy import MODELS_PREFIX, Gateway
+from citadel.gateway.responses import RESPONSES_PATH, ResponsesApi
 from citadel.gateway.upstream import UPSTREAM_PATHS
 from citadel.http.client import HttpClient
 from citadel.limits.decision import Limiter
@@ -147,6 +148,11 @@ def create_app(settings: Settings, deps: GatewayDeps) -> App:
     for endpoint, path in UPSTREAM_PATHS.items():
         app.route("POST", path, partial(gateway.forward, endpoint))
     app.route("GET", "/v1/models", gateway.list_models)
+    responses = ResponsesApi(gateway)
+    app.route("POST", RESPONSES_PATH, responses.create)
+    app.route_prefix("GET", RESPONSES_PATH + "/", responses.retrieve)
+    app.route_prefix("DELETE", RESPONSES_PATH + "/", responses.delete)
+    app.route_prefix("GET", MODELS_PREFIX, gateway.retrieve_model)
 
     async def models_configured() -> DependencyHealth:
         if not settings.models:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+from urllib.parse import unquote
 
 import orjson
 
@@ -55,6 +56,7 @@ _SERVES: dict[str, frozenset[str]] = {
     "embedding": frozenset({"embedding"}),
 }
 
+MODELS_PREFIX = "/v1/models/"
 # OpenAI's 429 ``type``: which kind of limit refused the request (the rest are token or spend).
 _LIMIT_KINDS = {"requests_per_minute": "requests", "concurrent_requests": "requests"}
 
@@ -89,16 +91,14 @@ class Gateway:
         )
         self.upstream = Upstream(settings, client=client, meter=self.meter)
         created = int(time.time())
-        self._models_body = orjson.dumps(
-            {
-                "object": "list",
-                "data": [
-                    {"id": name, "object": "model", "created": created, "owned_by": "citadel"}
-                    for m in settings.models
-                    for name in (m.name, *m.aliases)
-                ],
-            }
-        )
+        self._models = {
+            name: orjson.dumps(
+                {"id": name, "object": "model", "created": created, "owned_by": "citadel"}
+            )
+            for m in settings.models
+            for name in (m.name, *m.aliases)
+        }
+        self._models_body = b'{"object":"list","data":[' + b",".join(self._models.values()) + b"]}"
 
     # -- endpoints ---------------------------------------------------------------------------
 
@@ -106,9 +106,21 @@ class Gateway:
         await self._auth.authenticate(request.headers.get(b"authorization"))
         return Response(200, self._models_body)
 
-    async def forward(self, endpoint: Endpoint, request: Request) -> Response | StreamResponse:
-        started = time.perf_counter()
-        wall = time.time()
+    async def retrieve_model(self, request: Request) -> Response:
+        """``GET /v1/models/{model}``: a model or alias the gateway serves, else 404."""
+        await self._auth.authenticate(request.headers.get(b"authorization"))
+        name = unquote(request.path.removeprefix(MODELS_PREFIX))
+        body = self._models.get(name)
+        if body is None:
+            raise NotFound(
+                f"The model `{name}` does not exist or you do not have access to it.",
+                param="model",
+                code="model_not_found",
+            )
+        return Response(200, body)
+
+    async def authenticate_json(self, request: Request) -> Principal:
+        """The caller of a request with a JSON body (401 or 415 otherwise)."""
         principal = await self._auth.authenticate(request.headers.get(b"authorization"))
         ctype = request.headers.get(b"content-type")
         if ctype is not None and not ctype.lower().startswith(b"application/json"):
@@ -116,7 +128,25 @@ class Gateway:
                 f"Unsupported content type {ctype.decode('latin-1')!r}: send application/json.",
                 param="content-type",
             )
+        return principal
+
+    async def forward(self, endpoint: Endpoint, request: Request) -> Response | StreamResponse:
+        started = time.perf_counter()
+        wall = time.time()
+        principal = await self.authenticate_json(request)
         parsed = parse_request(endpoint, request.body)
+        return await self.dispatch(request, parsed, principal, started, wall)
+
+    async def dispatch(
+        self,
+        request: Request,
+        parsed: ParsedRequest,
+        principal: Principal,
+        started: float,
+        wall: float,
+    ) -> Response | StreamResponse:
+        """Resolve the model, check the request against it, admit it and serve it."""
+        endpoint = parsed.endpoint
         model = self._settings.model(parsed.model)
         if model is None and parsed.model in self.router.virtual:
             model = self._specialise(endpoint, request, parsed, principal)

@@ -33,7 +33,14 @@ from citadel.openai.invalid import type_name as _type_name
 from citadel.openai.invalid import wrong_type as _wrong_type
 from citadel.openai.params import check_parameters
 
-__all__ = ["Endpoint", "ParsedRequest", "parse_request", "with_upstream_fields"]
+__all__ = [
+    "Endpoint",
+    "ParsedRequest",
+    "decode_body",
+    "parse_body",
+    "parse_request",
+    "with_upstream_fields",
+]
 
 Endpoint = Literal["chat", "completion", "embedding"]
 
@@ -66,6 +73,11 @@ class ParsedRequest:
 
 def parse_request(endpoint: Endpoint, raw: bytes) -> ParsedRequest:
     """Decode and validate the body of a ``chat``, ``completion`` or ``embedding`` request."""
+    return parse_body(endpoint, decode_body(raw))
+
+
+def decode_body(raw: bytes) -> dict[str, Any]:
+    """The JSON object of a request body (400 when empty, not JSON, not an object, too deep)."""
     if not raw:
         raise BadRequest(
             "We could not parse the JSON body of your request: the body is empty.",
@@ -95,7 +107,11 @@ def parse_request(endpoint: Endpoint, raw: bytes) -> ParsedRequest:
             f"{MAX_JSON_DEPTH} levels of arrays and objects, the most this API accepts.",
             code="json_too_deep",
         )
+    return body
 
+
+def parse_body(endpoint: Endpoint, body: dict[str, Any]) -> ParsedRequest:
+    """Validate a decoded request body of a ``chat``, ``completion`` or ``embedding`` request."""
     model = body.get("model")
     if model is None:
         raise _missing("model")

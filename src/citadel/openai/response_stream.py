@@ -57,12 +57,14 @@ class ResponseStream:
         "_req",
         "_sequence",
         "_usage",
+        "request",
         "response",
         "response_id",
     )
 
     def __init__(self, req: ResponsesRequest, *, response_id: str, created_at: int) -> None:
         self._req = req
+        self.request = req
         self.response_id = response_id
         self._created_at = created_at
         self._sequence = 0
