@@ -5,9 +5,11 @@ from __future__ import annotations
 import time
 
 import openai
+import orjson
 import pytest
+from conformance import assert_conforms, assert_event_conforms
 
-from gateway_helpers import ADMIN_KEY, Stack, chat, error_of, post_json
+from gateway_helpers import ADMIN_KEY, Stack, chat, error_of, post_json, request
 
 CHAT = "/v1/chat/completions"
 LONG = "word " * 8000  # ~10,000 estimated tokens, past sim-chat's 8,192-token window
@@ -131,3 +133,52 @@ def test_sdk_retries_an_upstream_429_after_retry_after(stack: Stack) -> None:
             model="sim-chat", messages=[{"role": "user", "content": "hi"}]
         )
     assert time.monotonic() - started >= 0.9  # it waited Retry-After: 1 once
+
+
+def _get(stack: Stack, path: str) -> tuple[int, dict[str, str], bytes]:
+    return request(stack.gateway, "GET", path, b"")
+
+
+def test_every_reply_conforms_to_openais_schemas(stack: Stack) -> None:
+    """Replies, stream chunks, events and errors of every endpoint match OpenAI's description."""
+    status, _, body = post_json(stack.gateway, CHAT, chat())
+    assert_conforms("CreateChatCompletionResponse", orjson.loads(body))
+    status, _, body = post_json(stack.gateway, CHAT, chat(stream=True))
+    for chunk in _sse_data(body):
+        assert_conforms("CreateChatCompletionStreamResponse", chunk)
+    status, _, body = post_json(
+        stack.gateway, "/v1/completions", {"model": "sim-chat", "prompt": "Say"}
+    )
+    assert_conforms("CreateCompletionResponse", orjson.loads(body))
+    status, _, body = post_json(
+        stack.gateway, "/v1/embeddings", {"model": "sim-embed", "input": ["a", "b"]}
+    )
+    assert_conforms("CreateEmbeddingResponse", orjson.loads(body))
+    assert_conforms("ListModelsResponse", orjson.loads(_get(stack, "/v1/models")[2]))
+    assert_conforms("Model", orjson.loads(_get(stack, "/v1/models/sim-chat")[2]))
+    status, _, body = post_json(stack.gateway, "/v1/responses", {"model": "sim-chat", "input": "x"})
+    assert 200 == status
+    assert_conforms("Response", orjson.loads(body))
+    status, _, body = post_json(
+        stack.gateway, "/v1/responses", {"model": "sim-chat", "input": "x", "stream": True}
+    )
+    events = [orjson.loads(b.split(b"\ndata: ", 1)[1]) for b in body.split(b"\n\n") if b]
+    for event in events:
+        assert_event_conforms(event)
+    for status, body in [
+        post_json(stack.gateway, CHAT, chat(tools="notalist"))[::2],
+        post_json(stack.gateway, CHAT, chat(), {"x-sim-fault": "status=422"})[::2],
+        post_json(stack.gateway, CHAT, chat(LONG))[::2],
+        _get(stack, "/v1/models/nope")[::2],
+        post_json(stack.gateway, "/v1/responses", {"model": "sim-chat"})[::2],
+    ]:
+        assert status >= 400
+        assert_conforms("ErrorResponse", orjson.loads(body))
+
+
+def _sse_data(body: bytes) -> list[object]:
+    return [
+        orjson.loads(block.removeprefix(b"data: "))
+        for block in body.split(b"\n\n")
+        if block.startswith(b"data: ") and block != b"data: [DONE]"
+    ]

@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 from jsonschema import Draft202012Validator
 
-_SPEC = Path(__file__).with_name("spec") / "schemas.json"
+_SPEC = Path(__file__).parent / "openai" / "spec" / "schemas.json"
 
 
 @functools.cache
