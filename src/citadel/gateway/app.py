@@ -16,6 +16,7 @@ from citadel.gateway.proxy import MODELS_PREFIX, Gateway
 from citadel.gateway.responses import RESPONSES_PATH, ResponsesApi
 from citadel.gateway.upstream import UPSTREAM_PATHS
 from citadel.http.client import HttpClient
+from citadel.http.edge import CorsPolicy, OpenAiEdge
 from citadel.limits.decision import Limiter
 from citadel.metering.events import UsageSink
 from citadel.metering.sinks import RedisStreamSink, SqlLedgerSink
@@ -120,6 +121,7 @@ def admin_only_deps(settings: Settings) -> GatewayDeps:
 def create_app(settings: Settings, deps: GatewayDeps) -> App:
     """The gateway: the four OpenAI endpoints, /health and /metrics."""
     app = service_app("gateway", settings, deps.registry)
+    app.edge = OpenAiEdge(CorsPolicy(settings.gateway.cors_origins))
     shared = SharedRoutingState.from_settings(
         settings, replica=f"gateway@{socket.gethostname()}:{os.getpid()}"
     )

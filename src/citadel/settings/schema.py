@@ -105,6 +105,7 @@ GATEWAY = {
     "keepalive_timeout_seconds": positive,
     "access_log": boolean,
     "max_connections_per_deployment": integer(1),
+    "cors_origins": names,
 }
 METRICS = {"token": text, "require_token": boolean}
 TIMEOUTS = {f.name: positive for f in dataclasses.fields(Timeouts)}

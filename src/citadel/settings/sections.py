@@ -106,6 +106,9 @@ class GatewaySettings:
     keepalive_timeout_seconds: float = 75.0
     access_log: bool = False
     max_connections_per_deployment: int = 256
+    # Browser origins allowed to call the gateway (CORS); "*" allows any. The loader defaults it
+    # to ("*",) in development and to none elsewhere.
+    cors_origins: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
