@@ -182,3 +182,13 @@ def _sse_data(body: bytes) -> list[object]:
         for block in body.split(b"\n\n")
         if block.startswith(b"data: ") and block != b"data: [DONE]"
     ]
+
+
+def test_stream_chunks_name_the_model_the_client_asked_for(stack: Stack) -> None:
+    """Streamed chunks of an alias or a renamed upstream model carry the client's model name."""
+    for name in ("default", "renamed"):
+        status, _, body = post_json(stack.gateway, CHAT, chat(stream=True, model=name))
+        assert 200 == status
+        chunks = _sse_data(body)
+        assert chunks
+        assert {name} == {c["model"] for c in chunks}  # type: ignore[index]
