@@ -118,7 +118,7 @@ def test_browser_on_an_allowed_origin_calls_the_gateway(
 ) -> None:
     """A page on the allowed origin gets the reply, and can read the exposed request id."""
     result = _fetch_from(pages[0], gateway)
-    assert (200, "sim-chat") == (result.get("status"), result.get("model"))
+    assert (200, "sim-chat") == (result.get("status"), result.get("model")), result
     assert str(result.get("rid")).startswith("req_")
 
 

@@ -112,4 +112,5 @@ class OpenAiEdge:
         client_id = request.headers.get(b"x-request-id")
         if client_id and len(client_id) <= _MAX_CLIENT_ID:
             headers.append((b"x-client-request-id", client_id))
-        headers += self._cors.headers(request)
+        if not self._cors.is_preflight(request):  # a preflight's answer has its own
+            headers += self._cors.headers(request)
