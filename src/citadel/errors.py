@@ -128,9 +128,10 @@ class RateLimited(ApiError):
         message: str,
         *,
         kind: str = "requests",
+        code: str | None = None,
         headers: tuple[tuple[bytes, bytes], ...] = (),
     ) -> None:
-        super().__init__(message, headers=headers)
+        super().__init__(message, code=code, headers=headers)
         self.type = kind
 
 

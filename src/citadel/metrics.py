@@ -148,7 +148,8 @@ LIMITER_FAILURES = _counter(
 AUTH_FAILURES = _counter(
     "citadel_gateway_auth_failures_total",
     ("reason",),
-    "Requests refused by authentication: missing, invalid, or store_unavailable.",
+    "Requests refused by authentication: missing, malformed, invalid, throttled, or "
+    "store_unavailable.",
 )
 ROUTING_DECISIONS = _counter(
     "citadel_routing_decisions_total",

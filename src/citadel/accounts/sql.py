@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import secrets
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -40,6 +39,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from citadel.accounts import keyformat
 from citadel.accounts.schema import (
     KEY_PREFIX,
     TEAM_PREFIX,
@@ -72,7 +72,7 @@ __all__ = [
     "translate_errors",
 ]
 
-SECRET_PREFIX = "sk-cit-"
+SECRET_PREFIX = keyformat.PREFIX
 VISIBLE_PREFIX_CHARS = 12
 DEFAULT_TIMEOUT = 5.0  # seconds for one operation, connecting included
 STATUSES = ("active", "disabled")
@@ -339,7 +339,7 @@ class SqlAccountStore:
         """A new key and its secret; the secret is not kept and cannot be shown again."""
         if expires_at is not None and expires_at.tzinfo is None:
             raise ValueError(f"expires_at {expires_at.isoformat()}: expected a timezone-aware time")
-        secret = SECRET_PREFIX + secrets.token_urlsafe(32)
+        secret = keyformat.new_secret()
         key = ApiKey(
             id=new_id(KEY_PREFIX),
             user_id=user_id,

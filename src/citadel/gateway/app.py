@@ -70,6 +70,8 @@ def default_deps(settings: Settings) -> GatewayDeps:
             default_tier=settings.accounts.default_tier,
             ttl=settings.accounts.key_cache_ttl_seconds,
             registry=registry,
+            cache_size=settings.accounts.key_cache_size,
+            accept_legacy=settings.accounts.accept_legacy_keys,
         ),
         registry=registry,
         limiter=limiter,

@@ -3,11 +3,15 @@
 The gateway asks an ``Authenticator`` for the ``Principal`` behind a bearer token. Keys are looked
 up by the SHA-256 digest of the secret, never by the secret, and compared in constant time.
 
-``KeyAuthenticator`` puts a short-TTL cache in front of the accounts store: a key is looked up at
-most once per TTL (unknown digests too, so a flood of bad keys cannot hammer the database), so a
-revocation takes effect within the TTL. When the store is unreachable, a key seen before keeps
-working from the cache (stale entries are kept for that) and an unseen key gets a 503. Every
-refusal says the same thing whatever the reason (unknown, revoked, expired, disabled owner), so a
+``KeyAuthenticator`` first checks the key's shape (``citadel.accounts.keyformat``: prefix, length,
+CRC32 checksum): a malformed or random key is refused in microseconds, with no lookup. A
+well-formed key goes through a short-TTL cache in front of the accounts store: a key is looked up
+at most once per TTL (unknown digests too, so a flood of bad keys cannot hammer the database), so
+a revocation takes effect within the TTL. The cache is two bounded LRU maps (``keycache``), one
+for known keys and one for unknown digests, so no flood of unknown keys evicts a known one and
+nothing is ever dropped wholesale. When the store is unreachable, a key seen before keeps working
+from the cache (stale entries are kept for that) and an unseen key gets a 503. Every refusal says
+the same thing whatever the reason (malformed, unknown, revoked, expired, disabled owner), so a
 caller cannot probe which keys exist.
 """
 
@@ -22,8 +26,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Protocol
 
+from citadel.accounts import keyformat
 from citadel.accounts.store import AccountStore, KeyRecord
 from citadel.errors import StoreUnavailable, Unauthorized, Unavailable
+from citadel.gateway.keycache import LruCache
 from citadel.limits.decision import Limits
 from citadel.limits.policy import effective_limits
 from citadel.metrics import AUTH_FAILURES, Registry
@@ -35,7 +41,7 @@ if TYPE_CHECKING:
 
 _log = logging.getLogger("citadel.gateway.auth")
 
-_CACHE_LIMIT = 100_000
+_UNKNOWN_CACHE_LIMIT = 100_000  # unknown digests remembered (each is a refused lookup)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +137,8 @@ class KeyAuthenticator:
         default_tier: str,
         ttl: float,
         registry: Registry,
+        cache_size: int = 100_000,
+        accept_legacy: bool = True,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
@@ -141,7 +149,9 @@ class KeyAuthenticator:
         self._ttl = ttl
         self._clock = clock
         self._wall = wall
-        self._cache: dict[bytes, _Entry] = {}
+        self._known: LruCache[bytes, _Entry] = LruCache(cache_size)
+        self._unknown: LruCache[bytes, _Entry] = LruCache(_UNKNOWN_CACHE_LIMIT)
+        self._accept_legacy = accept_legacy
         self._last_used: dict[str, datetime] = {}
         self._failures = registry.counter(AUTH_FAILURES)
 
@@ -154,8 +164,12 @@ class KeyAuthenticator:
         token_digest = digest(token)
         if self._admin.is_admin(token_digest):
             return ADMIN
+        shape = keyformat.shape(token)
+        if shape == "malformed" or (shape == "legacy" and not self._accept_legacy):
+            self._failures.inc(("malformed",))
+            raise _incorrect()
         now = self._clock()
-        entry = self._cache.get(token_digest)
+        entry = self._known.get(token_digest) or self._unknown.get(token_digest)
         if entry is None or now - entry.fetched_at >= self._ttl:
             entry = await self._lookup(token_digest, entry, now)
         principal = entry.principal
@@ -178,9 +192,12 @@ class KeyAuthenticator:
                 code="accounts_unavailable",
             ) from exc
         entry = self._entry(record, now)
-        if len(self._cache) >= _CACHE_LIMIT:
-            self._cache.clear()
-        self._cache[token_digest] = entry
+        if entry.principal is None:
+            self._known.pop(token_digest)  # revoked or disabled since: no longer served stale
+            self._unknown.put(token_digest, entry)
+        else:
+            self._unknown.pop(token_digest)
+            self._known.put(token_digest, entry)
         return entry
 
     def _entry(self, record: KeyRecord | None, now: float) -> _Entry:

@@ -29,19 +29,21 @@ from citadel.errors import (
     NotFound,
     RateLimited,
     StoreUnavailable,
+    Unauthorized,
     Unavailable,
     UnsupportedMedia,
 )
 from citadel.gateway.auth import Authenticator, Principal
 from citadel.gateway.call import Call
 from citadel.gateway.meter import Meter
+from citadel.gateway.throttle import AuthThrottle, client_address, parse_networks
 from citadel.gateway.upstream import UPSTREAM_PATHS, Upstream
 from citadel.http.client import HttpClient
 from citadel.http.server import Request, Response, StreamResponse
 from citadel.limits.decision import Limiter
 from citadel.limits.policy import cost_micros, ratelimit_headers, refusal_message
 from citadel.metering.events import UsageSink
-from citadel.metrics import LIMITER_DECISIONS, Registry
+from citadel.metrics import AUTH_FAILURES, LIMITER_DECISIONS, Registry
 from citadel.openai.requests import Endpoint, ParsedRequest, parse_request
 from citadel.openai.tokens import check_context_window, estimate_prompt_tokens
 from citadel.routing.router import Router
@@ -81,6 +83,12 @@ class Gateway:
         self._limits: LimitsSettings = settings.limits
         self._fail_closed = settings.limits.failure_mode == "closed"
         self._decisions = registry.counter(LIMITER_DECISIONS)
+        self._auth_failures = registry.counter(AUTH_FAILURES)
+        self._trusted = parse_networks(settings.gateway.trusted_proxies)
+        self._throttle = AuthThrottle(
+            limit=settings.gateway.auth_failure_limit,
+            window=settings.gateway.auth_failure_window_seconds,
+        )
         self.router = router if router is not None else Router(settings, registry=registry)
         self.meter = Meter(
             registry=registry,
@@ -103,12 +111,33 @@ class Gateway:
     # -- endpoints ---------------------------------------------------------------------------
 
     async def list_models(self, request: Request) -> Response:
-        await self._auth.authenticate(request.headers.get(b"authorization"))
+        await self._authenticate(request)
         return Response(200, self._models_body)
+
+    async def _authenticate(self, request: Request) -> Principal:
+        """The caller, or a 401; a 429 first for an address that failed too often lately."""
+        address = client_address(
+            request.client, request.headers.get(b"x-forwarded-for"), self._trusted
+        )
+        now = time.monotonic()
+        wait = self._throttle.retry_after(address, now)
+        if wait:
+            self._auth_failures.inc(("throttled",))
+            raise RateLimited(
+                f"Too many failed authentications from your address; retry in {wait} s.",
+                code="too_many_authentication_failures",
+                headers=((b"retry-after", str(wait).encode()),),
+            )
+        try:
+            return await self._auth.authenticate(request.headers.get(b"authorization"))
+        except Unauthorized as exc:
+            if exc.code != "missing_api_key":  # a guess, not a client that forgot its key
+                self._throttle.failed(address, now)
+            raise
 
     async def retrieve_model(self, request: Request) -> Response:
         """``GET /v1/models/{model}``: a model or alias the gateway serves, else 404."""
-        await self._auth.authenticate(request.headers.get(b"authorization"))
+        await self._authenticate(request)
         name = unquote(request.path.removeprefix(MODELS_PREFIX))
         body = self._models.get(name)
         if body is None:
@@ -121,7 +150,7 @@ class Gateway:
 
     async def authenticate_json(self, request: Request) -> Principal:
         """The caller of a request with a JSON body (401 or 415 otherwise)."""
-        principal = await self._auth.authenticate(request.headers.get(b"authorization"))
+        principal = await self._authenticate(request)
         ctype = request.headers.get(b"content-type")
         if ctype is not None and not ctype.lower().startswith(b"application/json"):
             raise UnsupportedMedia(

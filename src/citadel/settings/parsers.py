@@ -8,6 +8,7 @@ an int is accepted where a float is expected.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -20,6 +21,7 @@ from citadel.errors import ConfigError
 
 __all__ = [
     "Parser",
+    "at_most",
     "base_url",
     "boolean",
     "choice",
@@ -28,6 +30,7 @@ __all__ = [
     "integer",
     "mapping",
     "names",
+    "networks",
     "non_negative",
     "optional",
     "parse_keys",
@@ -204,6 +207,17 @@ def names(value: object, key: str) -> tuple[str, ...]:
     if not isinstance(value, list):
         raise ConfigError(key, value, "a list of strings")
     return tuple(text(item, f"{key}[{i}]") for i, item in enumerate(value))
+
+
+def networks(value: object, key: str) -> tuple[str, ...]:
+    """A list of IP addresses or networks (``10.0.0.0/8``, ``::1``)."""
+    entries = names(value, key)
+    for i, entry in enumerate(entries):
+        try:
+            ipaddress.ip_network(entry.strip(), strict=False)
+        except ValueError:
+            raise ConfigError(f"{key}[{i}]", entry, "an IP address or network") from None
+    return entries
 
 
 def optional(parse: Parser) -> Parser:

@@ -22,6 +22,7 @@ from citadel.settings.parsers import (
     integer,
     mapping,
     names,
+    networks,
     non_negative,
     optional,
     parse_keys,
@@ -106,6 +107,9 @@ GATEWAY = {
     "access_log": boolean,
     "max_connections_per_deployment": integer(1),
     "cors_origins": names,
+    "trusted_proxies": networks,
+    "auth_failure_limit": integer(0),
+    "auth_failure_window_seconds": positive,
 }
 METRICS = {"token": text, "require_token": boolean}
 TIMEOUTS = {f.name: positive for f in dataclasses.fields(Timeouts)}
@@ -216,6 +220,8 @@ METERING = {
 ACCOUNTS = {
     "database": uri,
     "key_cache_ttl_seconds": non_negative,
+    "key_cache_size": integer(1),
+    "accept_legacy_keys": boolean,
     "default_tier": text,
 }
 

@@ -109,6 +109,11 @@ class GatewaySettings:
     # Browser origins allowed to call the gateway (CORS); "*" allows any. The loader defaults it
     # to ("*",) in development and to none elsewhere.
     cors_origins: tuple[str, ...] = ()
+    # Peers whose X-Forwarded-For names the client (addresses or networks, e.g. 10.0.0.0/8).
+    trusted_proxies: tuple[str, ...] = ()
+    # An address that fails authentication this often within the window gets a 429 (0: never).
+    auth_failure_limit: int = 20
+    auth_failure_window_seconds: float = 60.0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -242,6 +247,9 @@ class AccountsSettings:
 
     database: str = "sqlite+aiosqlite:///citadel.db"  # SQL_DATABASE_ENDPOINT sets a PostgreSQL one
     key_cache_ttl_seconds: float = 5.0  # how long a key lookup is trusted (revocation delay)
+    key_cache_size: int = 100_000  # known keys kept (least recently used evicted first)
+    # Keys made before the checksummed format (citadel.accounts.keyformat) are still looked up.
+    accept_legacy_keys: bool = True
     default_tier: str = "free"
 
 
