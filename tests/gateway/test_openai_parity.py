@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 import openai
 import orjson
@@ -13,6 +14,13 @@ from gateway_helpers import ADMIN_KEY, Stack, chat, error_of, post_json, request
 
 CHAT = "/v1/chat/completions"
 LONG = "word " * 8000  # ~10,000 estimated tokens, past sim-chat's 8,192-token window
+
+
+@pytest.fixture
+def sdk(stack: Stack) -> Iterator[openai.OpenAI]:
+    """The official client on the gateway (closed after the test), without retries."""
+    with openai.OpenAI(base_url=stack.gateway + "/v1", api_key=ADMIN_KEY, max_retries=0) as client:
+        yield client
 
 
 def test_prompt_past_the_context_window_is_openais_400(stack: Stack) -> None:
@@ -35,9 +43,9 @@ def test_reply_budget_counts_against_the_context_window(stack: Stack) -> None:
     assert "in the completion" in error_of(body)["message"]
 
 
-def test_sdk_raises_bad_request_with_the_context_code(stack: Stack) -> None:
+def test_sdk_raises_bad_request_with_the_context_code(sdk: openai.OpenAI) -> None:
     """The openai SDK raises BadRequestError whose code is context_length_exceeded."""
-    client = _client(stack)
+    client = sdk
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(
             model="sim-chat", messages=[{"role": "user", "content": LONG}]
@@ -65,13 +73,9 @@ def test_invalid_parameter_is_refused_by_the_gateway(
     assert "x-citadel-deployment" not in headers
 
 
-def _client(stack: Stack, max_retries: int = 0) -> openai.OpenAI:
-    return openai.OpenAI(base_url=stack.gateway + "/v1", api_key=ADMIN_KEY, max_retries=max_retries)
-
-
-def test_sdk_retrieves_models_and_aliases(stack: Stack) -> None:
+def test_sdk_retrieves_models_and_aliases(sdk: openai.OpenAI) -> None:
     """``models.retrieve`` finds a model and an alias; an unknown name is a 404 model_not_found."""
-    client = _client(stack)
+    client = sdk
     assert ("sim-chat", "model") == (client.models.retrieve("sim-chat").id, "model")
     assert "default" == client.models.retrieve("default").id
     with pytest.raises(openai.NotFoundError) as info:
@@ -86,9 +90,9 @@ WEATHER = {
 }
 
 
-def test_sdk_creates_a_response_through_chat(stack: Stack) -> None:
+def test_sdk_creates_a_response_through_chat(sdk: openai.OpenAI) -> None:
     """``responses.create`` (with a tool) is served by a chat deployment, and stored."""
-    client = _client(stack)
+    client = sdk
     response = client.responses.create(
         model="sim-chat", input="Say hello", instructions="Be brief.", tools=[WEATHER]
     )
@@ -107,9 +111,9 @@ def test_sdk_creates_a_response_through_chat(stack: Stack) -> None:
         client.responses.retrieve(response.id)
 
 
-def test_sdk_streams_a_response(stack: Stack) -> None:
+def test_sdk_streams_a_response(sdk: openai.OpenAI) -> None:
     """``responses.create(stream=True)`` yields typed events ending with the completed response."""
-    client = _client(stack)
+    client = sdk
     events = list(
         client.responses.create(model="sim-chat", input="Say hello", tools=[WEATHER], stream=True)
     )
@@ -124,9 +128,9 @@ def test_sdk_streams_a_response(stack: Stack) -> None:
     assert [e.sequence_number for e in events] == list(range(len(events)))
 
 
-def test_sdk_retries_an_upstream_429_after_retry_after(stack: Stack) -> None:
+def test_sdk_retries_an_upstream_429_after_retry_after(sdk: openai.OpenAI) -> None:
     """An upstream 429 with Retry-After is a 429 the SDK waits for and retries."""
-    client = _client(stack, max_retries=1)
+    client = sdk.with_options(max_retries=1)
     started = time.monotonic()
     with pytest.raises(openai.RateLimitError):
         client.with_options(default_headers={"x-sim-fault": "status=429"}).chat.completions.create(
