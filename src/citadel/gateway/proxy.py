@@ -51,7 +51,7 @@ from citadel.settings import LimitsSettings, Model, Settings
 _log = logging.getLogger("citadel.gateway")
 
 # Which model kinds serve which endpoint: chat models also take legacy completions.
-_SERVES: dict[str, frozenset[str]] = {
+SERVES: dict[str, frozenset[str]] = {
     "chat": frozenset({"chat", "completion"}),
     "completion": frozenset({"completion"}),
     "embedding": frozenset({"embedding"}),
@@ -152,7 +152,7 @@ class Gateway:
                 param="model",
                 code="model_not_found",
             )
-        if endpoint not in _SERVES[model.kind]:
+        if endpoint not in SERVES[model.kind]:
             raise BadRequest(
                 f"The model `{parsed.model}` is a {model.kind} model and does not serve "
                 f"{UPSTREAM_PATHS[endpoint]}.",
