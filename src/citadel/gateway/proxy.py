@@ -17,8 +17,10 @@ configured.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from functools import partial
 
 import orjson
 
@@ -33,13 +35,13 @@ from citadel.errors import (
     UnsupportedMedia,
 )
 from citadel.gateway.auth import Authenticator, Principal
-from citadel.gateway.call import Call
+from citadel.gateway.call import CLIENT_CLOSED, Call
 from citadel.gateway.meter import Meter
 from citadel.gateway.throttle import AuthThrottle, client_address, parse_networks
 from citadel.gateway.upstream import UPSTREAM_PATHS, Upstream
 from citadel.http.client import HttpClient
 from citadel.http.server import Request, Response, StreamResponse
-from citadel.limits.decision import Limiter
+from citadel.limits.decision import LimitDecision, Limiter
 from citadel.limits.policy import cost_micros, ratelimit_headers, refusal_message
 from citadel.metering.events import UsageSink
 from citadel.metrics import AUTH_FAILURES, LIMITER_DECISIONS, Registry
@@ -56,6 +58,17 @@ SERVES: dict[str, frozenset[str]] = {
     "completion": frozenset({"completion"}),
     "embedding": frozenset({"embedding"}),
 }
+
+
+def _settle_abandoned(call: Call, admission: asyncio.Future[LimitDecision]) -> None:
+    """An admission whose client left while it ran: return what it reserved, meter a 499."""
+    if admission.cancelled() or admission.exception() is not None:
+        return
+    decision = admission.result()
+    if decision.allowed:
+        call.limit_decision = decision
+        call.cancelled()
+        call.finish(None, CLIENT_CLOSED)
 
 
 class Gateway:
@@ -211,8 +224,8 @@ class Gateway:
         completion = 0
         if call.endpoint != "embedding":
             completion = parsed.max_tokens or self._limits.default_max_tokens
-        try:
-            decision = await limiter.admit(
+        admission = asyncio.ensure_future(
+            limiter.admit(
                 call.principal.user,
                 limits,
                 lease_id=call.request.request_id,
@@ -220,6 +233,14 @@ class Gateway:
                 cost_micros=cost_micros(call.model.price, prompt, completion),
                 now=call.wall,
             )
+        )
+        try:
+            # Shielded: a client that leaves mid-admission must not strand a reservation the
+            # store made; the admission completes and the call is settled as a 499.
+            decision = await asyncio.shield(admission)
+        except asyncio.CancelledError:
+            admission.add_done_callback(partial(_settle_abandoned, call))
+            raise
         except StoreUnavailable as exc:
             self.meter.limiter_down("admit")
             if self._fail_closed:
