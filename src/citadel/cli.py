@@ -10,10 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import signal
-import subprocess
 import sys
-import time
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
@@ -152,7 +149,7 @@ def _usage_stream(settings: Settings) -> bool:
 
 def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     """Start the simulator (when no model is configured), every service and, when usage goes
-    through Redis, a ledger writer; then wait."""
+    through Redis, a ledger writer; then keep them running until a signal."""
     base = [sys.executable, "-m", "citadel"]
     if args.config:
         base += ["--config", args.config]
@@ -170,19 +167,12 @@ def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         plan.append(
             ("ledger-writer", writer + (["--config", args.config] if args.config else []), None)
         )
-    children: list[tuple[str, subprocess.Popen[bytes]]] = []
-    stopping = False
+    from citadel.supervisor import Supervisor
 
-    def stop(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-        for _name, child in children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    children.extend((name, subprocess.Popen(command)) for name, command, _port in plan)
+    supervisor = Supervisor(
+        [(name, command) for name, command, _port in plan],
+        grace=settings.gateway.shutdown_grace_seconds,
+    )
     host = settings.hostname
     print("Citadel is starting:", flush=True)
     for name, _command, port in plan:
@@ -190,21 +180,9 @@ def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         print(f"  {name:<12} {where}", flush=True)
     if settings.env in ("development", "test") and not os.environ.get("CITADEL_ADMIN_KEY"):
         print(f"  admin key    {settings.gateway.admin_key}", flush=True)
-    code = 0
-    while children and not stopping:
-        for name, child in children:
-            if child.poll() is not None:
-                print(f"citadel: {name} exited with {child.returncode}", file=sys.stderr)
-                code = child.returncode or 1
-                stop(signal.SIGTERM, None)
-                break
-        time.sleep(0.2)
-    for _name, child in children:
-        try:
-            child.wait(timeout=settings.gateway.shutdown_grace_seconds + 5)
-        except subprocess.TimeoutExpired:
-            child.kill()
-    return code
+    # A child that exits is restarted with backoff while the others keep serving
+    # (citadel.supervisor); SIGTERM or SIGINT stops them all.
+    return supervisor.run()
 
 
 # -- parser -----------------------------------------------------------------------------------

@@ -9,14 +9,18 @@ import socket
 from dataclasses import dataclass, field
 from functools import partial
 
+import orjson
+
 from citadel.accounts.store import AccountStore
 from citadel.errors import StoreUnavailable
 from citadel.gateway.auth import AdminKeyAuthenticator, Authenticator, KeyAuthenticator
-from citadel.gateway.proxy import MODELS_PREFIX, Gateway
+from citadel.gateway.document import openapi_document
+from citadel.gateway.proxy import MODELS_PREFIX, SERVES, Gateway
 from citadel.gateway.responses import RESPONSES_PATH, ResponsesApi
 from citadel.gateway.upstream import UPSTREAM_PATHS
 from citadel.http.client import HttpClient
 from citadel.http.edge import CorsPolicy, OpenAiEdge
+from citadel.http.server import Request, Response
 from citadel.limits.decision import Limiter
 from citadel.metering.events import UsageSink
 from citadel.metering.sinks import RedisStreamSink, SqlLedgerSink
@@ -84,12 +88,18 @@ def usage_sink(settings: Settings) -> RedisStreamSink | SqlLedgerSink:
     """Usage events to the Redis Stream the ledger writer drains when Redis is configured (with a
     spool file for outages); otherwise straight into the SQL ledger (the embedded default)."""
     from citadel.accounts.sql import build_engine
+    from citadel.metering.journal import Journal
     from citadel.metering.sinks import RedisStreamSink, SqlLedgerSink
     from citadel.metering.spool import Spool
     from citadel.routing.shared import redis_url
     from citadel.stores.redis import RedisClient
 
     metering = settings.metering
+    journal = (
+        Journal(metering.journal_path, fsync_on_rotate=metering.journal_fsync)
+        if metering.journal
+        else None
+    )
     url = redis_url(settings)
     if url is not None:
         return RedisStreamSink(
@@ -98,6 +108,7 @@ def usage_sink(settings: Settings) -> RedisStreamSink | SqlLedgerSink:
             flush_seconds=metering.flush_seconds,
             batch_size=metering.batch_size,
             spool=Spool(metering.spool_path),
+            journal=journal,
             owns_store=True,  # closed at shutdown, with the sink (create_app: usage.aclose)
         )
     database = metering.database or settings.accounts.database
@@ -106,6 +117,7 @@ def usage_sink(settings: Settings) -> RedisStreamSink | SqlLedgerSink:
         flush_seconds=metering.flush_seconds,
         batch_size=metering.batch_size,
         migrate=database.startswith("sqlite"),
+        journal=journal,
         owns_store=True,  # disposed of at shutdown, with the sink (create_app: usage.aclose)
     )
 
@@ -157,6 +169,19 @@ def create_app(settings: Settings, deps: GatewayDeps) -> App:
     app.route_prefix("GET", RESPONSES_PATH + "/", responses.retrieve)
     app.route_prefix("DELETE", RESPONSES_PATH + "/", responses.delete)
     app.route_prefix("GET", MODELS_PREFIX, gateway.retrieve_model)
+    document = orjson.dumps(
+        openapi_document(
+            {
+                endpoint: tuple(m.name for m in settings.models if endpoint in SERVES[m.kind])
+                for endpoint in UPSTREAM_PATHS
+            }
+        )
+    )
+
+    async def openapi_json(request: Request) -> Response:
+        return Response(200, document)
+
+    app.route("GET", "/openapi.json", openapi_json)
 
     async def models_configured() -> DependencyHealth:
         if not settings.models:

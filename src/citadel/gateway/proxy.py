@@ -17,8 +17,10 @@ configured.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from functools import partial
 from urllib.parse import unquote
 
 import orjson
@@ -34,13 +36,13 @@ from citadel.errors import (
     UnsupportedMedia,
 )
 from citadel.gateway.auth import Authenticator, Principal
-from citadel.gateway.call import Call
+from citadel.gateway.call import CLIENT_CLOSED, Call
 from citadel.gateway.meter import Meter
 from citadel.gateway.throttle import AuthThrottle, client_address, parse_networks
 from citadel.gateway.upstream import UPSTREAM_PATHS, Upstream
 from citadel.http.client import HttpClient
 from citadel.http.server import Request, Response, StreamResponse
-from citadel.limits.decision import Limiter
+from citadel.limits.decision import LimitDecision, Limiter
 from citadel.limits.policy import cost_micros, ratelimit_headers, refusal_message
 from citadel.metering.events import UsageSink
 from citadel.metrics import AUTH_FAILURES, LIMITER_DECISIONS, Registry
@@ -52,7 +54,7 @@ from citadel.settings import LimitsSettings, Model, Settings
 _log = logging.getLogger("citadel.gateway")
 
 # Which model kinds serve which endpoint: chat models also take legacy completions.
-_SERVES: dict[str, frozenset[str]] = {
+SERVES: dict[str, frozenset[str]] = {
     "chat": frozenset({"chat", "completion"}),
     "completion": frozenset({"completion"}),
     "embedding": frozenset({"embedding"}),
@@ -61,6 +63,17 @@ _SERVES: dict[str, frozenset[str]] = {
 MODELS_PREFIX = "/v1/models/"
 # OpenAI's 429 ``type``: which kind of limit refused the request (the rest are token or spend).
 _LIMIT_KINDS = {"requests_per_minute": "requests", "concurrent_requests": "requests"}
+
+
+def _settle_abandoned(call: Call, admission: asyncio.Future[LimitDecision]) -> None:
+    """An admission whose client left while it ran: return what it reserved, meter a 499."""
+    if admission.cancelled() or admission.exception() is not None:
+        return
+    decision = admission.result()
+    if decision.allowed:
+        call.limit_decision = decision
+        call.cancelled()
+        call.finish(None, CLIENT_CLOSED)
 
 
 class Gateway:
@@ -185,7 +198,7 @@ class Gateway:
                 param="model",
                 code="model_not_found",
             )
-        if endpoint not in _SERVES[model.kind]:
+        if endpoint not in SERVES[model.kind]:
             raise BadRequest(
                 f"The model `{parsed.model}` is a {model.kind} model and does not serve "
                 f"{UPSTREAM_PATHS[endpoint]}.",
@@ -256,8 +269,8 @@ class Gateway:
                 param="max_tokens" if completion else "messages",
                 code="tokens_per_minute_exceeded",
             )
-        try:
-            decision = await limiter.admit(
+        admission = asyncio.ensure_future(
+            limiter.admit(
                 call.principal.user,
                 limits,
                 lease_id=call.request.request_id,
@@ -265,6 +278,14 @@ class Gateway:
                 cost_micros=cost_micros(call.model.price, prompt, completion),
                 now=call.wall,
             )
+        )
+        try:
+            # Shielded: a client that leaves mid-admission must not strand a reservation the
+            # store made; the admission completes and the call is settled as a 499.
+            decision = await asyncio.shield(admission)
+        except asyncio.CancelledError:
+            admission.add_done_callback(partial(_settle_abandoned, call))
+            raise
         except StoreUnavailable as exc:
             self.meter.limiter_down("admit")
             if self._fail_closed:

@@ -20,6 +20,11 @@ event id).
 ``SqlLedgerSink`` is the embedded default (no Redis): batches go straight into the ledger, with
 the same code as the ledger writer; a failed batch is kept and tried again.
 
+Given a ``Journal`` (``citadel.metering.journal``), a sink also writes each event to the local
+journal as it is emitted, so a process killed before its next flush loses none; the journal's
+segments are deleted once their events are delivered (or spooled), and those a dead process left
+are replayed at ``start``.
+
 Both hold at most ``max_pending`` events in memory; beyond that (the store and the disk both
 failing for a long time) new events are dropped and counted. Given ``owns_store=True`` (as the
 gateway's ``usage_sink`` makes them), a sink closes its Redis client or disposes of its engine
@@ -38,6 +43,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from citadel.errors import StoreUnavailable
 from citadel.metering.events import UsageEvent
+from citadel.metering.journal import Journal
 from citadel.metering.ledger import Ledger, encode_event
 from citadel.metering.spool import Spool
 from citadel.metering.writer import FIELD
@@ -67,7 +73,13 @@ class _BatchingSink:
     """The queue and the background task; subclasses say how a batch is delivered."""
 
     def __init__(
-        self, *, flush_seconds: float, batch_size: int, max_pending: int, owns_store: bool
+        self,
+        *,
+        flush_seconds: float,
+        batch_size: int,
+        max_pending: int,
+        owns_store: bool,
+        journal: Journal | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size {batch_size!r}: expected an integer >= 1")
@@ -84,6 +96,8 @@ class _BatchingSink:
         self._failures = 0
         self._dropped = 0
         self._spooled = 0  # events in the spool file (only a sink with a spool has any)
+        self._journal = journal
+        self._journaled = 0  # events queued since start, in order (the journal's positions)
 
     def emit(self, event: UsageEvent) -> None:
         """Queue one event; never blocks (see the module docstring)."""
@@ -91,6 +105,13 @@ class _BatchingSink:
         if len(queue) >= self._max_pending:
             self._dropped += 1
             return
+        journal = self._journal
+        if journal is not None:
+            try:
+                journal.append(event)
+            except OSError:
+                _log.exception("usage journal: cannot write an event")
+        self._journaled += 1
         queue.append(event)
         if len(queue) >= self._batch_size:
             self._wake.set()
@@ -105,7 +126,13 @@ class _BatchingSink:
         )
 
     async def start(self) -> None:
-        """Start the background task (in the running loop)."""
+        """Open the journal (queueing what a dead process left in it), start the background task
+        (in the running loop)."""
+        if self._journal is not None:
+            left = await asyncio.to_thread(self._journal.open)
+            self._queue[:0] = left
+            self._journaled += len(left)
+            self._journal.rotate(len(left))  # those segments go once their events are out
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
@@ -119,9 +146,10 @@ class _BatchingSink:
             if task is not None:
                 await task
             else:
-                await self._flush()
+                await self._flush_journaled()
             if self._queue:  # the store (and the spool) refused them to the end
                 _log.error("usage sink closed with %d events undelivered", len(self._queue))
+            self._close_journal()
         finally:
             if self._owns_store:
                 self._owns_store = False  # closed once, however often aclose is called
@@ -136,11 +164,28 @@ class _BatchingSink:
                 await asyncio.wait_for(self._wake.wait(), self._flush_seconds)
             self._wake.clear()
             try:
-                await self._flush()
+                await self._flush_journaled()
             except Exception:  # the task must outlive any surprise, or metering stops
                 _log.exception("usage sink flush failed")
             if self._closing:
                 return
+
+    async def _flush_journaled(self) -> None:
+        """Flush, and delete the journal segments whose events are all out of memory now."""
+        journal = self._journal
+        if journal is None:
+            await self._flush()
+            return
+        if self._queue:
+            journal.rotate(self._journaled)
+        await self._flush()
+        # Events leave the queue oldest first (a failed batch goes back to its front), so those
+        # delivered are the first `journaled - pending` of them.
+        journal.release(self._journaled - len(self._queue) - self._in_flight)
+
+    def _close_journal(self) -> None:
+        if self._journal is not None:
+            self._journal.close(delivered_all=not self._queue)
 
     async def _flush(self) -> None:
         raise NotImplementedError
@@ -164,12 +209,14 @@ class RedisStreamSink(_BatchingSink):
         retry_seconds: float = 1.0,
         max_pending: int = DEFAULT_MAX_PENDING,
         owns_store: bool = False,
+        journal: Journal | None = None,
     ) -> None:
         super().__init__(
             flush_seconds=flush_seconds,
             batch_size=batch_size,
             max_pending=max_pending,
             owns_store=owns_store,
+            journal=journal,
         )
         self._redis = redis
         self._stream = stream
@@ -278,12 +325,14 @@ class SqlLedgerSink(_BatchingSink):
         migrate: bool = False,
         max_pending: int = DEFAULT_MAX_PENDING,
         owns_store: bool = False,
+        journal: Journal | None = None,
     ) -> None:
         super().__init__(
             flush_seconds=flush_seconds,
             batch_size=batch_size,
             max_pending=max_pending,
             owns_store=owns_store,
+            journal=journal,
         )
         self._ledger = Ledger(engine)
         self._migrate = migrate

@@ -214,6 +214,9 @@ METERING = {
     "batch_size": integer(1),
     "flush_seconds": positive,
     "spool_path": text,
+    "journal": boolean,
+    "journal_path": text,
+    "journal_fsync": boolean,
     "database": uri,
 }
 

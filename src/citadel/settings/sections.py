@@ -238,6 +238,11 @@ class MeteringSettings:
     batch_size: int = 10_000  # events per ledger write (and per XADD pipeline of a gateway)
     flush_seconds: float = 0.5  # the longest an event waits in the gateway before it is sent
     spool_path: str = "citadel-usage.spool"  # the gateway's file for events while Redis is down
+    # Each usage event is also written here (segments <path>.<pid>.*) before its response ends,
+    # so a killed gateway loses none (citadel.metering.journal); `journal: false` turns it off.
+    journal: bool = True
+    journal_path: str = "citadel-usage.journal"
+    journal_fsync: bool = False  # fsync each segment when rotated (each flush), not per event
     database: str | None = None  # the ledger's SQL database; None: accounts.database
 
 
