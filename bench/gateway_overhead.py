@@ -54,14 +54,22 @@ CHAT_PATH = "/v1/chat/completions"
 API_KEY = "sk-bench"
 PLAIN_BODY: dict[str, Any] = CHAT_BODY
 STREAM_BODY: dict[str, Any] = {**PLAIN_BODY, "stream": True}
+# --responses: the same request through the Responses API, translated to chat by the gateway.
+RESPONSES_PATH = "/v1/responses"
+RESPONSES_BODY: dict[str, Any] = {
+    "model": PLAIN_BODY["model"],
+    "input": PLAIN_BODY["messages"][0]["content"],
+    "max_output_tokens": PLAIN_BODY["max_tokens"],
+}
+RESPONSES_TARGET_MS = 0.1  # the most the translation may add to p50 at c=1
 WARMUP_SECONDS = 1.0
 HEALTH_TIMEOUT = 30.0
 NOISY_OTHER_CPU = 20.0  # % of a core used by unrelated processes during a point
 
 Mode = Literal["plain", "stream"]
-Target = Literal["direct", "relay", "gateway", "limits"]
+Target = Literal["direct", "relay", "gateway", "limits", "responses"]
 MODES: tuple[Mode, ...] = ("plain", "stream")
-TARGETS: tuple[Target, ...] = ("direct", "relay", "gateway", "limits")
+TARGETS: tuple[Target, ...] = ("direct", "relay", "gateway", "limits", "responses")
 # --limits: a tier with every rate limit set (so each is checked) but far out of reach.
 LIMITS_BACKEND = "redis://127.0.0.1:6379/11"
 LIMITS_TARGET_MS = 0.3  # the most the limiter may add to p50 at c=1
@@ -321,22 +329,31 @@ class Bench:
         self.load_core: int = args.load_core
         self.lua_dir = Path(tempfile.mkdtemp(prefix="citadel-bench-"))
         # The API key each target is called with (none: the simulator or the relay).
-        self.keys: dict[Target, str] = {"gateway": API_KEY}
+        self.keys: dict[Target, str] = {"gateway": API_KEY, "responses": API_KEY}
 
     def close(self) -> None:
         shutil.rmtree(self.lua_dir, ignore_errors=True)
 
-    def lua_script(self, key: str | None) -> Path:
-        path = self.lua_dir / (f"key-{hash(key) & 0xFFFFFFFF:08x}.lua" if key else "direct.lua")
+    def lua_script(self, key: str | None, doc: dict[str, Any]) -> Path:
+        raw = json.dumps(doc, separators=(",", ":"))
+        path = self.lua_dir / f"script-{hash((key, raw)) & 0xFFFFFFFF:08x}.lua"
         if not path.exists():
-            body = json.dumps(json.dumps(PLAIN_BODY, separators=(",", ":")))  # a Lua string
+            body = json.dumps(raw)  # a Lua string
             header = f'wrk.headers["Authorization"] = "Bearer {key}"' if key else ""
             path.write_text(_WRK_LUA.format(body=body, auth=header))
         return path
 
-    def run_wrk(self, port: int, concurrency: int, key: str | None, watch: dict[str, int]) -> Point:
-        url = f"http://127.0.0.1:{port}{CHAT_PATH}"
-        script = self.lua_script(key)
+    def run_wrk(
+        self,
+        port: int,
+        concurrency: int,
+        key: str | None,
+        watch: dict[str, int],
+        path: str = CHAT_PATH,
+        doc: dict[str, Any] = PLAIN_BODY,
+    ) -> Point:
+        url = f"http://127.0.0.1:{port}{path}"
+        script = self.lua_script(key, doc)
 
         def wrk(seconds: int, latency: bool) -> str:
             command = ["taskset", "-c", str(self.load_core), self.wrk or "wrk", "-t1"]
@@ -377,11 +394,18 @@ class Bench:
         )
 
     def run_loadgen(
-        self, port: int, mode: Mode, concurrency: int, key: str | None, watch: dict[str, int]
+        self,
+        port: int,
+        mode: Mode,
+        concurrency: int,
+        key: str | None,
+        watch: dict[str, int],
+        path: str = CHAT_PATH,
+        doc: dict[str, Any] = PLAIN_BODY,
     ) -> Point:
-        body = json.dumps(STREAM_BODY if mode == "stream" else PLAIN_BODY)
+        body = json.dumps({**doc, "stream": True} if mode == "stream" else doc)
         command = ["taskset", "-c", str(self.load_core), sys.executable, str(LOADGEN)]
-        command += ["--url", f"http://127.0.0.1:{port}{CHAT_PATH}", "--json", "--body", body]
+        command += ["--url", f"http://127.0.0.1:{port}{path}", "--json", "--body", body]
         command += ["-c", str(concurrency), "-d", str(self.args.duration)]
         command += ["--warmup", str(WARMUP_SECONDS)]
         command += ["-H", f"Authorization: Bearer {key}"] if key else []
@@ -421,10 +445,13 @@ class Bench:
         self, mode: Mode, concurrency: int, target: Target, port: int, watch: dict[str, int]
     ) -> Point:
         key = self.keys.get(target)
+        path, doc = (
+            (RESPONSES_PATH, RESPONSES_BODY) if target == "responses" else (CHAT_PATH, PLAIN_BODY)
+        )
         if mode == "plain" and self.wrk:
-            point = self.run_wrk(port, concurrency, key, watch)
+            point = self.run_wrk(port, concurrency, key, watch, path, doc)
         else:
-            point = self.run_loadgen(port, mode, concurrency, key, watch)
+            point = self.run_loadgen(port, mode, concurrency, key, watch, path, doc)
         point.target = target
         return point
 
@@ -469,6 +496,8 @@ def summarize(points: list[Point], concurrencies: list[int]) -> list[dict[str, A
             pairs = (("direct", "gateway", ""), ("direct", "relay", "relay_"))
             # --limits: the same gateway with limits on (user key) against off (admin key).
             pairs += (("gateway", "limits", "limits_"),)
+            # --responses: the Responses API (translated to chat) against the plain chat path.
+            pairs += (("gateway", "responses", "responses_"),)
             for base, target, prefix in pairs:
                 if base not in row or target not in row:
                     continue
@@ -633,6 +662,42 @@ def print_limits(rows: list[dict[str, Any]], check: dict[str, Any] | None) -> No
         )
 
 
+def print_responses(rows: list[dict[str, Any]]) -> None:
+    """The Responses API rows: /v1/responses (translated to chat) against /v1/chat/completions."""
+    if not any("responses" in row for row in rows):
+        return
+    print()
+    print("Responses API vs chat: the same request through /v1/responses (translated to chat and")
+    print("back by the gateway) and through /v1/chat/completions. 'added' = responses - chat, ms.")
+    header = (
+        f"{'mode':<7}{'conc':>5}{'chat rps':>10}{'resp rps':>10}{'ratio':>7}"
+        f"{'chat p50':>10}{'resp p50':>10}{'added p50':>11}"
+        f"{'chat p99':>10}{'resp p99':>10}{'added p99':>11}"
+    )
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        chat, resp = row.get("gateway"), row.get("responses")
+        if not (chat and resp):
+            continue
+        print(
+            f"{row['mode']:<7}{row['concurrency']:>5}{_f(chat['rps'], '%.0f'):>10}"
+            f"{_f(resp['rps'], '%.0f'):>10}{_f(row.get('responses_ratio'), '%.2f'):>7}"
+            f"{_f(chat['p50_ms'], '%.3f'):>10}{_f(resp['p50_ms'], '%.3f'):>10}"
+            f"{_f(row.get('responses_added_p50_ms'), '%+.3f'):>11}"
+            f"{_f(chat['p99_ms'], '%.3f'):>10}{_f(resp['p99_ms'], '%.3f'):>10}"
+            f"{_f(row.get('responses_added_p99_ms'), '%+.3f'):>11}"
+        )
+    for row in rows:
+        added = row.get("responses_added_p50_ms")
+        if row["concurrency"] == 1 and added is not None:
+            verdict = "met" if added <= RESPONSES_TARGET_MS else "MISSED"
+            print(
+                f"Target: the translation adds <= {RESPONSES_TARGET_MS:.3f} ms to p50 at c=1 "
+                f"({row['mode']}): {added:+.3f} ms, {verdict}"
+            )
+
+
 def print_notes(rows: list[dict[str, Any]]) -> None:
     notes: list[str] = []
     for row in rows:
@@ -714,6 +779,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--sim-args", default="", help="extra simulator flags, e.g. '--ttft-ms 0 --tbt-ms 0'"
+    )
+    parser.add_argument(
+        "--responses",
+        action="store_true",
+        help="also measure /v1/responses (translated to chat) against the gateway's chat path; "
+        f"the translation may add at most {RESPONSES_TARGET_MS} ms at p50 at c=1",
     )
     parser.add_argument(
         "--limits",
@@ -806,6 +877,8 @@ def run_matrix(
     targets.append(("gateway", gateway.port, gw_watch))
     if "limits" in bench.keys:
         targets.append(("limits", gateway.port, gw_watch))
+    if args.responses:
+        targets.append(("responses", gateway.port, gw_watch))
     services = [service for service in (sim, relay, gateway) if service is not None]
     points: list[Point] = []
     for run in range(1, args.runs + 1):
@@ -1076,6 +1149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print_table(rows, args.runs)
     print_floor(rows)
     print_limits(rows, check)
+    print_responses(rows)
     print_notes(rows)
     if args.json:
         document = {

@@ -13,7 +13,8 @@
         ├── MethodNotAllowed   405 invalid_request_error
         ├── PayloadTooLarge    413 invalid_request_error
         ├── UnsupportedMedia   415 invalid_request_error
-        ├── RateLimited        429 rate_limit_exceeded
+        ├── RateLimited        429 requests | tokens (code rate_limit_exceeded)
+        ├── UpstreamRefusal    the model server's own 4xx/429, its status, type, code and param kept
         ├── UpstreamError      502 upstream_error (the upstream answered badly or broke)
         ├── Unavailable        503 service_unavailable (no deployment can take the request)
         └── UpstreamTimeout    504 timeout (connect, first byte or total deadline passed)
@@ -116,9 +117,40 @@ class UnsupportedMedia(ApiError):
 
 
 class RateLimited(ApiError):
+    """OpenAI's 429: code ``rate_limit_exceeded``, type the kind of limit (requests, tokens)."""
+
     status = 429
-    type = "rate_limit_exceeded"
+    type = "requests"
     default_code = "rate_limit_exceeded"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        kind: str = "requests",
+        code: str | None = None,
+        headers: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> None:
+        super().__init__(message, code=code, headers=headers)
+        self.type = kind
+
+
+class UpstreamRefusal(ApiError):
+    """A model server refused the request: its status and error fields, passed through whole."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        kind: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> None:
+        super().__init__(message, param=param, code=code, headers=headers)
+        self.status = status
+        self.type = kind
 
 
 class UpstreamError(ApiError):

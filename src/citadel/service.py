@@ -30,6 +30,7 @@ import orjson
 from citadel import __version__
 from citadel.errors import ApiError, MethodNotAllowed, NotFound, PayloadTooLarge, Unauthorized
 from citadel.health import DependencyHealth, HealthCheck, Status, check_all, store_scheme
+from citadel.http.edge import OpenAiEdge
 from citadel.http.server import AbortConnection, HttpServer, Request, Response, StreamResponse
 from citadel.metrics import HTTP_REQUESTS, SERVICE_INFO, Registry, SharedMetrics
 
@@ -98,6 +99,7 @@ class App:
         self._startup: list[Hook] = []
         self._shutdown: list[Hook] = []
         self.render_metrics: Callable[[], bytes] = self.registry.render
+        self.edge: OpenAiEdge | None = None  # the gateway's OpenAI conventions (citadel.http.edge)
         # None: /metrics is open; else the SHA-256 of the bearer token a scrape must send.
         self._metrics_digest = (
             hashlib.sha256(metrics_token.encode()).digest() if metrics_token else None
@@ -145,30 +147,36 @@ class App:
     # -- serving -----------------------------------------------------------------------------
 
     async def __call__(self, request: Request) -> Response | StreamResponse:
-        rid = _request_id(request)
+        edge = self.edge
+        started = time.perf_counter()
+        rid = _request_id(request) if edge is None else edge.request_id(request)
         request.request_id = rid.decode()
         # The route label names the route, never the raw path of an unknown one: a scan of random
         # paths must not add a metric series per path.
         route = _UNMATCHED
         try:
-            methods = self._routes.get(request.path)
-            if methods is None:
-                methods, route = self._match_prefix(request.path)
+            preflight = edge.preflight(request) if edge is not None else None
+            if preflight is not None:  # a CORS preflight, answered without auth on any path
+                response: Response | StreamResponse = preflight
             else:
-                route = request.path
-            handler = methods.get(request.method)
-            if handler is None:
-                allowed = ", ".join(sorted(methods))
-                raise MethodNotAllowed(
-                    f"Method {request.method} is not allowed on {_prefix(request.path)};"
-                    f" use {allowed}.",
-                    headers=((b"allow", allowed.encode()),),
-                )
-            if request.body_too_large:
-                raise PayloadTooLarge(
-                    f"The request body is larger than the limit of {self.max_body_bytes} bytes."
-                )
-            response = await handler(request)
+                methods = self._routes.get(request.path)
+                if methods is None:
+                    methods, route = self._match_prefix(request.path)
+                else:
+                    route = request.path
+                handler = methods.get(request.method)
+                if handler is None:
+                    allowed = ", ".join(sorted(methods))
+                    raise MethodNotAllowed(
+                        f"Method {request.method} is not allowed on {_prefix(request.path)};"
+                        f" use {allowed}.",
+                        headers=((b"allow", allowed.encode()),),
+                    )
+                if request.body_too_large:
+                    raise PayloadTooLarge(
+                        f"The request body is larger than the limit of {self.max_body_bytes} bytes."
+                    )
+                response = await handler(request)
         except ApiError as exc:
             response = Response(exc.status, exc.body(), list(exc.headers))
         except AbortConnection:
@@ -182,6 +190,8 @@ class App:
             error = ApiError("The server had an error while processing your request.")
             response = Response(error.status, error.body())
         response.headers.append((b"x-request-id", rid))
+        if edge is not None:
+            edge.finish(request, response, started)
         self._http_requests.inc((self.name, request.method, route, str(response.status)))
         return response
 

@@ -135,11 +135,14 @@ def test_garbage_bytes_get_a_400_and_a_closed_connection(stack: Stack) -> None:
     assert received.startswith(b"HTTP/1.1 400")
 
 
-def test_request_id_is_echoed_and_forwarded(stack: Stack) -> None:
-    """A caller's x-request-id comes back on the response."""
+def test_request_id_is_the_gateways_and_the_callers_is_kept(stack: Stack) -> None:
+    """The gateway answers with its own x-request-id (as OpenAI does); a caller's comes back as
+    x-client-request-id."""
     status, headers, _ = post_json(stack.gateway, CHAT, chat(), {"x-request-id": "abc-123"})
     assert 200 == status
-    assert "abc-123" == headers["x-request-id"]
+    assert "abc-123" == headers["x-client-request-id"]
+    assert headers["x-request-id"].startswith("req_")
+    assert int(headers["openai-processing-ms"]) >= 0
     assert "sim-chat" == headers["x-citadel-model"]
     assert "sim-a" == headers["x-citadel-deployment"]
 

@@ -164,7 +164,8 @@ def test_requests_per_minute_refusal_is_a_429_with_retry_after(limited: LimitedG
     status, headers, body = call(limited.url, secret, chat())
     assert 429 == status
     error = error_of(body)
-    assert "requests_per_minute" == error["code"]
+    assert ("rate_limit_exceeded", "requests") == (error["code"], error["type"])
+    assert "requests_per_minute" == headers["x-citadel-limit"]
     assert "requests per minute" in error["message"]
     assert int(headers["retry-after"]) >= 1
     assert "0" == headers["x-ratelimit-remaining-requests"]
@@ -193,9 +194,10 @@ def test_tokens_are_reserved_then_reconciled_to_actual_usage(limited: LimitedGat
     assert 200 == statuses[-1]
     # Without reconciliation ~160 + ~26 reserved would already be close to the limit; a request
     # reserving 150 more must now be refused by tokens per minute.
-    status, _, body = call(limited.url, secret, chat(max_tokens=150))
+    status, headers, body = call(limited.url, secret, chat(max_tokens=150))
     assert 429 == status
-    assert "tokens_per_minute" == error_of(body)["code"]
+    assert "rate_limit_exceeded" == error_of(body)["code"]
+    assert "tokens_per_minute" == headers["x-citadel-limit"]
 
 
 def test_concurrency_slot_is_held_by_a_stream_and_released_after(limited: LimitedGateway) -> None:
@@ -211,9 +213,10 @@ def test_concurrency_slot_is_held_by_a_stream_and_released_after(limited: Limite
     reader = threading.Thread(target=slow_stream)
     reader.start()
     time.sleep(0.3)
-    status, _, body = call(limited.url, secret, chat())
+    status, headers, body = call(limited.url, secret, chat())
     assert 429 == status
-    assert "concurrent_requests" == error_of(body)["code"]
+    assert "rate_limit_exceeded" == error_of(body)["code"]
+    assert "concurrent_requests" == headers["x-citadel-limit"]
     reader.join(timeout=10)
     assert [200] == results
     deadline = time.monotonic() + 5
@@ -238,9 +241,10 @@ def test_daily_token_quota_refuses_once_spent(limited: LimitedGateway) -> None:
     _, secret = new_key(limited.database, "daily")
     status, _, body = call(limited.url, secret, chat(max_tokens=40))
     assert 200 == status
-    status, _, body = call(limited.url, secret, chat(max_tokens=40))
+    status, headers, body = call(limited.url, secret, chat(max_tokens=40))
     assert 429 == status
-    assert "tokens_per_day" == error_of(body)["code"]
+    assert "rate_limit_exceeded" == error_of(body)["code"]
+    assert "tokens_per_day" == headers["x-citadel-limit"]
 
 
 def test_model_outside_the_tier_is_a_403(limited: LimitedGateway) -> None:
@@ -387,3 +391,17 @@ def test_redis_outage_fails_open_or_closed_and_recovers(
         stop_process(gateway)
         if redis.poll() is None:
             stop_redis(redis)
+
+
+def test_request_over_a_minutes_token_budget_is_a_400_without_retry_after(
+    limited: LimitedGateway,
+) -> None:
+    """A request larger than the tier's whole tokens-per-minute budget can never fit: a 400 that
+    says why, and no Retry-After to wait for."""
+    _, secret = new_key(limited.database, "tokeny")  # 200 tokens per minute
+    status, headers, body = call(limited.url, secret, chat(max_tokens=300))
+    assert 400 == status
+    error = error_of(body)
+    assert ("tokens_per_minute_exceeded", "max_tokens") == (error["code"], error["param"])
+    assert "limit 200" in error["message"]
+    assert "retry-after" not in headers

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from http import HTTPStatus
 
 import orjson
 import pytest
@@ -31,19 +32,43 @@ def sse_events(body: bytes) -> list[bytes]:
         ("status=500", 502, "upstream_500"),
         ("status=502", 502, "upstream_502"),
         ("status=503", 503, "upstream_503"),
-        ("status=429", 503, "upstream_429"),
     ],
 )
 def test_upstream_error_statuses_are_mapped(
     stack: Stack, fault: str, status: int, code: str
 ) -> None:
-    """Upstream 5xx become 502 and overload (429/503) 503, the upstream status in the message."""
+    """Upstream 5xx become 502 and overload (503) 503, the upstream status in the message."""
     got, _, body = post_json(stack.gateway, CHAT, chat(), {"x-sim-fault": fault})
     assert status == got
     error = error_of(body)
     assert code == error["code"]
     assert fault.split("=")[1] in error["message"]
     still_serving(stack)
+
+
+def test_upstream_429_stays_a_429_with_its_retry_after(stack: Stack) -> None:
+    """An upstream 429 that no other deployment can take is the client's 429, Retry-After kept."""
+    got, headers, body = post_json(stack.gateway, CHAT, chat(), {"x-sim-fault": "status=429"})
+    assert (429, "1") == (got, headers.get("retry-after"))
+    error = error_of(body)
+    assert ("rate_limit_exceeded", "simulated_fault") == (error["type"], error["code"])
+    still_serving(stack)
+
+
+@pytest.mark.parametrize("status", [400, 413, 422])
+def test_upstream_client_errors_pass_through_whole(stack: Stack, status: int) -> None:
+    """An upstream 400/413/422 keeps its status, type, code and message; the deployment is a
+    header, not part of the message."""
+    got, headers, body = post_json(stack.gateway, CHAT, chat(), {"x-sim-fault": f"status={status}"})
+    assert status == got
+    assert {
+        "message": f"Simulated fault: status {status} ({HTTPStatus(status).phrase}) injected on "
+        "request.",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "simulated_fault",
+    } == error_of(body)
+    assert "sim-a" == headers.get("x-citadel-deployment")
 
 
 def test_upstream_400_is_the_callers_error(stack: Stack) -> None:

@@ -35,13 +35,19 @@ REDIS = os.environ.get("CITADEL_TEST_REDIS", "redis://127.0.0.1:6379/10")
 
 
 def ledger_rows(database: str, request_ids: list[str]) -> list[dict[str, object]]:
+    return _ledger_rows(database, usage_events.c.request_id.in_(request_ids))
+
+
+def ledger_rows_of_key(database: str, key_id: str) -> list[dict[str, object]]:
+    return _ledger_rows(database, usage_events.c.key_id == key_id)
+
+
+def _ledger_rows(database: str, where: sa.ColumnElement[bool]) -> list[dict[str, object]]:
     async def read() -> list[dict[str, object]]:
         engine = build_engine(database)
         try:
             async with engine.connect() as conn:
-                result = await conn.execute(
-                    sa.select(usage_events).where(usage_events.c.request_id.in_(request_ids))
-                )
+                result = await conn.execute(sa.select(usage_events).where(where))
                 return [dict(row._mapping) for row in result]
         finally:
             await engine.dispose()
@@ -53,17 +59,16 @@ def test_each_request_is_one_ledger_event_with_the_usage_and_cost(stack: Stack) 
     """N requests (streamed and not) become N events with the simulator's tokens and the price."""
     sent: dict[str, dict[str, int]] = {}
     for i in range(6):
-        rid = f"ledger-test-{time.time_ns()}-{i}"
         stream = i % 2 == 1
-        status, _, body = post_json(
+        status, headers, body = post_json(
             stack.gateway,
             "/v1/chat/completions",
             chat(max_tokens=5 + i, stream=stream, stream_options={"include_usage": True})
             if stream
             else chat(max_tokens=5 + i),
-            {"x-request-id": rid},
         )
         assert 200 == status
+        rid = headers["x-request-id"]  # the gateway's own id, the ledger's request id
         if stream:
             events = [e[6:] for e in body.split(b"\n\n") if e.startswith(b"data: {")]
             usage = orjson.loads(events[-1])["usage"]

@@ -9,12 +9,18 @@ import socket
 from dataclasses import dataclass, field
 from functools import partial
 
+import orjson
+
 from citadel.accounts.store import AccountStore
 from citadel.errors import StoreUnavailable
 from citadel.gateway.auth import AdminKeyAuthenticator, Authenticator, KeyAuthenticator
-from citadel.gateway.proxy import Gateway
+from citadel.gateway.document import openapi_document
+from citadel.gateway.proxy import MODELS_PREFIX, SERVES, Gateway
+from citadel.gateway.responses import RESPONSES_PATH, ResponsesApi
 from citadel.gateway.upstream import UPSTREAM_PATHS
 from citadel.http.client import HttpClient
+from citadel.http.edge import CorsPolicy, OpenAiEdge
+from citadel.http.server import Request, Response
 from citadel.limits.decision import Limiter
 from citadel.metering.events import UsageSink
 from citadel.metering.sinks import RedisStreamSink, SqlLedgerSink
@@ -129,6 +135,7 @@ def admin_only_deps(settings: Settings) -> GatewayDeps:
 def create_app(settings: Settings, deps: GatewayDeps) -> App:
     """The gateway: the four OpenAI endpoints, /health and /metrics."""
     app = service_app("gateway", settings, deps.registry)
+    app.edge = OpenAiEdge(CorsPolicy(settings.gateway.cors_origins))
     shared = SharedRoutingState.from_settings(
         settings, replica=f"gateway@{socket.gethostname()}:{os.getpid()}"
     )
@@ -157,6 +164,24 @@ def create_app(settings: Settings, deps: GatewayDeps) -> App:
     for endpoint, path in UPSTREAM_PATHS.items():
         app.route("POST", path, partial(gateway.forward, endpoint))
     app.route("GET", "/v1/models", gateway.list_models)
+    responses = ResponsesApi(gateway)
+    app.route("POST", RESPONSES_PATH, responses.create)
+    app.route_prefix("GET", RESPONSES_PATH + "/", responses.retrieve)
+    app.route_prefix("DELETE", RESPONSES_PATH + "/", responses.delete)
+    app.route_prefix("GET", MODELS_PREFIX, gateway.retrieve_model)
+    document = orjson.dumps(
+        openapi_document(
+            {
+                endpoint: tuple(m.name for m in settings.models if endpoint in SERVES[m.kind])
+                for endpoint in UPSTREAM_PATHS
+            }
+        )
+    )
+
+    async def openapi_json(request: Request) -> Response:
+        return Response(200, document)
+
+    app.route("GET", "/openapi.json", openapi_json)
 
     async def models_configured() -> DependencyHealth:
         if not settings.models:

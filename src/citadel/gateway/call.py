@@ -51,6 +51,14 @@ _log = logging.getLogger("citadel.gateway")
 CLIENT_CLOSED = 499  # nginx's "client closed request": the client left before the response ended
 
 
+def _model_renames(upstream: str, asked: str) -> tuple[tuple[bytes, bytes], ...]:
+    """The byte replacements that rename the model in a chunk (both common JSON spacings)."""
+    if upstream == asked:
+        return ()
+    old, new = orjson.dumps(upstream), orjson.dumps(asked)
+    return ((b'"model":' + old, b'"model":' + new), (b'"model": ' + old, b'"model": ' + new))
+
+
 class _MalformedEventError(Exception):
     """An upstream SSE event that is not JSON."""
 
@@ -171,7 +179,7 @@ class Call:
             meter.count_error(target, kind)
             raise UpstreamError(
                 f"Deployment '{target.deployment.name}' of model '{self.model.name}' broke off "
-                f"its response: {exc}.",
+                "its response.",
                 code="upstream_protocol_error",
             ) from exc
         finally:
@@ -226,6 +234,8 @@ class Call:
         meter = self.meter
         wants_usage = self.parsed.include_usage
         decoder = SseDecoder()
+        # Chunks name the model as the client asked for it, as whole replies do (``whole``).
+        renames = _model_renames(target.deployment.upstream_model, self.parsed.model)
         saw_usage = False
         pieces = 0
         texts: list[str] = []
@@ -264,6 +274,8 @@ class Call:
                             self.first_token_at = time.perf_counter()
                         pieces += info.content_pieces
                         texts.append(info.text)
+                    for old, new in renames:
+                        block = block.replace(old, new, 1)
                     out.append(block)
                 if out:
                     yield b"".join(out)
@@ -311,7 +323,8 @@ class Call:
         elif isinstance(exc, _MalformedEventError):
             message = f"The stream from {where} sent a malformed event: {exc}."
         else:
-            message = f"The stream from {where} broke off: {exc}."
+            message = f"The stream from {where} broke off."
+            _log.warning("upstream stream broke off", extra={"where": where, "detail": str(exc)})
         code = "upstream_timeout" if status == 504 else "upstream_stream_broken"
         return orjson.dumps(
             {"error": {"message": message, "type": "upstream_error", "param": None, "code": code}}

@@ -17,8 +17,11 @@ configured.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from functools import partial
+from urllib.parse import unquote
 
 import orjson
 
@@ -33,29 +36,44 @@ from citadel.errors import (
     UnsupportedMedia,
 )
 from citadel.gateway.auth import Authenticator, Principal
-from citadel.gateway.call import Call
+from citadel.gateway.call import CLIENT_CLOSED, Call
 from citadel.gateway.meter import Meter
 from citadel.gateway.throttle import AuthThrottle, client_address, parse_networks
 from citadel.gateway.upstream import UPSTREAM_PATHS, Upstream
 from citadel.http.client import HttpClient
 from citadel.http.server import Request, Response, StreamResponse
-from citadel.limits.decision import Limiter
+from citadel.limits.decision import LimitDecision, Limiter
 from citadel.limits.policy import cost_micros, ratelimit_headers, refusal_message
 from citadel.metering.events import UsageSink
 from citadel.metrics import AUTH_FAILURES, LIMITER_DECISIONS, Registry
 from citadel.openai.requests import Endpoint, ParsedRequest, parse_request
-from citadel.openai.tokens import estimate_prompt_tokens
+from citadel.openai.tokens import check_context_window, estimate_prompt_tokens
 from citadel.routing.router import Router
 from citadel.settings import LimitsSettings, Model, Settings
 
 _log = logging.getLogger("citadel.gateway")
 
 # Which model kinds serve which endpoint: chat models also take legacy completions.
-_SERVES: dict[str, frozenset[str]] = {
+SERVES: dict[str, frozenset[str]] = {
     "chat": frozenset({"chat", "completion"}),
     "completion": frozenset({"completion"}),
     "embedding": frozenset({"embedding"}),
 }
+
+MODELS_PREFIX = "/v1/models/"
+# OpenAI's 429 ``type``: which kind of limit refused the request (the rest are token or spend).
+_LIMIT_KINDS = {"requests_per_minute": "requests", "concurrent_requests": "requests"}
+
+
+def _settle_abandoned(call: Call, admission: asyncio.Future[LimitDecision]) -> None:
+    """An admission whose client left while it ran: return what it reserved, meter a 499."""
+    if admission.cancelled() or admission.exception() is not None:
+        return
+    decision = admission.result()
+    if decision.allowed:
+        call.limit_decision = decision
+        call.cancelled()
+        call.finish(None, CLIENT_CLOSED)
 
 
 class Gateway:
@@ -94,16 +112,14 @@ class Gateway:
         )
         self.upstream = Upstream(settings, client=client, meter=self.meter)
         created = int(time.time())
-        self._models_body = orjson.dumps(
-            {
-                "object": "list",
-                "data": [
-                    {"id": name, "object": "model", "created": created, "owned_by": "citadel"}
-                    for m in settings.models
-                    for name in (m.name, *m.aliases)
-                ],
-            }
-        )
+        self._models = {
+            name: orjson.dumps(
+                {"id": name, "object": "model", "created": created, "owned_by": "citadel"}
+            )
+            for m in settings.models
+            for name in (m.name, *m.aliases)
+        }
+        self._models_body = b'{"object":"list","data":[' + b",".join(self._models.values()) + b"]}"
 
     # -- endpoints ---------------------------------------------------------------------------
 
@@ -132,9 +148,21 @@ class Gateway:
                 self._throttle.failed(address, now)
             raise
 
-    async def forward(self, endpoint: Endpoint, request: Request) -> Response | StreamResponse:
-        started = time.perf_counter()
-        wall = time.time()
+    async def retrieve_model(self, request: Request) -> Response:
+        """``GET /v1/models/{model}``: a model or alias the gateway serves, else 404."""
+        await self._authenticate(request)
+        name = unquote(request.path.removeprefix(MODELS_PREFIX))
+        body = self._models.get(name)
+        if body is None:
+            raise NotFound(
+                f"The model `{name}` does not exist or you do not have access to it.",
+                param="model",
+                code="model_not_found",
+            )
+        return Response(200, body)
+
+    async def authenticate_json(self, request: Request) -> Principal:
+        """The caller of a request with a JSON body (401 or 415 otherwise)."""
         principal = await self._authenticate(request)
         ctype = request.headers.get(b"content-type")
         if ctype is not None and not ctype.lower().startswith(b"application/json"):
@@ -142,7 +170,25 @@ class Gateway:
                 f"Unsupported content type {ctype.decode('latin-1')!r}: send application/json.",
                 param="content-type",
             )
+        return principal
+
+    async def forward(self, endpoint: Endpoint, request: Request) -> Response | StreamResponse:
+        started = time.perf_counter()
+        wall = time.time()
+        principal = await self.authenticate_json(request)
         parsed = parse_request(endpoint, request.body)
+        return await self.dispatch(request, parsed, principal, started, wall)
+
+    async def dispatch(
+        self,
+        request: Request,
+        parsed: ParsedRequest,
+        principal: Principal,
+        started: float,
+        wall: float,
+    ) -> Response | StreamResponse:
+        """Resolve the model, check the request against it, admit it and serve it."""
+        endpoint = parsed.endpoint
         model = self._settings.model(parsed.model)
         if model is None and parsed.model in self.router.virtual:
             model = self._specialise(endpoint, request, parsed, principal)
@@ -152,7 +198,7 @@ class Gateway:
                 param="model",
                 code="model_not_found",
             )
-        if endpoint not in _SERVES[model.kind]:
+        if endpoint not in SERVES[model.kind]:
             raise BadRequest(
                 f"The model `{parsed.model}` is a {model.kind} model and does not serve "
                 f"{UPSTREAM_PATHS[endpoint]}.",
@@ -165,6 +211,7 @@ class Gateway:
                 param="model",
                 code="model_not_allowed",
             )
+        check_context_window(parsed, model.context_window)
         call = Call(self.meter, endpoint, request, parsed, model, principal, started, wall)
         if principal.limits is not None and self._limiter is not None:
             await self._admit(call)
@@ -211,8 +258,19 @@ class Gateway:
         completion = 0
         if call.endpoint != "embedding":
             completion = parsed.max_tokens or self._limits.default_max_tokens
-        try:
-            decision = await limiter.admit(
+        tpm = limits.tokens_per_minute
+        if tpm is not None and prompt + completion > tpm:
+            # Waiting cannot help a request larger than a whole minute's budget: a 400, no
+            # Retry-After (OpenAI answers a 429 here, and clients retry it for nothing).
+            raise BadRequest(
+                f"Request too large for model `{parsed.model}` on tokens per minute: limit {tpm}, "
+                f"requested {prompt + completion} ({prompt} in the prompt, {completion} for the "
+                "reply). Lower max_tokens or shorten the prompt.",
+                param="max_tokens" if completion else "messages",
+                code="tokens_per_minute_exceeded",
+            )
+        admission = asyncio.ensure_future(
+            limiter.admit(
                 call.principal.user,
                 limits,
                 lease_id=call.request.request_id,
@@ -220,6 +278,14 @@ class Gateway:
                 cost_micros=cost_micros(call.model.price, prompt, completion),
                 now=call.wall,
             )
+        )
+        try:
+            # Shielded: a client that leaves mid-admission must not strand a reservation the
+            # store made; the admission completes and the call is settled as a 499.
+            decision = await asyncio.shield(admission)
+        except asyncio.CancelledError:
+            admission.add_done_callback(partial(_settle_abandoned, call))
+            raise
         except StoreUnavailable as exc:
             self.meter.limiter_down("admit")
             if self._fail_closed:
@@ -232,10 +298,11 @@ class Gateway:
         self.meter.limiter_healthy = True
         if not decision.allowed:
             self._decisions.inc((call.principal.tier, decision.refused_by or "unknown"))
+            name = decision.refused_by or "requests_per_minute"
             raise RateLimited(
                 refusal_message(decision, limits=limits),
-                code=decision.refused_by,
-                headers=tuple(ratelimit_headers(decision)),
+                kind=_LIMIT_KINDS.get(name, "tokens"),
+                headers=(*ratelimit_headers(decision), (b"x-citadel-limit", name.encode())),
             )
         self._decisions.inc((call.principal.tier, "allowed"))
         call.limit_decision = decision

@@ -18,12 +18,11 @@ deployment that failed last (None when none was tried), and the call's owner
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Protocol
 
-import orjson
-
-from citadel.errors import ApiError, BadRequest, Unavailable, UpstreamError, UpstreamTimeout
+from citadel.errors import ApiError, Unavailable, UpstreamError, UpstreamRefusal, UpstreamTimeout
 from citadel.gateway.auth import Principal
 from citadel.gateway.meter import Meter, Target
 from citadel.http.client import (
@@ -37,6 +36,7 @@ from citadel.http.client import (
 )
 from citadel.http.server import Request
 from citadel.openai.requests import Endpoint, ParsedRequest, with_upstream_fields
+from citadel.openai.upstream_errors import read_upstream_error
 from citadel.routing.router import DeploymentState
 from citadel.settings import Model, Settings
 
@@ -48,6 +48,11 @@ UPSTREAM_PATHS: dict[Endpoint, str] = {
 # Headers the gateway sets itself or that describe the hop; all other x-* headers pass through.
 _NOT_FORWARDED_PREFIXES = (b"x-citadel-", b"x-forwarded-", b"x-request-id", b"x-real-ip")
 _ERROR_BODY_LIMIT = 64 * 1024
+# Upstream statuses passed to the client whole: the request itself was refused (the client can
+# fix it) or the server is at capacity (the client may wait). Other 4xx (401, 403, 404) are the
+# gateway's configuration at fault, not the client's: a 502.
+_REFUSALS = frozenset({400, 413, 422, 429})
+_log = logging.getLogger("citadel.gateway")
 
 
 class Forwarded(Protocol):
@@ -190,10 +195,13 @@ class Upstream:
             ) from exc
         except ConnectError as exc:
             self._meter.count_error(target, "connect")
+            _log.warning(
+                "upstream unreachable", extra={"deployment": deployment.name, "detail": str(exc)}
+            )
             raise _Attempt(
                 UpstreamError(
                     f"Could not connect to deployment '{deployment.name}' of model "
-                    f"'{call.model.name}': {exc}.",
+                    f"'{call.model.name}'.",
                     code="upstream_unreachable",
                 ),
                 retry=True,
@@ -212,10 +220,13 @@ class Upstream:
             ) from exc
         except ProtocolError as exc:
             self._meter.count_error(target, "malformed")
+            _log.warning(
+                "upstream protocol error", extra={"deployment": deployment.name, "detail": str(exc)}
+            )
             raise _Attempt(
                 UpstreamError(
                     f"Deployment '{deployment.name}' of model '{call.model.name}' broke the "
-                    f"connection or sent a malformed response: {exc}.",
+                    "connection or sent a malformed response.",
                     code="upstream_protocol_error",
                 ),
                 retry=True,
@@ -238,35 +249,38 @@ class Upstream:
             raw = b""
         finally:
             await response.aclose()
-        detail = _upstream_message(raw[:_ERROR_BODY_LIMIT])
-        where = f"deployment '{target.deployment.name}' of model '{call.model.name}'"
-        if status >= 500 or status == 429:
-            self._meter.count_error(target, "status_5xx" if status >= 500 else "status_429")
-            cls: type[ApiError] = Unavailable if status in (429, 503) else UpstreamError
+        fields = read_upstream_error(status, raw[:_ERROR_BODY_LIMIT])
+        deployment = target.deployment.name
+        if status in _REFUSALS:
+            # The request itself was refused (or the server is at capacity): the client gets the
+            # server's own answer, so it can react as it would to OpenAI (trim a prompt that is
+            # too long, wait for Retry-After); which deployment answered is a header and a log line.
+            self._meter.count_error(target, "status_429" if status == 429 else "status_4xx")
+            _log.info(
+                "upstream refused the request",
+                extra={"deployment": deployment, "status": status, "code": fields.code},
+            )
+            headers = [(b"x-citadel-deployment", deployment.encode())]
+            retry_after = response.header(b"retry-after")
+            if status == 429 and retry_after is not None:
+                headers.append((b"retry-after", retry_after))
+            return UpstreamRefusal(
+                status,
+                fields.message,
+                kind=fields.type,
+                param=fields.param,
+                code=fields.code,
+                headers=tuple(headers),
+            )
+        where = f"deployment '{deployment}' of model '{call.model.name}'"
+        detail = fields.message
+        if status >= 500:
+            self._meter.count_error(target, "status_5xx")
+            cls: type[ApiError] = Unavailable if status == 503 else UpstreamError
             return cls(
                 f"The upstream {where} answered {status}: {detail}", code=f"upstream_{status}"
             )
         self._meter.count_error(target, "status_4xx")
-        if status in (400, 413, 422):  # the request itself was refused: the caller can fix it
-            return BadRequest(f"The upstream {where} rejected the request ({status}): {detail}")
         return UpstreamError(
             f"The upstream {where} answered {status}: {detail}", code=f"upstream_{status}"
         )
-
-
-def _upstream_message(raw: bytes) -> str:
-    """The message of an upstream error body, OpenAI-shaped or not."""
-    try:
-        doc = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        text = raw.decode("utf-8", "replace").strip()
-        return text[:500] or "(empty body)"
-    if isinstance(doc, dict):
-        error = doc.get("error")
-        if isinstance(error, dict) and isinstance(error.get("message"), str):
-            return str(error["message"])
-        if isinstance(doc.get("message"), str):
-            return str(doc["message"])
-        if isinstance(doc.get("detail"), str):
-            return str(doc["detail"])
-    return raw.decode("utf-8", "replace")[:500]

@@ -26,8 +26,21 @@ from typing import Any, Literal
 import orjson
 
 from citadel.errors import BadRequest
+from citadel.openai.invalid import empty_array as _empty_array
+from citadel.openai.invalid import empty_string as _empty_string
+from citadel.openai.invalid import missing as _missing
+from citadel.openai.invalid import type_name as _type_name
+from citadel.openai.invalid import wrong_type as _wrong_type
+from citadel.openai.params import check_parameters
 
-__all__ = ["Endpoint", "ParsedRequest", "parse_request", "with_upstream_fields"]
+__all__ = [
+    "Endpoint",
+    "ParsedRequest",
+    "decode_body",
+    "parse_body",
+    "parse_request",
+    "with_upstream_fields",
+]
 
 Endpoint = Literal["chat", "completion", "embedding"]
 
@@ -60,6 +73,11 @@ class ParsedRequest:
 
 def parse_request(endpoint: Endpoint, raw: bytes) -> ParsedRequest:
     """Decode and validate the body of a ``chat``, ``completion`` or ``embedding`` request."""
+    return parse_body(endpoint, decode_body(raw))
+
+
+def decode_body(raw: bytes) -> dict[str, Any]:
+    """The JSON object of a request body (400 when empty, not JSON, not an object, too deep)."""
     if not raw:
         raise BadRequest(
             "We could not parse the JSON body of your request: the body is empty.",
@@ -89,7 +107,11 @@ def parse_request(endpoint: Endpoint, raw: bytes) -> ParsedRequest:
             f"{MAX_JSON_DEPTH} levels of arrays and objects, the most this API accepts.",
             code="json_too_deep",
         )
+    return body
 
+
+def parse_body(endpoint: Endpoint, body: dict[str, Any]) -> ParsedRequest:
+    """Validate a decoded request body of a ``chat``, ``completion`` or ``embedding`` request."""
     model = body.get("model")
     if model is None:
         raise _missing("model")
@@ -151,6 +173,7 @@ def parse_request(endpoint: Endpoint, raw: bytes) -> ParsedRequest:
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise _wrong_type("user", "a string", user)
+    check_parameters(endpoint, body)
 
     return ParsedRequest(
         endpoint=endpoint,
@@ -383,57 +406,3 @@ def _check_stop(body: dict[str, Any]) -> None:
     for index, item in enumerate(stop):
         if not isinstance(item, str):
             raise _wrong_type(f"stop[{index}]", "a string", item)
-
-
-# -- error messages -----------------------------------------------------------------------------
-
-
-def _type_name(value: object) -> str:
-    """How OpenAI names a JSON value's type in its error messages."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a decimal"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__  # pragma: no cover - JSON has no other types
-
-
-def _missing(param: str) -> BadRequest:
-    return BadRequest(
-        f"'{param}' is a required property", param=param, code="missing_required_parameter"
-    )
-
-
-def _wrong_type(param: str, expected: str, value: object) -> BadRequest:
-    return BadRequest(
-        f"Invalid type for '{param}': expected {expected}, but got {_type_name(value)} instead.",
-        param=param,
-        code="invalid_type",
-    )
-
-
-def _empty_array(param: str) -> BadRequest:
-    return BadRequest(
-        f"Invalid '{param}': empty array. Expected an array with minimum length 1, "
-        "but got an empty array instead.",
-        param=param,
-        code="empty_array",
-    )
-
-
-def _empty_string(param: str) -> BadRequest:
-    return BadRequest(
-        f"Invalid '{param}': empty string. Expected a string with minimum length 1, "
-        "but got an empty string instead.",
-        param=param,
-        code="empty_string",
-    )

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from citadel.errors import BadRequest
 from citadel.openai.requests import ParsedRequest
 
 __all__ = [
     "CHARS_PER_TOKEN",
     "MESSAGE_OVERHEAD",
     "REPLY_PRIMING",
+    "check_context_window",
     "estimate_prompt_tokens",
     "estimate_tokens",
 ]
@@ -51,3 +53,33 @@ def estimate_prompt_tokens(req: ParsedRequest) -> int:
         if isinstance(first, list):
             return sum(len(ids) for ids in prompt)
     return estimate_tokens(req.prompt_text)
+
+
+def check_context_window(req: ParsedRequest, context_window: int) -> None:
+    """Refuse a request whose prompt estimate plus reply budget exceeds the model's window.
+
+    The error is OpenAI's (400, ``param: messages``, ``code: context_length_exceeded``, its
+    wording), which clients catch to trim the conversation and retry.
+    """
+    prompt = estimate_prompt_tokens(req)
+    reply = 0 if req.endpoint == "embedding" else req.max_tokens or 0
+    if prompt + reply <= context_window:
+        return
+    param = "messages" if req.endpoint == "chat" else "prompt"
+    if req.endpoint == "embedding":
+        param = "input"
+    if reply:
+        detail = (
+            f"However, you requested {prompt + reply} tokens ({prompt} in the messages, {reply} "
+            "in the completion). Please reduce the length of the messages or completion."
+        )
+    else:
+        detail = (
+            f"However, your messages resulted in {prompt} tokens. Please reduce the length of "
+            "the messages."
+        )
+    raise BadRequest(
+        f"This model's maximum context length is {context_window} tokens. {detail}",
+        param=param,
+        code="context_length_exceeded",
+    )

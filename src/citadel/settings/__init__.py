@@ -192,6 +192,7 @@ def load_settings(path: str | None, environ: Mapping[str, str]) -> Settings:
     metrics |= _from_env(environ, _METRICS_ENV)
     env = scalars.get("env", "development")
     metrics.setdefault("require_token", env not in _INSECURE_ENVS)
+    gateway.setdefault("cors_origins", ("*",) if env == "development" else ())
     default_tier = accounts.get("default_tier", "free")
     if default_tier not in {t.name for t in tiers}:
         raise ConfigError("accounts.default_tier", default_tier, "the name of a tier")

@@ -106,6 +106,7 @@ GATEWAY = {
     "keepalive_timeout_seconds": positive,
     "access_log": boolean,
     "max_connections_per_deployment": integer(1),
+    "cors_origins": names,
     "trusted_proxies": networks,
     "auth_failure_limit": integer(0),
     "auth_failure_window_seconds": positive,

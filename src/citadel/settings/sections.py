@@ -106,6 +106,9 @@ class GatewaySettings:
     keepalive_timeout_seconds: float = 75.0
     access_log: bool = False
     max_connections_per_deployment: int = 256
+    # Browser origins allowed to call the gateway (CORS); "*" allows any. The loader defaults it
+    # to ("*",) in development and to none elsewhere.
+    cors_origins: tuple[str, ...] = ()
     # Peers whose X-Forwarded-For names the client (addresses or networks, e.g. 10.0.0.0/8).
     trusted_proxies: tuple[str, ...] = ()
     # An address that fails authentication this often within the window gets a 429 (0: never).

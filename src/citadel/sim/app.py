@@ -129,7 +129,9 @@ class _Simulator:
                 await asyncio.sleep(_HANG_SECONDS)
                 raise AbortConnection
             if faults.status is not None:
-                return Response(faults.status, fault_body(faults.status))
+                # An overloaded server says when to come back, as OpenAI and vLLM do.
+                after = [(b"retry-after", b"1")] if faults.status == 429 else []
+                return Response(faults.status, fault_body(faults.status), after)
             if faults.malformed:
                 if job.stream:
                     return StreamResponse(malformed_stream())

@@ -52,7 +52,7 @@ def completion_body(job: Job, response_id: str) -> bytes:
     if job.endpoint == "chat":
         obj = "chat.completion"
         for index, tokens in enumerate(job.choices()):
-            message = {"role": "assistant", "content": detokenize(tokens)}
+            message = {"role": "assistant", "content": detokenize(tokens), "refusal": None}
             choices.append(
                 {
                     "index": index,

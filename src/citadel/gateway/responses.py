@@ -1,0 +1,213 @@
+"""``/v1/responses``: OpenAI's Responses API, served through the chat path.
+
+``POST /v1/responses`` validates the request and translates it to a Chat Completions request
+(``citadel.openai.responses``), which then takes the same path as any chat request — model
+resolution, context window, limits, routing, retries, metering, the ledger — and translates the
+reply back: a ``response`` object, or for ``stream: true`` the Responses API's typed events
+(``citadel.openai.response_stream``) made from the chat stream as it arrives.
+
+Stored responses: with ``store`` (OpenAI's default) the finished ``response`` object is kept, so
+``GET /v1/responses/{id}`` returns it, ``DELETE`` removes it, and ``previous_response_id``
+continues its conversation (its input and output are put before the new input). The store is
+this process's memory, bounded (oldest out first), and each response is visible only to the key
+that made it; see docs/decisions.md.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from citadel.errors import NotFound
+from citadel.gateway.auth import Principal
+from citadel.http.server import Request, Response, StreamResponse
+from citadel.openai.requests import decode_body, parse_body
+from citadel.openai.response_stream import ResponseStream
+from citadel.openai.responses import (
+    ResponsesRequest,
+    new_item_id,
+    output_messages,
+    parse_responses_request,
+    response_from_chat,
+)
+from citadel.openai.sse import DONE, SseDecoder, event_data
+
+if TYPE_CHECKING:
+    from citadel.gateway.proxy import Gateway
+
+__all__ = ["RESPONSES_PATH", "ResponseStore", "ResponsesApi"]
+
+RESPONSES_PATH = "/v1/responses"
+DEFAULT_STORE_SIZE = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class _Stored:
+    owner: str
+    response: dict[str, Any]
+    messages: list[dict[str, Any]]
+    """The conversation as chat messages, this response's output included (for continuations)."""
+
+
+class ResponseStore:
+    """Finished responses by id, at most ``size`` of them (the oldest go first)."""
+
+    def __init__(self, size: int = DEFAULT_STORE_SIZE) -> None:
+        self._size = size
+        self._items: OrderedDict[str, _Stored] = OrderedDict()
+
+    def put(self, owner: str, response: dict[str, Any], messages: list[dict[str, Any]]) -> None:
+        self._items[response["id"]] = _Stored(owner, response, messages)
+        while len(self._items) > self._size:
+            self._items.popitem(last=False)
+
+    def get(self, owner: str, response_id: str) -> _Stored:
+        stored = self._items.get(response_id)
+        if stored is None or stored.owner != owner:
+            raise NotFound(
+                f"Response with id '{response_id}' not found.",
+                param="response_id",
+                code="response_not_found",
+            )
+        return stored
+
+    def delete(self, owner: str, response_id: str) -> None:
+        self.get(owner, response_id)
+        del self._items[response_id]
+
+
+class _Translated:
+    """The translated stream as a body that closes the chat stream even if closed unstarted.
+
+    An async generator closed before its first step never runs its ``finally``; the server closes
+    a body it will not send (the client left first), and the chat stream must be closed then too.
+    """
+
+    __slots__ = ("_events", "_inner", "_started")
+
+    def __init__(self, events: AsyncGenerator[bytes, None], inner: AsyncIterator[bytes]) -> None:
+        self._events = events
+        self._inner = inner
+        self._started = False
+
+    def __aiter__(self) -> _Translated:
+        return self
+
+    async def __anext__(self) -> bytes:
+        self._started = True
+        return await self._events.__anext__()
+
+    async def aclose(self) -> None:
+        if self._started:
+            await self._events.aclose()
+            return
+        self._started = True
+        aclose = getattr(self._inner, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+def _owner(principal: Principal) -> str:
+    return principal.key_id or principal.user
+
+
+class ResponsesApi:
+    """The handlers of ``/v1/responses`` and ``/v1/responses/{id}``."""
+
+    def __init__(self, gateway: Gateway, store: ResponseStore | None = None) -> None:
+        self._gateway = gateway
+        self._store = store if store is not None else ResponseStore()
+
+    async def create(self, request: Request) -> Response | StreamResponse:
+        started = time.perf_counter()
+        wall = time.time()
+        gateway = self._gateway
+        principal = await gateway.authenticate_json(request)
+        body = decode_body(request.body)
+        history: list[dict[str, Any]] | None = None
+        previous = body.get("previous_response_id")
+        if isinstance(previous, str):
+            history = self._store.get(_owner(principal), previous).messages
+        req = parse_responses_request(body, history)
+        chat = req.chat
+        if chat.get("stream"):
+            chat["stream_options"] = {"include_usage": True}  # the final event carries usage
+        parsed = parse_body("chat", chat)
+        reply = await gateway.dispatch(request, parsed, principal, started, wall)
+        response_id = new_item_id("resp")
+        if isinstance(reply, StreamResponse):
+            stream = ResponseStream(req, response_id=response_id, created_at=int(wall))
+            reply.body = _Translated(self._events(stream, reply.body, principal), reply.body)
+            return reply
+        doc = response_from_chat(
+            req, orjson.loads(reply.body), response_id=response_id, created_at=int(wall)
+        )
+        self._keep(principal, req, doc)
+        reply.body = orjson.dumps(doc)
+        return reply
+
+    async def _events(
+        self, stream: ResponseStream, chunks: AsyncIterator[bytes], principal: Principal
+    ) -> AsyncGenerator[bytes, None]:
+        """The chat stream's events as Responses events; closing this closes the chat stream."""
+        decoder = SseDecoder()
+        yield stream.start()
+        ended = False
+        try:
+            async for data in chunks:
+                out: list[bytes] = []
+                for block in decoder.feed(data):
+                    if ended:
+                        break
+                    payload = event_data(block)
+                    if payload is None:
+                        continue
+                    if payload == DONE[6:-2]:
+                        out.append(stream.finish())
+                        ended = True
+                        continue
+                    chunk = orjson.loads(payload)
+                    error = chunk.get("error") if isinstance(chunk, dict) else None
+                    if isinstance(error, dict):
+                        out.append(
+                            stream.fail(
+                                str(error.get("message")), str(error.get("code") or "server_error")
+                            )
+                        )
+                        ended = True
+                    elif isinstance(chunk, dict):
+                        out.append(stream.feed(chunk))
+                if out:
+                    yield b"".join(out)
+        finally:
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        if stream.response is not None and stream.response["status"] != "failed":
+            self._keep(principal, stream.request, stream.response)
+
+    def _keep(self, principal: Principal, req: ResponsesRequest, doc: dict[str, Any]) -> None:
+        if req.store:
+            messages = [*req.chat["messages"], *output_messages(doc["output"])]
+            self._store.put(_owner(principal), doc, messages)
+
+    def _response_id(self, request: Request) -> str:
+        return request.path.removeprefix(RESPONSES_PATH + "/")
+
+    async def retrieve(self, request: Request) -> Response:
+        principal = await self._gateway.authenticate_json(request)
+        stored = self._store.get(_owner(principal), self._response_id(request))
+        return Response(200, orjson.dumps(stored.response))
+
+    async def delete(self, request: Request) -> Response:
+        principal = await self._gateway.authenticate_json(request)
+        response_id = self._response_id(request)
+        self._store.delete(_owner(principal), response_id)
+        return Response(
+            200, orjson.dumps({"id": response_id, "object": "response", "deleted": True})
+        )
