@@ -14,6 +14,7 @@ from __future__ import annotations
 import http.client
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,7 +110,10 @@ def fuzz(port: int, admin_key: str, *, examples: int = 30, seed: int = 1) -> Non
         "--checks",
         ",".join(_CHECKS),
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    with tempfile.TemporaryDirectory() as scratch:  # schemathesis writes a cache where it runs
+        result = subprocess.run(
+            command, capture_output=True, text=True, timeout=300, check=False, cwd=scratch
+        )
     assert 0 == result.returncode, result.stdout[-6000:] + result.stderr[-2000:]
 
 
