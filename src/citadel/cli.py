@@ -30,6 +30,8 @@ SERVICES: dict[str, str] = {
     "routing-api": "routing_api",
     "custom-metrics": "custom_metrics",
     "predictive-alerting": "predictive_alerting",
+    "grafana-dashboards": "grafana_dashboards",
+    "prometheus-rules": "prometheus_rules",
 }
 # Where each service's create_app(settings, deps) and default_deps(settings) live.
 _APP_MODULES = {
@@ -38,11 +40,11 @@ _APP_MODULES = {
     "routing-api": "citadel.routing.app",
     "custom-metrics": "citadel.metering.app",
     "predictive-alerting": "citadel.alerting.app",
+    "grafana-dashboards": "citadel.observability.dashboards_app",
+    "prometheus-rules": "citadel.observability.rules_app",
 }
 # Names later issues add; `serve` says they are not built yet rather than "unknown".
 PLANNED = (
-    "grafana-dashboards",
-    "prometheus-rules",
     "graphql-api",
     "streaming-api",
 )
