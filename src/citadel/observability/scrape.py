@@ -1,0 +1,83 @@
+"""A complete ``prometheus.yml`` for this installation, from the settings. Pure: no I/O."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit
+
+from citadel.settings import Settings
+
+# `citadel serve NAME` -> the Ports attribute; the scrape job is citadel-NAME.
+SCRAPED: dict[str, str] = {
+    "gateway": "gateway",
+    "custom-metrics": "custom_metrics",
+    "predictive-alerting": "predictive_alerting",
+    "grafana-dashboards": "grafana_dashboards",
+    "prometheus-rules": "prometheus_rules",
+    "routing-api": "routing_api",
+    "rate-limiting-api": "rate_limiting_api",
+}
+
+
+def _host_port(url: str) -> str:
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return f"{parts.hostname}:{port}"
+
+
+def prometheus_config(
+    settings: Settings,
+    *,
+    rule_files: tuple[str, ...] = ("rules/*.yml",),
+    alertmanager: str | None = None,
+    interval: str = "15s",
+    services: tuple[str, ...] = tuple(SCRAPED),
+) -> dict[str, Any]:
+    """Scrape jobs for every Citadel service and every deployment's model server, the rule
+    files and the Alertmanager target (``endpoints.alertmanager`` unless given)."""
+    host = settings.hostname
+    jobs: list[dict[str, Any]] = [
+        {
+            "job_name": f"citadel-{name}",
+            "static_configs": [{"targets": [f"{host}:{getattr(settings.ports, SCRAPED[name])}"]}],
+        }
+        for name in services
+    ]
+    servers = sorted({_host_port(d.url) for mo in settings.models for d in mo.deployments})
+    if servers:
+        jobs.append({"job_name": "citadel-model-servers", "static_configs": [{"targets": servers}]})
+    config: dict[str, Any] = {
+        "global": {"scrape_interval": interval, "evaluation_interval": interval},
+        "rule_files": list(rule_files),
+        "scrape_configs": jobs,
+    }
+    target = alertmanager or settings.endpoints.alertmanager
+    if target:
+        config["alerting"] = {
+            "alertmanagers": [{"static_configs": [{"targets": [_host_port(target)]}]}]
+        }
+    return config
+
+
+def alertmanager_config(receiver_url: str | None = None) -> dict[str, Any]:
+    """Routing by severity, and a ticket inhibited while the page of the same SLO fires."""
+    receiver: dict[str, Any] = {"name": "citadel"}
+    if receiver_url:
+        receiver["webhook_configs"] = [{"url": receiver_url}]
+    return {
+        "route": {
+            "receiver": "citadel",
+            "group_by": ["alertname", "slo", "deployment", "id"],
+            "group_wait": "10s",
+            "group_interval": "1m",
+            "repeat_interval": "4h",
+        },
+        "receivers": [receiver],
+        "inhibit_rules": [
+            {
+                "source_matchers": ['severity="page"'],
+                "target_matchers": ['severity="ticket"'],
+                "equal": ["slo"],
+            }
+        ],
+    }
