@@ -14,6 +14,19 @@ from typing import Any
 
 from citadel import __version__
 
+# One server-sent event, as clients (and schemathesis) read a stream: each event's fields, its
+# ``data`` a chunk object's JSON text or ``[DONE]``.
+_SSE_EVENT: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "data": {"type": "string"},
+        "event": {"type": "string"},
+        "id": {"type": "string"},
+        "retry": {"type": "integer"},
+    },
+    "required": ["data"],
+}
+
 _ERROR = {
     "type": "object",
     "required": ["error"],
@@ -133,9 +146,7 @@ def _post(endpoint: str, models: tuple[str, ...]) -> dict[str, Any]:
             "content": {
                 "application/json": {"schema": {"type": "object"}},
                 **(
-                    {}
-                    if endpoint == "embedding"
-                    else {"text/event-stream": {"schema": {"type": "string"}}}
+                    {} if endpoint == "embedding" else {"text/event-stream": {"schema": _SSE_EVENT}}
                 ),
             },
         },
