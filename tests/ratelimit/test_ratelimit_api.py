@@ -787,3 +787,23 @@ def test_on_postgresql_users_keys_and_checks_work(tmp_path: Path, postgres_datab
         )
     finally:
         assert 0 == stop_process(proc), process_output(proc)
+
+
+def test_with_the_in_memory_limiter_usage_and_reset_say_409(tmp_path: Path) -> None:
+    """Under memory:// the gateway's counters live in the gateway's process: rather than show 0
+    and answer a reset that clears nothing, usage and reset are a 409 that says why (defect 11)."""
+    config = _config(tmp_path, f"sqlite+aiosqlite:///{tmp_path / 'a.db'}", redis="memory://")
+    port = free_port()
+    proc = start_process(_command(config, port), port, env=ENV)
+    try:
+        service = Service(port, Conformance.fetch("127.0.0.1", port))
+        user = service.user()
+        usage = service.call("GET", f"/v1/users/{user['id']}/usage")
+        reset = service.call("POST", f"/v1/users/{user['id']}/usage/reset")
+        assert (409, 409) == (usage.status, reset.status)
+        assert "limiter_not_shared" == usage.error["code"] == reset.error["code"]
+        assert "limits.backend" in usage.error["message"]
+        assert 200 == service.call("GET", f"/v1/users/{user['id']}").status
+    finally:
+        output = process_output(proc)
+        assert 0 == stop_process(proc), output

@@ -66,10 +66,21 @@ class Rules:
     settings: Settings
     registry: Registry
     clock: Callable[[], float] = time.time  # Unix seconds
+    shared_limiter: bool = True  # False: the limiter is this process's own (memory://)
     decisions: Counter = field(init=False)
 
     def __post_init__(self) -> None:
         self.decisions = self.registry.counter(LIMITER_DECISIONS)
+
+    def require_shared_limiter(self) -> None:
+        """Refuse a usage read or reset that could only see this process's own counters."""
+        if not self.shared_limiter:
+            raise Conflict(
+                "The limiter is in-memory (limits.backend: memory://), so each gateway process "
+                "keeps its own counters and this service cannot see or reset them; set "
+                "limits.backend (REDIS_ENDPOINT) to a Redis URL to share them.",
+                code="limiter_not_shared",
+            )
 
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.clock(), UTC)
@@ -217,6 +228,7 @@ class UsersController(Controller):
     async def usage(
         self, user_id: FromPath[Id], accounts: Accounts, limiter: Limits_, rules: Rules_
     ) -> UsageReply:
+        rules.require_shared_limiter()
         user = await _user(accounts, user_id)
         _, limits = rules.limits_of(user)
         now = rules.clock()
@@ -232,6 +244,7 @@ class UsersController(Controller):
     async def reset_usage(
         self, user_id: FromPath[Id], accounts: Accounts, limiter: Limits_, rules: Rules_
     ) -> UsageReply:
+        rules.require_shared_limiter()
         user = await _user(accounts, user_id)
         _, limits = rules.limits_of(user)
         await limiter.reset(user.id)

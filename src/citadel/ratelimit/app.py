@@ -46,6 +46,9 @@ class RateLimitDeps:
     registry: Registry = field(default_factory=Registry)
     clock: Callable[[], float] = time.time  # Unix seconds
     startup: tuple[Hook, ...] = ()  # run before the first request (migrations, say)
+    # False when the limiter lives in this process only (memory://): the gateway's counters are
+    # in the gateway's own process, so usage and reset here would show and clear nothing real.
+    limiter_is_shared: bool = True
 
 
 def default_deps(settings: Settings) -> RateLimitDeps:
@@ -71,6 +74,7 @@ def default_deps(settings: Settings) -> RateLimitDeps:
             timeout=limits.store_timeout_seconds,
         ),
         startup=(upgrade_embedded,) if uri.startswith("sqlite") else (),
+        limiter_is_shared=not limits.backend.startswith("memory"),
     )
 
 
@@ -115,7 +119,9 @@ def create_app(settings: Settings, deps: RateLimitDeps) -> Litestar:
         dependencies={
             "accounts": provide(deps.accounts),
             "limiter": provide(deps.limiter),
-            "rules": provide(Rules(settings, deps.registry, deps.clock)),
+            "rules": provide(
+                Rules(settings, deps.registry, deps.clock, shared_limiter=deps.limiter_is_shared)
+            ),
         },
         health={"accounts": accounts_health, "limiter": limiter_health},
         errors={
