@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 from pathlib import Path
 
 from test_limits import start_gateway
@@ -39,19 +38,14 @@ def _load_then_kill(url: str, pid_kill: object, seconds: float) -> list[str]:
 
     def client(n: int) -> None:
         while not stop.is_set():
-            rid = f"crash-{n}-{uuid.uuid4().hex}"
             try:
-                status, _, _ = post_json(
-                    url,
-                    "/v1/chat/completions",
-                    chat(max_tokens=5),
-                    {"x-request-id": rid},
-                    timeout=5,
+                status, headers, _ = post_json(
+                    url, "/v1/chat/completions", chat(max_tokens=5), timeout=5
                 )
             except OSError:
                 return  # the gateway is gone
             if status == 200:
-                served.append(rid)
+                served.append(headers["x-request-id"])  # the gateway's id, the ledger's key
 
     threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
     for t in threads:

@@ -373,6 +373,24 @@ def _business() -> Dashboard:
                 "short",
                 _q(f"sum(rate({m.LEDGER_WRITER_ERRORS.name}[$__rate_interval]))", "errors"),
             ),
+            _p(
+                "Streaming connections",
+                "short",
+                _q(f"sum({m.STREAMING_CONNECTIONS.name})", "open"),
+            ),
+            _p(
+                "Streaming sent/s, lagged and cancelled",
+                "short",
+                *(
+                    _q(f"sum(rate({spec.name}[$__rate_interval]))", label)
+                    for spec, label in (
+                        (m.STREAMING_MESSAGES, "messages"),
+                        (m.STREAMING_BYTES, "bytes"),
+                        (m.STREAMING_LAGGED, "lagged events"),
+                        (m.STREAMING_CANCELLED, "cancellations"),
+                    )
+                ),
+            ),
         ),
     )
 

@@ -16,6 +16,7 @@ SCRAPED: dict[str, str] = {
     "prometheus-rules": "prometheus_rules",
     "routing-api": "routing_api",
     "rate-limiting-api": "rate_limiting_api",
+    "streaming-api": "streaming_api",
 }
 
 
