@@ -48,7 +48,8 @@ from email.utils import formatdate
 from typing import Any, cast
 
 import httptools
-import orjson
+
+from citadel.errors import BadRequest
 
 __all__ = [
     "AbortConnection",
@@ -71,8 +72,7 @@ _SINGLE = frozenset((b"host", b"authorization", b"content-length"))
 
 def error_body(message: str, code: str | None = None) -> bytes:
     """An OpenAI-style error body (``invalid_request_error``) for a refusal at the HTTP level."""
-    detail = {"message": message, "type": "invalid_request_error", "param": None, "code": code}
-    return orjson.dumps({"error": detail})
+    return BadRequest(message, code=code).body()
 
 
 class _Refused(Exception):
