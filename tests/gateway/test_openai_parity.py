@@ -128,6 +128,23 @@ def test_sdk_streams_a_response(sdk: openai.OpenAI) -> None:
     assert [e.sequence_number for e in events] == list(range(len(events)))
 
 
+def _responses_counted(stack: Stack) -> float:
+    _, _, body = _get(stack, "/metrics")
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in body.decode().splitlines()
+        if line.startswith('citadel_gateway_requests_total{endpoint="responses"')
+    )
+
+
+def test_responses_are_counted_as_responses_not_chat(stack: Stack, sdk: openai.OpenAI) -> None:
+    """Metrics (and the ledger, from the same label) tell Responses requests from chat ones."""
+    before = _responses_counted(stack)
+    sdk.responses.create(model="sim-chat", input="Say hello", store=False)
+    list(sdk.responses.create(model="sim-chat", input="Say hello", store=False, stream=True))
+    assert 2 == _responses_counted(stack) - before
+
+
 def test_sdk_retries_an_upstream_429_after_retry_after(sdk: openai.OpenAI) -> None:
     """An upstream 429 with Retry-After is a 429 the SDK waits for and retries."""
     client = sdk.with_options(max_retries=1)

@@ -138,7 +138,7 @@ class ResponsesApi:
         if chat.get("stream"):
             chat["stream_options"] = {"include_usage": True}  # the final event carries usage
         parsed = parse_body("chat", chat)
-        reply = await gateway.dispatch(request, parsed, principal, started, wall)
+        reply = await gateway.dispatch(request, parsed, principal, started, wall, label="responses")
         response_id = new_item_id("resp")
         if isinstance(reply, StreamResponse):
             stream = ResponseStream(req, response_id=response_id, created_at=int(wall))
