@@ -33,7 +33,7 @@ def test_prompt_past_the_context_window_is_openais_400(stack: Stack) -> None:
         error["param"],
         error["code"],
     )
-    assert error["message"].startswith("This model's maximum context length is 8192 tokens.")
+    assert error["message"].startswith("Input tokens exceed the configured limit of 8192 tokens.")
 
 
 def test_reply_budget_counts_against_the_context_window(stack: Stack) -> None:
