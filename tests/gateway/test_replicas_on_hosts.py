@@ -2,8 +2,8 @@
 server on a fourth host, then a Redis Cluster of three masters and three replicas on three hosts,
 in front of two simulated model servers on two more hosts; the test process is the client.
 
-Accounts are a SQLite file every host reads (the namespaces share the filesystem); PostgreSQL
-multi-host runs are not covered here. Usage events go to the Redis Stream (no ledger writer runs,
+Accounts are in a PostgreSQL server on a host of its own, which every replica reaches over the
+bridge. Usage events go to the Redis Stream (no ledger writer runs,
 so the stream holds every event the replicas sent), each journaled first in a directory the
 replicas share.
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from netns import Hosts, redis_cli, start_redis
+from netns import Hosts, redis_cli, start_postgres, start_redis
 
 from citadel.accounts.sql import open_store
 
@@ -105,7 +105,7 @@ def site(
         ]
         for s, proc in zip(sims, sim_procs, strict=True):
             wait_healthy(f"http://{s.address}:{SIM_PORT}", proc)
-        database = f"sqlite+aiosqlite:///{tmp / 'accounts.db'}"
+        database = start_postgres(hosts)
         config = tmp / "citadel.yaml"
         config.write_text(
             f"""
