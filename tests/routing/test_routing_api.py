@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import os
 import sys
 import time
 import uuid
@@ -20,17 +21,20 @@ from typing import Any
 import orjson
 import pytest
 
+from citadel.errors import BadRequest
 from citadel.metrics import Registry
+from citadel.openai.requests import parse_request
 from citadel.routing.breaker import BreakerState
 from citadel.routing.router import Router
 from citadel.routing.shared import SharedRoutingState
 from citadel.settings import Settings, load_settings
 from citadel.stores.redis import RedisClient
 
+from conformance import Conformance
 from support import free_port, start_process, stop_process
 
 ADMIN = "sk-test-routing-admin"
-REDIS = "redis://127.0.0.1:6379/12"
+REDIS = os.environ.get("CITADEL_TEST_REDIS", "redis://127.0.0.1:6379/12")
 RUN = uuid.uuid4().hex[:8]
 LIVE_A, LIVE_B, DEAD, CODER = (f"{n}-{RUN}" for n in ("gen-a", "gen-b", "gen-dead", "coder-a"))
 GENERAL, CODE_MODEL = f"general-{RUN}", f"coder-{RUN}"
@@ -70,6 +74,7 @@ CODE_PROMPT = "Why does this fail?\n```python\ndef add(a, b):\n    return a - b\
 class Reply:
     status: int
     body: bytes
+    content_type: str = ""
 
     def json(self) -> Any:
         return orjson.loads(self.body)
@@ -79,11 +84,18 @@ class Reply:
 class Service:
     port: int
     settings: Settings
+    document: Conformance | None = None
 
     def call(
-        self, method: str, path: str, body: object = None, *, key: str | None = ADMIN
+        self,
+        method: str,
+        path: str,
+        body: object = None,
+        *,
+        key: str | None = ADMIN,
+        headers: dict[str, str] | None = None,
     ) -> Reply:
-        headers = {"content-type": "application/json"}
+        headers = {"content-type": "application/json", **(headers or {})}
         if key is not None:
             headers["authorization"] = f"Bearer {key}"
         payload = body if isinstance(body, bytes) else b"" if body is None else orjson.dumps(body)
@@ -91,9 +103,12 @@ class Service:
         try:
             conn.request(method, path, payload, headers)
             response = conn.getresponse()
-            return Reply(response.status, response.read())
+            reply = Reply(response.status, response.read(), response.getheader("content-type", ""))
         finally:
             conn.close()
+        if self.document is not None:  # every reply is checked against the served document
+            self.document.check(method, path, reply.status, reply.body, reply.content_type)
+        return reply
 
     def rows(self) -> dict[str, dict[str, Any]]:
         reply = self.call("GET", "/v1/deployments")
@@ -150,7 +165,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     try:
         proc = start_process([*args, "--port", str(port)], port)
         try:
-            svc = Service(port, load_settings(str(path), {}))
+            svc = Service(port, load_settings(str(path), {}), Conformance.fetch("127.0.0.1", port))
 
             def probed() -> bool:
                 rows = svc.rows()
@@ -228,6 +243,16 @@ def test_auto_resolves_code_to_the_code_specialist(service: Service) -> None:
     assert ("chat", GENERAL) == (chat["task"], chat["model"])
     hinted = service.route({"model": "auto", "prompt": "hello", "task": "code"})
     assert ("code", CODE_MODEL) == (hinted["task"], hinted["model"])
+    hello = {"model": "auto", "prompt": "hello"}
+    by_header = service.call("POST", "/v1/route", hello, headers={"x-citadel-task": "code"})
+    assert (200, "code") == (by_header.status, by_header.json()["task"])
+    overridden = service.call(
+        "POST",
+        "/v1/route",
+        {"model": "auto", "prompt": "hello", "task": "chat"},
+        headers={"x-citadel-task": "code"},
+    )
+    assert "chat" == overridden.json()["task"]
 
 
 def test_drain_and_restore_change_the_next_dry_run(service: Service) -> None:
@@ -379,13 +404,40 @@ def test_a_bad_dry_run_body_is_400_naming_the_field(
     assert ("invalid_request_error", param) == (error["type"], error["param"])
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"  ",
+        b"{not json",
+        b"[1, 2]",
+        b'{"model": "m", "messages": ' + b"[" * 70 + b"]" * 70 + b"}",
+        orjson.dumps({"model": GENERAL, "messages": [{"role": "robot", "content": "x"}]}),
+        orjson.dumps({"model": GENERAL, "messages": [{"role": "user"}], "temperature": 5}),
+        orjson.dumps({"model": GENERAL, "messages": [], "stream_options": {}}),
+    ],
+)
+def test_a_dry_run_refuses_a_chat_body_as_the_gateway_does(service: Service, raw: bytes) -> None:
+    """A chat body the gateway refuses gets the very same 400 from the dry run: the same parser
+    reads the same bytes."""
+    with pytest.raises(BadRequest) as refused:
+        parse_request("chat", raw)
+    reply = service.call("POST", "/v1/route", raw)
+    assert (400, orjson.loads(refused.value.body())) == (reply.status, reply.json())
+
+
 def test_an_unknown_model_or_a_drain_with_fields_is_refused(service: Service) -> None:
-    """A dry run for a model nobody serves is a 404; a drain takes no fields (400)."""
+    """A dry run for a model nobody serves is a 404; a drain takes no fields (400 naming the
+    field), and no body, {} or null are all the same empty drain."""
     reply = service.call("POST", "/v1/route", {"model": "no-such-model"})
     assert (404, "model_not_found") == (reply.status, reply.json()["error"]["code"])
     reply = service.call("POST", f"/v1/deployments/{LIVE_A}/drain", {"really": True})
-    assert 400 == reply.status
+    assert (400, "really") == (reply.status, reply.json()["error"]["param"])
+    reply = service.call("POST", f"/v1/deployments/{LIVE_A}/restore", b"{nope")
+    assert (400, "invalid_json") == (reply.status, reply.json()["error"]["code"])
     assert not service.rows()[LIVE_A]["drained"]
+    for body in (None, {}, b"null"):
+        assert 200 == service.call("POST", f"/v1/deployments/{LIVE_A}/restore", body).status
 
 
 def test_health_reports_deployments_and_shared_state(service: Service) -> None:
