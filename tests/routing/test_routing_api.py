@@ -20,14 +20,17 @@ from typing import Any
 
 import orjson
 import pytest
+from litestar.testing import AsyncTestClient
 
 from citadel.errors import BadRequest
+from citadel.http.client import HttpClient
 from citadel.metrics import Registry
 from citadel.openai.requests import parse_request
+from citadel.routing.app import RoutingDeps, create_app
 from citadel.routing.breaker import BreakerState
 from citadel.routing.router import Router
 from citadel.routing.shared import SharedRoutingState
-from citadel.settings import Settings, load_settings
+from citadel.settings import Deployment, Model, Settings, load_settings
 from citadel.stores.redis import RedisClient
 
 from conformance import Conformance
@@ -462,3 +465,65 @@ def test_openapi_documents_every_route(service: Service) -> None:
     docs = service.call("GET", "/docs", key=None).body.decode()
     assert "swagger-ui" in docs
     assert "/openapi.json" in docs
+
+
+def test_a_drain_with_redis_unreachable_is_a_503_that_changes_nothing(tmp_path: Path) -> None:
+    """With the shared state's Redis unreachable, a drain is a 503 and the deployment stays in
+    rotation; the listing says the shared state is unavailable and `replicas` is null; /health
+    reports it down but not critical. Every reply fits the served document."""
+    path = tmp_path / "citadel.yaml"
+    path.write_text(
+        f'gateway: {{admin_key: "{ADMIN}"}}\n'
+        f'endpoints: {{redis: "redis://127.0.0.1:{free_port()}/0"}}\n'
+        "models:\n"
+        f"  - {{name: solo, deployments: [{{name: solo-a, url: 'http://127.0.0.1:{free_port()}', "
+        "model: m}]}\n",
+        encoding="utf-8",
+    )
+    port = free_port()
+    args = [sys.executable, "-m", "citadel", "--config", str(path), "serve", "routing-api"]
+    proc = start_process([*args, "--port", str(port)], port)
+    try:
+        svc = Service(port, load_settings(str(path), {}), Conformance.fetch("127.0.0.1", port))
+        reply = svc.call("POST", "/v1/deployments/solo-a/drain")
+        assert (503, "service_unavailable") == (reply.status, reply.json()["error"]["type"])
+        assert "nothing was changed" in reply.json()["error"]["message"]
+        body = svc.call("GET", "/v1/deployments").json()
+        assert ("unavailable", None) == (body["shared_state"]["status"], body["replicas"])
+        assert not body["data"][0]["drained"]
+        health = svc.call("GET", "/health", key=None)
+        shared = health.json()["dependencies"]["shared_state"]
+        assert (200, "down") == (health.status, shared["status"])
+    finally:
+        assert 0 == stop_process(proc)
+
+
+def test_without_redis_the_listing_has_no_replicas_and_drains_are_local() -> None:
+    """Without Redis (in-process): `shared_state` is disabled, `replicas` absent, and a drain
+    is this service's alone (`shared: false`); the replies fit the document."""
+    settings = load_settings(None, {"CITADEL_ADMIN_KEY": ADMIN, "CITADEL_ENV": "test"})
+    closed = f"http://127.0.0.1:{free_port()}"
+    deployment = Deployment(name="solo-a", url=closed, upstream_model="m")
+    settings = settings.with_models((Model(name="solo", deployments=(deployment,)),))
+    headers = {"authorization": f"Bearer {ADMIN}"}
+
+    async def run() -> tuple[Any, ...]:
+        app = create_app(settings, RoutingDeps(client=HttpClient()))
+        async with AsyncTestClient(app) as client:
+            document = Conformance((await client.get("/openapi.json")).json())
+            listing = await client.get("/v1/deployments", headers=headers)
+            drained = await client.post("/v1/deployments/solo-a/drain", headers=headers)
+            restored = await client.post("/v1/deployments/solo-a/restore", headers=headers)
+        for method, path, reply in (
+            ("GET", "/v1/deployments", listing),
+            ("POST", "/v1/deployments/solo-a/drain", drained),
+            ("POST", "/v1/deployments/solo-a/restore", restored),
+        ):
+            document.check(method, path, reply.status_code, reply.content, "application/json")
+        return listing.json(), drained.json(), restored.json()
+
+    listing, drained, restored = asyncio.run(run())
+    assert "disabled" == listing["shared_state"]["status"]
+    assert "replicas" not in listing
+    assert (True, False) == (drained["deployment"]["drained"], drained["shared"])
+    assert not restored["deployment"]["drained"]

@@ -54,8 +54,8 @@ assert get_args(Task) == TASKS
 
 
 class RouteRequest(msgspec.Struct):
-    """An OpenAI request body (at most one of messages, prompt, input) and ``task``; other
-    fields are checked as the gateway checks them (``citadel.openai.requests``)."""
+    """An OpenAI request body (at most one of messages, prompt, input) and `task`; other
+    fields are checked as the gateway checks them (`citadel.openai.requests`)."""
 
     model: Annotated[
         str, Meta(description="a model, an alias or a virtual model", examples=["auto"])
@@ -139,7 +139,7 @@ class Excluded(msgspec.Struct):
 
 
 class CandidateScore(msgspec.Struct, kw_only=True):
-    """A candidate with what the balancers weigh (``citadel.routing.balancer``)."""
+    """A candidate with what the balancers weigh (`citadel.routing.balancer`)."""
 
     deployment: str
     weight: float
@@ -155,7 +155,7 @@ class CandidateScore(msgspec.Struct, kw_only=True):
 
 
 class Evaluation(msgspec.Struct, kw_only=True):
-    """What ``Router.select`` would do for one model."""
+    """What `Router.select` would do for one model."""
 
     model: str
     balancer: str
