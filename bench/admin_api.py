@@ -3,11 +3,14 @@ new code side by side in one run, and the ratio.
 
     .venv/bin/python bench/admin_api.py --old /tmp/citadel-old      # a checkout of the old code
     git worktree add /tmp/citadel-old ce256a0                        # (the last hand-built one)
+    .venv/bin/python bench/admin_api.py --service routing-api --old /tmp/citadel-old-routing
 
-Each side is ``python -m citadel serve rate-limiting-api`` from its own ``src/`` on a fresh SQLite
-database with the memory limiter; one keep-alive connection sends each call back to back for
-``--duration`` seconds after a warm-up (concurrency 1: the cost of one request through each
-stack). Sides alternate per call and per run; medians of ``--runs`` runs are printed.
+Each side is ``python -m citadel serve SERVICE`` from its own ``src/``: rate-limiting-api on a
+fresh SQLite database with the memory limiter; routing-api over three deployments (on a closed
+port: its probes fail, nothing is sent) with the shared state on ``--redis``, read only (both
+sides list the same keys; nothing is drained). One keep-alive connection sends each call back to
+back for ``--duration`` seconds after a warm-up (concurrency 1: the cost of one request through
+each stack). Sides alternate per call and per run; medians of ``--runs`` runs are printed.
 """
 
 from __future__ import annotations
@@ -26,11 +29,24 @@ from pathlib import Path
 import orjson
 
 ADMIN = "sk-bench-admin"
-CONFIG = """
+CONFIGS = {
+    "rate-limiting-api": """
 tiers:
   open: {{}}
 accounts: {{database: "sqlite+aiosqlite:///{db}", default_tier: open}}
-"""
+""",
+    "routing-api": """
+endpoints: {{redis: "{redis}"}}
+models:
+  - name: general
+    deployments:
+      - {{name: bench-a, url: "http://127.0.0.1:{closed}", model: m}}
+      - {{name: bench-b, url: "http://127.0.0.1:{closed}", model: m}}
+  - name: coder
+    specialties: [code]
+    deployments: [{{name: bench-c, url: "http://127.0.0.1:{closed}", model: m}}]
+""",
+}
 HERE = Path(__file__).resolve().parent.parent
 
 
@@ -41,9 +57,12 @@ def free_port() -> int:
         return port
 
 
-def start(source: Path, tmp: Path, name: str) -> tuple[subprocess.Popen[bytes], int]:
+def start(
+    source: Path, tmp: Path, name: str, service: str, redis: str
+) -> tuple[subprocess.Popen[bytes], int]:
     config = tmp / f"{name}.yaml"
-    config.write_text(CONFIG.format(db=tmp / f"{name}.db"), encoding="utf-8")
+    text = CONFIGS[service].format(db=tmp / f"{name}.db", redis=redis, closed=free_port())
+    config.write_text(text, encoding="utf-8")
     port = free_port()
     env = {
         **os.environ,
@@ -53,7 +72,7 @@ def start(source: Path, tmp: Path, name: str) -> tuple[subprocess.Popen[bytes], 
         "CITADEL_LOG_LEVEL": "warning",
     }
     command = [sys.executable, "-m", "citadel", "--config", str(config)]
-    command += ["serve", "rate-limiting-api", "--port", str(port)]
+    command += ["serve", service, "--port", str(port)]
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -75,8 +94,20 @@ def call(
     return response.status, response.read()
 
 
-def calls(port: int) -> dict[str, tuple[str, str, object]]:
-    """The typical calls, on a user made for them."""
+def calls(service: str, port: int) -> dict[str, tuple[str, str, object]]:
+    """The typical calls of ``service``."""
+    if service == "routing-api":
+        return {
+            "GET /health": ("GET", "/health", None),
+            "GET /v1/deployments (Redis)": ("GET", "/v1/deployments", None),
+            "GET /v1/deployments/{name}": ("GET", "/v1/deployments/bench-a", None),
+            "POST /v1/route": (
+                "POST",
+                "/v1/route",
+                {"model": "auto", "messages": [{"role": "user", "content": "def f(): pass"}]},
+            ),
+            "POST /v1/route (bad)": ("POST", "/v1/route", {"model": "general", "max_tokens": 0}),
+        }
     conn = http.client.HTTPConnection("127.0.0.1", port)
     status, raw = call(conn, "POST", "/v1/users", {"name": "Ada", "email": "ada@example.com"})
     assert status == 201, raw
@@ -117,13 +148,20 @@ def main() -> int:
     parser.add_argument("--new", type=Path, default=HERE, help="checkout of the new code")
     parser.add_argument("--duration", type=float, default=2.0, help="seconds per call and side")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--service", choices=sorted(CONFIGS), default="rate-limiting-api")
+    parser.add_argument(
+        "--redis", default="redis://127.0.0.1:6379/0", help="routing-api's shared state"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         tmp = Path(scratch)
-        old, old_port = start(args.old, tmp, "old")
-        new, new_port = start(args.new, tmp, "new")
+        old, old_port = start(args.old, tmp, "old", args.service, args.redis)
+        new, new_port = start(args.new, tmp, "new", args.service, args.redis)
         try:
-            sides = {"old": calls(old_port), "new": calls(new_port)}
+            sides = {
+                side: calls(args.service, port)
+                for side, port in (("old", old_port), ("new", new_port))
+            }
             ports = {"old": old_port, "new": new_port}
             results: dict[tuple[str, str], list[tuple[float, float]]] = {}
             for run in range(args.runs):

@@ -53,6 +53,8 @@ What ``create_service`` gives every app:
 - Query parameters a handler does not declare are a 400 naming them.
 - ``GET /openapi.json`` (OpenAPI 3.1, generated from the handlers and Structs) and ``GET /docs``
   (Swagger UI from files shipped in this package: no CDN, so it works air-gapped).
+- ``documented_body(Struct)`` as a handler's ``operation_class``: the document describes a body
+  the handler reads and checks itself (``await request.body()``).
 - ``x-request-id`` on every response (the client's, if well-formed, else a new one).
 
 Litestar 2.25 wants every handler argument marked: ``FromPath[...]``, ``FromQuery[...]``,
@@ -63,12 +65,14 @@ refuses unknown fields); stores go in by dependency injection (``Provide``) unde
 """
 
 from citadel.web.app import ErrorTranslation, Injected, Struct, create_service, errors, provide
+from citadel.web.docs import documented_body
 
 __all__ = [
     "ErrorTranslation",
     "Injected",
     "Struct",
     "create_service",
+    "documented_body",
     "errors",
     "provide",
 ]

@@ -33,6 +33,7 @@ from citadel.errors import (
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
+    Unauthorized,
 )
 from citadel.health import HealthCheck, Status, check_all
 from citadel.metrics import HTTP_REQUESTS, SERVICE_INFO, Registry
@@ -158,14 +159,22 @@ def create_service(
             body |= await health_extra()
         return Response(body, status_code=503 if status == "down" else 200)  # type: ignore[arg-type]
 
+    token = settings.metrics_token()
+    scrape_key = None if token is None else AdminKey(token)
+
     @get(
         "/metrics",
         summary="Metrics in the Prometheus text format",
+        description="Open, or behind `metrics.token` (by default the admin key outside "
+        "development and test).",
         tags=["operations"],
         security=[],
         media_type=_PROMETHEUS,
+        responses={401: ResponseSpec(None, description="metrics.token is set and not sent")},
     )
-    async def metrics_handler() -> Response[bytes]:
+    async def metrics_handler(request: Request[Any, Any, Any]) -> Response[bytes]:
+        if scrape_key is not None:
+            _scrape_token(scrape_key, request.headers.get("authorization"))
         body = registry.render()
         if metrics_extra is not None:
             body += await metrics_extra()
@@ -218,6 +227,19 @@ def create_service(
         logging_config=None,
         debug=False,
     )
+
+
+def _scrape_token(key: AdminKey, authorization: str | None) -> None:
+    """Refuse a scrape without ``metrics.token`` (as the gateway's own /metrics does)."""
+    try:
+        key.verify(None if authorization is None else authorization.encode("latin-1"))
+    except Unauthorized as exc:
+        raise Unauthorized(
+            "/metrics needs 'Authorization: Bearer <metrics.token>' (or the admin key when "
+            "metrics.token is unset).",
+            code="metrics_token_required",
+            headers=((b"www-authenticate", b'Bearer realm="metrics"'),),
+        ) from exc
 
 
 def _run_all(hooks: Sequence[Hook]) -> Hook:
