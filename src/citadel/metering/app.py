@@ -27,13 +27,13 @@ from citadel.accounts.store import AccountStore
 from citadel.errors import ApiError, BadRequest, StoreUnavailable, Unavailable
 from citadel.health import DependencyHealth, HealthCheck, store_scheme
 from citadel.metering.analytics import Analytics
-from citadel.metering.api import CONTROLLERS, Reader
+from citadel.metering.api import CONTROLLERS, Reader, provide_reader
 from citadel.metering.business import BusinessMetrics
 from citadel.metering.ranges import QueryError
 from citadel.metering.writer_task import CHECK_TIMEOUT, LedgerWriterLike, WriterTask, writer_lag
 from citadel.metrics import Registry
 from citadel.settings import Settings
-from citadel.web import create_service, provide
+from citadel.web import create_service
 
 __all__ = ["LedgerWriterLike", "MeteringDeps", "create_app", "default_deps"]
 
@@ -156,7 +156,7 @@ def create_app(settings: Settings, deps: MeteringDeps) -> Litestar:
         settings=settings,
         registry=deps.registry,
         admin=CONTROLLERS,
-        dependencies={"reader": provide(reader)},
+        dependencies={"reader": provide_reader(reader)},
         health=_health_checks(settings, deps, runner),
         health_extra=ledger_lag,
         # first: it brings the writer's error count in the registry up to date
