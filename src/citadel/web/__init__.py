@@ -42,7 +42,8 @@ What ``create_service`` gives every app:
   fields of the service's own.
 - ``GET /metrics`` (no key): the service's ``Registry`` in the Prometheus text format, with
   ``citadel_service_info`` and ``citadel_http_requests_total`` by route template and status;
-  ``metrics_extra`` appends series rendered at scrape time.
+  ``metrics_extra`` appends series rendered at scrape time (called before the registry
+  renders, so it may bring the registry's own series up to date).
 - The admin key on every handler passed as ``admin`` (a ``before_request`` hook rather than a
   guard: Litestar copies the handler object on every guard call) (the router carries the
   OpenAPI ``bearer`` security requirement); handlers passed as ``public`` are open.
