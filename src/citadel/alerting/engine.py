@@ -63,6 +63,7 @@ __all__ = [
     "Evaluator",
     "Finding",
     "LedgerSource",
+    "Outcome",
     "PrometheusSource",
     "Scheduler",
     "Source",
@@ -98,26 +99,6 @@ class Finding:
     forecast_upper: float | None = None
     score: float | None = None  # anomaly rules
 
-    def to_json(self) -> dict[str, object]:
-        return {
-            "series": dict(self.series),
-            "outcome": self.outcome,
-            "detail": self.detail,
-            "points": self.points,
-            "value": self.value,
-            "model": self.model,
-            "crossing_at": _iso(self.crossing_at),
-            "forecast": None
-            if self.forecast_at is None
-            else {
-                "at": _iso(self.forecast_at),
-                "mean": self.forecast_mean,
-                "lower": self.forecast_lower,
-                "upper": self.forecast_upper,
-            },
-            "score": self.score,
-        }
-
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Evaluation:
@@ -139,22 +120,6 @@ class Evaluation:
             if outcome in outcomes:
                 return outcome
         return "insufficient_history"  # no series at all: nothing to judge yet
-
-    def to_json(self) -> dict[str, object]:
-        rule = self.rule
-        return {
-            "rule": rule.name,
-            "kind": rule.kind,
-            "source": rule.source,
-            "threshold": rule.threshold,
-            "direction": rule.direction,
-            "severity": rule.severity,
-            "at": _iso(self.at),
-            "outcome": self.outcome,
-            "error": self.error,
-            "duration_seconds": self.duration,
-            "findings": [f.to_json() for f in self.findings],
-        }
 
 
 def _iso(when: float | None) -> str | None:

@@ -8,7 +8,7 @@ import os
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Annotated, Any, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Generic, Literal, TypeAlias, TypeVar
 
 import msgspec
 from litestar import Litestar, Request, Response, Router, get
@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ErrorTranslation",
     "Injected",
+    "Listing",
     "Struct",
     "create_service",
     "errors",
@@ -76,6 +77,13 @@ _RESERVED = frozenset(
 
 class Struct(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """A request body: an unknown field is a 400 naming it. Replies may use it too."""
+
+
+class Listing(msgspec.Struct, Generic[_T]):
+    """A list reply, as OpenAI's: ``{"object": "list", "data": [...]}``."""
+
+    data: list[_T]
+    object: Literal["list"] = "list"
 
 
 Injected: TypeAlias = Annotated[_T, Dependency(kind="named"), SkipValidationMarker()]
@@ -240,7 +248,10 @@ def _short(text: str) -> str:
 
 def _query_names(handler: BaseRouteHandler) -> frozenset[str]:
     names = set()
+    injected = handler.resolve_dependencies()  # given by name, not from the query
     for field in handler.parsed_fn_signature.parameters.values():
+        if field.name in injected:
+            continue
         alias = getattr(field.kwarg_definition, "query", None)
         names.add(alias or field.name)
     return frozenset(names - _RESERVED)
