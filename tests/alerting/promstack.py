@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 import pytest
@@ -150,10 +151,12 @@ models:
 
 
 class Load:
-    """Requests to the gateway from a background thread, one connection, until stopped."""
+    """Requests to the gateway from a background thread, one connection, until stopped; every
+    other one streamed when ``stream`` (so that the time to first token is measured too)."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, *, stream: bool = False) -> None:
         self.port = port
+        self.stream = stream
         self.sent = 0
         self.errors: list[str] = []
         self._stop = threading.Event()
@@ -161,12 +164,16 @@ class Load:
         self._thread.start()
 
     def _run(self) -> None:
-        body = orjson.dumps({"model": "sim-chat", "max_tokens": 4,
-                             "messages": [{"role": "user", "content": "hi"}]})  # fmt: skip
+        request = {"model": "sim-chat", "max_tokens": 4,
+                   "messages": [{"role": "user", "content": "hi"}]}  # fmt: skip
+        bodies = [orjson.dumps(request)]
+        if self.stream:
+            bodies.append(orjson.dumps({**request, "stream": True}))
         headers = {"authorization": f"Bearer {ADMIN_KEY}", "content-type": "application/json"}
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
         while not self._stop.is_set():
             try:
+                body = bodies[self.sent % len(bodies)]
                 conn.request("POST", "/v1/chat/completions", body=body, headers=headers)
                 response = conn.getresponse()
                 response.read()
@@ -185,15 +192,18 @@ class Load:
         self._thread.join(10)
 
 
-def served(stack: Stack) -> float:
-    """The gateway's request counter as Prometheus last scraped it."""
-    status, doc = get(stack.prometheus, "/api/v1/query?query=sum(citadel_gateway_requests_total)")
+def served(stack: Stack, query: str = "sum(citadel_gateway_requests_total)") -> float:
+    """The gateway's request counter (or ``query``) as Prometheus last scraped it."""
+    status, doc = get(stack.prometheus, f"/api/v1/query?query={quote(query)}")
     assert 200 == status, doc
     result = doc["data"]["result"]
     return float(result[0]["value"][1]) if result else 0.0
 
 
-def alerting_config(stack: Stack, name: str, rules: str, **endpoints: int) -> Path:
+def alerting_config(
+    stack: Stack, name: str, rules: str, *, defaults: bool = False, **endpoints: int
+) -> Path:
+    """A citadel.yaml of the service over the stack: ``rules`` only, or the default rules too."""
     path = stack.tmp / name
     path.write_text(
         f"""
@@ -201,6 +211,7 @@ endpoints:
   prometheus: "http://127.0.0.1:{endpoints.get("prometheus", stack.prometheus)}"
   alertmanager: "http://127.0.0.1:{stack.alertmanager}"
 alerting:
+  defaults: {"true" if defaults else "false"}
   interval_seconds: 1
   resend_seconds: 2
 {rules}

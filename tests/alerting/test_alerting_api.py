@@ -4,14 +4,18 @@ the admin key and the error bodies, and schemathesis over the whole document."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+
+from citadel.alerting.defaults import ALARM_SCORE, DEFAULT_NAMES
 
 from conformance import Conformance, fuzz
 from promstack import (
@@ -99,22 +103,36 @@ class Service:
         return reply
 
 
-@pytest.fixture(scope="module")
-def service(stack: Stack) -> Iterator[Service]:
-    """The service over the gateway's request counter, after a few seconds of load."""
-    load = Load(stack.gateway)
+@contextlib.contextmanager
+def running(
+    stack: Stack, config: Path, *, stream: bool = False, scraped: str | None = None
+) -> Iterator[Service]:
+    """The service on ``config`` under load, once Prometheus has scraped some (``scraped``: a
+    query that must be above 0 first); stopped cleanly, with no traceback, on leaving."""
+    load = Load(stack.gateway, stream=stream)
     proc: subprocess.Popen[bytes] | None = None
     try:
-        wait_for("Prometheus to scrape the load", lambda: served(stack) > 0, 15)
+        if scraped is None:
+            wait_for("Prometheus to scrape the load", lambda: served(stack) > 0, 15)
+        else:
+            wait_for(f"Prometheus to have {scraped}", lambda: served(stack, scraped) > 0, 15)
         port = free_port()
-        proc = serve_alerting(alerting_config(stack, "api.yaml", RULES), port)
+        proc = serve_alerting(config, port)
         yield Service(port, Conformance.fetch("127.0.0.1", port))
+
     finally:
         load.stop()
         if proc is not None:
             output = process_output(proc)
             assert 0 == stop_process(proc), output[-3000:]
             assert "Traceback" not in output, output[-3000:]
+
+
+@pytest.fixture(scope="module")
+def service(stack: Stack) -> Iterator[Service]:
+    """The service over the gateway's request counter, after a few seconds of load."""
+    with running(stack, alerting_config(stack, "api.yaml", RULES)) as found:
+        yield found
 
 
 def test_every_operation_answers_what_its_document_says(service: Service, stack: Stack) -> None:
@@ -199,3 +217,75 @@ def test_errors_keep_their_status_and_openai_body(service: Service) -> None:
 def test_schemathesis_finds_no_5xx_and_no_schema_mismatch(service: Service) -> None:
     """Every operation of the served document, the stateful phase included: all checks pass."""
     fuzz(service.port, ADMIN_KEY)
+
+
+def test_a_fresh_start_has_the_default_rules_and_they_evaluate_on_prometheus(
+    stack: Stack,
+) -> None:
+    """With no `alerting:` section the service has its default rules (request-rate and 5xx-ratio
+    anomalies, the p95 TTFT forecast against the SLO); Prometheus accepted their PromQL at start,
+    and each evaluates to one series per model of the gateway's own metrics."""
+    config = stack.tmp / "fresh.yaml"
+    config.write_text(
+        f'endpoints: {{prometheus: "http://127.0.0.1:{stack.prometheus}"}}\n', encoding="utf-8"
+    )
+    ttft = "sum(gen_ai_server_time_to_first_token_seconds_count)"
+    with running(stack, config, stream=True, scraped=ttft) as service:
+        rules = service.call("GET", "/v1/rules").json()["data"]
+        assert list(DEFAULT_NAMES) == [r["name"] for r in rules]
+        assert all(r["default"] for r in rules)
+        assert [ALARM_SCORE, ALARM_SCORE] == [r["score_threshold"] for r in rules[:2]]
+        assert 1.0 == rules[2]["threshold"]  # the default TTFT objective: 95 % under 1 s
+
+        def evaluated() -> dict[str, Any] | None:
+            found = {e["rule"]: e for e in service.call("POST", "/v1/evaluate").json()["data"]}
+            each = all(e["findings"] for e in found.values())
+            return found if each else None
+
+        found = wait_for("a series for every default rule", evaluated, 30, interval=1)
+        for name, evaluation in found.items():
+            assert evaluation["error"] is None, evaluation
+            assert [{"model": "sim-chat"}] == [f["series"] for f in evaluation["findings"]], name
+            assert evaluation["outcome"] in ("ok", "firing", "insufficient_history"), evaluation
+        [errors] = found["ModelErrorRatioAnomaly"]["findings"]
+        assert 0.0 == errors["value"]  # no 5xx: a ratio of 0, not a missing series
+        [latency] = found["ModelTtftForecast"]["findings"]
+        assert 0.0 < latency["value"] < 1.0
+        forecasts = service.call("GET", "/v1/forecasts").json()["data"]
+        assert ["ModelTtftForecast"] == [e["rule"] for e in forecasts]
+        anomalies = service.call("GET", "/v1/anomalies").json()["data"]
+        assert ["ModelRequestRateAnomaly", "ModelErrorRatioAnomaly"] == [
+            e["rule"] for e in anomalies
+        ]
+
+
+def test_a_default_rule_is_replaced_by_name_and_scores_the_gateways_traffic(stack: Stack) -> None:
+    """A rule of citadel.yaml named as a default replaces it (here: the request-rate anomaly at a
+    step of 1 s, so it has history within seconds): the default detector scores the gateway's
+    request rate per model."""
+    rules = """
+  rules:
+    - name: ModelRequestRateAnomaly
+      kind: anomaly
+      query: sum by (model) (rate(citadel_gateway_requests_total[5s]))
+      lookback_seconds: 30
+      step_seconds: 1
+      min_points: 5
+"""
+    with running(stack, alerting_config(stack, "over.yaml", rules, defaults=True)) as service:
+        listed = {r["name"]: r for r in service.call("GET", "/v1/rules").json()["data"]}
+        assert set(DEFAULT_NAMES) == set(listed)
+        assert (False, 1.0) == (
+            listed["ModelRequestRateAnomaly"]["default"],
+            listed["ModelRequestRateAnomaly"]["step_seconds"],
+        )
+
+        def scored() -> list[dict[str, Any]]:
+            anomalies = service.call("GET", "/v1/anomalies").json()["data"]
+            rate = next((e for e in anomalies if e["rule"] == "ModelRequestRateAnomaly"), None)
+            return [f for f in rate["findings"] if f["score"] is not None] if rate else []
+
+        [finding] = wait_for("a score of the request rate", scored, 30, interval=1)
+        assert {"model": "sim-chat"} == finding["series"]
+        assert 0.0 <= finding["score"] <= 1.0
+        assert finding["points"] >= 5

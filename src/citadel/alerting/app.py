@@ -36,6 +36,7 @@ from litestar import Litestar
 from citadel.alerting.alertmanager import AlertBook, AlertmanagerClient, AlertmanagerError
 from citadel.alerting.anomaly import default_detector
 from citadel.alerting.api import CONTROLLERS, Alerting
+from citadel.alerting.defaults import default_rules
 from citadel.alerting.definitions import AlertingSettings, Rule, parse_alerting
 from citadel.alerting.engine import (
     Detector,
@@ -52,10 +53,11 @@ from citadel.errors import ConfigError
 from citadel.health import DependencyHealth, HealthCheck
 from citadel.http.client import HttpClient
 from citadel.metrics import Registry
+from citadel.observability.names import default_slos
 from citadel.settings import Settings
 from citadel.web import create_service, provide
 
-__all__ = ["AlertingDeps", "create_app", "default_deps", "validate_rules"]
+__all__ = ["AlertingDeps", "alerting_settings", "create_app", "default_deps", "validate_rules"]
 
 _log = logging.getLogger("citadel.alerting")
 _SHUTDOWN_FLUSH_SECONDS = 2.0
@@ -119,7 +121,7 @@ def default_deps(settings: Settings) -> AlertingDeps:
     )
     spend: SpendReader | None = None
     close: list[Callable[[], Awaitable[None]]] = [http.aclose]
-    rules = parse_alerting(settings.alerting).rules
+    rules = alerting_settings(settings).rules
     if any(rule.ledger is not None for rule in rules):
         from citadel.accounts.sql import build_engine
         from citadel.metering.analytics import Analytics
@@ -136,6 +138,12 @@ def default_deps(settings: Settings) -> AlertingDeps:
         registry=registry,
         close=tuple(close),
     )
+
+
+def alerting_settings(settings: Settings) -> AlertingSettings:
+    """The ``alerting:`` section with the default rules for the configured models' SLOs."""
+    models = [model.name for model in settings.models]
+    return parse_alerting(settings.alerting, default_rules(default_slos(models)))
 
 
 async def validate_rules(rules: tuple[Rule, ...], client: PrometheusClient) -> None:
@@ -157,7 +165,7 @@ async def validate_rules(rules: tuple[Rule, ...], client: PrometheusClient) -> N
 def create_app(settings: Settings, deps: AlertingDeps) -> Litestar:
     """The predictive-alerting service: its JSON API, /docs, /openapi.json, /health, /metrics.
     The evaluation loop and the Alertmanager queue run from the app's start to its stop."""
-    alerting = parse_alerting(settings.alerting)
+    alerting = alerting_settings(settings)
     port = settings.ports.predictive_alerting
     service = _Service(settings, alerting, deps, f"http://{settings.hostname}:{port}/v1/alerts")
     health: dict[str, HealthCheck] = {}

@@ -62,6 +62,7 @@ class RuleReply(msgspec.Struct):
     severity: Severity
     labels: dict[str, str]
     summary: str
+    default: Annotated[bool, Meta(description="one of the service's default rules")]
 
     @classmethod
     def of(cls, rule: Rule) -> RuleReply:
@@ -82,6 +83,7 @@ class RuleReply(msgspec.Struct):
             severity=rule.severity,
             labels=dict(rule.labels),
             summary=rule.summary,
+            default=rule.default,
         )
 
 
