@@ -182,6 +182,8 @@ def test_every_operation_answers_what_its_document_says(service: Service, stack:
     assert "ok" == health["status"]
     assert {"prometheus", "alertmanager"} == set(health["dependencies"])
     assert health["last_evaluation"].endswith("Z")
+    assert health["rounds"]["completed"] >= 1
+    assert health["rounds"]["first_in_progress"] is False
     states = {r["rule"]: r for r in health["rules"]}
     [models] = states["RequestsPastZero"]["models"].values()
     assert models[0]["points_seen"] >= 3

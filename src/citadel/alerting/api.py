@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import msgspec
 from litestar import Controller, get, post
 
 from citadel.alerting.alertmanager import AlertBook, AlertmanagerClient
@@ -18,6 +19,7 @@ from citadel.alerting.bodies import (
     DeliveryReply,
     EvaluationReply,
     ModelReply,
+    RoundsReply,
     RuleReply,
     RuleStateReply,
     iso,
@@ -61,7 +63,11 @@ class Alerting:
                     },
                 )
             )
-        return {"last_evaluation": iso(self.scheduler.last_run), "rules": rules}
+        return {
+            "last_evaluation": iso(self.scheduler.last_run),
+            "rounds": msgspec.convert(self.scheduler.round_state(), RoundsReply),
+            "rules": rules,
+        }
 
 
 State = Injected[Alerting]

@@ -21,6 +21,7 @@ __all__ = [
     "AlertsListing",
     "DeliveryReply",
     "EvaluationReply",
+    "RoundsReply",
     "RuleReply",
     "RuleStateReply",
     "iso",
@@ -249,3 +250,14 @@ class RuleStateReply(msgspec.Struct):
     outcome: Outcome | Literal["pending"]
     error: str | None
     models: dict[str, list[ModelReply]]
+
+
+class RoundsReply(msgspec.Struct):
+    """The evaluation loop as /health shows it."""
+
+    completed: int
+    skipped: Annotated[int, Meta(description="interval ticks passed over by rounds that overran")]
+    last_seconds: Annotated[float | None, Meta(description="the last round's duration")]
+    first_in_progress: Annotated[
+        bool, Meta(description="the first round (which fits every model) is still running")
+    ]

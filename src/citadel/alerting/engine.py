@@ -448,6 +448,10 @@ class Scheduler:
     generator_url: str = ""
     latest: dict[str, Evaluation] = field(default_factory=dict)
     last_run: float | None = None
+    rounds: int = 0  # evaluation rounds of ``run`` completed
+    rounds_skipped: int = 0  # interval ticks passed over because a round outlasted them
+    last_round_seconds: float | None = None
+    in_round: bool = False
 
     def __post_init__(self) -> None:
         self._evaluations = self.registry.counter(ALERTING_EVALUATIONS)
@@ -498,9 +502,29 @@ class Scheduler:
         return [await self.evaluate(rule, now=now) for rule in self.settings.rules]
 
     async def run(self) -> None:
-        """Evaluate every rule each interval until cancelled."""
+        """Evaluate every rule each interval until cancelled. A round that outlasts the interval
+        skips the ticks it overran (counted in ``rounds_skipped``) and the next round starts at
+        the next tick, so slow rounds never pile up nor run back to back."""
         interval = self.settings.interval_seconds
         while True:
             started = time.monotonic()
-            await self.evaluate_all()
-            await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+            self.in_round = True
+            try:
+                await self.evaluate_all()
+            finally:
+                self.in_round = False
+            elapsed = time.monotonic() - started
+            self.rounds += 1
+            self.last_round_seconds = elapsed
+            self.rounds_skipped += int(elapsed // interval)
+            await asyncio.sleep(interval - elapsed % interval)
+
+    def round_state(self) -> dict[str, object]:
+        """For /health: rounds completed and skipped, the last one's duration, and whether the
+        first round is still running (it fits every model, so it may take longest)."""
+        return {
+            "completed": self.rounds,
+            "skipped": self.rounds_skipped,
+            "last_seconds": self.last_round_seconds,
+            "first_in_progress": self.in_round and self.rounds == 0,
+        }
