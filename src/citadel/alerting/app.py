@@ -201,7 +201,9 @@ class _Service:
         self.alerting = alerting
         self.deps = deps
         evaluator = Evaluator(
-            detector_factory=deps.detector_factory, timezone=settings.limits.timezone
+            detector_factory=deps.detector_factory,
+            timezone=settings.limits.timezone,
+            reselect_seconds=alerting.reselect_seconds,
         )
         valid = max(4 * max(alerting.interval_seconds, alerting.resend_seconds), 300.0)
         book = AlertBook(resend_seconds=alerting.resend_seconds, valid_seconds=valid)

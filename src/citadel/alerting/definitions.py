@@ -4,6 +4,7 @@
       defaults: true                # the default rules (or false, or a list of their names)
       interval_seconds: 30          # how often every rule is evaluated
       resend_seconds: 60            # a firing alert is re-sent to Alertmanager this often
+      reselect_seconds: 3600        # auto rules re-backtest every candidate this often (0: always)
       generator_url: https://...    # optional; default: this service's /v1/alerts
       rules:
         - name: GatewayLatencyRising
@@ -121,6 +122,9 @@ class Rule:
 class AlertingSettings:
     interval_seconds: float = 30.0
     resend_seconds: float = 60.0
+    # auto-model rules keep their backtested choice this long (refitting only it each round),
+    # unless it drifts; 0: backtest every candidate at every evaluation
+    reselect_seconds: float = 3600.0
     generator_url: str | None = None
     rules: tuple[Rule, ...] = ()
 
@@ -243,9 +247,19 @@ _RULE: dict[str, Parser] = {
     "labels": _labels,
     "summary": _any_text,
 }
+
+
+def _non_negative(value: object, key: str) -> float:
+    number = _number(value, key)
+    if number < 0:
+        raise ConfigError(key, value, "a number >= 0")
+    return number
+
+
 _TOP: dict[str, Parser] = {
     "interval_seconds": _positive,
     "resend_seconds": _positive,
+    "reselect_seconds": _non_negative,
     "generator_url": _text,
 }
 

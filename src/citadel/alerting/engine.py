@@ -140,9 +140,9 @@ def _fmt(value: float) -> str:
     return f"{value:.6g}"
 
 
-def selector_for(rule: Rule, horizon_steps: int) -> Selector:
+def selector_for(rule: Rule, horizon_steps: int, reselect_seconds: float = 0.0) -> Selector:
     """The forecaster of ``rule.model``: every candidate ("auto") or one, behind a Selector so
-    that its state reads the same either way."""
+    that its state reads the same either way. "auto" keeps its choice ``reselect_seconds``."""
     horizon = max(1, min(horizon_steps, _BACKTEST_STEPS))
     one: dict[str, Callable[[], Forecaster]] = {
         "linear": LinearForecaster,
@@ -150,7 +150,9 @@ def selector_for(rule: Rule, horizon_steps: int) -> Selector:
         "ets": EtsForecaster,
     }
     if rule.model == "auto":
-        return Selector(default_candidates(), horizon=horizon)
+        return Selector(
+            default_candidates(), horizon=horizon, reselect_seconds=reselect_seconds or None
+        )
     if rule.model == "lstm":
         return Selector(default_candidates(lstm=True)[2:3], horizon=horizon)
     return Selector([one[rule.model]], horizon=horizon)
@@ -163,9 +165,11 @@ class Evaluator:
         self,
         *,
         detector_factory: Callable[[], Detector] | None = None,
-        selector_factory: Callable[[Rule, int], Selector] = selector_for,
+        selector_factory: Callable[[Rule, int, float], Selector] = selector_for,
         timezone: str = "UTC",
+        reselect_seconds: float = 0.0,
     ) -> None:
+        self._reselect = reselect_seconds
         self._detector_factory = detector_factory
         self._selector_factory = selector_factory
         self._timezone = timezone
@@ -215,7 +219,7 @@ class Evaluator:
         key = (rule.name, series.key)
         selector = self._selectors.get(key)
         if selector is None:
-            selector = self._selectors[key] = self._selector_factory(rule, steps)
+            selector = self._selectors[key] = self._selector_factory(rule, steps, self._reselect)
         try:
             selector.fit(series.times, series.values, now=now)
             forecast = selector.forecast(steps)
