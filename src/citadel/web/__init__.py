@@ -65,12 +65,21 @@ refuses unknown fields); stores go in by dependency injection (``Provide``) unde
 ``citadel.web.run.serve`` runs the app under uvicorn for ``citadel serve NAME``.
 """
 
-from citadel.web.app import ErrorTranslation, Injected, Struct, create_service, errors, provide
+from citadel.web.app import (
+    ErrorTranslation,
+    Injected,
+    Listing,
+    Struct,
+    create_service,
+    errors,
+    provide,
+)
 from citadel.web.docs import documented_body
 
 __all__ = [
     "ErrorTranslation",
     "Injected",
+    "Listing",
     "Struct",
     "create_service",
     "documented_body",

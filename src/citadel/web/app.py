@@ -8,7 +8,7 @@ import os
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Annotated, Any, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Generic, Literal, TypeAlias, TypeVar
 
 import msgspec
 from litestar import Litestar, Request, Response, Router, get
@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ErrorTranslation",
     "Injected",
+    "Listing",
     "Struct",
     "create_service",
     "errors",
@@ -77,6 +78,13 @@ _RESERVED = frozenset(
 
 class Struct(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """A request body: an unknown field is a 400 naming it. Replies may use it too."""
+
+
+class Listing(msgspec.Struct, Generic[_T]):
+    """A list reply, as OpenAI's: ``{"object": "list", "data": [...]}``."""
+
+    data: list[_T]
+    object: Literal["list"] = "list"
 
 
 Injected: TypeAlias = Annotated[_T, Dependency(kind="named"), SkipValidationMarker()]
