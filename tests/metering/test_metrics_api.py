@@ -139,6 +139,8 @@ def make_events(people: list[Person], count: int, seed: int = 11) -> list[UsageE
         person = rng.choice(people)
         model, deployment = rng.choice(SERVED)
         prompt, completion = rng.randint(1, 3000), rng.randint(0, 1500)
+        status = rng.choice((200, 200, 200, 500))
+        refused = i % 13 == 5  # refused by a limit: a 429, no upstream asked
         events.append(
             UsageEvent(
                 event_id=uuid.uuid4().hex,
@@ -155,11 +157,13 @@ def make_events(people: list[Person], count: int, seed: int = 11) -> list[UsageE
                 completion_tokens=completion,
                 latency_seconds=rng.uniform(0.1, 3.0),
                 ttft_seconds=None,
-                status=rng.choice((200, 200, 200, 500)),
+                status=429 if refused else status,
                 streamed=False,
                 cancelled=False,
                 usage_estimated=False,
                 cost_micros=rng.randint(1, 20_000),
+                reason="requests_per_minute" if refused else "" if status < 400 else "upstream_500",
+                refused=refused,
             )
         )
     return events
@@ -312,6 +316,13 @@ def test_usage_defaults_to_the_last_30_days(seeded: Seeded) -> None:
     assert 1 == len(body["data"])
     row = body["data"][0]
     assert (len(events), sum(e.status >= 400 for e in events)) == (row["requests"], row["errors"])
+    refusals, failures = sum(e.refused for e in events), sum(e.status >= 500 for e in events)
+    assert 0 < refusals < len(events)
+    assert 0 < failures < len(events)
+    assert (refusals, failures) == (row["refusals"], row["failures"])
+    assert refusals / len(events) == pytest.approx(row["refusal_rate"])
+    assert row["errors"] / len(events) == pytest.approx(row["error_rate"])
+    assert failures / len(events) == pytest.approx(row["failure_rate"])
     assert sum(e.prompt_tokens + e.completion_tokens for e in events) == row["total_tokens"]
 
 

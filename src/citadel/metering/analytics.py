@@ -172,6 +172,8 @@ class Analytics:
         seen_model: dict[str, str] = {}
         for row in rows:
             name = row.keys["deployment"]
+            if not name:  # answered by no deployment (refused, or none could take it)
+                continue
             served[name] = served.get(name, Totals()) + row.totals
             seen_model.setdefault(name, row.keys["model"])
         costs: list[DeploymentCost] = []

@@ -96,6 +96,11 @@ def _measures(row: UsageRow) -> dict[str, Any]:
     return {
         "requests": row.requests,
         "errors": row.errors,
+        "refusals": row.refusals,
+        "failures": row.failures,
+        "error_rate": row.error_rate,
+        "refusal_rate": row.refusal_rate,
+        "failure_rate": row.failure_rate,
         "prompt_tokens": row.prompt_tokens,
         "completion_tokens": row.completion_tokens,
         "total_tokens": row.tokens,
@@ -192,6 +197,11 @@ def _columns(rows: list[dict[str, Any]], fallback: Sequence[str]) -> list[str]:
 _MEASURE_COLUMNS: Final = (
     "requests",
     "errors",
+    "refusals",
+    "failures",
+    "error_rate",
+    "refusal_rate",
+    "failure_rate",
     "prompt_tokens",
     "completion_tokens",
     "total_tokens",

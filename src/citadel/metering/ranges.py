@@ -43,11 +43,18 @@ __all__ = [
 
 Dimension = Literal["user", "team", "model", "deployment", "tier"]
 Bucket = Literal["hour", "day", "none"]
-Metric = Literal["cost", "tokens", "requests", "errors"]
+Metric = Literal["cost", "tokens", "requests", "errors", "refusals", "failures"]
 
 DIMENSIONS: Final[tuple[Dimension, ...]] = ("user", "team", "model", "deployment", "tier")
 BUCKETS: Final[tuple[Bucket, ...]] = ("hour", "day", "none")
-METRICS: Final[tuple[Metric, ...]] = ("cost", "tokens", "requests", "errors")
+METRICS: Final[tuple[Metric, ...]] = (
+    "cost",
+    "tokens",
+    "requests",
+    "errors",
+    "refusals",
+    "failures",
+)
 MAX_DAYS: Final = 400  # the longest range any query may span
 MAX_HOURLY_DAYS: Final = 31  # the longest range of hourly buckets (744 of them)
 
