@@ -119,6 +119,7 @@ def _cost_json(cost: DeploymentCost) -> dict[str, Any]:
         "gpus": cost.gpus,
         "gpu_hour_usd": cost.gpu_hour_usd,
         "hours": cost.hours,
+        "costed_from": _iso(cost.costed_from),
         "requests": totals.requests,
         "prompt_tokens": totals.prompt_tokens,
         "completion_tokens": totals.completion_tokens,
@@ -212,7 +213,11 @@ _MEASURE_COLUMNS: Final = (
 )
 _FORMATS: Final = ("json", "csv")
 _RANGE_QUERY: Final = (
-    ("start", "start of the range, inclusive: RFC 3339, a date or Unix seconds; a whole UTC hour"),
+    (
+        "start",
+        "start of the range, inclusive: RFC 3339, a date or Unix seconds (widened to the "
+        "whole UTC hour it falls in)",
+    ),
     ("end", "end of the range, exclusive (default: the end of the current hour)"),
     ("format", "json (default) or csv"),
 )
@@ -391,6 +396,7 @@ _COST_COLUMNS: Final = (
     "gpus",
     "gpu_hour_usd",
     "hours",
+    "costed_from",
     "requests",
     "prompt_tokens",
     "completion_tokens",

@@ -1,8 +1,10 @@
 """Reading the analytics API's query string: each parameter checked, a bad one a ``QueryError``
 naming it (which the API answers 400).
 
-Ranges are ``start`` and ``end`` (RFC 3339, a date, or Unix seconds), whole UTC hours; by default
-the last 30 days up to the end of the current hour.
+Ranges are ``start`` and ``end`` (RFC 3339, a date, or Unix seconds); by default the last 30 days
+up to the end of the current hour. The ledger's rollups count by UTC hour (by UTC day for daily
+buckets), so a time inside an hour widens the range to the whole hour it falls in (``start``
+down, ``end`` up): the reply's ``start`` and ``end`` are the range read.
 """
 
 from __future__ import annotations
@@ -13,7 +15,16 @@ from typing import Final
 from urllib.parse import parse_qsl
 
 from citadel.http.server import Request
-from citadel.metering.ranges import BUCKETS, METRICS, Bucket, Metric, QueryError, TimeRange
+from citadel.metering.ranges import (
+    BUCKETS,
+    METRICS,
+    Bucket,
+    Metric,
+    QueryError,
+    TimeRange,
+    ceil_hour,
+    floor_hour,
+)
 
 __all__ = [
     "DEFAULT_DAYS",
@@ -88,8 +99,9 @@ def parse_metric(query: Mapping[str, str]) -> Metric:
 
 
 def parse_range(query: Mapping[str, str], now: datetime, bucket: Bucket = "none") -> TimeRange:
-    """``start`` and ``end`` from the query; by default the 30 days up to the end of the current
-    hour (of the current day, with daily buckets)."""
+    """``start`` and ``end`` from the query, widened to whole UTC hours (days, with daily
+    buckets); by default the 30 days up to the end of the current hour (of the current day, with
+    daily buckets)."""
     if "end" in query:
         end = parse_time("end", query["end"])
     else:
@@ -99,6 +111,13 @@ def parse_range(query: Mapping[str, str], now: datetime, bucket: Bucket = "none"
         start = parse_time("start", query["start"])
     else:
         start = end - timedelta(days=DEFAULT_DAYS if bucket != "hour" else 1)
+    if end <= start:  # before widening: a range of 10:40 to 10:20 is a mistake, not an hour
+        return TimeRange.checked(start, end, bucket)  # raises, naming 'end'
+    start, end = floor_hour(start), ceil_hour(end)
+    if bucket == "day":
+        start = start.replace(hour=0)
+        if end.hour:
+            end = end.replace(hour=0) + _DAY
     return TimeRange.checked(start, end, bucket)
 
 

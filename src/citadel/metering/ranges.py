@@ -135,6 +135,15 @@ class TimeRange:
         until = min(self.end, max(self.start, now))
         return (until - self.start).total_seconds()
 
+    def seconds_since(self, since: datetime | None, now: datetime) -> float:
+        """How much of the range has passed by ``now`` from ``since`` on, in seconds (0 when
+        ``since`` is None: it never began)."""
+        if since is None:
+            return 0.0
+        start = max(self.start, since)
+        until = min(self.end, now)
+        return max(0.0, (until - start).total_seconds())
+
     def parts(self, bucket: Bucket) -> list[tuple[int, datetime, datetime]]:
         """The sub-ranges of the range, each with the bucket width (seconds) it is read at."""
         if bucket == "hour":
