@@ -9,6 +9,7 @@ analytics a question and answers it again by looping over the events.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import random
 import uuid
@@ -487,6 +488,25 @@ def test_team_budgets_this_month(ledger: str) -> None:
     assert 0 == by_id["team_quiet"].spent_micros
     assert 200_000_000 == by_id["team_quiet"].budget_micros
     assert spent[""] == by_id[""].spent_micros  # users without a team, as the ledger says
+
+
+def test_a_team_with_its_own_budget_is_measured_against_it(ledger: str) -> None:
+    """A budget set on the team (the accounts store's, at run time) replaces its members' sum,
+    even where a member is unlimited; other teams keep the sum."""
+    own = {"team_a": 7_500_000, "team_quiet": 0}
+    teams = [dataclasses.replace(t, budget_micros=own.get(t.id)) for t in TEAM_LIST]
+    span, rows = run(
+        ledger,
+        lambda a: a.budgets("team", now=NOW, settings=settings(), users=USERS, teams=teams),
+    )
+    by_id = {r.id: r for r in rows}
+    spent = sum(e.cost_micros for e in _within(ALL, span) if e.team == "team_a")
+    assert (spent, 7_500_000) == (by_id["team_a"].spent_micros, by_id["team_a"].budget_micros)
+    assert spent / 7_500_000 == by_id["team_a"].utilisation
+    assert (0, None) == (by_id["team_quiet"].budget_micros, by_id["team_quiet"].utilisation)
+    members = [_user_budget(u) for u in USERS if u.team_id == "team_b"]
+    expected = None if None in members else sum(b or 0 for b in members)
+    assert expected == by_id["team_b"].budget_micros
 
 
 # -- deployment costs and savings ---------------------------------------------------------------
