@@ -131,20 +131,36 @@ class Gateway:
         )
         self.upstream = Upstream(settings, client=client, meter=self.meter)
         created = int(time.time())
-        self._models = {
-            name: orjson.dumps(
+
+        def entry(name: str) -> bytes:
+            return orjson.dumps(
                 {"id": name, "object": "model", "created": created, "owned_by": "citadel"}
             )
-            for m in settings.models
-            for name in (m.name, *m.aliases)
-        }
-        self._models_body = b'{"object":"list","data":[' + b",".join(self._models.values()) + b"]}"
+
+        self._models = {name: entry(name) for m in settings.models for name in (m.name, *m.aliases)}
+        self._virtual = {name: entry(name) for name in sorted(self.router.virtual)}
+        # The list each set of allowed models sees (a tier's `models:`), built once per set.
+        self._listings: dict[tuple[str, ...], bytes] = {}
 
     # -- endpoints ---------------------------------------------------------------------------
 
     async def list_models(self, request: Request) -> Response:
-        await self._authenticate(request)
-        return Response(200, self._models_body)
+        """The models (and aliases) the caller's tier may use, and the virtual names (``auto``)
+        when it may use any model."""
+        principal = await self._authenticate(request)
+        body = self._listings.get(principal.models)
+        if body is None:
+            allowed = [
+                self._models[name]
+                for m in self._settings.models
+                if principal.may_use(m.name, *m.aliases)
+                for name in (m.name, *m.aliases)
+            ]
+            if allowed:
+                allowed += self._virtual.values()
+            body = b'{"object":"list","data":[' + b",".join(allowed) + b"]}"
+            self._listings[principal.models] = body
+        return Response(200, body)
 
     async def _authenticate(self, request: Request) -> Principal:
         """The caller, or a 401; a 429 first for an address that failed too often lately."""
@@ -168,10 +184,14 @@ class Gateway:
             raise
 
     async def retrieve_model(self, request: Request) -> Response:
-        """``GET /v1/models/{model}``: a model or alias the gateway serves, else 404."""
-        await self._authenticate(request)
+        """``GET /v1/models/{model}``: a model or alias the gateway serves and the caller's tier
+        may use, or a virtual name (``auto``); else 404 (as OpenAI answers both)."""
+        principal = await self._authenticate(request)
         name = unquote(request.path.removeprefix(MODELS_PREFIX))
-        body = self._models.get(name)
+        model = self._settings.model(name)
+        body = self._models.get(name) or self._virtual.get(name)
+        if model is not None and not principal.may_use(model.name, *model.aliases):
+            body = None
         if body is None:
             raise NotFound(
                 f"The model `{name}` does not exist or you do not have access to it.",
