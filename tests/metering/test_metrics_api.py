@@ -361,6 +361,22 @@ def test_usage_filtered_and_grouped_by_several_fields(seeded: Seeded) -> None:
     assert {"team": team} == body["filters"]
 
 
+def test_usage_by_user_and_team_names_them_beside_their_ids(seeded: Seeded) -> None:
+    """Grouped by user and team, each row (JSON and CSV) carries the user's and the team's name
+    from the accounts store next to the id; an id the accounts do not know has none."""
+    reply = seeded.service.get("/v1/usage", group_by="team,user", format="csv")
+    header, *lines = reply.csv()
+    assert ["team", "team_name", "user", "user_name"] == header[:4]
+    rows = seeded.service.get("/v1/usage", group_by="team,user").json()["data"]
+    by_user = {r["user"]: r for r in rows}
+    assert len(lines) == len(rows)
+    solo = next(p for p in seeded.people if not p.team)
+    assert ("Solo", None) == (by_user[solo.id]["user_name"], by_user[solo.id]["team_name"])
+    first = next(p for p in seeded.people if p.team and p.id in by_user)
+    assert by_user[first.id]["team_name"].startswith("Team ")
+    assert by_user[first.id]["user_name"].startswith("U")
+
+
 def test_top_teams_by_cost(seeded: Seeded) -> None:
     """The top teams are ranked by their events' cost, with their names from the accounts."""
     start, end = TODAY - timedelta(days=30), TODAY + timedelta(days=1)

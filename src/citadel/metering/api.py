@@ -295,11 +295,19 @@ class AnalyticsApi:
         span = parse_range(query, self.now(), bucket)
         filters: dict[Dimension, str] = {d: query[d] for d in DIMENSIONS if d in query}
         rows = await self.analytics.usage(span, group_by=group_by, bucket=bucket, filters=filters)
+        # Users' and teams' names beside their ids (best effort, as /v1/top's).
+        named = [d for d in group_by if d in ("user", "team")]
+        names = {d: await self._names(d) for d in named}
         data = []
         for row in rows:
             item: dict[str, Any] = {"bucket": _iso(row.bucket)} if bucket != "none" else {}
-            data.append(item | dict(row.keys) | _measures(row))
-        columns = [*(["bucket"] if bucket != "none" else []), *group_by, *_MEASURE_COLUMNS]
+            for d, value in row.keys.items():
+                item[d] = value
+                if d in names:
+                    item[f"{d}_name"] = names[d].get(value)
+            data.append(item | _measures(row))
+        keys = [c for d in group_by for c in ((d, f"{d}_name") if d in names else (d,))]
+        columns = [*(["bucket"] if bucket != "none" else []), *keys, *_MEASURE_COLUMNS]
         total = UsageRow(
             bucket=None,
             keys={},
