@@ -130,6 +130,29 @@ def test_wrong_type_in_config_names_the_key(tmp_path: Path) -> None:
     assert "gateway.workers" in one_line(result.stderr)
 
 
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["serve", "gateway", "--port", "99999"], "expected an integer port 1-65535, got '99999'"),
+        (["serve", "gateway", "--port", "70000"], "expected an integer port 1-65535, got '70000'"),
+        (["serve", "gateway", "--port", "-1"], "expected an integer port 1-65535, got '-1'"),
+        (["serve", "gateway", "--port", "0"], "expected an integer port 1-65535, got '0'"),
+        (["serve", "gateway", "--workers", "0"], "expected an integer >= 1, got '0'"),
+        (["sim", "--port", "65536"], "expected an integer port 1-65535, got '65536'"),
+        (["sim", "--workers", "-2"], "expected an integer >= 1, got '-2'"),
+    ],
+)
+def test_out_of_range_flags_are_one_line_saying_what_is_expected(
+    args: list[str], expected: str, tmp_path: Path
+) -> None:
+    """A port outside 1-65535 or no workers exits 2 before anything binds, with one line naming
+    the flag and what it takes, as the settings file's own checks say it."""
+    result = citadel(*args, cwd=tmp_path)
+    assert 2 == result.returncode
+    line = one_line(result.stderr)
+    assert f"argument {args[-2]}: {expected}" in line
+
+
 def test_citadel_yaml_in_the_working_directory_is_read(tmp_path: Path) -> None:
     """Without --config, ./citadel.yaml is read (a bad one is reported by its key)."""
     (tmp_path / "citadel.yaml").write_text('gateway: {workers: "many"}\n')
@@ -321,3 +344,30 @@ def test_up_runs_no_ledger_writer_without_redis() -> None:
     assert _usage_stream(Settings(gateway=gateway, endpoints=Endpoints(redis="127.0.0.1:6379")))
     redis_limits = LimitsSettings(backend="redis://127.0.0.1:6379/3")
     assert _usage_stream(Settings(gateway=gateway, limits=redis_limits))
+
+
+def test_the_up_banner_aligns_its_columns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every row's address starts in the same column, however long the service's name."""
+    from citadel.cli import banner
+    from citadel.settings import load_settings
+
+    monkeypatch.delenv("CITADEL_ADMIN_KEY", raising=False)
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings(None, {})
+    plan: list[tuple[str, list[str], int | None]] = [
+        ("simulator", ["sim"], 8100),
+        ("gateway", ["serve"], 8000),
+        ("predictive-alerting", ["serve"], 9092),
+        ("ledger-writer", ["writer"], None),
+    ]
+    rows = banner(plan, settings).splitlines()[1:]
+    addresses = [
+        "http://localhost:8100",
+        "http://localhost:8000",
+        "http://localhost:9092",
+        settings.metering.stream,
+        settings.gateway.admin_key,
+    ]
+    assert len(addresses) == len(rows)
+    assert 1 == len({row.index(address) for row, address in zip(rows, addresses, strict=True)})
+    assert all(row.endswith(address) for row, address in zip(rows, addresses, strict=True))

@@ -449,6 +449,22 @@ def test_store_endpoints_set_the_limiter_and_accounts_backends(tmp_path: Path) -
     assert "postgresql://db:5432/c" == settings.accounts.database
 
 
+def test_a_tiers_section_without_the_default_tier_says_which_tier_is_missing_and_why(
+    tmp_path: Path,
+) -> None:
+    """Writing `tiers:` replaces the built-in tiers; when accounts.default_tier was not written,
+    its default ('free') is then no tier: the error says so and what to do, listing the tiers."""
+    error = config_error(tmp_path, "tiers: {gold: {}, silver: {requests_per_minute: 60}}")
+    assert ("accounts.default_tier", "free") == (error.key, error.value)
+    message = str(error)
+    for part in ("gold, silver", "'free' is the default", "replaces the built-in tiers"):
+        assert part in message
+    assert "set accounts.default_tier" in message
+    written = config_error(tmp_path, "tiers: {gold: {}}\naccounts: {default_tier: platinum}")
+    assert "expected one of the tiers configured (gold)" in str(written)
+    assert "built-in" not in str(written)  # written by the user: no word about the default
+
+
 @pytest.mark.parametrize(
     ("text", "key"),
     [

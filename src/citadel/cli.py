@@ -17,7 +17,7 @@ from typing import NoReturn
 from citadel import __version__
 from citadel.errors import ConfigError
 from citadel.log import configure_logging
-from citadel.settings import Deployment, Model, Price, Settings, load_settings
+from citadel.settings import Deployment, Model, Price, Settings, load_settings, parsers
 
 # Services that exist so far, by their `citadel serve NAME` name; each entry: the settings port
 # attribute and the factory wiring function.
@@ -51,6 +51,25 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _flag(parse: Callable[[object, str], int], what: str) -> Callable[[str], int]:
+    """An argparse type for an integer flag checked as the settings check ``what``: ``--port
+    99999`` is one line saying what is expected, not a port wrapped modulo 65536."""
+
+    def convert(text: str) -> int:
+        try:
+            return parse(int(text), what)
+        except (ValueError, ConfigError) as exc:
+            expected = exc.expected if isinstance(exc, ConfigError) else "an integer"
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from exc
+
+    convert.__name__ = what  # argparse names a failed conversion by it
+    return convert
+
+
+_PORT = _flag(parsers.port, "port")
+_WORKERS = _flag(parsers.integer(1), "workers")
 
 
 def embedded_models(settings: Settings) -> tuple[Model, ...]:
@@ -183,16 +202,23 @@ def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         [(name, command) for name, command, _port in plan],
         grace=settings.gateway.shutdown_grace_seconds,
     )
-    host = settings.hostname
-    print("Citadel is starting:", flush=True)
-    for name, _command, port in plan:
-        where = f"http://{host}:{port}" if port is not None else settings.metering.stream
-        print(f"  {name:<12} {where}", flush=True)
-    if settings.env in ("development", "test") and not os.environ.get("CITADEL_ADMIN_KEY"):
-        print(f"  admin key    {settings.gateway.admin_key}", flush=True)
+    print(banner(plan, settings), end="", flush=True)
     # A child that exits is restarted with backoff while the others keep serving
     # (citadel.supervisor); SIGTERM or SIGINT stops them all.
     return supervisor.run()
+
+
+def banner(plan: Sequence[tuple[str, list[str], int | None]], settings: Settings) -> str:
+    """What `citadel up` starts and where, one aligned row each (and the development admin key)."""
+    host = settings.hostname
+    rows = [
+        (name, f"http://{host}:{port}" if port is not None else settings.metering.stream)
+        for name, _command, port in plan
+    ]
+    if settings.env in ("development", "test") and not os.environ.get("CITADEL_ADMIN_KEY"):
+        rows.append(("admin key", settings.gateway.admin_key))
+    width = max(len(name) for name, _ in rows)
+    return "Citadel is starting:\n" + "".join(f"  {n:<{width}}  {w}\n" for n, w in rows)
 
 
 # -- parser -----------------------------------------------------------------------------------
@@ -233,9 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="one of: " + ", ".join([*SERVICES, *PLANNED]),
     )
     serve.add_argument("--host", help="address to bind (default: SERVER_IP or 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port to bind (default: the service's port)")
+    serve.add_argument("--port", type=_PORT, help="port to bind (default: the service's port)")
     serve.add_argument(
-        "--workers", type=int, help="worker processes sharing the port (default: from settings)"
+        "--workers",
+        type=_WORKERS,
+        help="worker processes sharing the port (default: from settings)",
     )
     serve.set_defaults(func=_cmd_serve)
 
@@ -246,8 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
         "benchmarks and the embedded default upstream.",
     )
     sim.add_argument("--host", help="address to bind (default: SERVER_IP or 127.0.0.1)")
-    sim.add_argument("--port", type=int, help="port to bind (default: 8100 or SIMULATOR_PORT)")
-    sim.add_argument("--workers", type=int, default=1, help="worker processes (default: 1)")
+    sim.add_argument("--port", type=_PORT, help="port to bind (default: 8100 or SIMULATOR_PORT)")
+    sim.add_argument("--workers", type=_WORKERS, default=1, help="worker processes (default: 1)")
     from citadel.sim.config import add_arguments
 
     add_arguments(sim)

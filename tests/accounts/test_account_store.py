@@ -104,6 +104,27 @@ def test_teams_are_created_listed_by_name_and_unique(database: str) -> None:
     run(database, body)
 
 
+def test_a_team_budget_is_set_cleared_and_listed(database: str) -> None:
+    """A team's own monthly budget (micro-USD) is kept in the store: set, listed, cleared; an
+    unknown team is NotFoundError, a negative amount a ValueError, and nothing changes."""
+
+    async def body(store: SqlAccountStore) -> None:
+        team = await store.create_team("research")
+        assert team.budget_micros is None
+        assert 500_000_000 == (await store.set_team_budget(team.id, 500_000_000)).budget_micros
+        assert [500_000_000] == [t.budget_micros for t in await store.list_teams()]
+        with pytest.raises(NotFoundError, match="team_nope"):
+            await store.set_team_budget("team_nope", 1)
+        with pytest.raises(ValueError, match="-1"):
+            await store.set_team_budget(team.id, -1)
+        assert [500_000_000] == [t.budget_micros for t in await store.list_teams()]
+        cleared = await store.set_team_budget(team.id, None)
+        assert (team.id, "research", None) == (cleared.id, cleared.name, cleared.budget_micros)
+        assert [None] == [t.budget_micros for t in await store.list_teams()]
+
+    run(database, body)
+
+
 def test_users_are_created_read_and_listed(database: str) -> None:
     """A new user is active with no overrides, readable by id and listed, by team if asked."""
 

@@ -75,9 +75,9 @@ def one_line(text: str) -> str:
 
 def test_migrate_creates_the_tables_once(citadel: Citadel) -> None:
     """The first migrate upgrades from empty; the second says the database is already at head."""
-    assert "upgraded from empty to revision 0001" in citadel.ok("migrate")
-    assert "already at revision 0001" in citadel.ok("migrate")
-    assert {"before": "0001", "after": "0001"}.items() <= citadel.json("migrate").items()
+    assert "upgraded from empty to revision 0002" in citadel.ok("migrate")
+    assert "already at revision 0002" in citadel.ok("migrate")
+    assert {"before": "0002", "after": "0002"}.items() <= citadel.json("migrate").items()
 
 
 def test_teams_and_users_are_created_listed_updated_and_disabled(citadel: Citadel) -> None:
@@ -85,6 +85,11 @@ def test_teams_and_users_are_created_listed_updated_and_disabled(citadel: Citade
     team = citadel.json("teams", "create", "research")
     assert "research" in citadel.ok("teams", "list")
     assert [team] == citadel.json("teams", "list")
+    assert team["budget_micros"] is None
+    budgeted = citadel.json("teams", "budget", "research", "--usd", "250.5")
+    assert 250_500_000 == budgeted["budget_micros"]
+    assert [budgeted] == citadel.json("teams", "list")
+    assert citadel.json("teams", "budget", team["id"], "--none")["budget_micros"] is None
 
     created = citadel.json(
         "users", "create", "--name", "Ann", "--email", "ann@example.com", "--team", "research"

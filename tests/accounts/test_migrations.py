@@ -126,4 +126,5 @@ def test_the_migrations_ship_inside_the_package() -> None:
     assert (folder / "env.py").is_file()
     assert (folder / "script.py.mako").is_file()
     assert (folder / "versions" / "0001_accounts.py").is_file()
-    assert "0001" == ACCOUNTS.head()
+    assert (folder / "versions" / "0002_team_budgets.py").is_file()
+    assert "0002" == ACCOUNTS.head()

@@ -263,6 +263,25 @@ def test_model_outside_the_tier_is_a_403(limited: LimitedGateway) -> None:
     assert 200 == status
 
 
+def test_the_model_list_is_what_the_tier_may_use(limited: LimitedGateway) -> None:
+    """/v1/models lists only the models the caller's tier allows, with `auto` (routing's
+    virtual model) beside them; a model outside the tier is a 404 on /v1/models/{id}, as
+    OpenAI answers a model the caller has no access to; the admin key sees every model."""
+    _, secret = new_key(limited.database, "embed-only")
+    auth = {"authorization": f"Bearer {secret}"}
+
+    def ids(headers: dict[str, str]) -> list[str]:
+        status, _, body = request(limited.url, "GET", "/v1/models", headers=headers, auth=False)
+        assert 200 == status
+        return [m["id"] for m in orjson.loads(body)["data"]]
+
+    assert ["sim-embed", "auto"] == ids(auth)
+    assert ["sim-chat", "sim-embed", "auto"] == ids({"authorization": "Bearer sk-test-admin"})
+    assert 404 == request(limited.url, "GET", "/v1/models/sim-chat", headers=auth, auth=False)[0]
+    assert 200 == request(limited.url, "GET", "/v1/models/sim-embed", headers=auth, auth=False)[0]
+    assert 200 == request(limited.url, "GET", "/v1/models/auto", headers=auth, auth=False)[0]
+
+
 @pytest.mark.parametrize("kind", ["unknown", "revoked", "expired", "disabled_owner"])
 def test_unusable_keys_are_401_without_saying_why(limited: LimitedGateway, kind: str) -> None:
     """Unknown, revoked, expired keys and disabled owners all get the same 401."""

@@ -9,6 +9,7 @@ analytics a question and answers it again by looping over the events.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import random
 import uuid
@@ -489,6 +490,25 @@ def test_team_budgets_this_month(ledger: str) -> None:
     assert spent[""] == by_id[""].spent_micros  # users without a team, as the ledger says
 
 
+def test_a_team_with_its_own_budget_is_measured_against_it(ledger: str) -> None:
+    """A budget set on the team (the accounts store's, at run time) replaces its members' sum,
+    even where a member is unlimited; other teams keep the sum."""
+    own = {"team_a": 7_500_000, "team_quiet": 0}
+    teams = [dataclasses.replace(t, budget_micros=own.get(t.id)) for t in TEAM_LIST]
+    span, rows = run(
+        ledger,
+        lambda a: a.budgets("team", now=NOW, settings=settings(), users=USERS, teams=teams),
+    )
+    by_id = {r.id: r for r in rows}
+    spent = sum(e.cost_micros for e in _within(ALL, span) if e.team == "team_a")
+    assert (spent, 7_500_000) == (by_id["team_a"].spent_micros, by_id["team_a"].budget_micros)
+    assert spent / 7_500_000 == by_id["team_a"].utilisation
+    assert (0, None) == (by_id["team_quiet"].budget_micros, by_id["team_quiet"].utilisation)
+    members = [_user_budget(u) for u in USERS if u.team_id == "team_b"]
+    expected = None if None in members else sum(b or 0 for b in members)
+    assert expected == by_id["team_b"].budget_micros
+
+
 # -- deployment costs and savings ---------------------------------------------------------------
 
 GPU = {d.name: (d.gpu_hour_usd, d.gpus) for m in MODELS for d in m.deployments}
@@ -517,7 +537,10 @@ def test_deployment_costs_match_the_events(ledger: str, name: str) -> None:
     GPU-hours over the part of the range passed; per 1k is that over its tokens."""
     span = RANGES[name]
     costs = run(ledger, lambda a: a.deployment_costs(span, now=NOW, settings=settings()))
-    seconds = (min(span.end, NOW) - span.start).total_seconds()
+    first = {}  # the hour each deployment first served in: its GPU-hours count from there
+    for e in ALL:
+        hour = datetime.fromtimestamp(e.time // 3600 * 3600, UTC)
+        first[e.deployment] = min(first.get(e.deployment, hour), hour)
     served: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
     for e in _within(ALL, span):
         row = served[e.deployment]
@@ -536,6 +559,9 @@ def test_deployment_costs_match_the_events(ledger: str, name: str) -> None:
             totals.completion_tokens,
             totals.cost_micros,
         ]
+        since = max(span.start, first[deployment])
+        seconds = max(0.0, (min(span.end, NOW) - since).total_seconds())
+        assert first[deployment] == cost.costed_from
         assert _infra(deployment, seconds) == cost.infra_micros
         assert seconds / 3600 == pytest.approx(cost.hours)
         assert cost.configured == (deployment in GPU)
@@ -751,3 +777,88 @@ def test_month_range_starts_at_the_local_first_of_the_month() -> None:
     assert datetime(2024, 6, 1, 4, tzinfo=UTC) == month_range(NOW, "America/New_York").start
     first = datetime(2024, 6, 1, 0, 0, 0, tzinfo=UTC)
     assert TimeRange(first, first + HOUR) == month_range(first, "UTC")
+
+
+# -- a new install: GPU-hours from the first traffic on -------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def new_install(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A ledger whose only traffic is 24 requests to llama-a in the current hour (a refused one
+    among them, with no deployment), nothing before."""
+    first = NOW_HOUR + timedelta(minutes=5)
+    events = [
+        UsageEvent(
+            event_id=uuid.UUID(int=i + 1).hex,
+            time=(first + timedelta(seconds=60 * i)).timestamp(),
+            request_id=f"new-{i}",
+            user="usr_new",
+            team="team_new",
+            key_id="key-new",
+            tier="free",
+            endpoint="chat",
+            model="llama",
+            deployment="" if i == 23 else "llama-a",
+            prompt_tokens=0 if i == 23 else 100,
+            completion_tokens=0 if i == 23 else 50,
+            latency_seconds=0.2,
+            ttft_seconds=None,
+            status=429 if i == 23 else 200,
+            streamed=False,
+            cancelled=False,
+            usage_estimated=False,
+            cost_micros=0 if i == 23 else 125,
+            reason="requests_per_minute" if i == 23 else "",
+            refused=i == 23,
+        )
+        for i in range(24)
+    ]
+    with scratch_database(
+        request.param, tmp_path / "new.db", lambda uri: _load(uri, events)
+    ) as uri:
+        yield uri
+
+
+def test_a_new_install_is_charged_gpu_hours_from_its_first_traffic(new_install: str) -> None:
+    """24 requests in the current hour: llama-a costs the 37 minutes since that hour began, not
+    30 days; the deployments that never served cost nothing; the month to date (the business
+    metrics' window) and the default 30 days agree, as do the savings."""
+    thirty_days = TimeRange(NOW_HOUR + HOUR - 30 * DAY, NOW_HOUR + HOUR)
+    month = month_range(NOW, "UTC")
+
+    def costs_over(span: TimeRange) -> dict[str, Any]:
+        found = run(new_install, lambda a: a.deployment_costs(span, now=NOW, settings=settings()))
+        return {c.deployment: c for c in found}
+
+    by_window = {"30d": costs_over(thirty_days), "month": costs_over(month)}
+    costs = by_window["30d"]
+    assert "" not in costs  # the refusal was answered by no deployment: no cost line
+    llama = costs["llama-a"]
+    seconds = (NOW - NOW_HOUR).total_seconds()
+    assert NOW_HOUR == llama.costed_from
+    assert _infra("llama-a", seconds) == llama.infra_micros  # $2.50 x 2 GPUs x 37.2 min
+    assert seconds / 3600 == pytest.approx(llama.hours)
+    assert (23, 2300, 1150) == (
+        llama.totals.requests,
+        llama.totals.prompt_tokens,
+        llama.totals.completion_tokens,
+    )
+    for name in ("llama-b", "mistral-a"):
+        assert (None, 0, 0.0) == (
+            costs[name].costed_from,
+            costs[name].infra_micros,
+            costs[name].hours,
+        )
+    assert {n: c.infra_micros for n, c in costs.items()} == {
+        n: c.infra_micros for n, c in by_window["month"].items()
+    }
+    savings = {
+        s.model: s
+        for s in run(new_install, lambda a: a.savings(thirty_days, now=NOW, settings=settings()))
+    }
+    assert llama.infra_micros == savings["llama"].infra_micros
+    # 2300 input and 1150 output tokens at $0.01 and $0.03 per 1k: $0.0575, against ~$3.10.
+    assert 57_500 == savings["llama"].reference_micros
+    roi = savings["llama"].roi
+    assert roi is not None
+    assert -1 < roi < -0.9  # still a loss this early, but the loss of 37 minutes, not 30 days

@@ -16,7 +16,7 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Connection, delete, insert, inspect, select, update
+from sqlalchemy import Connection, delete, func, insert, inspect, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from citadel.accounts.sql import build_engine
@@ -33,9 +33,18 @@ from citadel.metering.schema import (
     usage_hourly,
 )
 
-from support import scratch_database
+from support import scratch_database, usage_event
 
 NARROW = {t.name for t, _ in ROLLUPS} - {"usage_hourly", "usage_daily"}
+# What m0004 added: the columns of events and rollups written before it lacked them.
+M0004_EVENT_COLUMNS = ("reason", "refused")
+M0004_MEASURES = ("refusals", "failures")
+
+
+def _before_m0004(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows as a ledger before m0004 holds them (without the columns m0004 added)."""
+    dropped = {*M0004_EVENT_COLUMNS, *M0004_MEASURES}
+    return [{k: v for k, v in row.items() if k not in dropped} for row in rows]
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -96,15 +105,17 @@ def events(count: int) -> list[UsageEvent]:
     ]
 
 
-async def _contents(engine: AsyncEngine) -> dict[str, list[tuple[Any, ...]]]:
+async def _contents(
+    engine: AsyncEngine, *, before_m0004: bool = False
+) -> dict[str, list[tuple[Any, ...]]]:
+    """Every rollup's rows (without the columns m0004 added, given ``before_m0004``)."""
     async with engine.connect() as conn:
-        return {
-            table.name: [
-                tuple(row)
-                for row in await conn.execute(select(table).order_by(*table.primary_key.columns))
-            ]
-            for table, _ in ROLLUPS
-        }
+        found = {}
+        for table, _ in ROLLUPS:
+            columns = [c for c in table.c if not (before_m0004 and c.name in M0004_MEASURES)]
+            statement = select(*columns).order_by(*table.primary_key.columns)
+            found[table.name] = [tuple(row) for row in await conn.execute(statement)]
+        return found
 
 
 def test_empty_to_head_builds_the_schema_and_again_does_nothing(empty_database: str) -> None:
@@ -124,7 +135,7 @@ def test_empty_to_head_builds_the_schema_and_again_does_nothing(empty_database: 
 
     found = asyncio.run(describe())
     assert set(metadata.tables) <= found["tables"]
-    assert "m0003" == LEDGER.head() == found["revision"]
+    assert "m0004" == LEDGER.head() == found["revision"]
     assert [] == found["drift"]  # the migrations build exactly what schema.py declares
 
 
@@ -139,15 +150,15 @@ def test_m0002_fills_the_narrow_rollups_from_a_m0001_ledger(empty_database: str)
             async with engine.begin() as conn:
                 await conn.run_sync(_to("m0001"))
             async with engine.begin() as conn:
-                await conn.execute(
-                    insert(usage_events), [dict(zip(COLUMNS, r, strict=True)) for r in rows]
-                )
+                old_events = _before_m0004([dict(zip(COLUMNS, r, strict=True)) for r in rows])
+                await conn.execute(insert(usage_events), old_events)
                 for table in (usage_hourly, usage_daily):
                     width = 3600 if table is usage_hourly else 86400
-                    await conn.execute(insert(table), rollup_rows(rows, width, FULL_KEY))
+                    old = _before_m0004(rollup_rows(rows, width, FULL_KEY))
+                    await conn.execute(insert(table), old)
             async with engine.begin() as conn:
                 await conn.run_sync(_to("m0002"))
-            migrated = await _contents(engine)
+            migrated = await _contents(engine, before_m0004=True)
             for table, width in ROLLUPS:
                 expected = rollup_rows(rows, width, rollup_key(table))
                 assert len(expected) == len(migrated[table.name]), table.name
@@ -155,6 +166,8 @@ def test_m0002_fills_the_narrow_rollups_from_a_m0001_ledger(empty_database: str)
                 assert [r["cost_micros"] for r in expected] == [
                     row[len(rollup_key(table)) + 5] for row in migrated[table.name]
                 ], table.name
+            async with engine.begin() as conn:
+                await conn.run_sync(_to("head"))
             await rebuild_rollups(engine)  # the product's own rebuild agrees with the migration
             rebuilt = await _contents(engine)
             assert {k: len(v) for k, v in migrated.items()} == {
@@ -167,8 +180,8 @@ def test_m0002_fills_the_narrow_rollups_from_a_m0001_ledger(empty_database: str)
             assert not NARROW & found["tables"]
             assert {"usage_events", "usage_hourly", "usage_daily"} <= found["tables"]
             async with engine.begin() as conn:
-                await conn.run_sync(_to("head"))
-            assert migrated == await _contents(engine)
+                await conn.run_sync(_to("m0003"))
+            assert migrated == await _contents(engine, before_m0004=True)
         finally:
             await engine.dispose()
 
@@ -233,3 +246,80 @@ def _read(uri: str) -> dict[str, list[tuple[Any, ...]]]:
             await engine.dispose()
 
     return asyncio.run(read())
+
+
+def test_m0004_adds_reason_refused_and_the_refusal_and_failure_counts(empty_database: str) -> None:
+    """A ledger written under m0003 gains ``reason``/``refused`` on its events ('' and false)
+    and ``refusals``/``failures`` in its rollups (0); events written after it are counted in
+    them; a rebuild recounts the failures of the old events; down to m0003 drops the columns."""
+    rows = [event_row(e) for e in events(300)]
+    failed = sum(1 for r in rows if r[COLUMNS.index("status")] >= 500)
+    assert failed > 0
+
+    async def body() -> None:
+        engine = build_engine(empty_database)
+        try:
+            async with engine.begin() as conn:
+                await conn.run_sync(_to("m0003"))
+            async with engine.begin() as conn:
+                old_events = _before_m0004([dict(zip(COLUMNS, r, strict=True)) for r in rows])
+                await conn.execute(insert(usage_events), old_events)
+            async with engine.begin() as conn:
+                await conn.run_sync(_to("head"))
+            async with engine.connect() as conn:
+                found = (
+                    await conn.execute(
+                        select(usage_events.c.reason, usage_events.c.refused).distinct()
+                    )
+                ).all()
+            assert [("", False)] == [tuple(r) for r in found]
+            await Ledger(engine).write(_refusals(3))
+            assert (3, 3, 0) == await _counts(engine, usage_hourly)  # only the new events
+            await rebuild_rollups(engine)
+            for table, _ in ROLLUPS:
+                assert (303, 3, failed) == await _counts(engine, table), table.name
+            async with engine.begin() as conn:
+                await conn.run_sync(_to("m0003", down=True))
+                columns = {c["name"] for c in await conn.run_sync(_columns, "usage_events")}
+                measures = {c["name"] for c in await conn.run_sync(_columns, "usage_daily_team")}
+            assert not set(M0004_EVENT_COLUMNS) & columns
+            assert not set(M0004_MEASURES) & measures
+            assert "cost_micros" in columns
+            assert "requests" in measures
+        finally:
+            await engine.dispose()
+
+    asyncio.run(body())
+
+
+def _columns(connection: Connection, table: str) -> list[dict[str, Any]]:
+    return list(inspect(connection).get_columns(table))
+
+
+def _refusals(count: int) -> list[UsageEvent]:
+    return [
+        usage_event(
+            event_id=f"f{i:031x}",
+            time=1_717_243_200.0 + i,
+            request_id=f"refused-{i}",
+            deployment="",
+            prompt_tokens=0,
+            completion_tokens=0,
+            status=429,
+            cost_micros=0,
+            reason="requests_per_minute",
+            refused=True,
+        )
+        for i in range(count)
+    ]
+
+
+async def _counts(engine: AsyncEngine, table: Any) -> tuple[int, ...]:
+    """A rollup's requests, refusals and failures in all."""
+    async with engine.connect() as conn:
+        found = await conn.execute(
+            select(
+                func.sum(table.c.requests), func.sum(table.c.refusals), func.sum(table.c.failures)
+            )
+        )
+        return tuple(int(v) for v in found.one())

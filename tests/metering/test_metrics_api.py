@@ -21,7 +21,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -145,6 +145,8 @@ def make_events(people: list[Person], count: int, seed: int = 11) -> list[UsageE
         person = rng.choice(people)
         model, deployment = rng.choice(SERVED)
         prompt, completion = rng.randint(1, 3000), rng.randint(0, 1500)
+        status = rng.choice((200, 200, 200, 500))
+        refused = i % 13 == 5  # refused by a limit: a 429, no upstream asked
         events.append(
             UsageEvent(
                 event_id=uuid.uuid4().hex,
@@ -161,11 +163,13 @@ def make_events(people: list[Person], count: int, seed: int = 11) -> list[UsageE
                 completion_tokens=completion,
                 latency_seconds=rng.uniform(0.1, 3.0),
                 ttft_seconds=None,
-                status=rng.choice((200, 200, 200, 500)),
+                status=429 if refused else status,
                 streamed=False,
                 cancelled=False,
                 usage_estimated=False,
                 cost_micros=rng.randint(1, 20_000),
+                reason="requests_per_minute" if refused else "" if status < 400 else "upstream_500",
+                refused=refused,
             )
         )
     return events
@@ -308,6 +312,27 @@ def test_usage_by_team_per_day_matches_the_events(seeded: Seeded) -> None:
     )
 
 
+def test_a_range_inside_hours_is_widened_to_the_whole_hours(seeded: Seeded) -> None:
+    """``start`` and ``end`` may be any RFC 3339 time: the range read is the whole UTC hours
+    they fall in (start down, end up), as the reply says, with those hours' figures; an end
+    before the start is still a 400 naming it."""
+    day = TODAY - timedelta(days=3)
+    start = day + timedelta(hours=10, minutes=15, seconds=7)
+    end = (day + timedelta(hours=13, minutes=30)).astimezone(timezone(timedelta(hours=2)))
+    body = seeded.service.get("/v1/usage", start=start.isoformat(), end=end.isoformat()).json()
+    whole = (day + timedelta(hours=10), day + timedelta(hours=14))
+    assert (_iso(whole[0]), _iso(whole[1])) == (body["start"], body["end"])
+    expected = _sums(seeded.events, lambda e: "", *whole)
+    assert expected.get("", 0) == body["total"]["cost_micros"]
+    daily = seeded.service.get(
+        "/v1/usage", start=start.isoformat(), end=end.isoformat(), bucket="day"
+    ).json()
+    assert (_iso(day), _iso(day + timedelta(days=1))) == (daily["start"], daily["end"])
+    reply = seeded.service.get("/v1/usage", start=end.isoformat(), end=start.isoformat())
+    assert 400 == reply.status
+    assert "end" == reply.json()["error"]["param"]
+
+
 def test_usage_defaults_to_the_last_30_days(seeded: Seeded) -> None:
     """No range: the 30 days to the end of the current hour; no grouping: one total row."""
     body = seeded.service.get("/v1/usage").json()
@@ -318,6 +343,13 @@ def test_usage_defaults_to_the_last_30_days(seeded: Seeded) -> None:
     assert 1 == len(body["data"])
     row = body["data"][0]
     assert (len(events), sum(e.status >= 400 for e in events)) == (row["requests"], row["errors"])
+    refusals, failures = sum(e.refused for e in events), sum(e.status >= 500 for e in events)
+    assert 0 < refusals < len(events)
+    assert 0 < failures < len(events)
+    assert (refusals, failures) == (row["refusals"], row["failures"])
+    assert refusals / len(events) == pytest.approx(row["refusal_rate"])
+    assert row["errors"] / len(events) == pytest.approx(row["error_rate"])
+    assert failures / len(events) == pytest.approx(row["failure_rate"])
     assert sum(e.prompt_tokens + e.completion_tokens for e in events) == row["total_tokens"]
 
 
@@ -333,6 +365,22 @@ def test_usage_filtered_and_grouped_by_several_fields(seeded: Seeded) -> None:
     )
     assert expected == {(r["user"], r["model"]): r["cost_micros"] for r in body["data"]}
     assert {"team": team} == body["filters"]
+
+
+def test_usage_by_user_and_team_names_them_beside_their_ids(seeded: Seeded) -> None:
+    """Grouped by user and team, each row (JSON and CSV) carries the user's and the team's name
+    from the accounts store next to the id; an id the accounts do not know has none."""
+    reply = seeded.service.get("/v1/usage", group_by="team,user", format="csv")
+    header, *lines = reply.csv()
+    assert ["team", "team_name", "user", "user_name"] == header[:4]
+    rows = seeded.service.get("/v1/usage", group_by="team,user").json()["data"]
+    by_user = {r["user"]: r for r in rows}
+    assert len(lines) == len(rows)
+    solo = next(p for p in seeded.people if not p.team)
+    assert ("Solo", None) == (by_user[solo.id]["user_name"], by_user[solo.id]["team_name"])
+    first = next(p for p in seeded.people if p.team and p.id in by_user)
+    assert by_user[first.id]["team_name"].startswith("Team ")
+    assert by_user[first.id]["user_name"].startswith("U")
 
 
 def test_top_teams_by_cost(seeded: Seeded) -> None:
@@ -389,6 +437,8 @@ def test_deployment_costs_and_savings(seeded: Seeded) -> None:
     }
     assert 1_200_000_000 == costs["llama-a"]["infra_micros"]  # $2.50 x 2 GPUs x 240 h
     assert 240.0 == costs["llama-a"]["hours"]
+    first = min(e.time for e in seeded.events if e.deployment == "llama-a") // 3600 * 3600
+    assert _iso(datetime.fromtimestamp(first, UTC)) == costs["llama-a"]["costed_from"]
     tokens = costs["llama-a"]["total_tokens"]
     assert 1_200_000_000 * 1000 / tokens / 1e6 == pytest.approx(
         costs["llama-a"]["infra_per_1k_usd"]
@@ -436,10 +486,9 @@ def test_every_route_exports_csv_with_a_header_row(seeded: Seeded, path: str) ->
     ("path", "params", "param"),
     [
         ("/v1/usage", {"start": "2024-06-02T00:00:00Z", "end": "2024-06-01T00:00:00Z"}, "end"),
-        ("/v1/usage", {"start": "2024-06-01T00:30:00Z", "end": "2024-06-02T00:00:00Z"}, "start"),
         ("/v1/usage", {"start": "2020-01-01", "end": "2024-01-01"}, "end"),
         ("/v1/usage", {"start": "2024-01-01", "end": "2024-03-01", "bucket": "hour"}, "end"),
-        ("/v1/usage", {"start": "2024-01-01T05:00:00Z", "bucket": "day"}, "start"),
+        ("/v1/usage", {"start": "2024-06-01T00:40:00Z", "end": "2024-06-01T00:20:00Z"}, "end"),
         ("/v1/usage", {"start": "yesterday"}, "start"),
         ("/v1/usage", {"end": "2024-06-01T00:00:00"}, "end"),
         ("/v1/usage", {"group_by": "colour"}, "group_by"),
@@ -456,7 +505,7 @@ def test_every_route_exports_csv_with_a_header_row(seeded: Seeded, path: str) ->
         ("/v1/budgets", {"scope": "planet"}, "scope"),
         ("/v1/budgets", {"start": "2024-01-01"}, "start"),
         ("/v1/deployments/costs", {"start": "2000-01-01"}, "end"),
-        ("/v1/savings", {"end": "2024-06-01T00:00:01Z"}, "end"),
+        ("/v1/savings", {"end": "2024-06-01T00:00:01"}, "end"),
     ],
 )
 def test_bad_input_is_a_400_naming_the_parameter(
@@ -562,6 +611,10 @@ def test_business_metrics_agree_with_the_events(seeded: Seeded) -> None:
     infra = {s["deployment"]: v for s, v in metrics["citadel_business_infrastructure_cost_usd"]}
     assert {"llama-a", "llama-b", "mistral-a"} == set(infra)
     assert infra["llama-a"] > 0
+    # One definition of a deployment's GPU cost: /v1/deployments/costs over the month to date
+    # charges what /metrics does (from its first traffic on; the seconds between them aside).
+    costs = seeded.service.get("/v1/deployments/costs", start=_iso(MONTH)).json()["data"]
+    assert infra == pytest.approx({c["deployment"]: c["infra_usd"] for c in costs}, rel=1e-3)
     assert ["llama"] == [s["model"] for s, _ in metrics["citadel_business_savings_usd"]]
     assert {"infrastructure", "charged"} == {
         s["kind"] for s, _ in metrics["citadel_business_cost_per_1k_tokens_usd"]

@@ -1,7 +1,7 @@
 """The accounts commands: ``citadel migrate``, ``teams``, ``users`` and ``keys``.
 
     citadel migrate
-    citadel teams create NAME | list
+    citadel teams create NAME | list | budget TEAM (--usd AMOUNT | --none)
     citadel users create --name NAME --email EMAIL [--tier TIER] [--team TEAM]
     citadel users list [--team TEAM]
     citadel users update ID [--name] [--email] [--tier] [--team] [--status active|disabled]
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -68,6 +69,19 @@ def add_arguments(commands: argparse._SubParsersAction[Any]) -> None:
     create = _leaf(teams, "create", "create a team", output, _create_team)
     create.add_argument("name", metavar="NAME")
     _leaf(teams, "list", "list teams", output, _list_teams)
+    budget = _leaf(
+        teams,
+        "budget",
+        "set the team's own monthly cost budget (else: its members' budgets summed)",
+        output,
+        _set_team_budget,
+    )
+    budget.add_argument("team", metavar="TEAM", help="a team's id or name")
+    amount = budget.add_mutually_exclusive_group(required=True)
+    amount.add_argument("--usd", type=float, help="US dollars a month, e.g. 500")
+    amount.add_argument(
+        "--none", action="store_true", help="clear it: the members' budgets summed again"
+    )
 
     users = _group(commands, "users", "create, list, change and disable users")
     create = _leaf(users, "create", "create a user", output, _create_user)
@@ -237,6 +251,16 @@ async def _create_team(store: AccountStore, args: argparse.Namespace, _: Setting
 
 async def _list_teams(store: AccountStore, args: argparse.Namespace, _: Settings) -> list[Team]:
     return await store.list_teams()
+
+
+async def _set_team_budget(store: AccountStore, args: argparse.Namespace, _: Settings) -> Team:
+    team_id = await _team_id(store, args.team)
+    if args.none:
+        return await store.set_team_budget(team_id, None)
+    usd = args.usd
+    if not math.isfinite(usd) or usd < 0:
+        raise ValueError(f"--usd {usd!r}: expected US dollars >= 0")
+    return await store.set_team_budget(team_id, round(usd * 1_000_000))
 
 
 async def _create_user(store: AccountStore, args: argparse.Namespace, s: Settings) -> User:

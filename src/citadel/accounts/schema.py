@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     CheckConstraint,
     DateTime,
     Dialect,
@@ -82,6 +83,8 @@ class TeamRow(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     name: Mapped[str] = mapped_column(Text, unique=True)
     created_at: Mapped[datetime]
+    # The team's own monthly cost budget in micro-USD (0002); NULL: its members' budgets summed.
+    budget_micros: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class UserRow(Base):

@@ -97,7 +97,7 @@ _KEY = (
     ApiKeyRow.expires_at,
     ApiKeyRow.revoked_at,
 )
-_TEAM = (TeamRow.id, TeamRow.name, TeamRow.created_at)
+_TEAM = (TeamRow.id, TeamRow.name, TeamRow.created_at, TeamRow.budget_micros)
 _PING = text("SELECT 1")
 # Authentication's query, built once: the key with this digest and its owner, in one round trip.
 _FIND_KEY = (
@@ -240,7 +240,25 @@ class SqlAccountStore:
 
     async def list_teams(self) -> list[Team]:
         rows = await self._read(select(*_TEAM).order_by(TeamRow.name))
-        return [Team(id=r[0], name=r[1], created_at=r[2]) for r in rows]
+        return [Team(id=r[0], name=r[1], created_at=r[2], budget_micros=r[3]) for r in rows]
+
+    async def set_team_budget(self, team_id: str, budget_micros: int | None) -> Team:
+        if budget_micros is not None and (
+            isinstance(budget_micros, bool) or not 0 <= budget_micros < 2**63
+        ):
+            raise ValueError(f"budget {budget_micros!r}: expected micro-USD >= 0, or none")
+        async with self._write() as conn:
+            row = (
+                await conn.execute(
+                    update(TeamRow)
+                    .where(TeamRow.id == team_id)
+                    .values(budget_micros=budget_micros)
+                    .returning(*_TEAM)
+                )
+            ).first()
+        if row is None:
+            raise NotFoundError(f"no team has id {team_id!r}")
+        return Team(id=row[0], name=row[1], created_at=row[2], budget_micros=row[3])
 
     # - users
 

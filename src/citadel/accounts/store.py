@@ -28,6 +28,9 @@ class Team:
     id: str
     name: str
     created_at: datetime
+    # The team's own monthly cost budget, in micro-USD, set at run time (``set_team_budget``);
+    # None: the sum of its members' budgets (``citadel.metering.budgets``).
+    budget_micros: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -73,6 +76,10 @@ class ConflictError(ValueError):
 class AccountStore(Protocol):
     async def create_team(self, name: str) -> Team: ...
     async def list_teams(self) -> list[Team]: ...
+    async def set_team_budget(self, team_id: str, budget_micros: int | None) -> Team:
+        """Set (None: clear) the team's monthly cost budget; NotFoundError if no such team."""
+        ...
+
     async def create_user(
         self, *, name: str, email: str, tier: str, team_id: str | None = None
     ) -> User: ...

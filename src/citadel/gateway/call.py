@@ -49,6 +49,14 @@ from citadel.settings import Model
 _log = logging.getLogger("citadel.gateway")
 
 CLIENT_CLOSED = 499  # nginx's "client closed request": the client left before the response ended
+# The usage event's reason when the client left first, and when a bug ended the request.
+CLIENT_CLOSED_REASON = "client_closed"
+INTERNAL_ERROR_REASON = "internal_error"
+
+
+def error_reason(exc: ApiError) -> str:
+    """The reason a usage event gives for a request that ended in ``exc``: its error code."""
+    return exc.code or exc.type
 
 
 def _model_renames(upstream: str, asked: str) -> tuple[tuple[bytes, bytes], ...]:
@@ -151,13 +159,13 @@ class Call:
             return await self.whole(response)
         except asyncio.CancelledError:
             self.cancelled()
-            self.finish(self.target, CLIENT_CLOSED)
+            self.finish(self.target, CLIENT_CLOSED, CLIENT_CLOSED_REASON)
             raise
         except ApiError as exc:
-            self.finish(self.target, exc.status)
+            self.finish(self.target, exc.status, error_reason(exc))
             raise
         except BaseException:
-            self.finish(self.target, 500)
+            self.finish(self.target, 500, INTERNAL_ERROR_REASON)
             raise
         finally:
             if not streaming:
@@ -245,6 +253,7 @@ class Call:
         pieces = 0
         texts: list[str] = []
         status = 200
+        reason = ""
         delivered = False  # the [DONE] sentinel has gone to the client: the stream is complete
         chunks = upstream.__aiter__()
         try:
@@ -290,21 +299,23 @@ class Call:
             # got the whole stream: that is a success, not a cancellation.
             if not delivered:
                 self.cancelled()
-                status = CLIENT_CLOSED
+                status, reason = CLIENT_CLOSED, CLIENT_CLOSED_REASON
             raise
         except _MalformedEventError:
-            status = 502
+            status, reason = 502, "upstream_stream_broken"
             meter.count_error(target, "malformed")
             yield encode_data(
                 self._stream_error(_MalformedEventError("an event was not JSON"), status)
             )
         except (TimeoutError, ReadTimeout, ProtocolError) as exc:
             status = 504 if isinstance(exc, TimeoutError | ReadTimeout) else 502
+            reason = "upstream_timeout" if status == 504 else "upstream_stream_broken"
             kind = {504: "timeout_total" if isinstance(exc, TimeoutError) else "timeout_first_byte"}
             meter.count_error(target, kind.get(status, "disconnect"))
             yield encode_data(self._stream_error(exc, status))
         except Exception:
-            status = 500  # a bug: the stream breaks off (the server logs it), the call still ends
+            # A bug: the stream breaks off (the server logs it), the call still ends.
+            status, reason = 500, INTERNAL_ERROR_REASON
             raise
         finally:
             try:
@@ -316,7 +327,7 @@ class Call:
                     # Upstreams stream about one token per event; count text when they bundle more.
                     self.completion_tokens = max(pieces, estimate_tokens("".join(texts)))
                 meter.in_flight.dec((self.gauge_model,))
-                self.finish(target, status)
+                self.finish(target, status, reason)
 
     def _stream_error(self, exc: Exception, status: int) -> bytes:
         assert self.target is not None
@@ -340,8 +351,9 @@ class Call:
     def cancelled(self) -> None:
         self.meter.disconnects.inc((self.model.name,))
 
-    def finish(self, target: Target | None, status: int) -> None:
-        """Free the router slot, settle the limits, record metrics and emit the usage event.
+    def finish(self, target: Target | None, status: int, reason: str = "") -> None:
+        """Free the router slot, settle the limits, record metrics and emit the usage event
+        (``reason``: why it was not served, "" when it was).
 
         Runs once per call (later calls do nothing); never raises or blocks.
         """
@@ -405,6 +417,7 @@ class Call:
                 cancelled=status == CLIENT_CLOSED,
                 usage_estimated=self.usage_estimated,
                 cost_micros=cost,
+                reason=reason,
             )
         )
 
@@ -442,4 +455,4 @@ class StreamBody:
         finally:
             call.cancelled()
             call.meter.in_flight.dec((call.gauge_model,))
-            call.finish(call.target, CLIENT_CLOSED)
+            call.finish(call.target, CLIENT_CLOSED, CLIENT_CLOSED_REASON)

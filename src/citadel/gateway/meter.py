@@ -5,6 +5,12 @@ it tells the router how the attempt went (or just frees the slot), settles the l
 reservation to actual usage in the background (which also returns the concurrency lease), records
 the Prometheus metrics and emits the usage event. None of it blocks the response or raises.
 
+A request answered before any ``Call`` served it (a bad body, an unknown model, the tier's 403,
+the limits' 429, the fail-closed 503) is one usage event too, with no deployment, no tokens and
+no cost (``Meter.unserved``): every request the gateway answered for a principal is in the ledger.
+Only unauthenticated requests (401) are not: they have no principal, and are counted in the
+gateway's metrics alone.
+
 Dependencies run one way: ``meter`` <- ``upstream`` <- ``call`` <- ``proxy``; ``Target`` lives
 here because both the upstream attempts and the metering label by it.
 """
@@ -17,9 +23,10 @@ import time
 from dataclasses import dataclass
 
 from citadel.errors import StoreUnavailable
+from citadel.gateway.auth import Principal
 from citadel.http.client import Origin
 from citadel.limits.decision import Limiter, Limits, Reservation
-from citadel.metering.events import UsageEvent, UsageSink
+from citadel.metering.events import UsageEvent, UsageSink, new_event_id
 from citadel.metrics import (
     GATEWAY_CLIENT_DISCONNECTS,
     GATEWAY_IN_FLIGHT,
@@ -88,6 +95,50 @@ class Meter:
             self.router.release(state, now)
             return
         self.router.end(state, now, success=status < 500, latency=latency, error=str(status))
+
+    def unserved(
+        self,
+        principal: Principal,
+        *,
+        request_id: str,
+        endpoint: str,
+        model: str,
+        status: int,
+        reason: str,
+        refused: bool,
+        streamed: bool,
+        started: float,
+        wall: float,
+    ) -> None:
+        """The usage event of a request answered before any deployment was asked (see the
+        module docstring): ``refused`` when the caller's tier or limits refused it."""
+        if self.usage is None:
+            return
+        self.emit(
+            UsageEvent(
+                event_id=new_event_id(wall),
+                time=wall,
+                request_id=request_id,
+                user=principal.user,
+                team=principal.team,
+                key_id=principal.key_id,
+                tier=principal.tier,
+                endpoint=endpoint,
+                model=model,
+                deployment="",
+                prompt_tokens=0,
+                completion_tokens=0,
+                latency_seconds=time.perf_counter() - started,
+                ttft_seconds=None,
+                status=status,
+                streamed=streamed,
+                cancelled=False,
+                usage_estimated=False,
+                cost_micros=0,
+                reason=reason,
+                refused=refused,
+            )
+        )
 
     def emit(self, event: UsageEvent) -> None:
         sink = self.usage

@@ -13,6 +13,11 @@ request ends, however it ends (done, failed upstream, client gone), the reservat
 to the actual usage in the background, which also releases the concurrency lease. When the limiter
 backend is unreachable the gateway fails open (admits, counts the failure) or closed (503), as
 configured.
+
+The ledger: every request answered for a principal is one usage event. Those a ``Call`` serves
+get theirs when the call ends (``Call.finish``); those answered before (a bad body, an unknown
+model, the tier's 403, the limits' 429 or 400, the fail-closed 503) get one from ``unserved``,
+with the error's code as the reason and no deployment.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from urllib.parse import unquote
 import orjson
 
 from citadel.errors import (
+    ApiError,
     BadRequest,
     Forbidden,
     NotFound,
@@ -36,7 +42,7 @@ from citadel.errors import (
     UnsupportedMedia,
 )
 from citadel.gateway.auth import Authenticator, Principal
-from citadel.gateway.call import CLIENT_CLOSED, Call
+from citadel.gateway.call import CLIENT_CLOSED, CLIENT_CLOSED_REASON, Call, error_reason
 from citadel.gateway.meter import Meter
 from citadel.gateway.throttle import AuthThrottle, client_address, parse_networks
 from citadel.gateway.upstream import UPSTREAM_PATHS, Upstream
@@ -63,6 +69,19 @@ SERVES: dict[str, frozenset[str]] = {
 MODELS_PREFIX = "/v1/models/"
 # OpenAI's 429 ``type``: which kind of limit refused the request (the rest are token or spend).
 _LIMIT_KINDS = {"requests_per_minute": "requests", "concurrent_requests": "requests"}
+# Error codes of the gateway's policy refusals (the tier's 403, a request over a minute's tokens);
+# a limit's 429 is a ``_LimitRefusal``.
+_REFUSAL_CODES = frozenset({"model_not_allowed", "tokens_per_minute_exceeded"})
+
+
+class _LimitRefusal(RateLimited):
+    """The 429 of a limit that refused the request; ``limit`` names it (the ledger's reason)."""
+
+    def __init__(
+        self, message: str, *, limit: str, kind: str, headers: tuple[tuple[bytes, bytes], ...]
+    ) -> None:
+        super().__init__(message, kind=kind, headers=headers)
+        self.limit = limit
 
 
 def _settle_abandoned(call: Call, admission: asyncio.Future[LimitDecision]) -> None:
@@ -73,7 +92,7 @@ def _settle_abandoned(call: Call, admission: asyncio.Future[LimitDecision]) -> N
     if decision.allowed:
         call.limit_decision = decision
         call.cancelled()
-        call.finish(None, CLIENT_CLOSED)
+        call.finish(None, CLIENT_CLOSED, CLIENT_CLOSED_REASON)
 
 
 class Gateway:
@@ -112,20 +131,36 @@ class Gateway:
         )
         self.upstream = Upstream(settings, client=client, meter=self.meter)
         created = int(time.time())
-        self._models = {
-            name: orjson.dumps(
+
+        def entry(name: str) -> bytes:
+            return orjson.dumps(
                 {"id": name, "object": "model", "created": created, "owned_by": "citadel"}
             )
-            for m in settings.models
-            for name in (m.name, *m.aliases)
-        }
-        self._models_body = b'{"object":"list","data":[' + b",".join(self._models.values()) + b"]}"
+
+        self._models = {name: entry(name) for m in settings.models for name in (m.name, *m.aliases)}
+        self._virtual = {name: entry(name) for name in sorted(self.router.virtual)}
+        # The list each set of allowed models sees (a tier's `models:`), built once per set.
+        self._listings: dict[tuple[str, ...], bytes] = {}
 
     # -- endpoints ---------------------------------------------------------------------------
 
     async def list_models(self, request: Request) -> Response:
-        await self._authenticate(request)
-        return Response(200, self._models_body)
+        """The models (and aliases) the caller's tier may use, and the virtual names (``auto``)
+        when it may use any model."""
+        principal = await self._authenticate(request)
+        body = self._listings.get(principal.models)
+        if body is None:
+            allowed = [
+                self._models[name]
+                for m in self._settings.models
+                if principal.may_use(m.name, *m.aliases)
+                for name in (m.name, *m.aliases)
+            ]
+            if allowed:
+                allowed += self._virtual.values()
+            body = b'{"object":"list","data":[' + b",".join(allowed) + b"]}"
+            self._listings[principal.models] = body
+        return Response(200, body)
 
     async def _authenticate(self, request: Request) -> Principal:
         """The caller, or a 401; a 429 first for an address that failed too often lately."""
@@ -149,10 +184,14 @@ class Gateway:
             raise
 
     async def retrieve_model(self, request: Request) -> Response:
-        """``GET /v1/models/{model}``: a model or alias the gateway serves, else 404."""
-        await self._authenticate(request)
+        """``GET /v1/models/{model}``: a model or alias the gateway serves and the caller's tier
+        may use, or a virtual name (``auto``); else 404 (as OpenAI answers both)."""
+        principal = await self._authenticate(request)
         name = unquote(request.path.removeprefix(MODELS_PREFIX))
-        body = self._models.get(name)
+        model = self._settings.model(name)
+        body = self._models.get(name) or self._virtual.get(name)
+        if model is not None and not principal.may_use(model.name, *model.aliases):
+            body = None
         if body is None:
             raise NotFound(
                 f"The model `{name}` does not exist or you do not have access to it.",
@@ -161,23 +200,64 @@ class Gateway:
             )
         return Response(200, body)
 
-    async def authenticate_json(self, request: Request) -> Principal:
-        """The caller of a request with a JSON body (401 or 415 otherwise)."""
-        principal = await self._authenticate(request)
+    async def authenticate(self, request: Request) -> Principal:
+        """The caller, or a 401 (a 429 for an address that failed too often lately)."""
+        return await self._authenticate(request)
+
+    @staticmethod
+    def check_json(request: Request) -> None:
+        """A 415 unless the body is declared JSON (or not declared at all)."""
         ctype = request.headers.get(b"content-type")
         if ctype is not None and not ctype.lower().startswith(b"application/json"):
             raise UnsupportedMedia(
                 f"Unsupported content type {ctype.decode('latin-1')!r}: send application/json.",
                 param="content-type",
             )
+
+    async def authenticate_json(self, request: Request) -> Principal:
+        """The caller of a request with a JSON body (401 or 415 otherwise)."""
+        principal = await self._authenticate(request)
+        self.check_json(request)
         return principal
 
     async def forward(self, endpoint: Endpoint, request: Request) -> Response | StreamResponse:
         started = time.perf_counter()
         wall = time.time()
-        principal = await self.authenticate_json(request)
-        parsed = parse_request(endpoint, request.body)
+        principal = await self._authenticate(request)
+        try:
+            self.check_json(request)
+            parsed = parse_request(endpoint, request.body)
+        except ApiError as exc:
+            self.unserved(principal, request, exc, endpoint=endpoint, started=started, wall=wall)
+            raise
         return await self.dispatch(request, parsed, principal, started, wall)
+
+    def unserved(
+        self,
+        principal: Principal,
+        request: Request,
+        exc: ApiError,
+        *,
+        endpoint: str,
+        started: float,
+        wall: float,
+        model: str = "",
+        streamed: bool = False,
+    ) -> None:
+        """The usage event of a request answered with ``exc`` before any deployment was asked."""
+        limit = exc.limit if isinstance(exc, _LimitRefusal) else None
+        self.meter.unserved(
+            principal,
+            request_id=request.request_id,
+            endpoint=endpoint,
+            model=model,
+            status=exc.status,
+            reason=limit or error_reason(exc),
+            refused=limit is not None or exc.code in _REFUSAL_CODES,
+            streamed=streamed,
+            started=started,
+            wall=wall,
+        )
 
     async def dispatch(
         self,
@@ -191,6 +271,39 @@ class Gateway:
     ) -> Response | StreamResponse:
         """Resolve the model, check the request against it, admit it and serve it; ``label``
         names the endpoint in metrics and the ledger when it is not ``parsed.endpoint``."""
+        endpoint = parsed.endpoint
+        name = parsed.model
+        try:
+            call = self._admitted_call(request, parsed, principal, started, wall, label)
+            name = call.model.name
+            if principal.limits is not None and self._limiter is not None:
+                await self._admit(call)
+        except ApiError as exc:
+            model = self._settings.model(name)  # an alias is recorded as its model
+            self.unserved(
+                principal,
+                request,
+                exc,
+                endpoint=label or endpoint,
+                started=started,
+                wall=wall,
+                model=model.name if model is not None else name,
+                streamed=parsed.stream,
+            )
+            raise
+        return await call.serve(self.upstream)
+
+    def _admitted_call(
+        self,
+        request: Request,
+        parsed: ParsedRequest,
+        principal: Principal,
+        started: float,
+        wall: float,
+        label: str | None = None,
+    ) -> Call:
+        """The request's ``Call``, once its model is resolved and it may be sent to it (else the
+        404, 400 or 403 that says why not)."""
         endpoint = parsed.endpoint
         model = self._settings.model(parsed.model)
         if model is None and parsed.model in self.router.virtual:
@@ -215,10 +328,7 @@ class Gateway:
                 code="model_not_allowed",
             )
         check_context_window(parsed, model.context_window)
-        call = Call(self.meter, endpoint, request, parsed, model, principal, started, wall, label)
-        if principal.limits is not None and self._limiter is not None:
-            await self._admit(call)
-        return await call.serve(self.upstream)
+        return Call(self.meter, endpoint, request, parsed, model, principal, started, wall, label)
 
     def _specialise(
         self, endpoint: Endpoint, request: Request, parsed: ParsedRequest, principal: Principal
@@ -302,8 +412,9 @@ class Gateway:
         if not decision.allowed:
             self._decisions.inc((call.principal.tier, decision.refused_by or "unknown"))
             name = decision.refused_by or "requests_per_minute"
-            raise RateLimited(
+            raise _LimitRefusal(
                 refusal_message(decision, limits=limits),
+                limit=name,
                 kind=_LIMIT_KINDS.get(name, "tokens"),
                 headers=(*ratelimit_headers(decision), (b"x-citadel-limit", name.encode())),
             )

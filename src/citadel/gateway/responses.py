@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
-from citadel.errors import NotFound, StoreUnavailable
+from citadel.errors import ApiError, NotFound, StoreUnavailable
 from citadel.gateway.auth import Principal
 from citadel.http.server import Request, Response, StreamResponse
 from citadel.openai.requests import decode_body, parse_body
@@ -199,17 +199,19 @@ class ResponsesApi:
         started = time.perf_counter()
         wall = time.time()
         gateway = self._gateway
-        principal = await gateway.authenticate_json(request)
-        body = decode_body(request.body)
-        history: list[dict[str, Any]] | None = None
-        previous = body.get("previous_response_id")
-        if isinstance(previous, str):
-            history = (await self._store.get(_owner(principal), previous)).messages
-        req = parse_responses_request(body, history)
-        chat = req.chat
-        if chat.get("stream"):
-            chat["stream_options"] = {"include_usage": True}  # the final event carries usage
-        parsed = parse_body("chat", chat)
+        principal = await gateway.authenticate(request)
+        try:  # a request refused here is in the ledger too (dispatch meters the rest)
+            gateway.check_json(request)
+            req = await self._request(principal, decode_body(request.body))
+            chat = req.chat
+            if chat.get("stream"):
+                chat["stream_options"] = {"include_usage": True}  # the final event carries usage
+            parsed = parse_body("chat", chat)
+        except ApiError as exc:
+            gateway.unserved(
+                principal, request, exc, endpoint="responses", started=started, wall=wall
+            )
+            raise
         reply = await gateway.dispatch(request, parsed, principal, started, wall, label="responses")
         response_id = new_item_id("resp")
         if isinstance(reply, StreamResponse):
@@ -262,6 +264,14 @@ class ResponsesApi:
                 await aclose()
         if stream.response is not None and stream.response["status"] != "failed":
             await self._keep(principal, stream.request, stream.response)
+
+    async def _request(self, principal: Principal, body: dict[str, Any]) -> ResponsesRequest:
+        """The request ``body`` asks for, with the conversation it continues, if any."""
+        history: list[dict[str, Any]] | None = None
+        previous = body.get("previous_response_id")
+        if isinstance(previous, str):
+            history = (await self._store.get(_owner(principal), previous)).messages
+        return parse_responses_request(body, history)
 
     async def _keep(self, principal: Principal, req: ResponsesRequest, doc: dict[str, Any]) -> None:
         """Store a finished response. The reply was made (and billed) whatever happens here, so a

@@ -114,8 +114,7 @@ class Upstream:
                 if attempts and not router.may_retry(call.model.name, time.monotonic()):
                     assert failure is not None
                     router.release(selection.state, time.monotonic())
-                    call.target = None
-                    raise failure
+                    raise failure  # call.target: the deployment that failed last
                 attempts += 1
                 state = selection.state
                 target = self._targets[state.name]
@@ -144,14 +143,14 @@ class Upstream:
                 call.selection = state
                 call.attempt_started = began
                 return target, response
-        if failure is None:
-            failure = Unavailable(
+        if failure is None:  # no deployment was tried: none is named (metrics, ledger)
+            call.target = None
+            raise Unavailable(
                 f"No deployment of model '{call.model.name}' can take requests now: all are "
                 "drained, unhealthy or have an open circuit.",
                 code="no_deployment_available",
             )
-        call.target = None
-        raise failure
+        raise failure  # call.target: the deployment that failed last
 
     def _fallbacks(self, call: Forwarded) -> list[Model]:
         """The model's fallbacks the caller may use, in order."""

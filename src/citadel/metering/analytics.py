@@ -10,6 +10,10 @@ the HTTP adapter answers with a 400; an answer of more than ``MAX_ROWS`` rows is
 
 Budgets are those the limiter enforces (``budgets``), over the calendar month in
 ``limits.timezone``, from its first hour.
+
+Infrastructure costs (``deployment_costs``, ``savings``, and the business metrics built on them)
+charge a deployment's GPU-hours from the UTC hour of its first event in the ledger on
+(``first_traffic``), never for the part of a window before it: see ``citadel.metering.pricing``.
 """
 
 from __future__ import annotations
@@ -161,17 +165,31 @@ class Analytics:
         )
         return int(total[0][0] or 0), {str(r[0]): int(r[1]) for r in by_tier}
 
+    async def first_traffic(self) -> dict[str, datetime]:
+        """The start of the UTC hour each deployment first served in (any status), from the
+        hourly rollup by deployment: one row per deployment and hour, read once."""
+        table = rollup(HOURLY, {"deployment"}, self._rollups)
+        rows = await self._rows(
+            select(table.c.deployment, func.min(table.c.bucket))
+            .where(table.c.deployment != "")
+            .group_by(table.c.deployment)
+        )
+        return {str(r[0]): r[1] for r in rows}
+
     async def deployment_costs(
         self, span: TimeRange, *, now: datetime, settings: Settings
     ) -> list[DeploymentCost]:
         """Every configured deployment (and any other the ledger names) over ``span``: what it
-        served and was charged, and its infrastructure cost over the part of ``span`` passed."""
+        served and was charged, and its infrastructure cost over the part of ``span`` passed
+        since its first traffic (``first_traffic``; nothing for one that never served)."""
         rows = await self.usage(span, group_by=("deployment", "model"))
-        seconds = span.clipped_seconds(now)
+        first = await self.first_traffic()
         served: dict[str, Totals] = {}
         seen_model: dict[str, str] = {}
         for row in rows:
             name = row.keys["deployment"]
+            if not name:  # answered by no deployment (refused, or none could take it)
+                continue
             served[name] = served.get(name, Totals()) + row.totals
             seen_model.setdefault(name, row.keys["model"])
         costs: list[DeploymentCost] = []
@@ -185,8 +203,9 @@ class Analytics:
                         model=model.name,
                         deployment=deployment,
                         totals=served.get(deployment.name, Totals()),
-                        seconds=seconds,
+                        seconds=span.seconds_since(first.get(deployment.name), now),
                         reference=model.reference_price,
+                        costed_from=first.get(deployment.name),
                     )
                 )
         for name in sorted(set(served) - configured):
@@ -197,8 +216,9 @@ class Analytics:
                     model=seen_model[name],
                     deployment=None,
                     totals=served[name],
-                    seconds=seconds,
+                    seconds=span.seconds_since(first.get(name), now),
                     reference=None if model_settings is None else model_settings.reference_price,
+                    costed_from=first.get(name),
                 )
             )
         return costs

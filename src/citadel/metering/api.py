@@ -212,9 +212,14 @@ class AnalyticsController(Controller):
             d: value.strip() for d in DIMENSIONS if (value := given[d]) is not None
         }
         rows = await reader.analytics.usage(span, group_by=grouping, bucket=bucket, filters=filters)
-        data = [UsageRowReply.row(row) for row in rows]
+        # Users' and teams' names beside their ids (best effort, as /v1/top's).
+        named: dict[str, dict[str, str]] = {
+            d: await reader.names(d) for d in grouping if d in ("user", "team")
+        }
+        data = [UsageRowReply.row(row, named) for row in rows]
         if format_ == "csv":
-            columns = [*(["bucket"] if bucket != "none" else []), *grouping, *MEASURE_COLUMNS]
+            keys = [c for d in grouping for c in ((d, f"{d}_name") if d in named else (d,))]
+            columns = [*(["bucket"] if bucket != "none" else []), *keys, *MEASURE_COLUMNS]
             return _csv(data, columns)
         total = UsageRow(
             bucket=None, keys={}, **{k: sum(getattr(r, k) for r in rows) for k in MEASURES}

@@ -4,8 +4,10 @@ each reply a ``msgspec.Struct``, so that one definition gives the validation (a 
 (``*_usd``, for reading) and micro-dollars (``*_micros``, exact, for sums); times are RFC 3339 UTC
 strings (``2026-11-24T08:00:00Z``).
 
-A range is ``start`` and ``end``: RFC 3339, a date, or Unix seconds, whole UTC hours; by default
-the last 30 days up to the end of the current hour (``parse_range``).
+A range is ``start`` and ``end``: RFC 3339, a date, or Unix seconds; by default the last 30 days
+up to the end of the current hour (``parse_range``). The ledger's rollups count by UTC hour (by
+UTC day for daily buckets), so a time inside an hour widens the range to the whole hour it falls
+in (``start`` down, ``end`` up): the reply's ``start`` and ``end`` are the range read.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from citadel.metering.ranges import (
     Metric,
     QueryError,
     TimeRange,
+    ceil_hour,
+    floor_hour,
 )
 from citadel.metering.rollups import UsageRow
 
@@ -68,8 +72,9 @@ Format = Annotated[
 Start = Annotated[
     str | None,
     Parameter(
-        description="start of the range, inclusive: RFC 3339, a date or Unix seconds; a whole "
-        f"UTC hour (default: {DEFAULT_DAYS} days before end, 1 day with hourly buckets)"
+        description="start of the range, inclusive: RFC 3339, a date or Unix seconds, widened "
+        f"to the whole UTC hour it falls in (default: {DEFAULT_DAYS} days before end, 1 day "
+        "with hourly buckets)"
     ),
 ]
 End = Annotated[
@@ -134,8 +139,9 @@ def parse_time(name: str, text: str) -> datetime:
 def parse_range(
     start: str | None, end: str | None, now: datetime, bucket: Bucket = "none"
 ) -> TimeRange:
-    """The range from ``start`` and ``end``; by default the 30 days up to the end of the current
-    hour (of the current day, with daily buckets)."""
+    """The range from ``start`` and ``end``, widened to whole UTC hours (days, with daily
+    buckets); by default the 30 days up to the end of the current hour (of the current day, with
+    daily buckets)."""
     if end is not None:
         until = parse_time("end", end)
     else:
@@ -145,6 +151,13 @@ def parse_range(
         since = parse_time("start", start)
     else:
         since = until - timedelta(days=DEFAULT_DAYS if bucket != "hour" else 1)
+    if until <= since:  # before widening: a range of 10:40 to 10:20 is a mistake, not an hour
+        return TimeRange.checked(since, until, bucket)  # raises, naming 'end'
+    since, until = floor_hour(since), ceil_hour(until)
+    if bucket == "day":
+        since = since.replace(hour=0)
+        if until.hour:
+            until = until.replace(hour=0) + _DAY
     return TimeRange.checked(since, until, bucket)
 
 
@@ -168,6 +181,11 @@ class Measures(msgspec.Struct, kw_only=True):
 
     requests: int
     errors: Annotated[int, msgspec.Meta(description="requests answered with a status >= 400")]
+    refusals: Annotated[int, msgspec.Meta(description="refused by a limit or the tier (403, 429)")]
+    failures: Annotated[int, msgspec.Meta(description="failed upstream or in the gateway (5xx)")]
+    error_rate: Annotated[float | None, msgspec.Meta(description="errors over requests")]
+    refusal_rate: Annotated[float | None, msgspec.Meta(description="refusals over requests")]
+    failure_rate: Annotated[float | None, msgspec.Meta(description="failures over requests")]
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
@@ -184,6 +202,11 @@ class Measures(msgspec.Struct, kw_only=True):
 class _MeasureFields(TypedDict):
     requests: int
     errors: int
+    refusals: int
+    failures: int
+    error_rate: float | None
+    refusal_rate: float | None
+    failure_rate: float | None
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
@@ -198,6 +221,11 @@ def measures(row: UsageRow) -> _MeasureFields:
     return {
         "requests": row.requests,
         "errors": row.errors,
+        "refusals": row.refusals,
+        "failures": row.failures,
+        "error_rate": row.error_rate,
+        "refusal_rate": row.refusal_rate,
+        "failure_rate": row.failure_rate,
         "prompt_tokens": row.prompt_tokens,
         "completion_tokens": row.completion_tokens,
         "total_tokens": row.tokens,
@@ -216,18 +244,27 @@ class UsageRowReply(Measures, kw_only=True):
 
     bucket: Time | UnsetType = UNSET
     user: str | UnsetType = UNSET
+    user_name: Annotated[
+        str | UnsetType | None, msgspec.Meta(description="grouped by user: their name, if known")
+    ] = UNSET
     team: str | UnsetType = UNSET
+    team_name: Annotated[
+        str | UnsetType | None, msgspec.Meta(description="grouped by team: its name, if known")
+    ] = UNSET
     model: str | UnsetType = UNSET
     deployment: str | UnsetType = UNSET
     tier: str | UnsetType = UNSET
 
     @classmethod
-    def row(cls, row: UsageRow) -> UsageRowReply:
+    def row(cls, row: UsageRow, names: dict[str, dict[str, str]] | None = None) -> UsageRowReply:
+        """``row``, with the names of its user or team from ``names`` (by dimension, by id)."""
         reply = cls(**measures(row))
         if row.bucket is not None:
             reply.bucket = iso(row.bucket)
         for dimension, value in row.keys.items():
             setattr(reply, dimension, value)
+            if names is not None and dimension in names:
+                setattr(reply, f"{dimension}_name", names[dimension].get(value))
         return reply
 
 
@@ -307,6 +344,9 @@ class CostRow(msgspec.Struct, kw_only=True):
     gpus: int
     gpu_hour_usd: float
     hours: float
+    costed_from: Annotated[
+        Time | None, msgspec.Meta(description="the hour it first served; null: it never has")
+    ]
     requests: int
     prompt_tokens: int
     completion_tokens: int
@@ -333,6 +373,7 @@ class CostRow(msgspec.Struct, kw_only=True):
             gpus=cost.gpus,
             gpu_hour_usd=cost.gpu_hour_usd,
             hours=cost.hours,
+            costed_from=None if cost.costed_from is None else iso(cost.costed_from),
             requests=totals.requests,
             prompt_tokens=totals.prompt_tokens,
             completion_tokens=totals.completion_tokens,

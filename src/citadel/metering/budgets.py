@@ -1,9 +1,9 @@
 """Budget use: each user's or team's spend this month set against the monthly cost budget the
 limiter enforces.
 
-A user's budget is its ``cost_per_month_usd`` (tier, then override); a team's is the sum of its
-members' (unlimited when any member's is). Spenders the accounts store does not know are listed
-without a budget.
+A user's budget is its ``cost_per_month_usd`` (tier, then override). A team's is its own, when one
+is set in the accounts store (``citadel teams budget``), else the sum of its members' (unlimited
+when any member's is). Spenders the accounts store does not know are listed without a budget.
 """
 
 from __future__ import annotations
@@ -95,6 +95,8 @@ def budget_use(
             known.add(team.id)
             budgets = [_user_budget(u, by_tier) for u in members.get(team.id, [])]
             total = None if any(b is None for b in budgets) else sum(b or 0 for b in budgets)
+            if team.budget_micros is not None:  # the team's own, set at run time
+                total = team.budget_micros
             rows.append(
                 BudgetUse(
                     scope="team",

@@ -1,4 +1,15 @@
-"""The usage event: one per request the gateway forwards, handed to a sink without blocking."""
+"""The usage event: one per request the gateway answers for a principal, handed to a sink without
+blocking.
+
+Served, failed upstream, or refused by the caller's tier or limits: every request that was
+authenticated and reached a model endpoint is one event, with the status the client got and, when
+it was not served, a ``reason`` (the error's code: ``model_not_allowed``, ``requests_per_minute``,
+``no_deployment_available``, ``upstream_500`` ...). ``deployment`` is empty when no deployment
+answered (refused before any was tried, or every one failed). ``refused`` marks the refusals of
+the gateway's own policy: the tier (403) and the limits (429, and the 400 of a request larger than
+a minute's tokens). Unauthenticated requests (401) have no principal: they are counted in the
+gateway's metrics only.
+"""
 
 from __future__ import annotations
 
@@ -43,6 +54,8 @@ class UsageEvent:
     cancelled: bool
     usage_estimated: bool  # the upstream did not report usage: the gateway counted it
     cost_micros: int  # what the user is charged, in micro-USD (exact integer arithmetic)
+    reason: str = ""  # why it was not served (the error's code); "" when it was
+    refused: bool = False  # refused by the caller's tier or limits (403, 429), before any upstream
 
 
 class UsageSink(Protocol):

@@ -27,9 +27,12 @@ load of events, or to repair them; the ledger writers stopped meanwhile): ``usag
 the events, the others from it (``usage_daily``) or from the full rollup of their width.
 
 The wire format, shared with the gateway's sinks and spool: one event is the orjson encoding of
-the list ``[1, event_id, time, request_id, user, team, key_id, tier, endpoint, model,
+the list ``[2, event_id, time, request_id, user, team, key_id, tier, endpoint, model,
 deployment, prompt_tokens, completion_tokens, latency_seconds, ttft_seconds, status, streamed,
-cancelled, usage_estimated, cost_micros]`` (the leading 1 is the format's version).
+cancelled, usage_estimated, cost_micros, reason, refused]`` (the leading 2 is the format's
+version). Version 1, the same list without ``reason`` and ``refused``, is still read (entries a
+gateway of the previous release left in a stream or spool): its events have reason ``""`` and
+are not refusals.
 """
 
 from __future__ import annotations
@@ -73,7 +76,8 @@ __all__ = [
     "rollup_rows",
 ]
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2
+_WIRE_LENGTHS = {1: 20, 2: 22}  # fields of each version still read
 DEFAULT_TIMEOUT = 30.0  # seconds for one batch, connecting included
 _DEADLOCK_RETRIES = 3
 _SQLITE_IN_CHUNK = 500  # ids per "event_id IN (...)" lookup (SQLite's parameter limit)
@@ -100,6 +104,8 @@ COLUMNS = (
     "cancelled",
     "usage_estimated",
     "cost_micros",
+    "reason",
+    "refused",
 )
 
 
@@ -130,6 +136,8 @@ def encode_event(event: UsageEvent) -> bytes:
             event.cancelled,
             event.usage_estimated,
             event.cost_micros,
+            event.reason,
+            event.refused,
         ]
     )
 
@@ -140,8 +148,8 @@ def decode_event(data: bytes | str) -> UsageEvent:
         v = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise ValueError(f"a usage event is not JSON: {data[:80]!r}") from exc
-    if not isinstance(v, list) or len(v) != 20 or v[0] != WIRE_VERSION:
-        raise ValueError(f"expected a usage event (a list of 20, version {WIRE_VERSION}): {v!r}")
+    if not isinstance(v, list) or not v or _WIRE_LENGTHS.get(v[0]) != len(v):
+        raise ValueError(f"expected a usage event (a list of 22, version {WIRE_VERSION}): {v!r}")
     try:
         return UsageEvent(
             event_id=_str(v[1]),
@@ -163,6 +171,8 @@ def decode_event(data: bytes | str) -> UsageEvent:
             cancelled=bool(v[17]),
             usage_estimated=bool(v[18]),
             cost_micros=int(v[19]),
+            reason=_str(v[20]) if len(v) > 20 else "",
+            refused=bool(v[21]) if len(v) > 20 else False,
         )
     except (TypeError, ValueError) as exc:
         raise ValueError(f"a usage event has a field of the wrong type: {v!r}") from exc
@@ -181,12 +191,13 @@ _REAL_MAX = 1e30  # milliseconds: far below what float4 overflows at
 _NUMBER = (int, float)
 # The types an event's fields may decode to, as tuples to compare ``map(type, fields)`` with:
 # one set lookup checks them all (checking field by field costs more than decoding).
-_SIGNATURES = frozenset(
+_V1 = frozenset(
     (int, str, t, *(str,) * 8, int, int, latency, ttft, int, bool, bool, bool, int)
     for t in _NUMBER
     for latency in _NUMBER
     for ttft in (type(None), *_NUMBER)
 )
+_SIGNATURES = _V1 | {(*signature, str, bool) for signature in _V1}
 
 
 def decode_row(data: bytes) -> Row:
@@ -201,10 +212,15 @@ def decode_row(data: bytes) -> Row:
         v = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise ValueError(f"a usage event is not JSON: {data[:80]!r}") from exc
-    if type(v) is not list or tuple(map(type, v)) not in _SIGNATURES or v[0] != WIRE_VERSION:
-        raise ValueError(f"expected a usage event (a list of 20, version {WIRE_VERSION}): {v!r}")
+    if (
+        type(v) is not list
+        or tuple(map(type, v)) not in _SIGNATURES
+        or _WIRE_LENGTHS.get(v[0]) != len(v)
+    ):
+        raise ValueError(f"expected a usage event (a list of 22, version {WIRE_VERSION}): {v!r}")
     (_, eid, t, rid, user, team, key, tier, endpoint, model, dep, prompt, completion) = v[:13]
-    (latency, ttft, status, streamed, cancelled, estimated, cost) = v[13:]
+    (latency, ttft, status, streamed, cancelled, estimated, cost) = v[13:20]
+    reason, refused = (v[20], v[21]) if len(v) > 20 else ("", False)
     if not (
         0 <= prompt < _INT4
         and 0 <= completion < _INT4
@@ -238,6 +254,8 @@ def decode_row(data: bytes) -> Row:
         cancelled,
         estimated,
         cost,
+        reason,
+        refused,
     )
 
 
@@ -264,6 +282,8 @@ def event_row(event: UsageEvent) -> Row:
         event.cancelled,
         event.usage_estimated,
         event.cost_micros,
+        event.reason,
+        event.refused,
     )
 
 
@@ -285,7 +305,9 @@ _PG_SUMS = (
     "count(*) AS requests, count(*) FILTER (WHERE status >= 400) AS errors, "
     "sum(prompt_tokens)::int8 AS prompt_tokens, sum(completion_tokens)::int8 AS completion_tokens, "
     "sum(cost_micros)::int8 AS cost_micros, sum(latency_ms::float8) AS latency_ms_sum, "
-    "coalesce(sum(ttft_ms::float8), 0) AS ttft_ms_sum, count(ttft_ms) AS ttft_requests"
+    "coalesce(sum(ttft_ms::float8), 0) AS ttft_ms_sum, count(ttft_ms) AS ttft_requests, "
+    "count(*) FILTER (WHERE refused) AS refusals, "
+    "count(*) FILTER (WHERE status >= 500) AS failures"
 )
 _RESUM = ", ".join(
     f"sum({m})" if m.endswith("_sum") else f"sum({m})::int8" for m in MEASURES
@@ -340,7 +362,7 @@ _PG_STORE_SKIPPING = (
     f"    INSERT INTO usage_events SELECT * FROM {_INCOMING}\n"
     "    ON CONFLICT (event_id) DO NOTHING\n"
     "    RETURNING ts, user_id, team_id, model, deployment, tier, status, prompt_tokens,\n"
-    "        completion_tokens, cost_micros, latency_ms, ttft_ms\n"
+    "        completion_tokens, cost_micros, latency_ms, ttft_ms, refused\n"
     "), " + _pg_rollups("inserted") + "\nSELECT count(*) FROM inserted"
 )
 
@@ -363,9 +385,11 @@ def rollup_rows(
         group = (int(r[1].timestamp() // width) * width, *(r[i] for i in at))
         acc = sums.get(group)
         if acc is None:
-            acc = sums[group] = [0, 0, 0, 0, 0, 0.0, 0.0, 0]
+            acc = sums[group] = [0, 0, 0, 0, 0, 0.0, 0.0, 0, 0, 0]
         acc[0] += 1
         acc[1] += r[14] >= 400
+        acc[8] += bool(r[20])
+        acc[9] += r[14] >= 500
         acc[2] += r[10]
         acc[3] += r[11]
         acc[4] += r[18]
@@ -404,7 +428,8 @@ def rebuild_statements(dialect: str) -> list[str]:
     events = (
         "count(*), sum(CASE WHEN status >= 400 THEN 1 ELSE 0 END), sum(prompt_tokens), "
         "sum(completion_tokens), sum(cost_micros), sum(CAST(latency_ms AS DOUBLE PRECISION)), "
-        "coalesce(sum(CAST(ttft_ms AS DOUBLE PRECISION)), 0), count(ttft_ms)"
+        "coalesce(sum(CAST(ttft_ms AS DOUBLE PRECISION)), 0), count(ttft_ms), "
+        "sum(CASE WHEN refused THEN 1 ELSE 0 END), sum(CASE WHEN status >= 500 THEN 1 ELSE 0 END)"
     )
     resum = ", ".join(
         f"sum({m})" if m.endswith("_sum") else f"CAST(sum({m}) AS BIGINT)" for m in MEASURES

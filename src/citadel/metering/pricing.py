@@ -5,9 +5,12 @@ Three prices meet here, all in integer micro-USD wherever amounts are summed:
 - **Charged**: what users are charged, from the model's price (or the deployment's override). The
   gateway computes it per request (``limits.policy.cost_micros``) and the ledger sums it.
 - **Infrastructure**: what a deployment costs to run. Its GPUs cost ``gpu_hour_usd x gpus`` every
-  hour, busy or idle, so over a window of H hours it costs that times H, and the real cost of
-  1000 tokens is that amount over the tokens it served in the window (in thousands). The busier
-  the deployment, the cheaper each token: utilisation sets the real price.
+  hour, busy or idle, from the hour it first served (its first event in the ledger, whatever its
+  status): over the H hours of a window it has been running, it costs that times H, and the real
+  cost of 1000 tokens is that amount over the tokens it served in the window (in thousands). The
+  busier the deployment, the cheaper each token: utilisation sets the real price. A deployment
+  that never served costs nothing yet (a new install is not charged for the weeks before it).
+  The analytics API and the business metrics on ``/metrics`` use this one definition.
 - **Reference**: what the same tokens would have cost at a commercial API's price
   (``Model.reference_price``). It is computed on a window's token totals, rounded up to the
   micro-dollar once, not per request: it is a counterfactual, not a bill.
@@ -24,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from decimal import ROUND_HALF_UP, Decimal
 
 from citadel.limits.policy import cost_micros
@@ -108,10 +112,11 @@ class DeploymentCost:
     configured: bool  # False: seen in the ledger, no longer in the settings (no infra cost known)
     gpus: int
     gpu_hour_usd: float
-    hours: float  # the window's length (the part of it passed)
+    hours: float  # the hours of the window it was running (passed, and from its first traffic)
     totals: Totals
     infra_micros: int
     reference_micros: int | None
+    costed_from: datetime | None = None  # the hour it first served; None: it never has
 
     @property
     def tokens_per_hour(self) -> float:
@@ -140,9 +145,11 @@ def deployment_cost(
     totals: Totals,
     seconds: float,
     reference: Price | None,
+    costed_from: datetime | None = None,
 ) -> DeploymentCost:
-    """The cost of deployment ``name`` over a window of ``seconds``; ``deployment`` is its
-    settings, or None when it is no longer configured (its infrastructure cost is then 0)."""
+    """The cost of deployment ``name`` running ``seconds`` (the part of a window from its first
+    traffic, ``costed_from``, on); ``deployment`` is its settings, or None when it is no longer
+    configured (its infrastructure cost is then 0)."""
     gpus = deployment.gpus if deployment is not None else 0
     gpu_hour = deployment.gpu_hour_usd if deployment is not None else 0.0
     return DeploymentCost(
@@ -157,6 +164,7 @@ def deployment_cost(
         reference_micros=reference_micros(
             reference, totals.prompt_tokens, totals.completion_tokens
         ),
+        costed_from=costed_from,
     )
 
 

@@ -43,11 +43,18 @@ __all__ = [
 
 Dimension = Literal["user", "team", "model", "deployment", "tier"]
 Bucket = Literal["hour", "day", "none"]
-Metric = Literal["cost", "tokens", "requests", "errors"]
+Metric = Literal["cost", "tokens", "requests", "errors", "refusals", "failures"]
 
 DIMENSIONS: Final[tuple[Dimension, ...]] = ("user", "team", "model", "deployment", "tier")
 BUCKETS: Final[tuple[Bucket, ...]] = ("hour", "day", "none")
-METRICS: Final[tuple[Metric, ...]] = ("cost", "tokens", "requests", "errors")
+METRICS: Final[tuple[Metric, ...]] = (
+    "cost",
+    "tokens",
+    "requests",
+    "errors",
+    "refusals",
+    "failures",
+)
 MAX_DAYS: Final = 400  # the longest range any query may span
 MAX_HOURLY_DAYS: Final = 31  # the longest range of hourly buckets (744 of them)
 
@@ -127,6 +134,15 @@ class TimeRange:
         """How much of the range has passed by ``now``, in seconds."""
         until = min(self.end, max(self.start, now))
         return (until - self.start).total_seconds()
+
+    def seconds_since(self, since: datetime | None, now: datetime) -> float:
+        """How much of the range has passed by ``now`` from ``since`` on, in seconds (0 when
+        ``since`` is None: it never began)."""
+        if since is None:
+            return 0.0
+        start = max(self.start, since)
+        until = min(self.end, now)
+        return max(0.0, (until - start).total_seconds())
 
     def parts(self, bucket: Bucket) -> list[tuple[int, datetime, datetime]]:
         """The sub-ranges of the range, each with the bucket width (seconds) it is read at."""

@@ -101,6 +101,21 @@ class UsageRow:
     latency_ms_sum: float
     ttft_ms_sum: float
     ttft_requests: int
+    refusals: int = 0  # refused by the caller's tier or limits (403, 429)
+    failures: int = 0  # status >= 500: failed upstream, or no deployment could take it
+
+    @property
+    def error_rate(self) -> float | None:
+        """Requests answered with an error (status >= 400, refusals included) over requests."""
+        return self.errors / self.requests if self.requests else None
+
+    @property
+    def refusal_rate(self) -> float | None:
+        return self.refusals / self.requests if self.requests else None
+
+    @property
+    def failure_rate(self) -> float | None:
+        return self.failures / self.requests if self.requests else None
 
     @property
     def tokens(self) -> int:
@@ -152,7 +167,13 @@ def _part(
 def _order_key(found: Subquery, metric: Metric) -> ColumnElement[Any]:
     if metric == "tokens":
         return found.c.prompt_tokens + found.c.completion_tokens
-    name = {"cost": "cost_micros", "requests": "requests", "errors": "errors"}[metric]
+    name = {
+        "cost": "cost_micros",
+        "requests": "requests",
+        "errors": "errors",
+        "refusals": "refusals",
+        "failures": "failures",
+    }[metric]
     return found.c[name]
 
 
@@ -209,4 +230,6 @@ def usage_row(row: Sequence[Any], bucketed: bool, group_by: Sequence[Dimension])
         latency_ms_sum=float(values[5] or 0.0),
         ttft_ms_sum=float(values[6] or 0.0),
         ttft_requests=ints[7],
+        refusals=ints[8],
+        failures=ints[9],
     )

@@ -22,6 +22,11 @@ would only make every index insert slower.
 Every timestamp is a timezone-aware UTC ``datetime`` in Python (``UtcDateTime``: ``timestamptz``
 on PostgreSQL, UTC wall time on SQLite). An event without a team has ``team_id = ''``: the
 rollups' key columns are never NULL (NULLs would break their primary key and ON CONFLICT).
+
+Every request the gateway answered for a principal is an event, refused and failed ones included
+(``citadel.metering.events``): the rollups count ``errors`` (status >= 400), ``refusals`` (the
+tier's or the limits' refusals) and ``failures`` (status >= 500) beside ``requests``, so error and
+refusal rates come from the rollups too.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from sqlalchemy import (
     SmallInteger,
     Table,
     Text,
+    false,
 )
 
 from citadel.accounts.schema import NAMING, UtcDateTime
@@ -88,6 +94,10 @@ usage_events = Table(
     Column("cancelled", Boolean, nullable=False),
     Column("usage_estimated", Boolean, nullable=False),
     Column("cost_micros", BigInteger, nullable=False),  # micro-USD charged
+    # Why a request was not served (the error's code), '' when it was (m0004).
+    Column("reason", Key, nullable=False, server_default=""),
+    # Refused by the caller's tier or limits, before any upstream was tried (m0004).
+    Column("refused", Boolean, nullable=False, server_default=false()),
     PrimaryKeyConstraint("event_id", name="pk_usage_events"),
     # Time ranges only (retention, rebuilds): by-team and by-user questions read the rollups.
     Index("ix_usage_events_ts", "ts"),
@@ -111,6 +121,8 @@ MEASURES = (
     "latency_ms_sum",
     "ttft_ms_sum",
     "ttft_requests",
+    "refusals",
+    "failures",
 )
 
 
@@ -128,6 +140,10 @@ def _rollup(name: str, key: tuple[str, ...]) -> Table:
         Column("latency_ms_sum", Double, nullable=False),  # mean latency: sum / requests
         Column("ttft_ms_sum", Double, nullable=False),  # mean TTFT: sum / ttft_requests
         Column("ttft_requests", BigInteger, nullable=False),  # requests that reported a TTFT
+        # Requests refused by the tier or limits (``usage_events.refused``), and those that
+        # failed (status >= 500: upstream errors, timeouts, no deployment available); m0004.
+        Column("refusals", BigInteger, nullable=False, server_default="0"),
+        Column("failures", BigInteger, nullable=False, server_default="0"),
         PrimaryKeyConstraint("bucket", *key, name=f"pk_{name}"),
     )
 

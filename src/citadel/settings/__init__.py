@@ -194,8 +194,16 @@ def load_settings(path: str | None, environ: Mapping[str, str]) -> Settings:
     metrics.setdefault("require_token", env not in _INSECURE_ENVS)
     gateway.setdefault("cors_origins", ("*",) if env == "development" else ())
     default_tier = accounts.get("default_tier", "free")
-    if default_tier not in {t.name for t in tiers}:
-        raise ConfigError("accounts.default_tier", default_tier, "the name of a tier")
+    names = [t.name for t in tiers]
+    if default_tier not in names:
+        expected = f"one of the tiers configured ({', '.join(names)})"
+        if "default_tier" not in accounts:  # not written: the default met a `tiers:` section
+            expected += (
+                f"; '{default_tier}' is the default, and a `tiers:` section replaces the "
+                f"built-in tiers ({', '.join(t.name for t in DEFAULT_TIERS)}): set "
+                "accounts.default_tier, or define that tier"
+            )
+        raise ConfigError("accounts.default_tier", default_tier, expected)
     return Settings(
         **scalars,
         ports=Ports(**ports),
