@@ -28,7 +28,7 @@ import pytest
 from citadel.alerting.prometheus import InvalidQuery, PrometheusClient
 from citadel.http.client import HttpClient
 
-from support import free_port, process_output, start_process, stop_process
+from support import free_port, process_output, start_process, stop_process, wait_for
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 ALERTMANAGER = shutil.which("prometheus-alertmanager") or "/usr/bin/prometheus-alertmanager"
@@ -53,16 +53,6 @@ def get(port: int, path: str, *, auth: bool = False, method: str = "GET") -> tup
             return response.status, body.decode()
     finally:
         conn.close()
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float, interval: float = 0.25) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def start_ready(args: list[str], port: int, log: Path) -> subprocess.Popen[bytes]:

@@ -140,8 +140,9 @@ def slo_error_ratio(slo: Slo, window: str) -> Recorded:
     model = f'model="{slo.model}"'
     if slo.kind == "availability":
         spec = m.GATEWAY_REQUESTS
-        bad = f"sum({_rate(spec, '', f'{model},{_5XX}', window)})"
         total = f"sum({_rate(spec, '', model, window)})"
+        # No 5xx series at all is a ratio of 0, not no ratio: `or` fills the missing side.
+        bad = f"(sum({_rate(spec, '', f'{model},{_5XX}', window)}) or {total} * 0)"
     else:
         spec = m.GATEWAY_TTFT if slo.kind == "ttft" else m.GATEWAY_TPOT
         good = f"sum({_rate(spec, '_bucket', f'{model},{le(slo.threshold_seconds)}', window)})"
@@ -153,6 +154,12 @@ def slo_error_ratio(slo: Slo, window: str) -> Recorded:
         source=spec,
         unit="percentunit",
     )
+
+
+def _ratio(by: str, part: str, whole: str) -> str:
+    """``part / whole`` summed by ``by``, 0 (not absent) where ``part`` has no series yet."""
+    total = f"sum by ({by}) ({whole})"
+    return f"(sum by ({by}) ({part}) or {total} * 0) / {total}"
 
 
 def _quantiles(spec: m.MetricSpec, what: str) -> list[Recorded]:
@@ -185,7 +192,7 @@ def recorded() -> tuple[Recorded, ...]:
     rules += [
         Recorded(
             name="model:citadel_gateway_errors:ratio_rate5m",
-            expr=(f"sum by (model) ({_rate(req, matcher=_5XX)}) / sum by (model) ({_rate(req)})"),
+            expr=_ratio("model", _rate(req, matcher=_5XX), _rate(req)),
             source=req,
             unit="percentunit",
         ),
@@ -203,9 +210,8 @@ def recorded() -> tuple[Recorded, ...]:
         ),
         Recorded(
             name="tier:citadel_limiter_refusals:ratio_rate5m",
-            expr=(
-                f"sum by (tier) ({_rate(m.LIMITER_DECISIONS, matcher=_REFUSED)})"
-                f" / sum by (tier) ({_rate(m.LIMITER_DECISIONS)})"
+            expr=_ratio(
+                "tier", _rate(m.LIMITER_DECISIONS, matcher=_REFUSED), _rate(m.LIMITER_DECISIONS)
             ),
             source=m.LIMITER_DECISIONS,
             unit="percentunit",
