@@ -44,10 +44,10 @@ import yaml
 from citadel.accounts.sql import open_store
 from citadel.metering.migrate import LEDGER
 from citadel.observability.dashboards import DASHBOARDS, grafana_json
-from citadel.observability.names import parse_slos
 from citadel.observability.rules import dump, rule_groups
 from citadel.observability.scrape import alertmanager_config, prometheus_config
-from citadel.settings import load_settings
+from citadel.observability.services import slos_for
+from citadel.settings import Settings, load_settings
 
 from support import free_port, wait_for
 
@@ -142,6 +142,7 @@ class Stack:
     prometheus: int
     alertmanager: int
     redis: Proc
+    settings: Settings
     procs: list[Proc] = field(default_factory=list)
     premium_key: str = ""
     free_key: str = ""
@@ -228,6 +229,8 @@ def write_config(tmp: Path, ports: dict[str, int], sims: tuple[int, int], redis:
                 "deployments": [{"name": "flaky-a", "url": bad, "model": "sim-chat"}],
             },
         ],
+        "slos": SLOS,
+        "observability": {"speedup": SPEEDUP, "scrape_interval_seconds": 1},
         "alerting": {
             "interval_seconds": 1,
             "resend_seconds": 2,
@@ -374,10 +377,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     redis_port = free_port()
     config = write_config(tmp, ports, sims, redis_port)
     settings = load_settings(str(config), {})
-    slos = parse_slos(SLOS, [m.name for m in settings.models])
     rules_file = tmp / "rules" / "citadel.rules.yml"
     rules_file.parent.mkdir()
-    rules_file.write_text(dump({"groups": rule_groups(slos, speedup=SPEEDUP)}))
+    rules_file.write_text(dump({"groups": rule_groups(slos_for(settings), speedup=SPEEDUP)}))
     (tmp / "prometheus.yml").write_text(
         dump(prometheus_config(settings, rule_files=(str(rules_file),), interval="1s"))
     )
@@ -390,7 +392,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         stdin=subprocess.DEVNULL, stdout=redis_log, stderr=redis_log,
     )  # fmt: skip
     redis = Proc("redis", redis_proc, redis_log, None)
-    s = Stack(tmp, ports, ports["prom"], ports["am"], redis)
+    s = Stack(tmp, ports, ports["prom"], ports["am"], redis, settings)
     base = [sys.executable, "-m", "citadel", "--config", str(config)]
     try:
         s.premium_key, s.free_key = asyncio.run(seed_accounts(settings.accounts.database))
@@ -463,9 +465,8 @@ def test_prometheus_scrapes_every_service_and_model_server(loaded: Stack) -> Non
 
 
 def test_every_recording_rule_yields_series(loaded: Stack) -> None:
-    slos = parse_slos(SLOS, ["sim-chat", "sim-flaky"])
     wanted = []
-    for group in rule_groups(slos, speedup=SPEEDUP):
+    for group in rule_groups(slos_for(loaded.settings), speedup=SPEEDUP):
         for rule in group["rules"]:
             if "record" in rule:
                 labels = rule.get("labels", {})

@@ -5,7 +5,7 @@ Rules: ``GET /v1/rules`` (the groups as JSON, and the file's YAML text), ``GET /
 when installed, ``promtool check rules``). Dashboards: ``GET /v1/dashboards`` and
 ``GET /v1/dashboards/{uid}`` (Grafana's classic JSON). Everything but /health, /metrics and the
 docs takes the admin key (the panels show per-team spend). The SLOs are the defaults over the
-configured models (99.5 % non-5xx, 95 % of TTFT under 1 s).
+configured models (99.5 % non-5xx, 95 % of TTFT under 1 s) unless ``slos:`` sets them.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import yaml
 from litestar import Controller, Litestar, get, post
 from litestar.params import FromPath, JSONBody
 
-from citadel.errors import NotFound
+from citadel.errors import ConfigError, NotFound
 from citadel.health import DependencyHealth
 from citadel.metrics import Registry
 from citadel.observability import promtool
@@ -30,19 +30,43 @@ from citadel.observability.rules import rule_groups, rules_yaml
 from citadel.settings import Settings
 from citadel.web import Injected, Struct, create_service, errors, provide
 
-__all__ = ["ObservabilityDeps", "create_dashboards_app", "create_rules_app", "default_deps"]
+__all__ = [
+    "ObservabilityDeps",
+    "create_dashboards_app",
+    "create_rules_app",
+    "default_deps",
+    "slos_for",
+]
 
 
 @dataclass(slots=True, kw_only=True)
 class ObservabilityDeps:
-    """What both services read: the SLOs and their metrics registry."""
+    """What both services read: the SLOs, the rules' speed-up and their metrics registry."""
 
     slos: tuple[Slo, ...]
+    speedup: float = 1.0
     registry: Registry = field(default_factory=Registry)
 
 
+def slos_for(settings: Settings) -> tuple[Slo, ...]:
+    """The objectives of this installation: ``slos:`` when given (each model checked against
+    the models served, the embedded ones included), else the defaults: 99.5 % non-5xx for
+    every model and 95 % of first tokens within 1 s for every model that streams tokens."""
+    served = {mo.name: mo.kind for mo in settings.models}
+    if settings.slos is not None:
+        for i, slo in enumerate(settings.slos):
+            if slo.model not in served:
+                raise ConfigError(f"slos[{i}].model", slo.model, "a configured model's name")
+        return settings.slos
+    return tuple(
+        slo
+        for slo in default_slos(list(served))
+        if slo.kind == "availability" or served[slo.model] != "embedding"
+    )
+
+
 def default_deps(settings: Settings) -> ObservabilityDeps:
-    return ObservabilityDeps(slos=default_slos([mo.name for mo in settings.models]))
+    return ObservabilityDeps(slos=slos_for(settings), speedup=settings.observability.speedup)
 
 
 class RuleSet(Struct):
@@ -96,23 +120,27 @@ class RulesController(Controller):
     tags = ("rules",)
 
     @get("/rules", summary="Every generated rule group, as JSON and as the rule file's YAML")
-    async def list_rules(self, slos: Injected[tuple[Slo, ...]]) -> RuleSet:
-        return RuleSet(groups=rule_groups(slos), yaml=rules_yaml(slos))
+    async def list_rules(
+        self, slos: Injected[tuple[Slo, ...]], speedup: Injected[float]
+    ) -> RuleSet:
+        return RuleSet(
+            groups=rule_groups(slos, speedup=speedup), yaml=rules_yaml(slos, speedup=speedup)
+        )
 
     @get("/rules/{group:str}", summary="One rule group", responses=errors(404))
     async def get_group(
-        self, group: FromPath[str], slos: Injected[tuple[Slo, ...]]
+        self, group: FromPath[str], slos: Injected[tuple[Slo, ...]], speedup: Injected[float]
     ) -> dict[str, Any]:
-        for g in rule_groups(slos):
+        for g in rule_groups(slos, speedup=speedup):
             if g["name"] == group:
                 return g
         raise NotFound(f"No rule group {group!r}.", param="group")
 
     @post("/validate", summary="Check a rule file (or the generated one)", status_code=200)
     async def validate(
-        self, data: JSONBody[Validate], slos: Injected[tuple[Slo, ...]]
+        self, data: JSONBody[Validate], slos: Injected[tuple[Slo, ...]], speedup: Injected[float]
     ) -> Validation:
-        text = data.rules if data.rules is not None else rules_yaml(slos)
+        text = data.rules if data.rules is not None else rules_yaml(slos, speedup=speedup)
         findings = pure_findings(text)
         output = None
         if promtool.available():
@@ -170,7 +198,7 @@ def create_rules_app(settings: Settings, deps: ObservabilityDeps) -> Litestar:
         settings=settings,
         registry=deps.registry,
         admin=[RulesController],
-        dependencies={"slos": provide(deps.slos)},
+        dependencies={"slos": provide(deps.slos), "speedup": provide(deps.speedup)},
         health={"prometheus": _reachable(settings.endpoints.prometheus, "/-/ready")},
     )
 
