@@ -3,6 +3,8 @@
 citadel up                 every service on this machine, with embedded defaults
 citadel serve NAME         one service (gateway, ...)
 citadel sim                the model simulator
+citadel rules | dashboards | prometheus-config | alertmanager-config
+                           the generated observability files (citadel.observability.commands)
 """
 
 from __future__ import annotations
@@ -253,8 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(sim)
     sim.set_defaults(func=_cmd_sim)
     from citadel.accounts import admin
+    from citadel.observability import commands as observability
 
     admin.add_arguments(commands)
+    observability.add_arguments(commands)
     return parser
 
 
