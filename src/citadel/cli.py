@@ -160,8 +160,10 @@ def _usage_stream(settings: Settings) -> bool:
 
 
 def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
-    """Start the simulator (when no model is configured), every service and, when usage goes
-    through Redis, a ledger writer; then keep them running until a signal."""
+    """Start the simulator (when no model is configured), every service, Prometheus and
+    Alertmanager (when installed and none is configured: citadel.observability.monitoring)
+    and, when usage goes through Redis, a ledger writer; then keep them running until a
+    signal."""
     base = [sys.executable, "-m", "citadel"]
     if args.config:
         base += ["--config", args.config]
@@ -172,6 +174,12 @@ def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         (name, [*base, "serve", name], getattr(settings.ports, attr))
         for name, attr in SERVICES.items()
     )
+    from citadel.observability.monitoring import plan as monitoring_plan
+
+    monitoring = monitoring_plan(_with_defaults(settings))
+    plan.extend(monitoring.processes)
+    # The services find the Prometheus and Alertmanager started here (children inherit these).
+    os.environ.update(monitoring.environment)
     if _usage_stream(settings):
         # The gateway sends usage events to a Redis Stream: one writer drains it into the SQL
         # ledger. Without Redis the gateway writes the ledger itself and no writer is needed.
@@ -192,6 +200,8 @@ def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         print(f"  {name:<12} {where}", flush=True)
     if settings.env in ("development", "test") and not os.environ.get("CITADEL_ADMIN_KEY"):
         print(f"  admin key    {settings.gateway.admin_key}", flush=True)
+    if monitoring.note:
+        print(monitoring.note, flush=True)
     # A child that exits is restarted with backoff while the others keep serving
     # (citadel.supervisor); SIGTERM or SIGINT stops them all.
     return supervisor.run()

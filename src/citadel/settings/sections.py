@@ -83,6 +83,8 @@ class Ports:
     routing_api: int = 9097
     rate_limiting_api: int = 9098
     simulator: int = 8100
+    prometheus: int = 9090  # `citadel up`'s own Prometheus (when none is configured)
+    alertmanager: int = 9099  # and Alertmanager (its usual 9093 is grafana-dashboards here)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
