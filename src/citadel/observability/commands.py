@@ -24,11 +24,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from citadel.observability.promtool import RULE_FILE
 from citadel.settings import Settings, load_settings
 
 __all__ = ["RULE_FILE", "add_arguments", "deploy_files", "write_atomic"]
 
-RULE_FILE = "citadel.rules.yml"
 _Handler = Callable[[argparse.Namespace, Settings], int]
 
 

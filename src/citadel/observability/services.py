@@ -11,8 +11,11 @@ configured models (99.5 % non-5xx, 95 % of TTFT under 1 s) unless ``slos:`` sets
 from __future__ import annotations
 
 import asyncio
+import json
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -20,7 +23,7 @@ import yaml
 from litestar import Controller, Litestar, get, post
 from litestar.params import FromPath, JSONBody
 
-from citadel.errors import ConfigError, NotFound
+from citadel.errors import BadRequest, ConfigError, NotFound, Unavailable, UpstreamError
 from citadel.health import DependencyHealth
 from citadel.metrics import Registry
 from citadel.observability import promtool
@@ -151,6 +154,89 @@ class RulesController(Controller):
         return Validation(valid=not findings, findings=findings, promtool=output)
 
 
+class Applied(Struct):
+    path: str
+    groups: int
+    reloaded: bool
+    prometheus: str | None
+
+
+def _post(url: str, timeout: float = 5.0) -> None:
+    with urllib.request.urlopen(urllib.request.Request(url, method="POST"), timeout=timeout):
+        pass
+
+
+def _get_json(url: str, timeout: float = 2.0) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where ``POST /v1/apply`` writes the rule file, and the Prometheus it reloads."""
+
+    path: Path
+    prometheus: str | None
+
+
+class ApplyController(Controller):
+    path = "/v1"
+    tags = ("rules",)
+
+    @post(
+        "/apply",
+        summary="Write the generated rules to observability.rules_dir and reload Prometheus",
+        status_code=200,
+        responses=errors(400, 502, 503),
+    )
+    async def apply(
+        self,
+        slos: Injected[tuple[Slo, ...]],
+        speedup: Injected[float],
+        target: Injected[Target],
+    ) -> Applied:
+        """The rule file is checked first (the pure checks, and promtool when installed), then
+        written whole through a rename, then Prometheus is asked to reload
+        (``POST /-/reload``, which needs ``--web.enable-lifecycle``). A rule file that fails
+        the checks is not written; a failed reload leaves Prometheus on its previous rules."""
+        from citadel.observability.commands import write_atomic
+
+        text = rules_yaml(slos, speedup=speedup)
+        findings = pure_findings(text)
+        if not findings and promtool.available():
+            outcome = await asyncio.to_thread(promtool.check_text, text)
+            findings = [] if outcome.ok else [outcome.output]
+        if findings:
+            raise BadRequest("The generated rules fail their checks: " + "; ".join(findings))
+        try:
+            await asyncio.to_thread(write_atomic, target.path, text)
+        except OSError as exc:
+            raise Unavailable(
+                f"Cannot write the rule file {target.path}: {exc.strerror or exc}.",
+                param="observability.rules_dir",
+            ) from None
+        groups = len(rule_groups(slos, speedup=speedup))
+        endpoint = target.prometheus
+        if not endpoint:
+            return Applied(path=str(target.path), groups=groups, reloaded=False, prometheus=None)
+        url = endpoint.rstrip("/") + "/-/reload"
+        try:
+            await asyncio.to_thread(_post, url)
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode("utf-8", "replace").strip()[:500]
+            raise UpstreamError(
+                f"Wrote {target.path}, but Prometheus at {endpoint} refused the reload "
+                f"(HTTP {exc.code}: {detail or exc.reason}); it keeps its previous rules. "
+                "Is it started with --web.enable-lifecycle?"
+            ) from None
+        except OSError as exc:
+            raise UpstreamError(
+                f"Wrote {target.path}, but Prometheus at {endpoint} is unreachable for the reload "
+                f"({getattr(exc, 'reason', exc)}); it keeps its previous rules."
+            ) from None
+        return Applied(path=str(target.path), groups=groups, reloaded=True, prometheus=endpoint)
+
+
 class Summary(Struct):
     uid: str
     title: str
@@ -191,15 +277,65 @@ def _reachable(url: str | None, path: str) -> Any:
     return check
 
 
+def _rules_loaded(settings: Settings, deps: ObservabilityDeps) -> Any:
+    """Whether the Prometheus at PROMETHEUS_ENDPOINT runs the rules generated here: the same
+    groups with the same rules (``GET /api/v1/rules``)."""
+    url = settings.endpoints.prometheus
+    wanted = {
+        g["name"]: sorted(r.get("alert") or r["record"] for r in g["rules"])
+        for g in rule_groups(deps.slos, speedup=deps.speedup)
+    }
+
+    async def check() -> DependencyHealth:
+        if not url:
+            return DependencyHealth(status="disabled", detail="not configured")
+        try:
+            doc = await asyncio.to_thread(_get_json, url.rstrip("/") + "/api/v1/rules")
+        except (OSError, ValueError) as exc:
+            return DependencyHealth(status="down", detail=f"unreachable: {exc}")
+        loaded = {
+            g["name"]: sorted(r["name"] for r in g["rules"])
+            for g in doc.get("data", {}).get("groups", [])
+            if g["name"] in wanted or g["name"].startswith("citadel-")
+        }
+        if loaded == wanted:
+            return DependencyHealth(status="ok", detail=f"{len(wanted)} rule groups loaded")
+        missing = sorted(set(wanted) - set(loaded))
+        stale = sorted(n for n in set(wanted) & set(loaded) if wanted[n] != loaded[n])
+        extra = sorted(set(loaded) - set(wanted))
+        parts = [
+            f"{label}: {', '.join(names)}"
+            for label, names in (("missing", missing), ("different", stale), ("extra", extra))
+            if names
+        ]
+        return DependencyHealth(
+            status="degraded",
+            detail="Prometheus's rules differ from the generated ones; "
+            + "; ".join(parts)
+            + " (POST /v1/apply)",
+        )
+
+    return check
+
+
 def create_rules_app(settings: Settings, deps: ObservabilityDeps) -> Litestar:
     return create_service(
         "prometheus-rules",
         title="Citadel Prometheus rules",
         settings=settings,
         registry=deps.registry,
-        admin=[RulesController],
-        dependencies={"slos": provide(deps.slos), "speedup": provide(deps.speedup)},
-        health={"prometheus": _reachable(settings.endpoints.prometheus, "/-/ready")},
+        admin=[RulesController, ApplyController],
+        dependencies={
+            "slos": provide(deps.slos),
+            "speedup": provide(deps.speedup),
+            "target": provide(
+                Target(
+                    Path(settings.observability.rules_dir).absolute() / promtool.RULE_FILE,
+                    settings.endpoints.prometheus,
+                )
+            ),
+        },
+        health={"prometheus": _rules_loaded(settings, deps)},
     )
 
 
