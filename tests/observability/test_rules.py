@@ -155,3 +155,11 @@ def test_an_slo_with_no_failures_records_a_ratio_of_zero_not_nothing() -> None:
     }
     outcome = promtool.run_tests([slo], {"rule_files": ["citadel.rules.yml"], "tests": [case]})
     assert outcome.ok, outcome.output
+
+
+def test_each_platform_alerts_runbook_shows_its_expression_as_generated() -> None:
+    """The runbook quotes each platform alert's expression; a changed rule must change it."""
+    text = RUNBOOKS.read_text()
+    for alert in alerts(()):
+        section = text.split(f"## {alert.name}\n", 1)[1].split("\n## ", 1)[0]
+        assert f"**Expression:** `{alert.expr}`" in section, alert.name
