@@ -217,3 +217,15 @@ def usage_event(**fields: Any) -> UsageEvent:
         "cost_micros": 7,
     }
     return UsageEvent(**(values | fields))
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float, interval: float = 0.25) -> Any:
+    """``check()``'s first truthy answer, polled every ``interval`` s; AssertionError naming
+    ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")

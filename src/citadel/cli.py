@@ -3,6 +3,8 @@
 citadel up                 every service on this machine, with embedded defaults
 citadel serve NAME         one service (gateway, ...)
 citadel sim                the model simulator
+citadel rules | dashboards | prometheus-config | alertmanager-config
+                           the generated observability files (citadel.observability.commands)
 """
 
 from __future__ import annotations
@@ -177,8 +179,10 @@ def _usage_stream(settings: Settings) -> bool:
 
 
 def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
-    """Start the simulator (when no model is configured), every service and, when usage goes
-    through Redis, a ledger writer; then keep them running until a signal."""
+    """Start the simulator (when no model is configured), every service, Prometheus and
+    Alertmanager (when installed and none is configured: citadel.observability.monitoring)
+    and, when usage goes through Redis, a ledger writer; then keep them running until a
+    signal."""
     base = [sys.executable, "-m", "citadel"]
     if args.config:
         base += ["--config", args.config]
@@ -189,6 +193,12 @@ def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         (name, [*base, "serve", name], getattr(settings.ports, attr))
         for name, attr in SERVICES.items()
     )
+    from citadel.observability.monitoring import plan as monitoring_plan
+
+    monitoring = monitoring_plan(_with_defaults(settings))
+    plan.extend(monitoring.processes)
+    # The services find the Prometheus and Alertmanager started here (children inherit these).
+    os.environ.update(monitoring.environment)
     if _usage_stream(settings):
         # The gateway sends usage events to a Redis Stream: one writer drains it into the SQL
         # ledger. Without Redis the gateway writes the ledger itself and no writer is needed.
@@ -203,6 +213,8 @@ def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         grace=settings.gateway.shutdown_grace_seconds,
     )
     print(banner(plan, settings), end="", flush=True)
+    if monitoring.note:
+        print(monitoring.note, flush=True)
     # A child that exits is restarted with backoff while the others keep serving
     # (citadel.supervisor); SIGTERM or SIGINT stops them all.
     return supervisor.run()
@@ -281,8 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(sim)
     sim.set_defaults(func=_cmd_sim)
     from citadel.accounts import admin
+    from citadel.observability import commands as observability
 
     admin.add_arguments(commands)
+    observability.add_arguments(commands)
     return parser
 
 

@@ -22,7 +22,7 @@ from urllib.parse import quote
 import orjson
 import pytest
 
-from support import free_port, start_process, stop_process
+from support import free_port, start_process, stop_process, wait_for
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 ALERTMANAGER = shutil.which("prometheus-alertmanager") or "/usr/bin/prometheus-alertmanager"
@@ -47,16 +47,6 @@ def get(port: int, path: str, *, auth: bool = False, method: str = "GET") -> tup
             return response.status, body.decode()
     finally:
         conn.close()
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float, interval: float = 0.25) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def start_ready(args: list[str], port: int, log: Path) -> subprocess.Popen[bytes]:

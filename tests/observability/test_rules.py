@@ -129,3 +129,37 @@ def test_parsed_slos_generate_one_group_each() -> None:
         "citadel-slo-sim-chat-ttft",
     ]
     assert 'le="0.5"' in yaml.safe_dump(groups[3])
+
+
+def test_an_slo_with_no_failures_records_a_ratio_of_zero_not_nothing() -> None:
+    """No 5xx series at all (a healthy model) is an error ratio of 0, and a budget left of 1;
+    without it the ratio, the budget panel and the burn alerts would have no series."""
+    slo = Slo(model="m", kind="availability", objective=99.9)
+    name = 'citadel_gateway_requests_total{endpoint="chat",model="m",deployment="m-a"'
+    case = {
+        "interval": "30s",
+        "input_series": [{"series": name + ',status="200"}', "values": "0+10x40"}],
+        "promql_expr_test": [
+            {
+                "expr": f'{r}{{slo="m-availability"}}',
+                "eval_time": "10m",
+                "exp_samples": [
+                    {
+                        "labels": f'{r}{{model="m",slo="m-availability",slo_kind="availability"}}',
+                        "value": v,
+                    }
+                ],
+            }
+            for r, v in (("slo:sli_error:ratio_rate5m", 0), ("slo:error_budget_remaining:ratio", 1))
+        ],
+    }
+    outcome = promtool.run_tests([slo], {"rule_files": ["citadel.rules.yml"], "tests": [case]})
+    assert outcome.ok, outcome.output
+
+
+def test_each_platform_alerts_runbook_shows_its_expression_as_generated() -> None:
+    """The runbook quotes each platform alert's expression; a changed rule must change it."""
+    text = RUNBOOKS.read_text()
+    for alert in alerts(()):
+        section = text.split(f"## {alert.name}\n", 1)[1].split("\n## ", 1)[0]
+        assert f"**Expression:** `{alert.expr}`" in section, alert.name

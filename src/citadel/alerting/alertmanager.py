@@ -189,6 +189,8 @@ class AlertmanagerClient:
         self._sent = registry.counter(ALERTING_ALERTS_SENT)
         self._dropped = registry.counter(ALERTING_ALERTS_DROPPED)
         self._failures = registry.counter(ALERTING_DELIVERY_FAILURES)
+        for unlabelled in (self._dropped, self._failures):
+            unlabelled.inc((), 0)  # a series from the start, so rate() reads 0, not nothing
         self.dropped = 0
         self.failures = 0
 

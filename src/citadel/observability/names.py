@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from citadel import metrics as m
 from citadel.errors import ConfigError
@@ -62,53 +62,71 @@ class Slo:
         return round(1.0 - self.objective / 100.0, 12)
 
 
-def parse_slos(raw: object, models: Iterable[str]) -> tuple[Slo, ...]:
-    """Read ``slos:`` (a list of mappings) from citadel.yaml; a ConfigError names the key."""
-    known = set(models)
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def parse_slos(raw: object, models: Iterable[str] | None) -> tuple[Slo, ...]:
+    """Read ``slos:`` (a list of mappings) from citadel.yaml; a ConfigError names the key.
+
+    ``models`` are the configured models' names; None skips that check (no model configured:
+    the embedded ones are checked when they are known, ``services.slos_for``)."""
     if raw is None:
         return ()
     if not isinstance(raw, list):
         raise ConfigError("slos", raw, "a list of objectives")
-    out = []
+    out: list[Slo] = []
     for i, item in enumerate(raw):
-        where = f"slos[{i}]"
-        if not isinstance(item, dict):
-            raise ConfigError(where, item, "a mapping with model, kind and objective")
-        unknown = set(item) - {"model", "kind", "objective", "threshold_seconds", "days"}
-        if unknown:
-            key = sorted(unknown)[0]
+        slo = _slo(item, f"slos[{i}]", None if models is None else set(models))
+        if any(s.name == slo.name for s in out):
             raise ConfigError(
-                f"{where}.{key}",
-                item[key],
-                "no such key (model, kind, objective, threshold_seconds, days)",
+                f"slos[{i}]", f"{slo.model} {slo.kind}", "one objective per model and kind"
             )
-        model, kind = item.get("model"), item.get("kind", "availability")
-        if model not in known:
-            raise ConfigError(f"{where}.model", model, "a configured model")
-        if kind not in _SLO_KINDS:
-            raise ConfigError(f"{where}.kind", kind, "one of " + ", ".join(_SLO_KINDS))
-        objective = item.get("objective")
-        if not isinstance(objective, int | float) or not 0 < objective < 100:
-            raise ConfigError(f"{where}.objective", objective, "a per cent in (0, 100)")
-        threshold = item.get("threshold_seconds", 0.0 if kind == "availability" else 1.0)
-        spec = m.GATEWAY_TTFT if kind == "ttft" else m.GATEWAY_TPOT
-        if kind != "availability" and float(threshold) not in spec.buckets:
-            raise ConfigError(
-                f"{where}.threshold_seconds", threshold, f"a bucket bound of {spec.name}"
-            )
-        days = item.get("days", 30)
-        if not isinstance(days, int) or not 1 <= days <= 366:
-            raise ConfigError(f"{where}.days", days, "whole days in [1, 366]")
-        out.append(
-            Slo(
-                model=str(model),
-                kind=kind,
-                objective=float(objective),
-                threshold_seconds=float(threshold),
-                days=days,
-            )
-        )
+        out.append(slo)
     return tuple(out)
+
+
+def _slo(item: object, where: str, known: set[str] | None) -> Slo:
+    if not isinstance(item, dict):
+        raise ConfigError(where, item, "a mapping with model, kind and objective")
+    unknown = set(item) - {"model", "kind", "objective", "threshold_seconds", "days"}
+    if unknown:
+        key = sorted(unknown)[0]
+        raise ConfigError(
+            f"{where}.{key}",
+            item[key],
+            "no such key (model, kind, objective, threshold_seconds, days)",
+        )
+    model, kind = item.get("model"), item.get("kind", "availability")
+    if not isinstance(model, str) or not model or (known is not None and model not in known):
+        raise ConfigError(f"{where}.model", model, "a configured model's name")
+    if kind not in _SLO_KINDS:
+        raise ConfigError(f"{where}.kind", kind, "one of " + ", ".join(_SLO_KINDS))
+    objective: Any = item.get("objective")
+    if not _number(objective) or not 0 < objective < 100:
+        raise ConfigError(f"{where}.objective", objective, "a per cent in (0, 100)")
+    threshold: Any = item.get("threshold_seconds", 0.0 if kind == "availability" else 1.0)
+    spec = m.GATEWAY_TTFT if kind == "ttft" else m.GATEWAY_TPOT
+    if kind == "availability":
+        if "threshold_seconds" in item:
+            raise ConfigError(
+                f"{where}.threshold_seconds", threshold, "no threshold for availability"
+            )
+    elif not _number(threshold) or float(threshold) not in spec.buckets:
+        bounds = ", ".join(f"{b:g}" for b in spec.buckets)
+        raise ConfigError(
+            f"{where}.threshold_seconds", threshold, f"a bucket bound of {spec.name} ({bounds})"
+        )
+    days = item.get("days", 30)
+    if not isinstance(days, int) or isinstance(days, bool) or not 1 <= days <= 366:
+        raise ConfigError(f"{where}.days", days, "whole days in [1, 366]")
+    return Slo(
+        model=model,
+        kind=kind,
+        objective=float(objective),
+        threshold_seconds=float(threshold),
+        days=days,
+    )
 
 
 def default_slos(models: Sequence[str]) -> tuple[Slo, ...]:
@@ -140,8 +158,9 @@ def slo_error_ratio(slo: Slo, window: str) -> Recorded:
     model = f'model="{slo.model}"'
     if slo.kind == "availability":
         spec = m.GATEWAY_REQUESTS
-        bad = f"sum({_rate(spec, '', f'{model},{_5XX}', window)})"
         total = f"sum({_rate(spec, '', model, window)})"
+        # No 5xx series at all is a ratio of 0, not no ratio: `or` fills the missing side.
+        bad = f"(sum({_rate(spec, '', f'{model},{_5XX}', window)}) or {total} * 0)"
     else:
         spec = m.GATEWAY_TTFT if slo.kind == "ttft" else m.GATEWAY_TPOT
         good = f"sum({_rate(spec, '_bucket', f'{model},{le(slo.threshold_seconds)}', window)})"
@@ -153,6 +172,12 @@ def slo_error_ratio(slo: Slo, window: str) -> Recorded:
         source=spec,
         unit="percentunit",
     )
+
+
+def _ratio(by: str, part: str, whole: str) -> str:
+    """``part / whole`` summed by ``by``, 0 (not absent) where ``part`` has no series yet."""
+    total = f"sum by ({by}) ({whole})"
+    return f"(sum by ({by}) ({part}) or {total} * 0) / {total}"
 
 
 def _quantiles(spec: m.MetricSpec, what: str) -> list[Recorded]:
@@ -185,7 +210,7 @@ def recorded() -> tuple[Recorded, ...]:
     rules += [
         Recorded(
             name="model:citadel_gateway_errors:ratio_rate5m",
-            expr=(f"sum by (model) ({_rate(req, matcher=_5XX)}) / sum by (model) ({_rate(req)})"),
+            expr=_ratio("model", _rate(req, matcher=_5XX), _rate(req)),
             source=req,
             unit="percentunit",
         ),
@@ -203,9 +228,8 @@ def recorded() -> tuple[Recorded, ...]:
         ),
         Recorded(
             name="tier:citadel_limiter_refusals:ratio_rate5m",
-            expr=(
-                f"sum by (tier) ({_rate(m.LIMITER_DECISIONS, matcher=_REFUSED)})"
-                f" / sum by (tier) ({_rate(m.LIMITER_DECISIONS)})"
+            expr=_ratio(
+                "tier", _rate(m.LIMITER_DECISIONS, matcher=_REFUSED), _rate(m.LIMITER_DECISIONS)
             ),
             source=m.LIMITER_DECISIONS,
             unit="percentunit",

@@ -9,6 +9,7 @@ bucket bounds matched both as ``1.0`` and ``1`` (3.x normalises ``le``), no 3.x-
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -164,7 +165,6 @@ def platform_alerts() -> list[Alert]:
     cost = f'{m.BUSINESS_COST_PER_1K.name}{{kind="infrastructure"}}'
     refusals = record("tier:citadel_limiter_refusals:ratio_rate5m").name
     upstream = record("model_deployment:citadel_gateway_upstream_errors:rate5m").name
-    requests = record("model_deployment:citadel_gateway_requests:rate5m").name
     route = 'model="m",deployment="m-a"'
     out: list[Alert] = []
 
@@ -291,35 +291,20 @@ def platform_alerts() -> list[Alert]:
             ),
         ),
     )
+    attempts = f"sum by (model, deployment) (rate({m.ROUTING_DECISIONS.name}[5m]))"
+    decisions = f'{m.ROUTING_DECISIONS.name}{{{route},balancer="peak_ewma"}}'
+    errors = f'{m.GATEWAY_UPSTREAM_ERRORS.name}{{{route},kind="connect"}}'
     add(
         "CitadelUpstreamErrors",
-        f"sum by (model, deployment) ({upstream}) / sum by (model, deployment) ({requests}) > 0.1",
+        f"sum by (model, deployment) ({upstream}) / {attempts} > 0.1",
         "5m",
         "ticket",
         "gateway",
         "{{ $labels.deployment }} fails upstream",
         "{{ $value | humanizePercentage }} of attempts on {{ $labels.deployment }} fail upstream.",
         (
-            Case(
-                series=(
-                    (
-                        f'{m.GATEWAY_REQUESTS.name}{{endpoint="chat",{route},status="200"}}',
-                        "0+10x60",
-                    ),
-                    (f'{m.GATEWAY_UPSTREAM_ERRORS.name}{{{route},kind="connect"}}', "0+5x60"),
-                ),
-                at="15m",
-            ),
-            Case(
-                series=(
-                    (
-                        f'{m.GATEWAY_REQUESTS.name}{{endpoint="chat",{route},status="200"}}',
-                        "0+10x60",
-                    ),
-                    (f'{m.GATEWAY_UPSTREAM_ERRORS.name}{{{route},kind="connect"}}', "0+0x60"),
-                ),
-                at="15m",
-            ),
+            Case(series=((decisions, "0+10x60"), (errors, "0+5x60")), at="15m"),
+            Case(series=((decisions, "0+10x60"), (errors, "0+0x60")), at="15m"),
         ),
     )
     add(
@@ -444,8 +429,55 @@ def slo_group(slo: Slo) -> dict[str, Any]:
     return {"name": f"citadel-slo-{slo.name}", "interval": "30s", "rules": rules}
 
 
-def rule_groups(slos: Sequence[Slo]) -> list[dict[str, Any]]:
-    """Every rule group Prometheus loads, in a stable order."""
+_DURATION = re.compile(r"(\d+)([smhdw])")
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_RANGE = re.compile(r"\[(\d+[smhdw])\]")
+
+
+def seconds(duration: str) -> int:
+    """A Prometheus duration (``5m``, ``1h``, ``30d``) in seconds."""
+    found = _DURATION.fullmatch(duration)
+    if found is None:
+        raise ValueError(f"not a duration: {duration!r}")
+    return int(found[1]) * _SECONDS[found[2]]
+
+
+def scaled(duration: str, speedup: float) -> str:
+    """``duration`` divided by ``speedup``, at least one second (``1h`` / 60 = ``60s``)."""
+    if speedup == 1:
+        return duration
+    return f"{max(1, round(seconds(duration) / speedup))}s"
+
+
+def _speed_up(groups: list[dict[str, Any]], speedup: float) -> list[dict[str, Any]]:
+    """Every range selector, ``for`` and group interval divided by ``speedup``: the same rules
+    on a compressed clock, so an end-to-end test sees an SLO burn in seconds. Rule names keep
+    their windows (``slo:sli_error:ratio_rate1h`` still means the one-hour ratio)."""
+    if speedup == 1:
+        return groups
+
+    def expr(text: str) -> str:
+        return _RANGE.sub(lambda r: f"[{scaled(r[1], speedup)}]", text)
+
+    out = []
+    for group in groups:
+        rules = []
+        for rule in group["rules"]:
+            rule = {**rule, "expr": expr(rule["expr"])}
+            if "for" in rule:
+                rule["for"] = scaled(rule["for"], speedup)
+            rules.append(rule)
+        out.append({**group, "interval": scaled(group["interval"], speedup), "rules": rules})
+    return out
+
+
+def rule_groups(slos: Sequence[Slo], *, speedup: float = 1.0) -> list[dict[str, Any]]:
+    """Every rule group Prometheus loads, in a stable order; ``speedup`` > 1 compresses every
+    window and ``for`` by that factor (``observability.speedup``: tests and demos only)."""
+    return _speed_up(_groups(slos), speedup)
+
+
+def _groups(slos: Sequence[Slo]) -> list[dict[str, Any]]:
     return [
         {
             "name": "citadel-recording",
@@ -466,9 +498,9 @@ def dump(document: object) -> str:
     return yaml.safe_dump(document, sort_keys=False, width=100, allow_unicode=True)
 
 
-def rules_yaml(slos: Sequence[Slo]) -> str:
+def rules_yaml(slos: Sequence[Slo], *, speedup: float = 1.0) -> str:
     """The rule file's text."""
-    return dump({"groups": rule_groups(slos)})
+    return dump({"groups": rule_groups(slos, speedup=speedup)})
 
 
 def promtool_tests(slos: Sequence[Slo], rule_file: str = "citadel.rules.yml") -> dict[str, Any]:

@@ -20,6 +20,15 @@ SCRAPED: dict[str, str] = {
 }
 
 
+TOKEN_FILE = "/etc/prometheus/citadel-metrics-token"
+
+
+def duration(seconds: float) -> str:
+    """Seconds as a Prometheus duration: ``15s``, or ``500ms`` (no decimal point is valid)."""
+    ms = round(seconds * 1000)
+    return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
+
+
 def _host_port(url: str) -> str:
     parts = urlsplit(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -31,19 +40,33 @@ def prometheus_config(
     *,
     rule_files: tuple[str, ...] = ("rules/*.yml",),
     alertmanager: str | None = None,
-    interval: str = "15s",
+    interval: str | None = None,
     services: tuple[str, ...] = tuple(SCRAPED),
+    token_file: str = TOKEN_FILE,
 ) -> dict[str, Any]:
     """Scrape jobs for every Citadel service and every deployment's model server, the rule
-    files and the Alertmanager target (``endpoints.alertmanager`` unless given)."""
+    files and the Alertmanager target (``endpoints.alertmanager`` unless given). When the
+    services' ``/metrics`` need a bearer token (``Settings.metrics_token``), each Citadel job
+    reads it from ``token_file``; the interval defaults to
+    ``observability.scrape_interval_seconds``."""
     host = settings.hostname
+    token = settings.metrics_token() is not None
+
+    def auth() -> dict[str, Any]:  # a fresh mapping per job: no YAML anchors in the file
+        return (
+            {"authorization": {"type": "Bearer", "credentials_file": token_file}} if token else {}
+        )
+
     jobs: list[dict[str, Any]] = [
         {
             "job_name": f"citadel-{name}",
+            **auth(),
             "static_configs": [{"targets": [f"{host}:{getattr(settings.ports, SCRAPED[name])}"]}],
         }
         for name in services
     ]
+    if interval is None:
+        interval = duration(settings.observability.scrape_interval_seconds)
     servers = sorted({_host_port(d.url) for mo in settings.models for d in mo.deployments})
     if servers:
         jobs.append({"job_name": "citadel-model-servers", "static_configs": [{"targets": servers}]})

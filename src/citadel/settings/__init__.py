@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from citadel.errors import ConfigError
+from citadel.observability.names import parse_slos
 from citadel.settings.parsers import (
     Parser,
     mapping,
@@ -44,6 +45,7 @@ from citadel.settings.schema import (
     LIMITS,
     METERING,
     METRICS,
+    OBSERVABILITY,
     PORTS,
     SCALARS,
     TIMEOUTS,
@@ -68,6 +70,7 @@ from citadel.settings.sections import (
     MeteringSettings,
     MetricsSettings,
     Model,
+    ObservabilitySettings,
     Ports,
     Price,
     RoutingSettings,
@@ -94,6 +97,7 @@ __all__ = [
     "MeteringSettings",
     "MetricsSettings",
     "Model",
+    "ObservabilitySettings",
     "Ports",
     "Price",
     "RoutingSettings",
@@ -218,6 +222,13 @@ def load_settings(path: str | None, environ: Mapping[str, str]) -> Settings:
         metering=MeteringSettings(**parse_section(doc.get("metering"), "metering", METERING)),
         metrics=MetricsSettings(**metrics),
         alerting=raw_section(doc.get("alerting"), "alerting"),
+        # With no model configured the embedded ones serve; services.slos_for checks those.
+        slos=None
+        if doc.get("slos") is None
+        else parse_slos(doc["slos"], [m.name for m in models] if models else None),
+        observability=ObservabilitySettings(
+            **parse_section(doc.get("observability"), "observability", OBSERVABILITY)
+        ),
         config_path=config_path,
     )
 

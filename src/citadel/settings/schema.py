@@ -58,6 +58,7 @@ __all__ = [
     "LIMITS",
     "METERING",
     "METRICS",
+    "OBSERVABILITY",
     "PORTS",
     "SCALARS",
     "TIMEOUTS",
@@ -94,6 +95,8 @@ TOP = (
     "metering",
     "metrics",
     "alerting",
+    "slos",
+    "observability",
 )
 PORTS = {f.name: port for f in dataclasses.fields(Ports)}
 ENDPOINTS: dict[str, Parser] = {f.name: http_url for f in dataclasses.fields(Endpoints)}
@@ -112,6 +115,12 @@ GATEWAY = {
     "auth_failure_window_seconds": positive,
 }
 METRICS = {"token": text, "require_token": boolean}
+OBSERVABILITY = {
+    "rules_dir": text,
+    "data_dir": text,
+    "scrape_interval_seconds": at_most(positive, 3600, "an hour"),
+    "speedup": at_most(positive, 3600, "one hour per second"),
+}
 TIMEOUTS = {f.name: positive for f in dataclasses.fields(Timeouts)}
 _MODEL = {
     "name": text,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from citadel.errors import ConfigError
+from citadel.observability.names import Slo
 
 ENVS = ("development", "test", "staging", "production")
 KINDS = ("chat", "completion", "embedding")
@@ -82,6 +83,8 @@ class Ports:
     routing_api: int = 9097
     rate_limiting_api: int = 9098
     simulator: int = 8100
+    prometheus: int = 9090  # `citadel up`'s own Prometheus (when none is configured)
+    alertmanager: int = 9099  # and Alertmanager (its usual 9093 is grafana-dashboards here)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -259,6 +262,17 @@ class AccountsSettings:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class ObservabilitySettings:
+    """Prometheus and Alertmanager as Citadel generates them (citadel.observability)."""
+
+    rules_dir: str = "citadel-rules"  # where `citadel rules generate` and :9094 write rule files
+    data_dir: str = "citadel-data"  # `citadel up`'s Prometheus and Alertmanager keep data here
+    scrape_interval_seconds: float = 15.0  # the generated prometheus.yml's scrape and evaluation
+    # Every rule window and `for` divided by this: an SLO burn in seconds, for tests and demos.
+    speedup: float = 1.0
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Settings:
     env: str = "development"  # one of ENVS
     host: str = "127.0.0.1"  # the address services bind to
@@ -278,6 +292,9 @@ class Settings:
     # The `alerting:` section as read; citadel.alerting.definitions validates it into typed
     # objects (the alerting service owns its schema), naming keys like alerting.rules[0].query.
     alerting: Mapping[str, Any] = field(default_factory=dict)
+    # `slos:` as read (None: not given; citadel.observability.services.slos_for gives defaults).
+    slos: tuple[Slo, ...] | None = None
+    observability: ObservabilitySettings = ObservabilitySettings()
     config_path: str | None = None  # the file read, if any
     _index: Mapping[str, Model] = field(init=False, repr=False, compare=False)
 

@@ -73,6 +73,7 @@ class StreamingApi:
         self._bytes = registry.counter(STREAMING_BYTES)
         self._lagged = registry.counter(STREAMING_LAGGED)
         self._cancelled = registry.counter(STREAMING_CANCELLED)
+        self._cancelled.inc((), 0)  # a series from the start, so rate() reads 0, not nothing
 
     def sent(self, protocol: str, data: bytes) -> None:
         self._messages.inc((protocol,))
