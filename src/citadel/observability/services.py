@@ -3,8 +3,10 @@
 Rules: ``GET /v1/rules`` (the groups as JSON, and the file's YAML text), ``GET /v1/rules/{group}``,
 ``POST /v1/validate`` (a posted rule file, or the generated one, through the pure checks and,
 when installed, ``promtool check rules``). Dashboards: ``GET /v1/dashboards`` and
-``GET /v1/dashboards/{uid}`` (Grafana's classic JSON). Everything but /health, /metrics and the
-docs takes the admin key (the panels show per-team spend). The SLOs are the defaults over the
+``GET /v1/dashboards/{uid}`` (Grafana's classic JSON), and the live console at ``/`` with its
+query proxy (``citadel.observability.console``). Everything but /health, /metrics, the docs and
+the console's static page takes the admin key — or, for the dashboards service's reads, the
+read-only key (the panels show per-team spend). The SLOs are the defaults over the
 configured models (99.5 % non-5xx, 95 % of TTFT under 1 s).
 """
 
@@ -24,6 +26,7 @@ from citadel.errors import NotFound
 from citadel.health import DependencyHealth
 from citadel.metrics import Registry
 from citadel.observability import promtool
+from citadel.observability.console import Console, ConsoleController, console_pages
 from citadel.observability.dashboards import BY_UID, DASHBOARDS, grafana_json
 from citadel.observability.names import Slo, default_slos
 from citadel.observability.rules import rule_groups, rules_yaml
@@ -39,6 +42,7 @@ class ObservabilityDeps:
 
     slos: tuple[Slo, ...]
     registry: Registry = field(default_factory=Registry)
+    console: Console | None = None  # None: made from the settings by create_dashboards_app
 
 
 def default_deps(settings: Settings) -> ObservabilityDeps:
@@ -176,12 +180,16 @@ def create_rules_app(settings: Settings, deps: ObservabilityDeps) -> Litestar:
 
 
 def create_dashboards_app(settings: Settings, deps: ObservabilityDeps) -> Litestar:
+    console = deps.console or Console.from_settings(settings)
     return create_service(
         "grafana-dashboards",
         title="Citadel dashboards",
         settings=settings,
         registry=deps.registry,
-        admin=[DashboardsController],
+        readers=[DashboardsController, ConsoleController],
+        public=console_pages(),
+        dependencies={"console": provide(console)},
+        on_shutdown=[console.aclose],
         health={
             "prometheus": _reachable(settings.endpoints.prometheus, "/-/ready"),
             "grafana": _reachable(settings.endpoints.grafana, "/api/health"),

@@ -151,6 +151,7 @@ _PORTS_ENV = {
 _ENDPOINTS_ENV = {f"{name.upper()}_ENDPOINT": (name, parse) for name, parse in ENDPOINTS.items()}
 _GATEWAY_ENV = {
     "CITADEL_ADMIN_KEY": ("admin_key", GATEWAY["admin_key"]),
+    "CITADEL_READONLY_KEY": ("readonly_key", GATEWAY["readonly_key"]),
     "CITADEL_MAX_BODY_BYTES": ("max_body_bytes", _integer_text(GATEWAY["max_body_bytes"])),
     "CITADEL_WORKERS": ("workers", _integer_text(GATEWAY["workers"])),
 }
@@ -271,3 +272,8 @@ def _check_admin_key(gateway: dict[str, Any], env: str) -> None:
         raise ConfigError("gateway.admin_key", None, "an admin key (set CITADEL_ADMIN_KEY)")
     elif key == DEV_ADMIN_KEY:
         raise ConfigError("gateway.admin_key", key, f"a non-development key in {env}")
+    readonly = gateway.get("readonly_key")
+    if readonly is not None and readonly == gateway.get("admin_key"):
+        raise ConfigError(
+            "gateway.readonly_key", "(the admin key)", "a key other than the admin key"
+        )

@@ -100,6 +100,7 @@ ENDPOINTS: dict[str, Parser] = {f.name: http_url for f in dataclasses.fields(End
 ENDPOINTS |= {"sql_database": store, "redis": store}  # postgresql://..., redis://..., host:port
 GATEWAY = {
     "admin_key": text,
+    "readonly_key": text,
     "max_body_bytes": integer(1),
     "workers": integer(1),
     "shutdown_grace_seconds": non_negative,

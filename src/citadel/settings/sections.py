@@ -100,6 +100,9 @@ class Endpoints:
 @dataclass(frozen=True, kw_only=True, slots=True)
 class GatewaySettings:
     admin_key: str
+    # A key that reads what the admin key reads on the read-only routes (the console, its query
+    # proxy, the dashboards' JSON) and nothing else; CITADEL_READONLY_KEY sets it.
+    readonly_key: str | None = None
     max_body_bytes: int = 1_048_576
     workers: int = 1
     shutdown_grace_seconds: float = 30.0
