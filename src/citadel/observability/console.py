@@ -32,7 +32,7 @@ from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 import orjson
-from litestar import Controller, Response, get
+from litestar import Controller, Response, get, post
 from litestar.exceptions import NotFoundException
 from litestar.params import FromPath, FromQuery
 
@@ -46,6 +46,7 @@ from citadel.observability.dashboards import (
     LedgerPanel,
     grafana_json,
 )
+from citadel.observability.grafana import GrafanaClient, GrafanaError, Provisioned, provision
 from citadel.settings import Settings
 from citadel.web import Injected, Struct, errors
 
@@ -54,6 +55,7 @@ __all__ = [
     "Console",
     "ConsoleController",
     "LedgerClient",
+    "ProvisionController",
     "Window",
     "console_pages",
     "ledger_series",
@@ -255,6 +257,15 @@ class LedgerClient:
         return [r for r in data if isinstance(r, dict)] if isinstance(data, list) else []
 
 
+def _public(url: str) -> str:
+    """``url`` without any user and password in it (the page shows it as a link)."""
+    parts = urlsplit(url)
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc += f":{parts.port}"
+    return parts._replace(netloc=netloc).geturl().rstrip("/")
+
+
 def _local_url(settings: Settings, port: int) -> str:
     host = settings.host if settings.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
     return f"http://{host}:{port}"
@@ -268,6 +279,8 @@ class Console:
     prometheus: PrometheusClient | None
     ledger: LedgerClient
     grafana_url: str | None = None
+    grafana: GrafanaClient | None = None  # for POST /v1/provision
+    prometheus_url: str | None = None  # the data source provisioned into Grafana
     http: HttpClient | None = None  # closed on shutdown when the console made it
     cache: _Cache = field(default_factory=_Cache)
     clock: Any = time.time
@@ -279,10 +292,18 @@ class Console:
         ledger = settings.endpoints.metrics_server or _local_url(
             settings, settings.ports.custom_metrics
         )
+        grafana = settings.endpoints.grafana
+        auth = settings.grafana
         return cls(
             prometheus=PrometheusClient(prom, http) if prom else None,
             ledger=LedgerClient(ledger, settings.gateway.admin_key, http),
-            grafana_url=settings.endpoints.grafana,
+            grafana_url=_public(grafana) if grafana else None,
+            grafana=GrafanaClient(
+                grafana, http, token=auth.token, user=auth.user, password=auth.password
+            )
+            if grafana
+            else None,
+            prometheus_url=prom,
             http=http,
         )
 
@@ -463,6 +484,54 @@ class ConsoleController(Controller):
             }
             rows = [r | {"team": names.get(str(r.get("team")), r.get("team"))} for r in rows]
         return ledger_series(chosen, rows) | {"start": first, "end": last}
+
+
+class ProvisionReply(Struct):
+    folder: str
+    datasource: str
+    dashboards: dict[str, str]
+    changed: bool
+    grafana: str
+
+
+def _reply(done: Provisioned, url: str) -> ProvisionReply:
+    return ProvisionReply(
+        folder=done.folder,
+        datasource=done.datasource,
+        dashboards=done.dashboards,
+        changed=done.changed,
+        grafana=url,
+    )
+
+
+class ProvisionController(Controller):
+    """``POST /v1/provision``: the admin key only (it writes to Grafana)."""
+
+    path = "/v1"
+    tags = ("dashboards",)
+
+    @post(
+        "/provision",
+        summary="Create or update the folder, data source and dashboards in Grafana",
+        status_code=200,
+        responses=errors(409, 502),
+    )
+    async def provision(self, console: Injected[Console]) -> ProvisionReply:
+        if console.grafana is None:
+            error = ApiError(
+                "Grafana is not configured: set GRAFANA_ENDPOINT (and GRAFANA_TOKEN, or "
+                "GRAFANA_USER and GRAFANA_PASSWORD).",
+                code="grafana_not_configured",
+            )
+            error.status, error.type = 409, "invalid_request_error"
+            raise error
+        try:
+            done = await provision(console.grafana, prometheus_url=console.prometheus_url)
+        except GrafanaError as exc:
+            error = ApiError(str(exc), code="grafana_error")
+            error.status = 502
+            raise error from exc
+        return _reply(done, console.grafana_url or "")
 
 
 # -- the page ---------------------------------------------------------------------------------

@@ -26,7 +26,12 @@ from citadel.errors import NotFound
 from citadel.health import DependencyHealth
 from citadel.metrics import Registry
 from citadel.observability import promtool
-from citadel.observability.console import Console, ConsoleController, console_pages
+from citadel.observability.console import (
+    Console,
+    ConsoleController,
+    ProvisionController,
+    console_pages,
+)
 from citadel.observability.dashboards import BY_UID, DASHBOARDS, grafana_json
 from citadel.observability.names import Slo, default_slos
 from citadel.observability.rules import rule_groups, rules_yaml
@@ -186,6 +191,7 @@ def create_dashboards_app(settings: Settings, deps: ObservabilityDeps) -> Litest
         title="Citadel dashboards",
         settings=settings,
         registry=deps.registry,
+        admin=[ProvisionController],
         readers=[DashboardsController, ConsoleController],
         public=console_pages(),
         dependencies={"console": provide(console)},

@@ -41,6 +41,7 @@ from citadel.settings.schema import (
     ACCOUNTS,
     ENDPOINTS,
     GATEWAY,
+    GRAFANA,
     LIMITS,
     METERING,
     METRICS,
@@ -63,6 +64,7 @@ from citadel.settings.sections import (
     Deployment,
     Endpoints,
     GatewaySettings,
+    GrafanaSettings,
     HealthSettings,
     LimitsSettings,
     MeteringSettings,
@@ -89,6 +91,7 @@ __all__ = [
     "Deployment",
     "Endpoints",
     "GatewaySettings",
+    "GrafanaSettings",
     "HealthSettings",
     "LimitsSettings",
     "MeteringSettings",
@@ -157,6 +160,7 @@ _GATEWAY_ENV = {
 }
 _LIMITS_ENV = {"CITADEL_LIMITS_FAILURE_MODE": ("failure_mode", LIMITS["failure_mode"])}
 _METRICS_ENV = {"CITADEL_METRICS_TOKEN": ("token", METRICS["token"])}
+_GRAFANA_ENV = {f"GRAFANA_{k.upper()}": (k, GRAFANA[k]) for k in GRAFANA}
 
 
 def _store_uri(value: str, scheme: str) -> str:
@@ -210,6 +214,10 @@ def load_settings(path: str | None, environ: Mapping[str, str]) -> Settings:
         routing=parse_routing(doc.get("routing"), models),
         metering=MeteringSettings(**parse_section(doc.get("metering"), "metering", METERING)),
         metrics=MetricsSettings(**metrics),
+        grafana=GrafanaSettings(
+            **parse_section(doc.get("grafana"), "grafana", GRAFANA)
+            | _from_env(environ, _GRAFANA_ENV)
+        ),
         alerting=raw_section(doc.get("alerting"), "alerting"),
         config_path=config_path,
     )

@@ -55,6 +55,7 @@ __all__ = [
     "ACCOUNTS",
     "ENDPOINTS",
     "GATEWAY",
+    "GRAFANA",
     "LIMITS",
     "METERING",
     "METRICS",
@@ -93,6 +94,7 @@ TOP = (
     "routing",
     "metering",
     "metrics",
+    "grafana",
     "alerting",
 )
 PORTS = {f.name: port for f in dataclasses.fields(Ports)}
@@ -113,6 +115,7 @@ GATEWAY = {
     "auth_failure_window_seconds": positive,
 }
 METRICS = {"token": text, "require_token": boolean}
+GRAFANA = {"token": text, "user": text, "password": text}
 TIMEOUTS = {f.name: positive for f in dataclasses.fields(Timeouts)}
 _MODEL = {
     "name": text,

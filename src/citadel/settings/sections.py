@@ -130,6 +130,17 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class GrafanaSettings:
+    """How the dashboards service signs in to Grafana (``endpoints.grafana``) to provision:
+    a service account token (``GRAFANA_TOKEN``), else basic auth (``GRAFANA_USER``,
+    ``GRAFANA_PASSWORD``)."""
+
+    token: str | None = None
+    user: str | None = None
+    password: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Tier:
     """A service level: its limits (None = unlimited) and which models it may use."""
 
@@ -278,6 +289,7 @@ class Settings:
     routing: RoutingSettings = RoutingSettings()
     metering: MeteringSettings = MeteringSettings()
     metrics: MetricsSettings = MetricsSettings()
+    grafana: GrafanaSettings = GrafanaSettings()
     # The `alerting:` section as read; citadel.alerting.definitions validates it into typed
     # objects (the alerting service owns its schema), naming keys like alerting.rules[0].query.
     alerting: Mapping[str, Any] = field(default_factory=dict)
