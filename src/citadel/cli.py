@@ -185,6 +185,8 @@ def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     )
     host = settings.hostname
     print("Citadel is starting:", flush=True)
+    # The live console first: what a person starting Citadel wants to open.
+    print(f"  {'console':<12} http://{host}:{settings.ports.grafana_dashboards}/", flush=True)
     for name, _command, port in plan:
         where = f"http://{host}:{port}" if port is not None else settings.metering.stream
         print(f"  {name:<12} {where}", flush=True)

@@ -175,12 +175,17 @@ async def test_the_service_provisions_with_the_admin_key_only(
     async with AsyncTestClient(app) as client:
         reader = {"Authorization": f"Bearer {READER}"}
         assert (await client.post("/v1/provision", headers=reader)).status_code == 401
+        before = (await client.get("/health")).json()["dependencies"]["grafana"]
+        assert before["status"] == "degraded"
+        assert "citadel-overview" in before["detail"]
         admin = {"Authorization": f"Bearer {ADMIN}"}
         first = await client.post("/v1/provision", headers=admin)
         assert first.status_code == 200, first.text
         assert first.json()["changed"] is True
         second = (await client.post("/v1/provision", headers=admin)).json()
         assert second["changed"] is False
+        after = (await client.get("/health")).json()["dependencies"]["grafana"]
+        assert after == {"status": "ok", "detail": "every dashboard as generated"}
         board = (await client.get("/v1/console/citadel-overview", headers=reader)).json()
         assert board["grafana_url"] == f"{url}/d/citadel-overview"
         state.fail = [500]

@@ -52,6 +52,7 @@ __all__ = [
     "GrafanaError",
     "Provisioned",
     "datasource_body",
+    "differing",
     "export_files",
     "for_grafana",
     "provision",
@@ -241,6 +242,22 @@ async def provision(
         await grafana.expect("POST", "/api/dashboards/db", body, ok=(200,))
         done.dashboards[board.uid] = "created" if status == 404 else "updated"
     return done
+
+
+async def differing(grafana: GrafanaClient, boards: Sequence[Dashboard] = DASHBOARDS) -> list[str]:
+    """The uids of the dashboards missing from Grafana or different from the generated ones
+    (what /health reports; ``provision`` would write exactly these)."""
+    out = []
+    for board in boards:
+        path = f"/api/dashboards/uid/{quote(board.uid)}"
+        status, stored = await grafana.expect("GET", path, ok=(200, 404))
+        meta = stored.get("meta") or {} if isinstance(stored, dict) else {}
+        if status == 404 or not (
+            meta.get("folderUid") == FOLDER_UID
+            and _same(stored.get("dashboard") or {}, for_grafana(board))
+        ):
+            out.append(board.uid)
+    return out
 
 
 def export_files(

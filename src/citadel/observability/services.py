@@ -33,6 +33,7 @@ from citadel.observability.console import (
     console_pages,
 )
 from citadel.observability.dashboards import BY_UID, DASHBOARDS, grafana_json
+from citadel.observability.grafana import GrafanaError, differing
 from citadel.observability.names import Slo, default_slos
 from citadel.observability.rules import rule_groups, rules_yaml
 from citadel.settings import Settings
@@ -172,6 +173,26 @@ def _reachable(url: str | None, path: str) -> Any:
     return check
 
 
+def _grafana_sync(console: Console) -> Any:
+    """Grafana reachable, and whether its dashboards are the generated ones (degraded if not)."""
+
+    async def check() -> DependencyHealth:
+        if console.grafana is None:
+            return DependencyHealth(status="disabled", detail="not configured")
+        try:
+            stale = await differing(console.grafana)
+        except GrafanaError as exc:
+            return DependencyHealth(status="down", detail=str(exc))
+        if stale:
+            names = ", ".join(stale)
+            return DependencyHealth(
+                status="degraded", detail=f"not as generated: {names} (POST /v1/provision)"
+            )
+        return DependencyHealth(status="ok", detail="every dashboard as generated")
+
+    return check
+
+
 def create_rules_app(settings: Settings, deps: ObservabilityDeps) -> Litestar:
     return create_service(
         "prometheus-rules",
@@ -198,6 +219,6 @@ def create_dashboards_app(settings: Settings, deps: ObservabilityDeps) -> Litest
         on_shutdown=[console.aclose],
         health={
             "prometheus": _reachable(settings.endpoints.prometheus, "/-/ready"),
-            "grafana": _reachable(settings.endpoints.grafana, "/api/health"),
+            "grafana": _grafana_sync(console),
         },
     )
