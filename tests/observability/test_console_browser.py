@@ -22,6 +22,8 @@ from typing import Any
 import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
+from citadel.observability.dashboards import BY_UID
+
 from console_stack import Stack, console_stack
 from support import free_port, start_process, stop_process
 
@@ -62,6 +64,13 @@ _PANELS = """() => [...document.querySelectorAll("main .panel")].map((p) => ({
 }))"""
 
 
+_LEGEND = """(title) => {
+  const panel = [...document.querySelectorAll("main .panel")]
+    .find((p) => p.querySelector("h3").textContent === title);
+  return [...panel.querySelectorAll(".legend span")].map((s) => s.textContent);
+}"""
+
+
 def _get(base: str, path: str, key: str) -> tuple[int, Any]:
     host, port = base.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=10)
@@ -76,20 +85,29 @@ def _get(base: str, path: str, key: str) -> tuple[int, Any]:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     with console_stack(tmp_path_factory.mktemp("console")) as running:
-        # Until Prometheus has two scrapes of traffic and the recording rules have run.
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
+        # Until every Prometheus panel the test needs has data (scrapes and rule evaluations
+        # take a few seconds to show), bounded.
+        wanted = [
+            (uid, i)
+            for uid, titles in MUST_DRAW.items()
+            for i, panel in enumerate(BY_UID[uid].panels)
+            if panel.title in titles
+        ]
+        deadline = time.monotonic() + 90
+        while wanted and time.monotonic() < deadline:
             now = int(time.time())
+            uid, index = wanted[0]
             status, body = _get(
                 running.console,
-                f"/v1/query?dashboard=citadel-overview&panel=2&start={now - 120}&end={now}",
+                f"/v1/query?dashboard={uid}&panel={index}&start={now - 900}&end={now}",
                 running.admin_key,
             )
             if status == 200 and any(s["values"] for s in body["series"]):
-                break
-            time.sleep(1)
-        else:
-            pytest.fail(f"no latency data through the console in 60 s: {status} {body}")
+                wanted.pop(0)
+            else:
+                time.sleep(1)
+        if wanted:
+            pytest.fail(f"no data through the console in 90 s for {wanted}: {status} {body}")
         yield running
 
 
@@ -121,8 +139,6 @@ def _open(page: Page, uid: str) -> list[dict[str, Any]]:
 
 
 def _title(uid: str) -> str:
-    from citadel.observability.dashboards import BY_UID
-
     return BY_UID[uid].title
 
 
@@ -157,6 +173,20 @@ def test_every_dashboard_draws_its_panels_with_no_console_error(
         page.select_option("#refresh", "5")
         page.wait_for_function(
             f"() => document.body.dataset.refreshed !== {json.dumps(first)}", timeout=15_000
+        )
+        # A variable narrows the panels: with model=sim-chat only its series are drawn.
+        _open(page, "citadel-overview")
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('select[name=model] option')]"
+            ".some((o) => o.value === 'sim-chat')",
+            timeout=10_000,
+        )
+        assert any(n.startswith("sim-code") for n in page.evaluate(_LEGEND, "Requests/s"))
+        page.select_option("select[name=model]", "sim-chat")
+        page.wait_for_function(
+            f"() => {{ const names = ({_LEGEND})('Requests/s');"
+            " return names.length > 0 && names.every((n) => n.startsWith('sim-chat')); }",
+            timeout=15_000,
         )
         assert problems == []
     finally:

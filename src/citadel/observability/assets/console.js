@@ -309,7 +309,7 @@
       select.add(new Option("All", "All"));
       label.appendChild(select);
       box.appendChild(label);
-      select.addEventListener("change", refresh);
+      select.addEventListener("change", restart);
       try {
         const q = new URLSearchParams({ start: start.toFixed(0), end: end.toFixed(0) });
         const got = await api(`/v1/variables/${v.name}?` + q);
@@ -373,7 +373,14 @@
     if (every > 0) state.timer = setInterval(refresh, every * 1000);
   }
 
-  $("range").addEventListener("change", refresh);
+  // A new range or variable: answers still in flight for the old one are dropped.
+  function restart() {
+    state.generation++;
+    refresh();
+    startTimer();
+  }
+
+  $("range").addEventListener("change", restart);
   $("refresh").addEventListener("change", startTimer);
   window.addEventListener("hashchange", () => route());
 
