@@ -4,6 +4,7 @@ the package (``assets/``, swagger-ui-dist 5, Apache-2.0), so the page works with
 from __future__ import annotations
 
 import html
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
@@ -11,9 +12,10 @@ import msgspec
 from litestar import Request, Response, get
 from litestar.exceptions import NotFoundException
 from litestar.handlers import HTTPRouteHandler
+from litestar.openapi.spec import OpenAPIMediaType, Operation, RequestBody, Schema
 from litestar.params import FromPath
 
-__all__ = ["ERROR_SCHEMA", "docs_handlers", "finish"]
+__all__ = ["ERROR_SCHEMA", "docs_handlers", "documented_body", "finish"]
 
 ERROR_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -89,6 +91,45 @@ def finish(document: dict[str, Any]) -> dict[str, Any]:
             if path == "/openapi.json":
                 responses["200"]["content"] = {"application/json": {"schema": {"type": "object"}}}
     return document
+
+
+def documented_body(kind: type[Any]) -> type[Operation]:
+    """``operation_class=`` for a handler that reads and checks its JSON body itself (from
+    ``await request.body()``, say with a parser shared with the gateway): the document describes
+    the body with ``kind``'s schema (a ``msgspec.Struct``), which then validates nothing."""
+    (top,), components = msgspec.json.schema_components([kind], ref_template="{name}")
+    schema = _Verbatim(document=_inline(top, components))
+    body = RequestBody(required=True, content={"application/json": OpenAPIMediaType(schema)})
+
+    @dataclass
+    class WithBody(Operation):
+        def __post_init__(self) -> None:
+            self.request_body = body
+
+    return WithBody
+
+
+class _Verbatim(Schema):
+    """A JSON Schema that msgspec wrote, put in the document as it is."""
+
+    def __init__(self, document: dict[str, Any]) -> None:
+        super().__init__()
+        self.document = document
+
+    def to_schema(self) -> dict[str, Any]:
+        return self.document
+
+
+def _inline(schema: Any, components: dict[str, Any]) -> Any:
+    """``schema`` with each ``{"$ref": name}`` replaced by its component (no Struct of a body
+    nests itself, so this ends)."""
+    if isinstance(schema, dict):
+        if "$ref" in schema:
+            return _inline(components[schema["$ref"]], components)
+        return {key: _inline(value, components) for key, value in schema.items()}
+    if isinstance(schema, list):
+        return [_inline(value, components) for value in schema]
+    return schema
 
 
 def _framework_error(response: dict[str, Any]) -> bool:
