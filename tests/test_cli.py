@@ -257,6 +257,7 @@ def test_up_starts_the_simulator_and_the_gateway_and_stops_them(
     assert "chat.completion" == completion["object"]
     assert re.search(rf"simulator +http://[^\s:]+:{simulator}\n", output) is not None, output
     assert re.search(rf"gateway +http://[^\s:]+:{gateway}\n", output) is not None, output
+    assert re.search(r"Citadel is starting:\n  console +http://[^\s:]+:\d+/\n", output), output
     assert "Traceback" not in output
     assert (0, True, True) == (code, refuses(gateway), refuses(simulator))
 

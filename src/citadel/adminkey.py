@@ -41,13 +41,19 @@ def incorrect_key() -> Unauthorized:
 
 
 class AdminKey:
-    """Accepts exactly one key, the admin key from settings."""
+    """Accepts the admin key from settings (and, for read-only routes, ``also``: the read-only
+    key, ``gateway.readonly_key``; None is skipped)."""
 
-    def __init__(self, admin_key: str) -> None:
+    def __init__(self, admin_key: str, *also: str | None) -> None:
         self._digest = digest(admin_key.encode())
+        self._others = tuple(digest(k.encode()) for k in also if k)
 
     def is_admin(self, token_digest: bytes) -> bool:
-        return hmac.compare_digest(token_digest, self._digest)
+        # Every digest is compared (no early exit): the time does not say which key matched.
+        found = hmac.compare_digest(token_digest, self._digest)
+        for other in self._others:
+            found |= hmac.compare_digest(token_digest, other)
+        return found
 
     def verify(self, authorization: bytes | None) -> None:
         """Return if ``authorization`` carries the admin key; raise ``Unauthorized`` otherwise."""

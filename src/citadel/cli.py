@@ -223,7 +223,9 @@ def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
 def banner(plan: Sequence[tuple[str, list[str], int | None]], settings: Settings) -> str:
     """What `citadel up` starts and where, one aligned row each (and the development admin key)."""
     host = settings.hostname
-    rows = [
+    # The live console first: what a person starting Citadel wants to open.
+    rows = [("console", f"http://{host}:{settings.ports.grafana_dashboards}/")]
+    rows += [
         (name, f"http://{host}:{port}" if port is not None else settings.metering.stream)
         for name, _command, port in plan
     ]

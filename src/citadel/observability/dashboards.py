@@ -1,7 +1,10 @@
 """Grafana dashboards generated from the catalogue with grafana-foundation-sdk (11.6 builds).
 
 Pure: no I/O. ``DASHBOARDS`` holds the panel definitions (title, queries, unit) — the one source
-the Grafana JSON (``grafana_json``) and the console read. Queries over recording rules come from
+the Grafana JSON (``grafana_json``) and the console read. A dashboard's ``ledger`` panels are
+drawn by the console from the usage ledger (custom-metrics' analytics API, :9091), so the
+business numbers show with embedded defaults and no Prometheus; Grafana shows the same numbers
+from the business gauges :9091 exports. Queries over recording rules come from
 ``names.RECORDED``; raw queries name a ``MetricSpec``. Every query filters by the template
 variables it uses; the Prometheus data source is the ``$datasource`` variable, never a uid.
 """
@@ -10,7 +13,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from grafana_foundation_sdk.builders import dashboard as gd
 from grafana_foundation_sdk.builders import prometheus, timeseries
@@ -43,11 +46,27 @@ class Panel:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class LedgerPanel:
+    """A panel read from one of :9091's analytics calls: ``path`` with ``params`` (the range is
+    added), one series (or bar group) per distinct ``series`` field, one value per ``values``
+    field; ``timeseries`` rows carry an hourly ``bucket``, ``bars`` rows are categories."""
+
+    title: str
+    unit: str
+    path: str
+    params: tuple[tuple[str, str], ...]
+    series: str
+    values: tuple[str, ...]
+    kind: Literal["timeseries", "bars"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Dashboard:
     uid: str
     title: str
     panels: tuple[Panel, ...]
     variables: tuple[str, ...] = ("model", "deployment")
+    ledger: tuple[LedgerPanel, ...] = ()
 
 
 def _q(expr: str, legend: str) -> Query:
@@ -324,11 +343,57 @@ def _users() -> Dashboard:
     )
 
 
+def _hourly(title: str, unit: str, by: str, value: str) -> LedgerPanel:
+    return LedgerPanel(
+        title=title,
+        unit=unit,
+        path="/v1/usage",
+        params=(("group_by", by), ("bucket", "hour")),
+        series=by,
+        values=(value,),
+        kind="timeseries",
+    )
+
+
+LEDGER_PANELS: tuple[LedgerPanel, ...] = (
+    _hourly("Ledger: spend per hour by team", "currencyUSD", "team", "cost_usd"),
+    _hourly("Ledger: tokens per hour by model", "short", "model", "total_tokens"),
+    LedgerPanel(
+        title="Ledger: real cost per 1k tokens by deployment (GPU-hours) and price charged",
+        unit="currencyUSD",
+        path="/v1/deployments/costs",
+        params=(),
+        series="deployment",
+        values=("infra_per_1k_usd", "charged_per_1k_usd"),
+        kind="bars",
+    ),
+    LedgerPanel(
+        title="Ledger: reference cost, infrastructure cost and savings by model",
+        unit="currencyUSD",
+        path="/v1/savings",
+        params=(),
+        series="model",
+        values=("reference_usd", "infra_usd", "charged_usd", "savings_usd"),
+        kind="bars",
+    ),
+    LedgerPanel(
+        title="Ledger: top users by tokens",
+        unit="short",
+        path="/v1/top",
+        params=(("by", "user"), ("metric", "tokens"), ("limit", "10")),
+        series="name",
+        values=("prompt_tokens", "completion_tokens"),
+        kind="bars",
+    ),
+)
+
+
 def _business() -> Dashboard:
     return Dashboard(
         uid="citadel-business",
         title="Citadel / Business intelligence",
         variables=("model", "team"),
+        ledger=LEDGER_PANELS,
         panels=(
             _p(
                 "Spend this month by team and model",
@@ -451,7 +516,7 @@ DASHBOARDS: tuple[Dashboard, ...] = (
 )
 BY_UID = {d.uid: d for d in DASHBOARDS}
 
-_VARIABLE_QUERIES = {
+VARIABLE_QUERIES = {
     "model": f"label_values({m.GATEWAY_REQUESTS.name}, model)",
     "deployment": f'label_values({m.GATEWAY_REQUESTS.name}{{model=~"$model"}}, deployment)',
     "team": f"label_values({m.BUSINESS_SPEND.name}, team)",
@@ -462,7 +527,7 @@ def _variable(name: str) -> gd.QueryVariable:
     return (
         gd.QueryVariable(name)
         .label(name.title())
-        .query(_VARIABLE_QUERIES[name])
+        .query(VARIABLE_QUERIES[name])
         .datasource(_DS)
         .multi(True)
         .include_all(True)

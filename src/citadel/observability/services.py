@@ -3,9 +3,11 @@
 Rules: ``GET /v1/rules`` (the groups as JSON, and the file's YAML text), ``GET /v1/rules/{group}``,
 ``POST /v1/validate`` (a posted rule file, or the generated one, through the pure checks and,
 when installed, ``promtool check rules``). Dashboards: ``GET /v1/dashboards`` and
-``GET /v1/dashboards/{uid}`` (Grafana's classic JSON). Everything but /health, /metrics and the
-docs takes the admin key (the panels show per-team spend). The SLOs are the defaults over the
-configured models (99.5 % non-5xx, 95 % of TTFT under 1 s) unless ``slos:`` sets them.
+``GET /v1/dashboards/{uid}`` (Grafana's classic JSON), and the live console at ``/`` with its
+query proxy (``citadel.observability.console``). Everything but /health, /metrics, the docs and
+the console's static page takes the admin key — or, for the dashboards service's reads, the
+read-only key (the panels show per-team spend). The SLOs are the defaults over the configured
+models (99.5 % non-5xx, 95 % of TTFT under 1 s) unless ``slos:`` sets them.
 """
 
 from __future__ import annotations
@@ -27,7 +29,14 @@ from citadel.errors import BadRequest, ConfigError, NotFound, Unavailable, Upstr
 from citadel.health import DependencyHealth
 from citadel.metrics import Registry
 from citadel.observability import promtool
+from citadel.observability.console import (
+    Console,
+    ConsoleController,
+    ProvisionController,
+    console_pages,
+)
 from citadel.observability.dashboards import BY_UID, DASHBOARDS, grafana_json
+from citadel.observability.grafana import GrafanaError, differing
 from citadel.observability.names import Slo, default_slos
 from citadel.observability.rules import rule_groups, rules_yaml
 from citadel.settings import Settings
@@ -49,6 +58,7 @@ class ObservabilityDeps:
     slos: tuple[Slo, ...]
     speedup: float = 1.0
     registry: Registry = field(default_factory=Registry)
+    console: Console | None = None  # None: made from the settings by create_dashboards_app
 
 
 def slos_for(settings: Settings) -> tuple[Slo, ...]:
@@ -315,6 +325,24 @@ def _rules_loaded(settings: Settings, deps: ObservabilityDeps) -> Any:
             + " (POST /v1/apply)",
         )
 
+
+def _grafana_sync(console: Console) -> Any:
+    """Grafana reachable, and whether its dashboards are the generated ones (degraded if not)."""
+
+    async def check() -> DependencyHealth:
+        if console.grafana is None:
+            return DependencyHealth(status="disabled", detail="not configured")
+        try:
+            stale = await differing(console.grafana)
+        except GrafanaError as exc:
+            return DependencyHealth(status="down", detail=str(exc))
+        if stale:
+            names = ", ".join(stale)
+            return DependencyHealth(
+                status="degraded", detail=f"not as generated: {names} (POST /v1/provision)"
+            )
+        return DependencyHealth(status="ok", detail="every dashboard as generated")
+
     return check
 
 
@@ -340,14 +368,19 @@ def create_rules_app(settings: Settings, deps: ObservabilityDeps) -> Litestar:
 
 
 def create_dashboards_app(settings: Settings, deps: ObservabilityDeps) -> Litestar:
+    console = deps.console or Console.from_settings(settings)
     return create_service(
         "grafana-dashboards",
         title="Citadel dashboards",
         settings=settings,
         registry=deps.registry,
-        admin=[DashboardsController],
+        admin=[ProvisionController],
+        readers=[DashboardsController, ConsoleController],
+        public=console_pages(),
+        dependencies={"console": provide(console)},
+        on_shutdown=[console.aclose],
         health={
             "prometheus": _reachable(settings.endpoints.prometheus, "/-/ready"),
-            "grafana": _reachable(settings.endpoints.grafana, "/api/health"),
+            "grafana": _grafana_sync(console),
         },
     )

@@ -42,6 +42,7 @@ from citadel.settings.schema import (
     ACCOUNTS,
     ENDPOINTS,
     GATEWAY,
+    GRAFANA,
     LIMITS,
     METERING,
     METRICS,
@@ -65,6 +66,7 @@ from citadel.settings.sections import (
     Deployment,
     Endpoints,
     GatewaySettings,
+    GrafanaSettings,
     HealthSettings,
     LimitsSettings,
     MeteringSettings,
@@ -92,6 +94,7 @@ __all__ = [
     "Deployment",
     "Endpoints",
     "GatewaySettings",
+    "GrafanaSettings",
     "HealthSettings",
     "LimitsSettings",
     "MeteringSettings",
@@ -155,11 +158,13 @@ _PORTS_ENV = {
 _ENDPOINTS_ENV = {f"{name.upper()}_ENDPOINT": (name, parse) for name, parse in ENDPOINTS.items()}
 _GATEWAY_ENV = {
     "CITADEL_ADMIN_KEY": ("admin_key", GATEWAY["admin_key"]),
+    "CITADEL_READONLY_KEY": ("readonly_key", GATEWAY["readonly_key"]),
     "CITADEL_MAX_BODY_BYTES": ("max_body_bytes", _integer_text(GATEWAY["max_body_bytes"])),
     "CITADEL_WORKERS": ("workers", _integer_text(GATEWAY["workers"])),
 }
 _LIMITS_ENV = {"CITADEL_LIMITS_FAILURE_MODE": ("failure_mode", LIMITS["failure_mode"])}
 _METRICS_ENV = {"CITADEL_METRICS_TOKEN": ("token", METRICS["token"])}
+_GRAFANA_ENV = {f"GRAFANA_{k.upper()}": (k, GRAFANA[k]) for k in GRAFANA}
 
 
 def _store_uri(value: str, scheme: str) -> str:
@@ -221,6 +226,10 @@ def load_settings(path: str | None, environ: Mapping[str, str]) -> Settings:
         routing=parse_routing(doc.get("routing"), models),
         metering=MeteringSettings(**parse_section(doc.get("metering"), "metering", METERING)),
         metrics=MetricsSettings(**metrics),
+        grafana=GrafanaSettings(
+            **parse_section(doc.get("grafana"), "grafana", GRAFANA)
+            | _from_env(environ, _GRAFANA_ENV)
+        ),
         alerting=raw_section(doc.get("alerting"), "alerting"),
         # With no model configured the embedded ones serve; services.slos_for checks those.
         slos=None
@@ -290,3 +299,8 @@ def _check_admin_key(gateway: dict[str, Any], env: str) -> None:
         raise ConfigError("gateway.admin_key", None, "an admin key (set CITADEL_ADMIN_KEY)")
     elif key == DEV_ADMIN_KEY:
         raise ConfigError("gateway.admin_key", key, f"a non-development key in {env}")
+    readonly = gateway.get("readonly_key")
+    if readonly is not None and readonly == gateway.get("admin_key"):
+        raise ConfigError(
+            "gateway.readonly_key", "(the admin key)", "a key other than the admin key"
+        )

@@ -55,6 +55,7 @@ __all__ = [
     "ACCOUNTS",
     "ENDPOINTS",
     "GATEWAY",
+    "GRAFANA",
     "LIMITS",
     "METERING",
     "METRICS",
@@ -94,6 +95,7 @@ TOP = (
     "routing",
     "metering",
     "metrics",
+    "grafana",
     "alerting",
     "slos",
     "observability",
@@ -103,6 +105,7 @@ ENDPOINTS: dict[str, Parser] = {f.name: http_url for f in dataclasses.fields(End
 ENDPOINTS |= {"sql_database": store, "redis": store}  # postgresql://..., redis://..., host:port
 GATEWAY = {
     "admin_key": text,
+    "readonly_key": text,
     "max_body_bytes": integer(1),
     "workers": integer(1),
     "shutdown_grace_seconds": non_negative,
@@ -121,6 +124,7 @@ OBSERVABILITY = {
     "scrape_interval_seconds": at_most(positive, 3600, "an hour"),
     "speedup": at_most(positive, 3600, "one hour per second"),
 }
+GRAFANA = {"token": text, "user": text, "password": text}
 TIMEOUTS = {f.name: positive for f in dataclasses.fields(Timeouts)}
 _MODEL = {
     "name": text,

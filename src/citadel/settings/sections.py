@@ -103,6 +103,9 @@ class Endpoints:
 @dataclass(frozen=True, kw_only=True, slots=True)
 class GatewaySettings:
     admin_key: str
+    # A key that reads what the admin key reads on the read-only routes (the console, its query
+    # proxy, the dashboards' JSON) and nothing else; CITADEL_READONLY_KEY sets it.
+    readonly_key: str | None = None
     max_body_bytes: int = 1_048_576
     workers: int = 1
     shutdown_grace_seconds: float = 30.0
@@ -127,6 +130,17 @@ class MetricsSettings:
     # Whether a token is required when `token` is unset (the admin key then serves); the loader
     # sets it: on outside development and test unless `metrics.require_token: false`.
     require_token: bool = False
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GrafanaSettings:
+    """How the dashboards service signs in to Grafana (``endpoints.grafana``) to provision:
+    a service account token (``GRAFANA_TOKEN``), else basic auth (``GRAFANA_USER``,
+    ``GRAFANA_PASSWORD``)."""
+
+    token: str | None = None
+    user: str | None = None
+    password: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -289,6 +303,7 @@ class Settings:
     routing: RoutingSettings = RoutingSettings()
     metering: MeteringSettings = MeteringSettings()
     metrics: MetricsSettings = MetricsSettings()
+    grafana: GrafanaSettings = GrafanaSettings()
     # The `alerting:` section as read; citadel.alerting.definitions validates it into typed
     # objects (the alerting service owns its schema), naming keys like alerting.rules[0].query.
     alerting: Mapping[str, Any] = field(default_factory=dict)

@@ -46,7 +46,8 @@ What ``create_service`` gives every app:
   renders, so it may bring the registry's own series up to date).
 - The admin key on every handler passed as ``admin`` (a ``before_request`` hook rather than a
   guard: Litestar copies the handler object on every guard call) (the router carries the
-  OpenAPI ``bearer`` security requirement); handlers passed as ``public`` are open.
+  OpenAPI ``bearer`` security requirement); the admin key or the read-only key
+  (``CITADEL_READONLY_KEY``) on those passed as ``readers``; handlers passed as ``public`` are open.
 - One exception handler: every error, the framework's own included (404, 405, 413, a body that
   fails its ``msgspec.Struct``), becomes the OpenAI-style body of ``citadel.errors``, with
   ``param`` naming the field (``overrides.tokens_per_day``). ``errors`` maps a service's own

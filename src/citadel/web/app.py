@@ -130,6 +130,7 @@ def create_service(
     settings: Settings,
     registry: Registry,
     admin: Sequence[ControllerRouterHandler] = (),
+    readers: Sequence[ControllerRouterHandler] = (),
     public: Sequence[ControllerRouterHandler] = (),
     description: str = "",
     dependencies: Mapping[str, Provide] | None = None,
@@ -188,14 +189,18 @@ def create_service(
         return Response(registry.render() + extra, media_type=_PROMETHEUS)
 
     key = AdminKey(settings.gateway.admin_key)
+    reader = AdminKey(settings.gateway.admin_key, settings.gateway.readonly_key)
 
     async def before_request(request: Request[Any, Any, Any]) -> None:
         # The admin key and the query check, in one hook rather than as guards: Litestar copies
         # the handler for each guard call (~50 us a request each).
         handler = request.route_handler
-        if handler.opt.get("admin"):
+        needs = handler.opt.get("admin")
+        if needs:
             value = request.headers.get("authorization")
-            key.verify(None if value is None else value.encode("latin-1"))
+            (reader if needs == "read" else key).verify(
+                None if value is None else value.encode("latin-1")
+            )
         _known_query_only(request, handler)
 
     handlers: list[ControllerRouterHandler] = [
@@ -207,6 +212,12 @@ def create_service(
     if admin:
         handlers.append(
             Router("/", route_handlers=list(admin), opt={"admin": True}, security=[{"bearer": []}])
+        )
+    if readers:
+        handlers.append(
+            Router(
+                "/", route_handlers=list(readers), opt={"admin": "read"}, security=[{"bearer": []}]
+            )
         )
     return Litestar(
         route_handlers=handlers,
