@@ -363,6 +363,7 @@ def test_the_up_banner_aligns_its_columns(tmp_path: Path, monkeypatch: pytest.Mo
     ]
     rows = banner(plan, settings).splitlines()[1:]
     addresses = [
+        f"http://localhost:{settings.ports.grafana_dashboards}/",  # the console, first
         "http://localhost:8100",
         "http://localhost:8000",
         "http://localhost:9092",

@@ -92,7 +92,7 @@ async def test_apply_writes_the_rules_reloads_prometheus_and_health_then_matches
     async for c in client(s):
         before = (await c.get("/health")).json()["dependencies"]["prometheus"]
         if not (rules / RULE_FILE).exists():
-            assert before["status"] == "degraded"
+            assert before["status"] == "degraded", before
             assert "missing: citadel-platform, citadel-recording" in before["detail"]
         assert 401 == (await c.post("/v1/apply")).status_code
         reply = await c.post("/v1/apply", headers=KEY)

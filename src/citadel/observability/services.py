@@ -325,6 +325,8 @@ def _rules_loaded(settings: Settings, deps: ObservabilityDeps) -> Any:
             + " (POST /v1/apply)",
         )
 
+    return check
+
 
 def _grafana_sync(console: Console) -> Any:
     """Grafana reachable, and whether its dashboards are the generated ones (degraded if not)."""
