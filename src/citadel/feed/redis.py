@@ -3,8 +3,9 @@
 One stream per topic (``citadel:{feed:<topic>}``, bounded with ``XADD MAXLEN ~``), except the
 usage topic: it is the metering stream the gateways already XADD usage events to for the ledger
 (``citadel:{usage}:events``, field ``e``), read here with plain XREAD beside the ledger writer's
-consumer group, so usage is published once. Its retention is the ledger writer's (it trims what
-the group is done with, keeping ``metering`` retention).
+consumer group, so usage is published once. Its retention is the ledger writer's: it trims what
+the group has stored and acknowledged once it is older than ``metering.stream_keep_seconds``
+(600 s by default), so a usage position from the last ten minutes resumes without loss.
 
 Reads go through the shared client; each watched topic has one tail task per process, blocking
 in XREAD on a connection of its own (a blocked read would hold up the shared client's pipeline)
