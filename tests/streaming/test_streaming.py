@@ -232,6 +232,88 @@ def test_sse_chat_completions_work_as_on_the_gateway(stack: Stack) -> None:
     assert refused.json()["error"]["code"] == "missing_api_key"
 
 
+def user_key(stack: Stack) -> str:
+    """A new user (default tier) and a key of theirs."""
+    from citadel.accounts.sql import open_store
+
+    async def make() -> str:
+        store = await open_store(
+            f"sqlite+aiosqlite:///{stack.config.parent / 'accounts.db'}", migrate=False
+        )
+        try:
+            user = await store.create_user(
+                name="t", email=f"{uuid.uuid4().hex}@example.com", tier="free"
+            )
+            _, secret = await store.create_key(user.id, name="test")
+            return secret
+        finally:
+            await store.aclose()
+
+    return asyncio.run(make())
+
+
+def sse_events(lines: Iterator[str]) -> Iterator[tuple[str | None, str]]:
+    """(id, data) of each SSE event."""
+    event_id: str | None = None
+    for line in lines:
+        if line.startswith("id: "):
+            event_id = line[4:]
+        elif line.startswith("data: "):
+            yield event_id, line[6:]
+            event_id = None
+
+
+def test_a_streamed_completion_resumes_on_another_replica_from_last_event_id(
+    stack: Stack,
+) -> None:
+    """The client reads three events and drops the connection; the generation runs on, and
+    /v1/streams/{id} on the other replica, from the last id it saw, gives the rest: with the
+    three, every event exactly once, in order, ending in [DONE]."""
+    body = {**chat(30), "stream": True}
+    with httpx.stream(
+        "POST", stack.url(0) + "/v1/chat/completions", json=body, headers=AUTH, timeout=10
+    ) as r:
+        assert r.status_code == 200
+        stream_id = r.headers["x-citadel-stream-id"]
+        seen = []
+        for event_id, data in sse_events(r.iter_lines()):
+            assert event_id is not None
+            seen.append((event_id, data))
+            if len(seen) == 3:
+                break
+    assert orjson.loads(seen[0][1])["object"] == "chat.completion.chunk"
+    url = stack.url(1) + f"/v1/streams/{stream_id}"
+    with httpx.stream("GET", url, headers={**AUTH, "Last-Event-ID": seen[-1][0]}, timeout=10) as r:
+        assert r.status_code == 200
+        rest = list(sse_events(r.iter_lines()))
+    assert rest[-1][1] == "[DONE]"
+    whole = list(sse_events(httpx.get(url, headers=AUTH, timeout=10).iter_lines()))
+    assert seen + rest == whole  # from the start: the same events, each once, in order
+    chunks = [orjson.loads(d) for _, d in whole[:-1]]
+    tokens = [c for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")]
+    assert len(tokens) == 30  # the tokens generated after the client left are there too
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_attaching_refuses_other_keys_unknown_ids_and_bad_positions(stack: Stack) -> None:
+    body = {**chat(2), "stream": True}
+    r = httpx.post(stack.url() + "/v1/chat/completions", json=body, headers=AUTH, timeout=10)
+    stream_id = r.headers["x-citadel-stream-id"]
+    other = {"Authorization": f"Bearer {user_key(stack)}"}
+    refused = httpx.get(stack.url() + f"/v1/streams/{stream_id}", headers=other)
+    assert refused.status_code == 404
+    assert refused.json()["error"]["param"] == "id"
+    unknown = httpx.get(stack.url() + "/v1/streams/gen_" + "0" * 32, headers=AUTH)
+    assert unknown.status_code == 404
+    assert httpx.get(stack.url() + "/v1/streams/nonsense", headers=AUTH).status_code == 404
+    bad = httpx.get(
+        stack.url() + f"/v1/streams/{stream_id}", headers={**AUTH, "Last-Event-ID": "x"}
+    )
+    assert bad.status_code == 400
+    assert bad.json()["error"]["param"] == "Last-Event-ID"
+    assert httpx.get(stack.url() + f"/v1/streams/{stream_id}").status_code == 401
+
+
 def test_usage_from_replica_a_reaches_a_subscriber_on_replica_b_and_sse_resumes(
     stack: Stack,
 ) -> None:

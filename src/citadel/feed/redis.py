@@ -95,6 +95,9 @@ class RedisFeed(Feed):
         rows = await self._redis.execute("XREVRANGE", self.key(topic), "+", "-", "COUNT", 1)
         return _text(rows[0][0]) if rows else "0-0"
 
+    async def expire(self, topic: str, seconds: float) -> None:
+        await self._redis.execute("PEXPIRE", self.key(topic), max(int(seconds * 1000), 1))
+
     async def _watch(self, topic: str) -> None:
         if topic in self._tails:
             return

@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 import logging
 from collections import Counter as Tally
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, Final, cast
 
 import orjson
@@ -38,7 +38,8 @@ from citadel.metrics import (
     Registry,
 )
 from citadel.openai.requests import Endpoint
-from citadel.streaming.relay import call_gateway, sse_payloads
+from citadel.streaming.generations import Generations
+from citadel.streaming.relay import call_gateway, close_body, sse_payloads
 
 __all__ = ["StreamingApi", "handlers"]
 
@@ -66,6 +67,7 @@ class StreamingApi:
         self.gateway = gateway
         self.auth = authenticator
         self.feed = feed
+        self.generations = Generations(feed)
         self.open: Tally[str] = Tally()
         self.sockets: set[WebSocket[Any, Any, Any]] = set()
         self._connections = registry.gauge(STREAMING_CONNECTIONS)
@@ -214,7 +216,14 @@ def handlers(api: StreamingApi) -> list[BaseRouteHandler]:
         headers = {k.decode(): v.decode() for k, v in reply.headers}
         if isinstance(reply, StreamResponse):
             headers.pop("content-type", None)
-            return Stream(counted(reply.body), media_type="text/event-stream", headers=headers)
+            try:
+                principal = await api.auth.authenticate(auth)  # the gateway let it in: cached
+                stream_id, events = await api.generations.start(principal.key_id, reply.body)
+            except BaseException:
+                await close_body(reply.body)
+                raise
+            headers["x-citadel-stream-id"] = stream_id
+            return Stream(counted(events), media_type="text/event-stream", headers=headers)
         ctype = headers.pop("content-type", "application/json")
         return LitestarResponse(
             reply.body, status_code=reply.status, media_type=ctype, headers=headers
@@ -226,9 +235,24 @@ def handlers(api: StreamingApi) -> list[BaseRouteHandler]:
                 api.sent("sse", piece)
                 yield piece
         finally:
-            close = getattr(body, "aclose", None)
-            if close is not None:
-                await close()
+            await close_body(body)
+
+    @get(
+        "/v1/streams/{stream_id:str}",
+        summary="Attach to a streamed completion (resume with Last-Event-ID)",
+    )
+    async def attach(
+        request: Request[Any, Any, Any], stream_id: str, after: FromQuery[str | None] = None
+    ) -> Stream:
+        principal = await authenticate(api, request.headers.get("authorization"))
+        start = request.headers.get("last-event-id") or after
+        if start is not None:
+            try:
+                parse_position(start)
+            except ValueError as exc:
+                raise BadRequest(f"Last-Event-ID: {exc}", param="Last-Event-ID") from None
+        events = await api.generations.attach(stream_id, principal, start)
+        return Stream(counted(events), media_type="text/event-stream")
 
     @get("/v1/events", summary="Live events as Server-Sent Events, resumable by Last-Event-ID")
     async def events(
@@ -282,7 +306,7 @@ def handlers(api: StreamingApi) -> list[BaseRouteHandler]:
     async def ws(socket: WebSocket[Any, Any, Any]) -> None:
         await WsSession(api, socket).run()
 
-    return [chat, completion, events, ws]
+    return [chat, completion, attach, events, ws]
 
 
 def sse(event: str, data: object, event_id: str) -> bytes:
@@ -491,9 +515,8 @@ class WsSession:
                 await self.send({"type": "cancelled", "id": mid})
             raise
         finally:
-            close: Callable[[], Any] | None = getattr(reply.body, "aclose", None) if reply else None
-            if close is not None:
-                await close()  # cancels the upstream request if it is still running
+            if reply is not None:
+                await close_body(reply.body)  # cancels the upstream request if still running
 
     async def subscribe(self, mid: str, start: dict[str, str | None]) -> None:
         assert self.principal is not None

@@ -65,7 +65,18 @@ def create_app(settings: Settings, deps: StreamingDeps) -> Litestar:
     )
     api = StreamingApi(gateway, g.authenticator, deps.feed, deps.registry)
     starts = [getattr(g.usage, "start", None)]
-    closes = [getattr(g.usage, "aclose", None), g.client.aclose, deps.feed.aclose, api.shutdown]
+    grace = settings.gateway.shutdown_grace_seconds
+
+    async def finish_generations() -> None:
+        await api.generations.aclose(grace)
+
+    closes = [
+        getattr(g.usage, "aclose", None),
+        g.client.aclose,
+        deps.feed.aclose,
+        finish_generations,
+        api.shutdown,
+    ]
     return create_service(
         "streaming-api",
         title="Citadel streaming",
