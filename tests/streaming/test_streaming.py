@@ -365,6 +365,68 @@ def test_usage_from_replica_a_reaches_a_subscriber_on_replica_b_and_sse_resumes(
     asyncio.run(main())
 
 
+def test_a_gateway_publishes_deployment_changes_and_the_digest_shows_usage(stack: Stack) -> None:
+    """A gateway process on the same Redis probes a deployment that is down: the health change
+    reaches a /v1/events subscriber of the streaming service; requests through the streaming
+    service show in the metrics digest."""
+    name = f"dead-{uuid.uuid4().hex[:8]}"
+    config = stack.config.parent / f"{name}.yaml"
+    config.write_text(
+        stack.config.read_text()
+        + f"""
+  - name: {name}
+    deployments:
+      - {{name: {name}-1, url: "http://127.0.0.1:9"}}
+routing: {{health: {{interval_seconds: 0.2, timeout_seconds: 0.5, unhealthy_after: 1}}}}
+"""
+    )
+
+    async def main() -> None:
+        async with websockets.connect(stack.ws(1), additional_headers=AUTH) as sub:
+            message = {"type": "subscribe", "id": "s", "topics": ["deployments", "metrics"]}
+            await sub.send(orjson.dumps(message))
+            assert (await recv(sub))["type"] == "subscribed"
+            port = free_port()
+            args = [sys.executable, "-m", "citadel", "--config", str(config)]
+            gateway = start_process(
+                [*args, "serve", "gateway", "--port", str(port)], port, env=stack.env
+            )
+            try:
+                async with websockets.connect(stack.ws(0), additional_headers=AUTH) as ws:
+                    for i in range(3):
+                        body = {"type": "chat.completion", "id": f"m{i}", "body": chat(1)}
+                        await ws.send(orjson.dumps(body))
+                    done = 0
+                    while done < 3:
+                        done += (await recv(ws))["type"] == "done"
+                health: dict[str, Any] | None = None
+                digests: list[dict[str, Any]] = []
+                for _ in range(200):
+                    event = await recv(sub)
+                    assert event["type"] == "event", event
+                    data = event["data"]
+                    if event["topic"] == "deployments" and data.get("deployment") == f"{name}-1":
+                        health = data
+                    if event["topic"] == "metrics":
+                        digests.append(data)
+                    served = sum(
+                        d["models"].get("sim-chat", {}).get("requests_per_second", 0)
+                        * d["interval_seconds"]
+                        for d in digests
+                    )
+                    if health is not None and served >= 3 - 0.01:
+                        break
+            finally:
+                stop_process(gateway)
+        assert health is not None
+        assert (health["kind"], health["healthy"]) == ("health", False)
+        assert health["source"].startswith("gateway@")
+        assert round(served) >= 3
+        assert len({d["source"] for d in digests}) == 1  # one replica publishes the digest
+
+    asyncio.run(main())
+
+
 def test_events_refuse_bad_topics_positions_and_keys(stack: Stack) -> None:
     r = httpx.get(stack.url() + "/v1/events?topics=usage,nope", headers=AUTH)
     assert r.status_code == 400

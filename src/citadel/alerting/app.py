@@ -22,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -47,6 +49,9 @@ from citadel.alerting.engine import (
 from citadel.alerting.prometheus import InvalidQuery, PrometheusClient, PrometheusError
 from citadel.alerting.selector import ModelState
 from citadel.errors import ConfigError
+from citadel.feed import Feed
+from citadel.feed.open import shared_feed
+from citadel.feed.publisher import Publisher
 from citadel.gateway.auth import AdminKeyAuthenticator
 from citadel.http.client import HttpClient
 from citadel.http.server import Request, Response
@@ -73,6 +78,7 @@ class AlertingDeps:
     registry: Registry = field(default_factory=Registry)
     clock: Callable[[], float] = time.time
     run_scheduler: bool = True  # False: rules are evaluated only by POST /v1/evaluate
+    feed: Feed | None = None  # the event feed alerts are published to (None: nobody reads it)
     close: tuple[Callable[[], Awaitable[None]], ...] = ()
 
 
@@ -135,6 +141,7 @@ def default_deps(settings: Settings) -> AlertingDeps:
         detector_factory=default_detector_factory(),
         registry=registry,
         close=tuple(close),
+        feed=shared_feed(settings),
     )
 
 
@@ -221,6 +228,11 @@ class _Service:
             sources["prometheus"] = _ValidatingSource(deps.prometheus)
         else:
             sources["prometheus"] = _Missing("PROMETHEUS_ENDPOINT is not set")
+        self.publisher = (
+            Publisher(deps.feed, source=f"predictive-alerting@{socket.gethostname()}:{os.getpid()}")
+            if deps.feed is not None
+            else None
+        )
         self.scheduler = Scheduler(
             settings=alerting,
             evaluator=self.evaluator,
@@ -230,12 +242,15 @@ class _Service:
             registry=deps.registry,
             clock=deps.clock,
             generator_url=alerting.generator_url or generator,
+            events=self.publisher.sink("alerts") if self.publisher is not None else None,
         )
         self._tasks: list[asyncio.Task[None]] = []
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        if self.publisher is not None:
+            await self.publisher.start()
         prometheus = self.deps.prometheus
         if prometheus is not None:
             try:
@@ -258,6 +273,10 @@ class _Service:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(_SHUTDOWN_FLUSH_SECONDS):
                     await notifier.flush()
+        if self.publisher is not None:
+            await self.publisher.aclose()
+        if self.deps.feed is not None:
+            await self.deps.feed.aclose()
         for close in self.deps.close:
             await close()
 

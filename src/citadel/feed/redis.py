@@ -27,7 +27,7 @@ from typing import Any, Final
 
 from citadel.errors import StoreUnavailable
 from citadel.feed.core import Entry, Feed, Page, check_topic, parse_position
-from citadel.stores.redis import RedisClient, RedisError
+from citadel.stores.redis import RedisClient, RedisError, Script
 
 __all__ = ["RedisFeed", "stream_key"]
 
@@ -37,6 +37,13 @@ FIELD: Final = b"e"  # the same field as the usage stream's entries
 _BLOCK_MS: Final = 1000
 _TAIL_COUNT: Final = 1000
 _RETRY_SECONDS: Final = 0.5
+
+
+_LEAD: Final = Script("""
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
+return 0
+""")
 
 
 def stream_key(topic: str) -> str:
@@ -97,6 +104,12 @@ class RedisFeed(Feed):
 
     async def expire(self, topic: str, seconds: float) -> None:
         await self._redis.execute("PEXPIRE", self.key(topic), max(int(seconds * 1000), 1))
+
+    async def lead(self, name: str, owner: str, seconds: float) -> bool:
+        """``SET NX PX`` the lease, or extend it when ``owner`` holds it already."""
+        key, ttl = f"{stream_key(check_topic(name))}:lead", max(int(seconds * 1000), 1)
+        reply = await self._redis.evalsha(_LEAD, [key], [owner, ttl])
+        return bool(reply)
 
     async def _watch(self, topic: str) -> None:
         if topic in self._tails:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass, field
 
 from litestar import Litestar
@@ -10,13 +12,16 @@ from citadel.errors import StoreUnavailable, Unavailable
 from citadel.feed import Feed
 from citadel.feed.memory import MemoryFeed
 from citadel.feed.open import USAGE, open_feed
+from citadel.feed.publisher import Publisher
 from citadel.gateway.app import GatewayDeps
 from citadel.gateway.proxy import Gateway
 from citadel.metering.events import UsageEvent, UsageSink
 from citadel.metering.ledger import encode_event
 from citadel.metrics import Registry
+from citadel.routing.router import Router
 from citadel.settings import Settings
 from citadel.streaming.api import StreamingApi, handlers
+from citadel.streaming.digest import MetricsDigest
 from citadel.web import create_service
 
 __all__ = ["StreamingDeps", "create_app", "default_deps"]
@@ -55,6 +60,8 @@ def default_deps(settings: Settings) -> StreamingDeps:
 
 def create_app(settings: Settings, deps: StreamingDeps) -> Litestar:
     g = deps.gateway
+    source = f"streaming-api@{socket.gethostname()}:{os.getpid()}"
+    publisher = Publisher(deps.feed, source=source)
     gateway = Gateway(
         settings,
         client=g.client,
@@ -62,9 +69,11 @@ def create_app(settings: Settings, deps: StreamingDeps) -> Litestar:
         registry=deps.registry,
         usage=g.usage,
         limiter=g.limiter,
+        router=Router(settings, registry=deps.registry, events=publisher.sink("deployments")),
     )
     api = StreamingApi(gateway, g.authenticator, deps.feed, deps.registry)
-    starts = [getattr(g.usage, "start", None)]
+    metrics = MetricsDigest(deps.feed, owner=source)
+    starts = [getattr(g.usage, "start", None), publisher.start, metrics.start]
     grace = settings.gateway.shutdown_grace_seconds
 
     async def finish_generations() -> None:
@@ -75,6 +84,8 @@ def create_app(settings: Settings, deps: StreamingDeps) -> Litestar:
         g.client.aclose,
         deps.feed.aclose,
         finish_generations,
+        publisher.aclose,
+        metrics.aclose,
         api.shutdown,
     ]
     return create_service(
