@@ -493,3 +493,114 @@ def test_too_many_connections_for_one_key_are_refused_with_4429(stack: Stack) ->
             assert (await recv(again))["type"] == "chunk"
 
     asyncio.run(main())
+
+
+def test_the_openai_sdk_speaks_responses_over_websocket(stack: Stack) -> None:
+    """``client.responses.connect()``: a response.create gets the typed events, text deltas
+    before the end, and a completed response with its usage; two lanes run side by side."""
+    from openai import AsyncOpenAI
+    from openai.lib.responses_websocket import (
+        AsyncResponsesWebSocketSession,
+        ResponsesWebSocketLimits,
+    )
+
+    async def main() -> None:
+        async with AsyncOpenAI(api_key=ADMIN_KEY, base_url=stack.url() + "/v1") as client:
+            async with client.responses.connect() as connection:
+                await connection.response.create(model="sim-chat", input="hi", max_output_tokens=16)
+                kinds: list[str] = []
+                text = ""
+                async for event in connection:
+                    kinds.append(event.type)
+                    if event.type == "response.output_text.delta":
+                        text += event.delta
+                    if event.type in ("response.completed", "response.incomplete", "error"):
+                        break
+                assert kinds[:2] == ["response.created", "response.in_progress"], event
+                # the simulator always writes max_output_tokens tokens: the response is cut there
+                assert kinds[-1] == "response.incomplete", kinds
+                assert kinds.count("response.output_text.delta") == 16
+                assert event.type == "response.incomplete"
+                assert event.response.incomplete_details is not None
+                assert event.response.incomplete_details.reason == "max_output_tokens"
+                assert event.response.usage is not None
+                assert event.response.usage.output_tokens == 16
+                assert event.response.output_text == text
+            async with client.responses.connect() as connection:
+                limits = ResponsesWebSocketLimits(
+                    max_lanes=4,
+                    max_events_per_lane=256,
+                    max_events=512,
+                    max_bytes_per_lane=1 << 20,
+                    max_bytes=1 << 21,
+                )
+                async with AsyncResponsesWebSocketSession(connection, limits=limits) as session:
+                    lanes = [session.lane("a"), session.lane("b")]
+                    for lane, tokens in zip(lanes, (16, 20), strict=True):
+                        await lane.send(
+                            {
+                                "type": "response.create",
+                                "model": "sim-chat",
+                                "input": "hello",
+                                "max_output_tokens": tokens,
+                            }
+                        )
+                    finals = await asyncio.wait_for(
+                        asyncio.gather(*(lane.get_final_response() for lane in lanes)), 15
+                    )
+                    assert [f.usage.output_tokens for f in finals if f.usage] == [16, 20]
+                    assert all(f.status == "incomplete" for f in finals)
+
+    asyncio.run(main())
+
+
+def test_responses_over_websocket_refuse_bad_messages_with_error_events(stack: Stack) -> None:
+    url = f"ws://127.0.0.1:{stack.ports[0]}/v1/responses"
+
+    async def main() -> None:
+        async with websockets.connect(url, additional_headers=AUTH) as ws:
+            await ws.send(orjson.dumps({"type": "response.dance"}))
+            error = await recv(ws)
+            assert error["type"] == "error"
+            assert "unknown message type" in error["message"]
+            assert error["param"] == "type"
+            create = {"type": "response.create", "stream_id": "x", "model": "nope", "input": "a"}
+            await ws.send(orjson.dumps(create))
+            error = await recv(ws)
+            assert (error["type"], error["stream_id"]) == ("error", "x")
+            assert "nope" in error["message"]
+            await ws.send(orjson.dumps({"type": "response.steer", "input": "a"}))
+            assert (await recv(ws))["code"] == "unsupported"
+            long = {**create, "model": "sim-chat", "max_output_tokens": 200}
+            await ws.send(orjson.dumps(long))
+            assert (await recv(ws))["type"] == "response.created"
+            await ws.send(orjson.dumps(long))  # the same stream_id while it runs
+            kinds = []
+            while True:
+                event = await recv(ws)
+                kinds.append(event["type"])
+                if event["type"] == "error":
+                    assert event["param"] == "stream_id"
+                    break
+            await ws.send(orjson.dumps({"type": "response.cancel", "stream_id": "x"}))
+            while (event := await recv(ws))["type"] != "response.cancelled":
+                assert event["type"] != "response.incomplete"
+            assert event["stream_id"] == "x"
+        async with websockets.connect(url) as ws:
+            await ws.send(orjson.dumps({"type": "response.create", "model": "sim-chat"}))
+            assert (await recv(ws))["code"] == "missing_api_key"
+
+    asyncio.run(main())
+
+
+def test_responses_over_http_work_as_on_the_gateway(stack: Stack) -> None:
+    body = {"model": "sim-chat", "input": "hi", "max_output_tokens": 16}
+    r = httpx.post(stack.url() + "/v1/responses", json=body, headers=AUTH, timeout=10)
+    assert r.status_code == 200
+    assert r.json()["usage"]["output_tokens"] == 16
+    with httpx.stream(
+        "POST", stack.url() + "/v1/responses", json={**body, "stream": True}, headers=AUTH
+    ) as r:
+        events = [line[7:] for line in r.iter_lines() if line.startswith("event: ")]
+    assert events[0] == "response.created"
+    assert events[-1] == "response.incomplete"

@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 import logging
 from collections import Counter as Tally
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Final, cast
 
 import orjson
@@ -27,6 +27,9 @@ from citadel.feed import Entry, Feed, Lagged, Subscription, parse_position
 from citadel.feed.open import USAGE
 from citadel.gateway.auth import Authenticator, Principal
 from citadel.gateway.proxy import Gateway
+from citadel.gateway.responses import ResponsesApi
+from citadel.http.server import Request as HttpRequest
+from citadel.http.server import Response as HttpResponse
 from citadel.http.server import StreamResponse
 from citadel.metering.ledger import decode_event
 from citadel.metrics import (
@@ -68,6 +71,7 @@ class StreamingApi:
         self.auth = authenticator
         self.feed = feed
         self.generations = Generations(feed)
+        self.responses = ResponsesApi(gateway)  # its stored responses: this process's memory
         self.open: Tally[str] = Tally()
         self.sockets: set[WebSocket[Any, Any, Any]] = set()
         self._connections = registry.gauge(STREAMING_CONNECTIONS)
@@ -213,8 +217,8 @@ def handlers(api: StreamingApi) -> list[BaseRouteHandler]:
         auth = request.headers.get("authorization", "").encode()
         host = request.client.host if request.client else ""
         reply = await call_gateway(api.gateway, endpoint, auth, body, host)
-        headers = {k.decode(): v.decode() for k, v in reply.headers}
         if isinstance(reply, StreamResponse):
+            headers = {k.decode(): v.decode() for k, v in reply.headers}
             headers.pop("content-type", None)
             try:
                 principal = await api.auth.authenticate(auth)  # the gateway let it in: cached
@@ -224,10 +228,7 @@ def handlers(api: StreamingApi) -> list[BaseRouteHandler]:
                 raise
             headers["x-citadel-stream-id"] = stream_id
             return Stream(counted(events), media_type="text/event-stream", headers=headers)
-        ctype = headers.pop("content-type", "application/json")
-        return LitestarResponse(
-            reply.body, status_code=reply.status, media_type=ctype, headers=headers
-        )
+        return litestar_reply(reply, counted)
 
     async def counted(body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         try:
@@ -306,7 +307,35 @@ def handlers(api: StreamingApi) -> list[BaseRouteHandler]:
     async def ws(socket: WebSocket[Any, Any, Any]) -> None:
         await WsSession(api, socket).run()
 
-    return [chat, completion, attach, events, ws]
+    from citadel.streaming.responses_ws import ResponsesSession  # it builds on WsSession
+
+    @websocket("/v1/responses")
+    async def responses_ws(socket: WebSocket[Any, Any, Any]) -> None:
+        await ResponsesSession(api, socket).run()
+
+    @post(
+        "/v1/responses", status_code=200, summary="Responses, as on the gateway (SSE when stream)"
+    )
+    async def responses(request: Request[Any, Any, Any]) -> LitestarResponse[bytes] | Stream:
+        body = await request.body()
+        headers = [(k.encode(), v.encode()) for k, v in request.headers.items()]
+        host = request.client.host if request.client else ""
+        internal = HttpRequest("POST", "/v1/responses", "", dict(headers), body, client=host)
+        return litestar_reply(await api.responses.create(internal), counted)
+
+    return [chat, completion, responses, attach, events, ws, responses_ws]
+
+
+def litestar_reply(
+    reply: HttpResponse | StreamResponse,
+    counted: Callable[[AsyncIterator[bytes]], AsyncIterator[bytes]],
+) -> LitestarResponse[bytes] | Stream:
+    """The gateway's answer as Litestar's (a stream's bytes pass through ``counted``)."""
+    headers = {k.decode(): v.decode() for k, v in reply.headers}
+    ctype = headers.pop("content-type", "application/json")
+    if isinstance(reply, StreamResponse):
+        return Stream(counted(reply.body), media_type=ctype, headers=headers)
+    return LitestarResponse(reply.body, status_code=reply.status, media_type=ctype, headers=headers)
 
 
 def sse(event: str, data: object, event_id: str) -> bytes:
@@ -328,6 +357,16 @@ class WsSession:
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.lock = asyncio.Lock()
         self.held = contextlib.ExitStack()  # this socket's place in the per-key count
+
+    async def error(self, error: Any, mid: object = None) -> None:
+        """An OpenAI-style error, of request ``mid`` when known."""
+        message = {"type": "error", "error": error}
+        await self.send(message if mid is None else {**message, "id": mid})
+
+    @staticmethod
+    def request_id(message: object) -> object:
+        """The id of the request a refused message was about, if it named one."""
+        return client_id(message)
 
     async def send(self, message: dict[str, Any]) -> None:
         data = orjson.dumps(message)
@@ -368,7 +407,7 @@ class WsSession:
             principal = await authenticate(self.api, header)
             self.held.enter_context(self.api.connection("websocket", principal))
         except ApiError as exc:
-            await self.send({"type": "error", "error": error_body(exc)})
+            await self.error(error_body(exc))
             code = CLOSE_TOO_MANY if isinstance(exc, RateLimited) else CLOSE_UNAUTHORIZED
             await self.socket.close(code, exc.message[:120])
             return False
@@ -383,16 +422,8 @@ class WsSession:
                 return
             text: str | bytes = cast("str | bytes", event.get("text") or event.get("bytes") or b"")
             if len(text) > MAX_MESSAGE:
-                await self.send(
-                    {
-                        "type": "error",
-                        "error": error_body(
-                            PayloadTooLarge(
-                                f"A message may be at most {MAX_MESSAGE} bytes.", param="message"
-                            )
-                        ),
-                    }
-                )
+                too_big = f"A message may be at most {MAX_MESSAGE} bytes."
+                await self.error(error_body(PayloadTooLarge(too_big, param="message")))
                 await self.socket.close(CLOSE_TOO_BIG, "message too big")
                 return
             try:
@@ -412,20 +443,13 @@ class WsSession:
                     continue
                 await self.handle(message)
             except orjson.JSONDecodeError:
-                await self.send(
-                    {
-                        "type": "error",
-                        "error": error_body(BadRequest("A message must be JSON.", param="message")),
-                    }
-                )
+                await self.error(error_body(BadRequest("A message must be JSON.", param="message")))
             except Unauthorized as exc:
-                await self.send({"type": "error", "error": error_body(exc)})
+                await self.error(error_body(exc))
                 await self.socket.close(CLOSE_UNAUTHORIZED, exc.message[:120])
                 return
             except ApiError as exc:
-                await self.send(
-                    {"type": "error", "id": client_id(message), "error": error_body(exc)}
-                )
+                await self.error(error_body(exc), self.request_id(message))
 
     async def handle(self, message: dict[str, Any]) -> None:
         kind = message.get("type")
