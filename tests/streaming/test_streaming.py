@@ -447,6 +447,10 @@ def test_health_and_metrics(stack: Stack) -> None:
     text = httpx.get(stack.url() + "/metrics").text
     assert 'citadel_streaming_messages_sent_total{protocol="websocket"}' in text
     assert "citadel_streaming_cancellations_total" in text
+    asked = {"Origin": "http://page.example", "Access-Control-Request-Method": "POST"}
+    preflight = httpx.options(stack.url() + "/v1/chat/completions", headers=asked)
+    assert preflight.status_code == 204  # development: gateway.cors_origins is "*"
+    assert preflight.headers["access-control-allow-origin"] == "http://page.example"
 
 
 def test_sigterm_tells_websocket_clients_to_reconnect_with_1012(stack: Stack) -> None:

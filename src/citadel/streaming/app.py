@@ -23,6 +23,7 @@ from citadel.settings import Settings
 from citadel.streaming.api import StreamingApi, handlers
 from citadel.streaming.digest import MetricsDigest
 from citadel.web import create_service
+from citadel.web.cors import cors_middleware
 
 __all__ = ["StreamingDeps", "create_app", "default_deps"]
 
@@ -98,4 +99,5 @@ def create_app(settings: Settings, deps: StreamingDeps) -> Litestar:
         errors={StoreUnavailable: lambda exc: Unavailable(str(exc))},
         on_startup=[s for s in starts if s is not None],
         on_shutdown=[c for c in closes if c is not None],
+        middleware=[cors_middleware(settings.gateway.cors_origins)],
     )
