@@ -608,3 +608,35 @@ def test_responses_over_http_work_as_on_the_gateway(stack: Stack) -> None:
         events = [line[7:] for line in r.iter_lines() if line.startswith("event: ")]
     assert events[0] == "response.created"
     assert events[-1] == "response.incomplete"
+
+
+def test_the_demo_page_chats_over_the_websocket_and_shows_live_events(stack: Stack) -> None:
+    """Headless Chromium opens /demo (the admin key on that request only), connects with a key
+    typed into the page, chats, and sees the tokens and the usage event of its own request."""
+    from playwright.sync_api import Route, expect, sync_playwright
+
+    assert httpx.get(stack.url() + "/demo").status_code == 401
+
+    def with_admin_key(route: Route) -> None:
+        route.continue_(headers={**route.request.headers, "authorization": f"Bearer {ADMIN_KEY}"})
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path="/usr/bin/chromium",
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
+        try:
+            page = browser.new_page()
+            page.route(stack.url() + "/demo", with_admin_key)
+            page.goto(stack.url() + "/demo")
+            page.fill("#key", ADMIN_KEY)
+            page.click("#connect")
+            expect(page.locator("#state")).to_have_text("connected", timeout=10_000)
+            page.wait_for_timeout(300)  # the events request is open before the chat starts
+            page.click("#send")
+            expect(page.locator("#status")).to_have_text("done: 20 tokens", timeout=15_000)
+            assert len(page.locator("#tokens").inner_text().split()) >= 10
+            usage = page.locator('#events li[data-topic="usage"]')
+            expect(usage.first).to_contain_text("sim-chat 200 completion_tokens=20", timeout=15_000)
+        finally:
+            browser.close()

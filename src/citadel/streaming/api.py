@@ -522,7 +522,7 @@ class WsSession:
             reply = answer
             async for chunk in sse_payloads(reply.body):
                 if chunk is None:
-                    break
+                    continue  # read on to the body's end: closed early, the gateway logs a 499
                 if "error" in chunk:
                     await self.send({"type": "error", "id": mid, "error": chunk["error"]})
                     return

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass, field
+from importlib import resources
 
-from litestar import Litestar
+from litestar import Litestar, Response, get
 
 from citadel.errors import StoreUnavailable, Unavailable
 from citadel.feed import Feed
@@ -59,6 +60,13 @@ def default_deps(settings: Settings) -> StreamingDeps:
     return StreamingDeps(gateway=gateway, feed=feed, registry=gateway.registry)
 
 
+@get("/demo", summary="A demo page: chat over WebSocket, live events", media_type="text/html")
+async def demo() -> Response[bytes]:
+    """Behind the admin key; the page asks for a key of its own to chat and subscribe with."""
+    page = resources.files("citadel.streaming").joinpath("assets", "demo.html").read_bytes()
+    return Response(page, media_type="text/html", headers={"cache-control": "no-store"})
+
+
 def create_app(settings: Settings, deps: StreamingDeps) -> Litestar:
     g = deps.gateway
     source = f"streaming-api@{socket.gethostname()}:{os.getpid()}"
@@ -96,6 +104,7 @@ def create_app(settings: Settings, deps: StreamingDeps) -> Litestar:
         settings=settings,
         registry=deps.registry,
         public=handlers(api),
+        admin=[demo],
         errors={StoreUnavailable: lambda exc: Unavailable(str(exc))},
         on_startup=[s for s in starts if s is not None],
         on_shutdown=[c for c in closes if c is not None],

@@ -91,9 +91,9 @@ class Generations:
             async for data in sse_data(body):
                 position = await self.feed.publish(topic, data)
                 first.put_nowait((position, data))
-                if data == DONE:
-                    ended = True
-                    return
+                ended = ended or data == DONE
+            # read to the body's end, not just to [DONE]: the gateway then records the request
+            # as served (200); closed early, it would count the client as gone (499)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
