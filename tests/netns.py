@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -47,6 +48,7 @@ class Hosts:
         self.hosts: dict[str, Host] = {}
         self.processes: list[subprocess.Popen[bytes]] = []
         self.logs = Path(tempfile.mkdtemp(prefix="citadel-hosts-"))
+        self.cleanup: list[Path] = []  # directories removed by close, after the processes
 
     def __enter__(self) -> Hosts:
         ip("link", "add", self.bridge, "type", "bridge")
@@ -110,6 +112,8 @@ class Hosts:
             subprocess.run(["ip", "netns", "del", host.namespace], capture_output=True, check=False)
             subprocess.run(["ip", "link", "del", host.link], capture_output=True, check=False)
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True, check=False)
+        for path in self.cleanup:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def redis_cli(host: str, port: int, *args: str) -> str:
@@ -127,6 +131,46 @@ def until(check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
     while not check():
         assert time.monotonic() < deadline, f"{what} not within {timeout} s"
         time.sleep(0.1)
+
+
+def _postgres_bin() -> Path:
+    versions = sorted(os.listdir("/usr/lib/postgresql"), key=int)  # Debian's layout
+    return Path("/usr/lib/postgresql") / versions[-1] / "bin"
+
+
+def start_postgres(hosts: Hosts) -> str:
+    """A PostgreSQL server of its own on host "postgres" (a new cluster made by initdb, trust
+    auth, no fsync); returns the URL of its ``postgres`` database."""
+    host = hosts.add("postgres")
+    data = Path(tempfile.mkdtemp(prefix="citadel-pg-"))
+    shutil.chown(data, "postgres", "postgres")  # the server refuses to run as root
+    as_postgres = ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups"]  # execs
+    bin_ = _postgres_bin()
+    initdb = [str(bin_ / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"]
+    subprocess.run(
+        [*as_postgres, *initdb, "--no-sync", "--no-instructions"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    with (data / "pg_hba.conf").open("a") as hba:  # every host on the bridge, the test's too
+        hba.write(f"host all all {hosts.subnet}.0/24 trust\n")
+    hosts.run(
+        host.name,
+        [
+            *as_postgres,
+            *(str(bin_ / "postgres"), "-D", str(data), "-h", host.address, "-p", "5432"),
+            *("-k", str(data), "-c", "fsync=off", "-c", "max_connections=200"),
+        ],
+    )
+    hosts.cleanup.append(data)
+
+    def ready() -> bool:
+        check = ["pg_isready", "-q", "-h", host.address, "-p", "5432"]
+        return subprocess.run(check, capture_output=True, check=False).returncode == 0
+
+    until(ready, "postgresql", timeout=30)
+    return f"postgresql://postgres@{host.address}:5432/postgres"
 
 
 def start_redis(hosts: Hosts, topology: str) -> str:

@@ -60,6 +60,9 @@ Prepare = Callable[[str], Coroutine[Any, Any, object]]
 POSTGRES_SERVER = os.environ.get("CITADEL_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
 
 _STOP_TIMEOUT = 10.0
+UP_START = 60.0
+"""How long `citadel up` (ten processes, each importing its framework) may take to serve: a bound
+for a machine busy with other work, not a figure (on an idle two-core machine it takes ~10 s)."""
 _POLL_INTERVAL = 0.05
 
 

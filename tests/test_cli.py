@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from support import free_port, process_output, start_process, stop_process
+from support import UP_START, free_port, process_output, start_process, stop_process
 
 DEV_KEY = "sk-citadel-dev"
 
@@ -221,7 +221,8 @@ def test_up_starts_the_simulator_and_the_gateway_and_stops_them(
         "ROUTING_API_PORT": str(free_port()),
         "STREAMING_API_PORT": str(free_port()),
     }
-    proc = start_process([sys.executable, "-m", "citadel", "up"], gateway, env=env, timeout=20)
+    up = [sys.executable, "-m", "citadel", "up"]
+    proc = start_process(up, gateway, env=env, timeout=UP_START)
     try:
         status, completion = chat(gateway)
         proc.send_signal(signal.SIGTERM)
@@ -284,7 +285,8 @@ def test_up_runs_a_ledger_writer_when_usage_goes_through_redis(
         "CUSTOM_METRICS_PORT": str(free_port()),
         "PREDICTIVE_ALERTING_PORT": str(free_port()),
     }
-    proc = start_process([sys.executable, "-m", "citadel", "up"], gateway, env=env, timeout=30)
+    up = [sys.executable, "-m", "citadel", "up"]
+    proc = start_process(up, gateway, env=env, timeout=UP_START)
     try:
         status, _ = chat(gateway)
         deadline = time.monotonic() + 15

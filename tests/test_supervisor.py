@@ -15,7 +15,7 @@ from test_cli import SETTING_PREFIXES, chat
 
 from citadel.supervisor import Supervisor, backoff
 
-from support import free_port, process_output, start_process, stop_process
+from support import UP_START, free_port, process_output, start_process, stop_process
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(120)"]
 
@@ -75,7 +75,8 @@ def test_up_restarts_a_killed_gateway_while_the_others_answer(
         "CUSTOM_METRICS_PORT": str(free_port()),
         "PREDICTIVE_ALERTING_PORT": str(free_port()),
     }
-    proc = start_process([sys.executable, "-m", "citadel", "up"], gateway, env=env, timeout=30)
+    up = [sys.executable, "-m", "citadel", "up"]
+    proc = start_process(up, gateway, env=env, timeout=UP_START)
     try:
         assert 200 == chat(gateway)[0]
         found = re.search(r"gateway started \(pid (\d+)\)", process_output(proc))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from datetime import UTC, datetime
 from typing import Any
 
@@ -210,3 +211,49 @@ def test_team_spend_is_cumulative_usd_at_each_hours_end() -> None:
     assert (3600.0, 7200.0, 9000.0) == series.times
     assert (1.0, 1.0, 3.5) == series.values
     assert {"team": "t1", "metric": "team_spend"} == dict(series.labels)
+
+
+class Slow:
+    """A source that takes ``seconds`` to answer (a Prometheus under load)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.calls = 0
+
+    async def fetch(self, rule: Rule, *, now: float) -> list[Series]:
+        self.calls += 1
+        await asyncio.sleep(self.seconds)
+        return [line(1.0)]
+
+
+def test_a_round_longer_than_the_interval_skips_ticks_instead_of_piling_up() -> None:
+    """Rounds of 0.25 s at a 0.1 s interval: each skips the ticks it overran, and /health's
+    state says the first round is running until it ends."""
+
+    async def test() -> None:
+        settings = parse_alerting({"interval_seconds": 0.1, "rules": [{"name": "Slow",
+            "kind": "forecast", "query": "x", "threshold": 1e9, "min_points": 5,
+            "model": "linear"}]})  # fmt: skip
+        source = Slow(0.25)
+        scheduler = Scheduler(
+            settings=settings,
+            evaluator=Evaluator(),
+            sources={"prometheus": source},
+            book=AlertBook(resend_seconds=60, valid_seconds=240),
+            notifier=None,
+        )
+        task = asyncio.create_task(scheduler.run())
+        await asyncio.sleep(0.1)
+        assert scheduler.round_state()["first_in_progress"] is True
+        await asyncio.sleep(0.85)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        state = scheduler.round_state()
+        assert state["first_in_progress"] is False
+        assert 2 <= state["completed"] <= 3  # type: ignore[operator]
+        assert source.calls <= 4  # not one round per 0.1 s tick
+        assert 2 * state["completed"] <= state["skipped"]  # type: ignore[operator]
+        assert 0.25 <= state["last_seconds"]  # type: ignore[operator]
+
+    asyncio.run(test())

@@ -329,3 +329,43 @@ def test_lstm_learns_a_seasonal_series() -> None:
     assert inside >= 0.75 * 24
     with pytest.raises(ForecastError, match="lstm: needs at least 236 points"):
         LstmForecaster().fit(times[:100], values[:100])
+
+
+def _ramp(start: int, end: int, slope: float) -> tuple[list[float], list[float]]:
+    times = [60.0 * i for i in range(start, end)]
+    return times, [slope * i + (i % 3) * 0.1 for i in range(start, end)]
+
+
+def test_a_kept_choice_is_refitted_without_backtesting_until_its_time_or_its_drift() -> None:
+    """With reselect_seconds the ranking is kept: later fits refit the chosen model on the new
+    history only; after reselect_seconds, or when the forecast misses the new samples by far more
+    than its backtest error, every candidate is backtested again."""
+    selector = Selector(
+        [LinearForecaster, SeasonalNaiveForecaster], horizon=6, reselect_seconds=600.0
+    )
+    times, values = _ramp(0, 120, 1.0)
+    selector.fit(times, values)
+    assert (1, "linear") == (selector.backtests, selector.chosen)
+    selector.forecast(6)
+    for shift in (1, 2, 3):  # the same line, one minute on each time: kept
+        times, values = _ramp(shift, 120 + shift, 1.0)
+        selector.fit(times, values)
+        selector.forecast(6)
+    assert (1, "linear") == (selector.backtests, selector.chosen)
+    assert 122 * 60.0 == selector.states()[0].trained_at  # refitted on the new history
+    times, values = _ramp(14, 134, 1.0)  # 14 minutes after the ranking: time for a new one
+    selector.fit(times, values)
+    assert 2 == selector.backtests
+    selector.forecast(6)
+    times, values = _ramp(15, 135, 1.0)
+    values[-1] += 500.0  # the new sample is far off the forecast: drift
+    selector.fit(times, values)
+    assert 3 == selector.backtests
+
+
+def test_without_reselect_seconds_every_fit_backtests() -> None:
+    selector = Selector([LinearForecaster, SeasonalNaiveForecaster], horizon=6)
+    for shift in range(3):
+        selector.fit(*_ramp(shift, 120 + shift, 1.0))
+        selector.forecast(6)
+    assert 3 == selector.backtests

@@ -33,7 +33,7 @@ def test_prompt_past_the_context_window_is_openais_400(stack: Stack) -> None:
         error["param"],
         error["code"],
     )
-    assert error["message"].startswith("This model's maximum context length is 8192 tokens.")
+    assert error["message"].startswith("Input tokens exceed the configured limit of 8192 tokens.")
 
 
 def test_reply_budget_counts_against_the_context_window(stack: Stack) -> None:
@@ -126,6 +126,23 @@ def test_sdk_streams_a_response(sdk: openai.OpenAI) -> None:
     assert final.usage is not None
     assert final.usage.total_tokens > 0
     assert [e.sequence_number for e in events] == list(range(len(events)))
+
+
+def _responses_counted(stack: Stack) -> float:
+    _, _, body = _get(stack, "/metrics")
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in body.decode().splitlines()
+        if line.startswith('citadel_gateway_requests_total{endpoint="responses"')
+    )
+
+
+def test_responses_are_counted_as_responses_not_chat(stack: Stack, sdk: openai.OpenAI) -> None:
+    """Metrics (and the ledger, from the same label) tell Responses requests from chat ones."""
+    before = _responses_counted(stack)
+    sdk.responses.create(model="sim-chat", input="Say hello", store=False)
+    list(sdk.responses.create(model="sim-chat", input="Say hello", store=False, stream=True))
+    assert 2 == _responses_counted(stack) - before
 
 
 def test_sdk_retries_an_upstream_429_after_retry_after(sdk: openai.OpenAI) -> None:

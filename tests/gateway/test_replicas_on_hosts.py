@@ -2,9 +2,10 @@
 server on a fourth host, then a Redis Cluster of three masters and three replicas on three hosts,
 in front of two simulated model servers on two more hosts; the test process is the client.
 
-Accounts are a SQLite file every host reads (the namespaces share the filesystem); PostgreSQL
-multi-host runs are not covered here. Killing a replica mid-load without losing a usage event
-needs the durable spool of the hardening issue and is not tested here yet.
+Accounts are in a PostgreSQL server on a host of its own, which every replica reaches over the
+bridge. Usage events go to the Redis Stream (no ledger writer runs,
+so the stream holds every event the replicas sent), each journaled first in a directory the
+replicas share.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from netns import Hosts, redis_cli, start_redis
+from netns import Hosts, redis_cli, start_postgres, start_redis
 
 from citadel.accounts.sql import open_store
 
@@ -104,7 +105,7 @@ def site(
         ]
         for s, proc in zip(sims, sim_procs, strict=True):
             wait_healthy(f"http://{s.address}:{SIM_PORT}", proc)
-        database = f"sqlite+aiosqlite:///{tmp / 'accounts.db'}"
+        database = start_postgres(hosts)
         config = tmp / "citadel.yaml"
         config.write_text(
             f"""
@@ -113,6 +114,7 @@ limits: {{backend: "{redis_url}", failure_mode: closed,
           store_timeout_seconds: 0.25}}
 routing:
   breaker: {{consecutive_failures: 3, open_seconds: 60, max_open_seconds: 60}}
+metering: {{journal_path: "{tmp / "usage.journal"}", spool_path: "{tmp / "usage.spool"}"}}
 tiers:
   roomy: {{}}
   twenty: {{requests_per_minute: 20}}
@@ -222,6 +224,81 @@ def test_a_replica_cut_off_and_healed_recovers_without_a_restart(site: Site) -> 
     statuses = [post(site.gateways[2], secret, chat()) for _ in range(15)]
     assert statuses.count(200) in (10, 11)
     assert 15 == statuses.count(200) + statuses.count(429)
+
+
+def _answered(base: str, secret: str) -> str | None:
+    """POST a chat completion; the gateway's request id if it answered 200, else None."""
+    request = urllib.request.Request(
+        f"{base}/v1/chat/completions",
+        data=orjson.dumps(chat()),
+        headers={"authorization": f"Bearer {secret}", "content-type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=5) as reply:
+            reply.read()
+            return str(reply.headers["x-request-id"])
+    except (OSError, urllib.error.URLError):
+        return None
+
+
+async def _stream_request_ids(redis_url: str, user: str) -> set[str]:
+    from citadel.metering.ledger import decode_event
+    from citadel.stores.endpoint import connect_redis
+
+    redis = connect_redis(redis_url, timeout=5.0)
+    try:
+        entries = await redis.execute("XRANGE", "citadel:{usage}:events", "-", "+")
+    finally:
+        await redis.aclose()
+    ids = set()
+    for _entry_id, fields in entries:
+        event = decode_event(bytes(fields[1]))
+        if event.user == user:
+            ids.add(event.request_id)
+    return ids
+
+
+@pytest.mark.parametrize("site", ["server"], indirect=True)
+def test_killing_a_replica_mid_load_loses_no_usage_event(site: Site) -> None:
+    """Replica 2 is SIGKILLed while all three serve: replicas 1 and 3 answer every request; once
+    replica 2 is started again it replays its dead predecessor's journal, and every request any
+    replica answered 200 has its usage event in the stream."""
+    user, secret = new_user_key(site.database, "roomy")
+    victim = next(
+        p
+        for p in site.hosts.processes
+        if "gw-2" in Path(p.citadel_log).name  # type: ignore[attr-defined]
+    )
+    answered: list[tuple[int, str | None]] = []
+    stop = time.monotonic() + 4.0
+
+    def client(offset: int) -> None:
+        i = offset
+        while time.monotonic() < stop:
+            answered.append((i % 3, _answered(site.gateways[i % 3], secret)))
+            i += 1
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(client, k) for k in range(6)]
+        time.sleep(1.5)
+        victim.kill()
+        victim.wait(timeout=10)
+        for future in futures:
+            future.result()
+    survivors = [rid for replica, rid in answered if replica != 1]
+    assert survivors
+    assert None not in survivors, "a surviving replica failed a request"
+    killed = [rid for replica, rid in answered if replica == 1]
+    assert None in killed, "the kill was never seen"
+    argv = [str(a) for a in victim.args][4:]  # after `ip netns exec NAMESPACE`
+    restarted = site.hosts.run("gw-2", argv, env={"CITADEL_ADMIN_KEY": "sk-test-admin"})
+    wait_healthy(site.gateways[1], restarted)
+    served = {rid for _, rid in answered if rid is not None}
+    deadline = time.monotonic() + 20
+    while missing := served - asyncio.run(_stream_request_ids(site.redis_url, user)):
+        assert time.monotonic() < deadline, f"{len(missing)} of {len(served)} events lost"
+        time.sleep(0.5)
 
 
 @pytest.mark.parametrize("site", ["cluster"], indirect=True)

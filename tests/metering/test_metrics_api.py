@@ -28,9 +28,9 @@ from urllib.parse import urlencode
 
 import orjson
 import pytest
+from litestar.testing import AsyncTestClient
 
 from citadel.accounts.sql import build_engine, open_store
-from citadel.http.server import Request
 from citadel.metering.analytics import Analytics
 from citadel.metering.app import MeteringDeps, create_app
 from citadel.metering.events import UsageEvent
@@ -40,6 +40,7 @@ from citadel.metering.writer import WriterStats
 from citadel.settings import load_settings
 from citadel.stores.redis import RedisClient
 
+from conformance import Conformance
 from support import free_port, process_output, scratch_postgres, start_process, stop_process
 
 ADMIN = "sk-test-admin"
@@ -99,6 +100,7 @@ class Reply:
 @dataclass(frozen=True)
 class Service:
     port: int
+    document: Conformance | None = None
 
     def get(self, path: str, key: str | None = ADMIN, **params: object) -> Reply:
         headers = {} if key is None else {"authorization": f"Bearer {key}"}
@@ -107,11 +109,15 @@ class Service:
         try:
             conn.request("GET", path + query, headers=headers)
             response = conn.getresponse()
-            return Reply(
+            reply = Reply(
                 response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
             )
         finally:
             conn.close()
+        if self.document is not None:  # every reply is checked against the served document
+            content_type = reply.headers.get("content-type", "")
+            self.document.check("GET", path, reply.status, reply.body, content_type)
+        return reply
 
 
 # -- the data -----------------------------------------------------------------------------------
@@ -222,7 +228,7 @@ def seeded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seeded]:
     port = free_port()
     proc = start_process(_command(_config(tmp, uri), port), port, env=ENV)
     try:
-        yield Seeded(Service(port), people, events)
+        yield Seeded(Service(port, Conformance.fetch("127.0.0.1", port)), people, events)
     finally:
         assert 0 == stop_process(proc), process_output(proc)
 
@@ -480,6 +486,27 @@ def test_times_may_carry_offsets_and_be_unix_seconds(seeded: Seeded) -> None:
         conn.close()
 
 
+def test_replies_are_the_ones_the_served_document_describes(seeded: Seeded) -> None:
+    """Every route's JSON and CSV 200, 400 and 401 are listed by the service's own OpenAPI
+    document, each JSON body valid against its schema (``Service.get`` checks each reply)."""
+    bad = {"/v1/top": {"limit": "0"}, "/v1/budgets": {"scope": "planet"}}
+    for path in ROUTES:
+        grouped = {"group_by": "team,model", "bucket": "day"} if path == "/v1/usage" else {}
+        assert 200 == seeded.service.get(path, **grouped).status
+        assert 200 == seeded.service.get(path, format="csv").status
+        assert 400 == seeded.service.get(path, **bad.get(path, {"start": "soon"})).status
+        assert 401 == seeded.service.get(path, key=None).status
+    for path in ("/health", "/metrics"):
+        assert 200 == seeded.service.get(path, key=None).status
+    document = seeded.service.document
+    assert document is not None
+    expected = {("GET", path, status) for path in ROUTES for status in ("200", "400", "401")}
+    assert expected | {("GET", "/health", "200")} <= document.checked
+    usage = document.operation("GET", "/v1/usage")
+    assert usage is not None
+    assert {"application/json", "text/csv"} == set(usage[1]["responses"]["200"]["content"])
+
+
 # -- /metrics -----------------------------------------------------------------------------------
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
@@ -591,7 +618,7 @@ def test_the_writer_drains_the_stream_into_postgresql(
     port = free_port()
     proc = start_process(_command(_config(tmp_path, postgres_database, extra), port), port, env=ENV)
     try:
-        service = Service(port)
+        service = Service(port, Conformance.fetch("127.0.0.1", port))
         streamed = make_events(people, 700, seed=5)
         asyncio.run(_xadd(stream, streamed))
         everything = seeded_events + streamed
@@ -649,12 +676,16 @@ def test_an_unreachable_ledger_is_a_503_and_takes_health_down(tmp_path: Path) ->
 
         reply = _until(health)
         assert reply is not None
+        service = Service(port, Conformance.fetch("127.0.0.1", port))
+        reply = service.get("/health", key=None)
         assert 503 == reply.status
         assert "down" == reply.json()["dependencies"]["ledger"]["status"]
         for path in ROUTES:
             answer = service.get(path)
             assert 503 == answer.status, (path, answer.body)
             assert "unavailable" in answer.error["message"]
+        assert service.document is not None
+        assert {("GET", path, "503") for path in ROUTES} <= service.document.checked
         assert 400 == service.get("/v1/usage", group_by="colour").status
         assert 200 == service.get("/metrics", key=None).status  # without business metrics
     finally:
@@ -689,24 +720,25 @@ def test_a_writer_that_stops_is_reported_down(tmp_path: Path) -> None:
         settings = load_settings(_config(tmp_path, uri), {"CITADEL_ENV": "test"})
         deps = MeteringDeps(analytics=Analytics(engine), accounts=accounts, writer=StoppingWriter())
         app = create_app(settings, deps)
-        await app.startup()
         try:
-            await asyncio.sleep(0)  # the writer's task runs, and fails
-            reply = await app(Request("GET", "/health", "", {}, b""))
-            health = orjson.loads(reply.body)
-            assert (200, "degraded", 7) == (reply.status, health["status"], health["ledger_lag"])
-            writer = health["dependencies"]["ledger_writer"]
-            assert ("down", "the ledger writer stopped: RuntimeError: boom") == (
-                writer["status"],
-                writer["detail"],
-            )
-            metrics = parse_metrics(
-                (await app(Request("GET", "/metrics", "", {}, b""))).body.decode()
-            )
-            assert [({}, 7.0)] == metrics["citadel_ledger_lag_events"]
-            assert [({}, 3.0)] == metrics["citadel_ledger_writer_errors_total"]
+            async with AsyncTestClient(app) as client:  # runs the start-up and shut-down hooks
+                await asyncio.sleep(0)  # the writer's task runs, and fails
+                reply = await client.get("/health")
+                health = reply.json()
+                assert (200, "degraded", 7) == (
+                    reply.status_code,
+                    health["status"],
+                    health["ledger_lag"],
+                )
+                writer = health["dependencies"]["ledger_writer"]
+                assert ("down", "the ledger writer stopped: RuntimeError: boom") == (
+                    writer["status"],
+                    writer["detail"],
+                )
+                metrics = parse_metrics((await client.get("/metrics")).text)
+                assert [({}, 7.0)] == metrics["citadel_ledger_lag_events"]
+                assert [({}, 3.0)] == metrics["citadel_ledger_writer_errors_total"]
         finally:
-            await app.shutdown()
             await engine.dispose()
 
     asyncio.run(main())

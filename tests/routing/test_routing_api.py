@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import os
 import sys
 import time
 import uuid
@@ -19,18 +20,24 @@ from typing import Any
 
 import orjson
 import pytest
+from litestar.testing import AsyncTestClient
 
+from citadel.errors import BadRequest
+from citadel.http.client import HttpClient
 from citadel.metrics import Registry
+from citadel.openai.requests import parse_request
+from citadel.routing.app import RoutingDeps, create_app
 from citadel.routing.breaker import BreakerState
 from citadel.routing.router import Router
 from citadel.routing.shared import SharedRoutingState
-from citadel.settings import Settings, load_settings
+from citadel.settings import Deployment, Model, Settings, load_settings
 from citadel.stores.redis import RedisClient
 
+from conformance import Conformance
 from support import free_port, start_process, stop_process
 
 ADMIN = "sk-test-routing-admin"
-REDIS = "redis://127.0.0.1:6379/12"
+REDIS = os.environ.get("CITADEL_TEST_REDIS", "redis://127.0.0.1:6379/12")
 RUN = uuid.uuid4().hex[:8]
 LIVE_A, LIVE_B, DEAD, CODER = (f"{n}-{RUN}" for n in ("gen-a", "gen-b", "gen-dead", "coder-a"))
 GENERAL, CODE_MODEL = f"general-{RUN}", f"coder-{RUN}"
@@ -70,6 +77,7 @@ CODE_PROMPT = "Why does this fail?\n```python\ndef add(a, b):\n    return a - b\
 class Reply:
     status: int
     body: bytes
+    content_type: str = ""
 
     def json(self) -> Any:
         return orjson.loads(self.body)
@@ -79,11 +87,18 @@ class Reply:
 class Service:
     port: int
     settings: Settings
+    document: Conformance | None = None
 
     def call(
-        self, method: str, path: str, body: object = None, *, key: str | None = ADMIN
+        self,
+        method: str,
+        path: str,
+        body: object = None,
+        *,
+        key: str | None = ADMIN,
+        headers: dict[str, str] | None = None,
     ) -> Reply:
-        headers = {"content-type": "application/json"}
+        headers = {"content-type": "application/json", **(headers or {})}
         if key is not None:
             headers["authorization"] = f"Bearer {key}"
         payload = body if isinstance(body, bytes) else b"" if body is None else orjson.dumps(body)
@@ -91,9 +106,12 @@ class Service:
         try:
             conn.request(method, path, payload, headers)
             response = conn.getresponse()
-            return Reply(response.status, response.read())
+            reply = Reply(response.status, response.read(), response.getheader("content-type", ""))
         finally:
             conn.close()
+        if self.document is not None:  # every reply is checked against the served document
+            self.document.check(method, path, reply.status, reply.body, reply.content_type)
+        return reply
 
     def rows(self) -> dict[str, dict[str, Any]]:
         reply = self.call("GET", "/v1/deployments")
@@ -150,7 +168,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     try:
         proc = start_process([*args, "--port", str(port)], port)
         try:
-            svc = Service(port, load_settings(str(path), {}))
+            svc = Service(port, load_settings(str(path), {}), Conformance.fetch("127.0.0.1", port))
 
             def probed() -> bool:
                 rows = svc.rows()
@@ -228,6 +246,16 @@ def test_auto_resolves_code_to_the_code_specialist(service: Service) -> None:
     assert ("chat", GENERAL) == (chat["task"], chat["model"])
     hinted = service.route({"model": "auto", "prompt": "hello", "task": "code"})
     assert ("code", CODE_MODEL) == (hinted["task"], hinted["model"])
+    hello = {"model": "auto", "prompt": "hello"}
+    by_header = service.call("POST", "/v1/route", hello, headers={"x-citadel-task": "code"})
+    assert (200, "code") == (by_header.status, by_header.json()["task"])
+    overridden = service.call(
+        "POST",
+        "/v1/route",
+        {"model": "auto", "prompt": "hello", "task": "chat"},
+        headers={"x-citadel-task": "code"},
+    )
+    assert "chat" == overridden.json()["task"]
 
 
 def test_drain_and_restore_change_the_next_dry_run(service: Service) -> None:
@@ -379,13 +407,40 @@ def test_a_bad_dry_run_body_is_400_naming_the_field(
     assert ("invalid_request_error", param) == (error["type"], error["param"])
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"  ",
+        b"{not json",
+        b"[1, 2]",
+        b'{"model": "m", "messages": ' + b"[" * 70 + b"]" * 70 + b"}",
+        orjson.dumps({"model": GENERAL, "messages": [{"role": "robot", "content": "x"}]}),
+        orjson.dumps({"model": GENERAL, "messages": [{"role": "user"}], "temperature": 5}),
+        orjson.dumps({"model": GENERAL, "messages": [], "stream_options": {}}),
+    ],
+)
+def test_a_dry_run_refuses_a_chat_body_as_the_gateway_does(service: Service, raw: bytes) -> None:
+    """A chat body the gateway refuses gets the very same 400 from the dry run: the same parser
+    reads the same bytes."""
+    with pytest.raises(BadRequest) as refused:
+        parse_request("chat", raw)
+    reply = service.call("POST", "/v1/route", raw)
+    assert (400, orjson.loads(refused.value.body())) == (reply.status, reply.json())
+
+
 def test_an_unknown_model_or_a_drain_with_fields_is_refused(service: Service) -> None:
-    """A dry run for a model nobody serves is a 404; a drain takes no fields (400)."""
+    """A dry run for a model nobody serves is a 404; a drain takes no fields (400 naming the
+    field), and no body, {} or null are all the same empty drain."""
     reply = service.call("POST", "/v1/route", {"model": "no-such-model"})
     assert (404, "model_not_found") == (reply.status, reply.json()["error"]["code"])
     reply = service.call("POST", f"/v1/deployments/{LIVE_A}/drain", {"really": True})
-    assert 400 == reply.status
+    assert (400, "really") == (reply.status, reply.json()["error"]["param"])
+    reply = service.call("POST", f"/v1/deployments/{LIVE_A}/restore", b"{nope")
+    assert (400, "invalid_json") == (reply.status, reply.json()["error"]["code"])
     assert not service.rows()[LIVE_A]["drained"]
+    for body in (None, {}, b"null"):
+        assert 200 == service.call("POST", f"/v1/deployments/{LIVE_A}/restore", body).status
 
 
 def test_health_reports_deployments_and_shared_state(service: Service) -> None:
@@ -410,3 +465,65 @@ def test_openapi_documents_every_route(service: Service) -> None:
     docs = service.call("GET", "/docs", key=None).body.decode()
     assert "swagger-ui" in docs
     assert "/openapi.json" in docs
+
+
+def test_a_drain_with_redis_unreachable_is_a_503_that_changes_nothing(tmp_path: Path) -> None:
+    """With the shared state's Redis unreachable, a drain is a 503 and the deployment stays in
+    rotation; the listing says the shared state is unavailable and `replicas` is null; /health
+    reports it down but not critical. Every reply fits the served document."""
+    path = tmp_path / "citadel.yaml"
+    path.write_text(
+        f'gateway: {{admin_key: "{ADMIN}"}}\n'
+        f'endpoints: {{redis: "redis://127.0.0.1:{free_port()}/0"}}\n'
+        "models:\n"
+        f"  - {{name: solo, deployments: [{{name: solo-a, url: 'http://127.0.0.1:{free_port()}', "
+        "model: m}]}\n",
+        encoding="utf-8",
+    )
+    port = free_port()
+    args = [sys.executable, "-m", "citadel", "--config", str(path), "serve", "routing-api"]
+    proc = start_process([*args, "--port", str(port)], port)
+    try:
+        svc = Service(port, load_settings(str(path), {}), Conformance.fetch("127.0.0.1", port))
+        reply = svc.call("POST", "/v1/deployments/solo-a/drain")
+        assert (503, "service_unavailable") == (reply.status, reply.json()["error"]["type"])
+        assert "nothing was changed" in reply.json()["error"]["message"]
+        body = svc.call("GET", "/v1/deployments").json()
+        assert ("unavailable", None) == (body["shared_state"]["status"], body["replicas"])
+        assert not body["data"][0]["drained"]
+        health = svc.call("GET", "/health", key=None)
+        shared = health.json()["dependencies"]["shared_state"]
+        assert (200, "down") == (health.status, shared["status"])
+    finally:
+        assert 0 == stop_process(proc)
+
+
+def test_without_redis_the_listing_has_no_replicas_and_drains_are_local() -> None:
+    """Without Redis (in-process): `shared_state` is disabled, `replicas` absent, and a drain
+    is this service's alone (`shared: false`); the replies fit the document."""
+    settings = load_settings(None, {"CITADEL_ADMIN_KEY": ADMIN, "CITADEL_ENV": "test"})
+    closed = f"http://127.0.0.1:{free_port()}"
+    deployment = Deployment(name="solo-a", url=closed, upstream_model="m")
+    settings = settings.with_models((Model(name="solo", deployments=(deployment,)),))
+    headers = {"authorization": f"Bearer {ADMIN}"}
+
+    async def run() -> tuple[Any, ...]:
+        app = create_app(settings, RoutingDeps(client=HttpClient()))
+        async with AsyncTestClient(app) as client:
+            document = Conformance((await client.get("/openapi.json")).json())
+            listing = await client.get("/v1/deployments", headers=headers)
+            drained = await client.post("/v1/deployments/solo-a/drain", headers=headers)
+            restored = await client.post("/v1/deployments/solo-a/restore", headers=headers)
+        for method, path, reply in (
+            ("GET", "/v1/deployments", listing),
+            ("POST", "/v1/deployments/solo-a/drain", drained),
+            ("POST", "/v1/deployments/solo-a/restore", restored),
+        ):
+            document.check(method, path, reply.status_code, reply.content, "application/json")
+        return listing.json(), drained.json(), restored.json()
+
+    listing, drained, restored = asyncio.run(run())
+    assert "disabled" == listing["shared_state"]["status"]
+    assert "replicas" not in listing
+    assert (True, False) == (drained["deployment"]["drained"], drained["shared"])
+    assert not restored["deployment"]["drained"]

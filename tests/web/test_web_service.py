@@ -11,14 +11,14 @@ import msgspec
 import orjson
 import pytest
 from litestar import Controller, Litestar, get, post
-from litestar.params import FromQuery, JSONBody
+from litestar.params import FromQuery, JSONBody, RawBody
 from litestar.testing import AsyncTestClient
 
 from citadel.errors import StoreUnavailable, Unavailable
 from citadel.health import DependencyHealth
 from citadel.metrics import Registry
 from citadel.settings import Settings, load_settings
-from citadel.web import Injected, Struct, create_service, errors, provide
+from citadel.web import Injected, Struct, create_service, documented_body, errors, provide
 
 from conformance import Conformance
 
@@ -146,6 +146,55 @@ async def test_metrics_count_requests_by_route_template(
     assert 'route="/v1/things",status="200"' in text
     assert 'route="unmatched",status="404"' in text
     assert "/no/such/path" not in text
+
+
+async def test_a_body_read_raw_is_documented_and_not_validated() -> None:
+    """``documented_body`` puts a Struct's schema (nested Structs inlined) in the document of a
+    handler that reads its own bytes; the framework checks nothing of it."""
+
+    @post("/v1/raw", status_code=200, operation_class=documented_body(NewThing))
+    async def raw(body: RawBody) -> int:
+        return len(body)
+
+    service = create_service(
+        "raw-api", title="Raw", settings=settings(), registry=Registry(), admin=[raw]
+    )
+    async with AsyncTestClient(service) as client:
+        document = (await client.get("/openapi.json")).json()
+        reply = await client.post("/v1/raw", content=b"not even JSON", headers=ADMIN)
+    operation = document["paths"]["/v1/raw"]["post"]
+    schema = operation["requestBody"]["content"]["application/json"]["schema"]
+    assert ["name"] == schema["required"]
+    limits = schema["properties"]["limits"]["anyOf"][0]
+    assert ["tokens"] == limits["required"]
+    assert "$ref" not in orjson.dumps(schema).decode()
+    assert {"400", "413"} <= set(operation["responses"])
+    assert (200, 13) == (reply.status_code, reply.json())
+
+
+async def test_metrics_need_the_metrics_token_when_one_is_set() -> None:
+    """With metrics.token set, /metrics is a 401 (the OpenAI body, a bearer challenge) without
+    it or with another key, the admin key included, and 200 with it."""
+    scraped = load_settings(
+        None,
+        {
+            "CITADEL_ADMIN_KEY": "sk-web-admin",
+            "CITADEL_ENV": "test",
+            "CITADEL_METRICS_TOKEN": "scrape-me",
+        },
+    )
+    service = create_service("things-api", title="Things", settings=scraped, registry=Registry())
+    async with AsyncTestClient(service) as client:
+        spec = await document(client)
+        for headers in ({}, ADMIN, {"authorization": "Bearer nope"}):
+            reply = await client.get("/metrics", headers=headers)
+            assert 401 == reply.status_code
+            assert "metrics_token_required" == reply.json()["error"]["code"]
+            assert 'Bearer realm="metrics"' == reply.headers["www-authenticate"]
+            spec.check("GET", "/metrics", 401, reply.content, reply.headers["content-type"])
+        reply = await client.get("/metrics", headers={"authorization": "Bearer scrape-me"})
+        assert 200 == reply.status_code
+        assert "citadel_service_info" in reply.text
 
 
 @pytest.mark.parametrize(

@@ -8,13 +8,16 @@ check to each rule's first evaluation). Then the scheduler evaluates the rules e
 Routes (``/v1/*`` take the admin key as ``Authorization: Bearer <key>``):
 
     GET  /health           status, dependencies, and each rule's models: trained at, points seen,
-                           backtest error, last failure
+                           backtest error, last failure (no key)
     GET  /metrics          evaluations, their duration, model accuracy, alerts sent and dropped
     GET  /v1/rules         the definitions
     GET  /v1/forecasts     the latest evaluation of each forecast rule
     GET  /v1/anomalies     the latest evaluation of each anomaly rule
     GET  /v1/alerts        alerts firing now, and the delivery queue
     POST /v1/evaluate      evaluate every rule now; answers the evaluations
+    GET  /openapi.json, /docs   the document and Swagger UI (``citadel.web``)
+
+Handlers: ``api.py``; replies: ``bodies.py``.
 """
 
 from __future__ import annotations
@@ -25,19 +28,20 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
+from litestar import Litestar
 
 from citadel.alerting.alertmanager import AlertBook, AlertmanagerClient, AlertmanagerError
 from citadel.alerting.anomaly import default_detector
+from citadel.alerting.api import CONTROLLERS, Alerting
+from citadel.alerting.defaults import default_rules
 from citadel.alerting.definitions import AlertingSettings, Rule, parse_alerting
 from citadel.alerting.engine import (
     Detector,
-    Evaluation,
     Evaluator,
     LedgerSource,
     PrometheusSource,
@@ -47,20 +51,18 @@ from citadel.alerting.engine import (
     SpendReader,
 )
 from citadel.alerting.prometheus import InvalidQuery, PrometheusClient, PrometheusError
-from citadel.alerting.selector import ModelState
 from citadel.errors import ConfigError
 from citadel.feed import Feed
 from citadel.feed.open import shared_feed
 from citadel.feed.publisher import Publisher
-from citadel.gateway.auth import AdminKeyAuthenticator
+from citadel.health import DependencyHealth, HealthCheck
 from citadel.http.client import HttpClient
-from citadel.http.server import Request, Response
 from citadel.metrics import Registry
-from citadel.openapi import ApiRoutes, Operation, PathHandler
-from citadel.service import App, DependencyHealth, service_app
+from citadel.observability.names import default_slos
 from citadel.settings import Settings
+from citadel.web import create_service, provide
 
-__all__ = ["AlertingDeps", "create_app", "default_deps", "validate_rules"]
+__all__ = ["AlertingDeps", "alerting_settings", "create_app", "default_deps", "validate_rules"]
 
 _log = logging.getLogger("citadel.alerting")
 _SHUTDOWN_FLUSH_SECONDS = 2.0
@@ -125,7 +127,7 @@ def default_deps(settings: Settings) -> AlertingDeps:
     )
     spend: SpendReader | None = None
     close: list[Callable[[], Awaitable[None]]] = [http.aclose]
-    rules = parse_alerting(settings.alerting).rules
+    rules = alerting_settings(settings).rules
     if any(rule.ledger is not None for rule in rules):
         from citadel.accounts.sql import build_engine
         from citadel.metering.analytics import Analytics
@@ -145,6 +147,12 @@ def default_deps(settings: Settings) -> AlertingDeps:
     )
 
 
+def alerting_settings(settings: Settings) -> AlertingSettings:
+    """The ``alerting:`` section with the default rules for the configured models' SLOs."""
+    models = [model.name for model in settings.models]
+    return parse_alerting(settings.alerting, default_rules(default_slos(models)))
+
+
 async def validate_rules(rules: tuple[Rule, ...], client: PrometheusClient) -> None:
     """Ask Prometheus to parse every rule's PromQL; ConfigError names the first it refuses.
     PrometheusError if Prometheus cannot answer."""
@@ -161,68 +169,51 @@ async def validate_rules(rules: tuple[Rule, ...], client: PrometheusClient) -> N
             ) from exc
 
 
-def create_app(settings: Settings, deps: AlertingDeps) -> App:
-    """The predictive-alerting service: its JSON API, /docs, /openapi.json, /health, /metrics."""
-    alerting = parse_alerting(settings.alerting)
-    app = service_app("predictive-alerting", settings, deps.registry)
-    api = ApiRoutes(
-        app,
-        title="Citadel predictive alerting",
-        description="Forecasts and anomaly scores of the alert rules in citadel.yaml, and the "
-        "alerts sent to Alertmanager. Authenticate with the admin key.",
-    )
+def create_app(settings: Settings, deps: AlertingDeps) -> Litestar:
+    """The predictive-alerting service: its JSON API, /docs, /openapi.json, /health, /metrics.
+    The evaluation loop and the Alertmanager queue run from the app's start to its stop."""
+    alerting = alerting_settings(settings)
     port = settings.ports.predictive_alerting
     service = _Service(settings, alerting, deps, f"http://{settings.hostname}:{port}/v1/alerts")
-    auth = AdminKeyAuthenticator(settings.gateway.admin_key)
-    for operation, handler in service.routes():
-        api.add(operation, auth.guard(handler))
-    api.describe(
-        Operation(
-            method="GET",
-            path="/health",
-            summary="Service health, dependencies and each rule's forecasting models",
-            response={"type": "object"},
-            tags=("operations",),
-            secured=False,
-        )
-    )
-    api.describe(
-        Operation(
-            method="GET",
-            path="/metrics",
-            summary="Metrics",
-            tags=("operations",),
-            secured=False,
-            content_type="text/plain",
-        )
-    )
-    app.route("GET", "/health", service.health(app))
+    health: dict[str, HealthCheck] = {}
     if deps.prometheus is not None:
-        app.health_check("prometheus", service.prometheus_health)
+        health["prometheus"] = service.prometheus_health
     if deps.alertmanager is not None:
-        app.health_check("alertmanager", service.alertmanager_health)
-    app.on_startup(service.start)
-    app.on_shutdown(service.stop)
-    return app
-
-
-def _json(body: object, status: int = 200) -> Response:
-    return Response(status, orjson.dumps(body))
+        health["alertmanager"] = service.alertmanager_health
+    return create_service(
+        "predictive-alerting",
+        title="Citadel predictive alerting",
+        description="Forecasts and anomaly scores of the alert rules in citadel.yaml, and the "
+        "alerts sent to Alertmanager. Authenticate with the admin key. `/health` adds "
+        "`last_evaluation` and `rules`: each rule's last outcome and its forecasting models "
+        "(trained at, points seen, backtest error, last failure).",
+        settings=settings,
+        registry=deps.registry,
+        admin=CONTROLLERS,
+        dependencies={"alerting": provide(service.state)},
+        health=health,
+        health_extra=service.state.health_extra,
+        on_startup=(service.start,),
+        on_shutdown=(*deps.close, service.stop),  # run last first: stop, then close
+    )
 
 
 class _Service:
-    """The scheduler, the notifier and the handlers over one set of dependencies."""
+    """The scheduler and the notifier over one set of dependencies, started and stopped with
+    the app."""
 
     def __init__(
         self, settings: Settings, alerting: AlertingSettings, deps: AlertingDeps, generator: str
     ) -> None:
         self.alerting = alerting
         self.deps = deps
-        self.evaluator = Evaluator(
-            detector_factory=deps.detector_factory, timezone=settings.limits.timezone
+        evaluator = Evaluator(
+            detector_factory=deps.detector_factory,
+            timezone=settings.limits.timezone,
+            reselect_seconds=alerting.reselect_seconds,
         )
         valid = max(4 * max(alerting.interval_seconds, alerting.resend_seconds), 300.0)
-        self.book = AlertBook(resend_seconds=alerting.resend_seconds, valid_seconds=valid)
+        book = AlertBook(resend_seconds=alerting.resend_seconds, valid_seconds=valid)
         sources: dict[str, Source] = {"ledger": LedgerSource(deps.spend)}
         if deps.prometheus is not None:
             sources["prometheus"] = _ValidatingSource(deps.prometheus)
@@ -233,20 +224,25 @@ class _Service:
             if deps.feed is not None
             else None
         )
-        self.scheduler = Scheduler(
+        scheduler = Scheduler(
             settings=alerting,
-            evaluator=self.evaluator,
+            evaluator=evaluator,
             sources=sources,
-            book=self.book,
+            book=book,
             notifier=deps.alertmanager,
             registry=deps.registry,
             clock=deps.clock,
             generator_url=alerting.generator_url or generator,
             events=self.publisher.sink("alerts") if self.publisher is not None else None,
         )
+        self.state = Alerting(
+            settings=alerting,
+            scheduler=scheduler,
+            evaluator=evaluator,
+            book=book,
+            notifier=deps.alertmanager,
+        )
         self._tasks: list[asyncio.Task[None]] = []
-
-    # -- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
         if self.publisher is not None:
@@ -260,7 +256,7 @@ class _Service:
         if self.deps.alertmanager is not None:
             self._tasks.append(asyncio.create_task(self.deps.alertmanager.run()))
         if self.deps.run_scheduler:
-            self._tasks.append(asyncio.create_task(self.scheduler.run()))
+            self._tasks.append(asyncio.create_task(self.state.scheduler.run()))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -268,6 +264,7 @@ class _Service:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        self._tasks.clear()
         notifier = self.deps.alertmanager
         if notifier is not None and notifier.queued:
             with contextlib.suppress(TimeoutError):
@@ -277,10 +274,6 @@ class _Service:
             await self.publisher.aclose()
         if self.deps.feed is not None:
             await self.deps.feed.aclose()
-        for close in self.deps.close:
-            await close()
-
-    # -- health ---------------------------------------------------------------------------------
 
     async def prometheus_health(self) -> DependencyHealth:
         assert self.deps.prometheus is not None
@@ -300,97 +293,6 @@ class _Service:
         if notifier.queued and notifier.last_error:
             return DependencyHealth("degraded", f"{notifier.queued} alerts queued")
         return DependencyHealth("ok", f"{notifier.queued} alerts queued")
-
-    def health(self, app: App) -> Callable[[Request], Awaitable[Response]]:
-        async def handler(request: Request) -> Response:
-            status, dependencies = await app.check_health()
-            body = {
-                "status": status,
-                "service": app.name,
-                "version": app.version,
-                "dependencies": dependencies,
-                "last_evaluation": _iso(self.scheduler.last_run),
-                "rules": self._rules_state(),
-            }
-            return _json(body, 503 if status == "down" else 200)
-
-        return handler
-
-    def _rules_state(self) -> list[dict[str, Any]]:
-        models = self.evaluator.models()
-        out: list[dict[str, Any]] = []
-        for rule in self.alerting.rules:
-            latest = self.scheduler.latest.get(rule.name)
-            out.append(
-                {
-                    "rule": rule.name,
-                    "kind": rule.kind,
-                    "outcome": latest.outcome if latest else "pending",
-                    "error": latest.error if latest else None,
-                    "models": {
-                        series: [_model_json(state) for state in states]
-                        for series, states in models.get(rule.name, {}).items()
-                    },
-                }
-            )
-        return out
-
-    # -- routes ---------------------------------------------------------------------------------
-
-    def routes(self) -> list[tuple[Operation, PathHandler]]:
-        listing: dict[str, Any] = {"type": "object", "properties": {"data": {"type": "array"}}}
-
-        def op(method: str, path: str, summary: str) -> Operation:
-            return Operation(
-                method=method, path=path, summary=summary, response=listing, tags=("alerting",)
-            )
-
-        return [
-            (op("GET", "/v1/rules", "The alert definitions"), self.rules),
-            (
-                op("GET", "/v1/forecasts", "The latest forecast of each forecast rule"),
-                self.forecasts,
-            ),
-            (op("GET", "/v1/anomalies", "The latest score of each anomaly rule"), self.anomalies),
-            (op("GET", "/v1/alerts", "Alerts firing now and the delivery queue"), self.alerts),
-            (op("POST", "/v1/evaluate", "Evaluate every rule now"), self.evaluate),
-        ]
-
-    async def rules(self, request: Request, params: Mapping[str, str]) -> Response:
-        return _json({"object": "list", "data": [_rule_json(r) for r in self.alerting.rules]})
-
-    def _latest(self, kind: str) -> list[dict[str, object]]:
-        found = [self.scheduler.latest.get(r.name) for r in self.alerting.rules if r.kind == kind]
-        return [evaluation.to_json() for evaluation in found if evaluation is not None]
-
-    async def forecasts(self, request: Request, params: Mapping[str, str]) -> Response:
-        return _json({"object": "list", "data": self._latest("forecast")})
-
-    async def anomalies(self, request: Request, params: Mapping[str, str]) -> Response:
-        return _json({"object": "list", "data": self._latest("anomaly")})
-
-    async def alerts(self, request: Request, params: Mapping[str, str]) -> Response:
-        notifier = self.deps.alertmanager
-        delivery: dict[str, object] | None = None
-        if notifier is not None:
-            delivery = {
-                "alertmanager": notifier.url,
-                "queued": notifier.queued,
-                "dropped": notifier.dropped,
-                "failures": notifier.failures,
-                "retry_in_seconds": notifier.backoff,
-                "last_error": notifier.last_error,
-                "last_success": _iso(notifier.last_success),
-            }
-        alerts = [
-            {**alert.to_json(), "status": "firing"}
-            for alert in sorted(self.book.firing(), key=lambda a: a.fingerprint)
-        ]
-        return _json({"object": "list", "data": alerts, "delivery": delivery})
-
-    async def evaluate(self, request: Request, params: Mapping[str, str]) -> Response:
-        evaluations: list[Evaluation] = await self.scheduler.evaluate_all()
-        return _json({"object": "list", "data": [e.to_json() for e in evaluations]})
 
 
 class _ValidatingSource:
@@ -415,43 +317,3 @@ class _Missing:
 
     async def fetch(self, rule: Rule, *, now: float) -> list[Any]:
         raise SourceUnavailable(f"rule {rule.name!r} cannot be evaluated: {self._reason}")
-
-
-def _iso(when: float | None) -> str | None:
-    if when is None:
-        return None
-    return datetime.fromtimestamp(when, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def _model_json(state: ModelState) -> dict[str, object]:
-    return {
-        "model": state.name,
-        "available": state.available,
-        "selected": state.selected,
-        "trained_at": _iso(state.trained_at),
-        "points_seen": state.points_seen,
-        "backtest_error": state.backtest_error,
-        "last_failure": state.last_failure,
-    }
-
-
-def _rule_json(rule: Rule) -> dict[str, object]:
-    return {
-        "name": rule.name,
-        "kind": rule.kind,
-        "query": rule.query,
-        "ledger": None
-        if rule.ledger is None
-        else {"metric": rule.ledger.metric, "team": rule.ledger.team},
-        "threshold": rule.threshold,
-        "direction": rule.direction,
-        "horizon_seconds": rule.horizon_seconds,
-        "lookback_seconds": rule.lookback_seconds,
-        "step_seconds": rule.step_seconds,
-        "min_points": rule.min_points,
-        "model": rule.model,
-        "score_threshold": rule.score_threshold,
-        "severity": rule.severity,
-        "labels": dict(rule.labels),
-        "summary": rule.summary,
-    }

@@ -1,8 +1,10 @@
 """Alert definitions: the ``alerting:`` section of citadel.yaml, validated into frozen objects.
 
     alerting:
+      defaults: true                # the default rules (or false, or a list of their names)
       interval_seconds: 30          # how often every rule is evaluated
       resend_seconds: 60            # a firing alert is re-sent to Alertmanager this often
+      reselect_seconds: 3600        # auto rules re-backtest every candidate this often (0: always)
       generator_url: https://...    # optional; default: this service's /v1/alerts
       rules:
         - name: GatewayLatencyRising
@@ -28,6 +30,10 @@
           query: sum(rate(citadel_gateway_requests_total[1m]))
           score_threshold: 0.95      # anomaly score in [0, 1] at which it fires
 
+Unless ``defaults: false``, the service's default rules (``defaults.py``: anomalies and latency
+forecasts on the gateway's own metrics) come first; ``defaults: [ModelTtftForecast]`` keeps only
+the named ones, and a rule below with a default's name replaces it.
+
 Each rule watches either a PromQL ``query`` or a ``ledger`` query, never both. Every bad value
 raises ``ConfigError`` naming its key (``alerting.rules[2].horizon_seconds``), and unknown keys
 are errors too, as everywhere in citadel.yaml. PromQL is checked here only for being non-empty;
@@ -38,7 +44,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
@@ -102,6 +108,7 @@ class Rule:
     severity: Severity = "warning"
     labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     summary: str = ""
+    default: bool = False  # one of the service's default rules (``defaults.py``)
 
     @property
     def source(self) -> str:
@@ -115,6 +122,9 @@ class Rule:
 class AlertingSettings:
     interval_seconds: float = 30.0
     resend_seconds: float = 60.0
+    # auto-model rules keep their backtested choice this long (refitting only it each round),
+    # unless it drifts; 0: backtest every candidate at every evaluation
+    reselect_seconds: float = 3600.0
     generator_url: str | None = None
     rules: tuple[Rule, ...] = ()
 
@@ -237,9 +247,19 @@ _RULE: dict[str, Parser] = {
     "labels": _labels,
     "summary": _any_text,
 }
+
+
+def _non_negative(value: object, key: str) -> float:
+    number = _number(value, key)
+    if number < 0:
+        raise ConfigError(key, value, "a number >= 0")
+    return number
+
+
 _TOP: dict[str, Parser] = {
     "interval_seconds": _positive,
     "resend_seconds": _positive,
+    "reselect_seconds": _non_negative,
     "generator_url": _text,
 }
 
@@ -280,9 +300,27 @@ def _rule(value: object, key: str) -> Rule:
     return Rule(**fields)
 
 
-def parse_alerting(raw: Mapping[str, Any]) -> AlertingSettings:
-    """The ``alerting:`` section as typed settings; ConfigError names the first bad key."""
-    doc = _mapping(raw, "alerting", (*_TOP, "rules"))
+def _defaults(value: object, defaults: Sequence[Rule]) -> list[Rule]:
+    """The default rules ``alerting.defaults`` keeps: all (true, the default), none (false), or
+    those named in a list (``ModelTtftForecast`` keeps its per-model rules too)."""
+    if value is None or value is True:
+        return list(defaults)
+    if value is False:
+        return []
+    if not isinstance(value, list):
+        raise ConfigError("alerting.defaults", value, "true, false or a list of default rule names")
+    names = {rule.name.partition(":")[0] for rule in defaults}
+    for i, name in enumerate(value):
+        if name not in names:
+            known = ", ".join(sorted(names)) or "none"
+            raise ConfigError(f"alerting.defaults[{i}]", name, f"one of the defaults: {known}")
+    return [rule for rule in defaults if rule.name.partition(":")[0] in value]
+
+
+def parse_alerting(raw: Mapping[str, Any], defaults: Sequence[Rule] = ()) -> AlertingSettings:
+    """The ``alerting:`` section as typed settings, after the ``defaults`` it keeps (a rule of
+    ``alerting.rules`` with a default's name replaces it); ConfigError names the first bad key."""
+    doc = _mapping(raw, "alerting", (*_TOP, "rules", "defaults"))
     fields: dict[str, Any] = {
         name: parse(item, f"alerting.{name}")
         for name, parse in _TOP.items()
@@ -301,7 +339,9 @@ def parse_alerting(raw: Mapping[str, Any]) -> AlertingSettings:
                 f"alerting.rules[{i}].name", rule.name, "a rule name not already in use"
             )
         rules.append(rule)
-    settings = AlertingSettings(**fields, rules=tuple(rules))
+    given = {rule.name for rule in rules}
+    kept = [d for d in _defaults(doc.get("defaults"), defaults) if d.name not in given]
+    settings = AlertingSettings(**fields, rules=(*kept, *rules))
     if settings.resend_seconds < settings.interval_seconds:
         raise ConfigError(
             "alerting.resend_seconds",

@@ -63,6 +63,7 @@ __all__ = [
     "Evaluator",
     "Finding",
     "LedgerSource",
+    "Outcome",
     "PrometheusSource",
     "Scheduler",
     "Source",
@@ -98,26 +99,6 @@ class Finding:
     forecast_upper: float | None = None
     score: float | None = None  # anomaly rules
 
-    def to_json(self) -> dict[str, object]:
-        return {
-            "series": dict(self.series),
-            "outcome": self.outcome,
-            "detail": self.detail,
-            "points": self.points,
-            "value": self.value,
-            "model": self.model,
-            "crossing_at": _iso(self.crossing_at),
-            "forecast": None
-            if self.forecast_at is None
-            else {
-                "at": _iso(self.forecast_at),
-                "mean": self.forecast_mean,
-                "lower": self.forecast_lower,
-                "upper": self.forecast_upper,
-            },
-            "score": self.score,
-        }
-
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Evaluation:
@@ -140,22 +121,6 @@ class Evaluation:
                 return outcome
         return "insufficient_history"  # no series at all: nothing to judge yet
 
-    def to_json(self) -> dict[str, object]:
-        rule = self.rule
-        return {
-            "rule": rule.name,
-            "kind": rule.kind,
-            "source": rule.source,
-            "threshold": rule.threshold,
-            "direction": rule.direction,
-            "severity": rule.severity,
-            "at": _iso(self.at),
-            "outcome": self.outcome,
-            "error": self.error,
-            "duration_seconds": self.duration,
-            "findings": [f.to_json() for f in self.findings],
-        }
-
 
 def _iso(when: float | None) -> str | None:
     if when is None:
@@ -175,9 +140,9 @@ def _fmt(value: float) -> str:
     return f"{value:.6g}"
 
 
-def selector_for(rule: Rule, horizon_steps: int) -> Selector:
+def selector_for(rule: Rule, horizon_steps: int, reselect_seconds: float = 0.0) -> Selector:
     """The forecaster of ``rule.model``: every candidate ("auto") or one, behind a Selector so
-    that its state reads the same either way."""
+    that its state reads the same either way. "auto" keeps its choice ``reselect_seconds``."""
     horizon = max(1, min(horizon_steps, _BACKTEST_STEPS))
     one: dict[str, Callable[[], Forecaster]] = {
         "linear": LinearForecaster,
@@ -185,7 +150,9 @@ def selector_for(rule: Rule, horizon_steps: int) -> Selector:
         "ets": EtsForecaster,
     }
     if rule.model == "auto":
-        return Selector(default_candidates(), horizon=horizon)
+        return Selector(
+            default_candidates(), horizon=horizon, reselect_seconds=reselect_seconds or None
+        )
     if rule.model == "lstm":
         return Selector(default_candidates(lstm=True)[2:3], horizon=horizon)
     return Selector([one[rule.model]], horizon=horizon)
@@ -198,9 +165,11 @@ class Evaluator:
         self,
         *,
         detector_factory: Callable[[], Detector] | None = None,
-        selector_factory: Callable[[Rule, int], Selector] = selector_for,
+        selector_factory: Callable[[Rule, int, float], Selector] = selector_for,
         timezone: str = "UTC",
+        reselect_seconds: float = 0.0,
     ) -> None:
+        self._reselect = reselect_seconds
         self._detector_factory = detector_factory
         self._selector_factory = selector_factory
         self._timezone = timezone
@@ -250,7 +219,7 @@ class Evaluator:
         key = (rule.name, series.key)
         selector = self._selectors.get(key)
         if selector is None:
-            selector = self._selectors[key] = self._selector_factory(rule, steps)
+            selector = self._selectors[key] = self._selector_factory(rule, steps, self._reselect)
         try:
             selector.fit(series.times, series.values, now=now)
             forecast = selector.forecast(steps)
@@ -498,6 +467,10 @@ class Scheduler:
     generator_url: str = ""
     latest: dict[str, Evaluation] = field(default_factory=dict)
     last_run: float | None = None
+    rounds: int = 0  # evaluation rounds of ``run`` completed
+    rounds_skipped: int = 0  # interval ticks passed over because a round outlasted them
+    last_round_seconds: float | None = None
+    in_round: bool = False
     # Each alert that starts firing or resolves, as a JSON object (the event feed's ``alerts``
     # topic); re-sends of an alert still firing are not events.
     events: Callable[[dict[str, Any]], None] | None = None
@@ -555,9 +528,29 @@ class Scheduler:
         return [await self.evaluate(rule, now=now) for rule in self.settings.rules]
 
     async def run(self) -> None:
-        """Evaluate every rule each interval until cancelled."""
+        """Evaluate every rule each interval until cancelled. A round that outlasts the interval
+        skips the ticks it overran (counted in ``rounds_skipped``) and the next round starts at
+        the next tick, so slow rounds never pile up nor run back to back."""
         interval = self.settings.interval_seconds
         while True:
             started = time.monotonic()
-            await self.evaluate_all()
-            await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+            self.in_round = True
+            try:
+                await self.evaluate_all()
+            finally:
+                self.in_round = False
+            elapsed = time.monotonic() - started
+            self.rounds += 1
+            self.last_round_seconds = elapsed
+            self.rounds_skipped += int(elapsed // interval)
+            await asyncio.sleep(interval - elapsed % interval)
+
+    def round_state(self) -> dict[str, object]:
+        """For /health: rounds completed and skipped, the last one's duration, and whether the
+        first round is still running (it fits every model, so it may take longest)."""
+        return {
+            "completed": self.rounds,
+            "skipped": self.rounds_skipped,
+            "last_seconds": self.last_round_seconds,
+            "first_in_progress": self.in_round and self.rounds == 0,
+        }

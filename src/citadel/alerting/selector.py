@@ -81,6 +81,12 @@ class Selector:
     Candidates are factories (a class works) so every fit starts from a fresh model. The order
     given is the fallback order when the history is too short to backtest. A candidate whose
     backtest fails is not used for this series until the next ``fit``.
+
+    With ``reselect_seconds`` the ranking is kept between fits: a ``fit`` within that many
+    seconds of the last backtest only refits the chosen model on the new history (one fit instead
+    of a backtest of every candidate), unless the chosen model has *drifted*: its last forecast
+    missed the samples that arrived since by more than ``drift`` times its backtest error. Without
+    it (the default), every ``fit`` backtests every candidate.
     """
 
     name = "auto"
@@ -92,6 +98,8 @@ class Selector:
         horizon: int = 12,
         origins: int = 3,
         period: float = DAY,
+        reselect_seconds: float | None = None,
+        drift: float = 2.0,
     ) -> None:
         self.factories = list(candidates) if candidates is not None else default_candidates()
         self.horizon = horizon
@@ -104,6 +112,13 @@ class Selector:
         self._model: Forecaster | None = None
         self._history: tuple[Array, Array] = (np.empty(0), np.empty(0))
         self._now: float | None = None
+        self.reselect_seconds = reselect_seconds
+        self.drift = drift
+        self.backtests = 0  # how many times fit() ranked every candidate
+        self._ranked_at: float | None = None
+        self._chosen_error: float | None = None  # the chosen model's backtest MAE per window
+        self._last: Forecast | None = None  # the last forecast, to measure drift against
+        self._fitted_end = -math.inf  # the last timestamp of the last fit's history
 
     @property
     def chosen(self) -> str | None:
@@ -115,12 +130,20 @@ class Selector:
         return tuple(self._states[name] for name in self.names)
 
     def fit(self, times: Numbers, values: Numbers, *, now: float | None = None) -> None:
-        """Backtest, rank and fit; ``now`` stamps ``trained_at`` (default: the last timestamp)."""
+        """Backtest, rank and fit (or, with ``reselect_seconds``, refit the kept choice); ``now``
+        stamps ``trained_at`` (default: the last timestamp)."""
         t, y = as_series(times, values, model=self.name)
         require(t.size, 1, model=self.name)
         self._now = float(t[-1]) if now is None else now
         self._history = (t, y)
+        keep = self._keep(t, y)
+        self._fitted_end = float(t[-1])
+        if keep and self._fit_from(self._pos):
+            return
         self._model = None
+        self._last = None
+        self.backtests += 1
+        self._ranked_at = self._now
         m = season_length(series_step(t), period=self.period)
         origins = [t.size - k * self.horizon for k in range(self.origins, 0, -1)]
         origins = [o for o in origins if o >= LinearForecaster.min_points + 1]
@@ -141,18 +164,41 @@ class Selector:
             self._states[name] = _blank(name, error=mase)
             scored.append((math.inf if mae is None else mae, index))
         # Ties (and no backtest at all) keep the given order: sorting is stable.
-        self._order = [index for _, index in sorted(scored, key=lambda pair: pair[0])]
+        ranked = sorted(scored, key=lambda pair: pair[0])
+        self._order = [index for _, index in ranked]
+        best = ranked[0][0] if ranked else math.inf
+        self._chosen_error = best / len(origins) if origins and math.isfinite(best) else None
         if not self._fit_from(0):
             failures = "; ".join(
                 f"{s.name}: {s.last_failure}" for s in self.states() if s.last_failure
             )
             raise ForecastError(f"{self.name}: no candidate could fit {t.size} points ({failures})")
 
+    def _keep(self, t: Array, y: Array) -> bool:
+        """Whether the ranking of the last backtest still stands for this history."""
+        if self.reselect_seconds is None or self._ranked_at is None or not self._order:
+            return False
+        assert self._now is not None
+        if self._now - self._ranked_at >= self.reselect_seconds:
+            return False
+        last, error = self._last, self._chosen_error
+        if last is None or error is None:
+            return True
+        # The samples that arrived since the last fit, against what its forecast said of them
+        # (interpolated: an evaluation's grid need not fall on the forecast's times).
+        times = np.asarray(last.times, dtype=np.float64)
+        new = (t > self._fitted_end) & (t <= times[-1])
+        if not new.any():
+            return True
+        said = np.interp(t[new], times, np.asarray(last.mean, dtype=np.float64))
+        return float(np.mean(np.abs(said - y[new]))) <= self.drift * max(error, 1e-12)
+
     def forecast(self, horizon: int) -> Forecast:
         """The chosen model's forecast; if it fails, the next candidate's."""
         while self._model is not None:
             try:
-                return self._model.forecast(horizon)
+                self._last = self._model.forecast(horizon)
+                return self._last
             except Exception as exc:  # fall back to the next candidate, fitted on demand
                 self._fail(self._model.name, f"forecast: {_describe(exc)}")
                 self._model = None
@@ -176,7 +222,7 @@ class Selector:
             name = self.names[index]
             model = self.factories[index]()
             try:
-                model.fit(t, y)
+                model.fit(t, y)  # a kept choice refits here, on the new history
             except Exception as exc:  # try the next candidate
                 self._fail(name, f"fit: {_describe(exc)}")
                 continue

@@ -19,7 +19,13 @@ from citadel.feed.publisher import Publisher
 from citadel.gateway.auth import AdminKeyAuthenticator, Authenticator, KeyAuthenticator
 from citadel.gateway.document import openapi_document
 from citadel.gateway.proxy import MODELS_PREFIX, SERVES, Gateway
-from citadel.gateway.responses import RESPONSES_PATH, ResponsesApi
+from citadel.gateway.responses import (
+    RESPONSES_PATH,
+    MemoryResponseStore,
+    RedisResponseStore,
+    ResponsesApi,
+    ResponseStore,
+)
 from citadel.gateway.upstream import UPSTREAM_PATHS
 from citadel.http.client import HttpClient
 from citadel.http.edge import CorsPolicy, OpenAiEdge
@@ -128,6 +134,18 @@ def usage_sink(settings: Settings) -> RedisStreamSink | SqlLedgerSink:
     )
 
 
+def response_store(settings: Settings) -> ResponseStore:
+    """Stored Responses API responses: in Redis when the gateway has one (every worker and replica
+    sees them), else in this process's memory."""
+    from citadel.routing.shared import redis_url
+    from citadel.stores.endpoint import connect_redis
+
+    url = redis_url(settings)
+    if url is None:
+        return MemoryResponseStore()
+    return RedisResponseStore(connect_redis(url, timeout=settings.limits.store_timeout_seconds * 4))
+
+
 def admin_only_deps(settings: Settings) -> GatewayDeps:
     """No accounts, no limits: only the admin key (for tests and benchmarks of the bare path)."""
     return GatewayDeps(
@@ -176,7 +194,8 @@ def create_app(settings: Settings, deps: GatewayDeps) -> App:
     for endpoint, path in UPSTREAM_PATHS.items():
         app.route("POST", path, partial(gateway.forward, endpoint))
     app.route("GET", "/v1/models", gateway.list_models)
-    responses = ResponsesApi(gateway)
+    responses = ResponsesApi(gateway, response_store(settings))
+    app.on_shutdown(responses.aclose)
     app.route("POST", RESPONSES_PATH, responses.create)
     app.route_prefix("GET", RESPONSES_PATH + "/", responses.retrieve)
     app.route_prefix("DELETE", RESPONSES_PATH + "/", responses.delete)

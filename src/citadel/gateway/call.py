@@ -74,6 +74,7 @@ class Call:
         "finished",
         "first_token_at",
         "gauge_model",
+        "label",
         "limit_decision",
         "meter",
         "model",
@@ -99,9 +100,13 @@ class Call:
         principal: Principal,
         started: float,
         wall: float,
+        label: str | None = None,
     ) -> None:
         self.meter = meter
         self.endpoint = endpoint
+        # what metrics and the ledger call the endpoint: the Responses API is served by the chat
+        # path upstream but counted as "responses"
+        self.label = label or endpoint
         self.request = request
         self.request_id = request.request_id.encode()
         self.parsed = parsed
@@ -362,8 +367,8 @@ class Call:
             meter.route_outcome(self.selection, status=status, latency=latency)
         elapsed = now - self.started
         labels = target.labels if target is not None else (self.model.name, "")
-        meter.requests.inc((self.endpoint, *labels, str(status)))
-        meter.duration.observe((self.endpoint, *labels), elapsed)
+        meter.requests.inc((self.label, *labels, str(status)))
+        meter.duration.observe((self.label, *labels), elapsed)
         ttft: float | None = None
         if self.first_token_at is not None:
             ttft = self.first_token_at - self.started
@@ -388,7 +393,7 @@ class Call:
                 team=self.principal.team,
                 key_id=self.principal.key_id,
                 tier=self.principal.tier,
-                endpoint=self.endpoint,
+                endpoint=self.label,
                 model=self.model.name,
                 deployment=target.deployment.name if target is not None else "",
                 prompt_tokens=self.prompt_tokens,

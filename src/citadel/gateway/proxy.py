@@ -186,8 +186,11 @@ class Gateway:
         principal: Principal,
         started: float,
         wall: float,
+        *,
+        label: str | None = None,
     ) -> Response | StreamResponse:
-        """Resolve the model, check the request against it, admit it and serve it."""
+        """Resolve the model, check the request against it, admit it and serve it; ``label``
+        names the endpoint in metrics and the ledger when it is not ``parsed.endpoint``."""
         endpoint = parsed.endpoint
         model = self._settings.model(parsed.model)
         if model is None and parsed.model in self.router.virtual:
@@ -212,7 +215,7 @@ class Gateway:
                 code="model_not_allowed",
             )
         check_context_window(parsed, model.context_window)
-        call = Call(self.meter, endpoint, request, parsed, model, principal, started, wall)
+        call = Call(self.meter, endpoint, request, parsed, model, principal, started, wall, label)
         if principal.limits is not None and self._limiter is not None:
             await self._admit(call)
         return await call.serve(self.upstream)

@@ -8,22 +8,24 @@ reply back: a ``response`` object, or for ``stream: true`` the Responses API's t
 
 Stored responses: with ``store`` (OpenAI's default) the finished ``response`` object is kept, so
 ``GET /v1/responses/{id}`` returns it, ``DELETE`` removes it, and ``previous_response_id``
-continues its conversation (its input and output are put before the new input). The store is
-this process's memory, bounded (oldest out first), and each response is visible only to the key
-that made it; see docs/decisions.md.
+continues its conversation (its input and output are put before the new input). Each response
+is visible only to the key that made it. The store is Redis when the gateway has one (every
+replica and worker sees every response; kept 30 days, as OpenAI keeps them), else this process's
+memory, bounded (oldest out first); see docs/decisions.md.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
-from citadel.errors import NotFound
+from citadel.errors import NotFound, StoreUnavailable
 from citadel.gateway.auth import Principal
 from citadel.http.server import Request, Response, StreamResponse
 from citadel.openai.requests import decode_body, parse_body
@@ -39,11 +41,21 @@ from citadel.openai.sse import DONE, SseDecoder, event_data
 
 if TYPE_CHECKING:
     from citadel.gateway.proxy import Gateway
+    from citadel.stores.endpoint import RedisStore
 
-__all__ = ["RESPONSES_PATH", "ResponseStore", "ResponsesApi"]
+__all__ = [
+    "RESPONSES_PATH",
+    "MemoryResponseStore",
+    "RedisResponseStore",
+    "ResponseStore",
+    "ResponsesApi",
+]
+
+_log = logging.getLogger("citadel.gateway")
 
 RESPONSES_PATH = "/v1/responses"
 DEFAULT_STORE_SIZE = 10_000
+STORED_SECONDS = 30 * 86_400  # how long Redis keeps a stored response (OpenAI: 30 days)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,31 +66,91 @@ class _Stored:
     """The conversation as chat messages, this response's output included (for continuations)."""
 
 
-class ResponseStore:
-    """Finished responses by id, at most ``size`` of them (the oldest go first)."""
+def _not_found(response_id: str) -> NotFound:
+    return NotFound(
+        f"Response with id '{response_id[:64]}' not found.",  # a client's text: bounded
+        param="response_id",
+        code="response_not_found",
+    )
+
+
+class ResponseStore(Protocol):
+    """Finished responses by id, each visible only to its owner (a key id, else a user)."""
+
+    async def put(
+        self, owner: str, response: dict[str, Any], messages: list[dict[str, Any]]
+    ) -> None: ...
+
+    async def get(self, owner: str, response_id: str) -> _Stored:
+        """The stored response, or ``NotFound`` (also when another owner made it)."""
+        ...
+
+    async def delete(self, owner: str, response_id: str) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class MemoryResponseStore:
+    """This process's memory, at most ``size`` responses (the oldest go first)."""
 
     def __init__(self, size: int = DEFAULT_STORE_SIZE) -> None:
         self._size = size
         self._items: OrderedDict[str, _Stored] = OrderedDict()
 
-    def put(self, owner: str, response: dict[str, Any], messages: list[dict[str, Any]]) -> None:
+    async def put(
+        self, owner: str, response: dict[str, Any], messages: list[dict[str, Any]]
+    ) -> None:
         self._items[response["id"]] = _Stored(owner, response, messages)
         while len(self._items) > self._size:
             self._items.popitem(last=False)
 
-    def get(self, owner: str, response_id: str) -> _Stored:
+    async def get(self, owner: str, response_id: str) -> _Stored:
         stored = self._items.get(response_id)
         if stored is None or stored.owner != owner:
-            raise NotFound(
-                f"Response with id '{response_id}' not found.",
-                param="response_id",
-                code="response_not_found",
-            )
+            raise _not_found(response_id)
         return stored
 
-    def delete(self, owner: str, response_id: str) -> None:
-        self.get(owner, response_id)
+    async def delete(self, owner: str, response_id: str) -> None:
+        await self.get(owner, response_id)
         del self._items[response_id]
+
+    async def aclose(self) -> None:
+        self._items.clear()
+
+
+class RedisResponseStore:
+    """Redis: one key a response (its own slot in a Cluster), expiring after ``ttl`` seconds."""
+
+    def __init__(
+        self, redis: RedisStore, *, ttl: int = STORED_SECONDS, prefix: str = "citadel:resp:"
+    ):
+        self._redis = redis
+        self._ttl = ttl
+        self._prefix = prefix
+
+    async def put(
+        self, owner: str, response: dict[str, Any], messages: list[dict[str, Any]]
+    ) -> None:
+        value = orjson.dumps({"owner": owner, "response": response, "messages": messages})
+        await self._redis.execute("SET", self._prefix + response["id"], value, "EX", self._ttl)
+
+    async def get(self, owner: str, response_id: str) -> _Stored:
+        if len(response_id) > 64:  # ids are short: no key a client can make arbitrarily long
+            raise _not_found(response_id)
+        raw = await self._redis.execute("GET", self._prefix + response_id)
+        if raw is None:
+            raise _not_found(response_id)
+        doc = orjson.loads(raw)
+        if doc["owner"] != owner:
+            raise _not_found(response_id)
+        return _Stored(doc["owner"], doc["response"], doc["messages"])
+
+    async def delete(self, owner: str, response_id: str) -> None:
+        await self.get(owner, response_id)
+        await self._redis.execute("DEL", self._prefix + response_id)
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()
 
 
 class _Translated:
@@ -121,7 +193,7 @@ class ResponsesApi:
 
     def __init__(self, gateway: Gateway, store: ResponseStore | None = None) -> None:
         self._gateway = gateway
-        self._store = store if store is not None else ResponseStore()
+        self._store: ResponseStore = store if store is not None else MemoryResponseStore()
 
     async def create(self, request: Request) -> Response | StreamResponse:
         started = time.perf_counter()
@@ -132,13 +204,13 @@ class ResponsesApi:
         history: list[dict[str, Any]] | None = None
         previous = body.get("previous_response_id")
         if isinstance(previous, str):
-            history = self._store.get(_owner(principal), previous).messages
+            history = (await self._store.get(_owner(principal), previous)).messages
         req = parse_responses_request(body, history)
         chat = req.chat
         if chat.get("stream"):
             chat["stream_options"] = {"include_usage": True}  # the final event carries usage
         parsed = parse_body("chat", chat)
-        reply = await gateway.dispatch(request, parsed, principal, started, wall)
+        reply = await gateway.dispatch(request, parsed, principal, started, wall, label="responses")
         response_id = new_item_id("resp")
         if isinstance(reply, StreamResponse):
             stream = ResponseStream(req, response_id=response_id, created_at=int(wall))
@@ -147,7 +219,7 @@ class ResponsesApi:
         doc = response_from_chat(
             req, orjson.loads(reply.body), response_id=response_id, created_at=int(wall)
         )
-        self._keep(principal, req, doc)
+        await self._keep(principal, req, doc)
         reply.body = orjson.dumps(doc)
         return reply
 
@@ -189,25 +261,34 @@ class ResponsesApi:
             if aclose is not None:
                 await aclose()
         if stream.response is not None and stream.response["status"] != "failed":
-            self._keep(principal, stream.request, stream.response)
+            await self._keep(principal, stream.request, stream.response)
 
-    def _keep(self, principal: Principal, req: ResponsesRequest, doc: dict[str, Any]) -> None:
-        if req.store:
-            messages = [*req.chat["messages"], *output_messages(doc["output"])]
-            self._store.put(_owner(principal), doc, messages)
+    async def _keep(self, principal: Principal, req: ResponsesRequest, doc: dict[str, Any]) -> None:
+        """Store a finished response. The reply was made (and billed) whatever happens here, so a
+        store that is down costs the stored copy, logged, not the reply."""
+        if not req.store:
+            return
+        messages = [*req.chat["messages"], *output_messages(doc["output"])]
+        try:
+            await self._store.put(_owner(principal), doc, messages)
+        except StoreUnavailable as exc:
+            _log.warning("response %s not stored: %s", doc["id"], exc)
 
     def _response_id(self, request: Request) -> str:
         return request.path.removeprefix(RESPONSES_PATH + "/")
 
     async def retrieve(self, request: Request) -> Response:
         principal = await self._gateway.authenticate_json(request)
-        stored = self._store.get(_owner(principal), self._response_id(request))
+        stored = await self._store.get(_owner(principal), self._response_id(request))
         return Response(200, orjson.dumps(stored.response))
 
     async def delete(self, request: Request) -> Response:
         principal = await self._gateway.authenticate_json(request)
         response_id = self._response_id(request)
-        self._store.delete(_owner(principal), response_id)
+        await self._store.delete(_owner(principal), response_id)
         return Response(
             200, orjson.dumps({"id": response_id, "object": "response", "deleted": True})
         )
+
+    async def aclose(self) -> None:
+        await self._store.aclose()

@@ -3,13 +3,14 @@
 Business intelligence over the usage ledger, behind the admin key (``Authorization: Bearer``):
 the analytics API of ``citadel.metering.api`` (usage, the largest users, teams or models,
 budgets, each deployment's real cost per 1000 tokens, savings against a commercial API), in JSON
-or CSV, its query string read by ``citadel.metering.query``.
+or CSV, its parameters and replies defined in ``citadel.metering.bodies``.
 
 ``/metrics`` adds the business metrics (``citadel_business_*``, ``citadel_ledger_*``), computed
 from the rollups at most every ``metrics_ttl`` seconds by ``citadel.metering.business``, to the
 service's own. ``/health`` reports the ledger database (critical), the accounts database, Redis
 and the ledger writer's lag. When a ledger writer is given (Redis configured) the service runs it
-in-process until shut down (``citadel.metering.writer_task``).
+in-process from start-up until the server has stopped taking requests
+(``citadel.metering.writer_task``).
 """
 
 from __future__ import annotations
@@ -20,19 +21,19 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
-import orjson
+from litestar import Litestar
 
 from citadel.accounts.store import AccountStore
-from citadel.errors import StoreUnavailable
-from citadel.http.server import Request, Response
+from citadel.errors import ApiError, BadRequest, StoreUnavailable, Unavailable
+from citadel.health import DependencyHealth, HealthCheck, store_scheme
 from citadel.metering.analytics import Analytics
-from citadel.metering.api import AnalyticsApi, guarded
+from citadel.metering.api import CONTROLLERS, Reader, provide_reader
 from citadel.metering.business import BusinessMetrics
+from citadel.metering.ranges import QueryError
 from citadel.metering.writer_task import CHECK_TIMEOUT, LedgerWriterLike, WriterTask, writer_lag
 from citadel.metrics import Registry
-from citadel.openapi import ApiRoutes
-from citadel.service import App, DependencyHealth, service_app, store_scheme
 from citadel.settings import Settings
+from citadel.web import create_service
 
 __all__ = ["LedgerWriterLike", "MeteringDeps", "create_app", "default_deps"]
 
@@ -124,49 +125,55 @@ def default_deps(settings: Settings) -> MeteringDeps:
     )
 
 
-def create_app(settings: Settings, deps: MeteringDeps) -> App:
-    """The custom-metrics service: the analytics API, /docs, /openapi.json, /health, /metrics."""
-    app = service_app("custom-metrics", settings, deps.registry)
-    api = ApiRoutes(
-        app,
+def _unavailable(exc: StoreUnavailable) -> ApiError:
+    what = "The usage ledger" if exc.store == "sql" else exc.store
+    return Unavailable(f"{what} is unavailable: {exc.detail}. Try again later.")
+
+
+def create_app(settings: Settings, deps: MeteringDeps) -> Litestar:
+    """The custom-metrics service: the analytics API, /docs, /openapi.json, /health, /metrics.
+
+    Start-up runs ``deps.startup``, then the ledger writer; at shut-down (after the server has
+    stopped taking requests) the writer stops first, finishing its batch, then the accounts store
+    and the ``deps.shutdown`` hooks close, in the order given."""
+    runner = None if deps.writer is None else WriterTask(deps.writer)
+    business = BusinessMetrics(settings, deps)
+    reader = Reader(settings, deps.analytics, deps.accounts, deps.clock)
+
+    async def ledger_lag() -> dict[str, object]:
+        return {"ledger_lag": await writer_lag(deps.writer)}
+
+    on_startup = [*deps.startup]
+    on_shutdown = [*reversed(deps.shutdown), deps.accounts.aclose]  # run last first
+    if runner is not None:
+        on_startup.append(runner.start)
+        on_shutdown.append(runner.stop)
+    return create_service(
+        "custom-metrics",
         title="Citadel custom metrics",
         description="Usage, cost, budgets, real cost per deployment and savings against a "
         "commercial API, from the usage ledger. JSON, or CSV with `?format=csv`. Authenticate "
         "with the admin key.",
+        settings=settings,
+        registry=deps.registry,
+        admin=CONTROLLERS,
+        dependencies={"reader": provide_reader(reader)},
+        health=_health_checks(settings, deps, runner),
+        health_extra=ledger_lag,
+        # first: it brings the writer's error count in the registry up to date
+        metrics_extra=business.render,
+        errors={
+            QueryError: lambda exc: BadRequest(exc.message, param=exc.param),
+            StoreUnavailable: _unavailable,
+        },
+        on_startup=on_startup,
+        on_shutdown=on_shutdown,
     )
-    service = AnalyticsApi(settings, deps)
-    for operation, handler in service.routes():
-        api.add(operation, guarded(service.auth, handler))
-    business = BusinessMetrics(settings, deps)
-
-    async def metrics(request: Request) -> Response:
-        business_metrics = await business.render()  # first: it brings the writer's count up
-        body = app.render_metrics() + business_metrics
-        return Response(200, body, content_type=b"text/plain; version=0.0.4")
-
-    async def health(request: Request) -> Response:
-        status, dependencies = await app.check_health()
-        lag = await writer_lag(deps.writer)
-        body = {
-            "status": status,
-            "service": app.name,
-            "version": app.version,
-            "ledger_lag": lag,
-            "dependencies": dependencies,
-        }
-        return Response(503 if status == "down" else 200, orjson.dumps(body))
-
-    app.route("GET", "/metrics", metrics)
-    app.route("GET", "/health", health)
-    runner = None if deps.writer is None else WriterTask(deps.writer)
-    _health_checks(app, settings, deps, runner)
-    _lifecycle(app, deps, runner)
-    return app
 
 
 def _health_checks(
-    app: App, settings: Settings, deps: MeteringDeps, runner: WriterTask | None
-) -> None:
+    settings: Settings, deps: MeteringDeps, runner: WriterTask | None
+) -> dict[str, HealthCheck]:
     async def bounded(check: Pingable, uri: str, critical: bool) -> DependencyHealth:
         # Bounded here, within /health's own deadline, because only a check that answers can
         # say that it is critical.
@@ -205,20 +212,4 @@ def _health_checks(
         detail = f"{lag} events waiting, {runner.writer.stats().failures} failed batches"
         return DependencyHealth("degraded" if lag > _LAG_DEGRADED else "ok", detail)
 
-    app.health_check("ledger", ledger)
-    app.health_check("accounts", accounts)
-    app.health_check("redis", redis)
-    app.health_check("ledger_writer", writer)
-
-
-def _lifecycle(app: App, deps: MeteringDeps, runner: WriterTask | None) -> None:
-    """Start-up hooks, then the writer; at shut-down the writer stops first (it finishes its
-    batch), then the stores close in the order given."""
-    for hook in deps.startup:
-        app.on_startup(hook)
-    for hook in reversed(deps.shutdown):  # App runs shut-down hooks last added first
-        app.on_shutdown(hook)
-    app.on_shutdown(deps.accounts.aclose)
-    if runner is not None:
-        app.on_startup(runner.start)
-        app.on_shutdown(runner.stop)
+    return {"ledger": ledger, "accounts": accounts, "redis": redis, "ledger_writer": writer}

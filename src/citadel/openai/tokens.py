@@ -68,18 +68,22 @@ def check_context_window(req: ParsedRequest, context_window: int) -> None:
     param = "messages" if req.endpoint == "chat" else "prompt"
     if req.endpoint == "embedding":
         param = "input"
-    if reply:
-        detail = (
-            f"However, you requested {prompt + reply} tokens ({prompt} in the messages, {reply} "
-            "in the completion). Please reduce the length of the messages or completion."
+    if prompt > context_window:
+        # OpenAI's wording today for input past the window, which LangChain's ChatOpenAI also
+        # matches to raise its ContextOverflowError (the code alone no longer reaches it: the
+        # openai SDK 3's error text holds only the message)
+        message = (
+            f"Input tokens exceed the configured limit of {context_window} tokens. Your "
+            f"messages resulted in {prompt} tokens. Please reduce the length of the messages."
         )
-    else:
-        detail = (
-            f"However, your messages resulted in {prompt} tokens. Please reduce the length of "
-            "the messages."
+    else:  # the input fits, the reply budget does not: OpenAI's wording naming both parts
+        message = (
+            f"This model's maximum context length is {context_window} tokens. However, you "
+            f"requested {prompt + reply} tokens ({prompt} in the messages, {reply} in the "
+            "completion). Please reduce the length of the messages or completion."
         )
     raise BadRequest(
-        f"This model's maximum context length is {context_window} tokens. {detail}",
+        message,
         param=param,
         code="context_length_exceeded",
     )

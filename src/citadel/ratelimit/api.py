@@ -30,7 +30,6 @@ from citadel.ratelimit.bodies import (
     Check,
     DecisionReply,
     KeyReply,
-    Listing,
     NewKey,
     NewKeyReply,
     NewTeam,
@@ -44,7 +43,7 @@ from citadel.ratelimit.bodies import (
     UserReply,
 )
 from citadel.settings import Settings, Tier
-from citadel.web import Injected, errors
+from citadel.web import Injected, Listing, errors
 
 __all__ = ["CONTROLLERS", "Conflict", "Rules"]
 

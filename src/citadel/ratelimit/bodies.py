@@ -6,7 +6,7 @@ dollars. Every number has an upper bound, so nothing the API stores can break wh
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Generic, Literal, TypeVar
+from typing import Annotated, Literal
 
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
@@ -33,7 +33,6 @@ Rate = Annotated[int, Meta(ge=0, le=MAX_RATE)]
 Quota = Annotated[int, Meta(ge=0, le=MAX_QUOTA)]
 Time = Annotated[str, Meta(description="RFC 3339, UTC")]
 Default = Literal["default"]
-_T = TypeVar("_T")
 
 
 # -- bodies -----------------------------------------------------------------------------------
@@ -356,8 +355,3 @@ class DecisionReply(msgspec.Struct):
             tokens=rate(decision.tokens_limit, decision.tokens_remaining, decision.tokens_reset),
             reservation=None if reservation is None else ReservationBody.of(reservation),
         )
-
-
-class Listing(msgspec.Struct, Generic[_T]):
-    data: list[_T]
-    object: Literal["list"] = "list"

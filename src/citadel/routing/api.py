@@ -1,7 +1,7 @@
-"""The routing service's admin API: its routes, their handlers, its OpenAPI descriptions and its
-health checks, over one ``Router`` and (with Redis) the shared routing state.
+"""The routing service's admin API: its handlers and its health checks, over one ``Router`` and
+(with Redis) the shared routing state.
 
-Behind the admin key (except /health, /metrics, /docs and /openapi.json):
+Behind the admin key (every route but /health, /metrics, /docs and /openapi.json):
 
 - ``GET /v1/deployments``: each deployment's breaker, health, drain flag, latency EWMA, requests
   in flight and error rate, and each gateway replica's latest snapshot (``replicas``).
@@ -13,140 +13,66 @@ Behind the admin key (except /health, /metrics, /docs and /openapi.json):
 
 Errors: a bad body 400 (naming the field), a wrong key 401, an unknown model or deployment 404,
 and 503 when a drain cannot reach the shared state (nothing is changed then).
+
+Injected (``app.py``): ``routing`` (``Routing``: the settings, the router, the shared state).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Final
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Final
 
-import orjson
+import msgspec
+from litestar import Controller, get, post
+from litestar.params import FromPath, HeaderParameter, JSONBody, RawBody
 
-from citadel.errors import BadRequest, NotFound, StoreUnavailable, Unavailable
-from citadel.gateway.auth import AdminKeyAuthenticator
-from citadel.http.server import Request, Response
-from citadel.openapi import Operation, PathHandler, Schema
+from citadel.errors import NotFound, StoreUnavailable, Unavailable
+from citadel.health import DependencyHealth
+from citadel.routing.bodies import (
+    Changed,
+    DeploymentRow,
+    Deployments,
+    NoFields,
+    RouteRequest,
+    RouteResult,
+    SharedState,
+    Summary,
+)
 from citadel.routing.breaker import BreakerState
-from citadel.routing.dryrun import ROUTE_REQUEST, ROUTE_RESULT, breaker_refusal, dry_run
+from citadel.routing.dryrun import breaker_refusal, dry_run
 from citadel.routing.router import DeploymentState, Router
 from citadel.routing.shared import SharedRoutingState, SyncLoop, deployment_rows
-from citadel.service import DependencyHealth
 from citadel.settings import Model, Settings
+from citadel.web import Injected, documented_body, errors
 
-__all__ = ["CHANGED", "DEPLOYMENT", "DEPLOYMENTS", "RoutingApi"]
+__all__ = ["CONTROLLERS", "Routing"]
 
 _SHARED_CHECK_TIMEOUT: Final = 1.5  # seconds; /health gives each check 2
 
 
-def _json(body: object, status: int = 200) -> Response:
-    return Response(status, orjson.dumps(body))
+@dataclass(slots=True)
+class Routing:
+    """What the handlers work on: this service's router and, with Redis, the shared state."""
 
+    settings: Settings
+    router: Router
+    shared: SharedRoutingState | None
+    loop: SyncLoop | None
+    clock: Callable[[], float]
 
-# -- schemas ------------------------------------------------------------------------------------
-
-_NUMBER_OR_NULL: Schema = {"type": ["number", "null"]}
-DEPLOYMENT: Schema = {
-    "type": "object",
-    "properties": {
-        "deployment": {"type": "string"},
-        "model": {"type": "string"},
-        "url": {"type": "string"},
-        "breaker": {"enum": [s.value for s in BreakerState]},
-        "breaker_open_seconds": {**_NUMBER_OR_NULL, "description": "back-off left when open"},
-        "breaker_held_open": {"type": "boolean", "description": "held open for another replica"},
-        "breaker_forced_by": {"type": ["string", "null"], "description": "that replica"},
-        "breaker_trips": {"type": "integer"},
-        "window_failure_rate": {"type": "number"},
-        "healthy": {"type": "boolean"},
-        "health_detail": {"type": "string"},
-        "drained": {"type": "boolean"},
-        "in_flight": {"type": "integer"},
-        "latency_ewma_seconds": _NUMBER_OR_NULL,
-        "error_rate_ewma": _NUMBER_OR_NULL,
-        "requests": {"type": "integer"},
-        "failures": {"type": "integer"},
-        "last_error": {"type": "string"},
-    },
-}
-_SHARED_STATE: Schema = {
-    "type": "object",
-    "properties": {
-        "status": {"enum": ["ok", "unavailable", "disabled"]},
-        "detail": {"type": "string"},
-    },
-}
-DEPLOYMENTS: Schema = {
-    "type": "object",
-    "properties": {
-        "object": {"const": "list"},
-        "data": {"type": "array", "items": DEPLOYMENT},
-        "summary": {"type": "object"},
-        "shared_state": _SHARED_STATE,
-        "replicas": {
-            "type": ["object", "null"],
-            "description": "Each gateway replica's latest rows, by replica; null when Redis is "
-            "configured but unreachable; absent without Redis.",
-            "additionalProperties": {"type": "array", "items": DEPLOYMENT},
-        },
-    },
-}
-CHANGED: Schema = {
-    "type": "object",
-    "properties": {"deployment": DEPLOYMENT, "shared": {"type": "boolean"}},
-}
-
-# -- the handlers -------------------------------------------------------------------------------
-
-
-class RoutingApi:
-    """The handlers, over one router and its shared state."""
-
-    def __init__(
-        self,
-        settings: Settings,
-        router: Router,
-        shared: SharedRoutingState | None,
-        loop: SyncLoop | None,
-        clock: Callable[[], float],
-    ) -> None:
-        self.settings = settings
-        self.router = router
-        self.shared = shared
-        self.loop = loop
-        self.clock = clock
-        self.auth = AdminKeyAuthenticator(settings.gateway.admin_key)
-
-    def routes(self) -> list[tuple[Operation, PathHandler]]:
-        def op(method: str, path: str, summary: str, **details: Any) -> Operation:
-            return Operation(method=method, path=path, summary=summary, **details)
-
-        return [
-            (op("GET", "/v1/deployments", "Every deployment's state, and each replica's",
-                tags=("deployments",), response=DEPLOYMENTS), self.list_deployments),
-            (op("GET", "/v1/deployments/{name}", "One deployment's state",
-                tags=("deployments",), response=DEPLOYMENT, errors=(404,)), self.get_deployment),
-            (op("POST", "/v1/deployments/{name}/drain",
-                "Take a deployment out of rotation on every replica", tags=("deployments",),
-                response=CHANGED, errors=(400, 404, 503)), self.drain),
-            (op("POST", "/v1/deployments/{name}/restore", "Put a drained deployment back",
-                tags=("deployments",), response=CHANGED, errors=(400, 404, 503)), self.restore),
-            (op("POST", "/v1/route", "Dry run: which deployment a request would get, and why",
-                tags=("routing",), request=ROUTE_REQUEST, response=ROUTE_RESULT,
-                description="Nothing is sent and nothing is counted: no breaker probe, no "
-                "balancer step, no routing decision metric.", errors=(400, 404)), self.route),
-        ]  # fmt: skip
-
-    # -- deployments ----------------------------------------------------------------------------
-
-    def _rows(self, now: float) -> list[dict[str, Any]]:
+    def rows(self) -> list[DeploymentRow]:
         forced = self.shared.forced if self.shared is not None else {}
-        rows = deployment_rows(self.router, now)
+        rows = deployment_rows(self.router, self.clock())
         for row in rows:
             row["breaker_forced_by"] = forced.get(row["deployment"])
-        return rows
+        return msgspec.convert(rows, list[DeploymentRow])
 
-    def _state(self, name: str) -> DeploymentState:
+    def row(self, name: str) -> DeploymentRow:
+        return next(r for r in self.rows() if r.deployment == name)
+
+    def state(self, name: str) -> DeploymentState:
         state = self.router.states.get(name)
         if state is None:
             known = ", ".join(self.router.states)
@@ -157,33 +83,8 @@ class RoutingApi:
             )
         return state
 
-    async def list_deployments(self, request: Request, params: Mapping[str, str]) -> Response:
-        rows = self._rows(self.clock())
-        body: dict[str, Any] = {"object": "list", "data": rows, "summary": _summary(rows)}
-        if self.shared is None:
-            body["shared_state"] = {"status": "disabled", "detail": "no Redis is configured"}
-        else:
-            try:
-                body["replicas"] = await self.shared.replicas()
-                body["shared_state"] = {"status": "ok", "detail": self.shared.client.address}
-            except StoreUnavailable as exc:
-                body["replicas"] = None
-                body["shared_state"] = {"status": "unavailable", "detail": exc.detail}
-        return _json(body)
-
-    async def get_deployment(self, request: Request, params: Mapping[str, str]) -> Response:
-        name = self._state(params["name"]).name
-        return _json(next(r for r in self._rows(self.clock()) if r["deployment"] == name))
-
-    async def drain(self, request: Request, params: Mapping[str, str]) -> Response:
-        return await self._drain(request, params["name"], drained=True)
-
-    async def restore(self, request: Request, params: Mapping[str, str]) -> Response:
-        return await self._drain(request, params["name"], drained=False)
-
-    async def _drain(self, request: Request, name: str, *, drained: bool) -> Response:
-        _empty_object(request.body)
-        state = self._state(name)
+    async def drain(self, name: str, *, drained: bool) -> Changed:
+        state = self.state(name)
         if self.shared is not None:
             # Shared first: while Redis answers its drained set is the truth every sync applies,
             # so a change made only here would be undone by this service's next sync.
@@ -195,15 +96,16 @@ class RoutingApi:
                     "was changed. Try again later."
                 ) from exc
         self.router.drain(state.name, drained)
-        row = next(r for r in self._rows(self.clock()) if r["deployment"] == state.name)
-        return _json({"deployment": row, "shared": self.shared is not None})
+        return Changed(self.row(state.name), shared=self.shared is not None)
 
     # -- health ---------------------------------------------------------------------------------
 
     async def deployments_health(self) -> DependencyHealth:
-        rows = self._rows(self.clock())
-        summary = _summary(rows)
-        detail = ", ".join(f"{count} {what.replace('_', ' ')}" for what, count in summary.items())
+        summary = _summary(self.rows())
+        detail = ", ".join(
+            f"{count} {what.replace('_', ' ')}"
+            for what, count in msgspec.structs.asdict(summary).items()
+        )
         stranded = [m.name for m in self.settings.models if not self._routable(m)]
         if stranded:
             detail += f"; no healthy deployment for {', '.join(stranded)}"
@@ -231,30 +133,93 @@ class RoutingApi:
             return DependencyHealth("degraded", f"last sync failed: {loop.last_error}")
         return DependencyHealth("ok", shared.client.address)
 
-    # -- the dry run ----------------------------------------------------------------------------
 
-    async def route(self, request: Request, params: Mapping[str, str]) -> Response:
-        return _json(dry_run(self.settings, self.router, request, self.clock))
-
-
-def _empty_object(raw: bytes) -> None:
-    """An admin action takes no fields: an empty body or ``{}``."""
-    if not raw.strip():
-        return
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"The body is not JSON: {exc}.", code="invalid_json") from exc
-    if body != {}:
-        raise BadRequest("This action takes no fields: send no body or {}.", code="invalid_body")
+def _summary(rows: Sequence[DeploymentRow]) -> Summary:
+    return Summary(
+        deployments=len(rows),
+        healthy=sum(r.healthy for r in rows),
+        unhealthy=sum(not r.healthy for r in rows),
+        drained=sum(r.drained for r in rows),
+        breaker_open=sum(r.breaker is BreakerState.OPEN for r in rows),
+        breaker_half_open=sum(r.breaker is BreakerState.HALF_OPEN for r in rows),
+    )
 
 
-def _summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
-    return {
-        "deployments": len(rows),
-        "healthy": sum(bool(r["healthy"]) for r in rows),
-        "unhealthy": sum(not r["healthy"] for r in rows),
-        "drained": sum(bool(r["drained"]) for r in rows),
-        "breaker_open": sum(r["breaker"] == BreakerState.OPEN.value for r in rows),
-        "breaker_half_open": sum(r["breaker"] == BreakerState.HALF_OPEN.value for r in rows),
-    }
+Routing_ = Injected[Routing]
+Name = Annotated[str, msgspec.Meta(description="the deployment's name")]
+NoBody = JSONBody[NoFields | None]  # an action takes no fields: no body, or {}
+
+
+class DeploymentsController(Controller):
+    path = "/v1/deployments"
+    tags = ["deployments"]  # noqa: RUF012 - Litestar's layer attribute
+
+    @get(summary="Every deployment's state, and each replica's")
+    async def list_deployments(self, routing: Routing_) -> Deployments:
+        rows = routing.rows()
+        reply = Deployments(
+            data=rows,
+            summary=_summary(rows),
+            shared_state=SharedState("disabled", "no Redis is configured"),
+        )
+        if routing.shared is not None:
+            try:
+                reply.replicas = await routing.shared.replicas()
+                reply.shared_state = SharedState("ok", routing.shared.client.address)
+            except StoreUnavailable as exc:
+                reply.replicas = None
+                reply.shared_state = SharedState("unavailable", exc.detail)
+        return reply
+
+    @get("/{name:str}", summary="One deployment's state", responses=errors(404))
+    async def get_deployment(self, name: FromPath[Name], routing: Routing_) -> DeploymentRow:
+        return routing.row(routing.state(name).name)
+
+    @post(
+        "/{name:str}/drain",
+        summary="Take a deployment out of rotation on every replica",
+        status_code=200,
+        responses=errors(404, 503),
+    )
+    async def drain(self, name: FromPath[Name], routing: Routing_, data: NoBody = None) -> Changed:
+        return await routing.drain(name, drained=True)
+
+    @post(
+        "/{name:str}/restore",
+        summary="Put a drained deployment back",
+        status_code=200,
+        responses=errors(404, 503),
+    )
+    async def restore(
+        self, name: FromPath[Name], routing: Routing_, data: NoBody = None
+    ) -> Changed:
+        return await routing.drain(name, drained=False)
+
+
+class RouteController(Controller):
+    path = "/v1/route"
+    tags = ["routing"]  # noqa: RUF012 - Litestar's layer attribute
+
+    @post(
+        summary="Dry run: which deployment a request would get, and why",
+        description="Nothing is sent and nothing is counted: no breaker probe, no balancer "
+        "step, no routing decision metric. The body is checked as the gateway checks it.",
+        status_code=200,
+        responses=errors(404),
+        # The gateway's parser checks the raw body, so that a dry run refuses what the gateway
+        # refuses with the same 400; RouteRequest only describes it in the document.
+        operation_class=documented_body(RouteRequest),
+    )
+    async def route(
+        self,
+        body: RawBody,
+        routing: Routing_,
+        task: Annotated[
+            str | None,
+            HeaderParameter(name="x-citadel-task", description="the task, unless the body says"),
+        ] = None,
+    ) -> RouteResult:
+        return dry_run(routing.settings, routing.router, body, task, routing.clock)
+
+
+CONTROLLERS = (DeploymentsController, RouteController)

@@ -12,20 +12,23 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+
+from litestar import Litestar
 
 from citadel.http.client import HttpClient
 from citadel.metrics import Registry
-from citadel.openapi import ApiRoutes
-from citadel.routing.api import RoutingApi
+from citadel.routing.api import CONTROLLERS, Routing
 from citadel.routing.health import HealthProber
 from citadel.routing.router import Router
 from citadel.routing.shared import SharedRoutingState, SyncLoop
-from citadel.service import App, service_app
 from citadel.settings import Settings
+from citadel.web import create_service, provide
 
 __all__ = ["RoutingDeps", "create_app", "default_deps"]
+
+Hook = Callable[[], Awaitable[None]]
 
 
 @dataclass(slots=True, kw_only=True)
@@ -49,15 +52,8 @@ def default_deps(settings: Settings) -> RoutingDeps:
     )
 
 
-def create_app(settings: Settings, deps: RoutingDeps) -> App:
+def create_app(settings: Settings, deps: RoutingDeps) -> Litestar:
     """The routing service: its admin API, /docs, /openapi.json, /health and /metrics."""
-    app = service_app("routing-api", settings, deps.registry)
-    api = ApiRoutes(
-        app,
-        title="Citadel routing",
-        description="Deployment state (breakers, health, latency, load), dry-run routing "
-        "decisions, and draining. Authenticate with the admin key.",
-    )
     shared = deps.shared
     router = Router(
         settings,
@@ -70,17 +66,24 @@ def create_app(settings: Settings, deps: RoutingDeps) -> App:
         # push=False: this service serves no traffic, so it is not one of the replicas listed.
         else SyncLoop(shared, router, interval=deps.sync_interval, clock=deps.clock, push=False)
     )
-    service = RoutingApi(settings, router, shared, loop, deps.clock)
-    for operation, handler in service.routes():
-        api.add(operation, service.auth.guard(handler))
-    app.health_check("deployments", service.deployments_health)
-    app.health_check("shared_state", service.shared_health)
+    routing = Routing(settings, router, shared, loop, deps.clock)
     prober = HealthProber(settings, deps.client, router.set_health)
-    app.on_shutdown(deps.client.aclose)
+    startup: list[Hook] = [prober.start]
+    shutdown: list[Hook] = [deps.client.aclose]  # run last first
     if shared is not None and loop is not None:
-        app.on_shutdown(shared.aclose)
-        app.on_startup(loop.start)
-        app.on_shutdown(loop.stop)
-    app.on_startup(prober.start)
-    app.on_shutdown(prober.stop)
-    return app
+        startup.insert(0, loop.start)
+        shutdown += [shared.aclose, loop.stop]
+    shutdown.append(prober.stop)
+    return create_service(
+        "routing-api",
+        title="Citadel routing",
+        description="Deployment state (breakers, health, latency, load), dry-run routing "
+        "decisions, and draining. Authenticate with the admin key.",
+        settings=settings,
+        registry=deps.registry,
+        admin=CONTROLLERS,
+        dependencies={"routing": provide(routing)},
+        health={"deployments": routing.deployments_health, "shared_state": routing.shared_health},
+        on_startup=startup,
+        on_shutdown=shutdown,
+    )

@@ -17,15 +17,11 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Final
-
-import orjson
+from typing import Final
 
 from citadel.errors import BadRequest, NotFound
-from citadel.http.server import Request
-from citadel.openai.requests import Endpoint, ParsedRequest, parse_request
+from citadel.openai.requests import Endpoint, ParsedRequest, decode_body, parse_body
 from citadel.openai.tokens import estimate_prompt_tokens
-from citadel.openapi import Schema
 from citadel.routing.balancer import (
     Balancer,
     Candidate,
@@ -37,12 +33,13 @@ from citadel.routing.balancer import (
     create_balancer,
     explain,
 )
+from citadel.routing.bodies import CandidateScore, Evaluation, Excluded, RouteResult
 from citadel.routing.breaker import BreakerState
 from citadel.routing.classifier import TASKS, classify
 from citadel.routing.router import DeploymentState, Router
 from citadel.settings import Model, Settings
 
-__all__ = ["ROUTE_REQUEST", "ROUTE_RESULT", "breaker_refusal", "dry_run"]
+__all__ = ["breaker_refusal", "dry_run"]
 
 _SERVES: Final[Mapping[str, frozenset[str]]] = {
     "chat": frozenset({"chat", "completion"}),
@@ -55,62 +52,18 @@ _PROMPT_FIELDS: Final[Mapping[str, Endpoint]] = {
     "input": "embedding",
 }
 
-ROUTE_REQUEST: Schema = {
-    "type": "object",
-    "required": ["model"],
-    "description": "An OpenAI request body (at most one of messages, prompt, input) and `task`.",
-    "properties": {
-        "model": {"type": "string", "description": "a model, an alias or a virtual model (auto)"},
-        "messages": {"type": "array", "items": {"type": "object"}},
-        "prompt": {"type": ["string", "array"]},
-        "input": {"type": ["string", "array"]},
-        "max_tokens": {"type": "integer", "minimum": 1},
-        "stream": {"type": "boolean"},
-        "task": {"enum": list(TASKS), "description": "as the x-citadel-task header"},
-    },
-}
-_EVALUATION: Schema = {
-    "type": "object",
-    "properties": {
-        "model": {"type": "string"},
-        "balancer": {"type": "string"},
-        "deployment": {"type": ["string", "null"]},
-        "reason": {"type": "string"},
-        "note": {"type": "string"},
-        "candidates": {"type": "array", "items": {"type": "object"}},
-        "excluded": {"type": "array", "items": {"type": "object"}},
-    },
-}
-ROUTE_RESULT: Schema = {
-    "type": "object",
-    "properties": {
-        "object": {"const": "route.dry_run"},
-        "requested_model": {"type": "string"},
-        "virtual": {"type": "boolean"},
-        "endpoint": {"enum": ["chat", "completion", "embedding"]},
-        "task": {"type": "string"},
-        "prompt_tokens": {"type": "integer"},
-        "needed_tokens": {"type": "integer"},
-        "model": {"type": ["string", "null"]},
-        "model_reason": {"type": "string"},
-        "deployment": {"type": ["string", "null"]},
-        "deployment_model": {"type": ["string", "null"], "description": "a fallback's, maybe"},
-        "reason": {"type": "string"},
-        "evaluations": {
-            "type": "array",
-            "items": _EVALUATION,
-            "description": "the model, then its fallbacks while none could take the request",
-        },
-    },
-}
-
 
 def dry_run(
-    settings: Settings, router: Router, request: Request, clock: Callable[[], float]
-) -> dict[str, Any]:
-    """The answer to ``POST /v1/route`` for ``request``; a bad body raises the 400 naming the
-    field, an unknown model the 404."""
-    parsed, endpoint, hint = _parse_route(request)
+    settings: Settings,
+    router: Router,
+    raw: bytes,
+    task_header: str | None,
+    clock: Callable[[], float],
+) -> RouteResult:
+    """The answer to ``POST /v1/route`` with body ``raw`` (and the ``x-citadel-task`` header);
+    a bad body raises the 400 the gateway would give, naming the field, an unknown model the
+    404."""
+    parsed, endpoint, hint = _parse_route(raw, task_header)
     model = settings.model(parsed.model)
     virtual = model is None and parsed.model in router.virtual
     if model is None and not virtual:
@@ -133,16 +86,30 @@ def dry_run(
         if endpoint == "embedding"
         else classify(parsed.prompt_text, estimated_tokens=prompt_tokens, hint=hint)
     )
-    body: dict[str, Any] = {
-        "object": "route.dry_run",
-        "requested_model": parsed.model,
-        "virtual": virtual,
-        "endpoint": endpoint,
-        "stream": parsed.stream,
-        "task": task,
-        "prompt_tokens": prompt_tokens,
-        "needed_tokens": needed,
-    }
+
+    def result(
+        model: str | None,
+        model_reason: str,
+        reason: str,
+        evaluations: list[Evaluation],
+        chosen: Evaluation | None = None,
+    ) -> RouteResult:
+        return RouteResult(
+            requested_model=parsed.model,
+            virtual=virtual,
+            endpoint=endpoint,
+            stream=parsed.stream,
+            task=task,
+            prompt_tokens=prompt_tokens,
+            needed_tokens=needed,
+            model=model,
+            model_reason=model_reason,
+            deployment=None if chosen is None else chosen.deployment,
+            deployment_model=None if chosen is None else chosen.model,
+            reason=reason,
+            evaluations=evaluations,
+        )
+
     if model is None:
         choice = router.resolve(
             parsed.model,
@@ -153,15 +120,12 @@ def dry_run(
             allowed=lambda m: True,
         )
         if choice is None:
-            body |= {
-                "model": None,
-                "model_reason": f"no model of this kind fits {needed} tokens with the reply",
-                "deployment": None,
-                "deployment_model": None,
-                "reason": "no model fits, so no deployment is chosen",
-                "evaluations": [],
-            }
-            return body
+            return result(
+                None,
+                f"no model of this kind fits {needed} tokens with the reply",
+                "no model fits, so no deployment is chosen",
+                [],
+            )
         model, model_reason = choice.model, choice.reason
     elif model.name == parsed.model:
         model_reason = f"{model.name} is named in the request"
@@ -174,30 +138,23 @@ def dry_run(
             param="model",
             code="model_not_supported",
         )
-    body |= {"model": model.name, "model_reason": model_reason}
     evaluations = []
-    chosen: dict[str, Any] | None = None
+    chosen: Evaluation | None = None
     for candidate_model in _chain(settings, model):
         evaluation = _evaluate(settings, router, candidate_model, clock())
         evaluations.append(evaluation)
-        if evaluation["deployment"] is not None:
+        if evaluation.deployment is not None:
             chosen = evaluation
             break
     if chosen is None:
-        tried = ", ".join(e["model"] for e in evaluations)
+        tried = ", ".join(e.model for e in evaluations)
         reason = f"no deployment of {tried} can take the request; the gateway answers 503"
+    elif chosen.model != model.name:
+        reason = f"every deployment of {model.name} is out; fallback {chosen.model}: "
+        reason += chosen.reason
     else:
-        reason = chosen["reason"]
-        if chosen["model"] != model.name:
-            reason = f"every deployment of {model.name} is out; fallback {chosen['model']}: "
-            reason += chosen["reason"]
-    body |= {
-        "deployment": chosen["deployment"] if chosen is not None else None,
-        "deployment_model": chosen["model"] if chosen is not None else None,
-        "reason": reason,
-        "evaluations": evaluations,
-    }
-    return body
+        reason = chosen.reason
+    return result(model.name, model_reason, reason, evaluations, chosen)
 
 
 def _chain(settings: Settings, model: Model) -> list[Model]:
@@ -210,24 +167,20 @@ def _chain(settings: Settings, model: Model) -> list[Model]:
     return chain
 
 
-def _parse_route(request: Request) -> tuple[ParsedRequest, Endpoint | None, str | None]:
-    """The described request, the endpoint its prompt field implies (None: no prompt given),
-    and the task hint (``task``, else the ``x-citadel-task`` header)."""
-    raw = request.body
-    try:
-        body = orjson.loads(raw) if raw.strip() else None
-    except orjson.JSONDecodeError:
-        body = None  # parse_request names the problem
-    if not isinstance(body, dict):
-        parse_request("chat", raw)  # raises the 400 for an empty, unreadable or non-object body
-        raise AssertionError("parse_request accepted a body that is not an object")
+def _parse_route(
+    raw: bytes, task_header: str | None
+) -> tuple[ParsedRequest, Endpoint | None, str | None]:
+    """The described request, checked by the gateway's parser (``parse_request``, as its two
+    steps: the body is decoded once); the endpoint its prompt field implies (None: no prompt
+    given); and the task hint (``task``, else the ``x-citadel-task`` header)."""
+    body = decode_body(raw)  # the gateway's 400 for an empty, unreadable, non-object or deep body
     given = [name for name in _PROMPT_FIELDS if body.get(name) is not None]
     if len(given) > 1:
         raise BadRequest(
             f"Give at most one of 'messages', 'prompt' and 'input'; got {' and '.join(given)}.",
             param=given[1],
         )
-    hint = body.get("task", request.header(b"x-citadel-task"))
+    hint = body.get("task", task_header)
     if hint is not None and (not isinstance(hint, str) or hint.strip().lower() not in TASKS):
         raise BadRequest(
             f"'task' must be one of {', '.join(TASKS)}; got {hint!r}.",
@@ -236,9 +189,9 @@ def _parse_route(request: Request) -> tuple[ParsedRequest, Endpoint | None, str 
         )
     if given:
         endpoint = _PROMPT_FIELDS[given[0]]
-        return parse_request(endpoint, raw), endpoint, hint
+        return parse_body(endpoint, body), endpoint, hint
     # No prompt: the other fields are still checked, as a completion with an empty prompt.
-    return parse_request("completion", orjson.dumps({**body, "prompt": ""})), None, hint
+    return parse_body("completion", {**body, "prompt": ""}), None, hint
 
 
 def _first_endpoint(model: Model) -> Endpoint:
@@ -264,9 +217,9 @@ def breaker_refusal(state: DeploymentState, now: float) -> str | None:
     return None
 
 
-def _evaluate(settings: Settings, router: Router, model: Model, now: float) -> dict[str, Any]:
+def _evaluate(settings: Settings, router: Router, model: Model, now: float) -> Evaluation:
     """What ``Router.select`` would do for ``model``, and why, without its side effects."""
-    excluded: list[dict[str, Any]] = []
+    excluded: list[Excluded] = []
     usable: list[DeploymentState] = []
     for state in router.deployments_of(model.name):
         reasons = []
@@ -278,25 +231,25 @@ def _evaluate(settings: Settings, router: Router, model: Model, now: float) -> d
         if reasons:
             if not state.healthy:
                 reasons.append(f"unhealthy: {state.health_detail}")
-            excluded.append({"deployment": state.name, "reasons": reasons})
+            excluded.append(Excluded(state.name, reasons))
         else:
             usable.append(state)
     healthy = [s for s in usable if s.healthy]
-    for state in usable:
-        if healthy and not state.healthy:
-            reason = f"unhealthy: {state.health_detail}"
-            excluded.append({"deployment": state.name, "reasons": [reason]})
+    if healthy:
+        excluded += [
+            Excluded(s.name, [f"unhealthy: {s.health_detail}"]) for s in usable if not s.healthy
+        ]
     pool = healthy or usable
     name = model.balancer or settings.routing.balancer
-    evaluation: dict[str, Any] = {"model": model.name, "balancer": name}
     if not pool:
-        evaluation |= {
-            "deployment": None,
-            "reason": "every deployment is drained or has its breaker open",
-            "candidates": [],
-            "excluded": excluded,
-        }
-        return evaluation
+        return Evaluation(
+            model=model.name,
+            balancer=name,
+            deployment=None,
+            reason="every deployment is drained or has its breaker open",
+            candidates=[],
+            excluded=excluded,
+        )
     candidates = [s.candidate(model, now) for s in pool]
     # A balancer of the same kind, fresh and seeded: the live one is not advanced by a dry run.
     balancer = create_balancer(
@@ -309,14 +262,15 @@ def _evaluate(settings: Settings, router: Router, model: Model, now: float) -> d
     breaker = router.states[chosen.name].breaker.snapshot(now).state
     if breaker is not BreakerState.CLOSED:
         reason += " (its breaker's back-off is over: this request would be a half-open probe)"
-    evaluation |= {
-        "deployment": chosen.name,
-        "reason": reason,
-        "note": _note(balancer),
-        "candidates": _scores(candidates, router, now),
-        "excluded": excluded,
-    }
-    return evaluation
+    return Evaluation(
+        model=model.name,
+        balancer=name,
+        deployment=chosen.name,
+        reason=reason,
+        note=_note(balancer),
+        candidates=_scores(candidates, router, now),
+        excluded=excluded,
+    )
 
 
 def _note(balancer: Balancer) -> str:
@@ -333,7 +287,7 @@ def _note(balancer: Balancer) -> str:
     return ""
 
 
-def _scores(candidates: Sequence[Candidate], router: Router, now: float) -> list[dict[str, Any]]:
+def _scores(candidates: Sequence[Candidate], router: Router, now: float) -> list[CandidateScore]:
     """Each candidate with what the balancers weigh: load = (in flight + 1) / weight, and the
     peak-EWMA score = max(latency, 1 ms) * load, a candidate without latency data counting as
     the fastest known (as in ``citadel.routing.balancer``)."""
@@ -345,18 +299,18 @@ def _scores(candidates: Sequence[Candidate], router: Router, now: float) -> list
         latency = unknown if c.latency is None else c.latency
         state = router.states[c.name]
         rows.append(
-            {
-                "deployment": c.name,
-                "weight": c.weight,
-                "in_flight": c.in_flight,
-                "max_concurrency": c.max_concurrency,
-                "full": c.full,
-                "latency_ewma_seconds": c.latency,
-                "load": round(load, 6),
-                "latency_score": round(max(latency, 0.001) * load, 6),
-                "cost_per_1k": c.cost_per_1k,
-                "healthy": state.healthy,
-                "breaker": state.breaker.snapshot(now).state.value,
-            }
+            CandidateScore(
+                deployment=c.name,
+                weight=c.weight,
+                in_flight=c.in_flight,
+                max_concurrency=c.max_concurrency,
+                full=c.full,
+                latency_ewma_seconds=c.latency,
+                load=round(load, 6),
+                latency_score=round(max(latency, 0.001) * load, 6),
+                cost_per_1k=c.cost_per_1k,
+                healthy=state.healthy,
+                breaker=state.breaker.snapshot(now).state,
+            )
         )
     return rows

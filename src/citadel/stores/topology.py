@@ -24,11 +24,13 @@ stream and the ledger writer run unchanged on every topology:
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
 from redis import exceptions as rex
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import Connection
 from redis.asyncio.sentinel import MasterNotFoundError, Sentinel
 
 from citadel.errors import StoreUnavailable
@@ -94,9 +96,6 @@ class _RedisPyStore:
     def address(self) -> str:
         return self._address
 
-    def _failed(self) -> None:
-        """A call met a fault: the topology may be about to change (see ClusterClient)."""
-
     async def _call(self, call: Callable[[], Awaitable[Any]]) -> Any:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
@@ -105,7 +104,6 @@ class _RedisPyStore:
                 async with asyncio.timeout_at(deadline):
                     return await call()
             except _NOT_RUN as exc:
-                self._failed()
                 if loop.time() + _PAUSE >= deadline:
                     raise StoreUnavailable(_STORE, f"{self._address}: {exc}") from exc
                 await asyncio.sleep(_PAUSE)
@@ -114,11 +112,9 @@ class _RedisPyStore:
             except rex.ResponseError as exc:
                 raise RedisError(str(exc)) from exc
             except TimeoutError as exc:
-                self._failed()
                 detail = f"no reply from {self._address} within {self._timeout} s"
                 raise StoreUnavailable(_STORE, detail) from exc
             except _UNAVAILABLE as exc:
-                self._failed()
                 raise StoreUnavailable(_STORE, f"{self._address}: {exc}") from exc
 
     async def execute(self, *args: Arg) -> Any:
@@ -165,20 +161,29 @@ class ClusterClient(_RedisPyStore):
         address = ",".join(f"{host}:{port}" for host, port in endpoint.nodes)
         super().__init__(client, f"cluster {address}", timeout)
         self._cluster = client
-        self._seen: dict[str, ClusterNode] = {}
+        # redis-py drops a node from its map (a failover, a slot move, a new CLUSTER SLOTS reply)
+        # and closes only its idle connections, in a task nobody waits for; a connection busy at
+        # that moment stays open until the node is garbage, which warns. So every connection
+        # the client makes is remembered (weakly), and aclose closes what is still open.
+        opened: weakref.WeakSet[Connection] = weakref.WeakSet()
+        base: type[Connection] = client.connection_kwargs["connection_class"]
 
-    def _failed(self) -> None:
-        # redis-py drops a node from its map after a failover without closing its connections:
-        # remember the nodes of the old map, so that aclose closes them.
-        for node in self._cluster.get_nodes():
-            self._seen.setdefault(node.name, node)
+        def remember(connection: Connection, **kwargs: Any) -> None:
+            base.__init__(connection, **kwargs)
+            opened.add(connection)
+
+        tracked = type(f"Tracked{base.__name__}", (base,), {"__init__": remember})
+        client.connection_kwargs["connection_class"] = tracked  # the nodes it discovers
+        for node in client.nodes_manager.startup_nodes.values():
+            node.connection_class = tracked
+        self._opened = opened
 
     async def aclose(self) -> None:
-        current = {node.name for node in self._cluster.get_nodes()}
         await super().aclose()
-        for name, node in self._seen.items():
-            if name not in current:
-                await node.disconnect()
+        await asyncio.gather(
+            *(connection.disconnect() for connection in list(self._opened)),
+            return_exceptions=True,
+        )
 
 
 class SentinelClient(_RedisPyStore):

@@ -42,7 +42,8 @@ What ``create_service`` gives every app:
   fields of the service's own.
 - ``GET /metrics`` (no key): the service's ``Registry`` in the Prometheus text format, with
   ``citadel_service_info`` and ``citadel_http_requests_total`` by route template and status;
-  ``metrics_extra`` appends series rendered at scrape time.
+  ``metrics_extra`` appends series rendered at scrape time (called before the registry
+  renders, so it may bring the registry's own series up to date).
 - The admin key on every handler passed as ``admin`` (a ``before_request`` hook rather than a
   guard: Litestar copies the handler object on every guard call) (the router carries the
   OpenAPI ``bearer`` security requirement); handlers passed as ``public`` are open.
@@ -53,6 +54,8 @@ What ``create_service`` gives every app:
 - Query parameters a handler does not declare are a 400 naming them.
 - ``GET /openapi.json`` (OpenAPI 3.1, generated from the handlers and Structs) and ``GET /docs``
   (Swagger UI from files shipped in this package: no CDN, so it works air-gapped).
+- ``documented_body(Struct)`` as a handler's ``operation_class``: the document describes a body
+  the handler reads and checks itself (``await request.body()``).
 - ``x-request-id`` on every response (the client's, if well-formed, else a new one).
 
 Litestar 2.25 wants every handler argument marked: ``FromPath[...]``, ``FromQuery[...]``,
@@ -62,13 +65,24 @@ refuses unknown fields); stores go in by dependency injection (``Provide``) unde
 ``citadel.web.run.serve`` runs the app under uvicorn for ``citadel serve NAME``.
 """
 
-from citadel.web.app import ErrorTranslation, Injected, Struct, create_service, errors, provide
+from citadel.web.app import (
+    ErrorTranslation,
+    Injected,
+    Listing,
+    Struct,
+    create_service,
+    errors,
+    provide,
+)
+from citadel.web.docs import documented_body
 
 __all__ = [
     "ErrorTranslation",
     "Injected",
+    "Listing",
     "Struct",
     "create_service",
+    "documented_body",
     "errors",
     "provide",
 ]

@@ -8,7 +8,7 @@ import os
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Annotated, Any, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Generic, Literal, TypeAlias, TypeVar
 
 import msgspec
 from litestar import Litestar, Request, Response, Router, get
@@ -23,7 +23,7 @@ from litestar.exceptions import (
 from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.plugins import JsonRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
-from litestar.params import SkipValidationMarker
+from litestar.params import ParameterKwarg, SkipValidationMarker
 
 from citadel import __version__
 from citadel.adminkey import AdminKey
@@ -33,6 +33,7 @@ from citadel.errors import (
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
+    Unauthorized,
 )
 from citadel.health import HealthCheck, Status, check_all
 from citadel.metrics import HTTP_REQUESTS, SERVICE_INFO, Registry
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ErrorTranslation",
     "Injected",
+    "Listing",
     "Struct",
     "create_service",
     "errors",
@@ -76,6 +78,13 @@ _RESERVED = frozenset(
 
 class Struct(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """A request body: an unknown field is a 400 naming it. Replies may use it too."""
+
+
+class Listing(msgspec.Struct, Generic[_T]):
+    """A list reply, as OpenAI's: ``{"object": "list", "data": [...]}``."""
+
+    data: list[_T]
+    object: Literal["list"] = "list"
 
 
 Injected: TypeAlias = Annotated[_T, Dependency(kind="named"), SkipValidationMarker()]
@@ -159,18 +168,25 @@ def create_service(
             body |= await health_extra()
         return Response(body, status_code=503 if status == "down" else 200)  # type: ignore[arg-type]
 
+    token = settings.metrics_token()
+    scrape_key = None if token is None else AdminKey(token)
+
     @get(
         "/metrics",
         summary="Metrics in the Prometheus text format",
+        description="Open, or behind `metrics.token` (by default the admin key outside "
+        "development and test).",
         tags=["operations"],
         security=[],
         media_type=_PROMETHEUS,
+        responses={401: ResponseSpec(None, description="metrics.token is set and not sent")},
     )
-    async def metrics_handler() -> Response[bytes]:
-        body = registry.render()
-        if metrics_extra is not None:
-            body += await metrics_extra()
-        return Response(body, media_type=_PROMETHEUS)
+    async def metrics_handler(request: Request[Any, Any, Any]) -> Response[bytes]:
+        if scrape_key is not None:
+            _scrape_token(scrape_key, request.headers.get("authorization"))
+        # The extra series first: rendering them may bring the registry's own up to date.
+        extra = b"" if metrics_extra is None else await metrics_extra()
+        return Response(registry.render() + extra, media_type=_PROMETHEUS)
 
     key = AdminKey(settings.gateway.admin_key)
 
@@ -222,6 +238,19 @@ def create_service(
     )
 
 
+def _scrape_token(key: AdminKey, authorization: str | None) -> None:
+    """Refuse a scrape without ``metrics.token`` (as the gateway's own /metrics does)."""
+    try:
+        key.verify(None if authorization is None else authorization.encode("latin-1"))
+    except Unauthorized as exc:
+        raise Unauthorized(
+            "/metrics needs 'Authorization: Bearer <metrics.token>' (or the admin key when "
+            "metrics.token is unset).",
+            code="metrics_token_required",
+            headers=((b"www-authenticate", b'Bearer realm="metrics"'),),
+        ) from exc
+
+
 def _run_all(hooks: Sequence[Hook]) -> Hook:
     async def run() -> None:
         for hook in hooks:
@@ -242,10 +271,17 @@ def _short(text: str) -> str:
 
 def _query_names(handler: BaseRouteHandler) -> frozenset[str]:
     names = set()
+    injected = handler.resolve_dependencies()
     for field in handler.parsed_fn_signature.parameters.values():
-        alias = getattr(field.kwarg_definition, "query", None)
-        names.add(alias or field.name)
-    return frozenset(names - _RESERVED)
+        if field.name in injected:  # not a query parameter
+            continue
+        kwarg = field.kwarg_definition
+        alias = kwarg.name or kwarg.query if isinstance(kwarg, ParameterKwarg) else None
+        if alias is not None:  # `scope_: QueryParameter(name="scope")` takes ?scope=
+            names.add(alias)
+        elif field.name not in _RESERVED:
+            names.add(field.name)
+    return frozenset(names)
 
 
 def _known_query_only(
@@ -321,7 +357,7 @@ def _api_error(
             if translate is not None:
                 return translate(exc)
     if isinstance(exc, ValidationException):
-        return _invalid(exc)
+        return _invalid(exc, _aliases(request.route_handler))
     if isinstance(exc, NotFoundException):
         return NotFound(f"Unknown path {_short(request.url.path)}.", code="unknown_url")
     if isinstance(exc, MethodNotAllowedException):
@@ -349,9 +385,20 @@ def _cause(exc: BaseException, kind: type[BaseException]) -> BaseException | Non
     return seen
 
 
-def _invalid(exc: ValidationException) -> BadRequest:
+def _aliases(handler: BaseRouteHandler) -> dict[str, str]:
+    """The query names of the handler's arguments named otherwise (``format_`` -> ``format``)."""
+    found = {}
+    for field in handler.parsed_fn_signature.parameters.values():
+        kwarg = field.kwarg_definition
+        if isinstance(kwarg, ParameterKwarg) and (alias := kwarg.name or kwarg.query):
+            found[field.name] = alias
+    return found
+
+
+def _invalid(exc: ValidationException, aliases: Mapping[str, str]) -> BadRequest:
     """A 400 whose ``param`` names the field (dotted: ``reservation.lease_id``), from msgspec's
-    error (``Expected `int`, got `str` - at `$.data.tokens```)."""
+    error (``Expected `int`, got `str` - at `$.data.tokens```), or the query parameter by the
+    name the client gave it."""
     cause = exc.__cause__
     if not isinstance(cause, msgspec.ValidationError):
         return BadRequest(f"The request is invalid: {exc.detail}.")
@@ -360,6 +407,8 @@ def _invalid(exc: ValidationException) -> BadRequest:
     message, path = found["message"], (found["path"] or "").lstrip(".")
     if path == "data" or path.startswith(("data.", "data[")):
         path = path[len("data") :].lstrip(".")
+    elif path in aliases:
+        path = aliases[path]
     field = _FIELD.match(message)
     if field is not None:
         param = f"{path}.{field['name']}" if path else field["name"]

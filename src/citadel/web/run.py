@@ -1,14 +1,19 @@
 """Run a ``citadel.web`` app under uvicorn (uvloop, httptools): what ``citadel serve NAME`` does
 for every service but the gateway. SIGTERM or SIGINT stops it gracefully: no new connections,
-requests in flight get ``grace`` seconds, then the app's shutdown hooks run."""
+requests in flight get ``grace`` seconds, then the app's shutdown hooks run. A ``ConfigError``
+raised by a start-up hook (a rule Prometheus refuses, say) is raised again from ``serve``, so the
+CLI prints it as one line naming the key and exits 2, as for a bad citadel.yaml."""
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from types import FrameType
 
 import uvicorn
 from litestar import Litestar
 
+from citadel.errors import ConfigError
 from citadel.service import check_bindable
 
 __all__ = ["serve"]
@@ -26,6 +31,8 @@ class _Server(uvicorn.Server):
 def serve(app: Litestar, *, host: str, port: int, grace: float = 30.0) -> int:
     """Serve the app in this process until SIGTERM/SIGINT; return an exit code."""
     check_bindable(host, port)  # one clear line for the CLI if the port is taken
+    refused: list[ConfigError] = []
+    app.on_startup[:] = [_noting(hook, refused) for hook in app.on_startup]
     config = uvicorn.Config(
         app,
         host=host,
@@ -39,6 +46,26 @@ def serve(app: Litestar, *, host: str, port: int, grace: float = 30.0) -> int:
         timeout_graceful_shutdown=int(grace),
     )
     server = _Server(config)
-    server.run()
+    try:
+        server.run()
+    except SystemExit:  # uvicorn's way of saying that start-up failed (status 3)
+        if refused:
+            raise refused[0] from None
+        raise
     # uvicorn reports a failed start-up (a hook that raised) only by not having started.
     return 0 if server.started else 1
+
+
+def _noting(hook: Callable[..., object], refused: list[ConfigError]) -> Callable[..., object]:
+    """``hook``, noting the ConfigError it raises (uvicorn would only log it)."""
+
+    async def run(app: Litestar) -> None:
+        try:
+            result = hook(app) if inspect.signature(hook).parameters else hook()
+            if inspect.isawaitable(result):
+                await result
+        except ConfigError as exc:
+            refused.append(exc)
+            raise
+
+    return run
