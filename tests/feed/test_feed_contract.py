@@ -62,7 +62,7 @@ def run(kind: str, body: Callable[[Feed, Feed, str], Awaitable[Any]], *, maxlen:
             finally:
                 if kind == "redis":
                     client = RedisClient.from_url(REDIS_URL, timeout=1.0)
-                    await client.execute("DEL", stream_key(topic))
+                    await client.execute("DEL", stream_key(topic), stream_key(f"{topic}k"))
                     await client.aclose()
 
     return asyncio.run(main())
@@ -91,6 +91,26 @@ def test_read_returns_entries_after_a_position_in_order(kind: str) -> None:
         assert await b.last(topic) == positions[-1]
         assert (await b.read(f"{topic}x", "0-0")).entries == []
         assert await b.last(f"{topic}x") == "0-0"
+
+    run(kind, body)
+
+
+@kinds
+def test_an_expired_topic_is_gone_and_a_later_expire_pushes_the_deadline_back(
+    kind: str,
+) -> None:
+    async def body(a: Feed, b: Feed, topic: str) -> None:
+        await a.publish(topic, b"one")
+        await a.publish(f"{topic}k", b"kept")
+        await a.expire(topic, 0.3)
+        await a.expire(f"{topic}k", 0.2)
+        await a.expire(f"{topic}k", 30)
+        assert [e.data for e in (await b.read(topic, "0-0")).entries] == [b"one"]
+        await asyncio.sleep(0.5)
+        gone = await b.read(topic, "0-0")
+        assert (gone.entries, gone.recovered) == ([], True)
+        assert await b.last(topic) == "0-0"
+        assert [e.data for e in (await b.read(f"{topic}k", "0-0")).entries] == [b"kept"]
 
     run(kind, body)
 

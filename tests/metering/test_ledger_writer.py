@@ -492,6 +492,29 @@ def test_trim_keeps_what_is_pending(stream: str) -> None:
     with_sqlite(body)
 
 
+def test_trim_keeps_stored_entries_younger_than_keep_seconds(stream: str) -> None:
+    """The event feed resumes usage from this stream: stored entries inside ``keep_seconds``
+    stay, older stored ones go."""
+
+    async def body(uri: str) -> None:
+        async with stores(uri) as (redis, engine):
+            w = writer(redis, engine, stream, keep_seconds=600)
+            await w.ensure_group()
+            seconds, _ = await redis.execute("TIME")
+            old = (int(seconds) - 3600) * 1000
+            for i in range(5):  # an hour old
+                await redis.execute("XADD", stream, f"{old}-{i}", "e", encode_event(event(i + 1)))
+            await xadd(redis, stream, [event(i) for i in range(6, 16)])
+            await drain(w)
+            assert 0 == await w.lag()
+            await w.trim()
+            assert 10 == await redis.execute("XLEN", stream)
+            await writer(redis, engine, stream).trim()  # keep_seconds 0: only the backlog
+            assert 0 == await redis.execute("XLEN", stream)
+
+    with_sqlite(body)
+
+
 def test_postgres_down_nothing_is_acknowledged_and_the_backlog_drains_later(
     private_postgres: PrivatePostgres, stream: str
 ) -> None:

@@ -232,6 +232,88 @@ def test_sse_chat_completions_work_as_on_the_gateway(stack: Stack) -> None:
     assert refused.json()["error"]["code"] == "missing_api_key"
 
 
+def user_key(stack: Stack) -> str:
+    """A new user (default tier) and a key of theirs."""
+    from citadel.accounts.sql import open_store
+
+    async def make() -> str:
+        store = await open_store(
+            f"sqlite+aiosqlite:///{stack.config.parent / 'accounts.db'}", migrate=False
+        )
+        try:
+            user = await store.create_user(
+                name="t", email=f"{uuid.uuid4().hex}@example.com", tier="free"
+            )
+            _, secret = await store.create_key(user.id, name="test")
+            return secret
+        finally:
+            await store.aclose()
+
+    return asyncio.run(make())
+
+
+def sse_events(lines: Iterator[str]) -> Iterator[tuple[str | None, str]]:
+    """(id, data) of each SSE event."""
+    event_id: str | None = None
+    for line in lines:
+        if line.startswith("id: "):
+            event_id = line[4:]
+        elif line.startswith("data: "):
+            yield event_id, line[6:]
+            event_id = None
+
+
+def test_a_streamed_completion_resumes_on_another_replica_from_last_event_id(
+    stack: Stack,
+) -> None:
+    """The client reads three events and drops the connection; the generation runs on, and
+    /v1/streams/{id} on the other replica, from the last id it saw, gives the rest: with the
+    three, every event exactly once, in order, ending in [DONE]."""
+    body = {**chat(30), "stream": True}
+    with httpx.stream(
+        "POST", stack.url(0) + "/v1/chat/completions", json=body, headers=AUTH, timeout=10
+    ) as r:
+        assert r.status_code == 200
+        stream_id = r.headers["x-citadel-stream-id"]
+        seen = []
+        for event_id, data in sse_events(r.iter_lines()):
+            assert event_id is not None
+            seen.append((event_id, data))
+            if len(seen) == 3:
+                break
+    assert orjson.loads(seen[0][1])["object"] == "chat.completion.chunk"
+    url = stack.url(1) + f"/v1/streams/{stream_id}"
+    with httpx.stream("GET", url, headers={**AUTH, "Last-Event-ID": seen[-1][0]}, timeout=10) as r:
+        assert r.status_code == 200
+        rest = list(sse_events(r.iter_lines()))
+    assert rest[-1][1] == "[DONE]"
+    whole = list(sse_events(httpx.get(url, headers=AUTH, timeout=10).iter_lines()))
+    assert seen + rest == whole  # from the start: the same events, each once, in order
+    chunks = [orjson.loads(d) for _, d in whole[:-1]]
+    tokens = [c for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")]
+    assert len(tokens) == 30  # the tokens generated after the client left are there too
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_attaching_refuses_other_keys_unknown_ids_and_bad_positions(stack: Stack) -> None:
+    body = {**chat(2), "stream": True}
+    r = httpx.post(stack.url() + "/v1/chat/completions", json=body, headers=AUTH, timeout=10)
+    stream_id = r.headers["x-citadel-stream-id"]
+    other = {"Authorization": f"Bearer {user_key(stack)}"}
+    refused = httpx.get(stack.url() + f"/v1/streams/{stream_id}", headers=other)
+    assert refused.status_code == 404
+    assert refused.json()["error"]["param"] == "id"
+    unknown = httpx.get(stack.url() + "/v1/streams/gen_" + "0" * 32, headers=AUTH)
+    assert unknown.status_code == 404
+    assert httpx.get(stack.url() + "/v1/streams/nonsense", headers=AUTH).status_code == 404
+    bad = httpx.get(
+        stack.url() + f"/v1/streams/{stream_id}", headers={**AUTH, "Last-Event-ID": "x"}
+    )
+    assert bad.status_code == 400
+    assert bad.json()["error"]["param"] == "Last-Event-ID"
+    assert httpx.get(stack.url() + f"/v1/streams/{stream_id}").status_code == 401
+
+
 def test_usage_from_replica_a_reaches_a_subscriber_on_replica_b_and_sse_resumes(
     stack: Stack,
 ) -> None:
@@ -283,6 +365,68 @@ def test_usage_from_replica_a_reaches_a_subscriber_on_replica_b_and_sse_resumes(
     asyncio.run(main())
 
 
+def test_a_gateway_publishes_deployment_changes_and_the_digest_shows_usage(stack: Stack) -> None:
+    """A gateway process on the same Redis probes a deployment that is down: the health change
+    reaches a /v1/events subscriber of the streaming service; requests through the streaming
+    service show in the metrics digest."""
+    name = f"dead-{uuid.uuid4().hex[:8]}"
+    config = stack.config.parent / f"{name}.yaml"
+    config.write_text(
+        stack.config.read_text()
+        + f"""
+  - name: {name}
+    deployments:
+      - {{name: {name}-1, url: "http://127.0.0.1:9"}}
+routing: {{health: {{interval_seconds: 0.2, timeout_seconds: 0.5, unhealthy_after: 1}}}}
+"""
+    )
+
+    async def main() -> None:
+        async with websockets.connect(stack.ws(1), additional_headers=AUTH) as sub:
+            message = {"type": "subscribe", "id": "s", "topics": ["deployments", "metrics"]}
+            await sub.send(orjson.dumps(message))
+            assert (await recv(sub))["type"] == "subscribed"
+            port = free_port()
+            args = [sys.executable, "-m", "citadel", "--config", str(config)]
+            gateway = start_process(
+                [*args, "serve", "gateway", "--port", str(port)], port, env=stack.env
+            )
+            try:
+                async with websockets.connect(stack.ws(0), additional_headers=AUTH) as ws:
+                    for i in range(3):
+                        body = {"type": "chat.completion", "id": f"m{i}", "body": chat(1)}
+                        await ws.send(orjson.dumps(body))
+                    done = 0
+                    while done < 3:
+                        done += (await recv(ws))["type"] == "done"
+                health: dict[str, Any] | None = None
+                digests: list[dict[str, Any]] = []
+                for _ in range(200):
+                    event = await recv(sub)
+                    assert event["type"] == "event", event
+                    data = event["data"]
+                    if event["topic"] == "deployments" and data.get("deployment") == f"{name}-1":
+                        health = data
+                    if event["topic"] == "metrics":
+                        digests.append(data)
+                    served = sum(
+                        d["models"].get("sim-chat", {}).get("requests_per_second", 0)
+                        * d["interval_seconds"]
+                        for d in digests
+                    )
+                    if health is not None and served >= 3 - 0.01:
+                        break
+            finally:
+                stop_process(gateway)
+        assert health is not None
+        assert (health["kind"], health["healthy"]) == ("health", False)
+        assert health["source"].startswith("gateway@")
+        assert round(served) >= 3
+        assert len({d["source"] for d in digests}) == 1  # one replica publishes the digest
+
+    asyncio.run(main())
+
+
 def test_events_refuse_bad_topics_positions_and_keys(stack: Stack) -> None:
     r = httpx.get(stack.url() + "/v1/events?topics=usage,nope", headers=AUTH)
     assert r.status_code == 400
@@ -303,6 +447,10 @@ def test_health_and_metrics(stack: Stack) -> None:
     text = httpx.get(stack.url() + "/metrics").text
     assert 'citadel_streaming_messages_sent_total{protocol="websocket"}' in text
     assert "citadel_streaming_cancellations_total" in text
+    asked = {"Origin": "http://page.example", "Access-Control-Request-Method": "POST"}
+    preflight = httpx.options(stack.url() + "/v1/chat/completions", headers=asked)
+    assert preflight.status_code == 204  # development: gateway.cors_origins is "*"
+    assert preflight.headers["access-control-allow-origin"] == "http://page.example"
 
 
 def test_sigterm_tells_websocket_clients_to_reconnect_with_1012(stack: Stack) -> None:
@@ -349,3 +497,146 @@ def test_too_many_connections_for_one_key_are_refused_with_4429(stack: Stack) ->
             assert (await recv(again))["type"] == "chunk"
 
     asyncio.run(main())
+
+
+def test_the_openai_sdk_speaks_responses_over_websocket(stack: Stack) -> None:
+    """``client.responses.connect()``: a response.create gets the typed events, text deltas
+    before the end, and a completed response with its usage; two lanes run side by side."""
+    from openai import AsyncOpenAI
+    from openai.lib.responses_websocket import (
+        AsyncResponsesWebSocketSession,
+        ResponsesWebSocketLimits,
+    )
+
+    async def main() -> None:
+        async with AsyncOpenAI(api_key=ADMIN_KEY, base_url=stack.url() + "/v1") as client:
+            async with client.responses.connect() as connection:
+                await connection.response.create(model="sim-chat", input="hi", max_output_tokens=16)
+                kinds: list[str] = []
+                text = ""
+                async for event in connection:
+                    kinds.append(event.type)
+                    if event.type == "response.output_text.delta":
+                        text += event.delta
+                    if event.type in ("response.completed", "response.incomplete", "error"):
+                        break
+                assert kinds[:2] == ["response.created", "response.in_progress"], event
+                # the simulator always writes max_output_tokens tokens: the response is cut there
+                assert kinds[-1] == "response.incomplete", kinds
+                assert kinds.count("response.output_text.delta") == 16
+                assert event.type == "response.incomplete"
+                assert event.response.incomplete_details is not None
+                assert event.response.incomplete_details.reason == "max_output_tokens"
+                assert event.response.usage is not None
+                assert event.response.usage.output_tokens == 16
+                assert event.response.output_text == text
+            async with client.responses.connect() as connection:
+                limits = ResponsesWebSocketLimits(
+                    max_lanes=4,
+                    max_events_per_lane=256,
+                    max_events=512,
+                    max_bytes_per_lane=1 << 20,
+                    max_bytes=1 << 21,
+                )
+                async with AsyncResponsesWebSocketSession(connection, limits=limits) as session:
+                    lanes = [session.lane("a"), session.lane("b")]
+                    for lane, tokens in zip(lanes, (16, 20), strict=True):
+                        await lane.send(
+                            {
+                                "type": "response.create",
+                                "model": "sim-chat",
+                                "input": "hello",
+                                "max_output_tokens": tokens,
+                            }
+                        )
+                    finals = await asyncio.wait_for(
+                        asyncio.gather(*(lane.get_final_response() for lane in lanes)), 15
+                    )
+                    assert [f.usage.output_tokens for f in finals if f.usage] == [16, 20]
+                    assert all(f.status == "incomplete" for f in finals)
+
+    asyncio.run(main())
+
+
+def test_responses_over_websocket_refuse_bad_messages_with_error_events(stack: Stack) -> None:
+    url = f"ws://127.0.0.1:{stack.ports[0]}/v1/responses"
+
+    async def main() -> None:
+        async with websockets.connect(url, additional_headers=AUTH) as ws:
+            await ws.send(orjson.dumps({"type": "response.dance"}))
+            error = await recv(ws)
+            assert error["type"] == "error"
+            assert "unknown message type" in error["message"]
+            assert error["param"] == "type"
+            create = {"type": "response.create", "stream_id": "x", "model": "nope", "input": "a"}
+            await ws.send(orjson.dumps(create))
+            error = await recv(ws)
+            assert (error["type"], error["stream_id"]) == ("error", "x")
+            assert "nope" in error["message"]
+            await ws.send(orjson.dumps({"type": "response.steer", "input": "a"}))
+            assert (await recv(ws))["code"] == "unsupported"
+            long = {**create, "model": "sim-chat", "max_output_tokens": 200}
+            await ws.send(orjson.dumps(long))
+            assert (await recv(ws))["type"] == "response.created"
+            await ws.send(orjson.dumps(long))  # the same stream_id while it runs
+            kinds = []
+            while True:
+                event = await recv(ws)
+                kinds.append(event["type"])
+                if event["type"] == "error":
+                    assert event["param"] == "stream_id"
+                    break
+            await ws.send(orjson.dumps({"type": "response.cancel", "stream_id": "x"}))
+            while (event := await recv(ws))["type"] != "response.cancelled":
+                assert event["type"] != "response.incomplete"
+            assert event["stream_id"] == "x"
+        async with websockets.connect(url) as ws:
+            await ws.send(orjson.dumps({"type": "response.create", "model": "sim-chat"}))
+            assert (await recv(ws))["code"] == "missing_api_key"
+
+    asyncio.run(main())
+
+
+def test_responses_over_http_work_as_on_the_gateway(stack: Stack) -> None:
+    body = {"model": "sim-chat", "input": "hi", "max_output_tokens": 16}
+    r = httpx.post(stack.url() + "/v1/responses", json=body, headers=AUTH, timeout=10)
+    assert r.status_code == 200
+    assert r.json()["usage"]["output_tokens"] == 16
+    with httpx.stream(
+        "POST", stack.url() + "/v1/responses", json={**body, "stream": True}, headers=AUTH
+    ) as r:
+        events = [line[7:] for line in r.iter_lines() if line.startswith("event: ")]
+    assert events[0] == "response.created"
+    assert events[-1] == "response.incomplete"
+
+
+def test_the_demo_page_chats_over_the_websocket_and_shows_live_events(stack: Stack) -> None:
+    """Headless Chromium opens /demo (the admin key on that request only), connects with a key
+    typed into the page, chats, and sees the tokens and the usage event of its own request."""
+    from playwright.sync_api import Route, expect, sync_playwright
+
+    assert httpx.get(stack.url() + "/demo").status_code == 401
+
+    def with_admin_key(route: Route) -> None:
+        route.continue_(headers={**route.request.headers, "authorization": f"Bearer {ADMIN_KEY}"})
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path="/usr/bin/chromium",
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
+        try:
+            page = browser.new_page()
+            page.route(stack.url() + "/demo", with_admin_key)
+            page.goto(stack.url() + "/demo")
+            page.fill("#key", ADMIN_KEY)
+            page.click("#connect")
+            expect(page.locator("#state")).to_have_text("connected", timeout=10_000)
+            page.wait_for_timeout(300)  # the events request is open before the chat starts
+            page.click("#send")
+            expect(page.locator("#status")).to_have_text("done: 20 tokens", timeout=15_000)
+            assert len(page.locator("#tokens").inner_text().split()) >= 10
+            usage = page.locator('#events li[data-topic="usage"]')
+            expect(usage.first).to_contain_text("sim-chat 200 completion_tokens=20", timeout=15_000)
+        finally:
+            browser.close()

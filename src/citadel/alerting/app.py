@@ -25,6 +25,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -50,6 +52,9 @@ from citadel.alerting.engine import (
 )
 from citadel.alerting.prometheus import InvalidQuery, PrometheusClient, PrometheusError
 from citadel.errors import ConfigError
+from citadel.feed import Feed
+from citadel.feed.open import shared_feed
+from citadel.feed.publisher import Publisher
 from citadel.health import DependencyHealth, HealthCheck
 from citadel.http.client import HttpClient
 from citadel.metrics import Registry
@@ -75,6 +80,7 @@ class AlertingDeps:
     registry: Registry = field(default_factory=Registry)
     clock: Callable[[], float] = time.time
     run_scheduler: bool = True  # False: rules are evaluated only by POST /v1/evaluate
+    feed: Feed | None = None  # the event feed alerts are published to (None: nobody reads it)
     close: tuple[Callable[[], Awaitable[None]], ...] = ()
 
 
@@ -137,6 +143,7 @@ def default_deps(settings: Settings) -> AlertingDeps:
         detector_factory=default_detector_factory(),
         registry=registry,
         close=tuple(close),
+        feed=shared_feed(settings),
     )
 
 
@@ -212,6 +219,11 @@ class _Service:
             sources["prometheus"] = _ValidatingSource(deps.prometheus)
         else:
             sources["prometheus"] = _Missing("PROMETHEUS_ENDPOINT is not set")
+        self.publisher = (
+            Publisher(deps.feed, source=f"predictive-alerting@{socket.gethostname()}:{os.getpid()}")
+            if deps.feed is not None
+            else None
+        )
         scheduler = Scheduler(
             settings=alerting,
             evaluator=evaluator,
@@ -221,6 +233,7 @@ class _Service:
             registry=deps.registry,
             clock=deps.clock,
             generator_url=alerting.generator_url or generator,
+            events=self.publisher.sink("alerts") if self.publisher is not None else None,
         )
         self.state = Alerting(
             settings=alerting,
@@ -232,6 +245,8 @@ class _Service:
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
+        if self.publisher is not None:
+            await self.publisher.start()
         prometheus = self.deps.prometheus
         if prometheus is not None:
             try:
@@ -255,6 +270,10 @@ class _Service:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(_SHUTDOWN_FLUSH_SECONDS):
                     await notifier.flush()
+        if self.publisher is not None:
+            await self.publisher.aclose()
+        if self.deps.feed is not None:
+            await self.deps.feed.aclose()
 
     async def prometheus_health(self) -> DependencyHealth:
         assert self.deps.prometheus is not None

@@ -31,10 +31,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 from zoneinfo import ZoneInfo
 
-from citadel.alerting.alertmanager import AlertBook, AlertmanagerClient
+from citadel.alerting.alertmanager import Alert, AlertBook, AlertmanagerClient
 from citadel.alerting.anomaly import Detector
 from citadel.alerting.definitions import AlertingSettings, Rule
 from citadel.alerting.forecast import (
@@ -438,6 +438,21 @@ class LedgerSource:
         return [Series(labels=labels, times=tuple(times), values=tuple(values))]
 
 
+def alert_event(rule: Rule, alert: Alert) -> dict[str, Any]:
+    """An alert that started firing or resolved, as the event feed shows it."""
+    return {
+        "kind": "alert",
+        "state": alert.state,
+        "rule": rule.name,
+        "severity": rule.severity,
+        "labels": dict(alert.labels),
+        "annotations": dict(alert.annotations),
+        "starts_at": alert.starts_at,
+        "ends_at": alert.ends_at if alert.state == "resolved" else None,
+        "fingerprint": alert.fingerprint,
+    }
+
+
 @dataclass(kw_only=True)
 class Scheduler:
     """Evaluates every rule on an interval and delivers the alerts (the I/O around Evaluator)."""
@@ -456,6 +471,9 @@ class Scheduler:
     rounds_skipped: int = 0  # interval ticks passed over because a round outlasted them
     last_round_seconds: float | None = None
     in_round: bool = False
+    # Each alert that starts firing or resolves, as a JSON object (the event feed's ``alerts``
+    # topic); re-sends of an alert still firing are not events.
+    events: Callable[[dict[str, Any]], None] | None = None
 
     def __post_init__(self) -> None:
         self._evaluations = self.registry.counter(ALERTING_EVALUATIONS)
@@ -494,6 +512,10 @@ class Scheduler:
             sends = self.book.update(rule.name, fired, now=now, generator_url=self.generator_url)
             if sends and self.notifier is not None:
                 self.notifier.submit(sends)
+            if sends and self.events is not None:
+                for alert in sends:
+                    if alert.state == "resolved" or alert.starts_at == now:
+                        self.events(alert_event(rule, alert))
         for states in self.evaluator.models().get(rule.name, {}).values():
             for state in states:
                 if state.backtest_error is not None and state.selected:

@@ -85,6 +85,17 @@ class Feed(abc.ABC):
     async def last(self, topic: str) -> str:
         """The position of the newest entry (``0-0`` for an empty topic)."""
 
+    @abc.abstractmethod
+    async def expire(self, topic: str, seconds: float) -> None:
+        """Drop the whole topic ``seconds`` from now (a short-lived log, e.g. one generation's
+        chunks); publishing to it does not extend the deadline, calling this again does."""
+
+    async def lead(self, name: str, owner: str, seconds: float) -> bool:
+        """Whether ``owner`` holds (or now takes) the lease ``name`` for ``seconds`` more: one
+        publisher among replicas (e.g. of the metrics digest). In memory there is one process,
+        so it always does."""
+        return True
+
     async def aclose(self) -> None:
         """Stop reading (subscriptions end)."""
         for subs in list(self._subscribers.values()):

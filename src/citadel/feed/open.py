@@ -9,7 +9,7 @@ from citadel.feed.redis import RedisFeed
 from citadel.settings import Settings
 from citadel.stores.redis import RedisClient
 
-__all__ = ["USAGE", "open_feed"]
+__all__ = ["USAGE", "open_feed", "shared_feed"]
 
 USAGE = "usage"  # the topic of usage events: the metering stream itself
 _TAIL_TIMEOUT = 5.0  # seconds: above the tail's XREAD BLOCK (1 s)
@@ -30,3 +30,11 @@ def open_feed(settings: Settings, *, maxlen: int = 10_000) -> Feed:
         streams={USAGE: settings.metering.stream},
         owns_client=True,
     )
+
+
+def shared_feed(settings: Settings) -> Feed | None:
+    """The feed other processes read (Redis), or None: a process that only publishes (the
+    gateway, predictive-alerting) has no reader without Redis, unless embedded mode hands it
+    the one in-process feed."""
+    feed = open_feed(settings, maxlen=10_000)
+    return None if isinstance(feed, MemoryFeed) else feed

@@ -3,8 +3,9 @@
 One stream per topic (``citadel:{feed:<topic>}``, bounded with ``XADD MAXLEN ~``), except the
 usage topic: it is the metering stream the gateways already XADD usage events to for the ledger
 (``citadel:{usage}:events``, field ``e``), read here with plain XREAD beside the ledger writer's
-consumer group, so usage is published once. Its retention is the ledger writer's (it trims what
-the group is done with, keeping ``metering`` retention).
+consumer group, so usage is published once. Its retention is the ledger writer's: it trims what
+the group has stored and acknowledged once it is older than ``metering.stream_keep_seconds``
+(600 s by default), so a usage position from the last ten minutes resumes without loss.
 
 Reads go through the shared client; each watched topic has one tail task per process, blocking
 in XREAD on a connection of its own (a blocked read would hold up the shared client's pipeline)
@@ -26,7 +27,7 @@ from typing import Any, Final
 
 from citadel.errors import StoreUnavailable
 from citadel.feed.core import Entry, Feed, Page, check_topic, parse_position
-from citadel.stores.redis import RedisClient, RedisError
+from citadel.stores.redis import RedisClient, RedisError, Script
 
 __all__ = ["RedisFeed", "stream_key"]
 
@@ -36,6 +37,13 @@ FIELD: Final = b"e"  # the same field as the usage stream's entries
 _BLOCK_MS: Final = 1000
 _TAIL_COUNT: Final = 1000
 _RETRY_SECONDS: Final = 0.5
+
+
+_LEAD: Final = Script("""
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
+return 0
+""")
 
 
 def stream_key(topic: str) -> str:
@@ -93,6 +101,15 @@ class RedisFeed(Feed):
     async def last(self, topic: str) -> str:
         rows = await self._redis.execute("XREVRANGE", self.key(topic), "+", "-", "COUNT", 1)
         return _text(rows[0][0]) if rows else "0-0"
+
+    async def expire(self, topic: str, seconds: float) -> None:
+        await self._redis.execute("PEXPIRE", self.key(topic), max(int(seconds * 1000), 1))
+
+    async def lead(self, name: str, owner: str, seconds: float) -> bool:
+        """``SET NX PX`` the lease, or extend it when ``owner`` holds it already."""
+        key, ttl = f"{stream_key(check_topic(name))}:lead", max(int(seconds * 1000), 1)
+        reply = await self._redis.evalsha(_LEAD, [key], [owner, ttl])
+        return bool(reply)
 
     async def _watch(self, topic: str) -> None:
         if topic in self._tails:

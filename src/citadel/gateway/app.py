@@ -13,6 +13,9 @@ import orjson
 
 from citadel.accounts.store import AccountStore
 from citadel.errors import StoreUnavailable
+from citadel.feed import Feed
+from citadel.feed.open import shared_feed
+from citadel.feed.publisher import Publisher
 from citadel.gateway.auth import AdminKeyAuthenticator, Authenticator, KeyAuthenticator
 from citadel.gateway.document import openapi_document
 from citadel.gateway.proxy import MODELS_PREFIX, SERVES, Gateway
@@ -50,6 +53,8 @@ class GatewayDeps:
     usage: UsageSink | None = None
     limiter: Limiter | None = None
     accounts: AccountStore | None = None
+    # The event feed the router publishes deployment changes to (None: nobody reads them).
+    feed: Feed | None = None
 
 
 def default_deps(settings: Settings) -> GatewayDeps:
@@ -87,6 +92,7 @@ def default_deps(settings: Settings) -> GatewayDeps:
         limiter=limiter,
         accounts=accounts,
         usage=usage,
+        feed=shared_feed(settings),
     )
 
 
@@ -154,13 +160,19 @@ def create_app(settings: Settings, deps: GatewayDeps) -> App:
     """The gateway: the four OpenAI endpoints, /health and /metrics."""
     app = service_app("gateway", settings, deps.registry)
     app.edge = OpenAiEdge(CorsPolicy(settings.gateway.cors_origins))
-    shared = SharedRoutingState.from_settings(
-        settings, replica=f"gateway@{socket.gethostname()}:{os.getpid()}"
-    )
+    replica = f"gateway@{socket.gethostname()}:{os.getpid()}"
+    shared = SharedRoutingState.from_settings(settings, replica=replica)
+    publisher = None
+    if deps.feed is not None:  # deployment changes to the event feed's ``deployments`` topic
+        publisher = Publisher(deps.feed, source=replica)
+        app.on_startup(publisher.start)
+        app.on_shutdown(deps.feed.aclose)
+        app.on_shutdown(publisher.aclose)
     router = Router(
         settings,
         registry=deps.registry,
         on_transition=shared.on_transition if shared is not None else None,
+        events=publisher.sink("deployments") if publisher is not None else None,
     )
     if shared is not None:  # replicas agree on open breakers and drained deployments
         sync = SyncLoop(shared, router)

@@ -112,6 +112,7 @@ def default_deps(settings: Settings) -> MeteringDeps:
             group=metering.group,
             consumer=f"{socket.gethostname()}-{os.getpid()}",
             batch_size=metering.batch_size,
+            keep_seconds=metering.stream_keep_seconds,
         )
         shutdown.insert(0, redis.aclose)
     return MeteringDeps(

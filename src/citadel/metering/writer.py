@@ -27,7 +27,10 @@ next, so the database's cores and this process work side by side (``bench/ledger
 The group is created at the stream's start (``0``, not ``$``): events XADDed before any writer
 ran are drained too. Entries every writer is done with are trimmed (XTRIM MINID below the oldest
 entry still pending or undelivered), so the stream holds only the backlog; the stream therefore
-belongs to the ledger group alone. An entry that cannot be decoded is copied to
+belongs to the ledger group alone. Stored entries younger than ``keep_seconds``
+(``metering.stream_keep_seconds``, default 600) are kept all the same: the event feed reads this
+stream as its ``usage`` topic (``citadel.feed``), and a client resuming ``/v1/events`` from a
+position inside that window gets every event since. An entry that cannot be decoded is copied to
 ``<stream>:dead`` and acknowledged, so one bad entry cannot stop the ledger.
 """
 
@@ -92,6 +95,7 @@ class LedgerWriter:
         claim_idle_seconds: float = 30.0,
         concurrency: int = 2,
         trim: bool = True,
+        keep_seconds: float = 0.0,
     ) -> None:
         if batch_size < 1:
             raise ConfigError("metering.batch_size", batch_size, "an integer >= 1")
@@ -107,6 +111,7 @@ class LedgerWriter:
         self._claim_idle_ms = int(claim_idle_seconds * 1000)
         self._concurrency = concurrency
         self._trim = trim
+        self._keep_ms = int(keep_seconds * 1000)
         self._group_ready = False
         # True while this consumer may have entries pending under its own name (at start, after
         # a claim or a failure): those are read (ID 0) before new ones (ID >).
@@ -265,7 +270,8 @@ class LedgerWriter:
             start = b"(" + chunk[-1][0]
 
     async def trim(self) -> None:
-        """Drop the entries the group is done with (delivered and acknowledged)."""
+        """Drop the entries the group is done with (delivered and acknowledged) and older than
+        ``keep_seconds`` by the Redis server's clock (the clock of the entry ids)."""
         group = await self._group_info()  # first: entries delivered after it are above its id
         if group is None:
             return
@@ -273,6 +279,10 @@ class LedgerWriter:
         summary = await self._redis.execute("XPENDING", self._stream, self._group)
         if summary[0]:
             keep = min(keep, _parse_id(summary[1]))
+        if self._keep_ms:
+            seconds, micros = await self._redis.execute("TIME")
+            now_ms = int(seconds) * 1000 + int(micros) // 1000
+            keep = min(keep, (now_ms - self._keep_ms, 0))
         if keep > (0, 1):
             await self._redis.execute("XTRIM", self._stream, "MINID", f"{keep[0]}-{keep[1]}")
 
@@ -461,6 +471,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             batch_size=metering.batch_size,
             claim_idle_seconds=args.claim_idle_seconds,
             concurrency=args.concurrency,
+            keep_seconds=metering.stream_keep_seconds,
         )
         _log.info("ledger writer %s: %s -> %s", consumer, metering.stream, engine.url)
         try:

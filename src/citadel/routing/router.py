@@ -130,6 +130,7 @@ class Router:
         registry: Registry,
         rng: random.Random | None = None,
         on_transition: Callable[[DeploymentState, Transition], None] | None = None,
+        events: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self._settings = settings
         rng = rng if rng is not None else random.Random()
@@ -153,6 +154,9 @@ class Router:
         self.budget = RetryBudget(ratio=routing.retry_budget_ratio)
         self.virtual = frozenset(routing.virtual_models)
         self._on_transition = on_transition
+        # Each change of a deployment's state (breaker, health, drain) as a JSON object, for the
+        # event feed's ``deployments`` topic; called on changes only, never per request.
+        self._events = events
         self._decisions = registry.counter(ROUTING_DECISIONS)
         self._retries = registry.counter(ROUTING_RETRIES)
         self._transitions = registry.counter(BREAKER_TRANSITIONS)
@@ -265,6 +269,17 @@ class Router:
         self._breaker_state.set((state.name,), _STATE_VALUE[transition.to_state])
         if self._on_transition is not None:
             self._on_transition(state, transition)
+        if self._events is not None:
+            self._events(
+                {
+                    "kind": "breaker",
+                    "deployment": state.name,
+                    "model": state.model,
+                    "from": transition.from_state.value,
+                    "to": transition.to_state.value,
+                    "reason": transition.event.name.lower(),
+                }
+            )
 
     # -- retries ------------------------------------------------------------------------------
 
@@ -280,15 +295,31 @@ class Router:
 
     def set_health(self, name: str, healthy: bool, detail: str) -> None:
         state = self.states[name]
+        changed = state.healthy != healthy
         state.healthy = healthy
         state.health_detail = detail
         self._healthy.set((name,), 1.0 if healthy and not state.drained else 0.0)
+        if changed and self._events is not None:
+            self._events(
+                {
+                    "kind": "health",
+                    "deployment": name,
+                    "model": state.model,
+                    "healthy": healthy,
+                    "detail": detail,
+                }
+            )
 
     def drain(self, name: str, drained: bool = True) -> DeploymentState:
         """Take a deployment out of rotation (or put it back); KeyError for an unknown name."""
         state = self.states[name]
+        changed = state.drained != drained
         state.drained = drained
         self._healthy.set((name,), 1.0 if state.healthy and not drained else 0.0)
+        if changed and self._events is not None:
+            self._events(
+                {"kind": "drain", "deployment": name, "model": state.model, "drained": drained}
+            )
         return state
 
     def snapshot(self, now: float) -> list[dict[str, Any]]:

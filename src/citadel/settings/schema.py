@@ -224,6 +224,7 @@ def parse_routing(value: object, models: tuple[Model, ...]) -> RoutingSettings:
 METERING = {
     "stream": text,
     "group": text,
+    "stream_keep_seconds": non_negative,
     "batch_size": integer(1),
     "flush_seconds": positive,
     "spool_path": text,

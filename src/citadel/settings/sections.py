@@ -252,6 +252,8 @@ class MeteringSettings:
 
     stream: str = "citadel:{usage}:events"  # the Redis Stream (hash tag: one slot in a cluster)
     group: str = "ledger"  # the consumer group of ledger writers
+    # Stored events stay in the stream this long (the event feed's usage retention, for resume).
+    stream_keep_seconds: float = 600.0
     batch_size: int = 10_000  # events per ledger write (and per XADD pipeline of a gateway)
     flush_seconds: float = 0.5  # the longest an event waits in the gateway before it is sent
     spool_path: str = "citadel-usage.spool"  # the gateway's file for events while Redis is down

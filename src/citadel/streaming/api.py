@@ -27,6 +27,9 @@ from citadel.feed import Entry, Feed, Lagged, Subscription, parse_position
 from citadel.feed.open import USAGE
 from citadel.gateway.auth import Authenticator, Principal
 from citadel.gateway.proxy import Gateway
+from citadel.gateway.responses import ResponsesApi
+from citadel.http.server import Request as HttpRequest
+from citadel.http.server import Response as HttpResponse
 from citadel.http.server import StreamResponse
 from citadel.metering.ledger import decode_event
 from citadel.metrics import (
@@ -38,7 +41,8 @@ from citadel.metrics import (
     Registry,
 )
 from citadel.openai.requests import Endpoint
-from citadel.streaming.relay import call_gateway, sse_payloads
+from citadel.streaming.generations import Generations
+from citadel.streaming.relay import call_gateway, close_body, sse_payloads
 
 __all__ = ["StreamingApi", "handlers"]
 
@@ -66,6 +70,8 @@ class StreamingApi:
         self.gateway = gateway
         self.auth = authenticator
         self.feed = feed
+        self.generations = Generations(feed)
+        self.responses = ResponsesApi(gateway)  # its stored responses: this process's memory
         self.open: Tally[str] = Tally()
         self.sockets: set[WebSocket[Any, Any, Any]] = set()
         self._connections = registry.gauge(STREAMING_CONNECTIONS)
@@ -212,14 +218,18 @@ def handlers(api: StreamingApi) -> list[BaseRouteHandler]:
         auth = request.headers.get("authorization", "").encode()
         host = request.client.host if request.client else ""
         reply = await call_gateway(api.gateway, endpoint, auth, body, host)
-        headers = {k.decode(): v.decode() for k, v in reply.headers}
         if isinstance(reply, StreamResponse):
+            headers = {k.decode(): v.decode() for k, v in reply.headers}
             headers.pop("content-type", None)
-            return Stream(counted(reply.body), media_type="text/event-stream", headers=headers)
-        ctype = headers.pop("content-type", "application/json")
-        return LitestarResponse(
-            reply.body, status_code=reply.status, media_type=ctype, headers=headers
-        )
+            try:
+                principal = await api.auth.authenticate(auth)  # the gateway let it in: cached
+                stream_id, events = await api.generations.start(principal.key_id, reply.body)
+            except BaseException:
+                await close_body(reply.body)
+                raise
+            headers["x-citadel-stream-id"] = stream_id
+            return Stream(counted(events), media_type="text/event-stream", headers=headers)
+        return litestar_reply(reply, counted)
 
     async def counted(body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         try:
@@ -227,9 +237,24 @@ def handlers(api: StreamingApi) -> list[BaseRouteHandler]:
                 api.sent("sse", piece)
                 yield piece
         finally:
-            close = getattr(body, "aclose", None)
-            if close is not None:
-                await close()
+            await close_body(body)
+
+    @get(
+        "/v1/streams/{stream_id:str}",
+        summary="Attach to a streamed completion (resume with Last-Event-ID)",
+    )
+    async def attach(
+        request: Request[Any, Any, Any], stream_id: str, after: FromQuery[str | None] = None
+    ) -> Stream:
+        principal = await authenticate(api, request.headers.get("authorization"))
+        start = request.headers.get("last-event-id") or after
+        if start is not None:
+            try:
+                parse_position(start)
+            except ValueError as exc:
+                raise BadRequest(f"Last-Event-ID: {exc}", param="Last-Event-ID") from None
+        events = await api.generations.attach(stream_id, principal, start)
+        return Stream(counted(events), media_type="text/event-stream")
 
     @get("/v1/events", summary="Live events as Server-Sent Events, resumable by Last-Event-ID")
     async def events(
@@ -283,7 +308,35 @@ def handlers(api: StreamingApi) -> list[BaseRouteHandler]:
     async def ws(socket: WebSocket[Any, Any, Any]) -> None:
         await WsSession(api, socket).run()
 
-    return [chat, completion, events, ws]
+    from citadel.streaming.responses_ws import ResponsesSession  # it builds on WsSession
+
+    @websocket("/v1/responses")
+    async def responses_ws(socket: WebSocket[Any, Any, Any]) -> None:
+        await ResponsesSession(api, socket).run()
+
+    @post(
+        "/v1/responses", status_code=200, summary="Responses, as on the gateway (SSE when stream)"
+    )
+    async def responses(request: Request[Any, Any, Any]) -> LitestarResponse[bytes] | Stream:
+        body = await request.body()
+        headers = [(k.encode(), v.encode()) for k, v in request.headers.items()]
+        host = request.client.host if request.client else ""
+        internal = HttpRequest("POST", "/v1/responses", "", dict(headers), body, client=host)
+        return litestar_reply(await api.responses.create(internal), counted)
+
+    return [chat, completion, responses, attach, events, ws, responses_ws]
+
+
+def litestar_reply(
+    reply: HttpResponse | StreamResponse,
+    counted: Callable[[AsyncIterator[bytes]], AsyncIterator[bytes]],
+) -> LitestarResponse[bytes] | Stream:
+    """The gateway's answer as Litestar's (a stream's bytes pass through ``counted``)."""
+    headers = {k.decode(): v.decode() for k, v in reply.headers}
+    ctype = headers.pop("content-type", "application/json")
+    if isinstance(reply, StreamResponse):
+        return Stream(counted(reply.body), media_type=ctype, headers=headers)
+    return LitestarResponse(reply.body, status_code=reply.status, media_type=ctype, headers=headers)
 
 
 def sse(event: str, data: object, event_id: str) -> bytes:
@@ -305,6 +358,16 @@ class WsSession:
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.lock = asyncio.Lock()
         self.held = contextlib.ExitStack()  # this socket's place in the per-key count
+
+    async def error(self, error: Any, mid: object = None) -> None:
+        """An OpenAI-style error, of request ``mid`` when known."""
+        message = {"type": "error", "error": error}
+        await self.send(message if mid is None else {**message, "id": mid})
+
+    @staticmethod
+    def request_id(message: object) -> object:
+        """The id of the request a refused message was about, if it named one."""
+        return client_id(message)
 
     async def send(self, message: dict[str, Any]) -> None:
         data = orjson.dumps(message)
@@ -345,7 +408,7 @@ class WsSession:
             principal = await authenticate(self.api, header)
             self.held.enter_context(self.api.connection("websocket", principal))
         except ApiError as exc:
-            await self.send({"type": "error", "error": error_body(exc)})
+            await self.error(error_body(exc))
             code = CLOSE_TOO_MANY if isinstance(exc, RateLimited) else CLOSE_UNAUTHORIZED
             await self.socket.close(code, exc.message[:120])
             return False
@@ -360,16 +423,8 @@ class WsSession:
                 return
             text: str | bytes = cast("str | bytes", event.get("text") or event.get("bytes") or b"")
             if len(text) > MAX_MESSAGE:
-                await self.send(
-                    {
-                        "type": "error",
-                        "error": error_body(
-                            PayloadTooLarge(
-                                f"A message may be at most {MAX_MESSAGE} bytes.", param="message"
-                            )
-                        ),
-                    }
-                )
+                too_big = f"A message may be at most {MAX_MESSAGE} bytes."
+                await self.error(error_body(PayloadTooLarge(too_big, param="message")))
                 await self.socket.close(CLOSE_TOO_BIG, "message too big")
                 return
             try:
@@ -389,20 +444,13 @@ class WsSession:
                     continue
                 await self.handle(message)
             except orjson.JSONDecodeError:
-                await self.send(
-                    {
-                        "type": "error",
-                        "error": error_body(BadRequest("A message must be JSON.", param="message")),
-                    }
-                )
+                await self.error(error_body(BadRequest("A message must be JSON.", param="message")))
             except Unauthorized as exc:
-                await self.send({"type": "error", "error": error_body(exc)})
+                await self.error(error_body(exc))
                 await self.socket.close(CLOSE_UNAUTHORIZED, exc.message[:120])
                 return
             except ApiError as exc:
-                await self.send(
-                    {"type": "error", "id": client_id(message), "error": error_body(exc)}
-                )
+                await self.error(error_body(exc), self.request_id(message))
 
     async def handle(self, message: dict[str, Any]) -> None:
         kind = message.get("type")
@@ -475,7 +523,7 @@ class WsSession:
             reply = answer
             async for chunk in sse_payloads(reply.body):
                 if chunk is None:
-                    break
+                    continue  # read on to the body's end: closed early, the gateway logs a 499
                 if "error" in chunk:
                     await self.send({"type": "error", "id": mid, "error": chunk["error"]})
                     return
@@ -492,9 +540,8 @@ class WsSession:
                 await self.send({"type": "cancelled", "id": mid})
             raise
         finally:
-            close: Callable[[], Any] | None = getattr(reply.body, "aclose", None) if reply else None
-            if close is not None:
-                await close()  # cancels the upstream request if it is still running
+            if reply is not None:
+                await close_body(reply.body)  # cancels the upstream request if still running
 
     async def subscribe(self, mid: str, start: dict[str, str | None]) -> None:
         assert self.principal is not None

@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass, field
+from importlib import resources
 
-from litestar import Litestar
+from litestar import Litestar, Response, get
 
 from citadel.errors import StoreUnavailable, Unavailable
 from citadel.feed import Feed
 from citadel.feed.memory import MemoryFeed
 from citadel.feed.open import USAGE, open_feed
+from citadel.feed.publisher import Publisher
 from citadel.gateway.app import GatewayDeps
 from citadel.gateway.proxy import Gateway
 from citadel.metering.events import UsageEvent, UsageSink
 from citadel.metering.ledger import encode_event
 from citadel.metrics import Registry
+from citadel.routing.router import Router
 from citadel.settings import Settings
 from citadel.streaming.api import StreamingApi, handlers
+from citadel.streaming.digest import MetricsDigest
 from citadel.web import create_service
+from citadel.web.cors import cors_middleware
 
 __all__ = ["StreamingDeps", "create_app", "default_deps"]
 
@@ -53,8 +60,17 @@ def default_deps(settings: Settings) -> StreamingDeps:
     return StreamingDeps(gateway=gateway, feed=feed, registry=gateway.registry)
 
 
+@get("/demo", summary="A demo page: chat over WebSocket, live events", media_type="text/html")
+async def demo() -> Response[bytes]:
+    """Behind the admin key; the page asks for a key of its own to chat and subscribe with."""
+    page = resources.files("citadel.streaming").joinpath("assets", "demo.html").read_bytes()
+    return Response(page, media_type="text/html", headers={"cache-control": "no-store"})
+
+
 def create_app(settings: Settings, deps: StreamingDeps) -> Litestar:
     g = deps.gateway
+    source = f"streaming-api@{socket.gethostname()}:{os.getpid()}"
+    publisher = Publisher(deps.feed, source=source)
     gateway = Gateway(
         settings,
         client=g.client,
@@ -62,10 +78,25 @@ def create_app(settings: Settings, deps: StreamingDeps) -> Litestar:
         registry=deps.registry,
         usage=g.usage,
         limiter=g.limiter,
+        router=Router(settings, registry=deps.registry, events=publisher.sink("deployments")),
     )
     api = StreamingApi(gateway, g.authenticator, deps.feed, deps.registry)
-    starts = [getattr(g.usage, "start", None)]
-    closes = [getattr(g.usage, "aclose", None), g.client.aclose, deps.feed.aclose, api.shutdown]
+    metrics = MetricsDigest(deps.feed, owner=source)
+    starts = [getattr(g.usage, "start", None), publisher.start, metrics.start]
+    grace = settings.gateway.shutdown_grace_seconds
+
+    async def finish_generations() -> None:
+        await api.generations.aclose(grace)
+
+    closes = [
+        getattr(g.usage, "aclose", None),
+        g.client.aclose,
+        deps.feed.aclose,
+        finish_generations,
+        publisher.aclose,
+        metrics.aclose,
+        api.shutdown,
+    ]
     return create_service(
         "streaming-api",
         title="Citadel streaming",
@@ -73,7 +104,9 @@ def create_app(settings: Settings, deps: StreamingDeps) -> Litestar:
         settings=settings,
         registry=deps.registry,
         public=handlers(api),
+        admin=[demo],
         errors={StoreUnavailable: lambda exc: Unavailable(str(exc))},
         on_startup=[s for s in starts if s is not None],
         on_shutdown=[c for c in closes if c is not None],
+        middleware=[cors_middleware(settings.gateway.cors_origins)],
     )

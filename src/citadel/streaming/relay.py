@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -12,7 +12,7 @@ from citadel.gateway.upstream import UPSTREAM_PATHS
 from citadel.http.server import Request, Response, StreamResponse
 from citadel.openai.requests import Endpoint
 
-__all__ = ["call_gateway", "sse_payloads"]
+__all__ = ["call_gateway", "close_body", "sse_data", "sse_payloads"]
 
 
 async def call_gateway(
@@ -24,18 +24,26 @@ async def call_gateway(
     return await gateway.forward(endpoint, request)
 
 
-async def sse_payloads(body: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any] | None]:
-    """Each ``data:`` event of an SSE body as JSON; None for ``[DONE]``."""
+async def sse_data(body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The ``data:`` payload of each event of an SSE body (``[DONE]`` included), as bytes."""
     buffer = b""
     async for piece in body:
         buffer += piece
         while b"\n\n" in buffer:
             event, buffer = buffer.split(b"\n\n", 1)
-            for line in event.split(b"\n"):
-                if not line.startswith(b"data:"):
-                    continue
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    yield None
-                else:
-                    yield orjson.loads(data)
+            lines = [line[5:].strip() for line in event.split(b"\n") if line.startswith(b"data:")]
+            if lines:
+                yield b"\n".join(lines)
+
+
+async def sse_payloads(body: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any] | None]:
+    """Each ``data:`` event of an SSE body as JSON; None for ``[DONE]``."""
+    async for data in sse_data(body):
+        yield None if data == b"[DONE]" else orjson.loads(data)
+
+
+async def close_body(body: AsyncIterator[bytes]) -> None:
+    """Close a gateway stream body: cancels its upstream request if it is still running."""
+    close: Callable[[], Awaitable[None]] | None = getattr(body, "aclose", None)
+    if close is not None:
+        await close()

@@ -141,6 +141,7 @@ def create_service(
     on_startup: Sequence[Hook] = (),
     on_shutdown: Sequence[Hook] = (),
     version: str = __version__,
+    middleware: Sequence[Any] = (),
 ) -> Litestar:
     """A service's app: ``admin`` handlers behind the admin key, ``public`` ones open, plus
     /health, /metrics, /openapi.json and /docs. ``on_shutdown`` hooks run last first, each
@@ -225,6 +226,7 @@ def create_service(
         before_request=before_request,
         exception_handlers={Exception: _exception_handler(dict(errors or {}))},
         before_send=[_observer(name, registry)],
+        middleware=list(middleware),
         on_startup=list(on_startup),
         on_shutdown=[_run_all(list(reversed(on_shutdown)))],
         openapi_config=OpenAPIConfig(
