@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import sys
 import time
 import uuid
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 from gql import Client, GraphQLRequest
 from gql.client import AsyncClientSession
@@ -567,3 +569,116 @@ def test_health_reports_schema_and_stores(stack: Stack) -> None:
         health = client.get(f"http://127.0.0.1:{stack.port}/health").json()
     assert "ok" == health["status"]
     assert {"schema", "accounts", "ledger", "limiter"} <= set(health["dependencies"])
+
+
+def test_the_legacy_graphql_ws_protocol_carries_subscriptions_too(stack: Stack) -> None:
+    alice = stack.alice
+
+    async def main() -> dict[str, Any]:
+        transport = WebsocketsTransport(
+            url=stack.ws,
+            init_payload={"authorization": f"Bearer {alice.key}"},
+            subprotocols=[WebsocketsTransport.APOLLO_SUBPROTOCOL],
+        )
+        async with Client(transport=transport) as session:
+            generator = session.subscribe(GraphQLRequest(SUBSCRIBE))
+            first = asyncio.ensure_future(generator.__anext__())
+            await asyncio.sleep(1.0)  # the subscription reaches the feed's tail
+            await _publish(stack, usage_event(user=alice.user, team=alice.team, model="coder"))
+            result = await asyncio.wait_for(first, 15)
+            await generator.aclose()
+            return result["usageEvents"]
+
+    event = asyncio.run(main())
+    assert alice.user == event["userId"]
+    assert "coder" == event["model"]
+
+
+async def _raw_ws(stack: Stack, messages: list[str], *, wait: float = 10) -> int | None:
+    """Send ``messages`` on a graphql-transport-ws socket; the close code the server chose."""
+    import websockets
+
+    async with websockets.connect(stack.ws, subprotocols=["graphql-transport-ws"]) as ws:  # type: ignore[list-item]
+        for message in messages:
+            await ws.send(message)
+        try:
+            async with asyncio.timeout(wait):
+                while True:
+                    await ws.recv()
+        except websockets.ConnectionClosed:
+            pass
+        return ws.close_code
+
+
+def _init(key: str = ADMIN) -> str:
+    return orjson.dumps(
+        {"type": "connection_init", "payload": {"authorization": f"Bearer {key}"}}
+    ).decode()
+
+
+def _subscribe(ident: str) -> str:
+    return orjson.dumps(
+        {
+            "id": ident,
+            "type": "subscribe",
+            "payload": {"query": "subscription { usageEvents { eventId } }"},
+        }
+    ).decode()
+
+
+@pytest.mark.parametrize(
+    ("messages", "code"),
+    [
+        (['{"type": "connection_init", "payload": 7}'], 4400),  # a payload that is no object
+        (['{"type": "nonsense"}'], 4400),
+        ([_subscribe("early")], 4401),  # subscribe before the connection is acknowledged
+        ([_init("sk-not-a-key")], 4403),
+        ([_init(), _init()], 4429),  # a second connection_init
+        ([_init(), _subscribe("one"), _subscribe("one")], 4409),  # the same id twice
+        ([], 4408),  # no connection_init in time
+    ],
+)
+def test_graphql_transport_ws_close_codes(stack: Stack, messages: list[str], code: int) -> None:
+    assert code == asyncio.run(_raw_ws(stack, messages))
+
+
+# -- GET, the playground ----------------------------------------------------------------------
+
+
+def test_queries_over_get_but_never_mutations(stack: Stack) -> None:
+    auth = {"Authorization": f"Bearer {ADMIN}"}
+    with httpx.Client(timeout=10) as client:
+        reply = client.get(stack.url, params={"query": "{ viewer { admin } }"}, headers=auth)
+        assert 200 == reply.status_code
+        assert {"viewer": {"admin": True}} == reply.json()["data"]
+        mutation = 'mutation { createTeam(name: "over GET") { id } }'
+        refused = client.get(stack.url, params={"query": mutation}, headers=auth)
+        assert refused.status_code in (400, 405)
+        teams = run(stack, "{ teams(first: 100) { nodes { name } } }")["teams"]["nodes"]
+        assert "over GET" not in [t["name"] for t in teams]
+
+
+def test_the_playground_needs_the_admin_key_and_ships_its_own_assets(stack: Stack) -> None:
+    html = {"Accept": "text/html"}
+    with httpx.Client(timeout=10) as client:
+        anonymous = client.get(stack.url, headers=html)
+        assert 401 == anonymous.status_code
+        assert anonymous.headers["www-authenticate"].startswith("Basic")
+        user = client.get(stack.url, headers={**html, "Authorization": f"Bearer {stack.alice.key}"})
+        assert 401 == user.status_code  # a user's key is not enough for the page
+        page = client.get(stack.url, headers=html, auth=("admin", ADMIN))
+        assert 200 == page.status_code
+        assert page.headers["content-type"].startswith("text/html")
+        sources = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+        assert sources
+        for source in sources:
+            assert source.startswith("/graphql/assets/"), source  # no CDN
+            asset = client.get(f"http://127.0.0.1:{stack.port}{source}")
+            assert 200 == asset.status_code, source
+            assert len(asset.content) > 1000
+        # the page's own queries carry the browser's Basic credentials, and work
+        reply = client.post(
+            stack.url, json={"query": "{ viewer { admin } }"}, auth=("admin", ADMIN)
+        )
+        assert {"viewer": {"admin": True}} == reply.json()["data"]
+        assert 404 == client.get(f"http://127.0.0.1:{stack.port}/graphql/assets/x.js").status_code

@@ -60,7 +60,7 @@ Hook = Callable[[], Awaitable[None]]
 
 PATH: Final = "/graphql"
 _CHECK_TIMEOUT: Final = 1.5  # seconds; /health gives each check 2
-_INIT_WAIT: Final = timedelta(seconds=10)  # a WebSocket must send connection_init by then
+_INIT_WAIT: Final = timedelta(seconds=5)  # a WebSocket must send connection_init by then
 
 
 @dataclass(slots=True, kw_only=True)
@@ -209,6 +209,8 @@ def create_app(settings: Settings, deps: GraphQLDeps) -> Litestar:
     page = playground_page(PATH)
 
     class GraphQLController(base):  # type: ignore[misc, valid-type]
+        opt = {"reads_own_query": True}  # noqa: RUF012 - GET's query, variables, operationName
+
         async def execute_request(
             self, request: Request[Any, Any, Any], context: Any, root_value: Any
         ) -> Response[Any]:

@@ -13,6 +13,7 @@ from strawberry.scalars import JSON
 from strawberry.types import Info
 
 from citadel.accounts import store as accounts
+from citadel.errors import Unauthorized
 from citadel.graphql.context import Context, limits_of
 from citadel.graphql.pagination import Connection, Window, paginate
 from citadel.limits.decision import Limits as LimitValues
@@ -51,7 +52,13 @@ DEFAULT_DAYS = 30
 
 
 def context(info: Info) -> Context:
-    found: Context = info.context["citadel"]
+    found: Context | None = info.context.get("citadel")
+    if found is None:  # graphql-ws lets a client start before connection_init
+        raise Unauthorized(
+            "Send the API key in connection_init's payload first: "
+            '{"authorization": "Bearer YOUR_KEY"}.',
+            code="missing_api_key",
+        )
     return found
 
 
