@@ -633,15 +633,17 @@ def build_schema(
     """The schema with its protections: depth, aliases, tokens, cost; errors translated."""
     from strawberry.extensions import DisableIntrospection
 
+    # Factories, not instances: each operation gets extensions of its own (CostLimiter keeps
+    # the operation's cost).
     extensions: list[Any] = [
-        Translate(),
-        QueryDepthLimiter(max_depth=max_depth),
-        MaxAliasesLimiter(max_alias_count=30),
-        MaxTokensLimiter(max_token_count=5_000),
-        CostLimiter(max_cost=max_cost),
+        Translate,
+        lambda: QueryDepthLimiter(max_depth=max_depth),
+        lambda: MaxAliasesLimiter(max_alias_count=30),
+        lambda: MaxTokensLimiter(max_token_count=5_000),
+        lambda: CostLimiter(max_cost=max_cost),
     ]
     if not introspection:
-        extensions.append(DisableIntrospection())
+        extensions.append(DisableIntrospection)
     return strawberry.Schema(
         query=Query,
         mutation=Mutation,
