@@ -17,6 +17,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -51,8 +52,11 @@ models:
     specialties: [code]
     deployments:
       - {{name: coder-a, url: "http://127.0.0.1:9"}}
+  - name: echo
+    deployments:
+      - {{name: echo-a, url: "http://127.0.0.1:{sim}", model: sim-chat}}
 tiers:
-  free: {{requests_per_minute: 30, cost_per_month_usd: 5, models: [llama]}}
+  free: {{requests_per_minute: 30, cost_per_month_usd: 5, models: [llama, echo]}}
   pro: {{requests_per_minute: 600}}
 accounts:
   database: "{database}"
@@ -83,6 +87,9 @@ class Stack:
     alice: Person
     bob: Person
     stream: str
+    config: Path
+    sim: int
+    env: dict[str, str]
 
     @property
     def url(self) -> str:
@@ -141,13 +148,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     with scratch_postgres() as uri:
         alice, bob = asyncio.run(_seed(uri))
         config = tmp / "citadel.yaml"
-        config.write_text(CONFIG.format(database=uri, redis=REDIS, stream=stream))
+        sim = free_port()
+        config.write_text(CONFIG.format(database=uri, redis=REDIS, stream=stream, sim=sim))
         port = free_port()
         env = {"CITADEL_ADMIN_KEY": ADMIN, "CITADEL_ENV": "test", "REDIS_ENDPOINT": REDIS}
         args = [sys.executable, "-m", "citadel", "--config", str(config)]
         proc = start_process([*args, "serve", "graphql-api", "--port", str(port)], port, env=env)
         try:
-            yield Stack(port, alice, bob, stream)
+            yield Stack(port, alice, bob, stream, config, sim, env)
         finally:
             stop_process(proc)
 
@@ -206,7 +214,7 @@ def test_models_with_their_deployments_live_state_prices_and_tiers(stack: Stack)
              inFlight requests } } } } }""",
     )
     models = {m["name"]: m for m in data["models"]["nodes"]}
-    assert 2 == data["models"]["totalCount"]
+    assert 3 == data["models"]["totalCount"]
     llama = models["llama"]
     assert ["big"] == llama["aliases"]
     assert {"inputPer1k": 0.0005, "outputPer1k": 0.0015} == llama["price"]
@@ -504,8 +512,23 @@ async def _publish(stack: Stack, event: UsageEvent) -> None:
         await client.aclose()
 
 
-SUBSCRIBE = """subscription { usageEvents { eventId userId model costUsd
-    user { id name keys { totalCount } } } }"""
+async def _last_position(stack: Stack) -> str:
+    """The stream's newest position: a subscription from it misses nothing published later,
+    however long it takes to reach the feed's tail."""
+    client = RedisClient.from_url(REDIS, timeout=2.0)
+    try:
+        rows = await client.execute("XREVRANGE", stack.stream, "+", "-", "COUNT", 1)
+    finally:
+        await client.aclose()
+    return rows[0][0].decode() if rows else "0-0"
+
+
+def _subscription(position: str) -> GraphQLRequest:
+    return GraphQLRequest(SUBSCRIBE, variable_values={"after": position})
+
+
+SUBSCRIBE = """subscription ($after: String) { usageEvents(after: $after) {
+    eventId userId model costUsd user { id name keys { totalCount } } } }"""
 
 
 def _ws_client(stack: Stack, key: str) -> Client:
@@ -522,10 +545,12 @@ def _ws_client(stack: Stack, key: str) -> Client:
 def test_usage_events_arrive_over_graphql_transport_ws_scoped_to_the_key(stack: Stack) -> None:
     alice, bob = stack.alice, stack.bob
 
-    async def collect(key: str, want: int, ready: asyncio.Event) -> list[dict[str, Any]]:
+    async def collect(
+        key: str, want: int, ready: asyncio.Event, position: str
+    ) -> list[dict[str, Any]]:
         got: list[dict[str, Any]] = []
         async with _ws_client(stack, key) as session:
-            generator = session.subscribe(GraphQLRequest(SUBSCRIBE))
+            generator = session.subscribe(_subscription(position))
             ready.set()
             async for result in generator:
                 got.append(result["usageEvents"])
@@ -535,10 +560,10 @@ def test_usage_events_arrive_over_graphql_transport_ws_scoped_to_the_key(stack: 
 
     async def main() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         admin_ready, alice_ready = asyncio.Event(), asyncio.Event()
-        admin = asyncio.create_task(collect(ADMIN, 2, admin_ready))
-        mine = asyncio.create_task(collect(alice.key, 1, alice_ready))
+        position = await _last_position(stack)
+        admin = asyncio.create_task(collect(ADMIN, 2, admin_ready, position))
+        mine = asyncio.create_task(collect(alice.key, 1, alice_ready, position))
         await asyncio.wait_for(asyncio.gather(admin_ready.wait(), alice_ready.wait()), 10)
-        await asyncio.sleep(0.5)  # the subscriptions reach the feed's tail
         await _publish(stack, usage_event(user=bob.user, team=bob.team, model="llama"))
         await _publish(stack, usage_event(user=alice.user, team=alice.team, model="llama"))
         return await asyncio.wait_for(asyncio.gather(admin, mine), 15)
@@ -581,9 +606,8 @@ def test_the_legacy_graphql_ws_protocol_carries_subscriptions_too(stack: Stack) 
             subprotocols=[WebsocketsTransport.APOLLO_SUBPROTOCOL],
         )
         async with Client(transport=transport) as session:
-            generator = session.subscribe(GraphQLRequest(SUBSCRIBE))
+            generator = session.subscribe(_subscription(await _last_position(stack)))
             first = asyncio.ensure_future(generator.__anext__())
-            await asyncio.sleep(1.0)  # the subscription reaches the feed's tail
             await _publish(stack, usage_event(user=alice.user, team=alice.team, model="coder"))
             result = await asyncio.wait_for(first, 15)
             await generator.aclose()
@@ -682,3 +706,47 @@ def test_the_playground_needs_the_admin_key_and_ships_its_own_assets(stack: Stac
         )
         assert {"viewer": {"admin": True}} == reply.json()["data"]
         assert 404 == client.get(f"http://127.0.0.1:{stack.port}/graphql/assets/x.js").status_code
+
+
+def test_a_request_through_the_gateway_appears_in_usage_events(stack: Stack) -> None:
+    """The gateway (another process) XADDs its usage event to the stream the feed reads."""
+    alice = stack.alice
+    args = [sys.executable, "-m", "citadel", "--config", str(stack.config)]
+    sim = start_process(
+        [sys.executable, "-m", "citadel", "sim", "--port", str(stack.sim)], stack.sim
+    )
+    gateway_port = free_port()
+    try:
+        gateway = start_process(
+            [*args, "serve", "gateway", "--port", str(gateway_port), "--workers", "1"],
+            gateway_port,
+            env=stack.env,
+        )
+        try:
+
+            async def main() -> dict[str, Any]:
+                async with _ws_client(stack, alice.key) as session:
+                    position = await _last_position(stack)
+                    generator = session.subscribe(_subscription(position))
+                    first = asyncio.ensure_future(generator.__anext__())
+                    async with httpx.AsyncClient(timeout=20) as client:
+                        reply = await client.post(
+                            f"http://127.0.0.1:{gateway_port}/v1/chat/completions",
+                            headers={"Authorization": f"Bearer {alice.key}"},
+                            json={"model": "echo", "max_tokens": 5,
+                                  "messages": [{"role": "user", "content": "hi"}]},
+                        )  # fmt: skip
+                    assert 200 == reply.status_code, reply.text
+                    result = await asyncio.wait_for(first, 20)
+                    await generator.aclose()
+                    event: dict[str, Any] = result["usageEvents"]
+                    return event
+
+            event = asyncio.run(main())
+        finally:
+            stop_process(gateway)
+    finally:
+        stop_process(sim)
+    assert alice.user == event["userId"]
+    assert "echo" == event["model"]
+    assert "Alice" == event["user"]["name"]
