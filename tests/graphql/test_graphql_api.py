@@ -556,6 +556,7 @@ def test_usage_events_arrive_over_graphql_transport_ws_scoped_to_the_key(stack: 
                 got.append(result["usageEvents"])
                 if len(got) >= want:
                     break
+            await generator.aclose()  # stop the subscription before the socket closes
         return got
 
     async def main() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
