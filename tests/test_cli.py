@@ -168,11 +168,12 @@ def test_bad_port_in_the_environment_names_the_variable(tmp_path: Path) -> None:
     assert "ROUTING_API_PORT" in one_line(result.stderr)
 
 
-def test_planned_service_is_not_built_yet(tmp_path: Path) -> None:
-    """Serving a service that is planned but not built exits 2 saying so."""
-    result = citadel("serve", "graphql-api", cwd=tmp_path)
-    assert 2 == result.returncode
-    assert "not built yet" in one_line(result.stderr)
+def test_graphql_schema_prints_the_sdl(tmp_path: Path) -> None:
+    """`citadel graphql schema` prints the schema the graphql-api service serves."""
+    result = citadel("graphql", "schema", cwd=tmp_path)
+    assert 0 == result.returncode, result.stderr
+    assert "type Query {" in result.stdout
+    assert "usageEvents(" in result.stdout
 
 
 def test_unknown_service_is_one_line(tmp_path: Path) -> None:

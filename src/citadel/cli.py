@@ -30,6 +30,7 @@ SERVICES: dict[str, str] = {
     "custom-metrics": "custom_metrics",
     "predictive-alerting": "predictive_alerting",
     "streaming-api": "streaming_api",
+    "graphql-api": "graphql_api",
     "grafana-dashboards": "grafana_dashboards",
     "prometheus-rules": "prometheus_rules",
 }
@@ -41,11 +42,12 @@ _APP_MODULES = {
     "custom-metrics": "citadel.metering.app",
     "predictive-alerting": "citadel.alerting.app",
     "streaming-api": "citadel.streaming",
+    "graphql-api": "citadel.graphql",
     "grafana-dashboards": "citadel.observability.dashboards_app",
     "prometheus-rules": "citadel.observability.rules_app",
 }
 # Names later issues add; `serve` says they are not built yet rather than "unknown".
-PLANNED = ("graphql-api",)
+PLANNED: tuple[str, ...] = ()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -147,6 +149,14 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         return app
 
     return serve(factory, host=host, port=port, workers=workers, grace=grace)
+
+
+def _cmd_graphql_schema(args: argparse.Namespace, settings: Settings) -> int:
+    """Print the GraphQL schema (SDL) the graphql-api service serves."""
+    from citadel.graphql.schema import build_schema
+
+    print(build_schema().as_str())
+    return 0
 
 
 def _cmd_sim(args: argparse.Namespace, settings: Settings) -> int:
@@ -294,6 +304,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(sim)
     sim.set_defaults(func=_cmd_sim)
+    graphql = commands.add_parser(
+        "graphql",
+        help="the GraphQL API's schema",
+        description="Tools for the GraphQL API (graphql-api, :9095).",
+    )
+    graphql_commands = graphql.add_subparsers(
+        dest="graphql_command", metavar="COMMAND", parser_class=_Parser, required=True
+    )
+    schema = graphql_commands.add_parser("schema", help="print the schema (SDL)")
+    schema.set_defaults(func=_cmd_graphql_schema)
     from citadel.accounts import admin
     from citadel.observability import commands as observability
 

@@ -4,6 +4,7 @@ reading one Redis: what one publishes, the other's subscribers see)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -161,6 +162,36 @@ def test_a_live_subscriber_sees_only_new_entries_from_another_replica(kind: str)
             assert (entry.topic, entry.data) == (topic, b"after")
             assert b.subscribers() == 1
         assert b.subscribers() == 0
+
+    run(kind, body)
+
+
+@kinds
+def test_a_subscriber_cancelled_while_joining_leaves_and_the_next_one_is_served(
+    kind: str,
+) -> None:
+    """A client gone mid-subscribe (its task cancelled inside ``subscribe``'s entry) must not
+    stay in the feed: the next first subscriber starts the tail and gets the entries."""
+
+    async def body(a: Feed, b: Feed, topic: str) -> None:
+        for steps in range(4):  # cancel after 0..3 loop iterations of the entry
+
+            async def join() -> None:
+                async with b.subscribe(topic):
+                    await asyncio.Event().wait()
+
+            task = asyncio.create_task(join())
+            for _ in range(steps):
+                await asyncio.sleep(0)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            assert b.subscribers() == 0, steps
+        async with b.subscribe(topic) as sub:
+            await a.publish(topic, b"served")
+            entry = await anext(sub)
+            assert isinstance(entry, Entry)
+            assert entry.data == b"served"
 
     run(kind, body)
 

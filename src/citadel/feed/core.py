@@ -150,13 +150,19 @@ class Subscription:
         subs = self._feed._subscribers[self.topic]
         first = not subs
         subs.add(self)  # join the tail first: live entries buffer while the replay runs
-        if first:
-            await self._feed._watch(self.topic)
-        start = self._after if self._after is not None else await self._feed.last(self.topic)
-        self._last = parse_position(start)
-        self._replaying = self._after is not None
-        if self._replaying:
-            await self._next_page()  # now: ``recovered`` is known before the first entry
+        try:
+            if first:
+                await self._feed._watch(self.topic)
+            start = self._after if self._after is not None else await self._feed.last(self.topic)
+            self._last = parse_position(start)
+            self._replaying = self._after is not None
+            if self._replaying:
+                await self._next_page()  # now: ``recovered`` is known before the first entry
+        except BaseException:
+            # Cancelled or failed while entering (a client gone mid-subscribe): leave, or this
+            # subscriber would stay in the set and the next first one would never start a tail.
+            await self.__aexit__(None, None, None)
+            raise
         return self
 
     async def __aexit__(

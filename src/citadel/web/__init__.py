@@ -52,7 +52,8 @@ What ``create_service`` gives every app:
   fails its ``msgspec.Struct``), becomes the OpenAI-style body of ``citadel.errors``, with
   ``param`` naming the field (``overrides.tokens_per_day``). ``errors`` maps a service's own
   exceptions to ``ApiError``s; anything else is a logged 500 that names no internals.
-- Query parameters a handler does not declare are a 400 naming them.
+- Query parameters a handler does not declare are a 400 naming them (unless its ``opt`` has
+  ``reads_own_query``: a handler that parses the query string itself, as GraphQL's GET does).
 - ``GET /openapi.json`` (OpenAPI 3.1, generated from the handlers and Structs) and ``GET /docs``
   (Swagger UI from files shipped in this package: no CDN, so it works air-gapped).
 - ``documented_body(Struct)`` as a handler's ``operation_class``: the document describes a body

@@ -202,7 +202,8 @@ def create_service(
             (reader if needs == "read" else key).verify(
                 None if value is None else value.encode("latin-1")
             )
-        _known_query_only(request, handler)
+        if not handler.opt.get("reads_own_query"):
+            _known_query_only(request, handler)
 
     handlers: list[ControllerRouterHandler] = [
         health_handler,

@@ -1,0 +1,233 @@
+"""What every resolver reads: the caller, the stores, and the request's DataLoaders.
+
+Tenant scoping lives here, in the data access, not in the schema: each loader answers only what
+the caller may see. The admin key sees everything; a user's API key sees its own user, its own
+team (with itself as the only member), its own keys and usage. A resolver that asks for anything
+else gets nothing (``None``, an empty list), so no field can leak another tenant's rows.
+
+The loaders batch every relation of one request: all the teams' members are one ``list_users``,
+all the users' keys one ``list_keys``, all the users' usage one grouped analytics query per
+range, so the SQL statements of a query are bounded by its depth, not by its rows. A
+subscription makes new loaders for every event (``Context.fresh``): a long subscription never
+serves rows cached at its start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TypeVar
+
+from strawberry.dataloader import DataLoader
+
+from citadel.accounts.store import AccountStore, ApiKey, Team, User
+from citadel.errors import Forbidden
+from citadel.feed import Feed
+from citadel.gateway.auth import ADMIN, Principal
+from citadel.limits.decision import Limiter, Limits, UsageSnapshot
+from citadel.limits.policy import effective_limits
+from citadel.metering.analytics import Analytics
+from citadel.metering.ranges import Dimension, TimeRange
+from citadel.metering.rollups import UsageRow
+from citadel.routing.router import Router
+from citadel.routing.shared import SharedRoutingState
+from citadel.settings import Settings
+
+__all__ = ["Context", "Loaders", "Services", "Viewer"]
+
+T = TypeVar("T")
+
+
+@dataclass(slots=True, kw_only=True)
+class Services:
+    """The stores and state the schema reads (one set per process)."""
+
+    settings: Settings
+    accounts: AccountStore
+    analytics: Analytics
+    limiter: Limiter
+    router: Router
+    feed: Feed
+    shared: SharedRoutingState | None = None
+    limiter_is_shared: bool = True
+    clock: Callable[[], float] = time.time  # Unix seconds
+    monotonic: Callable[[], float] = time.monotonic  # the router's clock
+    statements: Callable[[], int] | None = None  # SQL statements so far (tests, metrics)
+
+    def now(self) -> datetime:
+        return datetime.fromtimestamp(self.clock(), UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Viewer:
+    """The caller: the admin key, or one user's API key."""
+
+    principal: Principal
+
+    @property
+    def admin(self) -> bool:
+        return self.principal is ADMIN
+
+    @property
+    def user_id(self) -> str | None:
+        return None if self.admin else self.principal.user
+
+    @property
+    def team_id(self) -> str | None:
+        return None if self.admin else (self.principal.team or None)
+
+    def may_see_user(self, user_id: str) -> bool:
+        return self.admin or user_id == self.principal.user
+
+    def may_see_team(self, team_id: str) -> bool:
+        return self.admin or team_id == self.principal.team
+
+    def require_admin(self, what: str) -> None:
+        if not self.admin:
+            raise Forbidden(f"{what} needs the admin key.", code="admin_only")
+
+
+class Loaders:
+    """The DataLoaders of one request (or one subscription event), scoped to its viewer."""
+
+    def __init__(self, services: Services, viewer: Viewer) -> None:
+        self._services = services
+        self._viewer = viewer
+        self._memo: dict[str, asyncio.Future[object]] = {}
+        self.user = DataLoader[str, User | None](self._load_users)
+        self.team = DataLoader[str, Team | None](self._load_teams)
+        self.members = DataLoader[str, list[User]](self._load_members)
+        self.keys = DataLoader[str, list[ApiKey]](self._load_keys)
+        self.quota = DataLoader[str, UsageSnapshot | None](self._load_quota)
+        self.usage = DataLoader[tuple[TimeRange, str, str], UsageRow | None](self._load_usage)
+
+    # the whole lists, read once per request and filtered to what the viewer may see
+
+    async def _once(self, name: str, load: Callable[[], Awaitable[T]]) -> T:
+        future = self._memo.get(name)
+        if future is None:
+            future = asyncio.get_running_loop().create_future()
+            self._memo[name] = future
+            try:
+                future.set_result(await load())
+            except BaseException as exc:
+                future.set_exception(exc)
+                del self._memo[name]
+                raise
+        result: T = await future  # type: ignore[assignment]
+        return result
+
+    async def all_users(self) -> list[User]:
+        viewer = self._viewer
+
+        async def load() -> list[User]:
+            if viewer.admin:
+                return await self._services.accounts.list_users()
+            user = await self._services.accounts.get_user(viewer.principal.user)
+            return [] if user is None else [user]
+
+        return await self._once("users", load)
+
+    async def all_teams(self) -> list[Team]:
+        viewer = self._viewer
+
+        async def load() -> list[Team]:
+            teams = await self._services.accounts.list_teams()
+            return [t for t in teams if viewer.may_see_team(t.id)]
+
+        return await self._once("teams", load)
+
+    async def all_keys(self) -> list[ApiKey]:
+        viewer = self._viewer
+
+        async def load() -> list[ApiKey]:
+            return await self._services.accounts.list_keys(user_id=viewer.user_id)
+
+        return await self._once("keys", load)
+
+    # the relations
+
+    async def _load_users(self, ids: Sequence[str]) -> list[User | None]:
+        by_id = {u.id: u for u in await self.all_users()}
+        return [by_id.get(i) for i in ids]
+
+    async def _load_teams(self, ids: Sequence[str]) -> list[Team | None]:
+        by_id = {t.id: t for t in await self.all_teams()}
+        return [by_id.get(i) for i in ids]
+
+    async def _load_members(self, team_ids: Sequence[str]) -> list[list[User]]:
+        by_team: dict[str, list[User]] = defaultdict(list)
+        for user in await self.all_users():
+            if user.team_id is not None:
+                by_team[user.team_id].append(user)
+        return [by_team.get(t, []) for t in team_ids]
+
+    async def _load_keys(self, user_ids: Sequence[str]) -> list[list[ApiKey]]:
+        by_user: dict[str, list[ApiKey]] = defaultdict(list)
+        for key in await self.all_keys():
+            by_user[key.user_id].append(key)
+        return [by_user.get(u, []) for u in user_ids]
+
+    async def _load_quota(self, user_ids: Sequence[str]) -> list[UsageSnapshot | None]:
+        services = self._services
+        if not services.limiter_is_shared:
+            return [None for _ in user_ids]  # the gateway's counters are in its own process
+        users = await self._load_users(user_ids)
+        now = services.clock()
+
+        async def one(user: User | None) -> UsageSnapshot | None:
+            if user is None:
+                return None
+            limits = limits_of(services.settings, user)
+            return None if limits is None else await services.limiter.usage(user.id, limits, now)
+
+        return list(await asyncio.gather(*(one(u) for u in users)))
+
+    async def _load_usage(
+        self, keys: Sequence[tuple[TimeRange, str, str]]
+    ) -> list[UsageRow | None]:
+        """Usage of users or teams (``(span, "user"|"team", id)``): one grouped query per span
+        and dimension, whatever the number of ids."""
+        groups: dict[tuple[TimeRange, str], dict[str, UsageRow]] = {}
+        for span, by, _ in keys:
+            if (span, by) not in groups:
+                groups[(span, by)] = {}
+        for span, by in groups:
+            dimension: Dimension = "user" if by == "user" else "team"
+            rows = await self._services.analytics.usage(span, group_by=(dimension,))
+            groups[(span, by)] = {row.keys[dimension]: row for row in rows}
+        answers: list[UsageRow | None] = []
+        for span, by, ident in keys:
+            allowed = (
+                self._viewer.may_see_user(ident)
+                if by == "user"
+                else self._viewer.may_see_team(ident)
+            )
+            answers.append(groups[(span, by)].get(ident) if allowed else None)
+        return answers
+
+
+def limits_of(settings: Settings, user: User) -> Limits | None:
+    """A user's effective limits; None when its tier is not configured."""
+    tier = settings.tier(user.tier)
+    return None if tier is None else effective_limits(tier, user.overrides)
+
+
+@dataclass(slots=True)
+class Context:
+    """``info.context["citadel"]``: the caller and what it reads through."""
+
+    services: Services
+    viewer: Viewer
+    loaders: Loaders = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.loaders = Loaders(self.services, self.viewer)
+
+    def fresh(self) -> None:
+        """New loaders (each subscription event reads the stores anew)."""
+        self.loaders = Loaders(self.services, self.viewer)

@@ -1,0 +1,653 @@
+"""The schema: queries, mutations and subscriptions over the stores (``build_schema``).
+
+Every read goes through the request's loaders or the pure modules the REST services use:
+the accounts store (teams, users, keys), the limiter (quota use), the ledger analytics of
+``citadel.metering.analytics`` (usage, top users, budgets, costs, savings), the router's live
+state and the routing dry run (``citadel.routing.dryrun``), and the live event feed
+(``citadel.feed``) for subscriptions. No HTTP call to another service.
+
+Mutations need the admin key, except that a user may create and revoke keys of its own.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncGenerator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+import strawberry
+from strawberry.extensions import MaxAliasesLimiter, MaxTokensLimiter, QueryDepthLimiter
+from strawberry.scalars import JSON
+from strawberry.schema.config import StrawberryConfig
+from strawberry.types import Info
+
+from citadel.accounts.store import OVERRIDABLE
+from citadel.errors import BadRequest, Forbidden, NotFound
+from citadel.feed import Entry, Lagged
+from citadel.feed.open import USAGE
+from citadel.graphql.pagination import Connection, paginate
+from citadel.graphql.protect import CostLimiter, Translate
+from citadel.graphql.types import (
+    ApiKey,
+    Budget,
+    DeploymentCostItem,
+    Model,
+    NewApiKey,
+    SavingsItem,
+    Team,
+    Tier,
+    TimeRangeInput,
+    Usage,
+    User,
+    UserStatus,
+    context,
+    default_range,
+    window,
+)
+from citadel.http.server import Request
+from citadel.metering.analytics import savings_by_model
+from citadel.metering.ledger import decode_event
+from citadel.metering.pricing import DeploymentCost
+from citadel.metering.ranges import Dimension, check_group_by
+
+__all__ = ["build_schema"]
+
+
+@strawberry.enum(description="What usage can be grouped or filtered by.")
+class UsageDimension(enum.Enum):
+    USER = "user"
+    TEAM = "team"
+    MODEL = "model"
+    DEPLOYMENT = "deployment"
+    TIER = "tier"
+
+
+@strawberry.enum(description="Time buckets of usage.")
+class UsageBucket(enum.Enum):
+    HOUR = "hour"
+    DAY = "day"
+    NONE = "none"
+
+
+@strawberry.enum(description="What the largest are ranked by.")
+class UsageMetric(enum.Enum):
+    COST = "cost"
+    TOKENS = "tokens"
+    REQUESTS = "requests"
+    ERRORS = "errors"
+
+
+@strawberry.input(description="Only the usage of these (each optional).")
+class UsageFilter:
+    user: str | None = None
+    team: str | None = None
+    model: str | None = None
+    deployment: str | None = None
+    tier: str | None = None
+
+
+@strawberry.type(description="Who the caller is.")
+class Viewer:
+    admin: bool
+    user_id: strawberry.ID | None
+    team_id: strawberry.ID | None
+
+
+@strawberry.type(description="The routing dry run: which deployment a request would get, and why.")
+class RouteExplanation:
+    requested_model: str
+    model: str | None
+    virtual: bool
+    endpoint: str
+    task: str
+    prompt_tokens: int
+    needed_tokens: int
+    deployment: str | None
+    deployment_model: str | None
+    reason: str
+    evaluations: JSON
+
+
+@strawberry.type(description="One request's usage, as it finished.")
+class UsageEvent:
+    position: str = strawberry.field(description="the feed position (resume after it)")
+    event_id: str
+    time: datetime
+    request_id: str
+    user_id: strawberry.ID
+    team_id: strawberry.ID | None
+    key_id: str
+    tier: str
+    endpoint: str
+    model: str
+    deployment: str
+    prompt_tokens: int
+    completion_tokens: int
+    latency_seconds: float
+    ttft_seconds: float | None
+    status: int
+    streamed: bool
+    cost_usd: float
+    user_record: strawberry.Private[str]
+
+    @strawberry.field(description="The user who made the request (read anew for each event).")
+    async def user(self, info: Info) -> User | None:
+        found = await context(info).loaders.user.load(self.user_record)
+        return None if found is None else User.of(found)
+
+
+def _filters(given: UsageFilter | None, info: Info) -> dict[Dimension, str]:
+    viewer = context(info).viewer
+    filters: dict[Dimension, str] = {}
+    if given is not None:
+        for name in ("user", "team", "model", "deployment", "tier"):
+            value = getattr(given, name)
+            if value is not None:
+                filters[name] = value
+    if not viewer.admin:
+        asked = filters.get("user")
+        if asked is not None and asked != viewer.principal.user:
+            raise Forbidden("A user's key sees only its own usage.", param="filter.user")
+        filters["user"] = viewer.principal.user  # scoped in the query itself
+    return filters
+
+
+def _now(info: Info) -> datetime:
+    return context(info).services.now()
+
+
+async def _deployment_costs(
+    info: Info, span: TimeRangeInput | None, field: str
+) -> list[DeploymentCost]:
+    ctx = context(info)
+    ctx.viewer.require_admin(field)
+    now = _now(info)
+    return await ctx.services.analytics.deployment_costs(
+        default_range(span, now), now=now, settings=ctx.services.settings
+    )
+
+
+@strawberry.type
+class Query:
+    @strawberry.field(description="Who the caller is (the admin key, or a user's key).")
+    def viewer(self, info: Info) -> Viewer:
+        v = context(info).viewer
+        return Viewer(
+            admin=v.admin,
+            user_id=None if v.user_id is None else strawberry.ID(v.user_id),
+            team_id=None if v.team_id is None else strawberry.ID(v.team_id),
+        )
+
+    @strawberry.field(description="The configured models, their prices and deployments.")
+    def models(
+        self,
+        info: Info,
+        first: int | None = None,
+        after: str | None = None,
+        last: int | None = None,
+        before: str | None = None,
+    ) -> Connection[Model]:
+        models = [Model.of(m) for m in context(info).services.settings.models]
+        return paginate(models, window(first, after, last, before))
+
+    @strawberry.field(description="One model by name or alias.")
+    def model(self, info: Info, name: str) -> Model | None:
+        found = context(info).services.settings.model(name)
+        return None if found is None else Model.of(found)
+
+    @strawberry.field(description="The tiers and their limits.")
+    def tiers(
+        self,
+        info: Info,
+        first: int | None = None,
+        after: str | None = None,
+        last: int | None = None,
+        before: str | None = None,
+    ) -> Connection[Tier]:
+        settings = context(info).services.settings
+        default = settings.accounts.default_tier
+        tiers = [Tier.of(t, default=t.name == default) for t in settings.tiers]
+        return paginate(tiers, window(first, after, last, before))
+
+    @strawberry.field(
+        description="The routing dry run of a request to `model` (a model, alias or `auto`): "
+        "nothing is sent, no breaker probed, no balancer advanced."
+    )
+    def route_explain(
+        self,
+        info: Info,
+        model: str,
+        task: str | None = None,
+        prompt: str | None = None,
+        max_tokens: int | None = None,
+    ) -> RouteExplanation:
+        from citadel.routing.dryrun import dry_run
+
+        services = context(info).services
+        body: dict[str, Any] = {"model": model}
+        if prompt is not None:
+            body["messages"] = [{"role": "user", "content": prompt}]
+        if task is not None:
+            body["task"] = task
+        if max_tokens is not None:
+            body["max_tokens"] = max_tokens
+        request = Request("POST", "/v1/route", "", {}, orjson.dumps(body))
+        result = dry_run(services.settings, services.router, request, services.monotonic)
+        return RouteExplanation(
+            requested_model=result["requested_model"],
+            model=result.get("model") if isinstance(result.get("model"), str) else model,
+            virtual=result["virtual"],
+            endpoint=result["endpoint"],
+            task=result["task"],
+            prompt_tokens=result["prompt_tokens"],
+            needed_tokens=result["needed_tokens"],
+            deployment=result["deployment"],
+            deployment_model=result["deployment_model"],
+            reason=result["reason"],
+            evaluations=result["evaluations"],
+        )
+
+    @strawberry.field(description="Teams (a user key: its own).")
+    async def teams(
+        self,
+        info: Info,
+        first: int | None = None,
+        after: str | None = None,
+        last: int | None = None,
+        before: str | None = None,
+    ) -> Connection[Team]:
+        teams = await context(info).loaders.all_teams()
+        return paginate([Team.of(t) for t in teams], window(first, after, last, before))
+
+    @strawberry.field(description="One team (null: none, or not the caller's).")
+    async def team(self, info: Info, id: strawberry.ID) -> Team | None:
+        found = await context(info).loaders.team.load(str(id))
+        return None if found is None else Team.of(found)
+
+    @strawberry.field(description="Users, optionally of one team (a user key: itself).")
+    async def users(
+        self,
+        info: Info,
+        team_id: strawberry.ID | None = None,
+        first: int | None = None,
+        after: str | None = None,
+        last: int | None = None,
+        before: str | None = None,
+    ) -> Connection[User]:
+        loaders = context(info).loaders
+        users = (
+            await loaders.all_users()
+            if team_id is None
+            else await loaders.members.load(str(team_id))
+        )
+        return paginate([User.of(u) for u in users], window(first, after, last, before))
+
+    @strawberry.field(description="One user (null: none, or not the caller).")
+    async def user(self, info: Info, id: strawberry.ID) -> User | None:
+        found = await context(info).loaders.user.load(str(id))
+        return None if found is None else User.of(found)
+
+    @strawberry.field(
+        description="Usage from the ledger, grouped and bucketed (a user key: its own)."
+    )
+    async def usage(
+        self,
+        info: Info,
+        group_by: list[UsageDimension] | None = None,
+        filter: UsageFilter | None = None,
+        range: TimeRangeInput | None = None,
+        bucket: UsageBucket = UsageBucket.NONE,
+        first: int | None = None,
+        after: str | None = None,
+        last: int | None = None,
+        before: str | None = None,
+    ) -> Connection[Usage]:
+        dims = check_group_by(d.value for d in group_by or ())
+        span = default_range(range, _now(info), bucket.value)
+        rows = await context(info).services.analytics.usage(
+            span,
+            group_by=dims,
+            bucket=bucket.value,
+            filters=_filters(filter, info),
+        )
+        return paginate([Usage.of(r) for r in rows], window(first, after, last, before))
+
+    @strawberry.field(description="The largest users (teams, models...) by a metric (admin).")
+    async def top_users(
+        self,
+        info: Info,
+        by: UsageDimension = UsageDimension.USER,
+        metric: UsageMetric = UsageMetric.COST,
+        range: TimeRangeInput | None = None,
+        first: int | None = None,
+        after: str | None = None,
+        last: int | None = None,
+        before: str | None = None,
+    ) -> Connection[Usage]:
+        context(info).viewer.require_admin("topUsers")
+        span = default_range(range, _now(info))
+        rows = await context(info).services.analytics.top(
+            span,
+            by=by.value,
+            metric=metric.value,
+            limit=100,
+        )
+        return paginate([Usage.of(r) for r in rows], window(first, after, last, before))
+
+    @strawberry.field(description="Each deployment's charged and infrastructure cost (admin).")
+    async def costs(
+        self,
+        info: Info,
+        range: TimeRangeInput | None = None,
+        first: int | None = None,
+        after: str | None = None,
+        last: int | None = None,
+        before: str | None = None,
+    ) -> Connection[DeploymentCostItem]:
+        costs = await _deployment_costs(info, range, "costs")
+        items = [DeploymentCostItem.of(c) for c in costs]
+        return paginate(items, window(first, after, last, before))
+
+    @strawberry.field(description="Savings against each model's reference price (admin).")
+    async def savings(
+        self,
+        info: Info,
+        range: TimeRangeInput | None = None,
+        first: int | None = None,
+        after: str | None = None,
+        last: int | None = None,
+        before: str | None = None,
+    ) -> Connection[SavingsItem]:
+        costs = await _deployment_costs(info, range, "savings")
+        settings = context(info).services.settings
+        items = [SavingsItem.of(s) for s in savings_by_model(costs, settings)]
+        return paginate(items, window(first, after, last, before))
+
+    @strawberry.field(description="This month's spend against budget, of users or teams.")
+    async def budgets(
+        self,
+        info: Info,
+        scope: UsageDimension = UsageDimension.TEAM,
+        first: int | None = None,
+        after: str | None = None,
+        last: int | None = None,
+        before: str | None = None,
+    ) -> Connection[Budget]:
+        if scope not in (UsageDimension.USER, UsageDimension.TEAM):
+            raise BadRequest("'scope' must be USER or TEAM.", param="scope")
+        ctx = context(info)
+        users = await ctx.loaders.all_users()
+        teams = await ctx.loaders.all_teams()
+        _, rows = await ctx.services.analytics.budgets(
+            scope.value,
+            now=_now(info),
+            settings=ctx.services.settings,
+            users=users,
+            teams=teams,
+        )
+        visible = [
+            r
+            for r in rows
+            if (
+                ctx.viewer.may_see_user(r.id)
+                if r.scope == "user"
+                else ctx.viewer.may_see_team(r.id)
+            )
+        ]
+        return paginate([Budget.of(r) for r in visible], window(first, after, last, before))
+
+
+# -- mutations --------------------------------------------------------------------------------
+
+
+@strawberry.input(description="Limit overrides (null: unlimited); a limit left out is unchanged.")
+class OverridesInput:
+    requests_per_minute: float | None = strawberry.UNSET
+    tokens_per_minute: float | None = strawberry.UNSET
+    concurrent_requests: float | None = strawberry.UNSET
+    tokens_per_day: float | None = strawberry.UNSET
+    tokens_per_month: float | None = strawberry.UNSET
+    cost_per_month_usd: float | None = strawberry.UNSET
+
+
+@strawberry.input
+class CreateUserInput:
+    name: str
+    email: str
+    tier: str | None = None
+    team_id: strawberry.ID | None = None
+
+
+@strawberry.input(description="The fields to change; a field left out is unchanged.")
+class UpdateUserInput:
+    name: str | None = None
+    email: str | None = None
+    tier: str | None = None
+    team_id: strawberry.ID | None = None
+    status: UserStatus | None = None
+    overrides: OverridesInput | None = None
+
+
+def _tier(info: Info, tier: str | None) -> str | None:
+    settings = context(info).services.settings
+    if tier is not None and settings.tier(tier.strip()) is None:
+        names = ", ".join(t.name for t in settings.tiers)
+        raise BadRequest(f"'tier' must be one of: {names}; got {tier!r}.", param="tier")
+    return None if tier is None else tier.strip()
+
+
+async def _require_team(info: Info, team_id: str) -> None:
+    teams = await context(info).services.accounts.list_teams()
+    if all(t.id != team_id for t in teams):
+        raise NotFound(f"No team has id {team_id!r}.", param="teamId")
+
+
+async def _own_user(info: Info, user_id: str) -> None:
+    """A user's key may act on its own user only; the admin on any that exists."""
+    ctx = context(info)
+    if not ctx.viewer.may_see_user(user_id):
+        raise Forbidden("A user's key may change only its own keys.", param="userId")
+    if await ctx.services.accounts.get_user(user_id) is None:
+        raise NotFound(f"No user has id {user_id!r}.", param="userId")
+
+
+@strawberry.type
+class Mutation:
+    @strawberry.mutation(description="Create a team (admin).")
+    async def create_team(self, info: Info, name: str) -> Team:
+        ctx = context(info)
+        ctx.viewer.require_admin("createTeam")
+        if not name.strip():
+            raise BadRequest("'name' must not be empty.", param="name")
+        return Team.of(await ctx.services.accounts.create_team(name.strip()))
+
+    @strawberry.mutation(description="Create a user (admin).")
+    async def create_user(self, info: Info, input: CreateUserInput) -> User:
+        ctx = context(info)
+        ctx.viewer.require_admin("createUser")
+        tier = _tier(info, input.tier) or ctx.services.settings.accounts.default_tier
+        team_id = None if input.team_id is None else str(input.team_id).strip()
+        if team_id is not None:
+            await _require_team(info, team_id)
+        user = await ctx.services.accounts.create_user(
+            name=input.name.strip(), email=input.email.strip(), tier=tier, team_id=team_id
+        )
+        return User.of(user)
+
+    @strawberry.mutation(
+        description="Change a user: name, email, tier, team, status, overrides (admin)."
+    )
+    async def update_user(
+        self,
+        info: Info,
+        id: strawberry.ID,
+        input: UpdateUserInput,
+    ) -> User:
+        ctx = context(info)
+        ctx.viewer.require_admin("updateUser")
+        accounts = ctx.services.accounts
+        team_id = None if input.team_id is None else str(input.team_id).strip()
+        if team_id is not None:
+            await _require_team(info, team_id)
+        overrides: dict[str, float | None] | None = None
+        if input.overrides is not None:
+            current = await accounts.get_user(str(id))
+            if current is None:
+                raise NotFound(f"No user has id {str(id)!r}.", param="id")
+            overrides = dict(current.overrides)
+            for limit in OVERRIDABLE:
+                value = getattr(input.overrides, limit)
+                if value is not strawberry.UNSET:
+                    overrides[limit] = value
+        user = await accounts.update_user(
+            str(id),
+            name=None if input.name is None else input.name.strip(),
+            email=None if input.email is None else input.email.strip(),
+            tier=_tier(info, input.tier),
+            team_id=team_id,
+            status=None if input.status is None else input.status.value,
+            overrides=overrides,
+        )
+        return User.of(user)
+
+    @strawberry.mutation(description="Disable a user: their keys stop working (admin).")
+    async def disable_user(self, info: Info, id: strawberry.ID) -> User:
+        ctx = context(info)
+        ctx.viewer.require_admin("disableUser")
+        return User.of(await ctx.services.accounts.update_user(str(id), status="disabled"))
+
+    @strawberry.mutation(description="Create an API key; its secret is in the answer, once.")
+    async def create_key(
+        self,
+        info: Info,
+        user_id: strawberry.ID,
+        name: str = "default",
+        expires_in_days: int | None = None,
+    ) -> NewApiKey:
+        await _own_user(info, str(user_id))
+        if expires_in_days is not None and not 1 <= expires_in_days <= 3650:
+            raise BadRequest("'expiresInDays' must be between 1 and 3650.", param="expiresInDays")
+        ctx = context(info)
+        expires = (
+            None
+            if expires_in_days is None
+            else ctx.services.now() + timedelta(days=expires_in_days)
+        )
+        key, secret = await ctx.services.accounts.create_key(
+            str(user_id), name=name.strip() or "default", expires_at=expires
+        )
+        return NewApiKey(key=ApiKey.of(key), secret=secret)
+
+    @strawberry.mutation(description="Revoke an API key (a user key: one of its own).")
+    async def revoke_key(self, info: Info, id: strawberry.ID) -> ApiKey:
+        ctx = context(info)
+        keys = await ctx.services.accounts.list_keys(user_id=ctx.viewer.user_id)
+        if all(k.id != str(id) for k in keys):
+            raise NotFound(f"No key has id {str(id)!r}.", param="id")
+        return ApiKey.of(await ctx.services.accounts.revoke_key(str(id)))
+
+
+# -- subscriptions ----------------------------------------------------------------------------
+
+
+@strawberry.input(description="Only the events matching these (each optional).")
+class UsageEventFilter:
+    user: str | None = None
+    team: str | None = None
+    model: str | None = None
+
+
+def _usage_event(entry: Entry) -> UsageEvent:
+    event = decode_event(entry.data)
+    return UsageEvent(
+        position=entry.position,
+        event_id=event.event_id,
+        time=datetime.fromtimestamp(event.time, UTC),
+        request_id=event.request_id,
+        user_id=strawberry.ID(event.user),
+        team_id=strawberry.ID(event.team) if event.team else None,
+        key_id=event.key_id,
+        tier=event.tier,
+        endpoint=event.endpoint,
+        model=event.model,
+        deployment=event.deployment,
+        prompt_tokens=event.prompt_tokens,
+        completion_tokens=event.completion_tokens,
+        latency_seconds=event.latency_seconds,
+        ttft_seconds=event.ttft_seconds,
+        status=event.status,
+        streamed=event.streamed,
+        cost_usd=event.cost_micros / 1_000_000,
+        user_record=event.user,
+    )
+
+
+def _matches(event: UsageEvent, wanted: UsageEventFilter | None, info: Info) -> bool:
+    viewer = context(info).viewer
+    if not viewer.may_see_user(str(event.user_id)):
+        return False
+    if wanted is None:
+        return True
+    return (
+        (wanted.user is None or wanted.user == str(event.user_id))
+        and (wanted.team is None or wanted.team == (event.team_id or ""))
+        and (wanted.model is None or wanted.model == event.model)
+    )
+
+
+@strawberry.type
+class Subscription:
+    @strawberry.subscription(
+        description="Usage events as requests finish (a user key: its own), from the live feed "
+        "every replica reads; `after` resumes from a position."
+    )
+    async def usage_events(
+        self,
+        info: Info,
+        filter: UsageEventFilter | None = None,
+        after: str | None = None,
+    ) -> AsyncGenerator[UsageEvent, None]:
+        ctx = context(info)
+        try:
+            subscription = ctx.services.feed.subscribe(USAGE, after=after)
+        except ValueError as exc:
+            raise BadRequest(str(exc), param="after") from exc
+        async with subscription as sub:
+            async for item in sub:
+                if isinstance(item, Lagged):
+                    continue  # a slow reader skips ahead; its position says where it is
+                try:
+                    event = _usage_event(item)
+                except (ValueError, KeyError):
+                    continue
+                if _matches(event, filter, info):
+                    ctx.fresh()  # each event reads the stores anew
+                    yield event
+
+
+def build_schema(
+    *, introspection: bool = True, max_depth: int = 10, max_cost: int = 50_000
+) -> strawberry.Schema:
+    """The schema with its protections: depth, aliases, tokens, cost; errors translated."""
+    from strawberry.extensions import DisableIntrospection
+
+    # Factories, not instances: each operation gets extensions of its own (CostLimiter keeps
+    # the operation's cost).
+    extensions: list[Any] = [
+        Translate,
+        lambda: QueryDepthLimiter(max_depth=max_depth),
+        lambda: MaxAliasesLimiter(max_alias_count=30),
+        lambda: MaxTokensLimiter(max_token_count=5_000),
+        lambda: CostLimiter(max_cost=max_cost),
+    ]
+    if not introspection:
+        extensions.append(DisableIntrospection)
+    return strawberry.Schema(
+        query=Query,
+        mutation=Mutation,
+        subscription=Subscription,
+        extensions=extensions,
+        config=StrawberryConfig(),
+    )

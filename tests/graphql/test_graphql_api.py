@@ -1,0 +1,753 @@
+"""The GraphQL service as a real process: `citadel serve graphql-api` on PostgreSQL (accounts and
+the ledger) and Redis (the limiter, the live feed), queried with the `gql` client over HTTP and
+WebSocket (graphql-transport-ws).
+
+Two teams, one user each (Alice in A, Bob in B), each with a key and usage in the ledger; the
+figures asserted are sums of the events seeded here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from gql import Client, GraphQLRequest
+from gql.client import AsyncClientSession
+from gql.transport.exceptions import TransportQueryError
+from gql.transport.httpx import HTTPXAsyncTransport
+from gql.transport.websockets import WebsocketsTransport
+
+from citadel.accounts.sql import build_engine, open_store
+from citadel.metering.events import UsageEvent
+from citadel.metering.ledger import Ledger, encode_event
+from citadel.metering.migrate import LEDGER
+from citadel.stores.redis import RedisClient
+
+from support import free_port, scratch_postgres, start_process, stop_process, usage_event
+
+ADMIN = "sk-test-graphql-admin-0123456789"
+REDIS = os.environ.get("CITADEL_TEST_REDIS", "redis://127.0.0.1:6379/5")
+CONFIG = """
+models:
+  - name: llama
+    aliases: [big]
+    price: {{input_per_1k: 0.0005, output_per_1k: 0.0015}}
+    reference_price: {{input_per_1k: 0.01, output_per_1k: 0.03}}
+    deployments:
+      - {{name: llama-a, url: "http://127.0.0.1:9", gpu_hour_usd: 2.5}}
+      - {{name: llama-b, url: "http://127.0.0.1:9"}}
+  - name: coder
+    specialties: [code]
+    deployments:
+      - {{name: coder-a, url: "http://127.0.0.1:9"}}
+  - name: echo
+    deployments:
+      - {{name: echo-a, url: "http://127.0.0.1:{sim}", model: sim-chat}}
+tiers:
+  free: {{requests_per_minute: 30, cost_per_month_usd: 5, models: [llama, echo]}}
+  pro: {{requests_per_minute: 600}}
+accounts:
+  database: "{database}"
+  default_tier: free
+limits:
+  backend: "{redis}"
+metering:
+  stream: "{stream}"
+"""
+
+
+@dataclass(frozen=True)
+class Person:
+    user: str
+    team: str
+    key: str  # the secret
+    key_id: str
+    events: tuple[UsageEvent, ...]
+
+    @property
+    def cost(self) -> int:
+        return sum(e.cost_micros for e in self.events)
+
+
+@dataclass(frozen=True)
+class Stack:
+    port: int
+    alice: Person
+    bob: Person
+    stream: str
+    config: Path
+    sim: int
+    env: dict[str, str]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/graphql"
+
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/graphql"
+
+
+def _events(user: str, team: str, key_id: str, count: int, now: float) -> tuple[UsageEvent, ...]:
+    return tuple(
+        usage_event(
+            time=now - 3600 - i * 60,
+            user=user,
+            team=team,
+            key_id=key_id,
+            model="llama",
+            deployment="llama-a",
+            prompt_tokens=10 + i,
+            completion_tokens=20,
+            cost_micros=1000 + i,
+        )
+        for i in range(count)
+    )
+
+
+async def _seed(uri: str) -> tuple[Person, Person]:
+    await LEDGER.upgrade(uri)
+    store = await open_store(uri, migrate=True)
+    now = time.time()
+    people = []
+    try:
+        for name, count in (("Alice", 5), ("Bob", 3)):
+            team = await store.create_team(f"Team {name} {uuid.uuid4().hex[:6]}")
+            user = await store.create_user(
+                name=name, email=f"{uuid.uuid4().hex}@example.com", tier="free", team_id=team.id
+            )
+            key, secret = await store.create_key(user.id, name="laptop")
+            events = _events(user.id, team.id, key.id, count, now)
+            people.append(Person(user.id, team.id, secret, key.id, events))
+    finally:
+        await store.aclose()
+    engine = build_engine(uri)
+    try:
+        await Ledger(engine).write([e for p in people for e in p.events])
+    finally:
+        await engine.dispose()
+    return people[0], people[1]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    tmp = tmp_path_factory.mktemp("graphql")
+    stream = f"citadel:{{usage}}:graphql-test:{uuid.uuid4().hex}"
+    with scratch_postgres() as uri:
+        alice, bob = asyncio.run(_seed(uri))
+        config = tmp / "citadel.yaml"
+        sim = free_port()
+        config.write_text(CONFIG.format(database=uri, redis=REDIS, stream=stream, sim=sim))
+        port = free_port()
+        env = {"CITADEL_ADMIN_KEY": ADMIN, "CITADEL_ENV": "test", "REDIS_ENDPOINT": REDIS}
+        args = [sys.executable, "-m", "citadel", "--config", str(config)]
+        proc = start_process([*args, "serve", "graphql-api", "--port", str(port)], port, env=env)
+        try:
+            yield Stack(port, alice, bob, stream, config, sim, env)
+        finally:
+            stop_process(proc)
+
+            async def clean() -> None:
+                client = RedisClient.from_url(REDIS, timeout=1.0)
+                await client.execute("DEL", stream)
+                await client.aclose()
+
+            asyncio.run(clean())
+
+
+@asynccontextmanager
+async def http_session(stack: Stack, key: str | None = ADMIN) -> AsyncIterator[AsyncClientSession]:
+    headers = {} if key is None else {"Authorization": f"Bearer {key}"}
+    client = Client(transport=HTTPXAsyncTransport(url=stack.url, headers=headers, timeout=20))
+    async with client as session:
+        yield session
+
+
+def run(
+    stack: Stack, query: str, variables: dict[str, Any] | None = None, key: str | None = ADMIN
+) -> dict[str, Any]:
+    """The data of one query over HTTP (a GraphQL error raises TransportQueryError)."""
+
+    async def main() -> dict[str, Any]:
+        async with http_session(stack, key) as session:
+            return await session.execute(GraphQLRequest(query, variable_values=variables))
+
+    return asyncio.run(main())
+
+
+def errors_of(
+    stack: Stack, query: str, variables: dict[str, Any] | None = None, key: str | None = ADMIN
+) -> list[dict[str, Any]]:
+    with pytest.raises(TransportQueryError) as caught:
+        run(stack, query, variables, key)
+    errors: list[dict[str, Any]] = caught.value.errors or []
+    assert errors, "expected GraphQL errors"
+    return errors
+
+
+def raw_post(stack: Stack, body: Any, key: str | None = ADMIN) -> httpx.Response:
+    headers = {} if key is None else {"Authorization": f"Bearer {key}"}
+    with httpx.Client(timeout=10) as client:
+        return client.post(stack.url, json=body, headers=headers)
+
+
+# -- models, deployments, routing ------------------------------------------------------------
+
+
+def test_models_with_their_deployments_live_state_prices_and_tiers(stack: Stack) -> None:
+    data = run(
+        stack,
+        """{ models { totalCount nodes { name aliases price { inputPer1k outputPer1k }
+             tiersAllowed deployments { nodes { name model state breaker healthy drained
+             inFlight requests } } } } }""",
+    )
+    models = {m["name"]: m for m in data["models"]["nodes"]}
+    assert 3 == data["models"]["totalCount"]
+    llama = models["llama"]
+    assert ["big"] == llama["aliases"]
+    assert {"inputPer1k": 0.0005, "outputPer1k": 0.0015} == llama["price"]
+    assert ["free", "pro"] == llama["tiersAllowed"]
+    assert ["pro"] == models["coder"]["tiersAllowed"]  # free allows llama only
+    deployments = {d["name"]: d for d in llama["deployments"]["nodes"]}
+    assert {"llama-a", "llama-b"} == set(deployments)
+    for d in deployments.values():
+        assert "llama" == d["model"]
+        assert "closed" == d["breaker"]
+        assert d["drained"] is False
+        assert d["state"] in ("healthy", "unhealthy")
+
+
+def test_route_explain_is_the_dry_run(stack: Stack) -> None:
+    data = run(
+        stack,
+        'query ($m: String!) { routeExplain(model: $m, prompt: "hello") '
+        "{ requestedModel model endpoint task deployment reason evaluations } }",
+        {"m": "llama"},
+    )
+    explained = data["routeExplain"]
+    assert "llama" == explained["requestedModel"]
+    assert "chat" == explained["endpoint"]
+    assert explained["deployment"] in ("llama-a", "llama-b")
+    assert explained["reason"]
+    assert "llama" == explained["evaluations"][0]["model"]
+    errors = errors_of(stack, '{ routeExplain(model: "nope") { reason } }')
+    assert "NOT_FOUND" == errors[0]["extensions"]["code"]
+    assert "model_not_found" == errors[0]["extensions"]["reason"]
+
+
+# -- accounts ---------------------------------------------------------------------------------
+
+
+TEAMS = """
+{ teams(first: 20) { totalCount nodes { id name users(first: 5) { nodes { id name tier status
+    limits { requestsPerMinute costPerMonthUsd } quota { name limit used remaining }
+    keys(first: 5) { totalCount nodes { id name prefix revoked lastUsedAt } }
+    usage { requests tokens costUsd } } } } } }
+"""
+
+
+def test_teams_users_keys_limits_quota_and_usage_never_a_secret(stack: Stack) -> None:
+    data = run(stack, TEAMS)
+    teams = {t["id"]: t for t in data["teams"]["nodes"]}
+    assert {stack.alice.team, stack.bob.team} <= set(teams)
+    for person in (stack.alice, stack.bob):
+        (user,) = teams[person.team]["users"]["nodes"]
+        assert person.user == user["id"]
+        assert "free" == user["tier"]
+        assert {"requestsPerMinute": 30, "costPerMonthUsd": 5.0} == user["limits"]
+        quota = {q["name"]: q for q in user["quota"]}
+        assert 30 == quota["requests_per_minute"]["limit"]
+        (key,) = user["keys"]["nodes"]
+        assert person.key_id == key["id"]
+        assert person.key.startswith(key["prefix"])
+        assert key["revoked"] is False
+        usage = user["usage"]
+        assert len(person.events) == usage["requests"]
+        assert sum(e.prompt_tokens + e.completion_tokens for e in person.events) == usage["tokens"]
+        assert person.cost / 1_000_000 == pytest.approx(usage["costUsd"])
+    # the schema has no field that could carry a secret
+    assert "secret" not in str(data)
+
+
+def test_usage_grouped_bucketed_and_paginated_by_cursor(stack: Stack) -> None:
+    query = """query ($first: Int, $after: String) {
+        usage(groupBy: [USER], bucket: HOUR, first: $first, after: $after) {
+          totalCount pageInfo { hasNextPage endCursor }
+          edges { cursor node { bucket keys requests costUsd } } } }"""
+    seen: list[dict[str, Any]] = []
+    after = None
+    for _ in range(20):
+        page = run(stack, query, {"first": 1, "after": after})["usage"]
+        seen.extend(edge["node"] for edge in page["edges"])
+        if not page["pageInfo"]["hasNextPage"]:
+            break
+        after = page["pageInfo"]["endCursor"]
+    assert len(seen) == page["totalCount"]
+    for person in (stack.alice, stack.bob):
+        rows = [r for r in seen if r["keys"]["user"] == person.user]
+        assert len(person.events) == sum(r["requests"] for r in rows)
+        assert person.cost / 1_000_000 == pytest.approx(sum(r["costUsd"] for r in rows))
+    backwards = run(stack, "{ usage(groupBy: [USER], last: 1) { nodes { keys } pageInfo "
+                    "{ hasPreviousPage } } }")["usage"]  # fmt: skip
+    assert 1 == len(backwards["nodes"])
+
+
+def test_costs_savings_budgets_and_top_users(stack: Stack) -> None:
+    data = run(
+        stack,
+        """{ costs { nodes { deployment requests chargedUsd } }
+             savings { nodes { model requests referenceUsd } }
+             budgets(scope: USER) { nodes { id spentUsd budgetUsd } }
+             topUsers(metric: COST, first: 1) { nodes { keys costUsd } } }""",
+    )
+    costs = {c["deployment"]: c for c in data["costs"]["nodes"]}
+    assert len(stack.alice.events) + len(stack.bob.events) == costs["llama-a"]["requests"]
+    savings = {s["model"]: s for s in data["savings"]["nodes"]}
+    assert savings["llama"]["referenceUsd"] > 0
+    budgets = {b["id"]: b for b in data["budgets"]["nodes"]}
+    assert 5.0 == budgets[stack.alice.user]["budgetUsd"]
+    (top,) = data["topUsers"]["nodes"]
+    assert stack.alice.user == top["keys"]["user"]  # Alice spent more
+
+
+# -- tenant scoping ---------------------------------------------------------------------------
+
+
+def test_a_user_key_sees_only_its_own_user_team_keys_and_usage(stack: Stack) -> None:
+    alice, bob = stack.alice, stack.bob
+    data = run(stack, TEAMS, key=alice.key)
+    (team,) = data["teams"]["nodes"]
+    assert alice.team == team["id"]
+    (user,) = team["users"]["nodes"]
+    assert alice.user == user["id"]
+    assert [alice.key_id] == [k["id"] for k in user["keys"]["nodes"]]
+    mine = run(
+        stack,
+        """query ($bob: ID!, $bobTeam: ID!) { viewer { admin userId teamId }
+             users { nodes { id } } user(id: $bob) { id } team(id: $bobTeam) { id }
+             usage(groupBy: [USER]) { nodes { keys requests } }
+             budgets(scope: USER) { nodes { id } } budgetsTeams: budgets(scope: TEAM)
+             { nodes { id } } }""",
+        {"bob": bob.user, "bobTeam": bob.team},
+        key=alice.key,
+    )
+    assert {"admin": False, "userId": alice.user, "teamId": alice.team} == mine["viewer"]
+    assert [alice.user] == [u["id"] for u in mine["users"]["nodes"]]
+    assert mine["user"] is None
+    assert mine["team"] is None
+    assert [{"user": alice.user}] == [r["keys"] for r in mine["usage"]["nodes"]]
+    assert [alice.user] == [b["id"] for b in mine["budgets"]["nodes"]]
+    assert [alice.team] == [b["id"] for b in mine["budgetsTeams"]["nodes"]]
+    assert bob.user not in str(mine)
+    refused = errors_of(
+        stack,
+        "query ($u: String) { usage(filter: {user: $u}) { nodes { requests } } }",
+        {"u": bob.user},
+        key=alice.key,
+    )
+    assert "FORBIDDEN" == refused[0]["extensions"]["code"]
+    for field in ("costs", "savings", "topUsers"):
+        refused = errors_of(stack, f"{{ {field} {{ totalCount }} }}", key=alice.key)
+        assert "FORBIDDEN" == refused[0]["extensions"]["code"], field
+
+
+def test_a_user_key_cannot_change_another_users_objects(stack: Stack) -> None:
+    alice, bob = stack.alice, stack.bob
+    for mutation, variables in (
+        ("mutation ($id: ID!) { revokeKey(id: $id) { id } }", {"id": bob.key_id}),
+        ('mutation ($u: ID!) { createKey(userId: $u, name: "x") { secret } }', {"u": bob.user}),
+        ("mutation ($id: ID!) { disableUser(id: $id) { id } }", {"id": bob.user}),
+        ('mutation ($id: ID!) { updateUser(id: $id, input: {name: "Eve"}) { id } }',
+         {"id": alice.user}),
+        ('mutation { createTeam(name: "Mine") { id } }', {}),
+    ):  # fmt: skip
+        errors = errors_of(stack, mutation, variables, key=alice.key)
+        assert errors[0]["extensions"]["code"] in ("FORBIDDEN", "NOT_FOUND"), mutation
+    still = run(stack, "query ($u: ID!) { user(id: $u) { status keys { nodes { revoked } } } }",
+                {"u": bob.user})["user"]  # fmt: skip
+    assert "ACTIVE" == still["status"]
+    assert [False] == [k["revoked"] for k in still["keys"]["nodes"]]
+
+
+# -- mutations --------------------------------------------------------------------------------
+
+
+def test_admin_creates_updates_and_disables_users_and_teams_and_keys(stack: Stack) -> None:
+    name = f"Team New {uuid.uuid4().hex[:6]}"
+    team = run(stack, "mutation ($n: String!) { createTeam(name: $n) { id name } }", {"n": name})[
+        "createTeam"
+    ]
+    user = run(
+        stack,
+        "mutation ($input: CreateUserInput!) { createUser(input: $input) { id tier teamId } }",
+        {
+            "input": {
+                "name": "Carol",
+                "email": f"{uuid.uuid4().hex}@example.com",
+                "teamId": team["id"],
+            }
+        },
+    )["createUser"]
+    assert "free" == user["tier"]
+    assert team["id"] == user["teamId"]
+    changed = run(
+        stack,
+        """mutation ($id: ID!) { updateUser(id: $id, input: {tier: "pro",
+             overrides: {requestsPerMinute: 7}}) { tier limits { requestsPerMinute } } }""",
+        {"id": user["id"]},
+    )["updateUser"]
+    assert {"tier": "pro", "limits": {"requestsPerMinute": 7}} == changed
+    created = run(
+        stack,
+        'mutation ($u: ID!) { createKey(userId: $u, name: "ci") { secret key { id prefix } } }',
+        {"u": user["id"]},
+    )["createKey"]
+    assert created["secret"].startswith(created["key"]["prefix"])
+    # the new key works, and sees its own user
+    viewer = run(stack, "{ viewer { userId } }", key=created["secret"])["viewer"]
+    assert user["id"] == viewer["userId"]
+    revoked = run(stack, "mutation ($id: ID!) { revokeKey(id: $id) { revoked } }",
+                  {"id": created["key"]["id"]})["revokeKey"]  # fmt: skip
+    assert revoked["revoked"] is True
+    disabled = run(stack, "mutation ($id: ID!) { disableUser(id: $id) { status } }",
+                   {"id": user["id"]})["disableUser"]  # fmt: skip
+    assert "DISABLED" == disabled["status"]
+    errors = errors_of(stack, 'mutation { updateUser(id: "usr_nope", input: {name: "x"}) { id } }')
+    assert "NOT_FOUND" == errors[0]["extensions"]["code"]
+    errors = errors_of(
+        stack, 'mutation ($id: ID!) { updateUser(id: $id, input: {tier: "gold"}) { id } }',
+        {"id": user["id"]},
+    )  # fmt: skip
+    assert "BAD_USER_INPUT" == errors[0]["extensions"]["code"]
+    assert "tier" == errors[0]["extensions"]["param"]
+
+
+# -- protection and errors ----------------------------------------------------------------------
+
+
+def test_cost_is_reported_and_a_query_over_it_is_refused_before_running(stack: Stack) -> None:
+    reply = raw_post(stack, {"query": "{ teams(first: 10) { nodes { users(first: 10) "
+                             "{ nodes { name } } } } }"})  # fmt: skip
+    assert 200 == reply.status_code
+    cost = reply.json()["extensions"]["cost"]
+    assert 121 == cost["requestedQueryCost"]
+    assert 0 < cost["actualQueryCost"] <= cost["requestedQueryCost"]
+    heavy = ("{ teams(first: 100) { nodes { users(first: 100) { nodes { keys(first: 100) "
+             "{ nodes { id } } } } } } }")  # fmt: skip
+    reply = raw_post(stack, {"query": heavy})
+    assert reply.status_code in (200, 400)
+    body = reply.json()
+    assert body.get("data") is None
+    (error,) = body["errors"]
+    assert "QUERY_TOO_COSTLY" == error["extensions"]["code"]
+    assert error["extensions"]["requestedQueryCost"] > error["extensions"]["maximumQueryCost"]
+
+
+@pytest.mark.parametrize(
+    ("query", "code", "words"),
+    [
+        ("{ models { nodes { name }", "GRAPHQL_PARSE_FAILED", "Syntax Error"),
+        ("{ models { nodes { colour } } }", "GRAPHQL_VALIDATION_FAILED", "colour"),
+        ("{ models(first: 0) { totalCount } }", "BAD_USER_INPUT", "'first'"),
+        ("{ models(first: 101) { totalCount } }", "BAD_USER_INPUT", "between 1 and 100"),
+        ('{ models(after: "bogus") { totalCount } }', "BAD_USER_INPUT", "cursor"),
+        ("{ teams { nodes { users { nodes { team { users { nodes { team { users { nodes "
+         "{ team { users { nodes { id } } } } } } } } } } } } } }", "GRAPHQL_VALIDATION_FAILED",
+         "depth"),
+        ('{ usage(range: {start: "2026-01-01T00:30:00Z"}) { totalCount } }', "BAD_USER_INPUT",
+         "whole UTC hour"),
+        ("{ " + " ".join(f"a{i}: costs {{ totalCount }}" for i in range(100)) + " }",
+         "GRAPHQL_VALIDATION_FAILED", "aliases"),
+    ],
+)  # fmt: skip
+def test_bad_queries_are_graphql_errors_with_a_code(
+    stack: Stack, query: str, code: str, words: str
+) -> None:
+    reply = raw_post(stack, {"query": query})
+    assert reply.status_code in (200, 400), reply.text
+    (error, *_) = reply.json()["errors"]
+    assert code == error["extensions"]["code"], error
+    assert words.lower() in error["message"].lower()
+
+
+def test_wrong_variable_types_and_bad_bodies_are_errors_not_500(stack: Stack) -> None:
+    reply = raw_post(stack, {"query": "query ($n: Int) { models(first: $n) { totalCount } }",
+                             "variables": {"n": "ten"}})  # fmt: skip
+    assert reply.status_code in (200, 400)
+    assert "GRAPHQL_VALIDATION_FAILED" == reply.json()["errors"][0]["extensions"]["code"]
+    with httpx.Client(timeout=10) as client:
+        bad = client.post(stack.url, content=b"{not json",
+                          headers={"Authorization": f"Bearer {ADMIN}",
+                                   "content-type": "application/json"})  # fmt: skip
+    assert 400 == bad.status_code
+
+
+def test_no_key_or_a_wrong_one_is_401(stack: Stack) -> None:
+    assert 401 == raw_post(stack, {"query": "{ viewer { admin } }"}, key=None).status_code
+    reply = raw_post(stack, {"query": "{ viewer { admin } }"}, key="sk-wrong")
+    assert 401 == reply.status_code
+    assert "error" in reply.json()
+
+
+# -- subscriptions ----------------------------------------------------------------------------
+
+
+async def _publish(stack: Stack, event: UsageEvent) -> None:
+    client = RedisClient.from_url(REDIS, timeout=2.0)
+    try:
+        await client.execute("XADD", stack.stream, "*", "e", encode_event(event))
+    finally:
+        await client.aclose()
+
+
+async def _last_position(stack: Stack) -> str:
+    """The stream's newest position: a subscription from it misses nothing published later,
+    however long it takes to reach the feed's tail."""
+    client = RedisClient.from_url(REDIS, timeout=2.0)
+    try:
+        rows = await client.execute("XREVRANGE", stack.stream, "+", "-", "COUNT", 1)
+    finally:
+        await client.aclose()
+    return rows[0][0].decode() if rows else "0-0"
+
+
+def _subscription(position: str) -> GraphQLRequest:
+    return GraphQLRequest(SUBSCRIBE, variable_values={"after": position})
+
+
+SUBSCRIBE = """subscription ($after: String) { usageEvents(after: $after) {
+    eventId userId model costUsd user { id name keys { totalCount } } } }"""
+
+
+def _ws_client(stack: Stack, key: str) -> Client:
+    transport = WebsocketsTransport(
+        url=stack.ws,
+        init_payload={"authorization": f"Bearer {key}"},
+        subprotocols=[WebsocketsTransport.GRAPHQL_TRANSPORT_WS_PROTOCOL]
+        if hasattr(WebsocketsTransport, "GRAPHQL_TRANSPORT_WS_PROTOCOL")
+        else ["graphql-transport-ws"],
+    )
+    return Client(transport=transport)
+
+
+def test_usage_events_arrive_over_graphql_transport_ws_scoped_to_the_key(stack: Stack) -> None:
+    alice, bob = stack.alice, stack.bob
+
+    async def collect(
+        key: str, want: int, ready: asyncio.Event, position: str
+    ) -> list[dict[str, Any]]:
+        got: list[dict[str, Any]] = []
+        async with _ws_client(stack, key) as session:
+            generator = session.subscribe(_subscription(position))
+            ready.set()
+            async for result in generator:
+                got.append(result["usageEvents"])
+                if len(got) >= want:
+                    break
+            await generator.aclose()  # stop the subscription before the socket closes
+        return got
+
+    async def main() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        admin_ready, alice_ready = asyncio.Event(), asyncio.Event()
+        position = await _last_position(stack)
+        admin = asyncio.create_task(collect(ADMIN, 2, admin_ready, position))
+        mine = asyncio.create_task(collect(alice.key, 1, alice_ready, position))
+        await asyncio.wait_for(asyncio.gather(admin_ready.wait(), alice_ready.wait()), 10)
+        await _publish(stack, usage_event(user=bob.user, team=bob.team, model="llama"))
+        await _publish(stack, usage_event(user=alice.user, team=alice.team, model="llama"))
+        return await asyncio.wait_for(asyncio.gather(admin, mine), 15)
+
+    admin_events, alice_events = asyncio.run(main())
+    assert [bob.user, alice.user] == [e["userId"] for e in admin_events]
+    assert "Bob" == admin_events[0]["user"]["name"]
+    assert [alice.user] == [e["userId"] for e in alice_events]  # never Bob's
+    assert 1 == alice_events[0]["user"]["keys"]["totalCount"]
+
+
+def test_a_subscription_with_a_bad_key_is_closed_4403(stack: Stack) -> None:
+    import websockets
+
+    async def main() -> tuple[int | None, str | None]:
+        async with websockets.connect(stack.ws, subprotocols=["graphql-transport-ws"]) as ws:  # type: ignore[list-item]
+            await ws.send('{"type": "connection_init", "payload": {"authorization": "Bearer x"}}')
+            with pytest.raises(websockets.ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 5)
+            return ws.close_code, ws.close_reason
+
+    code, _reason = asyncio.run(main())
+    assert 4403 == code
+
+
+def test_health_reports_schema_and_stores(stack: Stack) -> None:
+    with httpx.Client(timeout=10) as client:
+        health = client.get(f"http://127.0.0.1:{stack.port}/health").json()
+    assert "ok" == health["status"]
+    assert {"schema", "accounts", "ledger", "limiter"} <= set(health["dependencies"])
+
+
+def test_the_legacy_graphql_ws_protocol_carries_subscriptions_too(stack: Stack) -> None:
+    alice = stack.alice
+
+    async def main() -> dict[str, Any]:
+        transport = WebsocketsTransport(
+            url=stack.ws,
+            init_payload={"authorization": f"Bearer {alice.key}"},
+            subprotocols=[WebsocketsTransport.APOLLO_SUBPROTOCOL],
+        )
+        async with Client(transport=transport) as session:
+            generator = session.subscribe(_subscription(await _last_position(stack)))
+            first = asyncio.ensure_future(generator.__anext__())
+            await _publish(stack, usage_event(user=alice.user, team=alice.team, model="coder"))
+            result = await asyncio.wait_for(first, 15)
+            await generator.aclose()
+            return result["usageEvents"]
+
+    event = asyncio.run(main())
+    assert alice.user == event["userId"]
+    assert "coder" == event["model"]
+
+
+async def _raw_ws(stack: Stack, messages: list[str], *, wait: float = 10) -> int | None:
+    """Send ``messages`` on a graphql-transport-ws socket; the close code the server chose."""
+    import websockets
+
+    async with websockets.connect(stack.ws, subprotocols=["graphql-transport-ws"]) as ws:  # type: ignore[list-item]
+        for message in messages:
+            await ws.send(message)
+        try:
+            async with asyncio.timeout(wait):
+                while True:
+                    await ws.recv()
+        except websockets.ConnectionClosed:
+            pass
+        return ws.close_code
+
+
+def _init(key: str = ADMIN) -> str:
+    return orjson.dumps(
+        {"type": "connection_init", "payload": {"authorization": f"Bearer {key}"}}
+    ).decode()
+
+
+def _subscribe(ident: str) -> str:
+    return orjson.dumps(
+        {
+            "id": ident,
+            "type": "subscribe",
+            "payload": {"query": "subscription { usageEvents { eventId } }"},
+        }
+    ).decode()
+
+
+@pytest.mark.parametrize(
+    ("messages", "code"),
+    [
+        (['{"type": "connection_init", "payload": 7}'], 4400),  # a payload that is no object
+        (['{"type": "nonsense"}'], 4400),
+        ([_subscribe("early")], 4401),  # subscribe before the connection is acknowledged
+        ([_init("sk-not-a-key")], 4403),
+        ([_init(), _init()], 4429),  # a second connection_init
+        ([_init(), _subscribe("one"), _subscribe("one")], 4409),  # the same id twice
+        ([], 4408),  # no connection_init in time
+    ],
+)
+def test_graphql_transport_ws_close_codes(stack: Stack, messages: list[str], code: int) -> None:
+    assert code == asyncio.run(_raw_ws(stack, messages))
+
+
+# -- GET, the playground ----------------------------------------------------------------------
+
+
+def test_queries_over_get_but_never_mutations(stack: Stack) -> None:
+    auth = {"Authorization": f"Bearer {ADMIN}"}
+    with httpx.Client(timeout=10) as client:
+        reply = client.get(stack.url, params={"query": "{ viewer { admin } }"}, headers=auth)
+        assert 200 == reply.status_code
+        assert {"viewer": {"admin": True}} == reply.json()["data"]
+        mutation = 'mutation { createTeam(name: "over GET") { id } }'
+        refused = client.get(stack.url, params={"query": mutation}, headers=auth)
+        assert refused.status_code in (400, 405)
+        teams = run(stack, "{ teams(first: 100) { nodes { name } } }")["teams"]["nodes"]
+        assert "over GET" not in [t["name"] for t in teams]
+
+
+def test_the_playground_needs_the_admin_key_and_ships_its_own_assets(stack: Stack) -> None:
+    html = {"Accept": "text/html"}
+    with httpx.Client(timeout=10) as client:
+        anonymous = client.get(stack.url, headers=html)
+        assert 401 == anonymous.status_code
+        assert anonymous.headers["www-authenticate"].startswith("Basic")
+        user = client.get(stack.url, headers={**html, "Authorization": f"Bearer {stack.alice.key}"})
+        assert 401 == user.status_code  # a user's key is not enough for the page
+        page = client.get(stack.url, headers=html, auth=("admin", ADMIN))
+        assert 200 == page.status_code
+        assert page.headers["content-type"].startswith("text/html")
+        sources = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+        assert sources
+        for source in sources:
+            assert source.startswith("/graphql/assets/"), source  # no CDN
+            asset = client.get(f"http://127.0.0.1:{stack.port}{source}")
+            assert 200 == asset.status_code, source
+            assert len(asset.content) > 1000
+        # the page's own queries carry the browser's Basic credentials, and work
+        reply = client.post(
+            stack.url, json={"query": "{ viewer { admin } }"}, auth=("admin", ADMIN)
+        )
+        assert {"viewer": {"admin": True}} == reply.json()["data"]
+        assert 404 == client.get(f"http://127.0.0.1:{stack.port}/graphql/assets/x.js").status_code
+
+
+def test_a_request_through_the_gateway_appears_in_usage_events(stack: Stack) -> None:
+    """The gateway (another process) XADDs its usage event to the stream the feed reads."""
+    alice = stack.alice
+    args = [sys.executable, "-m", "citadel", "--config", str(stack.config)]
+    sim = start_process(
+        [sys.executable, "-m", "citadel", "sim", "--port", str(stack.sim)], stack.sim
+    )
+    gateway_port = free_port()
+    try:
+        gateway = start_process(
+            [*args, "serve", "gateway", "--port", str(gateway_port), "--workers", "1"],
+            gateway_port,
+            env=stack.env,
+        )
+        try:
+
+            async def main() -> dict[str, Any]:
+                async with _ws_client(stack, alice.key) as session:
+                    position = await _last_position(stack)
+                    generator = session.subscribe(_subscription(position))
+                    first = asyncio.ensure_future(generator.__anext__())
+                    async with httpx.AsyncClient(timeout=20) as client:
+                        reply = await client.post(
+                            f"http://127.0.0.1:{gateway_port}/v1/chat/completions",
+                            headers={"Authorization": f"Bearer {alice.key}"},
+                            json={"model": "echo", "max_tokens": 5,
+                                  "messages": [{"role": "user", "content": "hi"}]},
+                        )  # fmt: skip
+                    assert 200 == reply.status_code, reply.text
+                    result = await asyncio.wait_for(first, 20)
+                    await generator.aclose()
+                    event: dict[str, Any] = result["usageEvents"]
+                    return event
+
+            event = asyncio.run(main())
+        finally:
+            stop_process(gateway)
+    finally:
+        stop_process(sim)
+    assert alice.user == event["userId"]
+    assert "echo" == event["model"]
+    assert "Alice" == event["user"]["name"]
