@@ -16,6 +16,7 @@ from collections.abc import AsyncGenerator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import msgspec
 import orjson
 import strawberry
 from strawberry.extensions import MaxAliasesLimiter, MaxTokensLimiter, QueryDepthLimiter
@@ -46,7 +47,6 @@ from citadel.graphql.types import (
     default_range,
     window,
 )
-from citadel.http.server import Request
 from citadel.metering.analytics import savings_by_model
 from citadel.metering.ledger import decode_event
 from citadel.metering.pricing import DeploymentCost
@@ -233,20 +233,21 @@ class Query:
             body["task"] = task
         if max_tokens is not None:
             body["max_tokens"] = max_tokens
-        request = Request("POST", "/v1/route", "", {}, orjson.dumps(body))
-        result = dry_run(services.settings, services.router, request, services.monotonic)
+        result = dry_run(
+            services.settings, services.router, orjson.dumps(body), None, services.monotonic
+        )
         return RouteExplanation(
-            requested_model=result["requested_model"],
-            model=result.get("model") if isinstance(result.get("model"), str) else model,
-            virtual=result["virtual"],
-            endpoint=result["endpoint"],
-            task=result["task"],
-            prompt_tokens=result["prompt_tokens"],
-            needed_tokens=result["needed_tokens"],
-            deployment=result["deployment"],
-            deployment_model=result["deployment_model"],
-            reason=result["reason"],
-            evaluations=result["evaluations"],
+            requested_model=result.requested_model,
+            model=result.model if result.model is not None else model,
+            virtual=result.virtual,
+            endpoint=result.endpoint,
+            task=result.task,
+            prompt_tokens=result.prompt_tokens,
+            needed_tokens=result.needed_tokens,
+            deployment=result.deployment,
+            deployment_model=result.deployment_model,
+            reason=result.reason,
+            evaluations=msgspec.to_builtins(result.evaluations),
         )
 
     @strawberry.field(description="Teams (a user key: its own).")
