@@ -190,6 +190,17 @@ class SentinelGroup(Group):
         return port
 
 
+def replication_offsets(info: str) -> tuple[int, list[int]]:
+    """A master's ``INFO replication``: its offset and the offset each replica acknowledged."""
+    fields = dict(line.strip().split(":", 1) for line in info.splitlines() if ":" in line)
+    replicas = [
+        int(dict(kv.split("=", 1) for kv in v.split(","))["offset"])
+        for k, v in fields.items()
+        if k.startswith("slave") and k[5:].isdigit()
+    ]
+    return int(fields["master_repl_offset"]), replicas
+
+
 @contextlib.contextmanager
 def cluster(masters: int = 3, replicas: int = 1) -> Iterator[ClusterGroup]:
     """A Redis Cluster of ``masters`` masters with ``replicas`` replicas each."""
@@ -261,10 +272,25 @@ class ClusterGroup(Group):
         return found
 
     def kill_master(self, key: str) -> int:
-        """SIGKILL the master serving ``key``; its replica takes over."""
+        """SIGKILL the master serving ``key`` once its replica holds what it acknowledged so far
+        (replication is asynchronous: a write in flight at the kill may still be lost, but not a
+        backlog the replica had yet to fetch); its replica takes over."""
         port = self.master_of(key)
+        self.wait_replicated(port)
         self.stop(port)
         return port
+
+    def wait_replicated(self, port: int) -> None:
+        """Until every replica of the master on ``port`` has acknowledged its current offset."""
+
+        def offsets() -> tuple[int, list[int]]:
+            return replication_offsets(self.cli(port, "INFO", "replication"))
+
+        target, _ = offsets()
+        wait_for(
+            lambda: (found := offsets()[1]) and min(found) >= target,
+            f"the replicas of {port} at offset {target}",
+        )
 
 
 KINDS = ("tls", "sentinel", "cluster")

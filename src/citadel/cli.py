@@ -20,20 +20,11 @@ from citadel import __version__
 from citadel.errors import ConfigError
 from citadel.log import configure_logging
 from citadel.settings import Deployment, Model, Price, Settings, load_settings, parsers
+from citadel.settings.sections import SERVICE_PORTS
 
 # Services that exist so far, by their `citadel serve NAME` name; each entry: the settings port
 # attribute and the factory wiring function.
-SERVICES: dict[str, str] = {
-    "gateway": "gateway",
-    "rate-limiting-api": "rate_limiting_api",
-    "routing-api": "routing_api",
-    "custom-metrics": "custom_metrics",
-    "predictive-alerting": "predictive_alerting",
-    "streaming-api": "streaming_api",
-    "graphql-api": "graphql_api",
-    "grafana-dashboards": "grafana_dashboards",
-    "prometheus-rules": "prometheus_rules",
-}
+SERVICES: dict[str, str] = SERVICE_PORTS
 # Where each service's create_app(settings, deps) and default_deps(settings) live.
 _APP_MODULES = {
     "gateway": "citadel.gateway.app",

@@ -61,6 +61,7 @@ SERVICES = (
     "custom-metrics",
     "predictive-alerting",
     "streaming-api",
+    "graphql-api",
     "routing-api",
     "rate-limiting-api",
     "grafana-dashboards",

@@ -7,7 +7,7 @@ from citadel.feed.core import Feed
 from citadel.feed.memory import MemoryFeed
 from citadel.feed.redis import RedisFeed
 from citadel.settings import Settings
-from citadel.stores.redis import RedisClient
+from citadel.stores.endpoint import connect_redis
 
 __all__ = ["USAGE", "open_feed", "shared_feed"]
 
@@ -24,8 +24,8 @@ def open_feed(settings: Settings, *, maxlen: int = 10_000) -> Feed:
     except ConfigError:
         return MemoryFeed(maxlen=maxlen)
     return RedisFeed(
-        RedisClient.from_url(url, timeout=settings.limits.store_timeout_seconds * 4),
-        lambda: RedisClient.from_url(url, timeout=_TAIL_TIMEOUT),
+        connect_redis(url, timeout=settings.limits.store_timeout_seconds * 4),
+        lambda: connect_redis(url, timeout=_TAIL_TIMEOUT),
         maxlen=maxlen,
         streams={USAGE: settings.metering.stream},
         owns_client=True,

@@ -27,7 +27,8 @@ from typing import Any, Final
 
 from citadel.errors import StoreUnavailable
 from citadel.feed.core import Entry, Feed, Page, check_topic, parse_position
-from citadel.stores.redis import RedisClient, RedisError, Script
+from citadel.stores.endpoint import RedisStore
+from citadel.stores.redis import RedisError, Script
 
 __all__ = ["RedisFeed", "stream_key"]
 
@@ -55,8 +56,8 @@ class RedisFeed(Feed):
 
     def __init__(
         self,
-        redis: RedisClient,
-        tail_client: Callable[[], RedisClient],
+        redis: RedisStore,
+        tail_client: Callable[[], RedisStore],
         *,
         maxlen: int = 10_000,
         streams: Mapping[str, str] | None = None,

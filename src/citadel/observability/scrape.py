@@ -6,18 +6,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from citadel.settings import Settings
+from citadel.settings.sections import SERVICE_PORTS
 
-# `citadel serve NAME` -> the Ports attribute; the scrape job is citadel-NAME.
-SCRAPED: dict[str, str] = {
-    "gateway": "gateway",
-    "custom-metrics": "custom_metrics",
-    "predictive-alerting": "predictive_alerting",
-    "grafana-dashboards": "grafana_dashboards",
-    "prometheus-rules": "prometheus_rules",
-    "routing-api": "routing_api",
-    "rate-limiting-api": "rate_limiting_api",
-    "streaming-api": "streaming_api",
-}
+SCRAPED: dict[str, str] = SERVICE_PORTS  # `citadel serve NAME` -> Ports attribute
 
 
 TOKEN_FILE = "/etc/prometheus/citadel-metrics-token"

@@ -24,7 +24,6 @@ stream and the ledger writer run unchanged on every topology:
 from __future__ import annotations
 
 import asyncio
-import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
@@ -163,16 +162,19 @@ class ClusterClient(_RedisPyStore):
         self._cluster = client
         # redis-py drops a node from its map (a failover, a slot move, a new CLUSTER SLOTS reply)
         # and closes only its idle connections, in a task nobody waits for; a connection busy at
-        # that moment stays open until the node is garbage, which warns. So every connection
-        # the client makes is remembered (weakly), and aclose closes what is still open.
-        opened: weakref.WeakSet[Connection] = weakref.WeakSet()
+        # that moment stays open until it is garbage, which warns (and, after the loop closed,
+        # cannot close it). So every connection that opens a socket is held here (strongly: a
+        # weak reference is cleared by the collector before the warning), dropped once closed,
+        # and aclose closes what is still open.
+        opened: set[Connection] = set()
         base: type[Connection] = client.connection_kwargs["connection_class"]
 
-        def remember(connection: Connection, **kwargs: Any) -> None:
-            base.__init__(connection, **kwargs)
+        async def open_and_remember(connection: Connection) -> None:
+            await base._connect(connection)  # type: ignore[no-untyped-call]  # opens the socket
+            opened.difference_update([c for c in opened if not c.is_connected])
             opened.add(connection)
 
-        tracked = type(f"Tracked{base.__name__}", (base,), {"__init__": remember})
+        tracked = type(f"Tracked{base.__name__}", (base,), {"_connect": open_and_remember})
         client.connection_kwargs["connection_class"] = tracked  # the nodes it discovers
         for node in client.nodes_manager.startup_nodes.values():
             node.connection_class = tracked
@@ -181,9 +183,10 @@ class ClusterClient(_RedisPyStore):
     async def aclose(self) -> None:
         await super().aclose()
         await asyncio.gather(
-            *(connection.disconnect() for connection in list(self._opened)),
+            *(connection.disconnect(nowait=True) for connection in list(self._opened)),
             return_exceptions=True,
         )
+        self._opened.clear()
 
 
 class SentinelClient(_RedisPyStore):
