@@ -16,8 +16,8 @@ from citadel.settings import load_settings
 SLOS = default_slos(["chat", "code"])
 
 
-def test_a_fresh_start_has_anomalies_and_a_latency_forecast_and_no_budget_rule() -> None:
-    settings = load_settings(None, {})
+def test_with_prometheus_anomalies_and_a_latency_forecast_in_promql_and_no_budget_rule() -> None:
+    settings = load_settings(None, {"PROMETHEUS_ENDPOINT": "http://127.0.0.1:9090"})
     settings = settings.with_models(embedded_models(settings))
     rules = alerting_settings(settings).rules
     assert list(DEFAULT_NAMES) == [r.name for r in rules]

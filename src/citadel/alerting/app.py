@@ -46,6 +46,7 @@ from citadel.alerting.engine import (
     LedgerSource,
     PrometheusSource,
     Scheduler,
+    SeriesReader,
     Source,
     SourceUnavailable,
     SpendReader,
@@ -76,6 +77,7 @@ class AlertingDeps:
     prometheus: PrometheusClient | None = None
     alertmanager: AlertmanagerClient | None = None
     spend: SpendReader | None = None  # the usage ledger, for ledger rules
+    ledger_metrics: SeriesReader | None = None  # the ledger's other metrics (per model, budgets)
     detector_factory: Callable[[], Detector] | None = None
     registry: Registry = field(default_factory=Registry)
     clock: Callable[[], float] = time.time
@@ -126,20 +128,27 @@ def default_deps(settings: Settings) -> AlertingDeps:
         else None
     )
     spend: SpendReader | None = None
+    metrics: SeriesReader | None = None
     close: list[Callable[[], Awaitable[None]]] = [http.aclose]
     rules = alerting_settings(settings).rules
     if any(rule.ledger is not None for rule in rules):
-        from citadel.accounts.sql import build_engine
+        from citadel.accounts.sql import build_engine, open_store_lazily
+        from citadel.alerting.ledger import LedgerMetrics
         from citadel.metering.analytics import Analytics
 
         engine = build_engine(settings.metering.database or settings.accounts.database)
         spend = AnalyticsSpend(Analytics(engine), settings.limits.timezone)
         close.append(engine.dispose)
+        if any(rule.ledger is not None and rule.ledger.metric != "team_spend" for rule in rules):
+            accounts = open_store_lazily(settings.accounts.database)
+            metrics = LedgerMetrics(engine, accounts, settings)
+            close.append(accounts.aclose)
     return AlertingDeps(
         http=http,
         prometheus=prometheus,
         alertmanager=alertmanager,
         spend=spend,
+        ledger_metrics=metrics,
         detector_factory=default_detector_factory(),
         registry=registry,
         close=tuple(close),
@@ -148,9 +157,16 @@ def default_deps(settings: Settings) -> AlertingDeps:
 
 
 def alerting_settings(settings: Settings) -> AlertingSettings:
-    """The ``alerting:`` section with the default rules for the configured models' SLOs."""
+    """The ``alerting:`` section with the default rules for the configured models' SLOs: over
+    Prometheus when ``endpoints.prometheus`` is set, else over the usage ledger."""
     models = [model.name for model in settings.models]
-    return parse_alerting(settings.alerting, default_rules(default_slos(models)))
+    top = parse_alerting({**settings.alerting, "rules": [], "defaults": False})
+    defaults = default_rules(
+        default_slos(models),
+        ledger=settings.endpoints.prometheus is None,
+        interval_seconds=top.interval_seconds,
+    )
+    return parse_alerting(settings.alerting, defaults)
 
 
 async def validate_rules(rules: tuple[Rule, ...], client: PrometheusClient) -> None:
@@ -214,7 +230,7 @@ class _Service:
         )
         valid = max(4 * max(alerting.interval_seconds, alerting.resend_seconds), 300.0)
         book = AlertBook(resend_seconds=alerting.resend_seconds, valid_seconds=valid)
-        sources: dict[str, Source] = {"ledger": LedgerSource(deps.spend)}
+        sources: dict[str, Source] = {"ledger": LedgerSource(deps.spend, deps.ledger_metrics)}
         if deps.prometheus is not None:
             sources["prometheus"] = _ValidatingSource(deps.prometheus)
         else:

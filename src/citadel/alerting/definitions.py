@@ -5,6 +5,8 @@
       interval_seconds: 30          # how often every rule is evaluated
       resend_seconds: 60            # a firing alert is re-sent to Alertmanager this often
       reselect_seconds: 3600        # auto rules re-backtest every candidate this often (0: always)
+      refit_seconds: 300            # the chosen model is refitted this often, or when it drifts
+      fit_processes: 1              # worker processes for the fits (0: a thread of the service)
       generator_url: https://...    # optional; default: this service's /v1/alerts
       rules:
         - name: GatewayLatencyRising
@@ -67,12 +69,27 @@ __all__ = [
 Kind = Literal["forecast", "anomaly"]
 Direction = Literal["above", "below"]
 Severity = Literal["critical", "warning", "info"]
-LedgerMetric = Literal["team_spend"]
+LedgerMetric = Literal[
+    "team_spend",
+    "team_budget_use",
+    "model_request_rate",
+    "model_error_ratio",
+    "model_latency_p95",
+    "model_ttft_p95",
+]
 
 KINDS: tuple[Kind, ...] = ("forecast", "anomaly")
 DIRECTIONS: tuple[Direction, ...] = ("above", "below")
 SEVERITIES: tuple[Severity, ...] = ("critical", "warning", "info")
-LEDGER_METRICS: tuple[LedgerMetric, ...] = ("team_spend",)
+LEDGER_METRICS: tuple[LedgerMetric, ...] = (
+    "team_spend",
+    "team_budget_use",
+    "model_request_rate",
+    "model_error_ratio",
+    "model_latency_p95",
+    "model_ttft_p95",
+)
+MODEL_METRICS = frozenset(m for m in LEDGER_METRICS if m.startswith("model_"))
 MODELS = ("auto", "linear", "arima", "ets", "lstm")
 MONTH_END = "month_end"  # horizon_seconds: until the end of the current calendar month
 
@@ -85,8 +102,14 @@ _RESERVED_LABELS = frozenset({"alertname", "severity", "rule"})
 class LedgerQuery:
     """A series read from the usage ledger rather than Prometheus."""
 
-    metric: LedgerMetric  # team_spend: the team's month-to-date spend in USD, hour by hour
-    team: str  # the team's id
+    # team_spend: one team's month-to-date spend in USD, hour by hour. The others are read from
+    # the ledger's events at the rule's step (``citadel.alerting.ledger``): team_budget_use, each
+    # team's month-to-date spend over its monthly budget (1.0: all of it); model_request_rate
+    # (requests/s), model_error_ratio (5xx/requests), model_latency_p95 and model_ttft_p95
+    # (seconds), one series per model.
+    metric: LedgerMetric
+    team: str | None = None  # the team's id: required by team_spend; narrows team_budget_use
+    model: str | None = None  # model_* metrics: only this model (default: one series per model)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -114,7 +137,7 @@ class Rule:
     def source(self) -> str:
         """What the rule reads, for people: the PromQL, or ``ledger:team_spend(team)``."""
         if self.ledger is not None:
-            return f"ledger:{self.ledger.metric}({self.ledger.team})"
+            return f"ledger:{self.ledger.metric}({self.ledger.team or self.ledger.model or ''})"
         return self.query or ""
 
 
@@ -125,6 +148,10 @@ class AlertingSettings:
     # auto-model rules keep their backtested choice this long (refitting only it each round),
     # unless it drifts; 0: backtest every candidate at every evaluation
     reselect_seconds: float = 3600.0
+    # a forecast rule's chosen model is refitted this often (or sooner when its forecast drifts
+    # off the new samples); between refits its last fit forecasts from the new "now"
+    refit_seconds: float = 300.0
+    fit_processes: int = 1  # worker processes for model fits (0: a thread of the service)
     generator_url: str | None = None
     rules: tuple[Rule, ...] = ()
 
@@ -222,12 +249,19 @@ def _labels(value: object, key: str) -> Mapping[str, str]:
 
 
 def _ledger(value: object, key: str) -> LedgerQuery:
-    doc = _mapping(value, key, ("metric", "team"))
-    for name in ("metric", "team"):
-        if doc.get(name) is None:
-            raise ConfigError(f"{key}.{name}", None, "a value (it is required)")
+    doc = _mapping(value, key, ("metric", "team", "model"))
+    if doc.get("metric") is None:
+        raise ConfigError(f"{key}.metric", None, "a value (it is required)")
     metric = _choice(LEDGER_METRICS)(doc["metric"], f"{key}.metric")
-    return LedgerQuery(metric=metric, team=_text(doc["team"], f"{key}.team"))
+    if metric == "team_spend" and doc.get("team") is None:
+        raise ConfigError(f"{key}.team", None, "a value (it is required)")
+    if metric in MODEL_METRICS and doc.get("team") is not None:
+        raise ConfigError(f"{key}.team", doc["team"], f"no team ({metric} is per model)")
+    if metric not in MODEL_METRICS and doc.get("model") is not None:
+        raise ConfigError(f"{key}.model", doc["model"], f"no model ({metric} is per team)")
+    team = _text(doc["team"], f"{key}.team") if doc.get("team") is not None else None
+    model = _text(doc["model"], f"{key}.model") if doc.get("model") is not None else None
+    return LedgerQuery(metric=metric, team=team, model=model)
 
 
 _RULE: dict[str, Parser] = {
@@ -256,10 +290,18 @@ def _non_negative(value: object, key: str) -> float:
     return number
 
 
+def _processes(value: object, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 64:
+        raise ConfigError(key, value, "an integer from 0 (fit in a thread) to 64")
+    return value
+
+
 _TOP: dict[str, Parser] = {
     "interval_seconds": _positive,
     "resend_seconds": _positive,
     "reselect_seconds": _non_negative,
+    "refit_seconds": _non_negative,
+    "fit_processes": _processes,
     "generator_url": _text,
 }
 

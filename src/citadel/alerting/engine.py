@@ -36,7 +36,7 @@ from zoneinfo import ZoneInfo
 
 from citadel.alerting.alertmanager import Alert, AlertBook, AlertmanagerClient
 from citadel.alerting.anomaly import Detector
-from citadel.alerting.definitions import AlertingSettings, Rule
+from citadel.alerting.definitions import AlertingSettings, LedgerQuery, Rule
 from citadel.alerting.forecast import (
     ArimaForecaster,
     EtsForecaster,
@@ -66,6 +66,7 @@ __all__ = [
     "Outcome",
     "PrometheusSource",
     "Scheduler",
+    "SeriesReader",
     "Source",
     "SourceUnavailable",
     "month_end",
@@ -411,16 +412,36 @@ class SpendReader(Protocol):
     async def hourly_team_spend(self, team: str, *, now: float) -> list[tuple[float, int]]: ...
 
 
+class SeriesReader(Protocol):
+    """What the ledger source needs for the other ledger metrics (``citadel.alerting.ledger``)."""
+
+    async def series(
+        self, query: LedgerQuery, *, step: float, lookback: float, now: float
+    ) -> list[Series]: ...
+
+
 class LedgerSource:
     """Ledger queries: ``team_spend`` is the team's month-to-date spend in USD, hour by hour
-    (each point at the end of its hour, the current hour included so far)."""
+    (each point at the end of its hour, the current hour included so far); the other metrics
+    (per model, and each team's budget use) come from ``metrics``."""
 
-    def __init__(self, reader: SpendReader | None) -> None:
+    def __init__(self, reader: SpendReader | None, metrics: SeriesReader | None = None) -> None:
         self.reader = reader
+        self.metrics = metrics
 
     async def fetch(self, rule: Rule, *, now: float) -> list[Series]:
         if rule.ledger is None:
             raise SourceUnavailable(f"rule {rule.name!r} has no ledger query")
+        if rule.ledger.metric != "team_spend":
+            if self.metrics is None:
+                raise SourceUnavailable(
+                    f"ledger metric {rule.ledger.metric} is not available: no usage ledger "
+                    "database is configured (metering.database or accounts.database)"
+                )
+            return await self.metrics.series(
+                rule.ledger, step=rule.step_seconds, lookback=rule.lookback_seconds, now=now
+            )
+        assert rule.ledger.team is not None
         if self.reader is None:
             raise SourceUnavailable(
                 "ledger queries are not available: no usage ledger database is configured "
