@@ -110,7 +110,7 @@ def test_unknown_fields_are_errors_naming_the_key(raw: dict[str, Any], key: str)
         ({"query": "   "}, "alerting.rules[0].query"),
         ({"query": None}, "alerting.rules[0].query"),
         ({"ledger": {"metric": "team_spend", "team": "t"}}, "alerting.rules[0].query"),
-        ({"ledger": {"metric": "spend"}}, "alerting.rules[0].ledger.team"),
+        ({"ledger": {"metric": "spend"}}, "alerting.rules[0].ledger.metric"),
         ({"model": "prophet"}, "alerting.rules[0].model"),
         ({"name": None}, "alerting.rules[0].name"),
     ],
