@@ -282,6 +282,11 @@ ALERTING_MODEL_ERROR = _gauge(
     ("rule", "model"),
     "The backtest error of the forecasting model chosen for each rule (lower is more accurate).",
 )
+ALERTING_ROUNDS_SKIPPED = _counter(
+    "citadel_alerting_rounds_skipped_total",
+    (),
+    "Evaluation rounds skipped because the round before outlasted its interval.",
+)
 ALERTING_ALERTS_FIRING = _gauge(
     "citadel_alerting_alerts_firing", ("rule", "severity"), "Alerts firing now, by rule."
 )
@@ -338,6 +343,7 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     *(BUSINESS_BUDGET_UTILISATION, BUSINESS_INFRA_COST, BUSINESS_COST_PER_1K),
     *(BUSINESS_REFERENCE_COST, BUSINESS_SAVINGS, LEDGER_LAG, LEDGER_WRITER_ERRORS),
     *(ALERTING_EVALUATIONS, ALERTING_EVALUATION_DURATION, ALERTING_MODEL_ERROR),
+    ALERTING_ROUNDS_SKIPPED,
     *(ALERTING_ALERTS_FIRING, ALERTING_ALERTS_SENT, ALERTING_ALERTS_DROPPED),
     ALERTING_DELIVERY_FAILURES,
     *(STREAMING_CONNECTIONS, STREAMING_MESSAGES, STREAMING_BYTES, STREAMING_LAGGED),

@@ -44,6 +44,7 @@ from citadel.alerting.engine import (
     Detector,
     Evaluator,
     LedgerSource,
+    PoolFitter,
     PrometheusSource,
     Scheduler,
     SeriesReader,
@@ -223,10 +224,13 @@ class _Service:
     ) -> None:
         self.alerting = alerting
         self.deps = deps
+        self.fitter = PoolFitter(alerting.fit_processes) if alerting.fit_processes else None
         evaluator = Evaluator(
             detector_factory=deps.detector_factory,
             timezone=settings.limits.timezone,
             reselect_seconds=alerting.reselect_seconds,
+            refit_seconds=alerting.refit_seconds,
+            fitter=self.fitter,
         )
         valid = max(4 * max(alerting.interval_seconds, alerting.resend_seconds), 300.0)
         book = AlertBook(resend_seconds=alerting.resend_seconds, valid_seconds=valid)
@@ -250,6 +254,7 @@ class _Service:
             clock=deps.clock,
             generator_url=alerting.generator_url or generator,
             events=self.publisher.sink("alerts") if self.publisher is not None else None,
+            concurrency=max(2, alerting.fit_processes),
         )
         self.state = Alerting(
             settings=alerting,
@@ -281,6 +286,8 @@ class _Service:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        if self.fitter is not None:
+            self.fitter.close()
         notifier = self.deps.alertmanager
         if notifier is not None and notifier.queued:
             with contextlib.suppress(TimeoutError):

@@ -26,8 +26,11 @@ import asyncio
 import itertools
 import logging
 import math
+import multiprocessing
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
@@ -47,13 +50,14 @@ from citadel.alerting.forecast import (
     crossing_time,
 )
 from citadel.alerting.prometheus import PrometheusClient, Series
-from citadel.alerting.selector import ModelState, Selector, default_candidates
+from citadel.alerting.selector import ModelState, Selector, default_candidates, fit_job
 from citadel.errors import CitadelError
 from citadel.metrics import (
     ALERTING_ALERTS_FIRING,
     ALERTING_EVALUATION_DURATION,
     ALERTING_EVALUATIONS,
     ALERTING_MODEL_ERROR,
+    ALERTING_ROUNDS_SKIPPED,
     Registry,
 )
 
@@ -62,8 +66,10 @@ __all__ = [
     "Evaluation",
     "Evaluator",
     "Finding",
+    "Fitter",
     "LedgerSource",
     "Outcome",
+    "PoolFitter",
     "PrometheusSource",
     "Scheduler",
     "SeriesReader",
@@ -159,6 +165,36 @@ def selector_for(rule: Rule, horizon_steps: int, reselect_seconds: float = 0.0) 
     return Selector([one[rule.model]], horizon=horizon)
 
 
+# Fits a selector on (times, values) at ``now``, elsewhere (a worker process): the fitted selector
+# and the error if no candidate could fit (``selector.fit_job``'s signature).
+Fitter = Callable[[Selector, Sequence[float], Sequence[float], float], tuple[Selector, str | None]]
+
+
+class PoolFitter:
+    """A ``Fitter`` over a process pool of ``processes`` workers (spawned, so they share nothing
+    with the service's threads), started on first use and shut down by ``close``."""
+
+    def __init__(self, processes: int) -> None:
+        self.processes = processes
+        self._pool: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def __call__(
+        self, selector: Selector, times: Sequence[float], values: Sequence[float], now: float
+    ) -> tuple[Selector, str | None]:
+        with self._lock:
+            if self._pool is None:
+                context = multiprocessing.get_context("spawn")
+                self._pool = ProcessPoolExecutor(self.processes, mp_context=context)
+            pool = self._pool
+        return pool.submit(fit_job, selector, times, values, now).result()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+
 class Evaluator:
     """Decides rules on their series; holds each series' model between evaluations."""
 
@@ -169,8 +205,13 @@ class Evaluator:
         selector_factory: Callable[[Rule, int, float], Selector] = selector_for,
         timezone: str = "UTC",
         reselect_seconds: float = 0.0,
+        refit_seconds: float = 0.0,
+        fitter: Fitter | None = None,
     ) -> None:
         self._reselect = reselect_seconds
+        self._refit = refit_seconds
+        self._fitter = fitter
+        self.fits = 0  # model fits started (each a backtest or a refit)
         self._detector_factory = detector_factory
         self._selector_factory = selector_factory
         self._timezone = timezone
@@ -222,8 +263,9 @@ class Evaluator:
         if selector is None:
             selector = self._selectors[key] = self._selector_factory(rule, steps, self._reselect)
         try:
-            selector.fit(series.times, series.values, now=now)
-            forecast = selector.forecast(steps)
+            if selector.due(series.times, series.values, now=now, refit_seconds=self._refit):
+                selector = self._fit(key, selector, series, now)
+            forecast = selector.forecast_from(now, steps)
         except ForecastError as exc:
             outcome: Outcome = "insufficient_history" if "at least" in str(exc) else "error"
             detail = f"{'insufficient history' if outcome != 'error' else 'no forecast'}: {exc}"
@@ -236,6 +278,20 @@ class Evaluator:
         if crossing is not None and crossing > now + horizon:
             crossing = None
         return _forecast_finding(rule, series, forecast, crossing, now=now, horizon=horizon)
+
+    def _fit(
+        self, key: tuple[str, str], selector: Selector, series: Series, now: float
+    ) -> Selector:
+        """Fit here, or in the fitter's worker process (the selector travels there and back)."""
+        self.fits += 1
+        if self._fitter is None:
+            selector.fit(series.times, series.values, now=now)
+            return selector
+        fitted, error = self._fitter(selector, series.times, series.values, now)
+        self._selectors[key] = fitted
+        if error is not None:
+            raise ForecastError(error)
+        return fitted
 
     # -- anomaly --------------------------------------------------------------------------------
 
@@ -474,6 +530,12 @@ def alert_event(rule: Rule, alert: Alert) -> dict[str, Any]:
     }
 
 
+def next_tick(elapsed: float, interval: float) -> tuple[int, int | float]:
+    """After a round of ``elapsed`` seconds: the interval ticks it overran (skipped, not run
+    late) and how long to wait for the next tick."""
+    return int(elapsed // interval), interval - elapsed % interval
+
+
 @dataclass(kw_only=True)
 class Scheduler:
     """Evaluates every rule on an interval and delivers the alerts (the I/O around Evaluator)."""
@@ -495,8 +557,14 @@ class Scheduler:
     # Each alert that starts firing or resolves, as a JSON object (the event feed's ``alerts``
     # topic); re-sends of an alert still firing are not events.
     events: Callable[[dict[str, Any]], None] | None = None
+    concurrency: int = 1  # rules evaluated at once (the app: the fit processes, at least 2)
+    monotonic: Callable[[], float] = time.monotonic  # the round timer (a test injects one)
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
 
     def __post_init__(self) -> None:
+        self._round = asyncio.Lock()
+        self._skipped = self.registry.counter(ALERTING_ROUNDS_SKIPPED)
+        self._skipped.inc((), 0.0)  # shown at 0 from the start
         self._evaluations = self.registry.counter(ALERTING_EVALUATIONS)
         self._duration = self.registry.histogram(ALERTING_EVALUATION_DURATION)
         self._model_error = self.registry.gauge(ALERTING_MODEL_ERROR)
@@ -544,27 +612,41 @@ class Scheduler:
         return evaluation
 
     async def evaluate_all(self) -> list[Evaluation]:
-        now = self.clock()
-        self.last_run = now
-        return [await self.evaluate(rule, now=now) for rule in self.settings.rules]
+        """One round: every rule at one ``now``, ``concurrency`` rules at a time (each in a
+        thread, its fits in the fit processes). Rounds never overlap: a round asked for while
+        one runs (``POST /v1/evaluate``) waits for it."""
+        async with self._round:
+            now = self.clock()
+            self.last_run = now
+            gate = asyncio.Semaphore(max(1, self.concurrency))
+
+            async def one(rule: Rule) -> Evaluation:
+                async with gate:
+                    return await self.evaluate(rule, now=now)
+
+            return list(await asyncio.gather(*(one(rule) for rule in self.settings.rules)))
 
     async def run(self) -> None:
         """Evaluate every rule each interval until cancelled. A round that outlasts the interval
-        skips the ticks it overran (counted in ``rounds_skipped``) and the next round starts at
-        the next tick, so slow rounds never pile up nor run back to back."""
+        skips the ticks it overran (counted in ``rounds_skipped`` and the skipped-rounds metric)
+        and the next round starts at the next tick, so slow rounds never pile up nor run back to
+        back."""
         interval = self.settings.interval_seconds
         while True:
-            started = time.monotonic()
+            started = self.monotonic()
             self.in_round = True
             try:
                 await self.evaluate_all()
             finally:
                 self.in_round = False
-            elapsed = time.monotonic() - started
+            elapsed = self.monotonic() - started
             self.rounds += 1
             self.last_round_seconds = elapsed
-            self.rounds_skipped += int(elapsed // interval)
-            await asyncio.sleep(interval - elapsed % interval)
+            skipped, wait = next_tick(elapsed, interval)
+            self.rounds_skipped += skipped
+            if skipped:
+                self._skipped.inc((), skipped)
+            await self.sleep(wait)
 
     def round_state(self) -> dict[str, object]:
         """For /health: rounds completed and skipped, the last one's duration, and whether the

@@ -258,9 +258,19 @@ class LedgerMetrics:
             total = base.get(team, 0)
             times: list[float] = []
             values: list[float] = []
+            # A team that had spent nothing before the buckets starts at its first spend, as a
+            # model starts at its first request (a flat run of zeros is no history of spend).
+            since = (
+                shown
+                if total > 0
+                else next(
+                    (i for i in range(first, complete) if grain.spend.get(i, {}).get(team)),
+                    complete,
+                )
+            )
             for i in range(first, complete):
                 total += grain.spend.get(i, {}).get(team, 0)
-                if i >= shown:
+                if i >= max(shown, since):
                     times.append(grain.end(i))
                     values.append(total / budget)
             if total <= 0:

@@ -36,6 +36,8 @@ from citadel.alerting.forecast import (
     series_step,
 )
 
+_MAX_BEHIND = 5000  # steps forecast past the end of the fitted history to reach "now", at most
+
 
 @dataclass(frozen=True, slots=True)
 class ModelState:
@@ -119,6 +121,8 @@ class Selector:
         self._chosen_error: float | None = None  # the chosen model's backtest MAE per window
         self._last: Forecast | None = None  # the last forecast, to measure drift against
         self._fitted_end = -math.inf  # the last timestamp of the last fit's history
+        self._fit_at: float | None = None  # ``now`` of the last fit
+        self.fits = 0  # fit() calls (a backtest, or a refit of the kept choice)
 
     @property
     def chosen(self) -> str | None:
@@ -136,6 +140,8 @@ class Selector:
         require(t.size, 1, model=self.name)
         self._now = float(t[-1]) if now is None else now
         self._history = (t, y)
+        self._fit_at = self._now
+        self.fits += 1
         keep = self._keep(t, y)
         self._fitted_end = float(t[-1])
         if keep and self._fit_from(self._pos):
@@ -181,17 +187,51 @@ class Selector:
         assert self._now is not None
         if self._now - self._ranked_at >= self.reselect_seconds:
             return False
+        return not self.drifted(t, y)
+
+    def drifted(self, times: Numbers, values: Numbers) -> bool:
+        """Whether the samples that arrived since the last fit are off what its forecast said of
+        them by more than ``drift`` times the chosen model's backtest error (per window)."""
         last, error = self._last, self._chosen_error
         if last is None or error is None:
-            return True
-        # The samples that arrived since the last fit, against what its forecast said of them
-        # (interpolated: an evaluation's grid need not fall on the forecast's times).
-        times = np.asarray(last.times, dtype=np.float64)
-        new = (t > self._fitted_end) & (t <= times[-1])
+            return False
+        t = np.asarray(times, dtype=np.float64)
+        y = np.asarray(values, dtype=np.float64)
+        # Interpolated: an evaluation's grid need not fall on the forecast's times.
+        said_times = np.asarray(last.times, dtype=np.float64)
+        new = (t > self._fitted_end) & (t <= said_times[-1])
         if not new.any():
+            return False
+        said = np.interp(t[new], said_times, np.asarray(last.mean, dtype=np.float64))
+        return float(np.mean(np.abs(said - y[new]))) > self.drift * max(error, 1e-12)
+
+    def due(self, times: Numbers, values: Numbers, *, now: float, refit_seconds: float) -> bool:
+        """Whether this history needs a ``fit``: no model yet, the last fit ``refit_seconds`` or
+        more ago, or its forecast drifted off the samples since. Otherwise ``forecast_from``
+        forecasts from the kept fit."""
+        if self._model is None or self._fit_at is None or refit_seconds <= 0:
             return True
-        said = np.interp(t[new], times, np.asarray(last.mean, dtype=np.float64))
-        return float(np.mean(np.abs(said - y[new]))) <= self.drift * max(error, 1e-12)
+        if now - self._fit_at >= refit_seconds or now < self._fit_at:
+            return True
+        return self.drifted(times, values)
+
+    def forecast_from(self, now: float, horizon: int) -> Forecast:
+        """The kept fit's forecast of the ``horizon`` steps after ``now`` (it forecasts from the
+        end of the history it was fitted on, so the steps since are forecast first, then cut)."""
+        t = self._history[0]
+        step = series_step(t) if t.size > 1 else 1.0
+        behind = max(0, math.ceil((now - self._fitted_end) / step)) if step > 0 else 0
+        behind = min(behind, _MAX_BEHIND)  # a history that stopped long ago: its last steps
+        whole = self.forecast(horizon + behind)
+        keep = [i for i, when in enumerate(whole.times) if when > now] or [len(whole.times) - 1]
+        first = keep[0]
+        return replace(
+            whole,
+            times=whole.times[first:],
+            mean=whole.mean[first:],
+            lower=whole.lower[first:],
+            upper=whole.upper[first:],
+        )
 
     def forecast(self, horizon: int) -> Forecast:
         """The chosen model's forecast; if it fails, the next candidate's."""
@@ -253,3 +293,15 @@ def _blank(
 
 def _describe(exc: BaseException) -> str:
     return str(exc) if isinstance(exc, ForecastError) else f"{type(exc).__name__}: {exc}"
+
+
+def fit_job(
+    selector: Selector, times: Numbers, values: Numbers, now: float
+) -> tuple[Selector, str | None]:
+    """``selector.fit`` as a job for a worker process: the selector comes back fitted (or with
+    its candidates' failures recorded) and the error, if no candidate could fit, as text."""
+    try:
+        selector.fit(times, values, now=now)
+    except ForecastError as exc:
+        return selector, str(exc)
+    return selector, None
