@@ -358,7 +358,13 @@ def test_a_kept_choice_is_refitted_without_backtesting_until_its_time_or_its_dri
     assert 2 == selector.backtests
     selector.forecast(6)
     times, values = _ramp(15, 135, 1.0)
-    values[-1] += 500.0  # the new sample is far off the forecast: drift
+    values[-1] += 500.0  # one sample far off the forecast: noise, not yet drift
+    selector.fit(times, values)
+    assert 2 == selector.backtests
+    selector.forecast(6)
+    times, values = _ramp(16, 138, 1.0)
+    for i in (-3, -2, -1):  # three new samples far off the forecast: drift
+        values[i] += 500.0
     selector.fit(times, values)
     assert 3 == selector.backtests
 

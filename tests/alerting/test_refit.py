@@ -245,3 +245,12 @@ def test_forecast_from_cuts_the_steps_already_past() -> None:
     assert NOW + 11 == later.times[0]
     assert NOW + 10.5 + 5 <= later.times[-1] <= NOW + 10.5 + 6  # the horizon from now, covered
     assert abs(later.mean[0] - 11.0) < 0.5
+
+
+def test_a_history_too_short_to_backtest_is_refitted_every_round() -> None:
+    """With no backtest error there is no drift to judge a kept fit by: it is refitted."""
+    evaluator = Evaluator(refit_seconds=300.0)
+    for k in range(3):
+        now = NOW + 30 * k
+        evaluator.evaluate(rule(), [ramp(now, points=10)], now=now)
+    assert 3 == evaluator.fits

@@ -254,7 +254,7 @@ class _Service:
             clock=deps.clock,
             generator_url=alerting.generator_url or generator,
             events=self.publisher.sink("alerts") if self.publisher is not None else None,
-            concurrency=max(2, alerting.fit_processes),
+            concurrency=max(8, alerting.fit_processes),  # reads overlap; fits queue for the pool
         )
         self.state = Alerting(
             settings=alerting,

@@ -31,6 +31,9 @@
           kind: anomaly
           query: sum(rate(citadel_gateway_requests_total[1m]))
           score_threshold: 0.95      # anomaly score in [0, 1] at which it fires
+        - name: ChatErrors             # the ledger without Prometheus (citadel.alerting.ledger):
+          kind: anomaly                # model_request_rate, model_error_ratio, model_latency_p95,
+          ledger: {metric: model_error_ratio, model: chat}   # model_ttft_p95, team_budget_use
 
 Unless ``defaults: false``, the service's default rules (``defaults.py``: anomalies and latency
 forecasts on the gateway's own metrics) come first; ``defaults: [ModelTtftForecast]`` keeps only

@@ -36,6 +36,7 @@ from citadel.alerting.forecast import (
     series_step,
 )
 
+_DRIFT_SAMPLES = 3  # new samples needed before a forecast is judged to have drifted
 _MAX_BEHIND = 5000  # steps forecast past the end of the fitted history to reach "now", at most
 
 
@@ -200,17 +201,20 @@ class Selector:
         # Interpolated: an evaluation's grid need not fall on the forecast's times.
         said_times = np.asarray(last.times, dtype=np.float64)
         new = (t > self._fitted_end) & (t <= said_times[-1])
-        if not new.any():
-            return False
+        if int(new.sum()) < min(_DRIFT_SAMPLES, self.horizon):
+            return False  # one noisy sample is no drift: judge a few
         said = np.interp(t[new], said_times, np.asarray(last.mean, dtype=np.float64))
         return float(np.mean(np.abs(said - y[new]))) > self.drift * max(error, 1e-12)
 
     def due(self, times: Numbers, values: Numbers, *, now: float, refit_seconds: float) -> bool:
-        """Whether this history needs a ``fit``: no model yet, the last fit ``refit_seconds`` or
-        more ago, or its forecast drifted off the samples since. Otherwise ``forecast_from``
+        """Whether this history needs a ``fit``: no model yet, no backtest error (a history too
+        short to backtest), the last fit ``refit_seconds`` or more ago, or its forecast drifted
+        off the samples since. Otherwise ``forecast_from``
         forecasts from the kept fit."""
         if self._model is None or self._fit_at is None or refit_seconds <= 0:
             return True
+        if self._chosen_error is None:
+            return True  # too short a history to backtest: no error to judge drift by, so refit
         if now - self._fit_at >= refit_seconds or now < self._fit_at:
             return True
         return self.drifted(times, values)
