@@ -473,6 +473,10 @@ def _predictive() -> Dashboard:
                     _rate(m.ALERTING_EVALUATIONS, 'rule=~".+"', "rule, outcome"),
                     "{{rule}} {{outcome}}",
                 ),
+                _q(
+                    f"sum(rate({m.ALERTING_ROUNDS_SKIPPED.name}[$__rate_interval]))",
+                    "rounds skipped",
+                ),
             ),
             _p(
                 "Evaluation time p95",
