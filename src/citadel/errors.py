@@ -98,6 +98,14 @@ class NotFound(ApiError):
     type = "not_found_error"
 
 
+class Conflict(ApiError):
+    """409: the request conflicts with what exists (an email or team name taken)."""
+
+    status = 409
+    type = "invalid_request_error"
+    default_code = "conflict"
+
+
 class MethodNotAllowed(ApiError):
     status = 405
     type = "invalid_request_error"

@@ -14,8 +14,8 @@ from sqlalchemy import Connection, inspect
 
 from citadel.accounts.migrate import ACCOUNTS
 from citadel.accounts.schema import Base
-from citadel.accounts.sql import build_engine
 from citadel.migrations import Upgrade
+from citadel.stores.sql import build_engine
 
 from support import scratch_database
 

@@ -29,11 +29,12 @@ from gql.transport.exceptions import TransportQueryError
 from gql.transport.httpx import HTTPXAsyncTransport
 from gql.transport.websockets import WebsocketsTransport
 
-from citadel.accounts.sql import build_engine, open_store
+from citadel.accounts.sql import open_store
 from citadel.metering.events import UsageEvent
 from citadel.metering.ledger import Ledger, encode_event
 from citadel.metering.migrate import LEDGER
 from citadel.stores.redis import RedisClient
+from citadel.stores.sql import build_engine
 
 from support import free_port, scratch_postgres, start_process, stop_process, usage_event
 

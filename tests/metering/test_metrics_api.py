@@ -30,7 +30,7 @@ import orjson
 import pytest
 from litestar.testing import AsyncTestClient
 
-from citadel.accounts.sql import build_engine, open_store
+from citadel.accounts.sql import open_store
 from citadel.metering.analytics import Analytics
 from citadel.metering.app import MeteringDeps, create_app
 from citadel.metering.events import UsageEvent
@@ -39,6 +39,7 @@ from citadel.metering.migrate import LEDGER
 from citadel.metering.writer import WriterStats
 from citadel.settings import load_settings
 from citadel.stores.redis import RedisClient
+from citadel.stores.sql import build_engine
 
 from conformance import Conformance
 from support import free_port, process_output, scratch_postgres, start_process, stop_process

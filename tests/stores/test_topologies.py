@@ -21,7 +21,6 @@ from redis.crc import key_slot
 from redis_topologies import KINDS, ClusterGroup, Topologies, cluster, sentinel_group
 from sqlalchemy import func, select
 
-from citadel.accounts.sql import build_engine
 from citadel.errors import ConfigError, StoreUnavailable
 from citadel.limits.decision import Limits
 from citadel.limits.redis import RedisLimiter
@@ -37,6 +36,7 @@ from citadel.routing.shared import SharedRoutingState
 from citadel.settings import Settings, load_settings
 from citadel.stores.endpoint import RedisStore, connect_redis, parse
 from citadel.stores.redis import Arg, RedisClient, RedisError, Script
+from citadel.stores.sql import build_engine
 
 from support import usage_event
 

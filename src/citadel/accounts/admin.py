@@ -171,7 +171,8 @@ def _handler(action: Action) -> Handler:
 
 
 async def _with_store(action: Action, args: argparse.Namespace, settings: Settings) -> object:
-    from citadel.accounts.sql import database_url, open_store
+    from citadel.accounts.sql import open_store
+    from citadel.stores.sql import database_url
 
     uri = settings.accounts.database
     store = await open_store(uri, migrate=database_url(uri).startswith("sqlite"))
@@ -190,10 +191,10 @@ def _cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     from sqlalchemy.ext.asyncio import AsyncEngine
 
     from citadel.accounts.migrate import ACCOUNTS
-    from citadel.accounts.sql import build_engine, translate_errors
     from citadel.metering.ledger import rebuild_rollups
     from citadel.metering.migrate import LEDGER
     from citadel.migrations import Upgrade
+    from citadel.stores.sql import build_engine, translate_errors
 
     uri = settings.accounts.database
 

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal, Protocol
 
+from citadel.errors import Conflict, NotFound
+
 UserStatus = Literal["active", "disabled"]
 
 # Limit overrides a user may carry (a subset of a tier's fields); None removes the limit.
@@ -65,12 +67,12 @@ class KeyRecord:
     user: User
 
 
-class NotFoundError(LookupError):
-    """No user, team or key has that id."""
+class NotFoundError(NotFound, LookupError):
+    """No user, team or key has that id (a 404 in the one hierarchy; still a LookupError)."""
 
 
-class ConflictError(ValueError):
-    """A unique value (an email, a team name) is taken."""
+class ConflictError(Conflict, ValueError):
+    """A unique value (an email, a team name) is taken (a 409; still a ValueError)."""
 
 
 class AccountStore(Protocol):

@@ -129,8 +129,8 @@ def default_deps(settings: Settings) -> AlertingDeps:
     close: list[Callable[[], Awaitable[None]]] = [http.aclose]
     rules = alerting_settings(settings).rules
     if any(rule.ledger is not None for rule in rules):
-        from citadel.accounts.sql import build_engine
         from citadel.metering.analytics import Analytics
+        from citadel.stores.sql import build_engine
 
         engine = build_engine(settings.metering.database or settings.accounts.database)
         spend = AnalyticsSpend(Analytics(engine), settings.limits.timezone)

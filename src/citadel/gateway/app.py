@@ -99,12 +99,12 @@ def default_deps(settings: Settings) -> GatewayDeps:
 def usage_sink(settings: Settings) -> RedisStreamSink | SqlLedgerSink:
     """Usage events to the Redis Stream the ledger writer drains when Redis is configured (with a
     spool file for outages); otherwise straight into the SQL ledger (the embedded default)."""
-    from citadel.accounts.sql import build_engine
     from citadel.metering.journal import Journal
     from citadel.metering.sinks import RedisStreamSink, SqlLedgerSink
     from citadel.metering.spool import Spool
     from citadel.routing.shared import redis_url
     from citadel.stores.endpoint import connect_redis
+    from citadel.stores.sql import build_engine
 
     metering = settings.metering
     journal = (

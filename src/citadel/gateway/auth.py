@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from citadel.accounts import keyformat
 from citadel.accounts.store import AccountStore, KeyRecord
@@ -33,10 +33,6 @@ from citadel.limits.decision import Limits
 from citadel.limits.policy import effective_limits
 from citadel.metrics import AUTH_FAILURES, Registry
 from citadel.settings import Tier
-
-if TYPE_CHECKING:
-    from citadel.http.server import Request, Response
-    from citadel.openapi import PathHandler
 
 _log = logging.getLogger("citadel.gateway.auth")
 
@@ -80,15 +76,6 @@ class AdminKeyAuthenticator:
     async def authenticate(self, authorization: bytes | None) -> Principal:
         self._key.verify(authorization)
         return ADMIN
-
-    def guard(self, handler: PathHandler) -> PathHandler:
-        """``handler`` behind the admin key (an admin API's route on ``citadel.openapi``)."""
-
-        async def guarded(request: Request, params: Mapping[str, str]) -> Response:
-            await self.authenticate(request.headers.get(b"authorization"))
-            return await handler(request, params)
-
-        return guarded
 
 
 @dataclass(frozen=True, slots=True)

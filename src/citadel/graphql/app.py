@@ -88,11 +88,12 @@ def default_deps(settings: Settings) -> GraphQLDeps:
     limiter of ``limits.backend``, the live feed (Redis Streams, else memory) and, with Redis,
     the shared routing state. Embedded SQLite databases are created or upgraded at start."""
     from citadel.accounts.migrate import ACCOUNTS
-    from citadel.accounts.sql import build_engine, open_store_lazily
+    from citadel.accounts.sql import open_store_lazily
     from citadel.feed.open import open_feed
     from citadel.limits.backend import create_limiter
     from citadel.metering.app import ledger_uri
     from citadel.metering.migrate import LEDGER
+    from citadel.stores.sql import build_engine
 
     accounts_uri = settings.accounts.database
     uri = ledger_uri(settings)

@@ -252,6 +252,12 @@ def translate(error: GraphQLError) -> GraphQLError:
             extensions["code"] = "GRAPHQL_PARSE_FAILED" if parse else "GRAPHQL_VALIDATION_FAILED"
     elif isinstance(original, GraphQLError):
         return translate(original)
+    elif isinstance(original, NotFoundError):  # the store's, before ApiError (its base)
+        message = _sentence(str(original))
+        extensions |= {"code": "NOT_FOUND", "status": 404}
+    elif isinstance(original, ConflictError):
+        message = _sentence(str(original))
+        extensions |= {"code": "CONFLICT", "status": 409}
     elif isinstance(original, ApiError):
         message = original.message
         extensions |= {
@@ -263,12 +269,6 @@ def translate(error: GraphQLError) -> GraphQLError:
     elif isinstance(original, QueryError):
         message = original.message
         extensions |= {"code": "BAD_USER_INPUT", "status": 400, "param": original.param}
-    elif isinstance(original, NotFoundError):
-        message = _sentence(str(original))
-        extensions |= {"code": "NOT_FOUND", "status": 404}
-    elif isinstance(original, ConflictError):
-        message = _sentence(str(original))
-        extensions |= {"code": "CONFLICT", "status": 409}
     elif isinstance(original, StoreUnavailable):
         message = f"A store is unavailable ({original.store}): {original.detail}. Try again later."
         extensions |= {"code": "UNAVAILABLE", "status": 503}

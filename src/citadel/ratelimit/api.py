@@ -20,7 +20,7 @@ from litestar.openapi import ResponseSpec
 from litestar.params import FromPath, FromQuery, JSONBody
 
 from citadel.accounts.store import AccountStore, User
-from citadel.errors import ApiError, BadRequest, Forbidden, NotFound
+from citadel.errors import BadRequest, Conflict, Forbidden, NotFound
 from citadel.limits.decision import Limiter, Limits
 from citadel.limits.policy import effective_limits, ratelimit_headers, refusal_message
 from citadel.limits.policy import usd_to_micros as micros
@@ -45,17 +45,9 @@ from citadel.ratelimit.bodies import (
 from citadel.settings import Settings, Tier
 from citadel.web import Injected, Listing, errors
 
-__all__ = ["CONTROLLERS", "Conflict", "Rules"]
+__all__ = ["CONTROLLERS", "Rules"]
 
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
-
-
-class Conflict(ApiError):
-    """409: the request conflicts with what exists (an email or team name taken)."""
-
-    status = 409
-    type = "invalid_request_error"
-    default_code = "conflict"
 
 
 @dataclass(slots=True)

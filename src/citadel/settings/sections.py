@@ -87,21 +87,6 @@ class Ports:
     alertmanager: int = 9099  # and Alertmanager (its usual 9093 is grafana-dashboards here)
 
 
-# Citadel's services by their `citadel serve NAME` name -> their Ports attribute. The one list:
-# the CLI serves these, `citadel prometheus-config` scrapes them (job citadel-NAME).
-SERVICE_PORTS: dict[str, str] = {
-    "gateway": "gateway",
-    "rate-limiting-api": "rate_limiting_api",
-    "routing-api": "routing_api",
-    "custom-metrics": "custom_metrics",
-    "predictive-alerting": "predictive_alerting",
-    "streaming-api": "streaming_api",
-    "graphql-api": "graphql_api",
-    "grafana-dashboards": "grafana_dashboards",
-    "prometheus-rules": "prometheus_rules",
-}
-
-
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Endpoints:
     """Where the outside services are; None means unset (the embedded default is used, if any)."""
