@@ -179,6 +179,11 @@ class UpstreamTimeout(ApiError):
     default_code = "upstream_timeout"
 
 
+class TransportError(CitadelError):
+    """An HTTP server Citadel calls (a model server, Alertmanager) could not be reached, or
+    answered with something that is not a usable reply; the caller decides what it becomes."""
+
+
 class StoreUnavailable(CitadelError):
     """A store (Redis, PostgreSQL, SQLite) could not be reached or did not answer in time."""
 
