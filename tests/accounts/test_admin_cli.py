@@ -75,9 +75,9 @@ def one_line(text: str) -> str:
 
 def test_migrate_creates_the_tables_once(citadel: Citadel) -> None:
     """The first migrate upgrades from empty; the second says the database is already at head."""
-    assert "upgraded from empty to revision 0002" in citadel.ok("migrate")
-    assert "already at revision 0002" in citadel.ok("migrate")
-    assert {"before": "0002", "after": "0002"}.items() <= citadel.json("migrate").items()
+    assert "upgraded from empty to revision 0003" in citadel.ok("migrate")
+    assert "already at revision 0003" in citadel.ok("migrate")
+    assert {"before": "0003", "after": "0003"}.items() <= citadel.json("migrate").items()
 
 
 def test_teams_and_users_are_created_listed_updated_and_disabled(citadel: Citadel) -> None:
