@@ -317,3 +317,4 @@ def test_a_reply_to_auto_names_the_model_that_served_it(pool: Pool) -> None:
     assert "sim-code" == named.model
     chatty = client.chat.completions.create(model="auto", messages=plain)  # type: ignore[arg-type]
     assert "sim-chat" == chatty.model
+    client.close()

@@ -229,6 +229,7 @@ def test_members_on_two_replicas_share_the_team_budget_to_the_micro_dollar(
         client.chat.completions.create(
             model="sim-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=10
         )
+    client.close()
 
 
 def test_a_key_has_its_own_requests_per_minute_and_budget(replicas: Replicas) -> None:
@@ -290,6 +291,7 @@ def test_an_expired_key_is_a_401_that_says_so(replicas: Replicas) -> None:
     client = openai.OpenAI(base_url=f"{replicas.urls[1]}/v1", api_key=expired, max_retries=0)
     with pytest.raises(openai.AuthenticationError, match="expired"):
         client.models.list()
+    client.close()
     later = datetime.now(UTC) + timedelta(days=1)
     _, _, fresh = new_key(replicas.database, expires_at=later)
     assert 200 == call(replicas.urls[1], fresh, chat())[0]
