@@ -148,7 +148,7 @@ LIMITER_FAILURES = _counter(
 AUTH_FAILURES = _counter(
     "citadel_gateway_auth_failures_total",
     ("reason",),
-    "Requests refused by authentication: missing, malformed, invalid, throttled, or "
+    "Requests refused by authentication: missing, malformed, invalid, expired, throttled, or "
     "store_unavailable.",
 )
 ROUTING_DECISIONS = _counter(

@@ -25,7 +25,7 @@ from citadel.accounts.sql import (
     open_store,
     open_store_lazily,
 )
-from citadel.accounts.store import ConflictError, NotFoundError
+from citadel.accounts.store import ConflictError, KeyLimits, NotFoundError
 from citadel.errors import ConfigError, StoreUnavailable
 
 from support import free_port, postgres_admin, postgres_execute, scratch_postgres
@@ -121,6 +121,58 @@ def test_a_team_budget_is_set_cleared_and_listed(database: str) -> None:
         cleared = await store.set_team_budget(team.id, None)
         assert (team.id, "research", None) == (cleared.id, cleared.name, cleared.budget_micros)
         assert [None] == [t.budget_micros for t in await store.list_teams()]
+
+    run(database, body)
+
+
+def test_a_key_keeps_its_own_limits_and_authentication_sees_the_team(database: str) -> None:
+    """A key created with a budget, model list and per-minute limits keeps them (listed and
+    found by digest); the owner's team, with its budget, comes with the key; bad limits are
+    ValueErrors naming the field, and create nothing."""
+
+    async def body(store: SqlAccountStore) -> None:
+        team = await store.create_team("research")
+        await store.set_team_budget(team.id, 7_000_000)
+        user = await store.create_user(name="A", email="a@x.io", tier="free", team_id=team.id)
+        loner = await store.create_user(name="B", email="b@x.io", tier="free")
+        limits = KeyLimits(
+            budget_micros=2_500_000,
+            models=(" sim-chat", "sim-code", "sim-chat"),
+            requests_per_minute=10,
+            tokens_per_minute=5_000,
+        )
+        key, secret = await store.create_key(user.id, name="ci", limits=limits)
+        expected = KeyLimits(
+            budget_micros=2_500_000,
+            models=("sim-chat", "sim-code"),
+            requests_per_minute=10,
+            tokens_per_minute=5_000,
+        )
+        assert expected == key.limits
+        assert [expected] == [k.limits for k in await store.list_keys(user_id=user.id)]
+        found = await store.find_key(digest(secret))
+        assert found is not None
+        assert (expected, user.id) == (found.key.limits, found.user.id)
+        assert found.team is not None
+        assert (team.id, 7_000_000) == (found.team.id, found.team.budget_micros)
+        plain, plain_secret = await store.create_key(loner.id, name="plain")
+        assert KeyLimits() == plain.limits
+        alone = await store.find_key(digest(plain_secret))
+        assert alone is not None
+        assert alone.team is None
+        assert KeyLimits() == alone.key.limits
+        for bad, field in (
+            (KeyLimits(budget_micros=-1), "budget_micros"),
+            (KeyLimits(requests_per_minute=-5), "requests_per_minute"),
+            (KeyLimits(tokens_per_minute=10**12), "tokens_per_minute"),
+            (KeyLimits(models=()), "models"),
+            (KeyLimits(models=("ok", " ")), "models"),
+        ):
+            with pytest.raises(ValueError, match=field):
+                await store.create_key(user.id, name="bad", limits=bad)
+        assert 1 == len(await store.list_keys(user_id=user.id))
+        assert await store.get_team(team.id) == found.team
+        assert await store.get_team("team_nope") is None
 
     run(database, body)
 

@@ -75,9 +75,9 @@ def one_line(text: str) -> str:
 
 def test_migrate_creates_the_tables_once(citadel: Citadel) -> None:
     """The first migrate upgrades from empty; the second says the database is already at head."""
-    assert "upgraded from empty to revision 0002" in citadel.ok("migrate")
-    assert "already at revision 0002" in citadel.ok("migrate")
-    assert {"before": "0002", "after": "0002"}.items() <= citadel.json("migrate").items()
+    assert "upgraded from empty to revision 0003" in citadel.ok("migrate")
+    assert "already at revision 0003" in citadel.ok("migrate")
+    assert {"before": "0003", "after": "0003"}.items() <= citadel.json("migrate").items()
 
 
 def test_teams_and_users_are_created_listed_updated_and_disabled(citadel: Citadel) -> None:
@@ -222,3 +222,56 @@ def test_the_commands_explain_themselves(citadel: Citadel) -> None:
     result = citadel("keys")
     assert 2 == result.returncode
     assert "ACTION" in one_line(result.stderr)
+
+
+def test_a_key_is_created_with_limits_of_its_own(tmp_path: Path, database: str) -> None:
+    """``keys create --budget --models --rpm --tpm --expires`` keeps each limit (shown in JSON
+    and in the table); a model the settings do not know, a past time or a bad amount is one
+    line and status 2, and creates nothing."""
+    config = tmp_path / "citadel.yaml"
+    config.write_text(
+        f'accounts:\n  database: "{database}"\n'
+        "models:\n"
+        "  - {name: sim-chat, aliases: [chat], deployments: [{name: d1, url: 'http://127.0.0.1:9'}]}\n"
+        "  - {name: sim-code, deployments: [{name: d2, url: 'http://127.0.0.1:9'}]}\n",
+        encoding="utf-8",
+    )
+    citadel = Citadel(config)
+    user = citadel.json("users", "create", "--name", "A", "--email", "a@x.io")["id"]
+    made = citadel.json(
+        "keys",
+        "create",
+        "--user",
+        user,
+        "--budget",
+        "2.5",
+        "--models",
+        "chat, sim-code",
+        "--rpm",
+        "10",
+        "--tpm",
+        "5000",
+        "--expires",
+        "2099-01-31T00:00:00Z",
+    )
+    assert {
+        "budget_micros": 2_500_000,
+        "models": ["chat", "sim-code"],
+        "requests_per_minute": 10,
+        "tokens_per_minute": 5000,
+    } == made["key"]["limits"]
+    assert made["key"]["expires_at"].startswith("2099-01-31T00:00:00")
+    table = citadel.ok("keys", "list", "--user", user)
+    assert "budget=$2.5 rpm=10 tpm=5000 models=chat,sim-code" in table
+    for args, words in (
+        (("--models", "gpt-9"), "'gpt-9' is not a configured model"),
+        (("--expires", "2001-01-01T00:00:00Z"), "is not in the future"),
+        (("--expires", "2099-01-01T10:00"), "UTC offset"),
+        (("--budget", "-3"), "expected US dollars"),
+        (("--rpm", "ten"), "expected a whole number"),
+        (("--expires", "2099-01-01", "--expires-days", "3"), "not allowed with"),
+    ):
+        result = citadel("keys", "create", "--user", user, *args)
+        assert 2 == result.returncode, (args, result.stderr)
+        assert words in result.stderr, (args, result.stderr)
+    assert 1 == len(citadel.json("keys", "list", "--user", user))

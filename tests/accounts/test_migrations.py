@@ -89,6 +89,10 @@ def test_upgrade_creates_the_tables_and_a_second_upgrade_does_nothing(empty_data
         "last_used_at",
         "expires_at",
         "revoked_at",
+        "budget_micros",
+        "models",
+        "requests_per_minute",
+        "tokens_per_minute",
     } == found["api_keys"]
     assert found["unique digest"]
     assert ACCOUNTS.head() == found["revision"]
@@ -126,5 +130,5 @@ def test_the_migrations_ship_inside_the_package() -> None:
     assert (folder / "env.py").is_file()
     assert (folder / "script.py.mako").is_file()
     assert (folder / "versions" / "0001_accounts.py").is_file()
-    assert (folder / "versions" / "0002_team_budgets.py").is_file()
-    assert "0002" == ACCOUNTS.head()
+    assert (folder / "versions" / "0003_key_limits.py").is_file()
+    assert "0003" == ACCOUNTS.head()

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import openai
 import orjson
 import pytest
 
@@ -298,3 +299,22 @@ def test_streams_are_served_by_the_healthy_deployment(pool: Pool) -> None:
     assert body.endswith(b"data: [DONE]\n\n")
     events = [e for e in body.split(b"\n\n") if e.startswith(b"data: {")]
     assert all("error" not in orjson.loads(e[6:]) for e in events)
+
+
+def test_a_reply_to_auto_names_the_model_that_served_it(pool: Pool) -> None:
+    """`model: auto` is answered in the name of the model that served it, whole and in every
+    stream chunk (as OpenAI names the snapshot behind an alias); a named model keeps its name."""
+    client = openai.OpenAI(base_url=f"{pool.gateway}/v1", api_key=ADMIN_KEY, max_retries=0)
+    code = [{"role": "user", "content": "def add(a, b):\n    return a + b\n\nFix this function."}]
+    reply = client.chat.completions.create(model="auto", messages=code)  # type: ignore[arg-type]
+    assert "sim-code" == reply.model
+    stream = client.chat.completions.create(model="auto", messages=code, stream=True)  # type: ignore[arg-type]
+    chunks = list(stream)
+    assert chunks
+    assert {"sim-code"} == {chunk.model for chunk in chunks}
+    plain = [{"role": "user", "content": "How are you today?"}]
+    named = client.chat.completions.create(model="sim-code", messages=plain)  # type: ignore[arg-type]
+    assert "sim-code" == named.model
+    chatty = client.chat.completions.create(model="auto", messages=plain)  # type: ignore[arg-type]
+    assert "sim-chat" == chatty.model
+    client.close()

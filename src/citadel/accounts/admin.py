@@ -7,7 +7,8 @@
     citadel users update ID [--name] [--email] [--tier] [--team] [--status active|disabled]
                             [--override KEY=VALUE ...]
     citadel users disable ID
-    citadel keys create --user ID [--name NAME] [--expires-days N]
+    citadel keys create --user ID [--name NAME] [--expires-days N | --expires TIME]
+                        [--budget USD] [--models M1,M2] [--rpm N] [--tpm N]
     citadel keys list [--user ID]
     citadel keys revoke KEY_ID
 
@@ -32,7 +33,15 @@ from typing import Any
 
 import orjson
 
-from citadel.accounts.store import OVERRIDABLE, AccountStore, ApiKey, NotFoundError, Team, User
+from citadel.accounts.store import (
+    OVERRIDABLE,
+    AccountStore,
+    ApiKey,
+    KeyLimits,
+    NotFoundError,
+    Team,
+    User,
+)
 from citadel.errors import StoreUnavailable
 from citadel.settings import Settings
 
@@ -114,7 +123,24 @@ def add_arguments(commands: argparse._SubParsersAction[Any]) -> None:
     create = _leaf(keys, "create", "create an API key; its secret is shown once", output, _new_key)
     create.add_argument("--user", required=True, metavar="ID", help="the owner's user id")
     create.add_argument("--name", default="default", help="a label (default: default)")
-    create.add_argument("--expires-days", type=_positive_int, metavar="N", help="expire in N days")
+    expiry = create.add_mutually_exclusive_group()
+    expiry.add_argument("--expires-days", type=_positive_int, metavar="N", help="expire in N days")
+    expiry.add_argument(
+        "--expires",
+        type=_future_time,
+        metavar="TIME",
+        help="expire at TIME (RFC 3339, e.g. 2027-01-31T00:00:00Z; a date means its midnight UTC)",
+    )
+    create.add_argument(
+        "--budget", type=_usd, metavar="USD", help="the key's own monthly cost budget, in dollars"
+    )
+    create.add_argument(
+        "--models",
+        metavar="M1,M2",
+        help="the only models (or aliases) it may use, comma-separated (default: its tier's)",
+    )
+    create.add_argument("--rpm", type=_count, metavar="N", help="its own requests per minute")
+    create.add_argument("--tpm", type=_count, metavar="N", help="its own tokens per minute")
     listing = _leaf(keys, "list", "list API keys (never their secrets)", output, _list_keys)
     listing.add_argument("--user", metavar="ID", help="only this user's")
     revoke = _leaf(keys, "revoke", "revoke an API key", output, _revoke_key)
@@ -149,6 +175,40 @@ def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number of days >= 1, got {text!r}")
     return int(text)
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return int(text)
+
+
+def _usd(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 1e9:  # also refuses nan
+        raise argparse.ArgumentTypeError(
+            f"expected US dollars 0..1e9, e.g. 25 or 2.50, got {text!r}"
+        )
+    return value
+
+
+def _future_time(text: str) -> datetime:
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an RFC 3339 time such as 2027-01-31T00:00:00Z, got {text!r}"
+        ) from None
+    if when.tzinfo is None:
+        if len(text.strip()) > 10:  # a time without an offset is ambiguous
+            raise argparse.ArgumentTypeError(f"give {text!r} a UTC offset (Z or +01:00)")
+        when = when.replace(tzinfo=UTC)
+    if when <= datetime.now(UTC):
+        raise argparse.ArgumentTypeError(f"{text!r} is not in the future")
+    return when
 
 
 # -- running ----------------------------------------------------------------------------------
@@ -306,12 +366,27 @@ async def _disable(store: AccountStore, args: argparse.Namespace, _: Settings) -
 
 
 async def _new_key(
-    store: AccountStore, args: argparse.Namespace, _: Settings
+    store: AccountStore, args: argparse.Namespace, settings: Settings
 ) -> tuple[ApiKey, str]:
-    expires = None
+    expires = args.expires
     if args.expires_days is not None:
         expires = datetime.now(UTC) + timedelta(days=args.expires_days)
-    return await store.create_key(args.user, name=args.name, expires_at=expires)
+    models: tuple[str, ...] | None = None
+    if args.models is not None:
+        models = tuple(name.strip() for name in args.models.split(",") if name.strip())
+        if not models:
+            raise ValueError(f"--models {args.models!r}: expected model names, comma-separated")
+        for name in models:
+            if settings.model(name) is None:
+                known = ", ".join(m.name for m in settings.models)
+                raise ValueError(f"--models: {name!r} is not a configured model (models: {known})")
+    limits = KeyLimits(
+        budget_micros=None if args.budget is None else round(args.budget * 1_000_000),
+        models=models,
+        requests_per_minute=args.rpm,
+        tokens_per_minute=args.tpm,
+    )
+    return await store.create_key(args.user, name=args.name, expires_at=expires, limits=limits)
 
 
 async def _list_keys(store: AccountStore, args: argparse.Namespace, _: Settings) -> list[ApiKey]:
@@ -418,7 +493,13 @@ def _print_table(records: Sequence[object]) -> None:
 
 def _columns(record: object) -> dict[str, str]:
     if isinstance(record, Team):
-        return {"id": record.id, "name": record.name, "created": _time(record.created_at)}
+        budget = record.budget_micros
+        return {
+            "id": record.id,
+            "name": record.name,
+            "created": _time(record.created_at),
+            "budget": "-" if budget is None else f"${budget / 1_000_000:g}",
+        }
     if isinstance(record, User):
         return {
             "id": record.id,
@@ -440,8 +521,22 @@ def _columns(record: object) -> dict[str, str]:
             "created": _time(record.created_at),
             "last used": _time(record.last_used_at),
             "expires": _time(record.expires_at),
+            "limits": _key_limits(record.limits),
         }
     raise TypeError(f"cannot show {record!r}")  # pragma: no cover
+
+
+def _key_limits(limits: KeyLimits) -> str:
+    parts = []
+    if limits.budget_micros is not None:
+        parts.append(f"budget=${limits.budget_micros / 1_000_000:g}")
+    if limits.requests_per_minute is not None:
+        parts.append(f"rpm={limits.requests_per_minute}")
+    if limits.tokens_per_minute is not None:
+        parts.append(f"tpm={limits.tokens_per_minute}")
+    if limits.models is not None:
+        parts.append("models=" + ",".join(limits.models))
+    return " ".join(parts) or "-"
 
 
 def _key_status(key: ApiKey, now: datetime) -> str:

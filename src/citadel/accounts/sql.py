@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -52,12 +53,14 @@ from citadel.accounts.store import (
     OVERRIDABLE,
     ApiKey,
     ConflictError,
+    KeyLimits,
     KeyRecord,
     NotFoundError,
     Team,
     User,
     UserStatus,
 )
+from citadel.limits.maths import MAX_RATE
 from citadel.stores.sql import DEFAULT_TIMEOUT, build_engine, database_url, translate_errors
 
 __all__ = [
@@ -93,15 +96,22 @@ _KEY = (
     ApiKeyRow.last_used_at,
     ApiKeyRow.expires_at,
     ApiKeyRow.revoked_at,
+    ApiKeyRow.budget_micros,
+    ApiKeyRow.models,
+    ApiKeyRow.requests_per_minute,
+    ApiKeyRow.tokens_per_minute,
 )
 _TEAM = (TeamRow.id, TeamRow.name, TeamRow.created_at, TeamRow.budget_micros)
 _PING = text("SELECT 1")
-# Authentication's query, built once: the key with this digest and its owner, in one round trip.
+# Authentication's query, built once: the key with this digest, its owner and the owner's team,
+# in one round trip.
 _FIND_KEY = (
-    select(*_KEY, *_USER)
+    select(*_KEY, *_USER, *_TEAM)
     .join_from(ApiKeyRow, UserRow, ApiKeyRow.user_id == UserRow.id)
+    .outerjoin(TeamRow, UserRow.team_id == TeamRow.id)
     .where(ApiKeyRow.digest == bindparam("digest"))
 )
+_KEY_COLUMNS, _USER_COLUMNS = len(_KEY), len(_USER)
 _TOUCH_KEY = (
     update(ApiKeyRow)
     .where(ApiKeyRow.id == bindparam("key_id"))
@@ -151,7 +161,11 @@ class SqlAccountStore:
 
     async def list_teams(self) -> list[Team]:
         rows = await self._read(select(*_TEAM).order_by(TeamRow.name))
-        return [Team(id=r[0], name=r[1], created_at=r[2], budget_micros=r[3]) for r in rows]
+        return [_team(r) for r in rows]
+
+    async def get_team(self, team_id: str) -> Team | None:
+        rows = await self._read(select(*_TEAM).where(TeamRow.id == team_id))
+        return _team(rows[0]) if rows else None
 
     async def set_team_budget(self, team_id: str, budget_micros: int | None) -> Team:
         if budget_micros is not None and (
@@ -169,7 +183,7 @@ class SqlAccountStore:
             ).first()
         if row is None:
             raise NotFoundError(f"no team has id {team_id!r}")
-        return Team(id=row[0], name=row[1], created_at=row[2], budget_micros=row[3])
+        return _team(row)
 
     # - users
 
@@ -263,11 +277,18 @@ class SqlAccountStore:
     # - keys
 
     async def create_key(
-        self, user_id: str, *, name: str, expires_at: datetime | None = None
+        self,
+        user_id: str,
+        *,
+        name: str,
+        expires_at: datetime | None = None,
+        limits: KeyLimits | None = None,
     ) -> tuple[ApiKey, str]:
-        """A new key and its secret; the secret is not kept and cannot be shown again."""
+        """A new key (with ``limits`` of its own) and its secret; the secret is not kept and
+        cannot be shown again. ValueError for a limit out of range."""
         if expires_at is not None and expires_at.tzinfo is None:
             raise ValueError(f"expires_at {expires_at.isoformat()}: expected a timezone-aware time")
+        limits = checked_key_limits(limits or KeyLimits())
         secret = keyformat.new_secret()
         key = ApiKey(
             id=new_id(KEY_PREFIX),
@@ -278,6 +299,7 @@ class SqlAccountStore:
             last_used_at=None,
             expires_at=None if expires_at is None else expires_at.astimezone(UTC),
             revoked_at=None,
+            limits=limits,
         )
         async with self._write() as conn:
             found = await conn.execute(select(UserRow.id).where(UserRow.id == user_id))
@@ -292,6 +314,10 @@ class SqlAccountStore:
                     prefix=key.prefix,
                     created_at=key.created_at,
                     expires_at=key.expires_at,
+                    budget_micros=limits.budget_micros,
+                    models=None if limits.models is None else list(limits.models),
+                    requests_per_minute=limits.requests_per_minute,
+                    tokens_per_minute=limits.tokens_per_minute,
                 )
             )
         return key, secret
@@ -322,7 +348,13 @@ class SqlAccountStore:
         rows = await self._read(_FIND_KEY, {"digest": digest})
         if not rows:
             return None
-        return KeyRecord(key=_key(rows[0][:8]), user=_user(rows[0][8:]))
+        row = rows[0]
+        team = row[_KEY_COLUMNS + _USER_COLUMNS :]
+        return KeyRecord(
+            key=_key(row[:_KEY_COLUMNS]),
+            user=_user(row[_KEY_COLUMNS : _KEY_COLUMNS + _USER_COLUMNS]),
+            team=None if team[0] is None else _team(team),
+        )
 
     async def touch_keys(self, last_used: dict[str, datetime]) -> None:
         """Record when keys were last used; a time older than the one stored, or an unknown
@@ -420,7 +452,31 @@ def _user(row: Sequence[Any]) -> User:
     )
 
 
+def _team(row: Sequence[Any]) -> Team:
+    return Team(id=row[0], name=row[1], created_at=row[2], budget_micros=row[3])
+
+
+def checked_key_limits(limits: KeyLimits) -> KeyLimits:
+    """``limits`` if every value is in range (amounts >= 0, a non-empty list of model names),
+    with the model names stripped; ValueError naming the first that is not."""
+    for field, value, top in (
+        ("budget_micros", limits.budget_micros, 2**63),
+        ("requests_per_minute", limits.requests_per_minute, MAX_RATE + 1),
+        ("tokens_per_minute", limits.tokens_per_minute, MAX_RATE + 1),
+    ):
+        if value is not None and (isinstance(value, bool) or not 0 <= value < top):
+            raise ValueError(f"key limit {field}={value!r}: expected a whole number 0..{top - 1}")
+    models = limits.models
+    if models is not None:
+        names = tuple(dict.fromkeys(str(m).strip() for m in models))
+        if not names or not all(names):
+            raise ValueError(f"key models {list(models)!r}: expected one or more model names")
+        limits = dataclasses.replace(limits, models=names)
+    return limits
+
+
 def _key(row: Sequence[Any]) -> ApiKey:
+    models = cast(Sequence[str] | None, row[9])
     return ApiKey(
         id=row[0],
         user_id=row[1],
@@ -430,6 +486,12 @@ def _key(row: Sequence[Any]) -> ApiKey:
         last_used_at=row[5],
         expires_at=row[6],
         revoked_at=row[7],
+        limits=KeyLimits(
+            budget_micros=row[8],
+            models=None if models is None else tuple(models),
+            requests_per_minute=row[10],
+            tokens_per_minute=row[11],
+        ),
     )
 
 

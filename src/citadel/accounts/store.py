@@ -48,6 +48,20 @@ class User:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class KeyLimits:
+    """An API key's own limits, on top of its owner's ("virtual keys"); None: none of its own.
+
+    The limiter charges them with the owner's on every request of the key (``citadel.limits``);
+    ``models`` narrows what the owner's tier allows, it never widens it.
+    """
+
+    budget_micros: int | None = None  # monthly cost budget, micro-USD
+    models: tuple[str, ...] | None = None  # model names or aliases it may use
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class ApiKey:
     id: str
     user_id: str
@@ -57,14 +71,16 @@ class ApiKey:
     last_used_at: datetime | None
     expires_at: datetime | None
     revoked_at: datetime | None
+    limits: KeyLimits = field(default_factory=KeyLimits)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class KeyRecord:
-    """What authentication needs: the key and its owner."""
+    """What authentication needs: the key, its owner and the owner's team (if any)."""
 
     key: ApiKey
     user: User
+    team: Team | None = None
 
 
 class NotFoundError(NotFound, LookupError):
@@ -86,6 +102,7 @@ class AccountStore(Protocol):
         self, *, name: str, email: str, tier: str, team_id: str | None = None
     ) -> User: ...
     async def get_user(self, user_id: str) -> User | None: ...
+    async def get_team(self, team_id: str) -> Team | None: ...
     async def list_users(self, *, team_id: str | None = None) -> list[User]: ...
     async def update_user(
         self,
@@ -99,9 +116,15 @@ class AccountStore(Protocol):
         overrides: dict[str, float | None] | None = None,
     ) -> User: ...
     async def create_key(
-        self, user_id: str, *, name: str, expires_at: datetime | None = None
+        self,
+        user_id: str,
+        *,
+        name: str,
+        expires_at: datetime | None = None,
+        limits: KeyLimits | None = None,
     ) -> tuple[ApiKey, str]:
-        """A new key and its secret; the secret is not kept and cannot be shown again."""
+        """A new key (with ``limits`` of its own) and its secret; the secret is not kept and
+        cannot be shown again. ValueError for a limit out of range."""
         ...
 
     async def list_keys(self, *, user_id: str | None = None) -> list[ApiKey]: ...

@@ -211,11 +211,21 @@ class Call:
         self._take_usage(doc.get("usage"))
         if self.prompt_tokens == 0 and self.completion_tokens == 0:
             self._estimate_from(doc)
-        if doc.get("model") != self.parsed.model:
-            doc["model"] = self.parsed.model
+        named = self.reply_model()
+        if doc.get("model") != named:
+            doc["model"] = named
             raw = orjson.dumps(doc)
         self.finish(target, 200)
         return Response(200, raw, self.response_headers())
+
+    def reply_model(self) -> str:
+        """The model a reply names: the one the client asked for (a name or alias), or for a
+        virtual name (``auto``) the model that served it, as OpenAI names the snapshot that
+        served an alias."""
+        asked = self.parsed.model
+        if asked == self.model.name or asked in self.model.aliases:
+            return asked
+        return self.model.name
 
     def _estimate_from(self, doc: dict[str, Any]) -> None:
         self.usage_estimated = True
@@ -247,8 +257,8 @@ class Call:
         meter = self.meter
         wants_usage = self.parsed.include_usage
         decoder = SseDecoder()
-        # Chunks name the model as the client asked for it, as whole replies do (``whole``).
-        renames = _model_renames(target.deployment.upstream_model, self.parsed.model)
+        # Chunks name the model as whole replies do (``whole``, ``reply_model``).
+        renames = _model_renames(target.deployment.upstream_model, self.reply_model())
         saw_usage = False
         pieces = 0
         texts: list[str] = []

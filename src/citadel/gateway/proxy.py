@@ -6,8 +6,9 @@ request to its ``Call`` (``citadel.gateway.call``), the one owner of the rest of
 upstream attempts (``citadel.gateway.upstream``: retries, fallbacks), the body whole or the SSE
 relay, and whatever ends it, the settling (``citadel.gateway.meter``).
 
-Limits: before forwarding, one limiter call checks and reserves every limit of the caller's tier
-(the prompt's estimated tokens plus ``max_tokens`` are reserved); a refusal is a 429 with
+Limits: before forwarding, one limiter call checks and reserves every limit of the caller's tier,
+of its API key (its own budget and per-minute limits) and its team's budget (the prompt's
+estimated tokens plus ``max_tokens`` are reserved); a refusal is a 429 with
 ``Retry-After`` and the ``x-ratelimit-*`` headers, which successful responses carry too. When the
 request ends, however it ends (done, failed upstream, client gone), the reservation is reconciled
 to the actual usage in the background, which also releases the concurrency lease. When the limiter
@@ -139,16 +140,18 @@ class Gateway:
 
         self._models = {name: entry(name) for m in settings.models for name in (m.name, *m.aliases)}
         self._virtual = {name: entry(name) for name in sorted(self.router.virtual)}
-        # The list each set of allowed models sees (a tier's `models:`), built once per set.
-        self._listings: dict[tuple[str, ...], bytes] = {}
+        # The list each set of allowed models sees (a tier's `models:` and a key's own list),
+        # built once per set.
+        self._listings: dict[tuple[tuple[str, ...], tuple[str, ...] | None], bytes] = {}
 
     # -- endpoints ---------------------------------------------------------------------------
 
     async def list_models(self, request: Request) -> Response:
-        """The models (and aliases) the caller's tier may use, and the virtual names (``auto``)
-        when it may use any model."""
+        """The models (and aliases) the caller's tier and key may use, and the virtual names
+        (``auto``) when it may use any model."""
         principal = await self._authenticate(request)
-        body = self._listings.get(principal.models)
+        listing = (principal.models, principal.key_models)
+        body = self._listings.get(listing)
         if body is None:
             allowed = [
                 self._models[name]
@@ -159,7 +162,7 @@ class Gateway:
             if allowed:
                 allowed += self._virtual.values()
             body = b'{"object":"list","data":[' + b",".join(allowed) + b"]}"
-            self._listings[principal.models] = body
+            self._listings[listing] = body
         return Response(200, body)
 
     async def _authenticate(self, request: Request) -> Principal:
@@ -321,9 +324,16 @@ class Gateway:
                 param="model",
                 code="model_not_supported",
             )
-        if not principal.may_use(model.name, *model.aliases):
+        if not principal.tier_may_use(model.name, *model.aliases):
             raise Forbidden(
                 f"Your tier '{principal.tier}' may not use the model `{parsed.model}`.",
+                param="model",
+                code="model_not_allowed",
+            )
+        if not principal.key_may_use(model.name, *model.aliases):
+            allowed = ", ".join(principal.key_models or ())
+            raise Forbidden(
+                f"This API key may not use the model `{parsed.model}`; it may use: {allowed}.",
                 param="model",
                 code="model_not_allowed",
             )
@@ -371,7 +381,9 @@ class Gateway:
         completion = 0
         if call.endpoint != "embedding":
             completion = parsed.max_tokens or self._limits.default_max_tokens
-        tpm = limits.tokens_per_minute
+        key = call.principal.scope_limits("key")
+        tpms = [t for t in (limits.tokens_per_minute, key and key.tokens_per_minute) if t]
+        tpm = min(tpms, default=None)
         if tpm is not None and prompt + completion > tpm:
             # Waiting cannot help a request larger than a whole minute's budget: a 400, no
             # Retry-After (OpenAI answers a 429 here, and clients retry it for nothing).
@@ -390,6 +402,7 @@ class Gateway:
                 tokens=prompt + completion,
                 cost_micros=cost_micros(call.model.price, prompt, completion),
                 now=call.wall,
+                scopes=call.principal.scopes,
             )
         )
         try:
@@ -412,11 +425,14 @@ class Gateway:
         if not decision.allowed:
             self._decisions.inc((call.principal.tier, decision.refused_by or "unknown"))
             name = decision.refused_by or "requests_per_minute"
+            scope = decision.refused_scope or "user"
+            refused_limits = limits if scope == "user" else call.principal.scope_limits(scope)
+            limit = name if scope == "user" else f"{scope}_{name}"  # team_cost_per_month
             raise _LimitRefusal(
-                refusal_message(decision, limits=limits),
-                limit=name,
+                refusal_message(decision, limits=refused_limits),
+                limit=limit,
                 kind=_LIMIT_KINDS.get(name, "tokens"),
-                headers=(*ratelimit_headers(decision), (b"x-citadel-limit", name.encode())),
+                headers=(*ratelimit_headers(decision), (b"x-citadel-limit", limit.encode())),
             )
         self._decisions.inc((call.principal.tier, "allowed"))
         call.limit_decision = decision

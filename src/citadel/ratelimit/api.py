@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
+from zoneinfo import ZoneInfo
 
 import msgspec
-from litestar import Controller, Response, get, patch, post
+from litestar import Controller, Response, get, patch, post, put
 from litestar.openapi import ResponseSpec
 from litestar.params import FromPath, FromQuery, JSONBody
 
-from citadel.accounts.store import AccountStore, User
+from citadel.accounts.store import AccountStore, KeyLimits, NotFoundError, Team, User
 from citadel.errors import BadRequest, Conflict, Forbidden, NotFound
-from citadel.limits.decision import Limiter, Limits
+from citadel.limits.decision import Limiter, Limits, Scope
+from citadel.limits.maths import periods
 from citadel.limits.policy import effective_limits, ratelimit_headers, refusal_message
 from citadel.limits.policy import usd_to_micros as micros
 from citadel.metrics import LIMITER_DECISIONS, Counter, Registry
@@ -36,11 +38,14 @@ from citadel.ratelimit.bodies import (
     NewUser,
     Reconcile,
     RefusalReply,
+    TeamBudget,
+    TeamBudgetReply,
     TeamReply,
     TierReply,
     UsageReply,
     UserChanges,
     UserReply,
+    timestamp,
 )
 from citadel.settings import Settings, Tier
 from citadel.web import Injected, Listing, errors
@@ -82,6 +87,19 @@ class Rules:
             raise BadRequest(f"'{param}' must be one of: {names}; got {tier!r}.", param=param)
         return None if tier is None else tier.strip()
 
+    def model_names(self, names: Sequence[str]) -> tuple[str, ...]:
+        """``names`` stripped, if each is a configured model or alias; else a 400 naming it."""
+        out = tuple(name.strip() for name in names)
+        for index, name in enumerate(out):
+            if self.settings.model(name) is None:
+                known = ", ".join(m.name for m in self.settings.models)
+                raise BadRequest(
+                    f"models[{index}]: {name!r} is not a configured model or alias "
+                    f"(models: {known}).",
+                    param=f"models[{index}]",
+                )
+        return out
+
     def limits_of(self, user: User) -> tuple[Tier, Limits]:
         tier = self.settings.tier(user.tier)
         if tier is None:
@@ -109,6 +127,40 @@ async def _user(accounts: AccountStore, user_id: str, param: str = "user_id") ->
     return user
 
 
+async def _team(accounts: AccountStore, team_id: str) -> Team:
+    team = await accounts.get_team(team_id)
+    if team is None:
+        raise NotFound(f"No team has id {team_id!r}.", param="team_id")
+    return team
+
+
+def _team_scope(team: Team | None) -> tuple[Scope, ...]:
+    """The scope a member's request charges: its team's budget, when the team has one."""
+    if team is None or team.budget_micros is None:
+        return ()
+    return (Scope("team", team.id, Limits(cost_per_month_micros=team.budget_micros)),)
+
+
+async def _team_budget(team: Team, limiter: Limiter, rules: Rules) -> TeamBudgetReply:
+    now = rules.clock()
+    at = periods(now, ZoneInfo(rules.settings.limits.timezone))
+    spent: float | None = None
+    remaining: float | None = None
+    if team.budget_micros is not None:
+        limits = Limits(cost_per_month_micros=team.budget_micros)
+        (figure,) = (await limiter.team_usage(team.id, limits, now)).limits
+        spent, remaining = figure.used / 1_000_000, figure.remaining / 1_000_000
+    return TeamBudgetReply(
+        team_id=team.id,
+        name=team.name,
+        budget_usd=None if team.budget_micros is None else team.budget_micros / 1_000_000,
+        spent_usd=spent,
+        remaining_usd=remaining,
+        month=at.month,
+        resets_at=timestamp(at.month_ends_at),
+    )
+
+
 async def _require_team(accounts: AccountStore, team_id: str) -> None:
     if all(team.id != team_id for team in await accounts.list_teams()):
         raise NotFound(f"No team has id {team_id!r}.", param="team_id")
@@ -130,6 +182,41 @@ class TeamsController(Controller):
     @get(summary="List teams", responses=errors(503))
     async def list_teams(self, accounts: Accounts) -> Listing[TeamReply]:
         return Listing([TeamReply.of(t) for t in await accounts.list_teams()])
+
+    @get(
+        "/{team_id:str}/budget",
+        summary="A team's own monthly budget and what its members have spent of it",
+        tags=["usage"],
+        responses=errors(404, 409, 503),
+    )
+    async def get_budget(
+        self, team_id: FromPath[Id], accounts: Accounts, limiter: Limits_, rules: Rules_
+    ) -> TeamBudgetReply:
+        rules.require_shared_limiter()
+        return await _team_budget(await _team(accounts, team_id), limiter, rules)
+
+    @put(
+        "/{team_id:str}/budget",
+        summary="Set (null: clear) a team's own monthly budget",
+        description="Every member's request is charged to it and refused (429) once it would "
+        "pass it; gateways see a change within `accounts.key_cache_ttl_seconds`.",
+        tags=["usage"],
+        responses=errors(404, 409, 503),
+    )
+    async def set_budget(
+        self,
+        team_id: FromPath[Id],
+        data: JSONBody[TeamBudget],
+        accounts: Accounts,
+        limiter: Limits_,
+        rules: Rules_,
+    ) -> TeamBudgetReply:
+        budget = None if data.budget_usd is None else micros(data.budget_usd)
+        try:
+            team = await accounts.set_team_budget(team_id, budget)
+        except NotFoundError as exc:
+            raise NotFound(f"No team has id {team_id!r}.", param="team_id") from exc
+        return await _team_budget(team, limiter, rules)
 
 
 class UsersController(Controller):
@@ -254,8 +341,31 @@ class KeysController(Controller):
         now = rules.now()
         days = data.expires_in_days
         expires = None if days is None else now + timedelta(days=days)
+        if data.expires_at is not None:
+            if days is not None:
+                raise BadRequest(
+                    "Give expires_at or expires_in_days, not both.", param="expires_at"
+                )
+            if data.expires_at.tzinfo is None:
+                raise BadRequest(
+                    "expires_at needs a UTC offset (2027-01-31T00:00:00Z).", param="expires_at"
+                )
+            if data.expires_at <= now:
+                raise BadRequest(
+                    f"expires_at {data.expires_at.isoformat()} is not in the future.",
+                    param="expires_at",
+                )
+            expires = data.expires_at
+        limits = KeyLimits(
+            budget_micros=None if data.budget_usd is None else micros(data.budget_usd),
+            models=None if data.models is None else rules.model_names(data.models),
+            requests_per_minute=data.requests_per_minute,
+            tokens_per_minute=data.tokens_per_minute,
+        )
         name = _strip(data.name) or "default"
-        key, secret = await accounts.create_key(data.user_id, name=name, expires_at=expires)
+        key, secret = await accounts.create_key(
+            data.user_id, name=name, expires_at=expires, limits=limits
+        )
         reply = KeyReply.of(key, now)
         return NewKeyReply(**msgspec.structs.asdict(reply), secret=secret)
 
@@ -314,6 +424,9 @@ class LimitsController(Controller):
         if user.status != "active":
             raise Forbidden(f"User {user.id} is disabled.", param="user_id", code="user_disabled")
         tier, limits = rules.limits_of(user)
+        scopes = _team_scope(
+            None if user.team_id is None else await accounts.get_team(user.team_id)
+        )
         decision = await limiter.admit(
             user.id,
             limits,
@@ -321,14 +434,16 @@ class LimitsController(Controller):
             tokens=data.tokens,
             cost_micros=micros(data.cost_usd or 0.0),
             now=rules.clock(),
+            scopes=scopes,
         )
         rules.decisions.inc((tier.name, decision.refused_by or "allowed"))
         body = DecisionReply.of(decision)
         headers = {k.decode(): v.decode() for k, v in ratelimit_headers(decision)}
         if decision.allowed:
             return Response(body, headers=headers)
+        refused = limits if decision.refused_scope != "team" else scopes[0].limits
         body.error = RefusalReply(
-            message=refusal_message(decision, limits=limits),
+            message=refusal_message(decision, limits=refused),
             type="rate_limit_exceeded",
             param=None,
             code=decision.refused_by,
