@@ -31,9 +31,9 @@ def _gateway() -> ModuleType:
 
 
 def _rate_limiting() -> ModuleType:
-    import citadel.ratelimit
+    from citadel.limits import app
 
-    return citadel.ratelimit
+    return app
 
 
 def _routing() -> ModuleType:

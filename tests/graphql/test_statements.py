@@ -12,9 +12,9 @@ from typing import Any
 
 from sqlalchemy import event
 
+from citadel.accounts.auth import ADMIN
 from citadel.accounts.sql import SqlAccountStore
 from citadel.feed import MemoryFeed
-from citadel.gateway.auth import ADMIN
 from citadel.graphql.context import Context, Services, Viewer
 from citadel.graphql.schema import build_schema
 from citadel.limits.backend import create_limiter

@@ -11,12 +11,12 @@ from functools import partial
 
 import orjson
 
+from citadel.accounts.auth import AdminKeyAuthenticator, Authenticator, KeyAuthenticator
 from citadel.accounts.store import AccountStore
 from citadel.errors import StoreUnavailable
 from citadel.feed import Feed
 from citadel.feed.open import shared_feed
 from citadel.feed.publisher import Publisher
-from citadel.gateway.auth import AdminKeyAuthenticator, Authenticator, KeyAuthenticator
 from citadel.gateway.document import openapi_document
 from citadel.gateway.proxy import MODELS_PREFIX, SERVES, Gateway
 from citadel.gateway.responses import (

@@ -31,8 +31,8 @@ from typing import Any
 
 import orjson
 
+from citadel.accounts.auth import Principal
 from citadel.errors import ApiError, UpstreamError, UpstreamTimeout
-from citadel.gateway.auth import Principal
 from citadel.gateway.meter import Meter, Target
 from citadel.gateway.upstream import Upstream
 from citadel.http.client import ProtocolError, ReadTimeout, UpstreamResponse

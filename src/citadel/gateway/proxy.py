@@ -31,6 +31,7 @@ from urllib.parse import unquote
 
 import orjson
 
+from citadel.accounts.auth import Authenticator, Principal
 from citadel.errors import (
     ApiError,
     BadRequest,
@@ -42,7 +43,6 @@ from citadel.errors import (
     Unavailable,
     UnsupportedMedia,
 )
-from citadel.gateway.auth import Authenticator, Principal
 from citadel.gateway.call import CLIENT_CLOSED, CLIENT_CLOSED_REASON, Call, error_reason
 from citadel.gateway.meter import Meter
 from citadel.gateway.throttle import AuthThrottle, client_address, parse_networks

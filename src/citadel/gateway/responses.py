@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
+from citadel.accounts.auth import Principal
 from citadel.errors import ApiError, NotFound, StoreUnavailable
-from citadel.gateway.auth import Principal
 from citadel.http.server import Request, Response, StreamResponse
 from citadel.openai.requests import decode_body, parse_body
 from citadel.openai.response_stream import ResponseStream

@@ -22,8 +22,8 @@ import logging
 import time
 from typing import Protocol
 
+from citadel.accounts.auth import Principal
 from citadel.errors import ApiError, Unavailable, UpstreamError, UpstreamRefusal, UpstreamTimeout
-from citadel.gateway.auth import Principal
 from citadel.gateway.meter import Meter, Target
 from citadel.http.client import (
     ConnectError,

@@ -36,10 +36,10 @@ from strawberry.exceptions import ConnectionRejectionError
 from strawberry.litestar import make_graphql_controller
 from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL, GRAPHQL_WS_PROTOCOL
 
+from citadel.accounts.auth import ADMIN, Authenticator, KeyAuthenticator
 from citadel.accounts.store import AccountStore
 from citadel.errors import ApiError, StoreUnavailable, Unauthorized, Unavailable
 from citadel.feed import Feed
-from citadel.gateway.auth import ADMIN, Authenticator, KeyAuthenticator
 from citadel.graphql.context import Context, Services, Viewer
 from citadel.graphql.playground import playground_handlers, playground_page
 from citadel.graphql.schema import build_schema

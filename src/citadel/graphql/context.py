@@ -24,10 +24,10 @@ from typing import TypeVar
 
 from strawberry.dataloader import DataLoader
 
+from citadel.accounts.auth import ADMIN, Principal
 from citadel.accounts.store import AccountStore, ApiKey, Team, User
 from citadel.errors import Forbidden
 from citadel.feed import Feed
-from citadel.gateway.auth import ADMIN, Principal
 from citadel.limits.decision import Limiter, Limits, UsageSnapshot
 from citadel.limits.policy import effective_limits
 from citadel.metering.analytics import Analytics

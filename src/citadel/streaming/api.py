@@ -22,10 +22,10 @@ from litestar.params import FromQuery
 from litestar.response import Response as LitestarResponse
 from litestar.response import Stream
 
+from citadel.accounts.auth import Authenticator, Principal
 from citadel.errors import ApiError, BadRequest, PayloadTooLarge, RateLimited, Unauthorized
 from citadel.feed import Entry, Feed, Lagged, Subscription, parse_position
 from citadel.feed.open import USAGE
-from citadel.gateway.auth import Authenticator, Principal
 from citadel.gateway.proxy import Gateway
 from citadel.gateway.responses import ResponsesApi
 from citadel.http.server import Request as HttpRequest

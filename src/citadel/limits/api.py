@@ -22,12 +22,7 @@ from litestar.params import FromPath, FromQuery, JSONBody
 
 from citadel.accounts.store import AccountStore, KeyLimits, NotFoundError, Team, User
 from citadel.errors import BadRequest, Conflict, Forbidden, NotFound
-from citadel.limits.decision import Limiter, Limits, Scope
-from citadel.limits.maths import periods
-from citadel.limits.policy import effective_limits, ratelimit_headers, refusal_message
-from citadel.limits.policy import usd_to_micros as micros
-from citadel.metrics import LIMITER_DECISIONS, Counter, Registry
-from citadel.ratelimit.bodies import (
+from citadel.limits.bodies import (
     DEFAULT,
     Check,
     DecisionReply,
@@ -47,6 +42,11 @@ from citadel.ratelimit.bodies import (
     UserReply,
     timestamp,
 )
+from citadel.limits.decision import Limiter, Limits, Scope
+from citadel.limits.maths import periods
+from citadel.limits.policy import effective_limits, ratelimit_headers, refusal_message
+from citadel.limits.policy import usd_to_micros as micros
+from citadel.metrics import LIMITER_DECISIONS, Counter, Registry
 from citadel.settings import Settings, Tier
 from citadel.web import Injected, Listing, errors
 

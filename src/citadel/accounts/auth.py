@@ -33,13 +33,13 @@ from citadel.accounts import keyformat
 from citadel.accounts.store import AccountStore, KeyLimits, KeyRecord
 from citadel.adminkey import AdminKey, bearer_token, digest, incorrect_key
 from citadel.errors import StoreUnavailable, Unauthorized, Unavailable
-from citadel.gateway.keycache import LruCache
 from citadel.limits.decision import Limits, Scope
 from citadel.limits.policy import effective_limits
+from citadel.lru import LruCache
 from citadel.metrics import AUTH_FAILURES, Registry
 from citadel.settings import Tier
 
-_log = logging.getLogger("citadel.gateway.auth")
+_log = logging.getLogger("citadel.accounts.auth")
 
 _UNKNOWN_CACHE_LIMIT = 100_000  # unknown digests remembered (each is a refused lookup)
 

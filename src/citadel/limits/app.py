@@ -30,9 +30,9 @@ from citadel.errors import (
     Unavailable,
 )
 from citadel.health import DependencyHealth, store_scheme
+from citadel.limits.api import CONTROLLERS, Rules
 from citadel.limits.decision import Limiter
 from citadel.metrics import Registry
-from citadel.ratelimit.api import CONTROLLERS, Rules
 from citadel.settings import Settings
 from citadel.web import create_service, provide
 
