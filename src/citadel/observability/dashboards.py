@@ -236,9 +236,15 @@ def _deployments() -> Dashboard:
                 _q(_gauge(m.DEPLOYMENT_HEALTHY, _DEPLOYMENT, "deployment"), "{{deployment}}"),
             ),
             _p(
-                "Model server: running",
+                "Model server: running and waiting",
                 "short",
-                _q(_gauge(m.SIM_RUNNING, _SIM, "model_name"), "{{model_name}}"),
+                _q(_gauge(m.SIM_RUNNING, _SIM, "model_name"), "running {{model_name}}"),
+                _q(_gauge(m.SIM_WAITING, _SIM, "model_name"), "waiting {{model_name}}"),
+            ),
+            _p(
+                "Model server: KV-cache use",
+                "percentunit",
+                _q(f"max by (model_name) ({m.SIM_KV_CACHE.name}{{{_SIM}}})", "{{model_name}}"),
             ),
             _p(
                 "Model server: TTFT p95 (its view vs the gateway's)",
