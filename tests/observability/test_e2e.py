@@ -727,7 +727,7 @@ def test_the_page_resolves_once_the_fault_is_removed(loaded: Stack) -> None:
         return bool(loaded.webhook and loaded.webhook.alerts("resolved", page, **flaky))
 
     try:
-        wait_for("the page resolved in Alertmanager", resolved, 120, 1)
+        wait_for("the page resolved in Alertmanager", resolved, 90, 1)
     except AssertionError as exc:
         seen = [(a["labels"]["alertname"], a["status"]["state"]) for a in loaded.am_alerts()]
         ratio = loaded.query('slo:sli_error:ratio_rate5m{slo="sim-flaky-availability"}')
