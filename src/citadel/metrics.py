@@ -185,6 +185,16 @@ SERVICE_INFO = _gauge(
     "citadel_service_info", ("service", "version"), "Always 1; the labels name the service."
 )
 SIM_RUNNING = _gauge("vllm:num_requests_running", _MODEL, "Simulated requests being generated.")
+SIM_WAITING = _gauge(
+    "vllm:num_requests_waiting",
+    _MODEL,
+    "Simulated requests queued for a slot (--max-num-seqs) or for KV cache (--kv-cache-tokens).",
+)
+SIM_KV_CACHE = _gauge(
+    "vllm:kv_cache_usage_perc",
+    _MODEL,
+    "Share of the simulated KV cache held by running requests (1 = all of it), as vLLM v1.",
+)
 SIM_TTFT = _histogram(
     "vllm:time_to_first_token_seconds", _MODEL, _TTFT, "Simulated time to first token."
 )
@@ -332,8 +342,8 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     *(GATEWAY_TOKENS_TOTAL, GATEWAY_IN_FLIGHT, GATEWAY_UPSTREAM_ERRORS, GATEWAY_CLIENT_DISCONNECTS),
     *(HTTP_REQUESTS, SERVICE_INFO, LIMITER_DECISIONS, LIMITER_FAILURES, AUTH_FAILURES),
     *(ROUTING_DECISIONS, ROUTING_RETRIES, BREAKER_TRANSITIONS, BREAKER_STATE, DEPLOYMENT_HEALTHY),
-    *(SIM_RUNNING, SIM_TTFT, SIM_TPOT, SIM_E2E, SIM_PROMPT_TOKENS, SIM_GENERATION_TOKENS),
-    *(SIM_REQUESTS, SIM_ABORTED, SIM_FAULTS),
+    *(SIM_RUNNING, SIM_WAITING, SIM_KV_CACHE, SIM_TTFT, SIM_TPOT, SIM_E2E, SIM_PROMPT_TOKENS),
+    *(SIM_GENERATION_TOKENS, SIM_REQUESTS, SIM_ABORTED, SIM_FAULTS),
     *(BUSINESS_SPEND, BUSINESS_TOKENS, BUSINESS_REQUESTS, BUSINESS_ACTIVE_USERS),
     *(BUSINESS_BUDGET_UTILISATION, BUSINESS_INFRA_COST, BUSINESS_COST_PER_1K),
     *(BUSINESS_REFERENCE_COST, BUSINESS_SAVINGS, LEDGER_LAG, LEDGER_WRITER_ERRORS),

@@ -236,9 +236,15 @@ def _deployments() -> Dashboard:
                 _q(_gauge(m.DEPLOYMENT_HEALTHY, _DEPLOYMENT, "deployment"), "{{deployment}}"),
             ),
             _p(
-                "Model server: running",
+                "Model server: running and waiting",
                 "short",
-                _q(_gauge(m.SIM_RUNNING, _SIM, "model_name"), "{{model_name}}"),
+                _q(_gauge(m.SIM_RUNNING, _SIM, "model_name"), "running {{model_name}}"),
+                _q(_gauge(m.SIM_WAITING, _SIM, "model_name"), "waiting {{model_name}}"),
+            ),
+            _p(
+                "Model server: KV-cache use",
+                "percentunit",
+                _q(f"max by (model_name) ({m.SIM_KV_CACHE.name}{{{_SIM}}})", "{{model_name}}"),
             ),
             _p(
                 "Model server: TTFT p95 (its view vs the gateway's)",
@@ -577,7 +583,17 @@ def builder(board: Dashboard) -> gd.Dashboard:
     return out
 
 
+# The SDK writes an interval variable's fields on every variable; the published schema
+# (@grafana/schema's VariableModel, checked with tsc in tests/observability/test_schema_tsc.py)
+# has them on none, and Grafana ignores them elsewhere.
+INTERVAL_ONLY = ("auto", "auto_min", "auto_count")
+
+
 def grafana_json(board: Dashboard) -> dict[str, Any]:
     """The classic dashboard JSON (what Grafana 11/12's HTTP API and file provisioning take)."""
     data: dict[str, Any] = json.loads(json.dumps(builder(board).build(), cls=JSONEncoder))
+    for variable in data.get("templating", {}).get("list", []):
+        if variable.get("type") != "interval":
+            for key in INTERVAL_ONLY:
+                variable.pop(key, None)
     return data

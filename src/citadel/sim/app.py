@@ -13,6 +13,10 @@ A client that goes away cancels the task serving it; the request is then counted
 cancels upstream requests whose client left. A connection cut on purpose (the ``disconnect``
 fault) is not an abort.
 
+Before any of that a request is admitted by its model's ``Engine`` (``engine``): with
+``--max-num-seqs`` or a full ``--kv-cache-tokens`` it waits there, counted in
+``vllm:num_requests_waiting``, as vLLM's scheduler queues it.
+
 Fault draws use a ``random.Random`` seeded from ``--fault-seed`` and owned by the app's planner, so
 a run of the same requests gets the same faults. Planning is in ``job``, the bytes on the wire
 (bodies and chunk templates) in ``bodies``; this module serves, streams and counts.
@@ -37,7 +41,6 @@ from citadel.metrics import (
     SIM_GENERATION_TOKENS,
     SIM_PROMPT_TOKENS,
     SIM_REQUESTS,
-    SIM_RUNNING,
     SIM_TPOT,
     SIM_TTFT,
     Registry,
@@ -55,6 +58,7 @@ from citadel.sim.bodies import (
     models_body,
 )
 from citadel.sim.config import SimConfig
+from citadel.sim.engine import Engine
 from citadel.sim.faults import NO_FAULTS
 from citadel.sim.job import Job, Planner
 from citadel.sim.text import FIRST_PIECE_JSON, PIECE_JSON
@@ -77,6 +81,14 @@ def create_app(config: SimConfig, registry: Registry | None = None) -> App:
     return app
 
 
+def _kv_tokens(job: Job) -> int:
+    """The KV cache a request holds while it runs: its prompt and, unless it embeds, every
+    token of every choice it may generate."""
+    if job.endpoint == "embedding":
+        return job.prompt_tokens
+    return job.prompt_tokens + job.count * len(job.prompts) * job.n
+
+
 class _Simulator:
     """The handlers, and the state they share: the planner (and its fault draws), metrics, ids."""
 
@@ -85,7 +97,15 @@ class _Simulator:
         self._model_json = {m: orjson.dumps(m) for m in config.models}
         self._id_prefix = os.urandom(8).hex()
         self._ids = itertools.count()
-        self._running = registry.gauge(SIM_RUNNING)
+        self._engines = {
+            model: Engine(
+                model,
+                max_num_seqs=config.max_num_seqs,
+                kv_cache_tokens=config.kv_cache_tokens,
+                registry=registry,
+            )
+            for model in config.models
+        }
         self._ttft_hist = registry.histogram(SIM_TTFT)
         self._tpot_hist = registry.histogram(SIM_TPOT)
         self._e2e_hist = registry.histogram(SIM_E2E)
@@ -94,8 +114,6 @@ class _Simulator:
         self._success = registry.counter(SIM_REQUESTS)
         self._aborted = registry.counter(SIM_ABORTED)
         self._faults_injected = registry.counter(SIM_FAULTS)
-        for model in config.models:
-            self._running.set((model,), 0.0)
         self._models_body = models_body(config, int(time.time()))
 
     # -- handlers ----------------------------------------------------------------------------
@@ -119,8 +137,13 @@ class _Simulator:
         if faults is not NO_FAULTS:
             for kind in faults.kinds:
                 self._faults_injected.inc((kind,))
-        labels = job.labels
-        self._running.inc(labels)
+        engine, need = self._engines[job.model], _kv_tokens(job)
+        if not engine.try_admit(need):
+            try:
+                await engine.admit(need)  # queued behind --max-num-seqs or a full KV cache
+            except asyncio.CancelledError:
+                self._abort(job, 0)
+                raise
         handed_to_stream = False
         try:
             if faults.latency_ms > 0:
@@ -147,7 +170,7 @@ class _Simulator:
             raise
         finally:
             if not handed_to_stream:
-                self._running.dec(labels)
+                engine.release(need)
 
     async def _whole(self, job: Job) -> Response:
         """Sleep the whole simulated duration at once, then answer."""
@@ -227,7 +250,7 @@ class _Simulator:
             ttft_seen = (first_token_at or end) - job.start
             self._finished(job, ttft_seen, end - job.start, count * len(choices))
         finally:
-            self._running.dec(job.labels)
+            self._engines[job.model].release(_kv_tokens(job))
             if not done:
                 self._abort(job, sent)
 
