@@ -17,13 +17,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import openai
+import orjson
 import pytest
 
 from citadel.accounts.sql import open_store
 from citadel.metering.events import UsageEvent
 from citadel.metering.ledger import decode_event
 
-from gateway_helpers import ADMIN_KEY, metric_value, request
+from gateway_helpers import ADMIN_KEY, metric_value, post_json, request
+from openai_schemas import assert_conforms, assert_event_conforms
 from support import free_port, start_process, stop_process, wait_for
 
 REDIS_DB = 6
@@ -313,3 +315,26 @@ def test_a_fallback_without_the_flag_is_translated(stack: Stack) -> None:
         assert not is_the_sims(stack, made.id)
         assert made.output_text
         assert c.responses.retrieve(made.id).id == made.id
+
+
+def test_passed_through_replies_and_events_conform_to_openais_schemas(stack: Stack) -> None:
+    """The whole reply, the relayed events and the events the gateway adds to a stream the
+    upstream broke off (``error``, ``response.failed``) match OpenAI's description."""
+    plain = {"model": "sim-native", "input": "x"}
+    status, headers, body = post_json(stack.gateway, "/v1/responses", plain)
+    assert (status, headers["x-citadel-deployment"]) == (200, "native-a")
+    assert_conforms("Response", orjson.loads(body))
+    for fault in ("none", "disconnect=2"):
+        status, _, body = post_json(
+            stack.gateway,
+            "/v1/responses",
+            {**plain, "stream": True},
+            {"x-sim-fault": fault},
+        )
+        assert status == 200
+        events = [orjson.loads(b.split(b"\ndata: ", 1)[1]) for b in body.split(b"\n\n") if b]
+        assert events[-1]["type"] == (
+            "response.completed" if fault == "none" else "response.failed"
+        )
+        for event in events:
+            assert_event_conforms(event)
