@@ -69,6 +69,7 @@ routing:
 tiers:
   roomy: {{}}
   tiny: {{requests_per_minute: 2}}
+  single: {{concurrent_requests: 1}}
 models:
   - name: sim-native
     price: {{input_per_1k: 1.0, output_per_1k: 2.0}}
@@ -338,3 +339,40 @@ def test_passed_through_replies_and_events_conform_to_openais_schemas(stack: Sta
         )
         for event in events:
             assert_event_conforms(event)
+
+
+def test_a_client_that_leaves_a_passed_through_stream_frees_its_concurrency_lease(
+    stack: Stack,
+) -> None:
+    """The upstream's stream is closed, the call settled as a 499 (the lease returned), so a key
+    allowed one request at a time can make the next one."""
+    key_id, secret = new_key(stack.database, "single")
+    aborted = "citadel_sim_requests_aborted_total"
+    before = metric_value(request(stack.sim, "GET", "/metrics")[2].decode(), aborted)
+    with client(stack, secret) as c:
+        with c.responses.create(
+            model="sim-native",
+            input="Tell me a long story",
+            max_output_tokens=200,
+            stream=True,
+            extra_headers={"x-sim-tbt-ms": "50"},
+        ) as stream:
+            for event in stream:
+                if event.type == "response.output_text.delta":
+                    break
+        [left] = usage_events(key_id, 1)
+        assert (left.endpoint, left.status, left.reason, left.cancelled) == (
+            "responses",
+            499,
+            "client_closed",
+            True,
+        )
+        wait_for(  # the gateway closed the upstream's stream: the simulator stopped generating
+            "the simulator to count the abort",
+            lambda: (
+                metric_value(request(stack.sim, "GET", "/metrics")[2].decode(), aborted) > before
+            ),
+            timeout=10,
+        )
+        again = c.responses.create(model="sim-native", input="Now a short one")
+        assert is_the_sims(stack, again.id)
