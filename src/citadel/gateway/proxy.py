@@ -45,6 +45,7 @@ from citadel.errors import (
 )
 from citadel.gateway.call import CLIENT_CLOSED, CLIENT_CLOSED_REASON, Call, error_reason
 from citadel.gateway.meter import Meter
+from citadel.gateway.passthrough import Passthrough
 from citadel.gateway.throttle import AuthThrottle, client_address, parse_networks
 from citadel.gateway.upstream import UPSTREAM_PATHS, Upstream
 from citadel.http.client import HttpClient
@@ -131,6 +132,8 @@ class Gateway:
             fail_closed=self._fail_closed,
         )
         self.upstream = Upstream(settings, client=client, meter=self.meter)
+        # Some deployment speaks the Responses API itself (``responses: true``).
+        self.speaks_responses = any(d.responses for m in settings.models for d in m.deployments)
         created = int(time.time())
 
         def entry(name: str) -> bytes:
@@ -271,13 +274,16 @@ class Gateway:
         wall: float,
         *,
         label: str | None = None,
+        passthrough: Passthrough | None = None,
     ) -> Response | StreamResponse:
         """Resolve the model, check the request against it, admit it and serve it; ``label``
-        names the endpoint in metrics and the ledger when it is not ``parsed.endpoint``."""
+        names the endpoint in metrics and the ledger when it is not ``parsed.endpoint``;
+        ``passthrough`` is the Responses request for deployments that speak the Responses API."""
         endpoint = parsed.endpoint
         name = parsed.model
         try:
             call = self._admitted_call(request, parsed, principal, started, wall, label)
+            call.passthrough = passthrough
             name = call.model.name
             if principal.limits is not None and self._limiter is not None:
                 await self._admit(call)

@@ -149,6 +149,7 @@ _DEPLOYMENT = {
     "price": _price,
     "gpu_hour_usd": non_negative,
     "gpus": integer(1),
+    "responses": boolean,
 }
 # Bounded by what the limiter's exact arithmetic can hold (citadel.limits.maths): a larger limit
 # would pass start-up and then fail every request of its tier.

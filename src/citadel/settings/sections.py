@@ -54,6 +54,9 @@ class Deployment:
     price: Price | None = None  # overrides the model's price
     gpu_hour_usd: float = 0.0  # what one GPU of this deployment costs per hour (infrastructure)
     gpus: int = 1  # GPUs the deployment runs on
+    # The server speaks the Responses API itself (vLLM does): /v1/responses is forwarded as-is
+    # rather than translated to Chat Completions.
+    responses: bool = False
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

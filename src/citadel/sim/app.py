@@ -8,6 +8,15 @@ first chunk after the time to first token and one chunk per token after that. Wi
 nothing sleeps at all, and stream chunks are formatted from pre-encoded byte templates, because the
 simulator is the upstream of every benchmark and must never be the bottleneck.
 
+``POST /v1/responses`` is served natively, as vLLM serves it: the request is validated and
+translated to its chat form with the gateway's own Responses code (``citadel.openai.responses``),
+planned and timed as that chat request, and answered as a ``response`` object or, streamed, as the
+Responses API's typed events made from the chat chunks by the gateway's own builder
+(``citadel.openai.response_stream``). The simulator stores nothing, so a ``previous_response_id``
+is a 404. Its response ids are ``resp_`` and the same per-process prefix and counter as its chat
+ids (``chatcmpl-<prefix><counter>``), which is how a test tells its replies from the gateway's
+translations (``resp_`` and 48 random hex digits).
+
 A client that goes away cancels the task serving it; the request is then counted in
 ``citadel_sim_requests_aborted_total`` and logged, which is how the gateway's tests prove that it
 cancels upstream requests whose client left. A connection cut on purpose (the ``disconnect``
@@ -29,10 +38,11 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import orjson
 
+from citadel.errors import NotFound
 from citadel.http.server import AbortConnection, Request, Response, StreamResponse
 from citadel.metrics import (
     SIM_ABORTED,
@@ -44,6 +54,13 @@ from citadel.metrics import (
     SIM_TPOT,
     SIM_TTFT,
     Registry,
+)
+from citadel.openai.requests import decode_body
+from citadel.openai.response_stream import ResponseStream
+from citadel.openai.responses import (
+    ResponsesRequest,
+    parse_responses_request,
+    response_from_chat,
 )
 from citadel.openai.sse import DONE
 from citadel.service import App
@@ -71,13 +88,14 @@ _HANG_SECONDS = 3600.0
 
 
 def create_app(config: SimConfig, registry: Registry | None = None) -> App:
-    """The simulator as a service: /v1/models, chat, completions and embeddings."""
+    """The simulator as a service: /v1/models, chat, completions, embeddings and responses."""
     app = App(name="simulator", registry=registry)
     sim = _Simulator(config, app.registry)
     app.route("GET", "/v1/models", sim.models)
     app.route("POST", "/v1/chat/completions", sim.chat)
     app.route("POST", "/v1/completions", sim.completions)
     app.route("POST", "/v1/embeddings", sim.embeddings)
+    app.route("POST", "/v1/responses", sim.responses)
     return app
 
 
@@ -130,9 +148,26 @@ class _Simulator:
     async def embeddings(self, request: Request) -> Response | StreamResponse:
         return await self._serve(self._plan(request, "embedding"))
 
+    async def responses(self, request: Request) -> Response | StreamResponse:
+        """The Responses API, natively: planned as its chat form, answered in its own shapes."""
+        req = parse_responses_request(decode_body(request.body))
+        if req.previous_response_id is not None:
+            raise NotFound(
+                f"Response with id '{req.previous_response_id[:64]}' not found "
+                "(the simulator stores no responses).",
+                param="previous_response_id",
+                code="response_not_found",
+            )
+        chat = req.chat
+        if chat.get("stream"):
+            chat["stream_options"] = {"include_usage": True}  # for response.completed's usage
+        return await self._serve(self._plan(request, "chat", orjson.dumps(chat)), req)
+
     # -- serving -----------------------------------------------------------------------------
 
-    async def _serve(self, job: Job) -> Response | StreamResponse:
+    async def _serve(
+        self, job: Job, native: ResponsesRequest | None = None
+    ) -> Response | StreamResponse:
         faults = job.faults
         if faults is not NO_FAULTS:
             for kind in faults.kinds:
@@ -163,8 +198,19 @@ class _Simulator:
                 # The stream's body now owns the running count: the server iterates it as soon
                 # as this returns (a connection lost before then cancels this task instead).
                 handed_to_stream = True
+                if native is not None:
+                    return StreamResponse(self._response_events(job, native))
                 return StreamResponse(self._stream(job))
-            return await self._whole(job)
+            reply = await self._whole(job)
+            if native is not None:
+                doc = response_from_chat(
+                    native,
+                    orjson.loads(reply.body),
+                    response_id=self._new_id("resp_"),
+                    created_at=int(time.time()),
+                )
+                reply.body = orjson.dumps(doc)
+            return reply
         except asyncio.CancelledError:
             self._abort(job, 0)
             raise
@@ -195,7 +241,7 @@ class _Simulator:
         self._finished(job, e2e - decode, e2e, count * len(job.prompts) * job.n)
         return Response(200, body)
 
-    async def _stream(self, job: Job) -> AsyncIterator[bytes]:
+    async def _stream(self, job: Job) -> AsyncGenerator[bytes, None]:
         """The SSE body: role chunk (chat), one chunk per token and choice, finish, usage, DONE."""
         chunks = Chunks(
             job.endpoint,
@@ -253,6 +299,26 @@ class _Simulator:
             self._engines[job.model].release(_kv_tokens(job))
             if not done:
                 self._abort(job, sent)
+
+    async def _response_events(self, job: Job, req: ResponsesRequest) -> AsyncIterator[bytes]:
+        """A Responses stream: ``response.created`` at once, then the chat stream's chunks (same
+        timing, faults and metrics) as the typed events, ending with ``response.completed``."""
+        events = ResponseStream(req, response_id=self._new_id("resp_"), created_at=int(time.time()))
+        chunks = self._stream(job)
+        started = False
+        try:
+            yield events.start()
+            started = True
+            async for chunk in chunks:
+                out = events.finish() if chunk == DONE else events.feed(orjson.loads(chunk[6:-2]))
+                if out:  # the role, finish and usage chunks make no event of their own
+                    yield out
+        finally:
+            if started:
+                await chunks.aclose()
+            else:  # the chat stream never ran: its bookkeeping is done here
+                self._engines[job.model].release(_kv_tokens(job))
+                self._abort(job, 0)
 
     # -- bookkeeping -------------------------------------------------------------------------
 
