@@ -222,7 +222,7 @@ SIM_FAULTS = _counter(
 
 # Business metrics (the custom-metrics service, :9091): computed from the usage ledger's rollups
 # at scrape time. "This month" is the calendar month in limits.timezone, up to now.
-_BUSINESS = ("tier", "team", "model")
+_BUSINESS = ("tier", "team", "team_name", "model")  # team: its id; team_name: "" if unknown
 BUSINESS_SPEND = _gauge(
     "citadel_business_spend_usd", _BUSINESS, "Charged to users this month, in USD."
 )
@@ -239,9 +239,9 @@ BUSINESS_ACTIVE_USERS = _gauge(
 )
 BUSINESS_BUDGET_UTILISATION = _gauge(
     "citadel_business_budget_utilisation_ratio",
-    ("scope", "id"),
+    ("scope", "id", "name"),
     "This month's spend over the monthly cost budget (1 = all of it), of each user and team "
-    "(scope) with a budget.",
+    "(scope) with a budget; name is the user's or team's.",
 )
 BUSINESS_INFRA_COST = _gauge(
     "citadel_business_infrastructure_cost_usd",

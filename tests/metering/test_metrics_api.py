@@ -591,6 +591,14 @@ def test_business_metrics_agree_with_the_events(seeded: Seeded) -> None:
         for s, v in metrics["citadel_business_tokens"]
         if s["token_type"] == "input"
     }
+    # names beside the ids (issue 18 item 3): the team's, or "" for users in no team
+    budgets_reply = seeded.service.get("/v1/budgets").json()["data"]
+    team_names = {r["id"]: r["name"] for r in budgets_reply if r["scope"] == "team" and r["id"]}
+    assert team_names
+    assert all(name.startswith("Team ") for name in team_names.values())
+    assert {(s["team"], s["team_name"]) for s, _ in metrics["citadel_business_spend_usd"]} == {
+        (team, team_names.get(team, "")) for (_tier, team, _model) in spend
+    }
     active: dict[str, set[str]] = defaultdict(set)
     for e in seeded.events:
         if e.time > NOW - 3600:
@@ -601,6 +609,14 @@ def test_business_metrics_agree_with_the_events(seeded: Seeded) -> None:
     utilisation = {
         (s["scope"], s["id"]): v for s, v in metrics["citadel_business_budget_utilisation_ratio"]
     }
+    named = {
+        (s["scope"], s["id"]): s["name"]
+        for s, _ in metrics["citadel_business_budget_utilisation_ratio"]
+    }
+    assert all(named.get(("team", team), name) == name for team, name in team_names.items())
+    assert all(
+        name.startswith(("U", "Solo")) for (scope, _), name in named.items() if scope == "user"
+    )
     user_spend = _sums(seeded.events, lambda e: e.user, MONTH, TODAY + timedelta(days=1))
     budgets = {"free": 5e6, "standard": 200e6}
     for person in seeded.people:

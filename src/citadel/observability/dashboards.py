@@ -316,23 +316,26 @@ def _users() -> Dashboard:
                 "Budget used",
                 "percentunit",
                 _q(
-                    f'max by (scope, id) ({m.BUSINESS_BUDGET_UTILISATION.name}{{scope=~".+"}})',
-                    "{{scope}} {{id}}",
+                    f"max by (scope, id, name) "
+                    f'({m.BUSINESS_BUDGET_UTILISATION.name}{{scope=~".+"}})',
+                    "{{scope}} {{name}} ({{id}})",
                 ),
             ),
             _p(
                 "Top teams by spend this month",
                 "currencyUSD",
                 _q(
-                    f"topk(10, {_gauge(m.BUSINESS_SPEND, f'{_TEAM},{_MODEL}', 'team')})", "{{team}}"
+                    f"topk(10, {_gauge(m.BUSINESS_SPEND, f'{_TEAM},{_MODEL}', 'team, team_name')})",
+                    "{{team_name}} ({{team}})",
                 ),
             ),
             _p(
                 "Top teams by tokens this month",
                 "short",
                 _q(
-                    f"topk(10, {_gauge(m.BUSINESS_TOKENS, f'{_TEAM},{_MODEL}', 'team')})",
-                    "{{team}}",
+                    "topk(10, "
+                    f"{_gauge(m.BUSINESS_TOKENS, f'{_TEAM},{_MODEL}', 'team, team_name')})",
+                    "{{team_name}} ({{team}})",
                 ),
             ),
             _p(
