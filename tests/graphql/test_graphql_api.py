@@ -65,6 +65,20 @@ limits:
   backend: "{redis}"
 metering:
   stream: "{stream}"
+alerting:
+  defaults: false
+  rules:
+    - name: AliceTeamBudget
+      kind: forecast
+      ledger: {{metric: team_spend, team: "{alice_team}"}}
+      threshold: 0.001
+      horizon_seconds: month_end
+      model: linear
+      min_points: 3
+      severity: critical
+    - name: TrafficAnomaly
+      kind: anomaly
+      query: sum(rate(citadel_gateway_requests_total[1m]))
 """
 
 
@@ -149,7 +163,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         alice, bob = asyncio.run(_seed(uri))
         config = tmp / "citadel.yaml"
         sim = free_port()
-        config.write_text(CONFIG.format(database=uri, redis=REDIS, stream=stream, sim=sim))
+        config.write_text(
+            CONFIG.format(database=uri, redis=REDIS, stream=stream, sim=sim, alice_team=alice.team)
+        )
         port = free_port()
         env = {"CITADEL_ADMIN_KEY": ADMIN, "CITADEL_ENV": "test", "REDIS_ENDPOINT": REDIS}
         args = [sys.executable, "-m", "citadel", "--config", str(config)]
@@ -751,3 +767,40 @@ def test_a_request_through_the_gateway_appears_in_usage_events(stack: Stack) -> 
     assert alice.user == event["userId"]
     assert "echo" == event["model"]
     assert "Alice" == event["user"]["name"]
+
+
+# -- predictive alerting -----------------------------------------------------------------------
+
+ALERTING = """
+{ forecasts { totalCount nodes { rule kind source threshold severity outcome error
+    findings { series outcome detail points value model forecast { at mean } } } }
+  anomalies { totalCount nodes { rule kind source outcome error } }
+  alerts { totalCount nodes { rule severity labels annotations startsAt endsAt } } }
+"""
+
+
+def test_forecasts_anomalies_and_alerts_from_the_alerting_modules(stack: Stack) -> None:
+    """The ledger rule on Alice's team: her month-to-date spend (seeded) is over the 0.001 USD
+    threshold, so it fires; the PromQL rule has no Prometheus here, so it is an error."""
+    data = run(stack, ALERTING)
+    forecast = data["forecasts"]["nodes"]
+    assert ["AliceTeamBudget"] == [f["rule"] for f in forecast]
+    assert f"ledger:team_spend({stack.alice.team})" == forecast[0]["source"]
+    assert "firing" == forecast[0]["outcome"], forecast[0]
+    finding = forecast[0]["findings"][0]
+    assert stack.alice.team == finding["series"]["team"]
+    assert abs(finding["value"] - stack.alice.cost / 1e6) < 1e-9
+    anomaly = data["anomalies"]["nodes"]
+    assert [("TrafficAnomaly", "error")] == [(a["rule"], a["outcome"]) for a in anomaly]
+    assert "PROMETHEUS_ENDPOINT" in anomaly[0]["error"]
+    alerts = data["alerts"]["nodes"]
+    assert [("AliceTeamBudget", "critical")] == [(a["rule"], a["severity"]) for a in alerts]
+    assert stack.alice.team == alerts[0]["labels"]["team"]
+    assert "AliceTeamBudget" == alerts[0]["labels"]["alertname"]
+    # a user's key: its own team's ledger rules and alerts only, never the platform's
+    mine = run(stack, ALERTING, key=stack.alice.key)
+    assert 1 == mine["forecasts"]["totalCount"] == mine["alerts"]["totalCount"]
+    assert 0 == mine["anomalies"]["totalCount"]
+    theirs = run(stack, ALERTING, key=stack.bob.key)
+    assert 0 == theirs["forecasts"]["totalCount"]
+    assert 0 == theirs["anomalies"]["totalCount"] == theirs["alerts"]["totalCount"]

@@ -40,6 +40,7 @@ from citadel.accounts.store import AccountStore
 from citadel.errors import ApiError, StoreUnavailable, Unauthorized, Unavailable
 from citadel.feed import Feed
 from citadel.gateway.auth import ADMIN, Authenticator, KeyAuthenticator
+from citadel.graphql.alerting import AlertingView
 from citadel.graphql.context import Context, Services, Viewer
 from citadel.graphql.playground import playground_handlers, playground_page
 from citadel.graphql.schema import build_schema
@@ -175,6 +176,7 @@ def create_app(settings: Settings, deps: GraphQLDeps) -> Litestar:
         shared=deps.shared,
         limiter_is_shared=deps.limiter_is_shared,
         clock=deps.clock,
+        alerting=AlertingView(settings, deps.analytics, http=deps.client, clock=deps.clock),
     )
     authenticator: Authenticator = KeyAuthenticator(
         deps.accounts,

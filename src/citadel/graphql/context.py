@@ -20,7 +20,7 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from strawberry.dataloader import DataLoader
 
@@ -36,6 +36,9 @@ from citadel.metering.rollups import UsageRow
 from citadel.routing.router import Router
 from citadel.routing.shared import SharedRoutingState
 from citadel.settings import Settings
+
+if TYPE_CHECKING:
+    from citadel.graphql.alerting import AlertingView
 
 __all__ = ["Context", "Loaders", "Services", "Viewer"]
 
@@ -57,6 +60,7 @@ class Services:
     clock: Callable[[], float] = time.time  # Unix seconds
     monotonic: Callable[[], float] = time.monotonic  # the router's clock
     statements: Callable[[], int] | None = None  # SQL statements so far (tests, metrics)
+    alerting: AlertingView | None = None  # forecasts, anomalies, alerts (``graphql.alerting``)
 
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.clock(), UTC)

@@ -25,9 +25,11 @@ from strawberry.schema.config import StrawberryConfig
 from strawberry.types import Info
 
 from citadel.accounts.store import OVERRIDABLE
-from citadel.errors import BadRequest, Forbidden, NotFound
+from citadel.alerting.definitions import Kind
+from citadel.errors import BadRequest, Forbidden, NotFound, Unavailable
 from citadel.feed import Entry, Lagged
 from citadel.feed.open import USAGE
+from citadel.graphql.alerting import Alert, AlertingView, Evaluation
 from citadel.graphql.pagination import Connection, paginate
 from citadel.graphql.protect import CostLimiter, Translate
 from citadel.graphql.types import (
@@ -398,6 +400,61 @@ class Query:
             )
         ]
         return paginate([Budget.of(r) for r in visible], window(first, after, last, before))
+
+    @strawberry.field(
+        description="The latest forecast of each forecast rule (a user key: its team's spend "
+        "forecasts), evaluated by the predictive-alerting modules at most once per interval."
+    )
+    async def forecasts(
+        self,
+        info: Info,
+        first: int | None = None,
+        after: str | None = None,
+        last: int | None = None,
+        before: str | None = None,
+    ) -> Connection[Evaluation]:
+        return paginate(await _evaluations(info, "forecast"), window(first, after, last, before))
+
+    @strawberry.field(
+        description="The latest anomaly score of each anomaly rule (a user key: its team's)."
+    )
+    async def anomalies(
+        self,
+        info: Info,
+        first: int | None = None,
+        after: str | None = None,
+        last: int | None = None,
+        before: str | None = None,
+    ) -> Connection[Evaluation]:
+        return paginate(await _evaluations(info, "anomaly"), window(first, after, last, before))
+
+    @strawberry.field(description="The alerts firing now (a user key: its team's).")
+    async def alerts(
+        self,
+        info: Info,
+        first: int | None = None,
+        after: str | None = None,
+        last: int | None = None,
+        before: str | None = None,
+    ) -> Connection[Alert]:
+        ctx = context(info)
+        view = _alerting(info)
+        firing = await view.firing(team=None if ctx.viewer.admin else ctx.viewer.team_id or "")
+        items = [Alert.of(rule, alert) for rule, alert in firing]
+        return paginate(items, window(first, after, last, before))
+
+
+def _alerting(info: Info) -> AlertingView:
+    view = context(info).services.alerting
+    if view is None:
+        raise Unavailable("The predictive-alerting state is not configured in this service.")
+    return view
+
+
+async def _evaluations(info: Info, kind: Kind) -> list[Evaluation]:
+    viewer = context(info).viewer
+    team = None if viewer.admin else viewer.team_id or ""
+    return [Evaluation.of(e) for e in await _alerting(info).latest(kind, team=team)]
 
 
 # -- mutations --------------------------------------------------------------------------------
