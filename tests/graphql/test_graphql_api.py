@@ -388,6 +388,10 @@ def test_a_user_key_cannot_change_another_users_objects(stack: Stack) -> None:
         ('mutation ($id: ID!) { updateUser(id: $id, input: {name: "Eve"}) { id } }',
          {"id": alice.user}),
         ('mutation { createTeam(name: "Mine") { id } }', {}),
+        ("mutation ($id: ID!) { disableTeam(id: $id) { id } }", {"id": bob.team}),
+        ('mutation ($id: ID!) { updateTeam(id: $id, input: {name: "Mine"}) { id } }',
+         {"id": bob.team}),
+        ('mutation { restoreDeployment(name: "llama-a") { name } }', {}),
     ):  # fmt: skip
         errors = errors_of(stack, mutation, variables, key=alice.key)
         assert errors[0]["extensions"]["code"] in ("FORBIDDEN", "NOT_FOUND"), mutation
@@ -804,3 +808,164 @@ def test_forecasts_anomalies_and_alerts_from_the_alerting_modules(stack: Stack) 
     theirs = run(stack, ALERTING, key=stack.bob.key)
     assert 0 == theirs["forecasts"]["totalCount"]
     assert 0 == theirs["anomalies"]["totalCount"] == theirs["alerts"]["totalCount"]
+
+
+# -- teams, drains, chatCompletion ---------------------------------------------------------------
+
+
+def test_admin_updates_and_disables_a_team(stack: Stack) -> None:
+    name = f"Team Up {uuid.uuid4().hex[:6]}"
+    team = run(stack, "mutation ($n: String!) { createTeam(name: $n) { id } }", {"n": name})[
+        "createTeam"
+    ]
+    user = run(
+        stack,
+        "mutation ($input: CreateUserInput!) { createUser(input: $input) { id } }",
+        {"input": {"name": "Dan", "email": f"{uuid.uuid4().hex}@example.com",
+                   "teamId": team["id"]}},
+    )["createUser"]  # fmt: skip
+    secret = run(stack, "mutation ($u: ID!) { createKey(userId: $u) { secret } }",
+                 {"u": user["id"]})["createKey"]["secret"]  # fmt: skip
+    assert user["id"] == run(stack, "{ viewer { userId } }", key=secret)["viewer"]["userId"]
+    renamed = f"{name} renamed"
+    changed = run(
+        stack,
+        "mutation ($id: ID!, $n: String!) { updateTeam(id: $id, input: {name: $n, "
+        "budgetUsd: 12.5}) { id name budgetUsd } }",
+        {"id": team["id"], "n": renamed},
+    )["updateTeam"]
+    assert {"id": team["id"], "name": renamed, "budgetUsd": 12.5} == changed
+    cleared = run(stack, "mutation ($id: ID!) { updateTeam(id: $id, input: {budgetUsd: null}) "
+                  "{ name budgetUsd } }", {"id": team["id"]})["updateTeam"]  # fmt: skip
+    assert {"name": renamed, "budgetUsd": None} == cleared  # the name left out is unchanged
+    # a user's key may not; an unknown team, a taken name, a bad budget: clear errors
+    errors = errors_of(stack, 'mutation ($id: ID!) { updateTeam(id: $id, input: {name: "x"}) '
+                       "{ id } }", {"id": team["id"]}, key=secret)  # fmt: skip
+    assert "FORBIDDEN" == errors[0]["extensions"]["code"]
+    errors = errors_of(stack, 'mutation { updateTeam(id: "team_nope", input: {name: "x"}) { id } }')
+    assert ("NOT_FOUND", "id") == (
+        errors[0]["extensions"]["code"],
+        errors[0]["extensions"]["param"],
+    )
+    errors = errors_of(stack, "mutation ($id: ID!) { updateTeam(id: $id, input: {budgetUsd: -1}) "
+                       "{ id } }", {"id": team["id"]})  # fmt: skip
+    assert "BAD_USER_INPUT" == errors[0]["extensions"]["code"]
+    bob_team = run(stack, "query ($u: ID!) { user(id: $u) { teamId } }", {"u": stack.bob.user})
+    taken = run(stack, "query ($t: ID!) { team(id: $t) { name } }",
+                {"t": bob_team["user"]["teamId"]})["team"]["name"]  # fmt: skip
+    errors = errors_of(stack, "mutation ($id: ID!, $n: String!) { updateTeam(id: $id, "
+                       "input: {name: $n}) { id } }", {"id": team["id"], "n": taken})  # fmt: skip
+    assert "CONFLICT" == errors[0]["extensions"]["code"]
+    # disabling the team disables its members: their keys stop working
+    disabled = run(stack, "mutation ($id: ID!) { disableTeam(id: $id) { id users { nodes "
+                   "{ id status } } } }", {"id": team["id"]})["disableTeam"]  # fmt: skip
+    assert [{"id": user["id"], "status": "DISABLED"}] == disabled["users"]["nodes"]
+    statuses = []
+    for _ in range(40):  # the key cache holds a key for at most 5 s
+        statuses.append(raw_post(stack, {"query": "{ viewer { userId } }"}, key=secret).status_code)
+        if statuses[-1] == 401:
+            break
+        time.sleep(0.25)
+    assert 401 == statuses[-1], statuses
+
+
+async def _drained_in_redis() -> set[str]:
+    client = RedisClient.from_url(REDIS, timeout=2.0)
+    try:
+        members = await client.execute("SMEMBERS", "citadel:{routing}:drained")
+    finally:
+        await client.aclose()
+    return {m.decode() for m in members}
+
+
+DEPLOYMENT = "{ name drained state }"
+
+
+def test_drain_and_restore_a_deployment_as_the_routing_service_does(stack: Stack) -> None:
+    try:
+        drained = run(stack, f'mutation {{ drainDeployment(name: "llama-b") {DEPLOYMENT} }}')
+        assert {"name": "llama-b", "drained": True, "state": "drained"} == drained[
+            "drainDeployment"
+        ]
+        assert "llama-b" in asyncio.run(_drained_in_redis())  # every replica applies it
+        live = run(stack, '{ model(name: "llama") { deployments { nodes { name drained } } } }')
+        nodes = {d["name"]: d["drained"] for d in live["model"]["deployments"]["nodes"]}
+        assert {"llama-a": False, "llama-b": True} == nodes
+        explained = run(stack, '{ routeExplain(model: "llama") { deployment } }')
+        assert "llama-a" == explained["routeExplain"]["deployment"]
+        errors = errors_of(stack, 'mutation { drainDeployment(name: "llama-a") { name } }',
+                           key=stack.alice.key)  # fmt: skip
+        assert "FORBIDDEN" == errors[0]["extensions"]["code"]
+        errors = errors_of(stack, 'mutation { drainDeployment(name: "nope") { name } }')
+        assert "NOT_FOUND" == errors[0]["extensions"]["code"]
+        assert "deployment_not_found" == errors[0]["extensions"]["reason"]
+    finally:
+        restored = run(stack, f'mutation {{ restoreDeployment(name: "llama-b") {DEPLOYMENT} }}')
+    assert {"name": "llama-b", "drained": False} == {
+        k: restored["restoreDeployment"][k] for k in ("name", "drained")
+    }
+    assert "llama-b" not in asyncio.run(_drained_in_redis())
+
+
+CHAT = """mutation ($input: ChatCompletionInput!) { chatCompletion(input: $input) {
+    id object model requestId deployment choices { index message { role content } finishReason }
+    usage { promptTokens completionTokens totalTokens } } }"""
+
+
+async def _usage_after(stack: Stack, position: str, request_id: str) -> UsageEvent | None:
+    from citadel.metering.ledger import decode_event
+
+    client = RedisClient.from_url(REDIS, timeout=2.0)
+    try:
+        for _ in range(100):  # the sink flushes within metering.flush_seconds
+            rows = await client.execute("XRANGE", stack.stream, f"({position}", "+")
+            for _id, fields in rows:
+                event = decode_event(dict(zip(fields[::2], fields[1::2], strict=True))[b"e"])
+                if event.request_id == request_id:
+                    return event
+            await asyncio.sleep(0.1)
+    finally:
+        await client.aclose()
+    return None
+
+
+def test_chat_completion_runs_the_gateways_path_in_process(stack: Stack) -> None:
+    """Auth (the caller's key), routing (echo's deployment on the simulator), metering (a usage
+    event on the ledger's stream with the caller's user), limits (a tier's refusal)."""
+    sim = start_process(
+        [sys.executable, "-m", "citadel", "sim", "--port", str(stack.sim)], stack.sim
+    )
+    try:
+        position = asyncio.run(_last_position(stack))
+        given = {"model": "echo", "maxTokens": 5,
+                 "messages": [{"role": "user", "content": "hello there"}]}  # fmt: skip
+        answer = run(stack, CHAT, {"input": given}, key=stack.alice.key)["chatCompletion"]
+        assert "chat.completion" == answer["object"]
+        assert "echo-a" == answer["deployment"]
+        assert answer["choices"][0]["message"]["role"] == "assistant"
+        assert answer["choices"][0]["message"]["content"]
+        usage = answer["usage"]
+        assert 0 < usage["completionTokens"] <= 5
+        assert usage["totalTokens"] == usage["promptTokens"] + usage["completionTokens"]
+        event = asyncio.run(_usage_after(stack, position, answer["requestId"]))
+        assert event is not None, "no usage event for the completion"
+        assert (stack.alice.user, "echo", "echo-a", 200) == (
+            event.user,
+            event.model,
+            event.deployment,
+            event.status,
+        )
+        # the tier's policy: free may not use coder (the gateway's own 403)
+        errors = errors_of(stack, CHAT, {"input": {**given, "model": "coder"}},
+                           key=stack.alice.key)  # fmt: skip
+        assert "FORBIDDEN" == errors[0]["extensions"]["code"]
+        assert "model_not_allowed" == errors[0]["extensions"]["reason"]
+        errors = errors_of(stack, CHAT, {"input": {**given, "model": "nope"}})
+        assert "NOT_FOUND" == errors[0]["extensions"]["code"]
+        errors = errors_of(stack, CHAT, {"input": {**given, "extra": {"stream": True}}})
+        assert ("BAD_USER_INPUT", "input.extra.stream") == (
+            errors[0]["extensions"]["code"],
+            errors[0]["extensions"]["param"],
+        )
+    finally:
+        stop_process(sim)

@@ -40,6 +40,7 @@ from citadel.accounts.store import AccountStore
 from citadel.errors import ApiError, StoreUnavailable, Unauthorized, Unavailable
 from citadel.feed import Feed
 from citadel.gateway.auth import ADMIN, Authenticator, KeyAuthenticator
+from citadel.gateway.proxy import Gateway
 from citadel.graphql.alerting import AlertingView
 from citadel.graphql.context import Context, Services, Viewer
 from citadel.graphql.playground import playground_handlers, playground_page
@@ -48,7 +49,10 @@ from citadel.health import DependencyHealth, store_scheme
 from citadel.http.client import HttpClient
 from citadel.limits.decision import Limiter
 from citadel.metering.analytics import Analytics
+from citadel.metering.events import UsageSink
+from citadel.metering.sinks import RedisStreamSink, SqlLedgerSink
 from citadel.metrics import Registry
+from citadel.routing.api import Routing
 from citadel.routing.health import HealthProber
 from citadel.routing.router import Router
 from citadel.routing.shared import SharedRoutingState, SyncLoop
@@ -82,6 +86,9 @@ class GraphQLDeps:
     max_depth: int = 10
     max_cost: int = 50_000
     init_wait: timedelta = _INIT_WAIT
+    # chatCompletion's path: the usage sink to the ledger and the client to the deployments
+    usage: UsageSink | None = None
+    upstream: HttpClient | None = None
 
 
 def default_deps(settings: Settings) -> GraphQLDeps:
@@ -111,6 +118,8 @@ def default_deps(settings: Settings) -> GraphQLDeps:
             await LEDGER.upgrade(uri)
 
         startup.append(upgrade_ledger)
+    from citadel.gateway.app import usage_sink
+
     limits = settings.limits
     replica = f"graphql-api@{socket.gethostname()}:{os.getpid()}"
     return GraphQLDeps(
@@ -128,6 +137,10 @@ def default_deps(settings: Settings) -> GraphQLDeps:
         limiter_is_shared=not limits.backend.startswith("memory"),
         startup=tuple(startup),
         shutdown=(engine.dispose,),
+        usage=usage_sink(settings),
+        upstream=HttpClient(
+            max_connections_per_origin=settings.gateway.max_connections_per_deployment
+        ),
     )
 
 
@@ -177,6 +190,9 @@ def create_app(settings: Settings, deps: GraphQLDeps) -> Litestar:
         limiter_is_shared=deps.limiter_is_shared,
         clock=deps.clock,
         alerting=AlertingView(settings, deps.analytics, http=deps.client, clock=deps.clock),
+        routing=Routing(
+            settings=settings, router=router, shared=deps.shared, loop=loop, clock=time.monotonic
+        ),
     )
     authenticator: Authenticator = KeyAuthenticator(
         deps.accounts,
@@ -187,6 +203,16 @@ def create_app(settings: Settings, deps: GraphQLDeps) -> Litestar:
         registry=deps.registry,
         cache_size=settings.accounts.key_cache_size,
         accept_legacy=settings.accounts.accept_legacy_keys,
+    )
+    upstream = deps.upstream if deps.upstream is not None else HttpClient()
+    services.gateway = Gateway(
+        settings,
+        client=upstream,
+        authenticator=authenticator,
+        registry=deps.registry,
+        usage=deps.usage,
+        limiter=deps.limiter,
+        router=router,
     )
     schema = build_schema(
         introspection=settings.env != "production",
@@ -228,7 +254,9 @@ def create_app(settings: Settings, deps: GraphQLDeps) -> Litestar:
                         headers={"www-authenticate": 'Basic realm="Citadel GraphQL"'},
                     )
                 return Response(page, media_type="text/html")
-            context["citadel"] = Context(services, await viewer_of(authorization))
+            context["citadel"] = Context(
+                services, await viewer_of(authorization), _authorization(authorization)
+            )
             result: Response[Any] = await super().execute_request(request, context, root_value)
             return result
 
@@ -243,7 +271,7 @@ def create_app(settings: Settings, deps: GraphQLDeps) -> Litestar:
                 viewer = await viewer_of(authorization)
             except ApiError as exc:
                 raise ConnectionRejectionError({"message": exc.message}) from exc
-            context["citadel"] = Context(services, viewer)
+            context["citadel"] = Context(services, viewer, _authorization(authorization))
             return None
 
     async def accounts_health() -> DependencyHealth:
@@ -265,12 +293,18 @@ def create_app(settings: Settings, deps: GraphQLDeps) -> Litestar:
     starts: list[Hook] = [*deps.startup, prober.start]
     stops: list[Hook] = [
         prober.stop,
+        services.gateway.drain,
+        upstream.aclose,
         deps.client.aclose,
         deps.feed.aclose,
         deps.accounts.aclose,
         deps.limiter.aclose,
         *deps.shutdown,
     ]
+    usage = deps.usage
+    if isinstance(usage, RedisStreamSink | SqlLedgerSink):
+        starts.append(usage.start)
+        stops.insert(2, usage.aclose)  # after the gateway's calls drained
     if deps.shared is not None and loop is not None:
         starts.append(loop.start)
         stops[:0] = [loop.stop, deps.shared.aclose]

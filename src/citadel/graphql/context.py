@@ -38,7 +38,9 @@ from citadel.routing.shared import SharedRoutingState
 from citadel.settings import Settings
 
 if TYPE_CHECKING:
+    from citadel.gateway.proxy import Gateway
     from citadel.graphql.alerting import AlertingView
+    from citadel.routing.api import Routing
 
 __all__ = ["Context", "Loaders", "Services", "Viewer"]
 
@@ -61,6 +63,8 @@ class Services:
     monotonic: Callable[[], float] = time.monotonic  # the router's clock
     statements: Callable[[], int] | None = None  # SQL statements so far (tests, metrics)
     alerting: AlertingView | None = None  # forecasts, anomalies, alerts (``graphql.alerting``)
+    gateway: Gateway | None = None  # chatCompletion: the gateway's own path, in process
+    routing: Routing | None = None  # drainDeployment: the routing service's own drain
 
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.clock(), UTC)
@@ -227,6 +231,7 @@ class Context:
 
     services: Services
     viewer: Viewer
+    authorization: bytes | None = None  # the caller's header, as the gateway takes it
     loaders: Loaders = field(init=False)
 
     def __post_init__(self) -> None:

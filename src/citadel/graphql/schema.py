@@ -30,11 +30,13 @@ from citadel.errors import BadRequest, Forbidden, NotFound, Unavailable
 from citadel.feed import Entry, Lagged
 from citadel.feed.open import USAGE
 from citadel.graphql.alerting import Alert, AlertingView, Evaluation
+from citadel.graphql.chat import ChatCompletion, ChatCompletionInput, complete
 from citadel.graphql.pagination import Connection, paginate
 from citadel.graphql.protect import CostLimiter, Translate
 from citadel.graphql.types import (
     ApiKey,
     Budget,
+    Deployment,
     DeploymentCostItem,
     Model,
     NewApiKey,
@@ -49,6 +51,7 @@ from citadel.graphql.types import (
     default_range,
     window,
 )
+from citadel.limits.policy import usd_to_micros
 from citadel.metering.analytics import savings_by_model
 from citadel.metering.ledger import decode_event
 from citadel.metering.pricing import DeploymentCost
@@ -496,10 +499,29 @@ def _tier(info: Info, tier: str | None) -> str | None:
     return None if tier is None else tier.strip()
 
 
-async def _require_team(info: Info, team_id: str) -> None:
+async def _require_team(info: Info, team_id: str, *, param: str = "teamId") -> None:
     teams = await context(info).services.accounts.list_teams()
     if all(t.id != team_id for t in teams):
-        raise NotFound(f"No team has id {team_id!r}.", param="teamId")
+        raise NotFound(f"No team has id {team_id!r}.", param=param)
+
+
+@strawberry.input(description="The fields to change; a field left out is unchanged.")
+class UpdateTeamInput:
+    name: str | None = None
+    budget_usd: float | None = strawberry.field(
+        default=strawberry.UNSET,
+        description="the team's own monthly budget; null: its members' budgets summed",
+    )
+
+
+async def _drain(info: Info, name: str, *, drained: bool, field: str) -> Deployment:
+    ctx = context(info)
+    ctx.viewer.require_admin(field)
+    routing = ctx.services.routing
+    if routing is None:
+        raise Unavailable(f"{field} is not configured in this service.")
+    changed = await routing.drain(name, drained=drained)
+    return Deployment.of(msgspec.structs.asdict(changed.deployment))
 
 
 async def _own_user(info: Info, user_id: str) -> None:
@@ -575,6 +597,69 @@ class Mutation:
         ctx = context(info)
         ctx.viewer.require_admin("disableUser")
         return User.of(await ctx.services.accounts.update_user(str(id), status="disabled"))
+
+    @strawberry.mutation(description="Rename a team or set its monthly budget (admin).")
+    async def update_team(self, info: Info, id: strawberry.ID, input: UpdateTeamInput) -> Team:
+        ctx = context(info)
+        ctx.viewer.require_admin("updateTeam")
+        accounts = ctx.services.accounts
+        team_id = str(id)
+        await _require_team(info, team_id, param="id")
+        if input.name is not None:
+            if not input.name.strip():
+                raise BadRequest("'name' must not be empty.", param="input.name")
+            await accounts.rename_team(team_id, input.name.strip())
+        if input.budget_usd is not strawberry.UNSET:
+            budget = input.budget_usd
+            if budget is not None and not (0 <= budget < 9e12):
+                raise BadRequest(
+                    f"'budgetUsd' must be a sum of dollars >= 0, or null; got {budget}.",
+                    param="input.budgetUsd",
+                )
+            await accounts.set_team_budget(
+                team_id, None if budget is None else usd_to_micros(budget)
+            )
+        found = next(t for t in await accounts.list_teams() if t.id == team_id)
+        return Team.of(found)
+
+    @strawberry.mutation(
+        description="Disable a team: every member is disabled, so their keys stop working "
+        "(admin). A member is enabled again with updateUser(status: ACTIVE)."
+    )
+    async def disable_team(self, info: Info, id: strawberry.ID) -> Team:
+        ctx = context(info)
+        ctx.viewer.require_admin("disableTeam")
+        accounts = ctx.services.accounts
+        team_id = str(id)
+        await _require_team(info, team_id, param="id")
+        for user in await accounts.list_users(team_id=team_id):
+            if user.status != "disabled":
+                await accounts.update_user(user.id, status="disabled")
+        found = next(t for t in await accounts.list_teams() if t.id == team_id)
+        ctx.fresh()  # the members read after this see their new status
+        return Team.of(found)
+
+    @strawberry.mutation(
+        description="Drain a deployment: no new request is routed to it (admin). As the routing "
+        "service's drain: set in the shared state (Redis) every gateway replica applies."
+    )
+    async def drain_deployment(self, info: Info, name: str) -> Deployment:
+        return await _drain(info, name, drained=True, field="drainDeployment")
+
+    @strawberry.mutation(description="Put a drained deployment back (admin).")
+    async def restore_deployment(self, info: Info, name: str) -> Deployment:
+        return await _drain(info, name, drained=False, field="restoreDeployment")
+
+    @strawberry.mutation(
+        description="One chat completion through the gateway's own path, in this process: the "
+        "caller's key, its limits, the router, the ledger. The OpenAI-shaped answer."
+    )
+    async def chat_completion(self, info: Info, input: ChatCompletionInput) -> ChatCompletion:
+        ctx = context(info)
+        gateway = ctx.services.gateway
+        if gateway is None:
+            raise Unavailable("chatCompletion is not configured in this service.")
+        return await complete(gateway, ctx.authorization, input)
 
     @strawberry.mutation(description="Create an API key; its secret is in the answer, once.")
     async def create_key(
