@@ -9,6 +9,8 @@ figures asserted are sums of the events seeded here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import os
 import re
 import sys
@@ -969,3 +971,64 @@ def test_chat_completion_runs_the_gateways_path_in_process(stack: Stack) -> None
         )
     finally:
         stop_process(sim)
+
+
+# -- the cost budget per key and minute -----------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _service_with(stack: Stack, extra: str, tmp: Path) -> Iterator[Stack]:
+    """A second graphql-api process on the same stores, with ``extra`` appended to the config."""
+    config = tmp / "citadel-extra.yaml"
+    config.write_text(stack.config.read_text() + extra)
+    port = free_port()
+    args = [sys.executable, "-m", "citadel", "--config", str(config)]
+    proc = start_process([*args, "serve", "graphql-api", "--port", str(port)], port, env=stack.env)
+    try:
+        yield dataclasses.replace(stack, port=port, config=config)
+    finally:
+        stop_process(proc)
+
+
+TIERS = "{ tiers(first: 2) { nodes { name } } }"  # costs 3, and its answer holds 3 objects
+
+
+def test_a_keys_cost_budget_per_minute_refuses_before_running(stack: Stack, tmp_path: Path) -> None:
+    with _service_with(stack, "graphql:\n  cost_per_minute: 30\n", tmp_path) as small:
+        alice = small.alice
+        # 20 aliases of createKey cost 40: over the budget by itself, refused before running
+        aliases = " ".join(
+            f'k{i}: createKey(userId: "{alice.user}", name: "budget") {{ secret key {{ id }} }}'
+            for i in range(20)
+        )
+        reply = raw_post(small, {"query": f"mutation {{ {aliases} }}"}, key=alice.key)
+        assert 200 == reply.status_code
+        body = reply.json()
+        assert body.get("data") is None
+        error = body["errors"][0]
+        assert "RATE_LIMITED" == error["extensions"]["code"]
+        assert "query_cost_budget_exceeded" == error["extensions"]["reason"]
+        assert 40 == error["extensions"]["requestedQueryCost"]
+        assert 30 == error["extensions"]["budgetPerMinute"]
+        assert "by itself" in error["message"]
+        query = "query ($u: ID!) { user(id: $u) { keys(first: 100) { nodes { name } } } }"
+        keys = run(small, query, {"u": alice.user})["user"]["keys"]["nodes"]
+        assert "budget" not in {k["name"] for k in keys}  # no resolver ran
+        # queries of cost 3 spend it: about ten pass, then one is refused with the cost
+        remaining, refusal = [], None
+        for _ in range(30):
+            answer = raw_post(small, {"query": TIERS}, key=alice.key).json()
+            if "errors" in answer:
+                refusal = answer["errors"][0]
+                break
+            remaining.append(answer["extensions"]["cost"]["budgetRemaining"])
+        assert refusal is not None, remaining
+        assert 9 <= len(remaining) <= 13, remaining
+        assert remaining == sorted(remaining, reverse=True)
+        assert 3 == refusal["extensions"]["requestedQueryCost"]
+        assert refusal["extensions"]["retryAfterSeconds"] > 0
+        assert "try again in" in refusal["message"]
+        # the budget is the key's: Bob's, and the admin's (none), are untouched
+        assert "errors" not in raw_post(small, {"query": TIERS}, key=small.bob.key).json()
+        for _ in range(15):
+            assert "errors" not in raw_post(small, {"query": TIERS}).json()

@@ -44,6 +44,7 @@ from citadel.gateway.proxy import Gateway
 from citadel.graphql.alerting import AlertingView
 from citadel.graphql.context import Context, Services, Viewer
 from citadel.graphql.playground import playground_handlers, playground_page
+from citadel.graphql.protect import CostBudget
 from citadel.graphql.schema import build_schema
 from citadel.health import DependencyHealth, store_scheme
 from citadel.http.client import HttpClient
@@ -83,8 +84,9 @@ class GraphQLDeps:
     clock: Callable[[], float] = time.time
     startup: tuple[Hook, ...] = ()
     shutdown: tuple[Hook, ...] = ()
-    max_depth: int = 10
-    max_cost: int = 50_000
+    max_depth: int | None = None  # None: graphql.max_depth
+    max_cost: int | None = None  # None: graphql.max_cost
+    cost_per_minute: int | None = None  # None: graphql.cost_per_minute (0: no budget)
     init_wait: timedelta = _INIT_WAIT
     # chatCompletion's path: the usage sink to the ledger and the client to the deployments
     usage: UsageSink | None = None
@@ -214,10 +216,22 @@ def create_app(settings: Settings, deps: GraphQLDeps) -> Litestar:
         limiter=deps.limiter,
         router=router,
     )
+    protection = settings.graphql
+    per_minute = (
+        protection.cost_per_minute if deps.cost_per_minute is None else deps.cost_per_minute
+    )
     schema = build_schema(
         introspection=settings.env != "production",
-        max_depth=deps.max_depth,
-        max_cost=deps.max_cost,
+        max_depth=protection.max_depth if deps.max_depth is None else deps.max_depth,
+        max_cost=protection.max_cost if deps.max_cost is None else deps.max_cost,
+        budget=None
+        if per_minute <= 0
+        else CostBudget(
+            deps.limiter,
+            per_minute,
+            fail_closed=settings.limits.failure_mode == "closed",
+            clock=deps.clock,
+        ),
     )
 
     async def viewer_of(authorization: str | None) -> Viewer:

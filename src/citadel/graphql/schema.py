@@ -32,7 +32,7 @@ from citadel.feed.open import USAGE
 from citadel.graphql.alerting import Alert, AlertingView, Evaluation
 from citadel.graphql.chat import ChatCompletion, ChatCompletionInput, complete
 from citadel.graphql.pagination import Connection, paginate
-from citadel.graphql.protect import CostLimiter, Translate
+from citadel.graphql.protect import CostBudget, CostLimiter, Translate
 from citadel.graphql.types import (
     ApiKey,
     Budget,
@@ -771,7 +771,11 @@ class Subscription:
 
 
 def build_schema(
-    *, introspection: bool = True, max_depth: int = 10, max_cost: int = 50_000
+    *,
+    introspection: bool = True,
+    max_depth: int = 10,
+    max_cost: int = 50_000,
+    budget: CostBudget | None = None,
 ) -> strawberry.Schema:
     """The schema with its protections: depth, aliases, tokens, cost; errors translated."""
     from strawberry.extensions import DisableIntrospection
@@ -783,7 +787,7 @@ def build_schema(
         lambda: QueryDepthLimiter(max_depth=max_depth),
         lambda: MaxAliasesLimiter(max_alias_count=30),
         lambda: MaxTokensLimiter(max_token_count=5_000),
-        lambda: CostLimiter(max_cost=max_cost),
+        lambda: CostLimiter(max_cost=max_cost, budget=budget),
     ]
     if not introspection:
         extensions.append(DisableIntrospection)
