@@ -1032,3 +1032,72 @@ def test_a_keys_cost_budget_per_minute_refuses_before_running(stack: Stack, tmp_
         assert "errors" not in raw_post(small, {"query": TIERS}, key=small.bob.key).json()
         for _ in range(15):
             assert "errors" not in raw_post(small, {"query": TIERS}).json()
+
+
+# -- persisted queries ----------------------------------------------------------------------------
+
+
+def _persisted(sha: str) -> dict[str, Any]:
+    return {"persistedQuery": {"version": 1, "sha256Hash": sha}}
+
+
+def test_persisted_queries_as_apollo_sends_them(stack: Stack) -> None:
+    import hashlib
+
+    from graphql import parse, print_ast
+
+    # the text as the gql client sends it (it prints the document it parsed)
+    query = print_ast(
+        parse(f"query Models{uuid.uuid4().hex[:8]} {{ models {{ nodes {{ name }} }} }}")
+    )
+    sha = hashlib.sha256(query.encode()).hexdigest()
+    # an unknown hash: PersistedQueryNotFound
+    reply = raw_post(stack, {"extensions": _persisted(sha)})
+    assert 200 == reply.status_code
+    error = reply.json()["errors"][0]
+    assert ("PersistedQueryNotFound", "PERSISTED_QUERY_NOT_FOUND") == (
+        error["message"],
+        error["extensions"]["code"],
+    )
+
+    # the hash with its query registers it (the gql client sends both) and runs it
+    async def register() -> dict[str, Any]:
+        async with http_session(stack) as session:
+            request = GraphQLRequest(query, extensions=_persisted(sha))
+            return await session.execute(request)
+
+    data = asyncio.run(register())
+    assert {"llama", "coder", "echo"} == {m["name"] for m in data["models"]["nodes"]}
+    # now the hash alone runs it, over POST and over GET, for any key
+    reply = raw_post(stack, {"extensions": _persisted(sha)}, key=stack.alice.key)
+    assert data == reply.json()["data"]
+    assert "cost" in reply.json()["extensions"]
+    with httpx.Client(timeout=10) as client:
+        got = client.get(
+            stack.url,
+            params={"extensions": orjson.dumps(_persisted(sha)).decode()},
+            headers={"Authorization": f"Bearer {ADMIN}", "Accept": "application/json"},
+        )
+    assert 200 == got.status_code, got.text
+    assert data == got.json()["data"]
+    # a hash that is not the query's, a bad hash, another version: clear errors
+    for extensions, code in (
+        (_persisted("0" * 64), "PERSISTED_QUERY_HASH_MISMATCH"),
+        ({"persistedQuery": {"version": 1, "sha256Hash": "xyz"}}, "BAD_USER_INPUT"),
+        ({"persistedQuery": {"version": 2, "sha256Hash": sha}}, "PERSISTED_QUERY_NOT_SUPPORTED"),
+    ):
+        reply = raw_post(stack, {"query": query, "extensions": extensions})
+        assert 200 == reply.status_code
+        assert code == reply.json()["errors"][0]["extensions"]["code"], reply.json()
+
+
+def test_a_persisted_query_is_known_to_every_replica(stack: Stack, tmp_path: Path) -> None:
+    """Registered through one process, run by hash through another: they share Redis."""
+    import hashlib
+
+    query = f"query Tiers{uuid.uuid4().hex[:8]} {{ tiers {{ nodes {{ name }} }} }}"
+    sha = hashlib.sha256(query.encode()).hexdigest()
+    assert "errors" not in raw_post(stack, {"query": query, "extensions": _persisted(sha)}).json()
+    with _service_with(stack, "", tmp_path) as other:
+        reply = raw_post(other, {"extensions": _persisted(sha)})
+    assert {"free", "pro"} == {t["name"] for t in reply.json()["data"]["tiers"]["nodes"]}

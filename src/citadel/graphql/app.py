@@ -43,6 +43,7 @@ from citadel.gateway.auth import ADMIN, Authenticator, KeyAuthenticator
 from citadel.gateway.proxy import Gateway
 from citadel.graphql.alerting import AlertingView
 from citadel.graphql.context import Context, Services, Viewer
+from citadel.graphql.persisted import MemoryQueryStore, QueryStore, query_store
 from citadel.graphql.playground import playground_handlers, playground_page
 from citadel.graphql.protect import CostBudget
 from citadel.graphql.schema import build_schema
@@ -88,6 +89,7 @@ class GraphQLDeps:
     max_cost: int | None = None  # None: graphql.max_cost
     cost_per_minute: int | None = None  # None: graphql.cost_per_minute (0: no budget)
     init_wait: timedelta = _INIT_WAIT
+    persisted: QueryStore | None = None  # persisted queries (None: this process's memory)
     # chatCompletion's path: the usage sink to the ledger and the client to the deployments
     usage: UsageSink | None = None
     upstream: HttpClient | None = None
@@ -140,6 +142,7 @@ def default_deps(settings: Settings) -> GraphQLDeps:
         startup=tuple(startup),
         shutdown=(engine.dispose,),
         usage=usage_sink(settings),
+        persisted=query_store(settings),
         upstream=HttpClient(
             max_connections_per_origin=settings.gateway.max_connections_per_deployment
         ),
@@ -217,6 +220,7 @@ def create_app(settings: Settings, deps: GraphQLDeps) -> Litestar:
         router=router,
     )
     protection = settings.graphql
+    persisted = deps.persisted if deps.persisted is not None else MemoryQueryStore()
     per_minute = (
         protection.cost_per_minute if deps.cost_per_minute is None else deps.cost_per_minute
     )
@@ -232,6 +236,7 @@ def create_app(settings: Settings, deps: GraphQLDeps) -> Litestar:
             fail_closed=settings.limits.failure_mode == "closed",
             clock=deps.clock,
         ),
+        persisted=persisted,
     )
 
     async def viewer_of(authorization: str | None) -> Viewer:
@@ -313,6 +318,7 @@ def create_app(settings: Settings, deps: GraphQLDeps) -> Litestar:
         deps.feed.aclose,
         deps.accounts.aclose,
         deps.limiter.aclose,
+        persisted.aclose,
         *deps.shutdown,
     ]
     usage = deps.usage

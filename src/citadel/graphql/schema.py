@@ -32,6 +32,7 @@ from citadel.feed.open import USAGE
 from citadel.graphql.alerting import Alert, AlertingView, Evaluation
 from citadel.graphql.chat import ChatCompletion, ChatCompletionInput, complete
 from citadel.graphql.pagination import Connection, paginate
+from citadel.graphql.persisted import MemoryQueryStore, PersistedQueries, QueryStore
 from citadel.graphql.protect import CostBudget, CostLimiter, Translate
 from citadel.graphql.types import (
     ApiKey,
@@ -776,13 +777,16 @@ def build_schema(
     max_depth: int = 10,
     max_cost: int = 50_000,
     budget: CostBudget | None = None,
+    persisted: QueryStore | None = None,
 ) -> strawberry.Schema:
     """The schema with its protections: depth, aliases, tokens, cost; errors translated."""
     from strawberry.extensions import DisableIntrospection
 
     # Factories, not instances: each operation gets extensions of its own (CostLimiter keeps
     # the operation's cost).
+    store = persisted if persisted is not None else MemoryQueryStore()
     extensions: list[Any] = [
+        lambda: PersistedQueries(store=store),
         Translate,
         lambda: QueryDepthLimiter(max_depth=max_depth),
         lambda: MaxAliasesLimiter(max_alias_count=30),
