@@ -812,7 +812,7 @@ def test_forecasts_anomalies_and_alerts_from_the_alerting_modules(stack: Stack) 
     assert 0 == theirs["anomalies"]["totalCount"] == theirs["alerts"]["totalCount"]
 
 
-# -- teams, drains, chatCompletion ---------------------------------------------------------------
+# -- teams, drains, chatCompletion -----------------------------------------------------------
 
 
 def test_admin_updates_and_disables_a_team(stack: Stack) -> None:
@@ -973,7 +973,7 @@ def test_chat_completion_runs_the_gateways_path_in_process(stack: Stack) -> None
         stop_process(sim)
 
 
-# -- the cost budget per key and minute -----------------------------------------------------------
+# -- the cost budget per key and minute ------------------------------------------------------
 
 
 @contextlib.contextmanager
@@ -1034,7 +1034,7 @@ def test_a_keys_cost_budget_per_minute_refuses_before_running(stack: Stack, tmp_
             assert "errors" not in raw_post(small, {"query": TIERS}).json()
 
 
-# -- persisted queries ----------------------------------------------------------------------------
+# -- persisted queries ----------------------------------------------------------------------
 
 
 def _persisted(sha: str) -> dict[str, Any]:
@@ -1101,3 +1101,52 @@ def test_a_persisted_query_is_known_to_every_replica(stack: Stack, tmp_path: Pat
     with _service_with(stack, "", tmp_path) as other:
         reply = raw_post(other, {"extensions": _persisted(sha)})
     assert {"free", "pro"} == {t["name"] for t in reply.json()["data"]["tiers"]["nodes"]}
+
+
+# -- operation metrics ----------------------------------------------------------------------
+
+
+def _metrics(stack: Stack) -> dict[str, float]:
+    with httpx.Client(timeout=10) as client:
+        text = client.get(f"http://127.0.0.1:{stack.port}/metrics").text
+    samples = {}
+    for line in text.splitlines():
+        if line.startswith("citadel_graphql_"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+def test_operations_by_name_and_outcome_duration_cost_and_refusals_on_metrics(
+    stack: Stack,
+) -> None:
+    name = f"Probe{uuid.uuid4().hex[:8]}"
+    before = _metrics(stack)
+    for _ in range(3):
+        run(stack, f"query {name} {{ tiers(first: 2) {{ nodes {{ name }} }} }}")
+    deep = ("{ teams { nodes { users { nodes { team { users { nodes { team { users { nodes "
+            "{ team { users { nodes { id } } } } } } } } } } } } } }")  # fmt: skip
+    errors_of(stack, deep)
+    errors_of(stack, "{ " + " ".join(f"a{i}: costs {{ totalCount }}" for i in range(100)) + " }")
+    errors_of(stack, "{ teams(first: 100) { nodes { users(first: 100) { nodes { keys(first: 100) "
+                     "{ nodes { id } } } } } } }")  # fmt: skip
+    errors_of(stack, "{ models { nodes { colour } } }")
+    errors_of(stack, '{ routeExplain(model: "nope") { reason } }')
+    after = _metrics(stack)
+
+    def grew(sample: str) -> float:
+        return after.get(sample, 0.0) - before.get(sample, 0.0)
+
+    ops = "citadel_graphql_operations_total"
+    assert 3 == grew(f'{ops}{{operation="{name}",type="query",outcome="ok"}}')
+    assert 1 == grew(f'{ops}{{operation="anonymous",type="query",outcome="invalid"}}')
+    assert 1 == grew(f'{ops}{{operation="anonymous",type="query",outcome="error"}}')
+    assert 3 == grew(f'{ops}{{operation="anonymous",type="query",outcome="refused"}}')
+    for reason in ("depth", "aliases", "cost"):
+        assert 1 == grew(f'citadel_graphql_refusals_total{{reason="{reason}"}}'), reason
+    duration = "citadel_graphql_operation_duration_seconds_count"
+    assert 3 == grew(f'{duration}{{operation="{name}",type="query"}}')
+    # every one of the probe's three operations requested 3 and held 3
+    cost = "citadel_graphql_operation_cost"
+    assert grew(f'{cost}_sum{{kind="requested"}}') >= 9
+    assert grew(f'{cost}_bucket{{kind="actual",le="3.0"}}') >= 3

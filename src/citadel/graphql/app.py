@@ -43,6 +43,7 @@ from citadel.gateway.auth import ADMIN, Authenticator, KeyAuthenticator
 from citadel.gateway.proxy import Gateway
 from citadel.graphql.alerting import AlertingView
 from citadel.graphql.context import Context, Services, Viewer
+from citadel.graphql.observe import GraphQLMetrics
 from citadel.graphql.persisted import MemoryQueryStore, QueryStore, query_store
 from citadel.graphql.playground import playground_handlers, playground_page
 from citadel.graphql.protect import CostBudget
@@ -237,6 +238,7 @@ def create_app(settings: Settings, deps: GraphQLDeps) -> Litestar:
             clock=deps.clock,
         ),
         persisted=persisted,
+        metrics=GraphQLMetrics(deps.registry),
     )
 
     async def viewer_of(authorization: str | None) -> Viewer:

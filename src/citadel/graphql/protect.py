@@ -53,6 +53,7 @@ from strawberry.extensions import SchemaExtension
 
 from citadel.accounts.store import ConflictError, NotFoundError
 from citadel.errors import ApiError, StoreUnavailable
+from citadel.graphql.observe import GraphQLMetrics
 from citadel.graphql.pagination import DEFAULT_PAGE
 from citadel.limits.decision import Limiter, Limits, Reservation
 from citadel.limits.policy import format_duration
@@ -228,9 +229,16 @@ class CostLimiter(SchemaExtension):
     """Refuse an operation whose cost is over ``max_cost`` before it runs, or over what its key
     has left of ``budget`` this minute; report the cost."""
 
-    def __init__(self, *, max_cost: int, budget: CostBudget | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        max_cost: int,
+        budget: CostBudget | None = None,
+        metrics: GraphQLMetrics | None = None,
+    ) -> None:
         self.max_cost = max_cost
         self.budget = budget
+        self.metrics = metrics
         self.requested: int | None = None
         self.remaining: int | None = None
         self.refused: str | None = None  # why it did not run: "cost", "budget"
@@ -333,9 +341,12 @@ class CostLimiter(SchemaExtension):
             return {}
         result = self.execution_context.result
         data = None if result is None else getattr(result, "data", None)
+        actual = actual_cost(data)
+        if self.metrics is not None and self.refused is None:
+            self.metrics.cost(self.requested, actual)
         cost: dict[str, Any] = {
             "requestedQueryCost": self.requested,
-            "actualQueryCost": actual_cost(data),
+            "actualQueryCost": actual,
             "maximumQueryCost": self.max_cost,
         }
         if self.budget is not None and _viewer_key(self.execution_context) is not None:

@@ -31,6 +31,7 @@ from citadel.feed import Entry, Lagged
 from citadel.feed.open import USAGE
 from citadel.graphql.alerting import Alert, AlertingView, Evaluation
 from citadel.graphql.chat import ChatCompletion, ChatCompletionInput, complete
+from citadel.graphql.observe import GraphQLMetrics, OperationMetrics
 from citadel.graphql.pagination import Connection, paginate
 from citadel.graphql.persisted import MemoryQueryStore, PersistedQueries, QueryStore
 from citadel.graphql.protect import CostBudget, CostLimiter, Translate
@@ -57,6 +58,7 @@ from citadel.metering.analytics import savings_by_model
 from citadel.metering.ledger import decode_event
 from citadel.metering.pricing import DeploymentCost
 from citadel.metering.ranges import Dimension, check_group_by
+from citadel.metrics import Registry
 
 __all__ = ["build_schema"]
 
@@ -778,6 +780,7 @@ def build_schema(
     max_cost: int = 50_000,
     budget: CostBudget | None = None,
     persisted: QueryStore | None = None,
+    metrics: GraphQLMetrics | None = None,
 ) -> strawberry.Schema:
     """The schema with its protections: depth, aliases, tokens, cost; errors translated."""
     from strawberry.extensions import DisableIntrospection
@@ -785,13 +788,15 @@ def build_schema(
     # Factories, not instances: each operation gets extensions of its own (CostLimiter keeps
     # the operation's cost).
     store = persisted if persisted is not None else MemoryQueryStore()
+    counted = metrics if metrics is not None else GraphQLMetrics(Registry())
     extensions: list[Any] = [
+        lambda: OperationMetrics(metrics=counted),
         lambda: PersistedQueries(store=store),
         Translate,
         lambda: QueryDepthLimiter(max_depth=max_depth),
         lambda: MaxAliasesLimiter(max_alias_count=30),
         lambda: MaxTokensLimiter(max_token_count=5_000),
-        lambda: CostLimiter(max_cost=max_cost, budget=budget),
+        lambda: CostLimiter(max_cost=max_cost, budget=budget, metrics=counted),
     ]
     if not introspection:
         extensions.append(DisableIntrospection)
