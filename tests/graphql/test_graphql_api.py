@@ -1150,3 +1150,47 @@ def test_operations_by_name_and_outcome_duration_cost_and_refusals_on_metrics(
     cost = "citadel_graphql_operation_cost"
     assert grew(f'{cost}_sum{{kind="requested"}}') >= 9
     assert grew(f'{cost}_bucket{{kind="actual",le="3.0"}}') >= 3
+
+
+# -- the GraphQL-over-HTTP audit suite ------------------------------------------------------------
+
+NODE_PACKAGE = Path(__file__).parent / "node"
+
+
+def _audits(stack: Stack, tmp: Path) -> list[dict[str, Any]]:
+    """graphql-http's audits against the service, installed by ``npm ci`` from the checked-in
+    lock file into ``tmp`` (a fresh machine has only Node and the npm registry)."""
+    import shutil
+    import subprocess
+
+    npm, node = shutil.which("npm"), shutil.which("node")
+    assert npm is not None, "the audit suite needs npm (Node 20)"
+    assert node is not None, "the audit suite needs Node 20"
+    for name in ("package.json", "package-lock.json", "audit.mjs"):
+        shutil.copy(NODE_PACKAGE / name, tmp / name)
+    subprocess.run(
+        [npm, "ci", "--cache", str(tmp / ".npm"), "--no-audit", "--no-fund", "--loglevel=error"],
+        cwd=tmp,
+        check=True,
+        timeout=180,
+        capture_output=True,
+    )
+    done = subprocess.run(
+        [node, "audit.mjs", stack.url],
+        cwd=tmp,
+        check=True,
+        timeout=120,
+        capture_output=True,
+        env={**os.environ, "CITADEL_AUDIT_KEY": ADMIN},
+    )
+    results: list[dict[str, Any]] = orjson.loads(done.stdout)
+    return results
+
+
+def test_every_graphql_over_http_audit_passes(stack: Stack, tmp_path: Path) -> None:
+    results = _audits(stack, tmp_path)
+    assert len(results) > 40  # the suite ran
+    failed = [
+        (r["id"], r["name"], r["status"], r["reason"]) for r in results if r["status"] != "ok"
+    ]
+    assert [] == failed, "\n".join(map(str, failed))

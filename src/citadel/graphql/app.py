@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Final
 
+import orjson
 from litestar import Litestar, Request, Response, WebSocket
 from strawberry.exceptions import ConnectionRejectionError
 from strawberry.litestar import make_graphql_controller
@@ -67,6 +68,7 @@ __all__ = ["GraphQLDeps", "create_app", "default_deps"]
 Hook = Callable[[], Awaitable[None]]
 
 PATH: Final = "/graphql"
+GRAPHQL_RESPONSE: Final = "application/graphql-response+json"
 _CHECK_TIMEOUT: Final = 1.5  # seconds; /health gives each check 2
 _INIT_WAIT: Final = timedelta(seconds=5)  # a WebSocket must send connection_init by then
 
@@ -163,6 +165,42 @@ def _authorization(value: str | None) -> bytes | None:
             return value.encode("latin-1")
         return f"Bearer {decoded.partition(':')[2]}".encode()
     return value.encode("latin-1", "replace")
+
+
+def _accepts_graphql_response(request: Request[Any, Any, Any]) -> bool:
+    """Whether the client accepts the GraphQL-over-HTTP media type (``Accept``)."""
+    return GRAPHQL_RESPONSE in request.headers.get("accept", "").lower()
+
+
+def _as_graphql_response(result: Response[Any]) -> Response[Any]:
+    """An answer as ``application/graphql-response+json``: a request error (nothing executed:
+    no ``data``, and no error of a field) is a 4xx without ``data`` (429 for the cost budget,
+    else 400), as the GraphQL-over-HTTP specification asks of that media type."""
+    content = result.content
+    if result.status_code != 200 or not isinstance(content, bytes | str):
+        return result
+    try:
+        body = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        return result
+    status = 200
+    if isinstance(body, dict) and body.get("data") is None and body.get("errors"):
+        errors = body["errors"]
+        if all(isinstance(e, dict) and not e.get("path") for e in errors):
+            body.pop("data", None)
+            budget = any(
+                (e.get("extensions") or {}).get("reason") == "query_cost_budget_exceeded"
+                for e in errors
+            )
+            status = 429 if budget else 400
+    headers = {
+        k: v
+        for k, v in result.headers.items()
+        if k.lower() not in ("content-type", "content-length")
+    }
+    return Response(
+        orjson.dumps(body), status_code=status, media_type=GRAPHQL_RESPONSE, headers=headers
+    )
 
 
 def _wants_playground(request: Request[Any, Any, Any]) -> bool:
@@ -279,6 +317,8 @@ def create_app(settings: Settings, deps: GraphQLDeps) -> Litestar:
                 services, await viewer_of(authorization), _authorization(authorization)
             )
             result: Response[Any] = await super().execute_request(request, context, root_value)
+            if _accepts_graphql_response(request):
+                return _as_graphql_response(result)
             return result
 
         async def on_ws_connect(self, context: dict[str, Any]) -> dict[str, object] | None:
