@@ -1028,6 +1028,20 @@ def test_a_keys_cost_budget_per_minute_refuses_before_running(stack: Stack, tmp_
         assert 3 == refusal["extensions"]["requestedQueryCost"]
         assert refusal["extensions"]["retryAfterSeconds"] > 0
         assert "try again in" in refusal["message"]
+
+        # a subscription is charged once, when it starts: over the budget, it never starts
+        async def subscribe() -> list[dict[str, Any]]:
+            query = "subscription { usageEvents { user { keys(first: 100) { nodes { id } } } } }"
+            async with _ws_client(small, alice.key) as session:
+                try:
+                    async for _ in session.subscribe(GraphQLRequest(query)):
+                        break
+                except TransportQueryError as exc:
+                    return exc.errors or []
+            raise AssertionError("the subscription over the budget started")
+
+        refused = asyncio.run(asyncio.wait_for(subscribe(), 20))
+        assert "query_cost_budget_exceeded" == refused[0]["extensions"]["reason"]
         # the budget is the key's: Bob's, and the admin's (none), are untouched
         assert "errors" not in raw_post(small, {"query": TIERS}, key=small.bob.key).json()
         for _ in range(15):

@@ -232,11 +232,15 @@ class Context:
     services: Services
     viewer: Viewer
     authorization: bytes | None = None  # the caller's header, as the gateway takes it
-    loaders: Loaders = field(init=False)
+    _loaders: Loaders | None = field(default=None, init=False)
 
-    def __post_init__(self) -> None:
-        self.loaders = Loaders(self.services, self.viewer)
+    @property
+    def loaders(self) -> Loaders:
+        """This request's (or subscription event's) loaders, made on first use."""
+        if self._loaders is None:
+            self._loaders = Loaders(self.services, self.viewer)
+        return self._loaders
 
     def fresh(self) -> None:
         """New loaders (each subscription event reads the stores anew)."""
-        self.loaders = Loaders(self.services, self.viewer)
+        self._loaders = None

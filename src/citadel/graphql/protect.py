@@ -50,6 +50,7 @@ from graphql import (
 )
 from graphql.language import DocumentNode
 from strawberry.extensions import SchemaExtension
+from strawberry.types.graphql import OperationType as StrawberryOperation
 
 from citadel.accounts.store import ConflictError, NotFoundError
 from citadel.errors import ApiError, StoreUnavailable
@@ -279,6 +280,8 @@ class CostLimiter(SchemaExtension):
             reservation, refusal = await self._admit(budget, key, cost)
             if refusal is not None:
                 self.refused = "budget"
+                if execution.operation_type is StrawberryOperation.SUBSCRIPTION:
+                    raise refusal  # a subscription's execution does not look at the result
                 execution.result = GraphQLExecutionResult(data=None, errors=[refusal])
         yield
         if budget is not None and reservation is not None:
@@ -288,6 +291,12 @@ class CostLimiter(SchemaExtension):
                 await budget.limiter.reconcile(
                     reservation, budget.limits(), tokens=actual, cost_micros=0, now=budget.clock()
                 )
+
+    def _subscription(self) -> bool:
+        try:
+            return self.execution_context.operation_type is StrawberryOperation.SUBSCRIPTION
+        except RuntimeError:  # no document
+            return False
 
     async def _admit(
         self, budget: CostBudget, key: str, cost: int
@@ -339,6 +348,8 @@ class CostLimiter(SchemaExtension):
     def get_results(self) -> dict[str, Any]:
         if self.requested is None:
             return {}
+        if self.refused is None and self._subscription():
+            return {}  # charged once when it started; its events carry no cost of their own
         result = self.execution_context.result
         data = None if result is None else getattr(result, "data", None)
         actual = actual_cost(data)

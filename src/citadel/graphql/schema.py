@@ -12,6 +12,7 @@ Mutations need the admin key, except that a user may create and revoke keys of i
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import AsyncGenerator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -705,7 +706,9 @@ class UsageEventFilter:
     model: str | None = None
 
 
+@functools.lru_cache(maxsize=1024)
 def _usage_event(entry: Entry) -> UsageEvent:
+    """The event of a feed entry, decoded once for all the subscribers it reaches."""
     event = decode_event(entry.data)
     return UsageEvent(
         position=entry.position,

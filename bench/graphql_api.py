@@ -1,8 +1,8 @@
 """The GraphQL API against the REST calls it replaces, in one run; and subscription fan-out.
 
-    .venv/bin/python bench/graphql.py                      # 100 teams, 1,000 users, 100k events
-    .venv/bin/python bench/graphql.py --events 1000000     # the issue's full data set (slow)
-    .venv/bin/python bench/graphql.py --subscribers 1000 --redis redis://127.0.0.1:6379/7
+    .venv/bin/python bench/graphql_api.py                      # 100 teams, 1,000 users, 100k events
+    .venv/bin/python bench/graphql_api.py --events 1000000     # the issue's full data set (slow)
+    .venv/bin/python bench/graphql_api.py --subscribers 1000 --redis redis://127.0.0.1:6379/7
 
 Every service is ``python -m citadel serve ...`` on one SQLite database (accounts and ledger)
 seeded here: ``--teams`` teams of ``--users / --teams`` users, and ``--events`` usage events of
