@@ -32,6 +32,7 @@ from citadel.feed import Entry, Lagged
 from citadel.feed.open import USAGE
 from citadel.graphql.alerting import Alert, AlertingView, Evaluation
 from citadel.graphql.chat import ChatCompletion, ChatCompletionInput, complete
+from citadel.graphql.fanout import SharedEventExecutor, shareable
 from citadel.graphql.observe import GraphQLMetrics, OperationMetrics
 from citadel.graphql.pagination import Connection, paginate
 from citadel.graphql.persisted import MemoryQueryStore, PersistedQueries, QueryStore
@@ -119,6 +120,7 @@ class RouteExplanation:
     evaluations: JSON
 
 
+@shareable
 @strawberry.type(description="One request's usage, as it finished.")
 class UsageEvent:
     position: str = strawberry.field(description="the feed position (resume after it)")
@@ -809,4 +811,5 @@ def build_schema(
         subscription=Subscription,
         extensions=extensions,
         config=StrawberryConfig(),
+        execution_context_class=SharedEventExecutor,
     )
