@@ -337,6 +337,37 @@ STREAMING_CANCELLED = _counter(
     "Completions cancelled by a client's cancel message or its disconnect.",
 )
 
+# The GraphQL API (:9095): operations by name and outcome, their duration and cost, refusals.
+_COST = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0, 10000.0, 30000.0, 100000.0)
+GRAPHQL_OPERATIONS = _counter(
+    "citadel_graphql_operations_total",
+    ("operation", "type", "outcome"),
+    "GraphQL operations answered, by operation name (anonymous: unnamed; other: past the "
+    "first 200 names), type (query, mutation, subscription) and outcome: ok, error (a "
+    "resolver's), invalid (did not parse or validate) or refused (depth, aliases, tokens, cost "
+    "or budget).",
+)
+GRAPHQL_OPERATION_DURATION = _histogram(
+    "citadel_graphql_operation_duration_seconds",
+    ("operation", "type"),
+    _SECONDS,
+    "Time to answer one GraphQL operation: parse, validation, cost, resolvers.",
+)
+GRAPHQL_OPERATION_COST = _histogram(
+    "citadel_graphql_operation_cost",
+    ("kind",),
+    _COST,
+    "The cost of GraphQL operations (objects their answers can hold): kind requested (computed "
+    "before running) or actual (held by the answer).",
+    unit="objects",
+)
+GRAPHQL_REFUSALS = _counter(
+    "citadel_graphql_refusals_total",
+    ("reason",),
+    "GraphQL operations refused before running, by reason: depth, aliases, tokens, cost (over "
+    "the maximum) or budget (over the key's cost budget this minute).",
+)
+
 CATALOGUE: tuple[MetricSpec, ...] = (
     *(GATEWAY_REQUESTS, GATEWAY_REQUEST_DURATION, GATEWAY_TTFT, GATEWAY_TPOT, GATEWAY_TOKENS),
     *(GATEWAY_TOKENS_TOTAL, GATEWAY_IN_FLIGHT, GATEWAY_UPSTREAM_ERRORS, GATEWAY_CLIENT_DISCONNECTS),
@@ -352,6 +383,7 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     ALERTING_DELIVERY_FAILURES,
     *(STREAMING_CONNECTIONS, STREAMING_MESSAGES, STREAMING_BYTES, STREAMING_LAGGED),
     STREAMING_CANCELLED,
+    *(GRAPHQL_OPERATIONS, GRAPHQL_OPERATION_DURATION, GRAPHQL_OPERATION_COST, GRAPHQL_REFUSALS),
 )
 _BY_NAME = MappingProxyType({s.name: s for s in CATALOGUE})
 

@@ -167,6 +167,24 @@ class SqlAccountStore:
         rows = await self._read(select(*_TEAM).where(TeamRow.id == team_id))
         return _team(rows[0]) if rows else None
 
+    async def rename_team(self, team_id: str, name: str) -> Team:
+        name = _required("name", name)
+        async with self._write() as conn:
+            try:
+                row = (
+                    await conn.execute(
+                        update(TeamRow)
+                        .where(TeamRow.id == team_id)
+                        .values(name=name)
+                        .returning(*_TEAM)
+                    )
+                ).first()
+            except exc.IntegrityError as error:
+                raise ConflictError(f"a team named {name!r} exists already") from error
+        if row is None:
+            raise NotFoundError(f"no team has id {team_id!r}")
+        return Team(id=row[0], name=row[1], created_at=row[2], budget_micros=row[3])
+
     async def set_team_budget(self, team_id: str, budget_micros: int | None) -> Team:
         if budget_micros is not None and (
             isinstance(budget_micros, bool) or not 0 <= budget_micros < 2**63

@@ -465,6 +465,33 @@ def _business() -> Dashboard:
                     )
                 ),
             ),
+            _p(
+                "GraphQL operations/s by name and outcome",
+                "reqps",
+                _q(
+                    _rate(m.GRAPHQL_OPERATIONS, "", "operation, outcome"),
+                    "{{operation}} {{outcome}}",
+                ),
+            ),
+            _p(
+                "GraphQL operation p99 duration",
+                "s",
+                _q(
+                    _quantile(m.GRAPHQL_OPERATION_DURATION, "0.99", "", "operation"),
+                    "{{operation}}",
+                ),
+            ),
+            _p(
+                "GraphQL operation cost p50 and p99",
+                "short",
+                _q(_quantile(m.GRAPHQL_OPERATION_COST, "0.5", "", "kind"), "p50 {{kind}}"),
+                _q(_quantile(m.GRAPHQL_OPERATION_COST, "0.99", "", "kind"), "p99 {{kind}}"),
+            ),
+            _p(
+                "GraphQL refusals/s by reason",
+                "reqps",
+                _q(_rate(m.GRAPHQL_REFUSALS, "", "reason"), "{{reason}}"),
+            ),
         ),
     )
 

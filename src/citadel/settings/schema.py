@@ -99,6 +99,7 @@ TOP = (
     "alerting",
     "slos",
     "observability",
+    "graphql",
 )
 PORTS = {f.name: port for f in dataclasses.fields(Ports)}
 ENDPOINTS: dict[str, Parser] = {f.name: http_url for f in dataclasses.fields(Endpoints)}
@@ -123,6 +124,11 @@ OBSERVABILITY = {
     "data_dir": text,
     "scrape_interval_seconds": at_most(positive, 3600, "an hour"),
     "speedup": at_most(positive, 3600, "one hour per second"),
+}
+GRAPHQL = {
+    "max_depth": integer(1, 100),
+    "max_cost": integer(1),
+    "cost_per_minute": integer(0),
 }
 GRAFANA = {"token": text, "user": text, "password": text}
 TIMEOUTS = {f.name: positive for f in dataclasses.fields(Timeouts)}

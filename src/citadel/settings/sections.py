@@ -292,6 +292,17 @@ class ObservabilitySettings:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class GraphQLSettings:
+    """The GraphQL API's protections (citadel.graphql.protect)."""
+
+    max_depth: int = 10  # the deepest selection a query may nest
+    max_cost: int = 50_000  # the most a single operation may cost (objects in its answer)
+    # The cost a key may spend per minute, through the limiter (0: no budget); a query's cost is
+    # reserved before it runs and settled to what its answer held.
+    cost_per_minute: int = 200_000
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Settings:
     env: str = "development"  # one of ENVS
     host: str = "127.0.0.1"  # the address services bind to
@@ -315,6 +326,7 @@ class Settings:
     # `slos:` as read (None: not given; citadel.observability.services.slos_for gives defaults).
     slos: tuple[Slo, ...] | None = None
     observability: ObservabilitySettings = ObservabilitySettings()
+    graphql: GraphQLSettings = GraphQLSettings()
     config_path: str | None = None  # the file read, if any
     _index: Mapping[str, Model] = field(init=False, repr=False, compare=False)
 
