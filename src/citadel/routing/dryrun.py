@@ -118,6 +118,7 @@ def dry_run(
             needed_tokens=needed,
             hint=hint,
             allowed=lambda m: True,
+            now=clock(),
         )
         if choice is None:
             return result(
