@@ -526,6 +526,7 @@ def test_deleting_a_user_revokes_their_keys_and_keeps_the_record(database: str) 
         assert [bob.id] == [u.id for u in await store.list_users()]
         assert [] == await store.list_users(team_id=team.id)
         assert deleted == await store.get_user(alice.id)
+        assert {alice.id, bob.id} == {u.id for u in await store.list_users(include_deleted=True)}
         with pytest.raises(ConflictError, match="deleted"):
             await store.update_user(alice.id, name="Alicia")
         with pytest.raises(ConflictError, match="deleted"):
@@ -573,6 +574,7 @@ def test_a_team_is_renamed_and_deleted_once_it_has_no_members(database: str) -> 
         gone = await store.delete_team(platform.id)
         assert gone.deleted_at == T0
         assert ["science"] == [t.name for t in await store.list_teams()]
+        assert [gone, renamed] == await store.list_teams(include_deleted=True)
         assert gone == await store.get_team(platform.id)
         with pytest.raises(ConflictError, match="'platform'"):
             await store.rename_team(research.id, "platform")

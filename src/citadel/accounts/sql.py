@@ -160,9 +160,11 @@ class SqlAccountStore:
                 raise ConflictError(f"a team named {name!r} exists already") from error
         return team
 
-    async def list_teams(self) -> list[Team]:
-        """The teams not deleted."""
-        statement = select(*_TEAM).where(TeamRow.deleted_at.is_(None)).order_by(TeamRow.name)
+    async def list_teams(self, *, include_deleted: bool = False) -> list[Team]:
+        """The teams not deleted (all of them with ``include_deleted``: to name history)."""
+        statement = select(*_TEAM).order_by(TeamRow.name)
+        if not include_deleted:
+            statement = statement.where(TeamRow.deleted_at.is_(None))
         return [_team(r) for r in await self._read(statement)]
 
     async def get_team(self, team_id: str) -> Team | None:
@@ -301,13 +303,14 @@ class SqlAccountStore:
         rows = await self._read(select(*_USER).where(UserRow.id == user_id))
         return _user(rows[0]) if rows else None
 
-    async def list_users(self, *, team_id: str | None = None) -> list[User]:
-        """The users not deleted (of a team, if given)."""
-        statement = (
-            select(*_USER)
-            .where(UserRow.deleted_at.is_(None))
-            .order_by(UserRow.created_at, UserRow.id)
-        )
+    async def list_users(
+        self, *, team_id: str | None = None, include_deleted: bool = False
+    ) -> list[User]:
+        """The users not deleted (all of them with ``include_deleted``: to name history), of
+        a team if given."""
+        statement = select(*_USER).order_by(UserRow.created_at, UserRow.id)
+        if not include_deleted:
+            statement = statement.where(UserRow.deleted_at.is_(None))
         if team_id is not None:
             statement = statement.where(UserRow.team_id == team_id)
         return [_user(row) for row in await self._read(statement)]
