@@ -494,3 +494,98 @@ def test_an_unreachable_postgresql_is_unavailable_quickly() -> None:
         assert time.monotonic() - started < 2.0
 
     asyncio.run(main())
+
+
+def test_deleting_a_user_revokes_their_keys_and_keeps_the_record(database: str) -> None:
+    """Issue 18 item 5: deleting a user disables them, revokes every key of theirs (a key
+    revoked before keeps its time) and hides them from listings; the record stays (by id, for
+    the ledger's history), their email stays taken, and a deleted user cannot be changed or
+    given a key. Deleting again keeps the first time; an unknown id is NotFoundError."""
+    clock = Clock()
+
+    async def body(store: SqlAccountStore) -> None:
+        team = await store.create_team("research")
+        alice = await store.create_user(
+            name="Alice", email="alice@example.com", tier="pro", team_id=team.id
+        )
+        bob = await store.create_user(name="Bob", email="bob@example.com", tier="pro")
+        old, _ = await store.create_key(alice.id, name="old")
+        await store.revoke_key(old.id)
+        _, secret = await store.create_key(alice.id, name="live")
+        bobs, _ = await store.create_key(bob.id, name="bob's")
+        clock.advance(60)
+        deleted = await store.delete_user(alice.id)
+        assert (T0 + timedelta(seconds=60), "disabled") == (deleted.deleted_at, deleted.status)
+        keys = {k.name: k.revoked_at for k in await store.list_keys(user_id=alice.id)}
+        assert {"old": T0, "live": T0 + timedelta(seconds=60)} == keys
+        assert (await store.list_keys(user_id=bob.id))[0].revoked_at is None
+        record = await store.find_key(digest(secret))
+        assert record is not None
+        assert record.key.revoked_at is not None
+        assert ("disabled", deleted.deleted_at) == (record.user.status, record.user.deleted_at)
+        assert [bob.id] == [u.id for u in await store.list_users()]
+        assert [] == await store.list_users(team_id=team.id)
+        assert deleted == await store.get_user(alice.id)
+        assert {alice.id, bob.id} == {u.id for u in await store.list_users(include_deleted=True)}
+        with pytest.raises(ConflictError, match="deleted"):
+            await store.update_user(alice.id, name="Alicia")
+        with pytest.raises(ConflictError, match="deleted"):
+            await store.create_key(alice.id, name="again")
+        with pytest.raises(ConflictError, match=r"alice@example\.com"):
+            await store.create_user(name="A", email="alice@example.com", tier="pro")
+        clock.advance(60)
+        assert deleted == await store.delete_user(alice.id)
+        with pytest.raises(NotFoundError):
+            await store.delete_user("usr_nope")
+        assert bobs.id in {k.id for k in await store.list_keys()}
+
+    run(database, body, clock)
+
+
+def test_a_team_is_renamed_and_deleted_once_it_has_no_members(database: str) -> None:
+    """Issue 18 item 5: a team is renamed (its id and budget kept); a name taken by another
+    team, a deleted one included, is a ConflictError (409); a team with members cannot be
+    deleted (409 naming the count); once they are gone it is deleted: hidden from listings,
+    kept by id, its name taken, and it can no longer be renamed, budgeted or joined."""
+
+    async def body(store: SqlAccountStore) -> None:
+        research = await store.create_team("research")
+        platform = await store.create_team("platform")
+        await store.set_team_budget(research.id, 5_000_000)
+        renamed = await store.rename_team(research.id, "  science ")
+        assert ("science", research.id, 5_000_000) == (
+            renamed.name,
+            renamed.id,
+            renamed.budget_micros,
+        )
+        assert ["platform", "science"] == [t.name for t in await store.list_teams()]
+        with pytest.raises(ConflictError, match="'platform'"):
+            await store.rename_team(research.id, "platform")
+        with pytest.raises(NotFoundError):
+            await store.rename_team("team_nope", "x")
+        with pytest.raises(ValueError, match="name"):
+            await store.rename_team(research.id, " ")
+        member = await store.create_user(
+            name="Carol", email="carol@example.com", tier="pro", team_id=platform.id
+        )
+        with pytest.raises(ConflictError, match="1 member"):
+            await store.delete_team(platform.id)
+        await store.delete_user(member.id)
+        gone = await store.delete_team(platform.id)
+        assert gone.deleted_at == T0
+        assert ["science"] == [t.name for t in await store.list_teams()]
+        assert [gone, renamed] == await store.list_teams(include_deleted=True)
+        assert gone == await store.get_team(platform.id)
+        with pytest.raises(ConflictError, match="'platform'"):
+            await store.rename_team(research.id, "platform")
+        for attempt in (
+            store.rename_team(platform.id, "newer"),
+            store.set_team_budget(platform.id, 1),
+            store.create_user(name="D", email="d@example.com", tier="pro", team_id=platform.id),
+        ):
+            with pytest.raises(ConflictError, match="deleted"):
+                await attempt
+        with pytest.raises(NotFoundError):
+            await store.delete_team("team_nope")
+
+    run(database, body)

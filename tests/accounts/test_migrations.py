@@ -76,9 +76,17 @@ def test_upgrade_creates_the_tables_and_a_second_upgrade_does_nothing(empty_data
     assert not second.changed
     found = asyncio.run(_inspect(empty_database))
     assert TABLES <= found["tables"]
-    assert {"id", "name", "email", "team_id", "tier", "status", "created_at", "overrides"} == (
-        found["users"]
-    )
+    assert {
+        "id",
+        "name",
+        "email",
+        "team_id",
+        "tier",
+        "status",
+        "created_at",
+        "overrides",
+        "deleted_at",
+    } == found["users"]
     assert {
         "id",
         "user_id",
@@ -130,5 +138,5 @@ def test_the_migrations_ship_inside_the_package() -> None:
     assert (folder / "env.py").is_file()
     assert (folder / "script.py.mako").is_file()
     assert (folder / "versions" / "0001_accounts.py").is_file()
-    assert (folder / "versions" / "0003_key_limits.py").is_file()
-    assert "0003" == ACCOUNTS.head()
+    assert (folder / "versions" / "0004_account_deletion.py").is_file()
+    assert "0004" == ACCOUNTS.head()

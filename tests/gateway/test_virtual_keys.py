@@ -295,3 +295,28 @@ def test_an_expired_key_is_a_401_that_says_so(replicas: Replicas) -> None:
     later = datetime.now(UTC) + timedelta(days=1)
     _, _, fresh = new_key(replicas.database, expires_at=later)
     assert 200 == call(replicas.urls[1], fresh, chat())[0]
+
+
+def test_a_deleted_users_keys_stop_working_on_every_replica(replicas: Replicas) -> None:
+    """Issue 18 item 5 at the gateway: once a user is deleted (their keys revoked in the same
+    transaction), both replicas answer their key 401 within the key cache's TTL (0.2 s here);
+    another user's key is untouched."""
+    user, _, secret = new_key(replicas.database)
+    _, _, other = new_key(replicas.database)
+    for url in replicas.urls:
+        assert 200 == call(url, secret, chat())[0]
+
+    async def delete() -> None:
+        store = await open_store(replicas.database, migrate=False)
+        try:
+            await store.delete_user(user)
+        finally:
+            await store.aclose()
+
+    asyncio.run(delete())
+    time.sleep(0.5)
+    for url in replicas.urls:
+        status, _, body = call(url, secret, chat())
+        assert 401 == status, body
+        assert "authentication_error" == error_of(body)["type"]
+        assert 200 == call(url, other, chat())[0]

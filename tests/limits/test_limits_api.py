@@ -54,12 +54,16 @@ models:
 ROUTES = [
     ("POST", "/v1/teams"),
     ("GET", "/v1/teams"),
+    ("GET", "/v1/teams/{team_id}"),
+    ("PATCH", "/v1/teams/{team_id}"),
+    ("DELETE", "/v1/teams/{team_id}"),
     ("GET", "/v1/teams/{team_id}/budget"),
     ("PUT", "/v1/teams/{team_id}/budget"),
     ("POST", "/v1/users"),
     ("GET", "/v1/users"),
     ("GET", "/v1/users/{user_id}"),
     ("PATCH", "/v1/users/{user_id}"),
+    ("DELETE", "/v1/users/{user_id}"),
     ("POST", "/v1/users/{user_id}/disable"),
     ("GET", "/v1/users/{user_id}/usage"),
     ("POST", "/v1/users/{user_id}/usage/reset"),
@@ -453,6 +457,82 @@ def test_a_disabled_user_is_refused_by_check(service: Service) -> None:
     assert (403, "user_disabled") == (refused.status, refused.error["code"])
     service.call("PATCH", f"/v1/users/{user['id']}", {"status": "active"})
     assert 200 == service.check(user["id"]).status
+
+
+def test_a_deleted_user_loses_their_keys_and_keeps_their_record(service: Service) -> None:
+    """Issue 18 item 5: DELETE /v1/users/{id} marks the user deleted and disabled and revokes
+    every key of theirs; they leave the listing but are still found by id (the ledger's rows
+    name them so), cannot be changed or given a key (409), and are refused by /v1/check."""
+    team = service.call("POST", "/v1/teams", {"name": f"del-{uuid.uuid4().hex[:8]}"}).json()
+    user = service.user(team_id=team["id"])
+    other = service.user(team_id=team["id"])
+    keys = [service.call("POST", "/v1/keys", {"user_id": user["id"]}).json() for _ in range(2)]
+    theirs = service.call("POST", "/v1/keys", {"user_id": other["id"]}).json()
+    assert 200 == service.check(user["id"]).status
+    reply = service.call("DELETE", f"/v1/users/{user['id']}")
+    assert 200 == reply.status, reply.body
+    deleted = reply.json()
+    assert ("disabled", user["name"], user["email"]) == (
+        deleted["status"],
+        deleted["name"],
+        deleted["email"],
+    )
+    assert deleted["deleted_at"] is not None
+    listed = service.call("GET", f"/v1/keys?user_id={user['id']}").json()["data"]
+    assert {k["id"]: "revoked" for k in keys} == {k["id"]: k["status"] for k in listed}
+    assert all(k["revoked_at"] is not None for k in listed)
+    other_keys = service.call("GET", f"/v1/keys?user_id={other['id']}").json()["data"]
+    assert [(theirs["id"], "active")] == [(k["id"], k["status"]) for k in other_keys]
+    members = service.call("GET", f"/v1/users?team_id={team['id']}").json()["data"]
+    assert [other["id"]] == [u["id"] for u in members]
+    assert deleted == service.call("GET", f"/v1/users/{user['id']}").json()
+    changed = service.call("PATCH", f"/v1/users/{user['id']}", {"name": "Back"})
+    assert (409, "conflict") == (changed.status, changed.error["code"])
+    assert "deleted" in changed.error["message"]
+    assert 409 == service.call("POST", "/v1/keys", {"user_id": user["id"]}).status
+    assert 403 == service.check(user["id"]).status
+    again = service.call("DELETE", f"/v1/users/{user['id']}").json()
+    assert deleted["deleted_at"] == again["deleted_at"]
+    assert 404 == service.call("DELETE", "/v1/users/usr_nope").status
+
+
+def test_a_team_is_renamed_unless_the_name_is_taken_and_deleted_once_empty(
+    service: Service,
+) -> None:
+    """Issue 18 item 5: PATCH /v1/teams/{id} renames a team (a taken name is a 409, an empty
+    one a 400); DELETE refuses a team with members (409), then deletes it: it leaves the
+    listing, is still found by id, and its name stays taken."""
+    run = uuid.uuid4().hex[:8]
+    first = service.call("POST", "/v1/teams", {"name": f"first-{run}"}).json()
+    second = service.call("POST", "/v1/teams", {"name": f"second-{run}"}).json()
+    taken = service.call("PATCH", f"/v1/teams/{first['id']}", {"name": f"second-{run}"})
+    assert (409, "conflict") == (taken.status, taken.error["code"])
+    assert f"second-{run}" in taken.error["message"]
+    empty = service.call("PATCH", f"/v1/teams/{first['id']}", {"name": " "})
+    assert (400, "name") == (empty.status, empty.error["param"])
+    renamed = service.call("PATCH", f"/v1/teams/{first['id']}", {"name": f" renamed-{run} "})
+    assert (200, f"renamed-{run}", first["id"]) == (
+        renamed.status,
+        renamed.json()["name"],
+        renamed.json()["id"],
+    )
+    assert 404 == service.call("PATCH", "/v1/teams/team_nope", {"name": "x"}).status
+    member = service.user(team_id=second["id"])
+    busy = service.call("DELETE", f"/v1/teams/{second['id']}")
+    assert (409, "conflict") == (busy.status, busy.error["code"])
+    assert "1 member" in busy.error["message"]
+    assert 200 == service.call("DELETE", f"/v1/users/{member['id']}").status
+    gone = service.call("DELETE", f"/v1/teams/{second['id']}")
+    assert 200 == gone.status, gone.body
+    assert gone.json()["deleted_at"] is not None
+    names = {t["name"] for t in service.call("GET", "/v1/teams").json()["data"]}
+    assert f"renamed-{run}" in names
+    assert f"second-{run}" not in names
+    assert gone.json() == service.call("GET", f"/v1/teams/{second['id']}").json()
+    assert 409 == service.call("POST", "/v1/teams", {"name": f"second-{run}"}).status
+    assert 409 == service.call("PATCH", f"/v1/teams/{second['id']}", {"name": "z"}).status
+    assert 404 == service.call("DELETE", "/v1/teams/team_nope").status
+    assert 404 == service.call("GET", "/v1/teams/team_nope").status
 
 
 # -- keys --------------------------------------------------------------------------------------
@@ -882,6 +962,10 @@ def test_on_postgresql_users_keys_and_checks_work(tmp_path: Path, postgres_datab
         assert (
             409 == service.call("POST", "/v1/users", {"name": "B", "email": user["email"]}).status
         )
+        deleted = service.call("DELETE", f"/v1/users/{user['id']}")
+        assert (200, "disabled") == (deleted.status, deleted.json()["status"])
+        (revoked,) = service.call("GET", f"/v1/keys?user_id={user['id']}").json()["data"]
+        assert "revoked" == revoked["status"]
     finally:
         assert 0 == stop_process(proc), process_output(proc)
 

@@ -812,3 +812,46 @@ def test_a_writer_that_stops_is_reported_down(tmp_path: Path) -> None:
             await engine.dispose()
 
     asyncio.run(main())
+
+
+def test_a_deleted_users_history_keeps_their_name(tmp_path: Path) -> None:
+    """Issue 18 item 5: deleting a user (and their emptied team) leaves their ledger rows as
+    they were: /v1/usage by team and user still counts them, named as before."""
+    uri = f"sqlite+aiosqlite:///{tmp_path / 'citadel.db'}"
+    start, end = TODAY - timedelta(days=30), TODAY + timedelta(days=1)
+
+    async def main() -> tuple[dict[str, Any], list[Person], list[UsageEvent]]:
+        people, events = await _seed(uri, 200)
+        accounts = await open_store(uri, migrate=True)
+        team_id = people[0].team
+        members = [p for p in people if p.team == team_id]
+        for person in members:
+            await accounts.delete_user(person.id)
+        await accounts.delete_team(team_id)
+        engine = build_engine(uri)
+        settings = load_settings(_config(tmp_path, uri), ENV)
+        deps = MeteringDeps(analytics=Analytics(engine), accounts=accounts)
+        try:
+            async with AsyncTestClient(create_app(settings, deps)) as client:
+                reply = await client.get(
+                    "/v1/usage",
+                    params={"group_by": "team,user", "start": _iso(start), "end": _iso(end)},
+                    headers={"authorization": f"Bearer {ADMIN}"},
+                )
+                assert 200 == reply.status_code, reply.text
+                body: dict[str, Any] = reply.json()
+        finally:
+            await engine.dispose()
+            await accounts.aclose()
+        return body, members, events
+
+    body, members, events = asyncio.run(main())
+    rows = {r["user"]: r for r in body["data"]}
+    for person in (p for p in members if p.id in rows):
+        row = rows[person.id]
+        assert row["user_name"].startswith("U")
+        assert row["team_name"].startswith("Team ")
+    ids = {p.id for p in members}
+    spent = {u: c for u, c in _sums(events, lambda e: e.user, start, end).items() if u in ids}
+    assert spent
+    assert spent == {u: rows[u]["cost_micros"] for u in spent}

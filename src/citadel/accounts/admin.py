@@ -74,10 +74,21 @@ def add_arguments(commands: argparse._SubParsersAction[Any]) -> None:
     )
     migrate.set_defaults(func=_cmd_migrate)
 
-    teams = _group(commands, "teams", "create and list teams")
+    teams = _group(commands, "teams", "create, list, rename and delete teams")
     create = _leaf(teams, "create", "create a team", output, _create_team)
     create.add_argument("name", metavar="NAME")
     _leaf(teams, "list", "list teams", output, _list_teams)
+    rename = _leaf(teams, "rename", "rename a team (a taken name is refused)", output, _rename)
+    rename.add_argument("team", metavar="TEAM", help="a team's id or name")
+    rename.add_argument("name", metavar="NAME", help="its new name")
+    delete = _leaf(
+        teams,
+        "delete",
+        "delete a team with no members (kept for the usage history, its name stays taken)",
+        output,
+        _delete_team,
+    )
+    delete.add_argument("team", metavar="TEAM", help="a team's id or name")
     budget = _leaf(
         teams,
         "budget",
@@ -92,7 +103,7 @@ def add_arguments(commands: argparse._SubParsersAction[Any]) -> None:
         "--none", action="store_true", help="clear it: the members' budgets summed again"
     )
 
-    users = _group(commands, "users", "create, list, change and disable users")
+    users = _group(commands, "users", "create, list, change, disable and delete users")
     create = _leaf(users, "create", "create a user", output, _create_user)
     create.add_argument("--name", required=True)
     create.add_argument("--email", required=True)
@@ -118,6 +129,17 @@ def add_arguments(commands: argparse._SubParsersAction[Any]) -> None:
     )
     disable = _leaf(users, "disable", "disable a user: their keys stop working", output, _disable)
     disable.add_argument("user_id", metavar="ID")
+    renamed = _leaf(users, "rename", "rename a user", output, _rename_user)
+    renamed.add_argument("user_id", metavar="ID")
+    renamed.add_argument("name", metavar="NAME", help="their new name")
+    delete = _leaf(
+        users,
+        "delete",
+        "delete a user: every key of theirs is revoked; their record and usage history are kept",
+        output,
+        _delete_user,
+    )
+    delete.add_argument("user_id", metavar="ID")
 
     keys = _group(commands, "keys", "create, list and revoke API keys")
     create = _leaf(keys, "create", "create an API key; its secret is shown once", output, _new_key)
@@ -324,6 +346,22 @@ async def _set_team_budget(store: AccountStore, args: argparse.Namespace, _: Set
     return await store.set_team_budget(team_id, round(usd * 1_000_000))
 
 
+async def _rename(store: AccountStore, args: argparse.Namespace, _: Settings) -> Team:
+    return await store.rename_team(await _team_id(store, args.team), args.name)
+
+
+async def _delete_team(store: AccountStore, args: argparse.Namespace, _: Settings) -> Team:
+    return await store.delete_team(await _team_id(store, args.team))
+
+
+async def _rename_user(store: AccountStore, args: argparse.Namespace, _: Settings) -> User:
+    return await store.update_user(args.user_id, name=args.name)
+
+
+async def _delete_user(store: AccountStore, args: argparse.Namespace, _: Settings) -> User:
+    return await store.delete_user(args.user_id)
+
+
 async def _create_user(store: AccountStore, args: argparse.Namespace, s: Settings) -> User:
     tier = _tier(args.tier or s.accounts.default_tier, s)
     team_id = await _team_id(store, args.team) if args.team is not None else None
@@ -507,7 +545,7 @@ def _columns(record: object) -> dict[str, str]:
             "email": record.email,
             "team": record.team_id or "-",
             "tier": record.tier,
-            "status": record.status,
+            "status": "deleted" if record.deleted_at is not None else record.status,
             "created": _time(record.created_at),
             "overrides": ", ".join(f"{k}={_limit(v)}" for k, v in record.overrides.items()) or "-",
         }

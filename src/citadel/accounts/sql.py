@@ -86,6 +86,7 @@ _USER = (
     UserRow.status,
     UserRow.created_at,
     UserRow.overrides,
+    UserRow.deleted_at,
 )
 _KEY = (
     ApiKeyRow.id,
@@ -101,7 +102,7 @@ _KEY = (
     ApiKeyRow.requests_per_minute,
     ApiKeyRow.tokens_per_minute,
 )
-_TEAM = (TeamRow.id, TeamRow.name, TeamRow.created_at, TeamRow.budget_micros)
+_TEAM = (TeamRow.id, TeamRow.name, TeamRow.created_at, TeamRow.budget_micros, TeamRow.deleted_at)
 _PING = text("SELECT 1")
 # Authentication's query, built once: the key with this digest, its owner and the owner's team,
 # in one round trip.
@@ -159,17 +160,42 @@ class SqlAccountStore:
                 raise ConflictError(f"a team named {name!r} exists already") from error
         return team
 
-    async def list_teams(self) -> list[Team]:
-        rows = await self._read(select(*_TEAM).order_by(TeamRow.name))
-        return [_team(r) for r in rows]
+    async def list_teams(self, *, include_deleted: bool = False) -> list[Team]:
+        """The teams not deleted (all of them with ``include_deleted``: to name history)."""
+        statement = select(*_TEAM).order_by(TeamRow.name)
+        if not include_deleted:
+            statement = statement.where(TeamRow.deleted_at.is_(None))
+        return [_team(r) for r in await self._read(statement)]
 
     async def get_team(self, team_id: str) -> Team | None:
         rows = await self._read(select(*_TEAM).where(TeamRow.id == team_id))
         return _team(rows[0]) if rows else None
 
+    async def set_team_budget(self, team_id: str, budget_micros: int | None) -> Team:
+        if budget_micros is not None and (
+            isinstance(budget_micros, bool) or not 0 <= budget_micros < 2**63
+        ):
+            raise ValueError(f"budget {budget_micros!r}: expected micro-USD >= 0, or none")
+        async with self._write() as conn:
+            await _require_team(conn, team_id)
+            row = (
+                await conn.execute(
+                    update(TeamRow)
+                    .where(TeamRow.id == team_id)
+                    .values(budget_micros=budget_micros)
+                    .returning(*_TEAM)
+                )
+            ).first()
+        if row is None:
+            raise NotFoundError(f"no team has id {team_id!r}")
+        return _team(row)
+
     async def rename_team(self, team_id: str, name: str) -> Team:
+        """Rename a team: NotFoundError for an unknown id, ConflictError for a name taken
+        (by any team, a deleted one included) or a deleted team."""
         name = _required("name", name)
         async with self._write() as conn:
+            await _require_team(conn, team_id)
             try:
                 row = (
                     await conn.execute(
@@ -181,21 +207,34 @@ class SqlAccountStore:
                 ).first()
             except exc.IntegrityError as error:
                 raise ConflictError(f"a team named {name!r} exists already") from error
-        if row is None:
-            raise NotFoundError(f"no team has id {team_id!r}")
-        return Team(id=row[0], name=row[1], created_at=row[2], budget_micros=row[3])
+        assert row is not None  # required above, in the same transaction
+        return _team(row)
 
-    async def set_team_budget(self, team_id: str, budget_micros: int | None) -> Team:
-        if budget_micros is not None and (
-            isinstance(budget_micros, bool) or not 0 <= budget_micros < 2**63
-        ):
-            raise ValueError(f"budget {budget_micros!r}: expected micro-USD >= 0, or none")
+    async def delete_team(self, team_id: str) -> Team:
+        """Mark a team deleted: hidden from listings, its name still taken, its ledger rows
+        kept. ConflictError while it has members not deleted (move or delete them first);
+        deleting it again keeps the first time."""
+        now = self._clock()
         async with self._write() as conn:
+            members = (
+                await conn.execute(
+                    select(func.count())
+                    .select_from(UserRow)
+                    .where(UserRow.team_id == team_id, UserRow.deleted_at.is_(None))
+                )
+            ).scalar_one()
+            if members:
+                raise ConflictError(
+                    f"the team {team_id!r} has {members} member(s): move them to another team "
+                    "or delete them first"
+                )
             row = (
                 await conn.execute(
                     update(TeamRow)
                     .where(TeamRow.id == team_id)
-                    .values(budget_micros=budget_micros)
+                    .values(
+                        deleted_at=func.coalesce(TeamRow.deleted_at, literal(now, UtcDateTime()))
+                    )
                     .returning(*_TEAM)
                 )
             ).first()
@@ -237,12 +276,41 @@ class SqlAccountStore:
                 raise _email_taken(user.email) from error
         return user
 
+    async def delete_user(self, user_id: str) -> User:
+        """Mark a user deleted and disabled and revoke every key of theirs, in one
+        transaction: hidden from listings, their email still taken, their ledger rows and keys
+        kept (revoked). Deleting them again keeps the first times."""
+        now = literal(self._clock(), UtcDateTime())
+        async with self._write() as conn:
+            row = (
+                await conn.execute(
+                    update(UserRow)
+                    .where(UserRow.id == user_id)
+                    .values(deleted_at=func.coalesce(UserRow.deleted_at, now), status="disabled")
+                    .returning(*_USER)
+                )
+            ).first()
+            if row is None:
+                raise NotFoundError(f"no user has id {user_id!r}")
+            await conn.execute(
+                update(ApiKeyRow)
+                .where(ApiKeyRow.user_id == user_id, ApiKeyRow.revoked_at.is_(None))
+                .values(revoked_at=now)
+            )
+        return _user(row)
+
     async def get_user(self, user_id: str) -> User | None:
         rows = await self._read(select(*_USER).where(UserRow.id == user_id))
         return _user(rows[0]) if rows else None
 
-    async def list_users(self, *, team_id: str | None = None) -> list[User]:
+    async def list_users(
+        self, *, team_id: str | None = None, include_deleted: bool = False
+    ) -> list[User]:
+        """The users not deleted (all of them with ``include_deleted``: to name history), of
+        a team if given."""
         statement = select(*_USER).order_by(UserRow.created_at, UserRow.id)
+        if not include_deleted:
+            statement = statement.where(UserRow.deleted_at.is_(None))
         if team_id is not None:
             statement = statement.where(UserRow.team_id == team_id)
         return [_user(row) for row in await self._read(statement)]
@@ -277,6 +345,8 @@ class SqlAccountStore:
         async with self._write() as conn:
             if team_id is not None:
                 await _require_team(conn, team_id)
+            if values:
+                await _require_live_user(conn, user_id)
             statement: Executable
             if values:
                 statement = (
@@ -320,9 +390,7 @@ class SqlAccountStore:
             limits=limits,
         )
         async with self._write() as conn:
-            found = await conn.execute(select(UserRow.id).where(UserRow.id == user_id))
-            if found.first() is None:
-                raise NotFoundError(f"no user has id {user_id!r}")
+            await _require_live_user(conn, user_id)
             await conn.execute(
                 insert(ApiKeyRow).values(
                     id=key.id,
@@ -467,11 +535,12 @@ def _user(row: Sequence[Any]) -> User:
         status=row[5],
         created_at=row[6],
         overrides={k: None if v is None else float(v) for k, v in overrides.items()},
+        deleted_at=row[8],
     )
 
 
 def _team(row: Sequence[Any]) -> Team:
-    return Team(id=row[0], name=row[1], created_at=row[2], budget_micros=row[3])
+    return Team(id=row[0], name=row[1], created_at=row[2], budget_micros=row[3], deleted_at=row[4])
 
 
 def checked_key_limits(limits: KeyLimits) -> KeyLimits:
@@ -514,9 +583,23 @@ def _key(row: Sequence[Any]) -> ApiKey:
 
 
 async def _require_team(conn: AsyncConnection, team_id: str) -> None:
-    found = await conn.execute(select(TeamRow.id).where(TeamRow.id == team_id))
-    if found.first() is None:
+    found = (await conn.execute(select(TeamRow.deleted_at).where(TeamRow.id == team_id))).first()
+    if found is None:
         raise NotFoundError(f"no team has id {team_id!r}")
+    if found[0] is not None:
+        raise _deleted("team", team_id)
+
+
+async def _require_live_user(conn: AsyncConnection, user_id: str) -> None:
+    found = (await conn.execute(select(UserRow.deleted_at).where(UserRow.id == user_id))).first()
+    if found is None:
+        raise NotFoundError(f"no user has id {user_id!r}")
+    if found[0] is not None:
+        raise _deleted("user", user_id)
+
+
+def _deleted(what: str, id_: str) -> ConflictError:
+    return ConflictError(f"the {what} {id_!r} was deleted and cannot be changed or used")
 
 
 def _required(field: str, value: str) -> str:

@@ -33,6 +33,7 @@ class Team:
     # The team's own monthly cost budget, in micro-USD, set at run time (``set_team_budget``);
     # None: the sum of its members' budgets (``citadel.metering.budgets``).
     budget_micros: int | None = None
+    deleted_at: datetime | None = None  # set by ``delete_team``; the record is kept
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -45,6 +46,7 @@ class User:
     status: UserStatus
     created_at: datetime
     overrides: dict[str, float | None] = field(default_factory=dict)
+    deleted_at: datetime | None = None  # set by ``delete_user``; the record is kept
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -93,13 +95,23 @@ class ConflictError(Conflict, ValueError):
 
 class AccountStore(Protocol):
     async def create_team(self, name: str) -> Team: ...
-    async def list_teams(self) -> list[Team]: ...
-    async def rename_team(self, team_id: str, name: str) -> Team:
-        """Rename a team; NotFoundError if no such team, ConflictError if the name is taken."""
-        ...
-
+    async def list_teams(self, *, include_deleted: bool = False) -> list[Team]: ...
     async def set_team_budget(self, team_id: str, budget_micros: int | None) -> Team:
         """Set (None: clear) the team's monthly cost budget; NotFoundError if no such team."""
+        ...
+
+    async def rename_team(self, team_id: str, name: str) -> Team:
+        """Rename a team; ConflictError if the name is taken (or the team deleted)."""
+        ...
+
+    async def delete_team(self, team_id: str) -> Team:
+        """Mark a team deleted (kept for the ledger's history, hidden from listings);
+        ConflictError while it has members who are not deleted."""
+        ...
+
+    async def delete_user(self, user_id: str) -> User:
+        """Mark a user deleted and disabled and revoke every key of theirs, in one
+        transaction (kept for the ledger's history, hidden from listings)."""
         ...
 
     async def create_user(
@@ -107,7 +119,9 @@ class AccountStore(Protocol):
     ) -> User: ...
     async def get_user(self, user_id: str) -> User | None: ...
     async def get_team(self, team_id: str) -> Team | None: ...
-    async def list_users(self, *, team_id: str | None = None) -> list[User]: ...
+    async def list_users(
+        self, *, team_id: str | None = None, include_deleted: bool = False
+    ) -> list[User]: ...
     async def update_user(
         self,
         user_id: str,

@@ -363,6 +363,7 @@ class Gateway:
                 needed_tokens=needed,
                 hint=hint,
                 allowed=lambda m: principal.may_use(m.name, *m.aliases),
+                now=time.monotonic(),
             )
         except ValueError as exc:
             raise BadRequest(str(exc), param="x-citadel-task", code="unknown_task") from exc

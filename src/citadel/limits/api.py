@@ -16,7 +16,7 @@ from typing import Annotated
 from zoneinfo import ZoneInfo
 
 import msgspec
-from litestar import Controller, Response, get, patch, post, put
+from litestar import Controller, Response, delete, get, patch, post, put
 from litestar.openapi import ResponseSpec
 from litestar.params import FromPath, FromQuery, JSONBody
 
@@ -35,6 +35,7 @@ from citadel.limits.bodies import (
     RefusalReply,
     TeamBudget,
     TeamBudgetReply,
+    TeamChanges,
     TeamReply,
     TierReply,
     UsageReply,
@@ -183,6 +184,39 @@ class TeamsController(Controller):
     async def list_teams(self, accounts: Accounts) -> Listing[TeamReply]:
         return Listing([TeamReply.of(t) for t in await accounts.list_teams()])
 
+    @get("/{team_id:str}", summary="Get a team (a deleted one too)", responses=errors(404, 503))
+    async def get_team(self, team_id: FromPath[Id], accounts: Accounts) -> TeamReply:
+        return TeamReply.of(await _team(accounts, team_id))
+
+    @patch(
+        "/{team_id:str}",
+        summary="Rename a team",
+        description="A name another team has (a deleted one included) is a 409.",
+        responses=errors(404, 409, 503),
+    )
+    async def rename_team(
+        self, team_id: FromPath[Id], data: JSONBody[TeamChanges], accounts: Accounts
+    ) -> TeamReply:
+        try:
+            return TeamReply.of(await accounts.rename_team(team_id, data.name.strip()))
+        except NotFoundError as exc:
+            raise NotFound(f"No team has id {team_id!r}.", param="team_id") from exc
+
+    @delete(
+        "/{team_id:str}",
+        summary="Delete a team that has no members",
+        description="The team is kept, marked deleted (`deleted_at`), for the usage ledger's "
+        "history: it leaves the listings, its name stays taken. A team with members is a 409: "
+        "move or delete them first.",
+        status_code=200,
+        responses=errors(404, 409, 503),
+    )
+    async def delete_team(self, team_id: FromPath[Id], accounts: Accounts) -> TeamReply:
+        try:
+            return TeamReply.of(await accounts.delete_team(team_id))
+        except NotFoundError as exc:
+            raise NotFound(f"No team has id {team_id!r}.", param="team_id") from exc
+
     @get(
         "/{team_id:str}/budget",
         summary="A team's own monthly budget and what its members have spent of it",
@@ -297,6 +331,23 @@ class UsersController(Controller):
     ) -> UserReply:
         return rules.user_reply(await accounts.update_user(user_id, status="disabled"))
 
+    @delete(
+        "/{user_id:str}",
+        summary="Delete a user: their keys are revoked, their usage history kept",
+        description="The user is kept, marked deleted (`deleted_at`) and disabled, for the "
+        "usage ledger's history: they leave the listings, their email stays taken, and every "
+        "key of theirs is revoked (gateways see it within `accounts.key_cache_ttl_seconds`).",
+        status_code=200,
+        responses=errors(404, 503),
+    )
+    async def delete_user(
+        self, user_id: FromPath[Id], accounts: Accounts, rules: Rules_
+    ) -> UserReply:
+        try:
+            return rules.user_reply(await accounts.delete_user(user_id))
+        except NotFoundError as exc:
+            raise NotFound(f"No user has id {user_id!r}.", param="user_id") from exc
+
     @get(
         "/{user_id:str}/usage",
         summary="A user's usage and remaining quota",
@@ -334,7 +385,11 @@ class KeysController(Controller):
     path = "/v1/keys"
     tags = ["keys"]  # noqa: RUF012 - Litestar's layer attribute
 
-    @post(summary="Create an API key; its secret is shown once", responses=errors(404, 503))
+    @post(
+        summary="Create an API key; its secret is shown once",
+        description="A deleted user gets none (409).",
+        responses=errors(404, 409, 503),
+    )
     async def create_key(
         self, data: JSONBody[NewKey], accounts: Accounts, rules: Rules_
     ) -> NewKeyReply:

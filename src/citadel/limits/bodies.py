@@ -42,6 +42,10 @@ class NewTeam(Struct):
     name: Text
 
 
+class TeamChanges(Struct):
+    name: Text
+
+
 class NewUser(Struct):
     name: Text
     email: Email
@@ -190,6 +194,7 @@ class TeamReply(msgspec.Struct):
     budget_usd: Annotated[
         float | None, Meta(description="its own monthly budget; null: its members' summed")
     ] = None
+    deleted_at: Annotated[Time | None, Meta(description="null: not deleted")] = None
     object: Literal["team"] = "team"
 
     @classmethod
@@ -199,6 +204,7 @@ class TeamReply(msgspec.Struct):
             name=team.name,
             created_at=timestamp(team.created_at),
             budget_usd=_usd(team.budget_micros),
+            deleted_at=None if team.deleted_at is None else timestamp(team.deleted_at),
         )
 
 
@@ -258,6 +264,7 @@ class UserReply(msgspec.Struct):
         LimitsReply | None, Meta(description="effective; null when the tier is not configured")
     ]
     created_at: Time
+    deleted_at: Annotated[Time | None, Meta(description="null: not deleted")] = None
     object: Literal["user"] = "user"
 
     @classmethod
@@ -272,6 +279,7 @@ class UserReply(msgspec.Struct):
             overrides=dict(user.overrides),
             limits=None if limits is None else LimitsReply.of(limits),
             created_at=timestamp(user.created_at),
+            deleted_at=None if user.deleted_at is None else timestamp(user.deleted_at),
         )
 
 
