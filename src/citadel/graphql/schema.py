@@ -20,14 +20,15 @@ from typing import Any
 import msgspec
 import orjson
 import strawberry
+from graphql import GraphQLError
 from strawberry.extensions import MaxAliasesLimiter, MaxTokensLimiter, QueryDepthLimiter
 from strawberry.scalars import JSON
 from strawberry.schema.config import StrawberryConfig
-from strawberry.types import Info
+from strawberry.types import ExecutionContext, Info
 
 from citadel.accounts.store import OVERRIDABLE
 from citadel.alerting.definitions import Kind
-from citadel.errors import BadRequest, Forbidden, NotFound, Unavailable
+from citadel.errors import ApiError, BadRequest, Forbidden, NotFound, Unavailable
 from citadel.feed import Entry, Lagged
 from citadel.feed.open import USAGE
 from citadel.graphql.alerting import Alert, AlertingView, Evaluation
@@ -778,6 +779,24 @@ class Subscription:
                     yield event
 
 
+class _Schema(strawberry.Schema):
+    """Strawberry's schema, logging only the errors that are Citadel's fault: a client's bad
+    query, unknown id or refused value (ApiError, ValueError) is answered with its clear error,
+    not logged with a traceback: Strawberry logs every error so, burying real failures in noise."""
+
+    def process_errors(
+        self, errors: list[GraphQLError], execution_context: ExecutionContext | None = None
+    ) -> None:
+        unexpected = [
+            error
+            for error in errors
+            if error.original_error is not None
+            and not isinstance(error.original_error, ApiError | GraphQLError | ValueError)
+        ]
+        if unexpected:
+            super().process_errors(unexpected, execution_context)
+
+
 def build_schema(
     *,
     introspection: bool = True,
@@ -805,7 +824,7 @@ def build_schema(
     ]
     if not introspection:
         extensions.append(DisableIntrospection)
-    return strawberry.Schema(
+    return _Schema(
         query=Query,
         mutation=Mutation,
         subscription=Subscription,
