@@ -75,10 +75,10 @@ def free_port() -> int:
 
 def seed_ledger(db: Path, count: int = EVENTS, seed: int = 7) -> None:
     """A ledger of ``count`` events of 40 users in 4 teams over the last 40 days."""
-    from citadel.accounts.sql import build_engine
     from citadel.metering.events import UsageEvent, new_event_id
     from citadel.metering.ledger import Ledger
     from citadel.metering.migrate import LEDGER
+    from citadel.stores.sql import build_engine
 
     rng = random.Random(seed)
     now = time.time()

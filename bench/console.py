@@ -8,9 +8,10 @@ Prometheus directly, and each dashboard's page load to all panels drawn in Chrom
 2. Page: for every dashboard, the time from navigation to every panel settled (drawn, empty or
    failed), from the page's own Performance API clock (target: under 1.5 s).
 
-    PYTHONPATH=src python bench/console.py [--calls 300] [--warmup 30]
+    PYTHONPATH=src python bench/console.py [--calls 300] [--warmup 30] [--deployments 1,50]
 
-Only 1 deployment per model is measured here (the 50-deployment case is not built yet).
+Each size in ``--deployments`` (per model, two models, all on the one simulator) is its own
+installation, measured in turn.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -69,8 +71,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--warmup", type=float, default=30.0, help="seconds of traffic first")
+    parser.add_argument("--deployments", default="1,50", help="deployments per model, each run")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp, console_stack(Path(tmp)) as stack:
+    for size in (int(n) for n in args.deployments.split(",")):
+        print(f"== {size} deployment(s) per model, load average {os.getloadavg()[0]:.2f}")
+        _measure(args, size)
+    return 0
+
+
+def _measure(args: argparse.Namespace, size: int) -> None:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        console_stack(Path(tmp), deployments=size) as stack,
+    ):
         time.sleep(args.warmup)
         end = time.time()
         start = end - 900
@@ -127,7 +140,6 @@ def main() -> int:
                 )
             finally:
                 browser.close()
-    return 0
 
 
 if __name__ == "__main__":

@@ -15,6 +15,10 @@ measured through the same gateway twice, with the admin key (unlimited: no limit
 the user's key (one Lua call to admit, one to reconcile), and the difference is what the limiter
 costs.
 
+With ``--responses``, ``/v1/responses`` is measured twice more: translated to chat by the gateway
+(against the gateway's chat path), and passed through as-is to a deployment with
+``responses: true`` (against the simulator's own ``/v1/responses``, measured directly).
+
     .venv/bin/python bench/gateway_overhead.py [--duration 5] [--runs 3] [--concurrency 1,16,64]
     .venv/bin/python bench/gateway_overhead.py --limits          # c=1,16: limits off vs on
 """
@@ -61,15 +65,23 @@ RESPONSES_BODY: dict[str, Any] = {
     "input": PLAIN_BODY["messages"][0]["content"],
     "max_output_tokens": PLAIN_BODY["max_tokens"],
 }
+# --responses, pass-through: the same request for a model whose deployment speaks the Responses
+# API itself (``responses: true``): the gateway forwards it as-is to the simulator's /v1/responses.
+NATIVE_MODEL = "sim-native"
+PASSTHROUGH_BODY: dict[str, Any] = {**RESPONSES_BODY, "model": NATIVE_MODEL}
 RESPONSES_TARGET_MS = 0.1  # the most the translation may add to p50 at c=1
 WARMUP_SECONDS = 1.0
 HEALTH_TIMEOUT = 30.0
 NOISY_OTHER_CPU = 20.0  # % of a core used by unrelated processes during a point
 
 Mode = Literal["plain", "stream"]
-Target = Literal["direct", "relay", "gateway", "limits", "responses"]
+Target = Literal[
+    "direct", "relay", "gateway", "limits", "responses", "direct_responses", "passthrough"
+]
 MODES: tuple[Mode, ...] = ("plain", "stream")
-TARGETS: tuple[Target, ...] = ("direct", "relay", "gateway", "limits", "responses")
+TARGETS: tuple[Target, ...] = (
+    *("direct", "relay", "gateway", "limits", "responses", "direct_responses", "passthrough"),
+)
 # --limits: a tier with every rate limit set (so each is checked) but far out of reach.
 LIMITS_BACKEND = "redis://127.0.0.1:6379/11"
 LIMITS_TARGET_MS = 0.3  # the most the limiter may add to p50 at c=1
@@ -329,7 +341,11 @@ class Bench:
         self.load_core: int = args.load_core
         self.lua_dir = Path(tempfile.mkdtemp(prefix="citadel-bench-"))
         # The API key each target is called with (none: the simulator or the relay).
-        self.keys: dict[Target, str] = {"gateway": API_KEY, "responses": API_KEY}
+        self.keys: dict[Target, str] = {
+            "gateway": API_KEY,
+            "responses": API_KEY,
+            "passthrough": API_KEY,
+        }
 
     def close(self) -> None:
         shutil.rmtree(self.lua_dir, ignore_errors=True)
@@ -445,9 +461,11 @@ class Bench:
         self, mode: Mode, concurrency: int, target: Target, port: int, watch: dict[str, int]
     ) -> Point:
         key = self.keys.get(target)
-        path, doc = (
-            (RESPONSES_PATH, RESPONSES_BODY) if target == "responses" else (CHAT_PATH, PLAIN_BODY)
-        )
+        path, doc = {
+            "responses": (RESPONSES_PATH, RESPONSES_BODY),
+            "direct_responses": (RESPONSES_PATH, RESPONSES_BODY),  # the simulator's own
+            "passthrough": (RESPONSES_PATH, PASSTHROUGH_BODY),
+        }.get(target, (CHAT_PATH, PLAIN_BODY))
         if mode == "plain" and self.wrk:
             point = self.run_wrk(port, concurrency, key, watch, path, doc)
         else:
@@ -498,6 +516,9 @@ def summarize(points: list[Point], concurrencies: list[int]) -> list[dict[str, A
             pairs += (("gateway", "limits", "limits_"),)
             # --responses: the Responses API (translated to chat) against the plain chat path.
             pairs += (("gateway", "responses", "responses_"),)
+            # --responses, pass-through: the gateway forwarding /v1/responses as-is against the
+            # simulator's own /v1/responses (what the gateway adds to the Responses API).
+            pairs += (("direct_responses", "passthrough", "passthrough_"),)
             for base, target, prefix in pairs:
                 if base not in row or target not in row:
                     continue
@@ -696,6 +717,33 @@ def print_responses(rows: list[dict[str, Any]]) -> None:
                 f"Target: the translation adds <= {RESPONSES_TARGET_MS:.3f} ms to p50 at c=1 "
                 f"({row['mode']}): {added:+.3f} ms, {verdict}"
             )
+    if not any("passthrough" in row for row in rows):
+        return
+    print()
+    print("Responses API passed through: /v1/responses of a model whose deployment speaks it")
+    print(f"(responses: true, model {NATIVE_MODEL}), forwarded as-is by the gateway, against the")
+    print("simulator's own /v1/responses directly. 'added' = through the gateway - direct, ms;")
+    print("'chat added' = the same for /v1/chat/completions (the gateway's cost on chat).")
+    header = (
+        f"{'mode':<7}{'conc':>5}{'direct rps':>12}{'gw rps':>9}{'ratio':>7}"
+        f"{'direct p50':>12}{'gw p50':>9}{'added p50':>11}{'chat added':>12}"
+        f"{'direct p99':>12}{'gw p99':>9}{'added p99':>11}"
+    )
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        direct, through = row.get("direct_responses"), row.get("passthrough")
+        if not (direct and through):
+            continue
+        print(
+            f"{row['mode']:<7}{row['concurrency']:>5}{_f(direct['rps'], '%.0f'):>12}"
+            f"{_f(through['rps'], '%.0f'):>9}{_f(row.get('passthrough_ratio'), '%.2f'):>7}"
+            f"{_f(direct['p50_ms'], '%.3f'):>12}{_f(through['p50_ms'], '%.3f'):>9}"
+            f"{_f(row.get('passthrough_added_p50_ms'), '%+.3f'):>11}"
+            f"{_f(row.get('added_p50_ms'), '%+.3f'):>12}"
+            f"{_f(direct['p99_ms'], '%.3f'):>12}{_f(through['p99_ms'], '%.3f'):>9}"
+            f"{_f(row.get('passthrough_added_p99_ms'), '%+.3f'):>11}"
+        )
 
 
 def print_notes(rows: list[dict[str, Any]]) -> None:
@@ -783,8 +831,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--responses",
         action="store_true",
-        help="also measure /v1/responses (translated to chat) against the gateway's chat path; "
-        f"the translation may add at most {RESPONSES_TARGET_MS} ms at p50 at c=1",
+        help="also measure /v1/responses (translated to chat) against the gateway's chat path "
+        f"(the translation may add at most {RESPONSES_TARGET_MS} ms at p50 at c=1), and "
+        "passed through to a deployment with responses: true against the simulator's own "
+        "/v1/responses",
     )
     parser.add_argument(
         "--limits",
@@ -858,6 +908,36 @@ def smoke_test(port: int, key: str | None, what: str, limited: bool | None = Non
             )
 
 
+def smoke_responses(gw_port: int, sim_port: int) -> None:
+    """/v1/responses answers 200 translated and passed through; the pass-through's reply is the
+    simulator's own (its ids carry the prefix of its chat ids; the translation mints its own)."""
+
+    def post(port: int, path: str, body: dict[str, Any], key: str | None) -> dict[str, Any]:
+        headers = {"Content-Type": "application/json"}
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10.0)
+        try:
+            conn.request("POST", path, body=json.dumps(body).encode(), headers=headers)
+            response = conn.getresponse()
+            status, text = response.status, response.read()
+        finally:
+            conn.close()
+        if status != 200:
+            raise RuntimeError(f"POST {path} on :{port} gave HTTP {status}: {text[:300]!r}")
+        doc: dict[str, Any] = json.loads(text)
+        return doc
+
+    prefix = post(sim_port, CHAT_PATH, PLAIN_BODY, None)["id"].removeprefix("chatcmpl-")[:16]
+    translated = post(gw_port, RESPONSES_PATH, RESPONSES_BODY, API_KEY)["id"]
+    native = post(gw_port, RESPONSES_PATH, PASSTHROUGH_BODY, API_KEY)["id"]
+    if translated.startswith(f"resp_{prefix}") or not native.startswith(f"resp_{prefix}"):
+        raise RuntimeError(
+            f"/v1/responses: the pass-through's reply ({native}) is not the simulator's own, or "
+            f"the translated one ({translated}) is"
+        )
+
+
 def run_matrix(
     bench: Bench,
     args: argparse.Namespace,
@@ -879,12 +959,16 @@ def run_matrix(
         targets.append(("limits", gateway.port, gw_watch))
     if args.responses:
         targets.append(("responses", gateway.port, gw_watch))
+        targets.append(("direct_responses", sim.port, {"sim": sim.pid}))
+        targets.append(("passthrough", gateway.port, gw_watch))
     services = [service for service in (sim, relay, gateway) if service is not None]
     points: list[Point] = []
     for run in range(1, args.runs + 1):
         order = list(targets)
         if run % 2 == 0 and "limits" in bench.keys:  # limits on first every other pass
-            order[-2], order[-1] = order[-1], order[-2]
+            names = [target for target, _, _ in order]
+            off, on = names.index("gateway"), names.index("limits")
+            order[off], order[on] = order[on], order[off]
         for mode in args.mode_list:
             for conc in args.concurrencies:
                 for target, port, watch in order:
@@ -1072,6 +1156,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "    deployments:\n"
         f'      - {{name: sim-a, url: "http://127.0.0.1:{sim_port}", model: sim-chat}}\n'
     )
+    if args.responses:  # a model whose deployment speaks the Responses API: passed through
+        config.write(
+            f"  - name: {NATIVE_MODEL}\n"
+            "    deployments:\n"
+            f'      - {{name: sim-n, url: "http://127.0.0.1:{sim_port}", model: sim-chat, '
+            "responses: true}\n"
+        )
     if args.limits:
         config.write(limits_config(args.limits_backend, bench.lua_dir / "accounts.db"))
     config.close()
@@ -1109,6 +1200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             smoke_test(gw_port, API_KEY, "gateway", limited=False if args.limits else None)
             if args.limits:
                 smoke_test(gw_port, bench.keys["limits"], "gateway (user key)", limited=True)
+            if args.responses:
+                smoke_responses(gw_port, sim_port)
             print(
                 f"simulator pid {sim.pid} :{sim_port} on core {args.load_core}; "
                 f"gateway pid {gateway.pid} :{gw_port} on core {args.gateway_core}; "

@@ -19,10 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from citadel.accounts.sql import build_engine
 from citadel.metering.events import UsageEvent, new_event_id
 from citadel.metering.journal import Journal
 from citadel.metering.sinks import SqlLedgerSink
+from citadel.stores.sql import build_engine
 
 
 def _event(i: int) -> UsageEvent:

@@ -41,7 +41,6 @@ from typing import Any
 import asyncpg
 import orjson
 
-from citadel.accounts.sql import build_engine
 from citadel.metering.events import UsageEvent, new_event_id
 from citadel.metering.ledger import COLUMNS, Ledger, decode_row, encode_event, event_row
 from citadel.metering.migrate import LEDGER
@@ -49,6 +48,7 @@ from citadel.metering.schema import ROLLUPS
 from citadel.metering.writer import LedgerWriter
 from citadel.settings import MeteringSettings
 from citadel.stores.redis import RedisClient
+from citadel.stores.sql import build_engine
 
 TARGET_RATIO = 20.0
 TARGET_RATE = 20_000.0

@@ -49,13 +49,13 @@ from typing import Any
 import asyncpg
 from sqlalchemy import Table, text
 
-from citadel.accounts.sql import build_engine
 from citadel.metering.analytics import Analytics
 from citadel.metering.ledger import COLUMNS, rebuild_rollups
 from citadel.metering.migrate import LEDGER
 from citadel.metering.ranges import TimeRange
 from citadel.metering.schema import ROLLUPS
 from citadel.settings import Deployment, GatewaySettings, Model, Price, Settings
+from citadel.stores.sql import build_engine
 
 USERS, TEAMS, MODELS, DAYS = 2000, 50, 10, 60
 TIERS = (("free", 0.5), ("standard", 0.3), ("premium", 0.15), ("enterprise", 0.05))

@@ -146,8 +146,6 @@ def admit_arguments(calendar: Calendar, i: int) -> tuple[list[str], list[int | s
     keys = principal_keys(f"bench-{i % PRINCIPALS}", periods.day, periods.month)
     args: list[int | str] = [
         now_ms,
-        *(1_000_000_000,) * 3,
-        *(10**15,) * 3,
         100,
         10,
         f"lease-{i}",
@@ -156,6 +154,8 @@ def admit_arguments(calendar: Calendar, i: int) -> tuple[list[str], list[int | s
         to_ms(periods.month_ends_at),
         PERIOD_MS,
         to_ms(LEASE_TTL) + 60_000,
+        *(1_000_000_000,) * 3,
+        *(10**15,) * 3,
     ]
     return keys, args
 

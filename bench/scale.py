@@ -1,8 +1,10 @@
 """Aggregate throughput with 1, 2 and 3 gateway replicas, against one Redis and a Redis Cluster.
 
 Hosts are network namespaces (tests/netns.py; needs root): three gateway replicas, one
-simulator, and either one Redis server or a Cluster of three masters and three replicas on three
-hosts. Every feature is on: per-user limits (requests and tokens per minute, concurrency, daily
+simulator, and one Redis server, one server with a replica on its own host ("replicated": the
+like-for-like comparison, since the Cluster's replicas apply every write too), or a Cluster of
+three masters and three replicas on three hosts. Every feature is on: per-user limits (requests
+and tokens per minute, concurrency, daily
 and monthly token quotas, monthly cost), the usage stream and the shared routing state, all in
 Redis. For each replica count the load generator (this process) drives each loaded replica with
 ``-c`` connections for ``-d`` seconds and reports:
@@ -168,10 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="passes; medians are reported")
     args = parser.parse_args(argv)
     rows: dict[tuple[str, int], list[dict[str, Any]]] = {}
-    for topology in ("server", "cluster"):
+    for topology in ("server", "replicated", "cluster"):
         with tempfile.TemporaryDirectory() as tmp, Hosts() as hosts:
             urls, gw_pids, secret = start_site(hosts, topology, Path(tmp))
-            redis_pids = [p.pid for p in hosts.processes if "redis-server" in p.args]  # type: ignore[operator]
+            redis_procs = [p for p in hosts.processes if "redis-server" in p.args]  # type: ignore[operator]
+            redis_pids = [p.pid for p in redis_procs]
             idle = idle_rate(redis_pids)
             for _ in range(args.runs):
                 for n in (1, 2, 3):
@@ -203,8 +206,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     for n in (1, 2, 3):
         one = statistics.median(p["redis_us_per_req"] for p in rows[("server", n)])
+        paired = statistics.median(p["redis_us_per_req"] for p in rows[("replicated", n)])
         many = statistics.median(p["redis_us_per_req"] for p in rows[("cluster", n)])
-        print(f"{n} replica(s): Redis CPU per request, Cluster / one server = {many / one:.2f}")
+        print(
+            f"{n} replica(s): Redis CPU per request, Cluster / one server = {many / one:.2f}, "
+            f"Cluster / server with a replica = {many / paired:.2f}"
+        )
     return 0
 
 

@@ -298,7 +298,7 @@ def rss_mib(pid: int) -> tuple[str, float] | None:
     except OSError:
         return None
     words = [w.decode() for w in cmdline if w]
-    # `python -m citadel [--config F] serve NAME | sim | up`, or `python -m citadel.metering.writer`
+    # `python -m citadel [--config F] serve NAME | sim | up`, or `citadel ledger-writer`
     name = next(
         (words[i + 1] for i, w in enumerate(words[:-1]) if w == "serve"),
         next((w for w in words if w in ("sim", "up")), "ledger-writer"),

@@ -174,16 +174,31 @@ def start_postgres(hosts: Hosts) -> str:
 
 
 def start_redis(hosts: Hosts, topology: str) -> str:
-    """One Redis server on host "redis", or a Cluster of three masters and three replicas on
-    hosts "redis-1..3" (a master and another master's replica on each); returns its URL."""
+    """One Redis server on host "redis" ("server"; "replicated": with a replica on host
+    "redis-replica", as a production server would have), or a Cluster of three masters and three
+    replicas on hosts "redis-1..3" (a master and another master's replica on each); returns its
+    URL."""
     base = [
         *("--save", "", "--appendonly", "no", "--protected-mode", "no"),
         *("--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0"),
     ]
-    if topology == "server":
+    if topology in ("server", "replicated"):
         redis = hosts.add("redis")
         hosts.run("redis", ["redis-server", "--bind", redis.address, "--port", "6379", *base])
         until(lambda: "PONG" in redis_cli(redis.address, 6379, "PING"), "redis")
+        if topology == "replicated":
+            replica = hosts.add("redis-replica")
+            hosts.run(
+                replica.name,
+                [
+                    *("redis-server", "--bind", replica.address, "--port", "6379", *base),
+                    *("--replicaof", redis.address, "6379"),
+                ],
+            )
+            until(
+                lambda: "master_link_status:up" in redis_cli(replica.address, 6379, "INFO"),
+                "the replica's sync",
+            )
         return f"redis://{redis.address}:6379/0"
     nodes = []
     for i in (1, 2, 3):

@@ -10,7 +10,6 @@ citadel rules | dashboards | prometheus-config | alertmanager-config
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -19,24 +18,11 @@ from typing import NoReturn
 from citadel import __version__
 from citadel.errors import ConfigError
 from citadel.log import configure_logging
+from citadel.registry import SERVICES as REGISTRY
 from citadel.settings import Deployment, Model, Price, Settings, load_settings, parsers
-from citadel.settings.sections import SERVICE_PORTS
 
-# Services that exist so far, by their `citadel serve NAME` name; each entry: the settings port
-# attribute and the factory wiring function.
-SERVICES: dict[str, str] = SERVICE_PORTS
-# Where each service's create_app(settings, deps) and default_deps(settings) live.
-_APP_MODULES = {
-    "gateway": "citadel.gateway.app",
-    "rate-limiting-api": "citadel.ratelimit",
-    "routing-api": "citadel.routing.app",
-    "custom-metrics": "citadel.metering.app",
-    "predictive-alerting": "citadel.alerting.app",
-    "streaming-api": "citadel.streaming",
-    "graphql-api": "citadel.graphql",
-    "grafana-dashboards": "citadel.observability.dashboards_app",
-    "prometheus-rules": "citadel.observability.rules_app",
-}
+# Services by their `citadel serve NAME` name -> the settings.Ports attribute (citadel.registry).
+SERVICES: dict[str, str] = {name: spec.port for name, spec in REGISTRY.items()}
 # Names later issues add; `serve` says they are not built yet rather than "unknown".
 PLANNED: tuple[str, ...] = ()
 
@@ -65,6 +51,7 @@ def _flag(parse: Callable[[object, str], int], what: str) -> Callable[[str], int
 
 _PORT = _flag(parsers.port, "port")
 _WORKERS = _flag(parsers.integer(1), "workers")
+_CONCURRENCY = _flag(parsers.integer(1), "concurrency")
 
 
 def embedded_models(settings: Settings) -> tuple[Model, ...]:
@@ -105,18 +92,17 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     settings = _with_defaults(settings)
     from citadel.service import App, serve
 
-    module_name = _APP_MODULES.get(name)
-    if module_name is None:  # pragma: no cover - argparse only lets SERVICES through
+    spec = REGISTRY.get(name)
+    if spec is None:  # pragma: no cover - argparse only lets SERVICES through
         print(f"citadel: unknown service {name!r}", file=sys.stderr)
         return 2
-    if name == "predictive-alerting":
-        # One thread per forecast fit: set before numpy loads OpenBLAS (see tests/conftest.py).
-        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    module = importlib.import_module(module_name)
+    for variable, value in spec.environment.items():
+        os.environ.setdefault(variable, value)
+    module = spec.load()
     if name == "gateway":
         workers = args.workers if args.workers is not None else settings.gateway.workers
-    elif name == "predictive-alerting":
-        workers = 1  # one scheduler: more workers would send every alert more than once
+    elif spec.one_worker:
+        workers = 1
     else:
         workers = args.workers if args.workers is not None else 1
     grace = settings.gateway.shutdown_grace_seconds
@@ -179,6 +165,18 @@ def _usage_stream(settings: Settings) -> bool:
     return True
 
 
+def _cmd_ledger_writer(args: argparse.Namespace, settings: Settings) -> int:
+    from citadel.metering.writer import run_writer
+
+    configure_logging("ledger-writer", settings.log_level)
+    return run_writer(
+        settings,
+        consumer=args.consumer,
+        claim_idle_seconds=args.claim_idle_seconds,
+        concurrency=args.concurrency,
+    )
+
+
 def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     """Start the simulator (when no model is configured), every service, Prometheus and
     Alertmanager (when installed and none is configured: citadel.observability.monitoring)
@@ -203,10 +201,7 @@ def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     if _usage_stream(settings):
         # The gateway sends usage events to a Redis Stream: one writer drains it into the SQL
         # ledger. Without Redis the gateway writes the ledger itself and no writer is needed.
-        writer = [sys.executable, "-m", "citadel.metering.writer"]
-        plan.append(
-            ("ledger-writer", writer + (["--config", args.config] if args.config else []), None)
-        )
+        plan.append(("ledger-writer", [*base, "ledger-writer"], None))
     from citadel.supervisor import Supervisor
 
     supervisor = Supervisor(
@@ -305,6 +300,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     schema = graphql_commands.add_parser("schema", help="print the schema (SDL)")
     schema.set_defaults(func=_cmd_graphql_schema)
+    writer = commands.add_parser(
+        "ledger-writer",
+        help="drain the usage stream (Redis) into the SQL ledger",
+        description="Run one ledger writer until SIGTERM or SIGINT (`citadel up` starts one "
+        "when usage goes through Redis; run more on other hosts: they share the work).",
+    )
+    writer.add_argument(
+        "--consumer", help="this writer's name in the group (default: host-pid; unique per writer)"
+    )
+    writer.add_argument(
+        "--claim-idle-seconds",
+        type=float,
+        default=30.0,
+        help="take over entries another writer has held this long (default: 30)",
+    )
+    writer.add_argument(
+        "--concurrency",
+        type=_CONCURRENCY,
+        default=2,
+        help="batches written at once, each on its own connection (default: 2)",
+    )
+    writer.set_defaults(func=_cmd_ledger_writer)
     from citadel.accounts import admin
     from citadel.observability import commands as observability
 

@@ -98,6 +98,14 @@ class NotFound(ApiError):
     type = "not_found_error"
 
 
+class Conflict(ApiError):
+    """409: the request conflicts with what exists (an email or team name taken)."""
+
+    status = 409
+    type = "invalid_request_error"
+    default_code = "conflict"
+
+
 class MethodNotAllowed(ApiError):
     status = 405
     type = "invalid_request_error"
@@ -169,6 +177,11 @@ class UpstreamTimeout(ApiError):
     status = 504
     type = "timeout"
     default_code = "upstream_timeout"
+
+
+class TransportError(CitadelError):
+    """An HTTP server Citadel calls (a model server, Alertmanager) could not be reached, or
+    answered with something that is not a usable reply; the caller decides what it becomes."""
 
 
 class StoreUnavailable(CitadelError):

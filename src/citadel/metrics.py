@@ -148,7 +148,7 @@ LIMITER_FAILURES = _counter(
 AUTH_FAILURES = _counter(
     "citadel_gateway_auth_failures_total",
     ("reason",),
-    "Requests refused by authentication: missing, malformed, invalid, throttled, or "
+    "Requests refused by authentication: missing, malformed, invalid, expired, throttled, or "
     "store_unavailable.",
 )
 ROUTING_DECISIONS = _counter(
@@ -185,6 +185,16 @@ SERVICE_INFO = _gauge(
     "citadel_service_info", ("service", "version"), "Always 1; the labels name the service."
 )
 SIM_RUNNING = _gauge("vllm:num_requests_running", _MODEL, "Simulated requests being generated.")
+SIM_WAITING = _gauge(
+    "vllm:num_requests_waiting",
+    _MODEL,
+    "Simulated requests queued for a slot (--max-num-seqs) or for KV cache (--kv-cache-tokens).",
+)
+SIM_KV_CACHE = _gauge(
+    "vllm:kv_cache_usage_perc",
+    _MODEL,
+    "Share of the simulated KV cache held by running requests (1 = all of it), as vLLM v1.",
+)
 SIM_TTFT = _histogram(
     "vllm:time_to_first_token_seconds", _MODEL, _TTFT, "Simulated time to first token."
 )
@@ -212,7 +222,7 @@ SIM_FAULTS = _counter(
 
 # Business metrics (the custom-metrics service, :9091): computed from the usage ledger's rollups
 # at scrape time. "This month" is the calendar month in limits.timezone, up to now.
-_BUSINESS = ("tier", "team", "model")
+_BUSINESS = ("tier", "team", "team_name", "model")  # team: its id; team_name: "" if unknown
 BUSINESS_SPEND = _gauge(
     "citadel_business_spend_usd", _BUSINESS, "Charged to users this month, in USD."
 )
@@ -229,9 +239,9 @@ BUSINESS_ACTIVE_USERS = _gauge(
 )
 BUSINESS_BUDGET_UTILISATION = _gauge(
     "citadel_business_budget_utilisation_ratio",
-    ("scope", "id"),
+    ("scope", "id", "name"),
     "This month's spend over the monthly cost budget (1 = all of it), of each user and team "
-    "(scope) with a budget.",
+    "(scope) with a budget; name is the user's or team's.",
 )
 BUSINESS_INFRA_COST = _gauge(
     "citadel_business_infrastructure_cost_usd",
@@ -332,13 +342,44 @@ STREAMING_CANCELLED = _counter(
     "Completions cancelled by a client's cancel message or its disconnect.",
 )
 
+# The GraphQL API (:9095): operations by name and outcome, their duration and cost, refusals.
+_COST = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0, 10000.0, 30000.0, 100000.0)
+GRAPHQL_OPERATIONS = _counter(
+    "citadel_graphql_operations_total",
+    ("operation", "type", "outcome"),
+    "GraphQL operations answered, by operation name (anonymous: unnamed; other: past the "
+    "first 200 names), type (query, mutation, subscription) and outcome: ok, error (a "
+    "resolver's), invalid (did not parse or validate) or refused (depth, aliases, tokens, cost "
+    "or budget).",
+)
+GRAPHQL_OPERATION_DURATION = _histogram(
+    "citadel_graphql_operation_duration_seconds",
+    ("operation", "type"),
+    _SECONDS,
+    "Time to answer one GraphQL operation: parse, validation, cost, resolvers.",
+)
+GRAPHQL_OPERATION_COST = _histogram(
+    "citadel_graphql_operation_cost",
+    ("kind",),
+    _COST,
+    "The cost of GraphQL operations (objects their answers can hold): kind requested (computed "
+    "before running) or actual (held by the answer).",
+    unit="objects",
+)
+GRAPHQL_REFUSALS = _counter(
+    "citadel_graphql_refusals_total",
+    ("reason",),
+    "GraphQL operations refused before running, by reason: depth, aliases, tokens, cost (over "
+    "the maximum) or budget (over the key's cost budget this minute).",
+)
+
 CATALOGUE: tuple[MetricSpec, ...] = (
     *(GATEWAY_REQUESTS, GATEWAY_REQUEST_DURATION, GATEWAY_TTFT, GATEWAY_TPOT, GATEWAY_TOKENS),
     *(GATEWAY_TOKENS_TOTAL, GATEWAY_IN_FLIGHT, GATEWAY_UPSTREAM_ERRORS, GATEWAY_CLIENT_DISCONNECTS),
     *(HTTP_REQUESTS, SERVICE_INFO, LIMITER_DECISIONS, LIMITER_FAILURES, AUTH_FAILURES),
     *(ROUTING_DECISIONS, ROUTING_RETRIES, BREAKER_TRANSITIONS, BREAKER_STATE, DEPLOYMENT_HEALTHY),
-    *(SIM_RUNNING, SIM_TTFT, SIM_TPOT, SIM_E2E, SIM_PROMPT_TOKENS, SIM_GENERATION_TOKENS),
-    *(SIM_REQUESTS, SIM_ABORTED, SIM_FAULTS),
+    *(SIM_RUNNING, SIM_WAITING, SIM_KV_CACHE, SIM_TTFT, SIM_TPOT, SIM_E2E, SIM_PROMPT_TOKENS),
+    *(SIM_GENERATION_TOKENS, SIM_REQUESTS, SIM_ABORTED, SIM_FAULTS),
     *(BUSINESS_SPEND, BUSINESS_TOKENS, BUSINESS_REQUESTS, BUSINESS_ACTIVE_USERS),
     *(BUSINESS_BUDGET_UTILISATION, BUSINESS_INFRA_COST, BUSINESS_COST_PER_1K),
     *(BUSINESS_REFERENCE_COST, BUSINESS_SAVINGS, LEDGER_LAG, LEDGER_WRITER_ERRORS),
@@ -348,6 +389,7 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     ALERTING_DELIVERY_FAILURES,
     *(STREAMING_CONNECTIONS, STREAMING_MESSAGES, STREAMING_BYTES, STREAMING_LAGGED),
     STREAMING_CANCELLED,
+    *(GRAPHQL_OPERATIONS, GRAPHQL_OPERATION_DURATION, GRAPHQL_OPERATION_COST, GRAPHQL_REFUSALS),
 )
 _BY_NAME = MappingProxyType({s.name: s for s in CATALOGUE})
 

@@ -114,7 +114,7 @@ class Migrations:
 
     async def upgrade(self, uri: str) -> Upgrade:
         """Upgrade the database at ``uri`` to head (StoreUnavailable if unreachable)."""
-        from citadel.accounts.sql import build_engine, translate_errors
+        from citadel.stores.sql import build_engine, translate_errors
 
         engine = build_engine(uri)
         try:
@@ -165,7 +165,7 @@ def run_environment(migrations: Migrations) -> None:
         found = config.attributes.get("url") or config.get_main_option("sqlalchemy.url")
         if not found:
             raise RuntimeError("no database: set sqlalchemy.url or pass a connection")
-        from citadel.accounts.sql import database_url
+        from citadel.stores.sql import database_url
 
         return database_url(str(found))
 

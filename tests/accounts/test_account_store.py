@@ -18,15 +18,10 @@ from pathlib import Path
 import pytest
 
 from citadel.accounts.migrate import ACCOUNTS
-from citadel.accounts.sql import (
-    SqlAccountStore,
-    build_engine,
-    database_url,
-    open_store,
-    open_store_lazily,
-)
-from citadel.accounts.store import ConflictError, NotFoundError
+from citadel.accounts.sql import SqlAccountStore, open_store, open_store_lazily
+from citadel.accounts.store import ConflictError, KeyLimits, NotFoundError
 from citadel.errors import ConfigError, StoreUnavailable
+from citadel.stores.sql import build_engine, database_url
 
 from support import free_port, postgres_admin, postgres_execute, scratch_postgres
 
@@ -121,6 +116,58 @@ def test_a_team_budget_is_set_cleared_and_listed(database: str) -> None:
         cleared = await store.set_team_budget(team.id, None)
         assert (team.id, "research", None) == (cleared.id, cleared.name, cleared.budget_micros)
         assert [None] == [t.budget_micros for t in await store.list_teams()]
+
+    run(database, body)
+
+
+def test_a_key_keeps_its_own_limits_and_authentication_sees_the_team(database: str) -> None:
+    """A key created with a budget, model list and per-minute limits keeps them (listed and
+    found by digest); the owner's team, with its budget, comes with the key; bad limits are
+    ValueErrors naming the field, and create nothing."""
+
+    async def body(store: SqlAccountStore) -> None:
+        team = await store.create_team("research")
+        await store.set_team_budget(team.id, 7_000_000)
+        user = await store.create_user(name="A", email="a@x.io", tier="free", team_id=team.id)
+        loner = await store.create_user(name="B", email="b@x.io", tier="free")
+        limits = KeyLimits(
+            budget_micros=2_500_000,
+            models=(" sim-chat", "sim-code", "sim-chat"),
+            requests_per_minute=10,
+            tokens_per_minute=5_000,
+        )
+        key, secret = await store.create_key(user.id, name="ci", limits=limits)
+        expected = KeyLimits(
+            budget_micros=2_500_000,
+            models=("sim-chat", "sim-code"),
+            requests_per_minute=10,
+            tokens_per_minute=5_000,
+        )
+        assert expected == key.limits
+        assert [expected] == [k.limits for k in await store.list_keys(user_id=user.id)]
+        found = await store.find_key(digest(secret))
+        assert found is not None
+        assert (expected, user.id) == (found.key.limits, found.user.id)
+        assert found.team is not None
+        assert (team.id, 7_000_000) == (found.team.id, found.team.budget_micros)
+        plain, plain_secret = await store.create_key(loner.id, name="plain")
+        assert KeyLimits() == plain.limits
+        alone = await store.find_key(digest(plain_secret))
+        assert alone is not None
+        assert alone.team is None
+        assert KeyLimits() == alone.key.limits
+        for bad, field in (
+            (KeyLimits(budget_micros=-1), "budget_micros"),
+            (KeyLimits(requests_per_minute=-5), "requests_per_minute"),
+            (KeyLimits(tokens_per_minute=10**12), "tokens_per_minute"),
+            (KeyLimits(models=()), "models"),
+            (KeyLimits(models=("ok", " ")), "models"),
+        ):
+            with pytest.raises(ValueError, match=field):
+                await store.create_key(user.id, name="bad", limits=bad)
+        assert 1 == len(await store.list_keys(user_id=user.id))
+        assert await store.get_team(team.id) == found.team
+        assert await store.get_team("team_nope") is None
 
     run(database, body)
 
@@ -442,3 +489,98 @@ def test_an_unreachable_postgresql_is_unavailable_quickly() -> None:
         assert time.monotonic() - started < 2.0
 
     asyncio.run(main())
+
+
+def test_deleting_a_user_revokes_their_keys_and_keeps_the_record(database: str) -> None:
+    """Issue 18 item 5: deleting a user disables them, revokes every key of theirs (a key
+    revoked before keeps its time) and hides them from listings; the record stays (by id, for
+    the ledger's history), their email stays taken, and a deleted user cannot be changed or
+    given a key. Deleting again keeps the first time; an unknown id is NotFoundError."""
+    clock = Clock()
+
+    async def body(store: SqlAccountStore) -> None:
+        team = await store.create_team("research")
+        alice = await store.create_user(
+            name="Alice", email="alice@example.com", tier="pro", team_id=team.id
+        )
+        bob = await store.create_user(name="Bob", email="bob@example.com", tier="pro")
+        old, _ = await store.create_key(alice.id, name="old")
+        await store.revoke_key(old.id)
+        _, secret = await store.create_key(alice.id, name="live")
+        bobs, _ = await store.create_key(bob.id, name="bob's")
+        clock.advance(60)
+        deleted = await store.delete_user(alice.id)
+        assert (T0 + timedelta(seconds=60), "disabled") == (deleted.deleted_at, deleted.status)
+        keys = {k.name: k.revoked_at for k in await store.list_keys(user_id=alice.id)}
+        assert {"old": T0, "live": T0 + timedelta(seconds=60)} == keys
+        assert (await store.list_keys(user_id=bob.id))[0].revoked_at is None
+        record = await store.find_key(digest(secret))
+        assert record is not None
+        assert record.key.revoked_at is not None
+        assert ("disabled", deleted.deleted_at) == (record.user.status, record.user.deleted_at)
+        assert [bob.id] == [u.id for u in await store.list_users()]
+        assert [] == await store.list_users(team_id=team.id)
+        assert deleted == await store.get_user(alice.id)
+        assert {alice.id, bob.id} == {u.id for u in await store.list_users(include_deleted=True)}
+        with pytest.raises(ConflictError, match="deleted"):
+            await store.update_user(alice.id, name="Alicia")
+        with pytest.raises(ConflictError, match="deleted"):
+            await store.create_key(alice.id, name="again")
+        with pytest.raises(ConflictError, match=r"alice@example\.com"):
+            await store.create_user(name="A", email="alice@example.com", tier="pro")
+        clock.advance(60)
+        assert deleted == await store.delete_user(alice.id)
+        with pytest.raises(NotFoundError):
+            await store.delete_user("usr_nope")
+        assert bobs.id in {k.id for k in await store.list_keys()}
+
+    run(database, body, clock)
+
+
+def test_a_team_is_renamed_and_deleted_once_it_has_no_members(database: str) -> None:
+    """Issue 18 item 5: a team is renamed (its id and budget kept); a name taken by another
+    team, a deleted one included, is a ConflictError (409); a team with members cannot be
+    deleted (409 naming the count); once they are gone it is deleted: hidden from listings,
+    kept by id, its name taken, and it can no longer be renamed, budgeted or joined."""
+
+    async def body(store: SqlAccountStore) -> None:
+        research = await store.create_team("research")
+        platform = await store.create_team("platform")
+        await store.set_team_budget(research.id, 5_000_000)
+        renamed = await store.rename_team(research.id, "  science ")
+        assert ("science", research.id, 5_000_000) == (
+            renamed.name,
+            renamed.id,
+            renamed.budget_micros,
+        )
+        assert ["platform", "science"] == [t.name for t in await store.list_teams()]
+        with pytest.raises(ConflictError, match="'platform'"):
+            await store.rename_team(research.id, "platform")
+        with pytest.raises(NotFoundError):
+            await store.rename_team("team_nope", "x")
+        with pytest.raises(ValueError, match="name"):
+            await store.rename_team(research.id, " ")
+        member = await store.create_user(
+            name="Carol", email="carol@example.com", tier="pro", team_id=platform.id
+        )
+        with pytest.raises(ConflictError, match="1 member"):
+            await store.delete_team(platform.id)
+        await store.delete_user(member.id)
+        gone = await store.delete_team(platform.id)
+        assert gone.deleted_at == T0
+        assert ["science"] == [t.name for t in await store.list_teams()]
+        assert [gone, renamed] == await store.list_teams(include_deleted=True)
+        assert gone == await store.get_team(platform.id)
+        with pytest.raises(ConflictError, match="'platform'"):
+            await store.rename_team(research.id, "platform")
+        for attempt in (
+            store.rename_team(platform.id, "newer"),
+            store.set_team_budget(platform.id, 1),
+            store.create_user(name="D", email="d@example.com", tier="pro", team_id=platform.id),
+        ):
+            with pytest.raises(ConflictError, match="deleted"):
+                await attempt
+        with pytest.raises(NotFoundError):
+            await store.delete_team("team_nope")
+
+    run(database, body)

@@ -75,9 +75,9 @@ def one_line(text: str) -> str:
 
 def test_migrate_creates_the_tables_once(citadel: Citadel) -> None:
     """The first migrate upgrades from empty; the second says the database is already at head."""
-    assert "upgraded from empty to revision 0002" in citadel.ok("migrate")
-    assert "already at revision 0002" in citadel.ok("migrate")
-    assert {"before": "0002", "after": "0002"}.items() <= citadel.json("migrate").items()
+    assert "upgraded from empty to revision 0004" in citadel.ok("migrate")
+    assert "already at revision 0004" in citadel.ok("migrate")
+    assert {"before": "0004", "after": "0004"}.items() <= citadel.json("migrate").items()
 
 
 def test_teams_and_users_are_created_listed_updated_and_disabled(citadel: Citadel) -> None:
@@ -130,6 +130,37 @@ def test_teams_and_users_are_created_listed_updated_and_disabled(citadel: Citade
     )
 
 
+def test_users_and_teams_are_renamed_and_deleted(citadel: Citadel) -> None:
+    """Issue 18 item 5 on the command line: `teams rename` (a taken name: one line, exit 2),
+    `users rename`, `users delete` (their keys revoked, the user kept by id but gone from the
+    listing), and `teams delete` (refused while the team has members)."""
+    team = citadel.json("teams", "create", "research")
+    citadel.json("teams", "create", "platform")
+    taken = citadel("teams", "rename", "research", "platform")
+    assert 2 == taken.returncode
+    assert "'platform' exists already" in one_line(taken.stderr)
+    renamed = citadel.json("teams", "rename", "research", "science")
+    assert ("science", team["id"]) == (renamed["name"], renamed["id"])
+    user = citadel.json(
+        "users", "create", "--name", "Ann", "--email", "ann@example.com", "--team", "science"
+    )
+    assert "Anna" == citadel.json("users", "rename", user["id"], "Anna")["name"]
+    citadel.json("keys", "create", "--user", user["id"])
+    busy = citadel("teams", "delete", "science")
+    assert 2 == busy.returncode
+    assert "1 member" in one_line(busy.stderr)
+    deleted = citadel.json("users", "delete", user["id"])
+    assert ("disabled", "Anna") == (deleted["status"], deleted["name"])
+    assert deleted["deleted_at"] is not None
+    assert "deleted" in citadel.ok("users", "delete", user["id"])
+    assert [] == citadel.json("users", "list")
+    (key,) = citadel.json("keys", "list", "--user", user["id"])
+    assert key["revoked_at"] is not None
+    gone = citadel.json("teams", "delete", "science")
+    assert gone["deleted_at"] is not None
+    assert ["platform"] == [t["name"] for t in citadel.json("teams", "list")]
+
+
 def test_a_key_secret_is_shown_once_and_works(citadel: Citadel, database: str) -> None:
     """keys create prints the secret once with a warning; listings never show it; revoke sticks."""
     user = citadel.json("users", "create", "--name", "Ann", "--email", "ann@example.com")
@@ -179,6 +210,10 @@ def test_a_key_secret_is_shown_once_and_works(citadel: Citadel, database: str) -
         (["users", "update", "{user}", "--override", "tokens_per_day=-3"], "-3"),
         (["users", "create", "--name", "Y", "--email", "ann@example.com"], "ann@example.com"),
         (["teams", "create", "ml"], "ml"),
+        (["teams", "rename", "t0", "x"], "t0"),
+        (["teams", "delete", "t0"], "t0"),
+        (["users", "delete", "usr_nobody"], "usr_nobody"),
+        (["users", "rename", "usr_nobody", "X"], "usr_nobody"),
         (["keys", "create", "--user", "usr_nobody"], "usr_nobody"),
         (["keys", "list", "--user", "usr_nobody"], "usr_nobody"),
         (["keys", "revoke", "key_nothing"], "key_nothing"),
@@ -222,3 +257,56 @@ def test_the_commands_explain_themselves(citadel: Citadel) -> None:
     result = citadel("keys")
     assert 2 == result.returncode
     assert "ACTION" in one_line(result.stderr)
+
+
+def test_a_key_is_created_with_limits_of_its_own(tmp_path: Path, database: str) -> None:
+    """``keys create --budget --models --rpm --tpm --expires`` keeps each limit (shown in JSON
+    and in the table); a model the settings do not know, a past time or a bad amount is one
+    line and status 2, and creates nothing."""
+    config = tmp_path / "citadel.yaml"
+    config.write_text(
+        f'accounts:\n  database: "{database}"\n'
+        "models:\n"
+        "  - {name: sim-chat, aliases: [chat], deployments: [{name: d1, url: 'http://127.0.0.1:9'}]}\n"
+        "  - {name: sim-code, deployments: [{name: d2, url: 'http://127.0.0.1:9'}]}\n",
+        encoding="utf-8",
+    )
+    citadel = Citadel(config)
+    user = citadel.json("users", "create", "--name", "A", "--email", "a@x.io")["id"]
+    made = citadel.json(
+        "keys",
+        "create",
+        "--user",
+        user,
+        "--budget",
+        "2.5",
+        "--models",
+        "chat, sim-code",
+        "--rpm",
+        "10",
+        "--tpm",
+        "5000",
+        "--expires",
+        "2099-01-31T00:00:00Z",
+    )
+    assert {
+        "budget_micros": 2_500_000,
+        "models": ["chat", "sim-code"],
+        "requests_per_minute": 10,
+        "tokens_per_minute": 5000,
+    } == made["key"]["limits"]
+    assert made["key"]["expires_at"].startswith("2099-01-31T00:00:00")
+    table = citadel.ok("keys", "list", "--user", user)
+    assert "budget=$2.5 rpm=10 tpm=5000 models=chat,sim-code" in table
+    for args, words in (
+        (("--models", "gpt-9"), "'gpt-9' is not a configured model"),
+        (("--expires", "2001-01-01T00:00:00Z"), "is not in the future"),
+        (("--expires", "2099-01-01T10:00"), "UTC offset"),
+        (("--budget", "-3"), "expected US dollars"),
+        (("--rpm", "ten"), "expected a whole number"),
+        (("--expires", "2099-01-01", "--expires-days", "3"), "not allowed with"),
+    ):
+        result = citadel("keys", "create", "--user", user, *args)
+        assert 2 == result.returncode, (args, result.stderr)
+        assert words in result.stderr, (args, result.stderr)
+    assert 1 == len(citadel.json("keys", "list", "--user", user))

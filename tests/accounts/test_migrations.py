@@ -14,8 +14,8 @@ from sqlalchemy import Connection, inspect
 
 from citadel.accounts.migrate import ACCOUNTS
 from citadel.accounts.schema import Base
-from citadel.accounts.sql import build_engine
 from citadel.migrations import Upgrade
+from citadel.stores.sql import build_engine
 
 from support import scratch_database
 
@@ -76,9 +76,17 @@ def test_upgrade_creates_the_tables_and_a_second_upgrade_does_nothing(empty_data
     assert not second.changed
     found = asyncio.run(_inspect(empty_database))
     assert TABLES <= found["tables"]
-    assert {"id", "name", "email", "team_id", "tier", "status", "created_at", "overrides"} == (
-        found["users"]
-    )
+    assert {
+        "id",
+        "name",
+        "email",
+        "team_id",
+        "tier",
+        "status",
+        "created_at",
+        "overrides",
+        "deleted_at",
+    } == found["users"]
     assert {
         "id",
         "user_id",
@@ -89,6 +97,10 @@ def test_upgrade_creates_the_tables_and_a_second_upgrade_does_nothing(empty_data
         "last_used_at",
         "expires_at",
         "revoked_at",
+        "budget_micros",
+        "models",
+        "requests_per_minute",
+        "tokens_per_minute",
     } == found["api_keys"]
     assert found["unique digest"]
     assert ACCOUNTS.head() == found["revision"]
@@ -126,5 +138,5 @@ def test_the_migrations_ship_inside_the_package() -> None:
     assert (folder / "env.py").is_file()
     assert (folder / "script.py.mako").is_file()
     assert (folder / "versions" / "0001_accounts.py").is_file()
-    assert (folder / "versions" / "0002_team_budgets.py").is_file()
-    assert "0002" == ACCOUNTS.head()
+    assert (folder / "versions" / "0004_account_deletion.py").is_file()
+    assert "0004" == ACCOUNTS.head()

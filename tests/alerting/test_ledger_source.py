@@ -9,7 +9,7 @@ import dataclasses
 import uuid
 from pathlib import Path
 
-from citadel.accounts.sql import build_engine, open_store
+from citadel.accounts.sql import open_store
 from citadel.alerting.app import alerting_settings
 from citadel.alerting.defaults import DEFAULT_NAMES, LEDGER_ONLY
 from citadel.alerting.definitions import LedgerQuery, parse_alerting
@@ -19,6 +19,7 @@ from citadel.metering.events import UsageEvent, new_event_id
 from citadel.metering.ledger import Ledger
 from citadel.metering.migrate import LEDGER
 from citadel.settings import load_settings
+from citadel.stores.sql import build_engine
 
 T0 = 1_764_547_200.0 + 10 * 86400  # 2025-12-11 00:00 UTC: mid-month
 

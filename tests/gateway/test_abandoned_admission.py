@@ -7,7 +7,7 @@ from typing import Any
 
 import orjson
 
-from citadel.gateway.auth import Principal
+from citadel.accounts.auth import Principal
 from citadel.gateway.proxy import Gateway
 from citadel.http.client import HttpClient
 from citadel.http.server import Request

@@ -14,15 +14,16 @@ import sqlalchemy as sa
 from test_limits import start_gateway
 
 from citadel.accounts import keyformat
+from citadel.accounts.auth import KeyAuthenticator
 from citadel.accounts.schema import ApiKeyRow
-from citadel.accounts.sql import SqlAccountStore, build_engine, open_store
+from citadel.accounts.sql import SqlAccountStore, open_store
 from citadel.accounts.store import KeyRecord
 from citadel.errors import StoreUnavailable, Unauthorized, Unavailable
-from citadel.gateway.auth import KeyAuthenticator
-from citadel.gateway.keycache import LruCache
 from citadel.gateway.throttle import AuthThrottle, client_address, parse_networks
+from citadel.lru import LruCache
 from citadel.metrics import Registry
 from citadel.settings import DEFAULT_TIERS
+from citadel.stores.sql import build_engine
 
 from gateway_helpers import Stack, chat, post_json
 from support import stop_process

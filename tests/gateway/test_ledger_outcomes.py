@@ -21,11 +21,12 @@ import pytest
 import sqlalchemy as sa
 
 from citadel.accounts.migrate import ACCOUNTS
-from citadel.accounts.sql import build_engine, open_store
+from citadel.accounts.sql import open_store
 from citadel.metering.analytics import Analytics
 from citadel.metering.migrate import LEDGER
 from citadel.metering.ranges import TimeRange, floor_hour
 from citadel.metering.schema import usage_events
+from citadel.stores.sql import build_engine
 
 from gateway_helpers import Stack, chat, post_json, request
 from support import free_port, scratch_postgres, start_process, stop_process
@@ -87,7 +88,7 @@ def ledgered(stack: Stack, tmp_path: Path) -> Iterator[Ledgered]:
             timeout=60,
         )
         writer = subprocess.Popen(
-            [sys.executable, "-m", "citadel.metering.writer", "--config", str(config)],
+            [sys.executable, "-m", "citadel", "--config", str(config), "ledger-writer"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

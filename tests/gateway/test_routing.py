@@ -11,11 +11,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import openai
 import orjson
 import pytest
 
 from gateway_helpers import ADMIN_KEY, chat, error_of, metric_value, post_json, request
-from support import free_port, start_process, stop_process
+from support import free_port, start_process, stop_process, wait_for
 
 CHAT = "/v1/chat/completions"
 
@@ -298,3 +299,88 @@ def test_streams_are_served_by_the_healthy_deployment(pool: Pool) -> None:
     assert body.endswith(b"data: [DONE]\n\n")
     events = [e for e in body.split(b"\n\n") if e.startswith(b"data: {")]
     assert all("error" not in orjson.loads(e[6:]) for e in events)
+
+
+def test_a_reply_to_auto_names_the_model_that_served_it(pool: Pool) -> None:
+    """`model: auto` is answered in the name of the model that served it, whole and in every
+    stream chunk (as OpenAI names the snapshot behind an alias); a named model keeps its name."""
+    client = openai.OpenAI(base_url=f"{pool.gateway}/v1", api_key=ADMIN_KEY, max_retries=0)
+    code = [{"role": "user", "content": "def add(a, b):\n    return a + b\n\nFix this function."}]
+    reply = client.chat.completions.create(model="auto", messages=code)  # type: ignore[arg-type]
+    assert "sim-code" == reply.model
+    stream = client.chat.completions.create(model="auto", messages=code, stream=True)  # type: ignore[arg-type]
+    chunks = list(stream)
+    assert chunks
+    assert {"sim-code"} == {chunk.model for chunk in chunks}
+    plain = [{"role": "user", "content": "How are you today?"}]
+    named = client.chat.completions.create(model="sim-code", messages=plain)  # type: ignore[arg-type]
+    assert "sim-code" == named.model
+    chatty = client.chat.completions.create(model="auto", messages=plain)  # type: ignore[arg-type]
+    assert "sim-chat" == chatty.model
+    client.close()
+
+
+def test_auto_passes_over_a_model_whose_only_deployment_is_down(pool: Pool, tmp_path: Path) -> None:
+    """Issue 18 item 7: a code prompt to `auto` while the code model's only deployment fails its
+    health probe (nothing listens on its port) is served by the next fit, not sent to a 502;
+    once the dead deployment is back, code goes to the code model again."""
+    dead = free_port()
+    database = f"sqlite+aiosqlite:///{tmp_path / 'accounts.db'}"
+    config = tmp_path / "citadel.yaml"
+    config.write_text(
+        f"""
+accounts: {{database: "{database}"}}
+routing:
+  health: {{interval_seconds: 0.2, timeout_seconds: 0.5, unhealthy_after: 1, healthy_after: 1}}
+models:
+  - name: sim-chat
+    specialties: [chat]
+    price: {{input_per_1k: 0.1, output_per_1k: 0.2}}
+    deployments: [{{name: chat-ok, url: "{pool.sims["ok"]}", model: sim-chat}}]
+  - name: sim-code
+    specialties: [code]
+    price: {{input_per_1k: 0.5, output_per_1k: 1.0}}
+    deployments: [{{name: code-dead, url: "http://127.0.0.1:{dead}", model: sim-chat}}]
+"""
+    )
+    code = {
+        "model": "auto",
+        "messages": [{"role": "user", "content": "def add(a, b):\n    return a + b\n\nFix it."}],
+    }
+    gateway, url = start_gateway(config)
+    revived: subprocess.Popen[bytes] | None = None
+    try:
+        wait_for(
+            "the gateway's prober to mark code-dead unhealthy",
+            lambda: (
+                0.0
+                == metric_value(scrape(url), "citadel_deployment_healthy", deployment="code-dead")
+                and "code-dead" in scrape(url)
+            ),
+            timeout=10,
+        )
+        for _ in range(5):
+            status, headers, body = post_json(url, CHAT, code)
+            assert 200 == status, body
+            assert ("sim-chat", "chat-ok") == (
+                headers["x-citadel-model"],
+                headers["x-citadel-deployment"],
+            )
+        # Named directly, the dead model is still tried (and fails): only `auto` chooses.
+        status, _, _ = post_json(url, CHAT, {**code, "model": "sim-code"})
+        assert 502 == status
+        revived = start_process([sys.executable, "-m", "citadel", "sim", "--port", str(dead)], dead)
+        wait_for(
+            "code-dead to pass its probe again",
+            lambda: (
+                1.0
+                == metric_value(scrape(url), "citadel_deployment_healthy", deployment="code-dead")
+            ),
+            timeout=10,
+        )
+        status, headers, _ = post_json(url, CHAT, code)
+        assert (200, "sim-code") == (status, headers["x-citadel-model"])
+    finally:
+        stop_process(gateway)
+        if revived is not None:
+            stop_process(revived)

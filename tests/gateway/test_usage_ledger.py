@@ -13,7 +13,6 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from citadel.accounts.sql import build_engine
 from citadel.errors import StoreUnavailable
 from citadel.gateway.app import create_app, default_deps, usage_sink
 from citadel.metering.events import UsageEvent
@@ -27,6 +26,7 @@ from citadel.settings import (
     Settings,
 )
 from citadel.stores.redis import RedisClient
+from citadel.stores.sql import build_engine
 
 from gateway_helpers import Stack, chat, post_json
 from support import usage_event

@@ -9,6 +9,8 @@ figures asserted are sums of the events seeded here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import os
 import re
 import sys
@@ -29,11 +31,12 @@ from gql.transport.exceptions import TransportQueryError
 from gql.transport.httpx import HTTPXAsyncTransport
 from gql.transport.websockets import WebsocketsTransport
 
-from citadel.accounts.sql import build_engine, open_store
+from citadel.accounts.sql import open_store
 from citadel.metering.events import UsageEvent
 from citadel.metering.ledger import Ledger, encode_event
 from citadel.metering.migrate import LEDGER
 from citadel.stores.redis import RedisClient
+from citadel.stores.sql import build_engine
 
 from support import free_port, scratch_postgres, start_process, stop_process, usage_event
 
@@ -65,6 +68,20 @@ limits:
   backend: "{redis}"
 metering:
   stream: "{stream}"
+alerting:
+  defaults: false
+  rules:
+    - name: AliceTeamBudget
+      kind: forecast
+      ledger: {{metric: team_spend, team: "{alice_team}"}}
+      threshold: 0.001
+      horizon_seconds: month_end
+      model: linear
+      min_points: 3
+      severity: critical
+    - name: TrafficAnomaly
+      kind: anomaly
+      query: sum(rate(citadel_gateway_requests_total[1m]))
 """
 
 
@@ -149,7 +166,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         alice, bob = asyncio.run(_seed(uri))
         config = tmp / "citadel.yaml"
         sim = free_port()
-        config.write_text(CONFIG.format(database=uri, redis=REDIS, stream=stream, sim=sim))
+        config.write_text(
+            CONFIG.format(database=uri, redis=REDIS, stream=stream, sim=sim, alice_team=alice.team)
+        )
         port = free_port()
         env = {"CITADEL_ADMIN_KEY": ADMIN, "CITADEL_ENV": "test", "REDIS_ENDPOINT": REDIS}
         args = [sys.executable, "-m", "citadel", "--config", str(config)]
@@ -372,6 +391,10 @@ def test_a_user_key_cannot_change_another_users_objects(stack: Stack) -> None:
         ('mutation ($id: ID!) { updateUser(id: $id, input: {name: "Eve"}) { id } }',
          {"id": alice.user}),
         ('mutation { createTeam(name: "Mine") { id } }', {}),
+        ("mutation ($id: ID!) { disableTeam(id: $id) { id } }", {"id": bob.team}),
+        ('mutation ($id: ID!) { updateTeam(id: $id, input: {name: "Mine"}) { id } }',
+         {"id": bob.team}),
+        ('mutation { restoreDeployment(name: "llama-a") { name } }', {}),
     ):  # fmt: skip
         errors = errors_of(stack, mutation, variables, key=alice.key)
         assert errors[0]["extensions"]["code"] in ("FORBIDDEN", "NOT_FOUND"), mutation
@@ -751,3 +774,438 @@ def test_a_request_through_the_gateway_appears_in_usage_events(stack: Stack) -> 
     assert alice.user == event["userId"]
     assert "echo" == event["model"]
     assert "Alice" == event["user"]["name"]
+
+
+# -- predictive alerting -----------------------------------------------------------------------
+
+ALERTING = """
+{ forecasts { totalCount nodes { rule kind source threshold severity outcome error
+    findings { series outcome detail points value model forecast { at mean } } } }
+  anomalies { totalCount nodes { rule kind source outcome error } }
+  alerts { totalCount nodes { rule severity labels annotations startsAt endsAt } } }
+"""
+
+
+def test_forecasts_anomalies_and_alerts_from_the_alerting_modules(stack: Stack) -> None:
+    """The ledger rule on Alice's team: her month-to-date spend (seeded) is over the 0.001 USD
+    threshold, so it fires; the PromQL rule has no Prometheus here, so it is an error."""
+    data = run(stack, ALERTING)
+    forecast = data["forecasts"]["nodes"]
+    assert ["AliceTeamBudget"] == [f["rule"] for f in forecast]
+    assert f"ledger:team_spend({stack.alice.team})" == forecast[0]["source"]
+    assert "firing" == forecast[0]["outcome"], forecast[0]
+    finding = forecast[0]["findings"][0]
+    assert stack.alice.team == finding["series"]["team"]
+    assert abs(finding["value"] - stack.alice.cost / 1e6) < 1e-9
+    anomaly = data["anomalies"]["nodes"]
+    assert [("TrafficAnomaly", "error")] == [(a["rule"], a["outcome"]) for a in anomaly]
+    assert "PROMETHEUS_ENDPOINT" in anomaly[0]["error"]
+    alerts = data["alerts"]["nodes"]
+    assert [("AliceTeamBudget", "critical")] == [(a["rule"], a["severity"]) for a in alerts]
+    assert stack.alice.team == alerts[0]["labels"]["team"]
+    assert "AliceTeamBudget" == alerts[0]["labels"]["alertname"]
+    # a user's key: its own team's ledger rules and alerts only, never the platform's
+    mine = run(stack, ALERTING, key=stack.alice.key)
+    assert 1 == mine["forecasts"]["totalCount"] == mine["alerts"]["totalCount"]
+    assert 0 == mine["anomalies"]["totalCount"]
+    theirs = run(stack, ALERTING, key=stack.bob.key)
+    assert 0 == theirs["forecasts"]["totalCount"]
+    assert 0 == theirs["anomalies"]["totalCount"] == theirs["alerts"]["totalCount"]
+
+
+# -- teams, drains, chatCompletion -----------------------------------------------------------
+
+
+def test_admin_updates_and_disables_a_team(stack: Stack) -> None:
+    name = f"Team Up {uuid.uuid4().hex[:6]}"
+    team = run(stack, "mutation ($n: String!) { createTeam(name: $n) { id } }", {"n": name})[
+        "createTeam"
+    ]
+    user = run(
+        stack,
+        "mutation ($input: CreateUserInput!) { createUser(input: $input) { id } }",
+        {"input": {"name": "Dan", "email": f"{uuid.uuid4().hex}@example.com",
+                   "teamId": team["id"]}},
+    )["createUser"]  # fmt: skip
+    secret = run(stack, "mutation ($u: ID!) { createKey(userId: $u) { secret } }",
+                 {"u": user["id"]})["createKey"]["secret"]  # fmt: skip
+    assert user["id"] == run(stack, "{ viewer { userId } }", key=secret)["viewer"]["userId"]
+    renamed = f"{name} renamed"
+    changed = run(
+        stack,
+        "mutation ($id: ID!, $n: String!) { updateTeam(id: $id, input: {name: $n, "
+        "budgetUsd: 12.5}) { id name budgetUsd } }",
+        {"id": team["id"], "n": renamed},
+    )["updateTeam"]
+    assert {"id": team["id"], "name": renamed, "budgetUsd": 12.5} == changed
+    cleared = run(stack, "mutation ($id: ID!) { updateTeam(id: $id, input: {budgetUsd: null}) "
+                  "{ name budgetUsd } }", {"id": team["id"]})["updateTeam"]  # fmt: skip
+    assert {"name": renamed, "budgetUsd": None} == cleared  # the name left out is unchanged
+    # a user's key may not; an unknown team, a taken name, a bad budget: clear errors
+    errors = errors_of(stack, 'mutation ($id: ID!) { updateTeam(id: $id, input: {name: "x"}) '
+                       "{ id } }", {"id": team["id"]}, key=secret)  # fmt: skip
+    assert "FORBIDDEN" == errors[0]["extensions"]["code"]
+    errors = errors_of(stack, 'mutation { updateTeam(id: "team_nope", input: {name: "x"}) { id } }')
+    assert ("NOT_FOUND", "id") == (
+        errors[0]["extensions"]["code"],
+        errors[0]["extensions"]["param"],
+    )
+    errors = errors_of(stack, "mutation ($id: ID!) { updateTeam(id: $id, input: {budgetUsd: -1}) "
+                       "{ id } }", {"id": team["id"]})  # fmt: skip
+    assert "BAD_USER_INPUT" == errors[0]["extensions"]["code"]
+    bob_team = run(stack, "query ($u: ID!) { user(id: $u) { teamId } }", {"u": stack.bob.user})
+    taken = run(stack, "query ($t: ID!) { team(id: $t) { name } }",
+                {"t": bob_team["user"]["teamId"]})["team"]["name"]  # fmt: skip
+    errors = errors_of(stack, "mutation ($id: ID!, $n: String!) { updateTeam(id: $id, "
+                       "input: {name: $n}) { id } }", {"id": team["id"], "n": taken})  # fmt: skip
+    assert "CONFLICT" == errors[0]["extensions"]["code"]
+    # disabling the team disables its members: their keys stop working
+    disabled = run(stack, "mutation ($id: ID!) { disableTeam(id: $id) { id users { nodes "
+                   "{ id status } } } }", {"id": team["id"]})["disableTeam"]  # fmt: skip
+    assert [{"id": user["id"], "status": "DISABLED"}] == disabled["users"]["nodes"]
+    statuses = []
+    for _ in range(40):  # the key cache holds a key for at most 5 s
+        statuses.append(raw_post(stack, {"query": "{ viewer { userId } }"}, key=secret).status_code)
+        if statuses[-1] == 401:
+            break
+        time.sleep(0.25)
+    assert 401 == statuses[-1], statuses
+
+
+async def _drained_in_redis() -> set[str]:
+    client = RedisClient.from_url(REDIS, timeout=2.0)
+    try:
+        members = await client.execute("SMEMBERS", "citadel:{routing}:drained")
+    finally:
+        await client.aclose()
+    return {m.decode() for m in members}
+
+
+DEPLOYMENT = "{ name drained state }"
+
+
+def test_drain_and_restore_a_deployment_as_the_routing_service_does(stack: Stack) -> None:
+    try:
+        drained = run(stack, f'mutation {{ drainDeployment(name: "llama-b") {DEPLOYMENT} }}')
+        assert {"name": "llama-b", "drained": True, "state": "drained"} == drained[
+            "drainDeployment"
+        ]
+        assert "llama-b" in asyncio.run(_drained_in_redis())  # every replica applies it
+        live = run(stack, '{ model(name: "llama") { deployments { nodes { name drained } } } }')
+        nodes = {d["name"]: d["drained"] for d in live["model"]["deployments"]["nodes"]}
+        assert {"llama-a": False, "llama-b": True} == nodes
+        explained = run(stack, '{ routeExplain(model: "llama") { deployment } }')
+        assert "llama-a" == explained["routeExplain"]["deployment"]
+        errors = errors_of(stack, 'mutation { drainDeployment(name: "llama-a") { name } }',
+                           key=stack.alice.key)  # fmt: skip
+        assert "FORBIDDEN" == errors[0]["extensions"]["code"]
+        errors = errors_of(stack, 'mutation { drainDeployment(name: "nope") { name } }')
+        assert "NOT_FOUND" == errors[0]["extensions"]["code"]
+        assert "deployment_not_found" == errors[0]["extensions"]["reason"]
+    finally:
+        restored = run(stack, f'mutation {{ restoreDeployment(name: "llama-b") {DEPLOYMENT} }}')
+    assert {"name": "llama-b", "drained": False} == {
+        k: restored["restoreDeployment"][k] for k in ("name", "drained")
+    }
+    assert "llama-b" not in asyncio.run(_drained_in_redis())
+
+
+CHAT = """mutation ($input: ChatCompletionInput!) { chatCompletion(input: $input) {
+    id object model requestId deployment choices { index message { role content } finishReason }
+    usage { promptTokens completionTokens totalTokens } } }"""
+
+
+async def _usage_after(stack: Stack, position: str, request_id: str) -> UsageEvent | None:
+    from citadel.metering.ledger import decode_event
+
+    client = RedisClient.from_url(REDIS, timeout=2.0)
+    try:
+        for _ in range(100):  # the sink flushes within metering.flush_seconds
+            rows = await client.execute("XRANGE", stack.stream, f"({position}", "+")
+            for _id, fields in rows:
+                event = decode_event(dict(zip(fields[::2], fields[1::2], strict=True))[b"e"])
+                if event.request_id == request_id:
+                    return event
+            await asyncio.sleep(0.1)
+    finally:
+        await client.aclose()
+    return None
+
+
+def test_chat_completion_runs_the_gateways_path_in_process(stack: Stack) -> None:
+    """Auth (the caller's key), routing (echo's deployment on the simulator), metering (a usage
+    event on the ledger's stream with the caller's user), limits (a tier's refusal)."""
+    sim = start_process(
+        [sys.executable, "-m", "citadel", "sim", "--port", str(stack.sim)], stack.sim
+    )
+    try:
+        position = asyncio.run(_last_position(stack))
+        given = {"model": "echo", "maxTokens": 5,
+                 "messages": [{"role": "user", "content": "hello there"}]}  # fmt: skip
+        answer = run(stack, CHAT, {"input": given}, key=stack.alice.key)["chatCompletion"]
+        assert "chat.completion" == answer["object"]
+        assert "echo-a" == answer["deployment"]
+        assert answer["choices"][0]["message"]["role"] == "assistant"
+        assert answer["choices"][0]["message"]["content"]
+        usage = answer["usage"]
+        assert 0 < usage["completionTokens"] <= 5
+        assert usage["totalTokens"] == usage["promptTokens"] + usage["completionTokens"]
+        event = asyncio.run(_usage_after(stack, position, answer["requestId"]))
+        assert event is not None, "no usage event for the completion"
+        assert (stack.alice.user, "echo", "echo-a", 200) == (
+            event.user,
+            event.model,
+            event.deployment,
+            event.status,
+        )
+        # the tier's policy: free may not use coder (the gateway's own 403)
+        errors = errors_of(stack, CHAT, {"input": {**given, "model": "coder"}},
+                           key=stack.alice.key)  # fmt: skip
+        assert "FORBIDDEN" == errors[0]["extensions"]["code"]
+        assert "model_not_allowed" == errors[0]["extensions"]["reason"]
+        errors = errors_of(stack, CHAT, {"input": {**given, "model": "nope"}})
+        assert "NOT_FOUND" == errors[0]["extensions"]["code"]
+        errors = errors_of(stack, CHAT, {"input": {**given, "extra": {"stream": True}}})
+        assert ("BAD_USER_INPUT", "input.extra.stream") == (
+            errors[0]["extensions"]["code"],
+            errors[0]["extensions"]["param"],
+        )
+    finally:
+        stop_process(sim)
+
+
+# -- the cost budget per key and minute ------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _service_with(stack: Stack, extra: str, tmp: Path) -> Iterator[Stack]:
+    """A second graphql-api process on the same stores, with ``extra`` appended to the config."""
+    config = tmp / "citadel-extra.yaml"
+    config.write_text(stack.config.read_text() + extra)
+    port = free_port()
+    args = [sys.executable, "-m", "citadel", "--config", str(config)]
+    proc = start_process([*args, "serve", "graphql-api", "--port", str(port)], port, env=stack.env)
+    try:
+        yield dataclasses.replace(stack, port=port, config=config)
+    finally:
+        stop_process(proc)
+
+
+TIERS = "{ tiers(first: 2) { nodes { name } } }"  # costs 3, and its answer holds 3 objects
+
+
+def test_a_keys_cost_budget_per_minute_refuses_before_running(stack: Stack, tmp_path: Path) -> None:
+    with _service_with(stack, "graphql:\n  cost_per_minute: 30\n", tmp_path) as small:
+        alice = small.alice
+        # 20 aliases of createKey cost 40: over the budget by itself, refused before running
+        aliases = " ".join(
+            f'k{i}: createKey(userId: "{alice.user}", name: "budget") {{ secret key {{ id }} }}'
+            for i in range(20)
+        )
+        reply = raw_post(small, {"query": f"mutation {{ {aliases} }}"}, key=alice.key)
+        assert 200 == reply.status_code
+        body = reply.json()
+        assert body.get("data") is None
+        error = body["errors"][0]
+        assert "RATE_LIMITED" == error["extensions"]["code"]
+        assert "query_cost_budget_exceeded" == error["extensions"]["reason"]
+        assert 40 == error["extensions"]["requestedQueryCost"]
+        assert 30 == error["extensions"]["budgetPerMinute"]
+        assert "by itself" in error["message"]
+        query = "query ($u: ID!) { user(id: $u) { keys(first: 100) { nodes { name } } } }"
+        keys = run(small, query, {"u": alice.user})["user"]["keys"]["nodes"]
+        assert "budget" not in {k["name"] for k in keys}  # no resolver ran
+        # queries of cost 3 spend it: about ten pass, then one is refused with the cost
+        remaining, refusal = [], None
+        for _ in range(30):
+            answer = raw_post(small, {"query": TIERS}, key=alice.key).json()
+            if "errors" in answer:
+                refusal = answer["errors"][0]
+                break
+            remaining.append(answer["extensions"]["cost"]["budgetRemaining"])
+        assert refusal is not None, remaining
+        assert 9 <= len(remaining) <= 13, remaining
+        assert remaining == sorted(remaining, reverse=True)
+        assert 3 == refusal["extensions"]["requestedQueryCost"]
+        assert refusal["extensions"]["retryAfterSeconds"] > 0
+        assert "try again in" in refusal["message"]
+
+        # a subscription is charged once, when it starts: over the budget, it never starts
+        async def subscribe() -> list[dict[str, Any]]:
+            query = "subscription { usageEvents { user { keys(first: 100) { nodes { id } } } } }"
+            async with _ws_client(small, alice.key) as session:
+                try:
+                    async for _ in session.subscribe(GraphQLRequest(query)):
+                        break
+                except TransportQueryError as exc:
+                    return exc.errors or []
+            raise AssertionError("the subscription over the budget started")
+
+        refused = asyncio.run(asyncio.wait_for(subscribe(), 20))
+        assert "query_cost_budget_exceeded" == refused[0]["extensions"]["reason"]
+        # the budget is the key's: Bob's, and the admin's (none), are untouched
+        assert "errors" not in raw_post(small, {"query": TIERS}, key=small.bob.key).json()
+        for _ in range(15):
+            assert "errors" not in raw_post(small, {"query": TIERS}).json()
+
+
+# -- persisted queries ----------------------------------------------------------------------
+
+
+def _persisted(sha: str) -> dict[str, Any]:
+    return {"persistedQuery": {"version": 1, "sha256Hash": sha}}
+
+
+def test_persisted_queries_as_apollo_sends_them(stack: Stack) -> None:
+    import hashlib
+
+    from graphql import parse, print_ast
+
+    # the text as the gql client sends it (it prints the document it parsed)
+    query = print_ast(
+        parse(f"query Models{uuid.uuid4().hex[:8]} {{ models {{ nodes {{ name }} }} }}")
+    )
+    sha = hashlib.sha256(query.encode()).hexdigest()
+    # an unknown hash: PersistedQueryNotFound
+    reply = raw_post(stack, {"extensions": _persisted(sha)})
+    assert 200 == reply.status_code
+    error = reply.json()["errors"][0]
+    assert ("PersistedQueryNotFound", "PERSISTED_QUERY_NOT_FOUND") == (
+        error["message"],
+        error["extensions"]["code"],
+    )
+
+    # the hash with its query registers it (the gql client sends both) and runs it
+    async def register() -> dict[str, Any]:
+        async with http_session(stack) as session:
+            request = GraphQLRequest(query, extensions=_persisted(sha))
+            return await session.execute(request)
+
+    data = asyncio.run(register())
+    assert {"llama", "coder", "echo"} == {m["name"] for m in data["models"]["nodes"]}
+    # now the hash alone runs it, over POST and over GET, for any key
+    reply = raw_post(stack, {"extensions": _persisted(sha)}, key=stack.alice.key)
+    assert data == reply.json()["data"]
+    assert "cost" in reply.json()["extensions"]
+    with httpx.Client(timeout=10) as client:
+        got = client.get(
+            stack.url,
+            params={"extensions": orjson.dumps(_persisted(sha)).decode()},
+            headers={"Authorization": f"Bearer {ADMIN}", "Accept": "application/json"},
+        )
+    assert 200 == got.status_code, got.text
+    assert data == got.json()["data"]
+    # a hash that is not the query's, a bad hash, another version: clear errors
+    for extensions, code in (
+        (_persisted("0" * 64), "PERSISTED_QUERY_HASH_MISMATCH"),
+        ({"persistedQuery": {"version": 1, "sha256Hash": "xyz"}}, "BAD_USER_INPUT"),
+        ({"persistedQuery": {"version": 2, "sha256Hash": sha}}, "PERSISTED_QUERY_NOT_SUPPORTED"),
+    ):
+        reply = raw_post(stack, {"query": query, "extensions": extensions})
+        assert 200 == reply.status_code
+        assert code == reply.json()["errors"][0]["extensions"]["code"], reply.json()
+
+
+def test_a_persisted_query_is_known_to_every_replica(stack: Stack, tmp_path: Path) -> None:
+    """Registered through one process, run by hash through another: they share Redis."""
+    import hashlib
+
+    query = f"query Tiers{uuid.uuid4().hex[:8]} {{ tiers {{ nodes {{ name }} }} }}"
+    sha = hashlib.sha256(query.encode()).hexdigest()
+    assert "errors" not in raw_post(stack, {"query": query, "extensions": _persisted(sha)}).json()
+    with _service_with(stack, "", tmp_path) as other:
+        reply = raw_post(other, {"extensions": _persisted(sha)})
+    assert {"free", "pro"} == {t["name"] for t in reply.json()["data"]["tiers"]["nodes"]}
+
+
+# -- operation metrics ----------------------------------------------------------------------
+
+
+def _metrics(stack: Stack) -> dict[str, float]:
+    with httpx.Client(timeout=10) as client:
+        text = client.get(f"http://127.0.0.1:{stack.port}/metrics").text
+    samples = {}
+    for line in text.splitlines():
+        if line.startswith("citadel_graphql_"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+def test_operations_by_name_and_outcome_duration_cost_and_refusals_on_metrics(
+    stack: Stack,
+) -> None:
+    name = f"Probe{uuid.uuid4().hex[:8]}"
+    before = _metrics(stack)
+    for _ in range(3):
+        run(stack, f"query {name} {{ tiers(first: 2) {{ nodes {{ name }} }} }}")
+    deep = ("{ teams { nodes { users { nodes { team { users { nodes { team { users { nodes "
+            "{ team { users { nodes { id } } } } } } } } } } } } } }")  # fmt: skip
+    errors_of(stack, deep)
+    errors_of(stack, "{ " + " ".join(f"a{i}: costs {{ totalCount }}" for i in range(100)) + " }")
+    errors_of(stack, "{ teams(first: 100) { nodes { users(first: 100) { nodes { keys(first: 100) "
+                     "{ nodes { id } } } } } } }")  # fmt: skip
+    errors_of(stack, "{ models { nodes { colour } } }")
+    errors_of(stack, '{ routeExplain(model: "nope") { reason } }')
+    after = _metrics(stack)
+
+    def grew(sample: str) -> float:
+        return after.get(sample, 0.0) - before.get(sample, 0.0)
+
+    ops = "citadel_graphql_operations_total"
+    assert 3 == grew(f'{ops}{{operation="{name}",type="query",outcome="ok"}}')
+    assert 1 == grew(f'{ops}{{operation="anonymous",type="query",outcome="invalid"}}')
+    assert 1 == grew(f'{ops}{{operation="anonymous",type="query",outcome="error"}}')
+    assert 3 == grew(f'{ops}{{operation="anonymous",type="query",outcome="refused"}}')
+    for reason in ("depth", "aliases", "cost"):
+        assert 1 == grew(f'citadel_graphql_refusals_total{{reason="{reason}"}}'), reason
+    duration = "citadel_graphql_operation_duration_seconds_count"
+    assert 3 == grew(f'{duration}{{operation="{name}",type="query"}}')
+    # every one of the probe's three operations requested 3 and held 3
+    cost = "citadel_graphql_operation_cost"
+    assert grew(f'{cost}_sum{{kind="requested"}}') >= 9
+    assert grew(f'{cost}_bucket{{kind="actual",le="3.0"}}') >= 3
+
+
+# -- the GraphQL-over-HTTP audit suite ------------------------------------------------------------
+
+NODE_PACKAGE = Path(__file__).parent / "node"
+
+
+def _audits(stack: Stack, tmp: Path) -> list[dict[str, Any]]:
+    """graphql-http's audits against the service, installed by ``npm ci`` from the checked-in
+    lock file into ``tmp`` (a fresh machine has only Node and the npm registry)."""
+    import shutil
+    import subprocess
+
+    npm, node = shutil.which("npm"), shutil.which("node")
+    assert npm is not None, "the audit suite needs npm (Node 20)"
+    assert node is not None, "the audit suite needs Node 20"
+    for name in ("package.json", "package-lock.json", "audit.mjs"):
+        shutil.copy(NODE_PACKAGE / name, tmp / name)
+    subprocess.run(
+        [npm, "ci", "--cache", str(tmp / ".npm"), "--no-audit", "--no-fund", "--loglevel=error"],
+        cwd=tmp,
+        check=True,
+        timeout=180,
+        capture_output=True,
+    )
+    done = subprocess.run(
+        [node, "audit.mjs", stack.url],
+        cwd=tmp,
+        check=True,
+        timeout=120,
+        capture_output=True,
+        env={**os.environ, "CITADEL_AUDIT_KEY": ADMIN},
+    )
+    results: list[dict[str, Any]] = orjson.loads(done.stdout)
+    return results
+
+
+def test_every_graphql_over_http_audit_passes(stack: Stack, tmp_path: Path) -> None:
+    results = _audits(stack, tmp_path)
+    assert len(results) > 40  # the suite ran
+    failed = [
+        (r["id"], r["name"], r["status"], r["reason"]) for r in results if r["status"] != "ok"
+    ]
+    assert [] == failed, "\n".join(map(str, failed))

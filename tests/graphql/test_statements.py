@@ -12,9 +12,9 @@ from typing import Any
 
 from sqlalchemy import event
 
-from citadel.accounts.sql import SqlAccountStore, build_engine
+from citadel.accounts.auth import ADMIN
+from citadel.accounts.sql import SqlAccountStore
 from citadel.feed import MemoryFeed
-from citadel.gateway.auth import ADMIN
 from citadel.graphql.context import Context, Services, Viewer
 from citadel.graphql.schema import build_schema
 from citadel.limits.backend import create_limiter
@@ -24,6 +24,7 @@ from citadel.metering.migrate import LEDGER
 from citadel.metrics import Registry
 from citadel.routing.router import Router
 from citadel.settings import load_settings
+from citadel.stores.sql import build_engine
 
 from support import scratch_postgres, usage_event
 

@@ -25,7 +25,6 @@ from zoneinfo import ZoneInfo
 import pytest
 from sqlalchemy import Table
 
-from citadel.accounts.sql import build_engine
 from citadel.accounts.store import Team, User
 from citadel.limits.policy import cost_micros
 from citadel.metering import analytics as analytics_module
@@ -45,6 +44,7 @@ from citadel.settings import (
     Settings,
     Tier,
 )
+from citadel.stores.sql import build_engine
 
 from support import scratch_database
 

@@ -70,8 +70,8 @@ class Stack:
         log: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 - the child writes to it
         proc = subprocess.Popen(
             [
-                *(sys.executable, "-m", "citadel.metering.writer"),
-                *("--config", str(self.config), "--claim-idle-seconds", "1"),
+                *(sys.executable, "-m", "citadel", "--config", str(self.config)),
+                *("ledger-writer", "--claim-idle-seconds", "1"),
             ],
             stdin=subprocess.DEVNULL,
             stdout=log,

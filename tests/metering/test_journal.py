@@ -11,10 +11,10 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from citadel.accounts.sql import build_engine
 from citadel.metering.journal import Journal
 from citadel.metering.schema import usage_events
 from citadel.metering.sinks import SqlLedgerSink
+from citadel.stores.sql import build_engine
 
 from support import usage_event
 

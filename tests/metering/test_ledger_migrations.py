@@ -19,7 +19,6 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, delete, func, insert, inspect, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from citadel.accounts.sql import build_engine
 from citadel.metering.events import UsageEvent
 from citadel.metering.ledger import COLUMNS, Ledger, event_row, rebuild_rollups, rollup_rows
 from citadel.metering.migrate import LEDGER
@@ -32,6 +31,7 @@ from citadel.metering.schema import (
     usage_events,
     usage_hourly,
 )
+from citadel.stores.sql import build_engine
 
 from support import scratch_database, usage_event
 

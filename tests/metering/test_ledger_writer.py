@@ -20,7 +20,6 @@ from pg import PrivatePostgres, available
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from citadel.accounts.sql import build_engine
 from citadel.errors import ConfigError, StoreUnavailable
 from citadel.metering.events import UsageEvent
 from citadel.metering.ledger import (
@@ -35,6 +34,7 @@ from citadel.metering.migrate import LEDGER
 from citadel.metering.schema import ROLLUPS, usage_daily, usage_events, usage_hourly
 from citadel.metering.writer import LedgerWriter, redis_url
 from citadel.stores.redis import RedisClient
+from citadel.stores.sql import build_engine
 
 from support import postgres_execute, scratch_postgres
 

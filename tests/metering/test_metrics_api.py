@@ -30,7 +30,7 @@ import orjson
 import pytest
 from litestar.testing import AsyncTestClient
 
-from citadel.accounts.sql import build_engine, open_store
+from citadel.accounts.sql import open_store
 from citadel.metering.analytics import Analytics
 from citadel.metering.app import MeteringDeps, create_app
 from citadel.metering.events import UsageEvent
@@ -39,6 +39,7 @@ from citadel.metering.migrate import LEDGER
 from citadel.metering.writer import WriterStats
 from citadel.settings import load_settings
 from citadel.stores.redis import RedisClient
+from citadel.stores.sql import build_engine
 
 from conformance import Conformance
 from support import free_port, process_output, scratch_postgres, start_process, stop_process
@@ -590,6 +591,14 @@ def test_business_metrics_agree_with_the_events(seeded: Seeded) -> None:
         for s, v in metrics["citadel_business_tokens"]
         if s["token_type"] == "input"
     }
+    # names beside the ids (issue 18 item 3): the team's, or "" for users in no team
+    budgets_reply = seeded.service.get("/v1/budgets").json()["data"]
+    team_names = {r["id"]: r["name"] for r in budgets_reply if r["scope"] == "team" and r["id"]}
+    assert team_names
+    assert all(name.startswith("Team ") for name in team_names.values())
+    assert {(s["team"], s["team_name"]) for s, _ in metrics["citadel_business_spend_usd"]} == {
+        (team, team_names.get(team, "")) for (_tier, team, _model) in spend
+    }
     active: dict[str, set[str]] = defaultdict(set)
     for e in seeded.events:
         if e.time > NOW - 3600:
@@ -600,6 +609,14 @@ def test_business_metrics_agree_with_the_events(seeded: Seeded) -> None:
     utilisation = {
         (s["scope"], s["id"]): v for s, v in metrics["citadel_business_budget_utilisation_ratio"]
     }
+    named = {
+        (s["scope"], s["id"]): s["name"]
+        for s, _ in metrics["citadel_business_budget_utilisation_ratio"]
+    }
+    assert all(named.get(("team", team), name) == name for team, name in team_names.items())
+    assert all(
+        name.startswith(("U", "Solo")) for (scope, _), name in named.items() if scope == "user"
+    )
     user_spend = _sums(seeded.events, lambda e: e.user, MONTH, TODAY + timedelta(days=1))
     budgets = {"free": 5e6, "standard": 200e6}
     for person in seeded.people:
@@ -795,3 +812,46 @@ def test_a_writer_that_stops_is_reported_down(tmp_path: Path) -> None:
             await engine.dispose()
 
     asyncio.run(main())
+
+
+def test_a_deleted_users_history_keeps_their_name(tmp_path: Path) -> None:
+    """Issue 18 item 5: deleting a user (and their emptied team) leaves their ledger rows as
+    they were: /v1/usage by team and user still counts them, named as before."""
+    uri = f"sqlite+aiosqlite:///{tmp_path / 'citadel.db'}"
+    start, end = TODAY - timedelta(days=30), TODAY + timedelta(days=1)
+
+    async def main() -> tuple[dict[str, Any], list[Person], list[UsageEvent]]:
+        people, events = await _seed(uri, 200)
+        accounts = await open_store(uri, migrate=True)
+        team_id = people[0].team
+        members = [p for p in people if p.team == team_id]
+        for person in members:
+            await accounts.delete_user(person.id)
+        await accounts.delete_team(team_id)
+        engine = build_engine(uri)
+        settings = load_settings(_config(tmp_path, uri), ENV)
+        deps = MeteringDeps(analytics=Analytics(engine), accounts=accounts)
+        try:
+            async with AsyncTestClient(create_app(settings, deps)) as client:
+                reply = await client.get(
+                    "/v1/usage",
+                    params={"group_by": "team,user", "start": _iso(start), "end": _iso(end)},
+                    headers={"authorization": f"Bearer {ADMIN}"},
+                )
+                assert 200 == reply.status_code, reply.text
+                body: dict[str, Any] = reply.json()
+        finally:
+            await engine.dispose()
+            await accounts.aclose()
+        return body, members, events
+
+    body, members, events = asyncio.run(main())
+    rows = {r["user"]: r for r in body["data"]}
+    for person in (p for p in members if p.id in rows):
+        row = rows[person.id]
+        assert row["user_name"].startswith("U")
+        assert row["team_name"].startswith("Team ")
+    ids = {p.id for p in members}
+    spent = {u: c for u, c in _sums(events, lambda e: e.user, start, end).items() if u in ids}
+    assert spent
+    assert spent == {u: rows[u]["cost_micros"] for u in spent}

@@ -14,7 +14,6 @@ import pytest
 from pg import PrivatePostgres, available
 from sqlalchemy import func, select
 
-from citadel.accounts.sql import build_engine
 from citadel.metering.events import UsageEvent
 from citadel.metering.ledger import decode_event, encode_event
 from citadel.metering.migrate import LEDGER
@@ -23,6 +22,7 @@ from citadel.metering.sinks import RedisStreamSink, SinkStats, SqlLedgerSink
 from citadel.metering.spool import Spool
 from citadel.metering.writer import LedgerWriter
 from citadel.stores.redis import RedisClient
+from citadel.stores.sql import build_engine
 
 from support import free_port, usage_event
 

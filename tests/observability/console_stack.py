@@ -52,7 +52,14 @@ class Stack:
     sent: list[int] = field(default_factory=list)  # statuses of the traffic's requests
 
 
-def _config(path: Path, ports: dict[str, int]) -> Path:
+def _names(deployments: int) -> list[str]:
+    """The deployments of each model: a and b by default, numbered when there are more."""
+    if deployments <= 2:
+        return ["a", "b"][:deployments]
+    return [f"{i:02d}" for i in range(deployments)]
+
+
+def _config(path: Path, ports: dict[str, int], deployments: int = 2) -> Path:
     sim = f"http://127.0.0.1:{ports['sim']}"
     database = f"sqlite+aiosqlite:///{path.parent / 'citadel.db'}"
     doc = {
@@ -79,7 +86,7 @@ def _config(path: Path, ports: dict[str, int]) -> Path:
                         "gpu_hour_usd": 2.5,
                         "gpus": 1,
                     }
-                    for x in ("a", "b")
+                    for x in _names(deployments)
                 ],
             }
             for i, name in enumerate(MODELS)
@@ -186,11 +193,12 @@ def _prometheus(tmp: Path, config: Path, port: int) -> subprocess.Popen[bytes]:
 
 
 @contextlib.contextmanager
-def console_stack(tmp: Path, *, prometheus: bool = True) -> Iterator[Stack]:
+def console_stack(tmp: Path, *, prometheus: bool = True, deployments: int = 2) -> Iterator[Stack]:
     """The stack above, traffic running; ``prometheus=False`` leaves Prometheus out (the
-    console's ledger panels must still draw)."""
+    console's ledger panels must still draw); ``deployments`` per model (all on the one
+    simulator: the panels' series grow with them, which is what the page-load bench varies)."""
     ports = {name: free_port() for name in ("sim", "gateway", "metrics", "console", "prom")}
-    config = _config(tmp / "citadel.yaml", ports)
+    config = _config(tmp / "citadel.yaml", ports, deployments)
     keys = _users(f"sqlite+aiosqlite:///{tmp / 'citadel.db'}")
     env = {"CITADEL_ADMIN_KEY": ADMIN_KEY, "CITADEL_READONLY_KEY": READONLY_KEY}
     base = [sys.executable, "-m", "citadel", "--config", str(config)]

@@ -1,7 +1,9 @@
 """The generated rules and dashboards against a real Prometheus and a real Alertmanager.
 
-Every Citadel service runs as a process (started by this test on loopback ports) in front of two
-simulators, one healthy and one answering every request with a 500; Prometheus scrapes them
+Every Citadel service runs as a process (started by this test on loopback ports) in front of three
+simulators: one healthy, one answering every request with a 500 (until the last test restarts it
+healthy), and a small "batch" server (vLLM's scheduler limits: a few sequences and a small KV
+cache) that the test saturates; Prometheus scrapes them
 every second with the generated ``prometheus.yml`` and evaluates the generated rules on a clock
 sped up 60 times (``observability.speedup``: the 1 h window is 60 s, ``for: 1m`` is 1 s), and
 sends its alerts to Alertmanager with the generated configuration. Traffic covers what the panels
@@ -12,10 +14,14 @@ alerting service, and a pause of the limiter's Redis (the limiter fails open).
 
 Then: every target is up, every recording rule yields series, the page-level burn-rate alert and
 the upstream-error alert reach Alertmanager (the ticket of the same SLO is inhibited by the
-page), and every query of every panel of every generated dashboard returns data — the issue's
+page), the team's budget forecast fires from its rising spend, a ramp of long streams makes the
+batch server's KV-cache and queue forecasts (vLLM metrics, ``predict_linear``) fire, and every
+query of every panel of every generated dashboard returns data — the issue's
 proof that no panel is blank in production. A query that cannot have data here is listed in
 ``NO_DATA_HERE`` with the reason; the test fails if such a query has data after all (the list
-would be stale) or if any other query has none.
+would be stale) or if any other query has none. Last, the failing simulator is restarted
+healthy, and the page resolves: Alertmanager's webhook delivers it as resolved and its API no
+longer lists it.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http.client
+import http.server
 import json
 import os
 import shutil
@@ -56,6 +63,10 @@ ALERTMANAGER = shutil.which("prometheus-alertmanager") or "/usr/bin/prometheus-a
 REDIS = shutil.which("redis-server") or "/usr/bin/redis-server"
 ADMIN = "sk-obs-e2e-admin"
 SPEEDUP = 60
+TEAM_BUDGET_USD = 1000
+# The batch server: 40 streams of 100 tokens (plus the 8-token prompt) fill its KV cache.
+BATCH_TOKENS = 100
+BATCH_FLAGS = ["--max-num-seqs", "64", "--kv-cache-tokens", str(40 * (BATCH_TOKENS + 8))]
 SERVICES = (
     "gateway",
     "custom-metrics",
@@ -112,6 +123,45 @@ def request(
         conn.close()
 
 
+class Webhook:
+    """Alertmanager's webhook receiver: every notification it posts, kept in order."""
+
+    def __init__(self) -> None:
+        self.notifications: list[dict[str, Any]] = []
+        received = self.notifications
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("content-length") or 0)
+                received.append(json.loads(self.rfile.read(length)))
+                self.send_response(200)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/hook"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def alerts(self, status: str, name: str, **labels: str) -> list[dict[str, Any]]:
+        return [
+            a
+            for n in list(self.notifications)
+            for a in n["alerts"]
+            if a["status"] == status
+            and a["labels"].get("alertname") == name
+            and all(a["labels"].get(k) == v for k, v in labels.items())
+        ]
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
+
+
 @dataclass
 class Proc:
     name: str
@@ -147,6 +197,9 @@ class Stack:
     procs: list[Proc] = field(default_factory=list)
     premium_key: str = ""
     free_key: str = ""
+    team_id: str = ""
+    sims: tuple[int, int, int] = (0, 0, 0)
+    webhook: Webhook | None = None
 
     def start(self, name: str, args: list[str], port: int | None, ready: str = "/health") -> Proc:
         log = (self.tmp / f"{name}.log").open("w+b")
@@ -155,6 +208,14 @@ class Stack:
         self.procs.append(item)
         item.ready = ready  # type: ignore[attr-defined]
         return item
+
+    def restart(self, name: str, args: list[str]) -> None:
+        """Stop the process ``name`` and start ``args`` in its place, on its port."""
+        [old] = [p for p in self.procs if p.name == name]
+        old.stop()
+        self.procs.remove(old)
+        self.start(name, args, old.port)
+        self.wait_ready()
 
     def wait_ready(self, timeout: float = 60) -> None:
         def ready(item: Proc) -> bool:
@@ -182,13 +243,15 @@ class Stack:
         return list(alerts)
 
 
-async def seed_accounts(uri: str) -> tuple[str, str]:
-    """The ledger and accounts tables, a team, and a premium and a free user in it with a key
-    each (what ``citadel migrate``, ``teams create``, ``users create`` and ``keys create`` do)."""
+async def seed_accounts(uri: str) -> tuple[str, str, str]:
+    """The ledger and accounts tables, a team with a monthly budget of USD 1,000, and a premium
+    and a free user in it with a key each (what ``citadel migrate``, ``teams create``,
+    ``users create`` and ``keys create`` do); the two secrets and the team's id."""
     await LEDGER.upgrade(uri)
     store = await open_store(uri, migrate=True)
     try:
         team = await store.create_team("research")
+        await store.set_team_budget(team.id, TEAM_BUDGET_USD * 1_000_000)
         secrets = []
         for tier in ("premium", "free"):
             user = await store.create_user(
@@ -197,11 +260,11 @@ async def seed_accounts(uri: str) -> tuple[str, str]:
             secrets.append((await store.create_key(user.id, name="e2e"))[1])
     finally:
         await store.aclose()
-    return secrets[0], secrets[1]
+    return secrets[0], secrets[1], team.id
 
 
-def write_config(tmp: Path, ports: dict[str, int], sims: tuple[int, int], redis: int) -> Path:
-    good, bad = (f"http://127.0.0.1:{p}" for p in sims)
+def write_config(tmp: Path, ports: dict[str, int], sims: tuple[int, int, int], redis: int) -> Path:
+    good, bad, batch = (f"http://127.0.0.1:{p}" for p in sims)
     doc = {
         "env": "test",
         "gateway": {"admin_key": ADMIN},
@@ -213,8 +276,12 @@ def write_config(tmp: Path, ports: dict[str, int], sims: tuple[int, int], redis:
         },
         "accounts": {"database": f"sqlite+aiosqlite:///{tmp / 'citadel.db'}"},
         "metering": {"spool_path": str(tmp / "spool"), "journal_path": str(tmp / "journal")},
-        # A breaker stays open 20 s (then longer), so "open for 5 minutes" holds at 60x speed.
-        "routing": {"health": {"interval_seconds": 1}, "breaker": {"open_seconds": 20}},
+        # A breaker stays open 20 s, so "open for 5 minutes" holds at 60x speed, and no longer,
+        # so the failing deployments are probed again soon after the fault is removed.
+        "routing": {
+            "health": {"interval_seconds": 1},
+            "breaker": {"open_seconds": 20, "max_open_seconds": 20},
+        },
         "models": [
             {
                 "name": "sim-chat",
@@ -228,6 +295,10 @@ def write_config(tmp: Path, ports: dict[str, int], sims: tuple[int, int], redis:
             {
                 "name": "sim-flaky",
                 "deployments": [{"name": "flaky-a", "url": bad, "model": "sim-chat"}],
+            },
+            {  # scraped as a model server; the test saturates it directly
+                "name": "sim-batch",
+                "deployments": [{"name": "batch-a", "url": batch, "model": "sim-chat"}],
             },
         ],
         "slos": SLOS,
@@ -269,7 +340,7 @@ def chat(model: str, max_tokens: int = 4, stream: bool = False) -> dict[str, Any
 class Traffic:
     """Requests in a background thread until stopped, bounded by ``limit`` seconds."""
 
-    def __init__(self, stack: Stack, limit: float = 170) -> None:
+    def __init__(self, stack: Stack, limit: float = 420) -> None:
         self.stack = stack
         self.counts: dict[str, int] = {}
         self._stop = threading.Event()
@@ -374,7 +445,7 @@ def _exempt(expr: str) -> str | None:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("obs-e2e")
     ports = {name: free_port() for name in (*SERVICES, "prom", "am")}
-    sims = (free_port(), free_port())
+    sims = (free_port(), free_port(), free_port())
     redis_port = free_port()
     config = write_config(tmp, ports, sims, redis_port)
     settings = load_settings(str(config), {})
@@ -384,7 +455,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     (tmp / "prometheus.yml").write_text(
         dump(prometheus_config(settings, rule_files=(str(rules_file),), interval="1s"))
     )
-    (tmp / "alertmanager.yml").write_text(dump(alertmanager_config()))
+    webhook = Webhook()
+    am_config = alertmanager_config(webhook.url)
+    # Notifications (and so resolutions) within seconds instead of Alertmanager's minute.
+    am_config["route"] |= {"group_wait": "1s", "group_interval": "2s"}
+    (tmp / "alertmanager.yml").write_text(dump(am_config))
 
     redis_log = (tmp / "redis.log").open("w+b")
     redis_proc = subprocess.Popen(
@@ -393,10 +468,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         stdin=subprocess.DEVNULL, stdout=redis_log, stderr=redis_log,
     )  # fmt: skip
     redis = Proc("redis", redis_proc, redis_log, None)
-    s = Stack(tmp, ports, ports["prom"], ports["am"], redis, settings)
+    s = Stack(tmp, ports, ports["prom"], ports["am"], redis, settings, sims=sims, webhook=webhook)
     base = [sys.executable, "-m", "citadel", "--config", str(config)]
+    s.base = base  # type: ignore[attr-defined]
     try:
-        s.premium_key, s.free_key = asyncio.run(seed_accounts(settings.accounts.database))
+        s.premium_key, s.free_key, s.team_id = asyncio.run(
+            seed_accounts(settings.accounts.database)
+        )
         s.start("alertmanager", [
             ALERTMANAGER, f"--config.file={tmp / 'alertmanager.yml'}",
             f"--storage.path={tmp / 'am'}", f"--web.listen-address=127.0.0.1:{ports['am']}",
@@ -410,6 +488,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         s.start("sim-good", [*base, "sim", "--port", str(sims[0])], sims[0])
         s.start("sim-bad", [*base, "sim", "--port", str(sims[1]), "--error-rate", "1",
                             "--error-codes", "500"], sims[1])  # fmt: skip
+        s.start("sim-batch", [*base, "sim", "--port", str(sims[2]), *BATCH_FLAGS], sims[2])
         for name in SERVICES:
             s.start(name, [*base, "serve", name], ports[name])
         s.wait_ready()
@@ -418,6 +497,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         for item in reversed(s.procs):
             item.stop()
         redis.stop()
+        webhook.close()
 
 
 @pytest.fixture(scope="module")
@@ -462,7 +542,7 @@ def test_prometheus_scrapes_every_service_and_model_server(loaded: Stack) -> Non
     wait_for("every target up", lambda: set(targets().values()) == {"up"}, 30)
     jobs = {name.split()[0] for name in targets()}
     assert {f"citadel-{s}" for s in SERVICES} | {"citadel-model-servers"} == jobs
-    assert len([n for n in targets() if n.startswith("citadel-model-servers")]) == 2
+    assert len([n for n in targets() if n.startswith("citadel-model-servers")]) == 3
 
 
 def test_every_recording_rule_yields_series(loaded: Stack) -> None:
@@ -547,3 +627,116 @@ def test_every_panel_query_of_every_dashboard_returns_data(loaded: Stack) -> Non
     assert len(exempt) == len(NO_DATA_HERE)  # each exemption is one query, named on purpose
     for expr, why in exempt:
         assert loaded.query(expr) == [], f"{expr} has data: drop it from NO_DATA_HERE ({why})"
+
+
+def test_a_teams_rising_spend_fires_its_budget_forecast(loaded: Stack) -> None:
+    """The premium user's traffic raises team research's spend: far below its USD 1,000, but
+    at that rate past it before the month ends (predict_linear over the 6 h window, sped up)."""
+    team = {"id": loaded.team_id}
+
+    def fired() -> bool:
+        return bool(_active(loaded.am_alerts(), "CitadelTeamBudgetForecast", **team))
+
+    try:
+        wait_for("the team's budget forecast in Alertmanager", fired, 90)
+    except AssertionError as exc:
+        util = loaded.query('citadel_business_budget_utilisation_ratio{scope="team"}')
+        raise AssertionError(f"{exc}; utilisation {util}") from None
+    [alert] = _active(loaded.am_alerts(), "CitadelTeamBudgetForecast", **team)
+    assert alert["labels"]["severity"] == "ticket"
+    assert alert["labels"]["scope"] == "team"
+    [now] = loaded.query(f'citadel_business_budget_utilisation_ratio{{id="{loaded.team_id}"}}')
+    assert 0 < float(now["value"][1]) < 1  # not spent yet: forecast, not exhaustion
+    assert not _active(loaded.am_alerts(), "CitadelBudgetExhausted", id=loaded.team_id)
+
+
+def _open_stream(port: int) -> socket.socket:
+    """A long stream sent straight to a model server and not read: it holds a slot and
+    its KV cache (or waits for them) until the socket closes."""
+    body = json.dumps(chat("sim-chat", BATCH_TOKENS, stream=True)).encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\nx-sim-tbt-ms: 500\r\n"
+        f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+    ).encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(head + body)
+    return sock
+
+
+def test_a_saturating_model_server_fires_the_vllm_forecasts(loaded: Stack) -> None:
+    """Four new 50-second streams a second on the batch server: its KV cache fills in about
+    ten seconds, then requests queue; both predict_linear alerts reach Alertmanager."""
+    port = loaded.sims[2]
+    instance = {"instance": f"127.0.0.1:{port}", "model_name": "sim-chat"}
+    socks: list[socket.socket] = []
+    stop = threading.Event()
+
+    def ramp() -> None:
+        deadline = time.monotonic() + 60
+        while not stop.is_set() and time.monotonic() < deadline and len(socks) < 240:
+            socks.append(_open_stream(port))
+            time.sleep(0.25)
+
+    thread = threading.Thread(target=ramp, daemon=True)
+    thread.start()
+
+    def fired() -> bool:
+        alerts = loaded.am_alerts()
+        return bool(
+            _active(alerts, "CitadelKVCacheSaturating", **instance)
+            and _active(alerts, "CitadelModelServerQueueGrowing", **instance)
+        )
+
+    try:
+        wait_for("the KV-cache and queue forecasts in Alertmanager", fired, 60)
+        alerts = loaded.am_alerts()
+        [kv] = _active(alerts, "CitadelKVCacheSaturating", **instance)
+        assert kv["labels"]["service"] == "model-servers"
+        assert kv["annotations"]["runbook_url"].endswith("#citadelkvcachesaturating")
+        where = f'instance="{instance["instance"]}",model_name="sim-chat"'
+        [usage] = loaded.query(f"vllm:kv_cache_usage_perc{{{where}}}")
+        assert float(usage["value"][1]) > 0.5
+        [waiting] = loaded.query(f"vllm:num_requests_waiting{{{where}}}")
+        assert float(waiting["value"][1]) > 5
+        # The healthy chat server never saturates under this test's traffic.
+        good = {"instance": f"127.0.0.1:{loaded.sims[0]}"}
+        assert not _active(alerts, "CitadelKVCacheSaturating", **good)
+    except AssertionError as exc:
+        rules = loaded.query('ALERTS{alertname=~"CitadelKVCache.*|CitadelModelServerQueue.*"}')
+        raise AssertionError(f"{exc}; Prometheus: {rules}") from None
+    finally:
+        stop.set()
+        thread.join(5)
+        for sock in socks:
+            sock.close()
+
+
+def test_the_page_resolves_once_the_fault_is_removed(loaded: Stack) -> None:
+    """The failing simulator restarted healthy: the breakers close on their next probe, the
+    short burn windows drain, and Alertmanager delivers the page as resolved (runs last: the
+    panel queries above read the failures)."""
+    assert loaded.webhook is not None
+    page, flaky = "CitadelSLOBurnRatePage", {"slo": "sim-flaky-availability"}
+    assert _active(loaded.am_alerts(), page, **flaky), "the page must fire before it resolves"
+    assert loaded.webhook.alerts("firing", page, **flaky)  # the webhook got it too
+    port = loaded.sims[1]
+    loaded.restart("sim-bad", [*loaded.base, "sim", "--port", str(port)])  # type: ignore[attr-defined]
+    removed = time.monotonic()
+
+    def resolved() -> bool:
+        return bool(loaded.webhook and loaded.webhook.alerts("resolved", page, **flaky))
+
+    try:
+        wait_for("the page resolved in Alertmanager", resolved, 90, 1)
+    except AssertionError as exc:
+        seen = [(a["labels"]["alertname"], a["status"]["state"]) for a in loaded.am_alerts()]
+        ratio = loaded.query('slo:sli_error:ratio_rate5m{slo="sim-flaky-availability"}')
+        raise AssertionError(f"{exc}; Alertmanager has {seen}; 5m ratio {ratio}") from None
+    print(f"the page resolved {time.monotonic() - removed:.0f} s after the fault was removed")
+    [note] = loaded.webhook.alerts("resolved", page, **flaky)[-1:]
+    assert note["endsAt"] > note["startsAt"]
+    wait_for("the page gone from Alertmanager's API", lambda: not _active(
+        loaded.am_alerts(), page, **flaky), 30)  # fmt: skip
+    assert not loaded.query(
+        'ALERTS{alertname="CitadelSLOBurnRatePage",slo="sim-flaky-availability"}'
+    )

@@ -198,3 +198,88 @@ async def test_the_service_provisions_with_the_admin_key_only(
         reply = await client.post("/v1/provision", headers={"Authorization": f"Bearer {ADMIN}"})
         assert reply.status_code == 409
         assert reply.json()["error"]["code"] == "grafana_not_configured"
+
+
+def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    from citadel.cli import main
+
+    code = main(["dashboards", "provision", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_the_provision_command_creates_once_then_changes_nothing(
+    standin: tuple[str, State],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    url, state = standin
+    monkeypatch.setenv("GRAFANA_ENDPOINT", url)
+    monkeypatch.setenv("GRAFANA_TOKEN", TOKEN)
+    monkeypatch.setenv("PROMETHEUS_ENDPOINT", PROMETHEUS)
+    code, out, err = _cli(capsys)
+    assert code == 0, err
+    assert "folder: created" in out
+    assert "data source: created" in out
+    assert all(f"dashboard {uid}: created" in out for uid in UIDS)
+    assert f"{len(UIDS)} created" in err
+    made = len(_writes(state))
+    assert made == 2 + len(UIDS)
+    assert state.datasources[DATASOURCE_UID]["url"] == PROMETHEUS
+    code, _, err = _cli(capsys)
+    assert code == 0, err
+    assert "nothing changed" in err
+    assert f"{len(UIDS)} unchanged" in err
+    assert len(_writes(state)) == made  # the second run wrote nothing
+    # --no-datasource leaves a data source changed by hand alone.
+    state.datasources[DATASOURCE_UID]["url"] = "http://elsewhere:9090"
+    code, out, _ = _cli(capsys, "--no-datasource")
+    assert code == 0
+    assert "data source: skipped" in out
+    assert state.datasources[DATASOURCE_UID]["url"] == "http://elsewhere:9090"
+
+
+@pytest.mark.parametrize(
+    ("fail", "token", "words"),
+    [
+        ([], "wrong", "refused the credentials"),
+        ([412], TOKEN, "HTTP 412"),
+        ([502], TOKEN, "HTTP 502"),
+    ],
+)
+def test_the_provision_command_reports_grafanas_refusal(
+    standin: tuple[str, State],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    fail: list[int],
+    token: str,
+    words: str,
+) -> None:
+    url, state = standin
+    state.fail = list(fail)
+    monkeypatch.setenv("GRAFANA_TOKEN", token)
+    code, _, err = _cli(capsys, "--grafana", url, "--prometheus", PROMETHEUS)
+    assert code == 1
+    assert words in err
+    assert "Traceback" not in err
+    assert not state.dashboards
+
+
+def test_the_provision_command_without_grafana_says_what_to_set(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("GRAFANA_ENDPOINT", raising=False)
+    code, _, err = _cli(capsys)
+    assert code == 2
+    assert "GRAFANA_ENDPOINT" in err
+
+
+def test_the_provision_command_names_an_unreachable_grafana(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from support import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    code, _, err = _cli(capsys, "--grafana", url)
+    assert code == 1
+    assert f"Grafana ({url}) did not answer" in err

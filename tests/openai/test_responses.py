@@ -10,6 +10,7 @@ import pytest
 from citadel.errors import BadRequest
 from citadel.openai.response_stream import ResponseStream
 from citadel.openai.responses import (
+    input_items,
     output_messages,
     parse_responses_request,
     response_from_chat,
@@ -240,3 +241,45 @@ def test_failed_stream_ends_with_error_and_failed_events() -> None:
     for event in events:
         assert_event_conforms(event)
     assert ["error", "response.failed"] == [e["type"] for e in events[2:]]
+
+
+def test_input_items_are_the_inverse_of_the_translation() -> None:
+    """A stored conversation (chat messages) as input items translates back to the same
+    messages: text, parts with an image, tool calls and their outputs (for a deployment that
+    takes the Responses API as it is, continuing a ``previous_response_id``)."""
+    messages: list[dict[str, Any]] = [
+        {"role": "system", "content": "Be brief."},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "What is this?"},
+                {"type": "image_url", "image_url": {"url": "https://x/y.png", "detail": "low"}},
+            ],
+        },
+        {"role": "assistant", "content": "A cat."},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'},
+                },
+                {
+                    "id": "call_2",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city":"Rome"}'},
+                },
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "cold"},
+        {"role": "tool", "tool_call_id": "call_2", "content": "warm"},
+    ]
+    items = input_items(messages)
+    assert [i["type"] for i in items] == [
+        *("message", "message", "message", "function_call", "function_call"),
+        *("function_call_output", "function_call_output"),
+    ]
+    again = parse_responses_request({"model": "m", "input": items}).chat["messages"]
+    assert again == messages

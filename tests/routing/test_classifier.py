@@ -187,6 +187,26 @@ def test_tier_filter() -> None:
     assert BIG_CODER == choice.model
 
 
+def test_a_model_that_cannot_serve_is_passed_over() -> None:
+    """Issue 18 item 7: a specialist with no servable deployment is skipped for the next fit,
+    and the reason names it; when no fit can serve, the choice is made among them all."""
+    choice = choose_model(
+        "code",
+        needed_tokens=1_000,
+        models=MODELS,
+        allowed=everything,
+        servable=lambda m: m.name != "coder",
+    )
+    assert choice is not None
+    assert BIG_CODER == choice.model
+    assert choice.reason.endswith("(coder skipped: no healthy deployment)")
+    nothing = choose_model(
+        "code", needed_tokens=1_000, models=MODELS, allowed=everything, servable=lambda m: False
+    )
+    assert nothing is not None
+    assert CODER == nothing.model
+
+
 def test_no_specialist_means_the_cheapest_that_fits() -> None:
     """Without a specialist, the cheapest model that fits is chosen, and the reason says why."""
     choice = choose_model("chat", needed_tokens=10_000, models=MODELS, allowed=everything)

@@ -42,9 +42,13 @@ RUN = uuid.uuid4().hex[:8]
 LIVE_A, LIVE_B, DEAD, CODER = (f"{n}-{RUN}" for n in ("gen-a", "gen-b", "gen-dead", "coder-a"))
 GENERAL, CODE_MODEL = f"general-{RUN}", f"coder-{RUN}"
 REPLICA = f"gw-{RUN}"  # the gateway replica the test plays
+REPLICA_2 = f"gw2-{RUN}"  # and a second one
 CONFIG = """
 gateway: {{admin_key: "{admin}"}}
 endpoints: {{redis: "{redis}"}}
+tiers:
+  free: {{models: ["{general}"]}}
+  enterprise: {{requests_per_minute: 1000}}
 routing:
   balancer: peak_ewma
   health: {{interval_seconds: 0.2, timeout_seconds: 0.5, unhealthy_after: 2}}
@@ -139,8 +143,9 @@ async def _clean_keys() -> None:
         names = (LIVE_A, LIVE_B, DEAD, CODER)
         await client.execute("SREM", "citadel:{routing}:drained", *names)
         await client.execute("DEL", *(f"citadel:{{routing}}:open:{n}" for n in names))
-        await client.execute("DEL", f"citadel:{{routing}}:snapshot:{REPLICA}")
-        await client.execute("SREM", "citadel:{routing}:replicas", REPLICA)
+        for replica in (REPLICA, REPLICA_2):
+            await client.execute("DEL", f"citadel:{{routing}}:snapshot:{replica}")
+        await client.execute("SREM", "citadel:{routing}:replicas", REPLICA, REPLICA_2)
     finally:
         await client.aclose()
 
@@ -281,8 +286,9 @@ def test_drain_and_restore_change_the_next_dry_run(service: Service) -> None:
 
 
 def test_a_model_with_every_deployment_drained_gets_no_deployment(service: Service) -> None:
-    """With its only deployment drained, a dry run for the model finds none and says why."""
-    assert 200 == service.call("POST", f"/v1/deployments/{CODER}/drain", {}).status
+    """With its only deployment drained (forced), a dry run for the model finds none and says
+    why."""
+    assert 200 == service.call("POST", f"/v1/deployments/{CODER}/drain?force=true", {}).status
     try:
         result = service.route({"model": CODE_MODEL, "prompt": "x"})
     finally:
@@ -320,7 +326,10 @@ def test_a_breaker_open_on_a_gateway_replica_is_held_here(service: Service) -> N
 
     asyncio.run(publish())
     try:
-        wait_for(lambda: service.rows()[LIVE_B]["breaker"] == "open", "the breaker is held open")
+        wait_for(
+            lambda: service.rows()[LIVE_B]["breaker_forced_by"] == replica,
+            "the breaker is held open here",
+        )
         row = service.rows()[LIVE_B]
         assert (True, replica) == (row["breaker_held_open"], row["breaker_forced_by"])
         result = service.route({"model": GENERAL})
@@ -395,6 +404,8 @@ def test_an_unknown_deployment_is_404(service: Service, method: str, path: str) 
         ({"model": GENERAL, "max_tokens": 0}, "max_tokens"),
         ({"model": GENERAL, "stream": "yes"}, "stream"),
         ({"model": GENERAL, "input": "embed me"}, "model"),
+        ({"model": GENERAL, "tier": "gold"}, "tier"),
+        ({"model": GENERAL, "tier": 3}, "tier"),
     ],
 )
 def test_a_bad_dry_run_body_is_400_naming_the_field(
@@ -461,7 +472,7 @@ def test_openapi_documents_every_route(service: Service) -> None:
         operation = paths[template][method.lower()]
         assert [{"bearer": []}] == operation["security"]
     assert "requestBody" in paths["/v1/route"]["post"]
-    assert {"404"} <= set(paths["/v1/deployments/{name}/drain"]["post"]["responses"])
+    assert {"404", "409"} <= set(paths["/v1/deployments/{name}/drain"]["post"]["responses"])
     docs = service.call("GET", "/docs", key=None).body.decode()
     assert "swagger-ui" in docs
     assert "/openapi.json" in docs
@@ -485,7 +496,7 @@ def test_a_drain_with_redis_unreachable_is_a_503_that_changes_nothing(tmp_path: 
     proc = start_process([*args, "--port", str(port)], port)
     try:
         svc = Service(port, load_settings(str(path), {}), Conformance.fetch("127.0.0.1", port))
-        reply = svc.call("POST", "/v1/deployments/solo-a/drain")
+        reply = svc.call("POST", "/v1/deployments/solo-a/drain?force=true")
         assert (503, "service_unavailable") == (reply.status, reply.json()["error"]["type"])
         assert "nothing was changed" in reply.json()["error"]["message"]
         body = svc.call("GET", "/v1/deployments").json()
@@ -512,11 +523,13 @@ def test_without_redis_the_listing_has_no_replicas_and_drains_are_local() -> Non
         async with AsyncTestClient(app) as client:
             document = Conformance((await client.get("/openapi.json")).json())
             listing = await client.get("/v1/deployments", headers=headers)
-            drained = await client.post("/v1/deployments/solo-a/drain", headers=headers)
+            drained = await client.post(
+                "/v1/deployments/solo-a/drain", headers=headers, params={"force": "true"}
+            )
             restored = await client.post("/v1/deployments/solo-a/restore", headers=headers)
         for method, path, reply in (
             ("GET", "/v1/deployments", listing),
-            ("POST", "/v1/deployments/solo-a/drain", drained),
+            ("POST", "/v1/deployments/solo-a/drain?force=true", drained),
             ("POST", "/v1/deployments/solo-a/restore", restored),
         ):
             document.check(method, path, reply.status_code, reply.content, "application/json")
@@ -527,3 +540,94 @@ def test_without_redis_the_listing_has_no_replicas_and_drains_are_local() -> Non
     assert "replicas" not in listing
     assert (True, False) == (drained["deployment"]["drained"], drained["shared"])
     assert not restored["deployment"]["drained"]
+
+
+def test_the_listing_shows_what_the_gateways_see_first(service: Service) -> None:
+    """Issue 18 item 8: with gateway replicas reporting, `data` is their state merged (requests
+    and in-flight summed, latency weighted by requests, unhealthy when any replica says so),
+    not this service's idle copy; `replicas` still lists each replica's rows; one deployment's
+    view is the merged one too; a deployment no replica reports keeps this service's row."""
+    own = service.rows()
+    assert (0, 0) == (own[LIVE_A]["requests"], own[LIVE_A]["reported_by"])
+
+    async def push() -> None:
+        for replica, row in (
+            (REPLICA, {"requests": 7, "in_flight": 2, "latency_ewma_seconds": 0.1}),
+            (
+                REPLICA_2,
+                {
+                    "requests": 3,
+                    "in_flight": 1,
+                    "latency_ewma_seconds": 0.2,
+                    "healthy": False,
+                    "health_detail": "probe failed: refused",
+                },
+            ),
+        ):
+            shared = SharedRoutingState(RedisClient.from_url(REDIS, timeout=1.0), replica=replica)
+            try:
+                await shared.push_snapshot([{"deployment": LIVE_A, "breaker": "closed", **row}])
+            finally:
+                await shared.aclose()
+
+    asyncio.run(push())
+    try:
+        body = service.call("GET", "/v1/deployments").json()
+        assert "gateways" == body["view"]
+        rows = {r["deployment"]: r for r in body["data"]}
+        row = rows[LIVE_A]
+        assert (10, 3, 2, False) == (
+            row["requests"],
+            row["in_flight"],
+            row["reported_by"],
+            row["healthy"],
+        )
+        assert 0.13 == pytest.approx(row["latency_ewma_seconds"])
+        assert "probe failed: refused" == row["health_detail"]
+        assert (0, True) == (rows[LIVE_B]["reported_by"], rows[LIVE_B]["healthy"])
+        assert {REPLICA, REPLICA_2} <= set(body["replicas"])
+        assert 7 == body["replicas"][REPLICA][0]["requests"]
+        one = service.call("GET", f"/v1/deployments/{LIVE_A}").json()
+        assert (10, 2) == (one["requests"], one["reported_by"])
+    finally:
+        asyncio.run(_clean_keys())
+    assert "routing-service" == service.call("GET", "/v1/deployments").json()["view"]
+
+
+def test_a_dry_run_takes_the_callers_tier_into_account(service: Service) -> None:
+    """Issue 18 item 8: `auto` chooses among the models the caller's tier may use (the free
+    tier may use only the general model, so code goes there), and a model the tier may not use
+    gets no deployment, with the gateway's 403 as the reason; without a tier, any model."""
+    code = {"model": "auto", "messages": [{"role": "user", "content": CODE_PROMPT}]}
+    assert CODE_MODEL == service.route(code)["model"]
+    assert CODE_MODEL == service.route({**code, "tier": "enterprise"})["model"]
+    free = service.route({**code, "tier": "free"})
+    assert ("code", GENERAL) == (free["task"], free["model"])
+    assert free["deployment"] in {LIVE_A, LIVE_B}
+    named = service.route({"model": CODE_MODEL, "prompt": "x", "tier": "free"})
+    assert (CODE_MODEL, None, []) == (named["model"], named["deployment"], named["evaluations"])
+    assert "tier 'free' may not use" in named["reason"]
+    assert "403" in named["reason"]
+
+
+def test_draining_a_models_last_deployment_needs_force(service: Service) -> None:
+    """Issue 18 item 8: draining the only deployment of a model not drained is a 409 that
+    changes nothing (every request would be a 503); with ?force=true it is drained. Draining
+    one of several is not refused, but the last of them is."""
+    reply = service.call("POST", f"/v1/deployments/{CODER}/drain")
+    assert 409 == reply.status, reply.body
+    error = reply.json()["error"]
+    assert ("force", "last_deployment") == (error["param"], error["code"])
+    assert "?force=true" in error["message"]
+    assert not service.rows()[CODER]["drained"]
+    try:
+        for name in (LIVE_A, LIVE_B):
+            assert 200 == service.call("POST", f"/v1/deployments/{name}/drain").status
+        assert 409 == service.call("POST", f"/v1/deployments/{DEAD}/drain").status
+        reply = service.call("POST", f"/v1/deployments/{CODER}/drain?force=true")
+        assert (200, True) == (reply.status, reply.json()["deployment"]["drained"])
+        bad = service.call("POST", f"/v1/deployments/{CODER}/drain?force=maybe")
+        assert 400 == bad.status
+    finally:
+        for name in (CODER, LIVE_A, LIVE_B):
+            assert 200 == service.call("POST", f"/v1/deployments/{name}/restore").status

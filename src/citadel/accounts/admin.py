@@ -7,7 +7,8 @@
     citadel users update ID [--name] [--email] [--tier] [--team] [--status active|disabled]
                             [--override KEY=VALUE ...]
     citadel users disable ID
-    citadel keys create --user ID [--name NAME] [--expires-days N]
+    citadel keys create --user ID [--name NAME] [--expires-days N | --expires TIME]
+                        [--budget USD] [--models M1,M2] [--rpm N] [--tpm N]
     citadel keys list [--user ID]
     citadel keys revoke KEY_ID
 
@@ -32,7 +33,15 @@ from typing import Any
 
 import orjson
 
-from citadel.accounts.store import OVERRIDABLE, AccountStore, ApiKey, NotFoundError, Team, User
+from citadel.accounts.store import (
+    OVERRIDABLE,
+    AccountStore,
+    ApiKey,
+    KeyLimits,
+    NotFoundError,
+    Team,
+    User,
+)
 from citadel.errors import StoreUnavailable
 from citadel.settings import Settings
 
@@ -65,10 +74,21 @@ def add_arguments(commands: argparse._SubParsersAction[Any]) -> None:
     )
     migrate.set_defaults(func=_cmd_migrate)
 
-    teams = _group(commands, "teams", "create and list teams")
+    teams = _group(commands, "teams", "create, list, rename and delete teams")
     create = _leaf(teams, "create", "create a team", output, _create_team)
     create.add_argument("name", metavar="NAME")
     _leaf(teams, "list", "list teams", output, _list_teams)
+    rename = _leaf(teams, "rename", "rename a team (a taken name is refused)", output, _rename)
+    rename.add_argument("team", metavar="TEAM", help="a team's id or name")
+    rename.add_argument("name", metavar="NAME", help="its new name")
+    delete = _leaf(
+        teams,
+        "delete",
+        "delete a team with no members (kept for the usage history, its name stays taken)",
+        output,
+        _delete_team,
+    )
+    delete.add_argument("team", metavar="TEAM", help="a team's id or name")
     budget = _leaf(
         teams,
         "budget",
@@ -83,7 +103,7 @@ def add_arguments(commands: argparse._SubParsersAction[Any]) -> None:
         "--none", action="store_true", help="clear it: the members' budgets summed again"
     )
 
-    users = _group(commands, "users", "create, list, change and disable users")
+    users = _group(commands, "users", "create, list, change, disable and delete users")
     create = _leaf(users, "create", "create a user", output, _create_user)
     create.add_argument("--name", required=True)
     create.add_argument("--email", required=True)
@@ -109,12 +129,40 @@ def add_arguments(commands: argparse._SubParsersAction[Any]) -> None:
     )
     disable = _leaf(users, "disable", "disable a user: their keys stop working", output, _disable)
     disable.add_argument("user_id", metavar="ID")
+    renamed = _leaf(users, "rename", "rename a user", output, _rename_user)
+    renamed.add_argument("user_id", metavar="ID")
+    renamed.add_argument("name", metavar="NAME", help="their new name")
+    delete = _leaf(
+        users,
+        "delete",
+        "delete a user: every key of theirs is revoked; their record and usage history are kept",
+        output,
+        _delete_user,
+    )
+    delete.add_argument("user_id", metavar="ID")
 
     keys = _group(commands, "keys", "create, list and revoke API keys")
     create = _leaf(keys, "create", "create an API key; its secret is shown once", output, _new_key)
     create.add_argument("--user", required=True, metavar="ID", help="the owner's user id")
     create.add_argument("--name", default="default", help="a label (default: default)")
-    create.add_argument("--expires-days", type=_positive_int, metavar="N", help="expire in N days")
+    expiry = create.add_mutually_exclusive_group()
+    expiry.add_argument("--expires-days", type=_positive_int, metavar="N", help="expire in N days")
+    expiry.add_argument(
+        "--expires",
+        type=_future_time,
+        metavar="TIME",
+        help="expire at TIME (RFC 3339, e.g. 2027-01-31T00:00:00Z; a date means its midnight UTC)",
+    )
+    create.add_argument(
+        "--budget", type=_usd, metavar="USD", help="the key's own monthly cost budget, in dollars"
+    )
+    create.add_argument(
+        "--models",
+        metavar="M1,M2",
+        help="the only models (or aliases) it may use, comma-separated (default: its tier's)",
+    )
+    create.add_argument("--rpm", type=_count, metavar="N", help="its own requests per minute")
+    create.add_argument("--tpm", type=_count, metavar="N", help="its own tokens per minute")
     listing = _leaf(keys, "list", "list API keys (never their secrets)", output, _list_keys)
     listing.add_argument("--user", metavar="ID", help="only this user's")
     revoke = _leaf(keys, "revoke", "revoke an API key", output, _revoke_key)
@@ -151,6 +199,40 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return int(text)
+
+
+def _usd(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 1e9:  # also refuses nan
+        raise argparse.ArgumentTypeError(
+            f"expected US dollars 0..1e9, e.g. 25 or 2.50, got {text!r}"
+        )
+    return value
+
+
+def _future_time(text: str) -> datetime:
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an RFC 3339 time such as 2027-01-31T00:00:00Z, got {text!r}"
+        ) from None
+    if when.tzinfo is None:
+        if len(text.strip()) > 10:  # a time without an offset is ambiguous
+            raise argparse.ArgumentTypeError(f"give {text!r} a UTC offset (Z or +01:00)")
+        when = when.replace(tzinfo=UTC)
+    if when <= datetime.now(UTC):
+        raise argparse.ArgumentTypeError(f"{text!r} is not in the future")
+    return when
+
+
 # -- running ----------------------------------------------------------------------------------
 
 
@@ -171,7 +253,8 @@ def _handler(action: Action) -> Handler:
 
 
 async def _with_store(action: Action, args: argparse.Namespace, settings: Settings) -> object:
-    from citadel.accounts.sql import database_url, open_store
+    from citadel.accounts.sql import open_store
+    from citadel.stores.sql import database_url
 
     uri = settings.accounts.database
     store = await open_store(uri, migrate=database_url(uri).startswith("sqlite"))
@@ -190,10 +273,10 @@ def _cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     from sqlalchemy.ext.asyncio import AsyncEngine
 
     from citadel.accounts.migrate import ACCOUNTS
-    from citadel.accounts.sql import build_engine, translate_errors
     from citadel.metering.ledger import rebuild_rollups
     from citadel.metering.migrate import LEDGER
     from citadel.migrations import Upgrade
+    from citadel.stores.sql import build_engine, translate_errors
 
     uri = settings.accounts.database
 
@@ -263,6 +346,22 @@ async def _set_team_budget(store: AccountStore, args: argparse.Namespace, _: Set
     return await store.set_team_budget(team_id, round(usd * 1_000_000))
 
 
+async def _rename(store: AccountStore, args: argparse.Namespace, _: Settings) -> Team:
+    return await store.rename_team(await _team_id(store, args.team), args.name)
+
+
+async def _delete_team(store: AccountStore, args: argparse.Namespace, _: Settings) -> Team:
+    return await store.delete_team(await _team_id(store, args.team))
+
+
+async def _rename_user(store: AccountStore, args: argparse.Namespace, _: Settings) -> User:
+    return await store.update_user(args.user_id, name=args.name)
+
+
+async def _delete_user(store: AccountStore, args: argparse.Namespace, _: Settings) -> User:
+    return await store.delete_user(args.user_id)
+
+
 async def _create_user(store: AccountStore, args: argparse.Namespace, s: Settings) -> User:
     tier = _tier(args.tier or s.accounts.default_tier, s)
     team_id = await _team_id(store, args.team) if args.team is not None else None
@@ -305,12 +404,27 @@ async def _disable(store: AccountStore, args: argparse.Namespace, _: Settings) -
 
 
 async def _new_key(
-    store: AccountStore, args: argparse.Namespace, _: Settings
+    store: AccountStore, args: argparse.Namespace, settings: Settings
 ) -> tuple[ApiKey, str]:
-    expires = None
+    expires = args.expires
     if args.expires_days is not None:
         expires = datetime.now(UTC) + timedelta(days=args.expires_days)
-    return await store.create_key(args.user, name=args.name, expires_at=expires)
+    models: tuple[str, ...] | None = None
+    if args.models is not None:
+        models = tuple(name.strip() for name in args.models.split(",") if name.strip())
+        if not models:
+            raise ValueError(f"--models {args.models!r}: expected model names, comma-separated")
+        for name in models:
+            if settings.model(name) is None:
+                known = ", ".join(m.name for m in settings.models)
+                raise ValueError(f"--models: {name!r} is not a configured model (models: {known})")
+    limits = KeyLimits(
+        budget_micros=None if args.budget is None else round(args.budget * 1_000_000),
+        models=models,
+        requests_per_minute=args.rpm,
+        tokens_per_minute=args.tpm,
+    )
+    return await store.create_key(args.user, name=args.name, expires_at=expires, limits=limits)
 
 
 async def _list_keys(store: AccountStore, args: argparse.Namespace, _: Settings) -> list[ApiKey]:
@@ -417,7 +531,13 @@ def _print_table(records: Sequence[object]) -> None:
 
 def _columns(record: object) -> dict[str, str]:
     if isinstance(record, Team):
-        return {"id": record.id, "name": record.name, "created": _time(record.created_at)}
+        budget = record.budget_micros
+        return {
+            "id": record.id,
+            "name": record.name,
+            "created": _time(record.created_at),
+            "budget": "-" if budget is None else f"${budget / 1_000_000:g}",
+        }
     if isinstance(record, User):
         return {
             "id": record.id,
@@ -425,7 +545,7 @@ def _columns(record: object) -> dict[str, str]:
             "email": record.email,
             "team": record.team_id or "-",
             "tier": record.tier,
-            "status": record.status,
+            "status": "deleted" if record.deleted_at is not None else record.status,
             "created": _time(record.created_at),
             "overrides": ", ".join(f"{k}={_limit(v)}" for k, v in record.overrides.items()) or "-",
         }
@@ -439,8 +559,22 @@ def _columns(record: object) -> dict[str, str]:
             "created": _time(record.created_at),
             "last used": _time(record.last_used_at),
             "expires": _time(record.expires_at),
+            "limits": _key_limits(record.limits),
         }
     raise TypeError(f"cannot show {record!r}")  # pragma: no cover
+
+
+def _key_limits(limits: KeyLimits) -> str:
+    parts = []
+    if limits.budget_micros is not None:
+        parts.append(f"budget=${limits.budget_micros / 1_000_000:g}")
+    if limits.requests_per_minute is not None:
+        parts.append(f"rpm={limits.requests_per_minute}")
+    if limits.tokens_per_minute is not None:
+        parts.append(f"tpm={limits.tokens_per_minute}")
+    if limits.models is not None:
+        parts.append("models=" + ",".join(limits.models))
+    return " ".join(parts) or "-"
 
 
 def _key_status(key: ApiKey, now: datetime) -> str:

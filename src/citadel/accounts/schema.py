@@ -85,6 +85,8 @@ class TeamRow(Base):
     created_at: Mapped[datetime]
     # The team's own monthly cost budget in micro-USD (0002); NULL: its members' budgets summed.
     budget_micros: Mapped[int | None] = mapped_column(BigInteger)
+    # When it was deleted (0004); NULL: not deleted. Kept so the ledger's team ids resolve.
+    deleted_at: Mapped[datetime | None]
 
 
 class UserRow(Base):
@@ -99,6 +101,8 @@ class UserRow(Base):
     status: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime]
     overrides: Mapped[dict[str, float | None]] = mapped_column(Overrides)
+    # When it was deleted (0004); NULL: not deleted. Kept so the ledger's user ids resolve.
+    deleted_at: Mapped[datetime | None]
 
 
 class ApiKeyRow(Base):
@@ -114,3 +118,8 @@ class ApiKeyRow(Base):
     last_used_at: Mapped[datetime | None]
     expires_at: Mapped[datetime | None]
     revoked_at: Mapped[datetime | None]
+    # The key's own limits (0003); NULL: none beyond its owner's.
+    budget_micros: Mapped[int | None] = mapped_column(BigInteger)
+    models: Mapped[list[str] | None] = mapped_column(Overrides)  # the models it may use
+    requests_per_minute: Mapped[int | None] = mapped_column(BigInteger)
+    tokens_per_minute: Mapped[int | None] = mapped_column(BigInteger)

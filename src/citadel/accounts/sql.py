@@ -19,16 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, cast
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from sqlalchemy import (
     Executable,
     bindparam,
-    event,
     exc,
     func,
     insert,
@@ -37,7 +36,7 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from citadel.accounts import keyformat
 from citadel.accounts.schema import (
@@ -54,27 +53,25 @@ from citadel.accounts.store import (
     OVERRIDABLE,
     ApiKey,
     ConflictError,
+    KeyLimits,
     KeyRecord,
     NotFoundError,
     Team,
     User,
     UserStatus,
 )
-from citadel.errors import ConfigError, StoreUnavailable
+from citadel.limits.maths import MAX_RATE
+from citadel.stores.sql import DEFAULT_TIMEOUT, build_engine, translate_errors
 
 __all__ = [
     "SECRET_PREFIX",
     "SqlAccountStore",
-    "build_engine",
-    "database_url",
     "open_store",
     "open_store_lazily",
-    "translate_errors",
 ]
 
 SECRET_PREFIX = keyformat.PREFIX
 VISIBLE_PREFIX_CHARS = 12
-DEFAULT_TIMEOUT = 5.0  # seconds for one operation, connecting included
 STATUSES = ("active", "disabled")
 
 _USER = (
@@ -86,6 +83,7 @@ _USER = (
     UserRow.status,
     UserRow.created_at,
     UserRow.overrides,
+    UserRow.deleted_at,
 )
 _KEY = (
     ApiKeyRow.id,
@@ -96,107 +94,28 @@ _KEY = (
     ApiKeyRow.last_used_at,
     ApiKeyRow.expires_at,
     ApiKeyRow.revoked_at,
+    ApiKeyRow.budget_micros,
+    ApiKeyRow.models,
+    ApiKeyRow.requests_per_minute,
+    ApiKeyRow.tokens_per_minute,
 )
-_TEAM = (TeamRow.id, TeamRow.name, TeamRow.created_at, TeamRow.budget_micros)
+_TEAM = (TeamRow.id, TeamRow.name, TeamRow.created_at, TeamRow.budget_micros, TeamRow.deleted_at)
 _PING = text("SELECT 1")
-# Authentication's query, built once: the key with this digest and its owner, in one round trip.
+# Authentication's query, built once: the key with this digest, its owner and the owner's team,
+# in one round trip.
 _FIND_KEY = (
-    select(*_KEY, *_USER)
+    select(*_KEY, *_USER, *_TEAM)
     .join_from(ApiKeyRow, UserRow, ApiKeyRow.user_id == UserRow.id)
+    .outerjoin(TeamRow, UserRow.team_id == TeamRow.id)
     .where(ApiKeyRow.digest == bindparam("digest"))
 )
+_KEY_COLUMNS, _USER_COLUMNS = len(_KEY), len(_USER)
 _TOUCH_KEY = (
     update(ApiKeyRow)
     .where(ApiKeyRow.id == bindparam("key_id"))
     .where((ApiKeyRow.last_used_at.is_(None)) | (ApiKeyRow.last_used_at < bindparam("used_at")))
     .values(last_used_at=bindparam("used_at"))
 )
-
-
-# -- engines ----------------------------------------------------------------------------------
-
-
-def database_url(uri: str) -> str:
-    """The SQLAlchemy async URL for ``uri``: PostgreSQL through asyncpg, SQLite through aiosqlite.
-
-    ``postgresql://`` and ``postgres://`` become ``postgresql+asyncpg://`` (libpq's ``sslmode``
-    query parameter becoming asyncpg's ``ssl``); ``sqlite:///path`` becomes
-    ``sqlite+aiosqlite:///path``; URLs naming those drivers already are returned as given.
-    """
-    scheme, sep, rest = uri.strip().partition("://")
-    scheme = scheme.lower()
-    if not sep:
-        raise ConfigError("accounts.database", uri, "a postgresql:// or sqlite:/// URI")
-    if scheme in ("postgresql", "postgres", "postgresql+asyncpg"):
-        parts = urlsplit(f"postgresql+asyncpg://{rest}")
-        query = [("ssl" if k == "sslmode" else k, v) for k, v in parse_qsl(parts.query)]
-        return urlunsplit(parts._replace(query=urlencode(query)))
-    if scheme in ("sqlite", "sqlite+aiosqlite"):
-        return f"sqlite+aiosqlite://{rest}"
-    raise ConfigError(
-        "accounts.database", uri, "a postgresql:// or sqlite:/// URI (asyncpg or aiosqlite)"
-    )
-
-
-def build_engine(uri: str, *, operation_timeout: float = DEFAULT_TIMEOUT) -> AsyncEngine:
-    """An engine for ``uri``; nothing is connected until first used.
-
-    SQLite connections enforce foreign keys and use write-ahead logging (readers never wait for
-    the writer); ``operation_timeout`` bounds connecting to PostgreSQL and SQLite's lock waits.
-    """
-    url = database_url(uri)
-    if url.startswith("sqlite"):
-        engine = create_async_engine(url, connect_args={"timeout": operation_timeout})
-        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
-        return engine
-    return create_async_engine(
-        url, connect_args={"timeout": operation_timeout}, pool_timeout=operation_timeout
-    )
-
-
-def _sqlite_pragmas(dbapi_connection: Any, connection_record: object) -> None:
-    cursor = dbapi_connection.cursor()
-    try:
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA journal_mode")
-        row = cursor.fetchone()
-        if row is None or str(row[0]).lower() != "wal":
-            # Switching to WAL needs the database to itself; the mode is kept in the file, so
-            # when another connection holds a lock now, a later connection makes the switch.
-            with contextlib.suppress(Exception):
-                cursor.execute("PRAGMA journal_mode=WAL")
-    finally:
-        cursor.close()
-
-
-def _missing_table(detail: str) -> bool:
-    """Whether a driver's message says a table or column is missing (SQLite's or PostgreSQL's
-    words): the schema is older than this code."""
-    if "no such table" in detail or "no such column" in detail:
-        return True
-    return detail.startswith(("relation ", "column ")) and detail.endswith("does not exist")
-
-
-@contextlib.contextmanager
-def translate_errors(timeout: float | None = None) -> Iterator[None]:
-    """Turn a driver or connection failure into StoreUnavailable("sql", ...), and a constraint
-    violation the operation did not name more precisely into ConflictError."""
-    try:
-        yield
-    except exc.IntegrityError as error:
-        raise ConflictError(" ".join(str(error.orig).split())) from error
-    except TimeoutError as error:  # asyncio.timeout's deadline, or the driver's connect timeout
-        within = f" within {timeout:g} s" if timeout is not None else " in time"
-        raise StoreUnavailable("sql", f"the database did not answer{within}") from error
-    except exc.DBAPIError as error:
-        detail = " ".join(str(error.orig).split()) or type(error.orig).__name__
-        if _missing_table(detail):
-            detail += " (the accounts tables are missing or old: run `citadel migrate`)"
-        raise StoreUnavailable("sql", detail) from error
-    except exc.TimeoutError as error:  # no pooled connection became free in time
-        raise StoreUnavailable("sql", f"no free connection: {error}") from error
-    except OSError as error:  # refused, reset, unreachable
-        raise StoreUnavailable("sql", str(error) or type(error).__name__) from error
 
 
 # -- the store --------------------------------------------------------------------------------
@@ -238,9 +157,16 @@ class SqlAccountStore:
                 raise ConflictError(f"a team named {name!r} exists already") from error
         return team
 
-    async def list_teams(self) -> list[Team]:
-        rows = await self._read(select(*_TEAM).order_by(TeamRow.name))
-        return [Team(id=r[0], name=r[1], created_at=r[2], budget_micros=r[3]) for r in rows]
+    async def list_teams(self, *, include_deleted: bool = False) -> list[Team]:
+        """The teams not deleted (all of them with ``include_deleted``: to name history)."""
+        statement = select(*_TEAM).order_by(TeamRow.name)
+        if not include_deleted:
+            statement = statement.where(TeamRow.deleted_at.is_(None))
+        return [_team(r) for r in await self._read(statement)]
+
+    async def get_team(self, team_id: str) -> Team | None:
+        rows = await self._read(select(*_TEAM).where(TeamRow.id == team_id))
+        return _team(rows[0]) if rows else None
 
     async def set_team_budget(self, team_id: str, budget_micros: int | None) -> Team:
         if budget_micros is not None and (
@@ -248,6 +174,7 @@ class SqlAccountStore:
         ):
             raise ValueError(f"budget {budget_micros!r}: expected micro-USD >= 0, or none")
         async with self._write() as conn:
+            await _require_team(conn, team_id)
             row = (
                 await conn.execute(
                     update(TeamRow)
@@ -258,7 +185,59 @@ class SqlAccountStore:
             ).first()
         if row is None:
             raise NotFoundError(f"no team has id {team_id!r}")
-        return Team(id=row[0], name=row[1], created_at=row[2], budget_micros=row[3])
+        return _team(row)
+
+    async def rename_team(self, team_id: str, name: str) -> Team:
+        """Rename a team: NotFoundError for an unknown id, ConflictError for a name taken
+        (by any team, a deleted one included) or a deleted team."""
+        name = _required("name", name)
+        async with self._write() as conn:
+            await _require_team(conn, team_id)
+            try:
+                row = (
+                    await conn.execute(
+                        update(TeamRow)
+                        .where(TeamRow.id == team_id)
+                        .values(name=name)
+                        .returning(*_TEAM)
+                    )
+                ).first()
+            except exc.IntegrityError as error:
+                raise ConflictError(f"a team named {name!r} exists already") from error
+        assert row is not None  # required above, in the same transaction
+        return _team(row)
+
+    async def delete_team(self, team_id: str) -> Team:
+        """Mark a team deleted: hidden from listings, its name still taken, its ledger rows
+        kept. ConflictError while it has members not deleted (move or delete them first);
+        deleting it again keeps the first time."""
+        now = self._clock()
+        async with self._write() as conn:
+            members = (
+                await conn.execute(
+                    select(func.count())
+                    .select_from(UserRow)
+                    .where(UserRow.team_id == team_id, UserRow.deleted_at.is_(None))
+                )
+            ).scalar_one()
+            if members:
+                raise ConflictError(
+                    f"the team {team_id!r} has {members} member(s): move them to another team "
+                    "or delete them first"
+                )
+            row = (
+                await conn.execute(
+                    update(TeamRow)
+                    .where(TeamRow.id == team_id)
+                    .values(
+                        deleted_at=func.coalesce(TeamRow.deleted_at, literal(now, UtcDateTime()))
+                    )
+                    .returning(*_TEAM)
+                )
+            ).first()
+        if row is None:
+            raise NotFoundError(f"no team has id {team_id!r}")
+        return _team(row)
 
     # - users
 
@@ -294,12 +273,41 @@ class SqlAccountStore:
                 raise _email_taken(user.email) from error
         return user
 
+    async def delete_user(self, user_id: str) -> User:
+        """Mark a user deleted and disabled and revoke every key of theirs, in one
+        transaction: hidden from listings, their email still taken, their ledger rows and keys
+        kept (revoked). Deleting them again keeps the first times."""
+        now = literal(self._clock(), UtcDateTime())
+        async with self._write() as conn:
+            row = (
+                await conn.execute(
+                    update(UserRow)
+                    .where(UserRow.id == user_id)
+                    .values(deleted_at=func.coalesce(UserRow.deleted_at, now), status="disabled")
+                    .returning(*_USER)
+                )
+            ).first()
+            if row is None:
+                raise NotFoundError(f"no user has id {user_id!r}")
+            await conn.execute(
+                update(ApiKeyRow)
+                .where(ApiKeyRow.user_id == user_id, ApiKeyRow.revoked_at.is_(None))
+                .values(revoked_at=now)
+            )
+        return _user(row)
+
     async def get_user(self, user_id: str) -> User | None:
         rows = await self._read(select(*_USER).where(UserRow.id == user_id))
         return _user(rows[0]) if rows else None
 
-    async def list_users(self, *, team_id: str | None = None) -> list[User]:
+    async def list_users(
+        self, *, team_id: str | None = None, include_deleted: bool = False
+    ) -> list[User]:
+        """The users not deleted (all of them with ``include_deleted``: to name history), of
+        a team if given."""
         statement = select(*_USER).order_by(UserRow.created_at, UserRow.id)
+        if not include_deleted:
+            statement = statement.where(UserRow.deleted_at.is_(None))
         if team_id is not None:
             statement = statement.where(UserRow.team_id == team_id)
         return [_user(row) for row in await self._read(statement)]
@@ -334,6 +342,8 @@ class SqlAccountStore:
         async with self._write() as conn:
             if team_id is not None:
                 await _require_team(conn, team_id)
+            if values:
+                await _require_live_user(conn, user_id)
             statement: Executable
             if values:
                 statement = (
@@ -352,11 +362,18 @@ class SqlAccountStore:
     # - keys
 
     async def create_key(
-        self, user_id: str, *, name: str, expires_at: datetime | None = None
+        self,
+        user_id: str,
+        *,
+        name: str,
+        expires_at: datetime | None = None,
+        limits: KeyLimits | None = None,
     ) -> tuple[ApiKey, str]:
-        """A new key and its secret; the secret is not kept and cannot be shown again."""
+        """A new key (with ``limits`` of its own) and its secret; the secret is not kept and
+        cannot be shown again. ValueError for a limit out of range."""
         if expires_at is not None and expires_at.tzinfo is None:
             raise ValueError(f"expires_at {expires_at.isoformat()}: expected a timezone-aware time")
+        limits = checked_key_limits(limits or KeyLimits())
         secret = keyformat.new_secret()
         key = ApiKey(
             id=new_id(KEY_PREFIX),
@@ -367,11 +384,10 @@ class SqlAccountStore:
             last_used_at=None,
             expires_at=None if expires_at is None else expires_at.astimezone(UTC),
             revoked_at=None,
+            limits=limits,
         )
         async with self._write() as conn:
-            found = await conn.execute(select(UserRow.id).where(UserRow.id == user_id))
-            if found.first() is None:
-                raise NotFoundError(f"no user has id {user_id!r}")
+            await _require_live_user(conn, user_id)
             await conn.execute(
                 insert(ApiKeyRow).values(
                     id=key.id,
@@ -381,6 +397,10 @@ class SqlAccountStore:
                     prefix=key.prefix,
                     created_at=key.created_at,
                     expires_at=key.expires_at,
+                    budget_micros=limits.budget_micros,
+                    models=None if limits.models is None else list(limits.models),
+                    requests_per_minute=limits.requests_per_minute,
+                    tokens_per_minute=limits.tokens_per_minute,
                 )
             )
         return key, secret
@@ -411,7 +431,13 @@ class SqlAccountStore:
         rows = await self._read(_FIND_KEY, {"digest": digest})
         if not rows:
             return None
-        return KeyRecord(key=_key(rows[0][:8]), user=_user(rows[0][8:]))
+        row = rows[0]
+        team = row[_KEY_COLUMNS + _USER_COLUMNS :]
+        return KeyRecord(
+            key=_key(row[:_KEY_COLUMNS]),
+            user=_user(row[_KEY_COLUMNS : _KEY_COLUMNS + _USER_COLUMNS]),
+            team=None if team[0] is None else _team(team),
+        )
 
     async def touch_keys(self, last_used: dict[str, datetime]) -> None:
         """Record when keys were last used; a time older than the one stored, or an unknown
@@ -506,10 +532,35 @@ def _user(row: Sequence[Any]) -> User:
         status=row[5],
         created_at=row[6],
         overrides={k: None if v is None else float(v) for k, v in overrides.items()},
+        deleted_at=row[8],
     )
 
 
+def _team(row: Sequence[Any]) -> Team:
+    return Team(id=row[0], name=row[1], created_at=row[2], budget_micros=row[3], deleted_at=row[4])
+
+
+def checked_key_limits(limits: KeyLimits) -> KeyLimits:
+    """``limits`` if every value is in range (amounts >= 0, a non-empty list of model names),
+    with the model names stripped; ValueError naming the first that is not."""
+    for field, value, top in (
+        ("budget_micros", limits.budget_micros, 2**63),
+        ("requests_per_minute", limits.requests_per_minute, MAX_RATE + 1),
+        ("tokens_per_minute", limits.tokens_per_minute, MAX_RATE + 1),
+    ):
+        if value is not None and (isinstance(value, bool) or not 0 <= value < top):
+            raise ValueError(f"key limit {field}={value!r}: expected a whole number 0..{top - 1}")
+    models = limits.models
+    if models is not None:
+        names = tuple(dict.fromkeys(str(m).strip() for m in models))
+        if not names or not all(names):
+            raise ValueError(f"key models {list(models)!r}: expected one or more model names")
+        limits = dataclasses.replace(limits, models=names)
+    return limits
+
+
 def _key(row: Sequence[Any]) -> ApiKey:
+    models = cast(Sequence[str] | None, row[9])
     return ApiKey(
         id=row[0],
         user_id=row[1],
@@ -519,13 +570,33 @@ def _key(row: Sequence[Any]) -> ApiKey:
         last_used_at=row[5],
         expires_at=row[6],
         revoked_at=row[7],
+        limits=KeyLimits(
+            budget_micros=row[8],
+            models=None if models is None else tuple(models),
+            requests_per_minute=row[10],
+            tokens_per_minute=row[11],
+        ),
     )
 
 
 async def _require_team(conn: AsyncConnection, team_id: str) -> None:
-    found = await conn.execute(select(TeamRow.id).where(TeamRow.id == team_id))
-    if found.first() is None:
+    found = (await conn.execute(select(TeamRow.deleted_at).where(TeamRow.id == team_id))).first()
+    if found is None:
         raise NotFoundError(f"no team has id {team_id!r}")
+    if found[0] is not None:
+        raise _deleted("team", team_id)
+
+
+async def _require_live_user(conn: AsyncConnection, user_id: str) -> None:
+    found = (await conn.execute(select(UserRow.deleted_at).where(UserRow.id == user_id))).first()
+    if found is None:
+        raise NotFoundError(f"no user has id {user_id!r}")
+    if found[0] is not None:
+        raise _deleted("user", user_id)
+
+
+def _deleted(what: str, id_: str) -> ConflictError:
+    return ConflictError(f"the {what} {id_!r} was deleted and cannot be changed or used")
 
 
 def _required(field: str, value: str) -> str:

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal, Protocol
 
+from citadel.errors import Conflict, NotFound
+
 UserStatus = Literal["active", "disabled"]
 
 # Limit overrides a user may carry (a subset of a tier's fields); None removes the limit.
@@ -31,6 +33,7 @@ class Team:
     # The team's own monthly cost budget, in micro-USD, set at run time (``set_team_budget``);
     # None: the sum of its members' budgets (``citadel.metering.budgets``).
     budget_micros: int | None = None
+    deleted_at: datetime | None = None  # set by ``delete_team``; the record is kept
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -43,6 +46,21 @@ class User:
     status: UserStatus
     created_at: datetime
     overrides: dict[str, float | None] = field(default_factory=dict)
+    deleted_at: datetime | None = None  # set by ``delete_user``; the record is kept
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class KeyLimits:
+    """An API key's own limits, on top of its owner's ("virtual keys"); None: none of its own.
+
+    The limiter charges them with the owner's on every request of the key (``citadel.limits``);
+    ``models`` narrows what the owner's tier allows, it never widens it.
+    """
+
+    budget_micros: int | None = None  # monthly cost budget, micro-USD
+    models: tuple[str, ...] | None = None  # model names or aliases it may use
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -55,36 +73,55 @@ class ApiKey:
     last_used_at: datetime | None
     expires_at: datetime | None
     revoked_at: datetime | None
+    limits: KeyLimits = field(default_factory=KeyLimits)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class KeyRecord:
-    """What authentication needs: the key and its owner."""
+    """What authentication needs: the key, its owner and the owner's team (if any)."""
 
     key: ApiKey
     user: User
+    team: Team | None = None
 
 
-class NotFoundError(LookupError):
-    """No user, team or key has that id."""
+class NotFoundError(NotFound, LookupError):
+    """No user, team or key has that id (a 404 in the one hierarchy; still a LookupError)."""
 
 
-class ConflictError(ValueError):
-    """A unique value (an email, a team name) is taken."""
+class ConflictError(Conflict, ValueError):
+    """A unique value (an email, a team name) is taken (a 409; still a ValueError)."""
 
 
 class AccountStore(Protocol):
     async def create_team(self, name: str) -> Team: ...
-    async def list_teams(self) -> list[Team]: ...
+    async def list_teams(self, *, include_deleted: bool = False) -> list[Team]: ...
     async def set_team_budget(self, team_id: str, budget_micros: int | None) -> Team:
         """Set (None: clear) the team's monthly cost budget; NotFoundError if no such team."""
+        ...
+
+    async def rename_team(self, team_id: str, name: str) -> Team:
+        """Rename a team; ConflictError if the name is taken (or the team deleted)."""
+        ...
+
+    async def delete_team(self, team_id: str) -> Team:
+        """Mark a team deleted (kept for the ledger's history, hidden from listings);
+        ConflictError while it has members who are not deleted."""
+        ...
+
+    async def delete_user(self, user_id: str) -> User:
+        """Mark a user deleted and disabled and revoke every key of theirs, in one
+        transaction (kept for the ledger's history, hidden from listings)."""
         ...
 
     async def create_user(
         self, *, name: str, email: str, tier: str, team_id: str | None = None
     ) -> User: ...
     async def get_user(self, user_id: str) -> User | None: ...
-    async def list_users(self, *, team_id: str | None = None) -> list[User]: ...
+    async def get_team(self, team_id: str) -> Team | None: ...
+    async def list_users(
+        self, *, team_id: str | None = None, include_deleted: bool = False
+    ) -> list[User]: ...
     async def update_user(
         self,
         user_id: str,
@@ -97,9 +134,15 @@ class AccountStore(Protocol):
         overrides: dict[str, float | None] | None = None,
     ) -> User: ...
     async def create_key(
-        self, user_id: str, *, name: str, expires_at: datetime | None = None
+        self,
+        user_id: str,
+        *,
+        name: str,
+        expires_at: datetime | None = None,
+        limits: KeyLimits | None = None,
     ) -> tuple[ApiKey, str]:
-        """A new key and its secret; the secret is not kept and cannot be shown again."""
+        """A new key (with ``limits`` of its own) and its secret; the secret is not kept and
+        cannot be shown again. ValueError for a limit out of range."""
         ...
 
     async def list_keys(self, *, user_id: str | None = None) -> list[ApiKey]: ...

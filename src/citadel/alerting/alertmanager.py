@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from citadel.errors import TransportError
 from citadel.http.client import ConnectError, HttpClient, Origin, ProtocolError, ReadTimeout
 from citadel.metrics import (
     ALERTING_ALERTS_DROPPED,
@@ -45,7 +46,7 @@ _log = logging.getLogger("citadel.alerting")
 State = Literal["firing", "resolved"]
 
 
-class AlertmanagerError(Exception):
+class AlertmanagerError(TransportError):
     """Alertmanager could not be reached, or refused the alerts."""
 
 

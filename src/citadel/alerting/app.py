@@ -133,9 +133,10 @@ def default_deps(settings: Settings) -> AlertingDeps:
     close: list[Callable[[], Awaitable[None]]] = [http.aclose]
     rules = alerting_settings(settings).rules
     if any(rule.ledger is not None for rule in rules):
-        from citadel.accounts.sql import build_engine, open_store_lazily
+        from citadel.accounts.sql import open_store_lazily
         from citadel.alerting.ledger import LedgerMetrics
         from citadel.metering.analytics import Analytics
+        from citadel.stores.sql import build_engine
 
         engine = build_engine(settings.metering.database or settings.accounts.database)
         spend = AnalyticsSpend(Analytics(engine), settings.limits.timezone)

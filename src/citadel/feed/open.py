@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from citadel.errors import ConfigError
 from citadel.feed.core import Feed
 from citadel.feed.memory import MemoryFeed
 from citadel.feed.redis import RedisFeed
 from citadel.settings import Settings
-from citadel.stores.endpoint import connect_redis
+from citadel.stores.endpoint import connect_redis, shared_redis_url
 
 __all__ = ["USAGE", "open_feed", "shared_feed"]
 
@@ -17,11 +16,8 @@ _TAIL_TIMEOUT = 5.0  # seconds: above the tail's XREAD BLOCK (1 s)
 
 def open_feed(settings: Settings, *, maxlen: int = 10_000) -> Feed:
     """``endpoints.redis`` (or a redis:// limiter backend), else a MemoryFeed of ``maxlen``."""
-    from citadel.metering.writer import redis_url
-
-    try:
-        url = redis_url(settings.endpoints.redis, settings.limits.backend)
-    except ConfigError:
+    url = shared_redis_url(settings.endpoints.redis, settings.limits.backend)
+    if url is None:
         return MemoryFeed(maxlen=maxlen)
     return RedisFeed(
         connect_redis(url, timeout=settings.limits.store_timeout_seconds * 4),

@@ -11,12 +11,12 @@ from functools import partial
 
 import orjson
 
+from citadel.accounts.auth import AdminKeyAuthenticator, Authenticator, KeyAuthenticator
 from citadel.accounts.store import AccountStore
 from citadel.errors import StoreUnavailable
 from citadel.feed import Feed
 from citadel.feed.open import shared_feed
 from citadel.feed.publisher import Publisher
-from citadel.gateway.auth import AdminKeyAuthenticator, Authenticator, KeyAuthenticator
 from citadel.gateway.document import openapi_document
 from citadel.gateway.proxy import MODELS_PREFIX, SERVES, Gateway
 from citadel.gateway.responses import (
@@ -99,12 +99,12 @@ def default_deps(settings: Settings) -> GatewayDeps:
 def usage_sink(settings: Settings) -> RedisStreamSink | SqlLedgerSink:
     """Usage events to the Redis Stream the ledger writer drains when Redis is configured (with a
     spool file for outages); otherwise straight into the SQL ledger (the embedded default)."""
-    from citadel.accounts.sql import build_engine
     from citadel.metering.journal import Journal
     from citadel.metering.sinks import RedisStreamSink, SqlLedgerSink
     from citadel.metering.spool import Spool
     from citadel.routing.shared import redis_url
     from citadel.stores.endpoint import connect_redis
+    from citadel.stores.sql import build_engine
 
     metering = settings.metering
     journal = (

@@ -16,6 +16,11 @@ the stream ends without one. A client that goes away cancels the task serving it
 ``citadel.http.server``): the upstream response is then closed, which closes its connection and
 stops the generation upstream.
 
+A Responses request passed through to a deployment that speaks the Responses API
+(``citadel.gateway.passthrough``) is relayed the same way, by ``relay_responses``: its typed events
+pass as they arrive (model renamed), usage comes from the final event's ``response``, and a
+failure mid-stream ends it with the Responses API's ``error`` and ``response.failed`` events.
+
 Once a stream has started, a failure (the total timeout, a stall past the first-byte timeout, a
 broken connection, an event that is not JSON) ends it with an SSE error event rather than a silent
 cut; a failure before any byte reached the client is a 502 or a 504.
@@ -31,9 +36,15 @@ from typing import Any
 
 import orjson
 
+from citadel.accounts.auth import Principal
 from citadel.errors import ApiError, UpstreamError, UpstreamTimeout
-from citadel.gateway.auth import Principal
 from citadel.gateway.meter import Meter, Target
+from citadel.gateway.passthrough import (
+    Passthrough,
+    ResponseEvents,
+    output_text,
+    response_usage_tokens,
+)
 from citadel.gateway.upstream import Upstream
 from citadel.http.client import ProtocolError, ReadTimeout, UpstreamResponse
 from citadel.http.server import Request, Response, StreamResponse
@@ -87,6 +98,7 @@ class Call:
         "meter",
         "model",
         "parsed",
+        "passthrough",
         "principal",
         "prompt_tokens",
         "request",
@@ -109,6 +121,7 @@ class Call:
         started: float,
         wall: float,
         label: str | None = None,
+        passthrough: Passthrough | None = None,
     ) -> None:
         self.meter = meter
         self.endpoint = endpoint
@@ -118,6 +131,8 @@ class Call:
         self.request = request
         self.request_id = request.request_id.encode()
         self.parsed = parsed
+        # a Responses request, for the deployments that speak the Responses API (None: any other)
+        self.passthrough = passthrough
         self.model = model
         self.principal = principal
         self.started = started
@@ -152,11 +167,17 @@ class Call:
         meter.in_flight.inc((self.gauge_model,))
         streaming = False
         try:
-            _, response = await upstream.open(self)
+            target, response = await upstream.open(self)
+            native = False
+            passthrough = self.passthrough
+            if passthrough is not None and target.deployment.responses:
+                native = passthrough.served = True
             if self.parsed.stream:
                 streaming = True  # from here the stream body owns the end (StreamBody)
-                return StreamResponse(StreamBody(self, response), headers=self.response_headers())
-            return await self.whole(response)
+                return StreamResponse(
+                    StreamBody(self, response, native=native), headers=self.response_headers()
+                )
+            return await self.whole(response, native=native)
         except asyncio.CancelledError:
             self.cancelled()
             self.finish(self.target, CLIENT_CLOSED, CLIENT_CLOSED_REASON)
@@ -173,7 +194,8 @@ class Call:
 
     # -- non-streaming -----------------------------------------------------------------------
 
-    async def whole(self, upstream: UpstreamResponse) -> Response:
+    async def whole(self, upstream: UpstreamResponse, *, native: bool = False) -> Response:
+        """Relay a whole body (``native``: a Responses API ``response`` object)."""
         target = self.target
         assert target is not None
         meter = self.meter
@@ -208,14 +230,29 @@ class Call:
                 "malformed response body (not a JSON object).",
                 code="upstream_malformed_body",
             ) from exc
-        self._take_usage(doc.get("usage"))
+        if native:
+            tokens = response_usage_tokens(doc.get("usage"))
+            if tokens is not None:
+                self.prompt_tokens, self.completion_tokens = tokens
+        else:
+            self._take_usage(doc.get("usage"))
         if self.prompt_tokens == 0 and self.completion_tokens == 0:
             self._estimate_from(doc)
-        if doc.get("model") != self.parsed.model:
-            doc["model"] = self.parsed.model
+        named = self.reply_model()
+        if doc.get("model") != named:
+            doc["model"] = named
             raw = orjson.dumps(doc)
         self.finish(target, 200)
         return Response(200, raw, self.response_headers())
+
+    def reply_model(self) -> str:
+        """The model a reply names: the one the client asked for (a name or alias), or for a
+        virtual name (``auto``) the model that served it, as OpenAI names the snapshot that
+        served an alias."""
+        asked = self.parsed.model
+        if asked == self.model.name or asked in self.model.aliases:
+            return asked
+        return self.model.name
 
     def _estimate_from(self, doc: dict[str, Any]) -> None:
         self.usage_estimated = True
@@ -228,6 +265,8 @@ class Call:
                     texts.append(message["content"])
                 elif isinstance(choice.get("text"), str):
                     texts.append(choice["text"])
+        if "output" in doc:  # a Responses API response object
+            texts.append(output_text(doc["output"]))
         self.completion_tokens = sum(estimate_tokens(t) for t in texts)
 
     def _take_usage(self, usage: object) -> None:
@@ -247,8 +286,8 @@ class Call:
         meter = self.meter
         wants_usage = self.parsed.include_usage
         decoder = SseDecoder()
-        # Chunks name the model as the client asked for it, as whole replies do (``whole``).
-        renames = _model_renames(target.deployment.upstream_model, self.parsed.model)
+        # Chunks name the model as whole replies do (``whole``, ``reply_model``).
+        renames = _model_renames(target.deployment.upstream_model, self.reply_model())
         saw_usage = False
         pieces = 0
         texts: list[str] = []
@@ -330,6 +369,13 @@ class Call:
                 self.finish(target, status, reason)
 
     def _stream_error(self, exc: Exception, status: int) -> bytes:
+        message, code = self._stream_failure(exc, status)
+        return orjson.dumps(
+            {"error": {"message": message, "type": "upstream_error", "param": None, "code": code}}
+        )
+
+    def _stream_failure(self, exc: Exception, status: int) -> tuple[str, str]:
+        """The message and code a stream broken off by ``exc`` ends with."""
         assert self.target is not None
         where = f"deployment '{self.target.deployment.name}' of model '{self.model.name}'"
         if isinstance(exc, TimeoutError):
@@ -342,9 +388,95 @@ class Call:
             message = f"The stream from {where} broke off."
             _log.warning("upstream stream broke off", extra={"where": where, "detail": str(exc)})
         code = "upstream_timeout" if status == 504 else "upstream_stream_broken"
-        return orjson.dumps(
-            {"error": {"message": message, "type": "upstream_error", "param": None, "code": code}}
-        )
+        return message, code
+
+    async def relay_responses(self, upstream: UpstreamResponse) -> AsyncGenerator[bytes, None]:
+        """Pass a Responses API stream through as ``relay`` passes a chat stream (the module
+        docstring), reading the deltas and the final event (``ResponseEvents``)."""
+        target = self.target
+        assert target is not None
+        passthrough = self.passthrough
+        assert passthrough is not None
+        meter = self.meter
+        decoder = SseDecoder()
+        renames = _model_renames(target.deployment.upstream_model, self.parsed.model)
+        events = ResponseEvents()
+        status = 200
+        reason = ""
+        chunks = upstream.__aiter__()
+        try:
+            while True:
+                try:
+                    remaining = self.deadline - time.perf_counter()
+                    if remaining < self.model.timeouts.first_byte:
+                        async with asyncio.timeout(remaining):
+                            chunk = await chunks.__anext__()
+                    else:
+                        chunk = await chunks.__anext__()
+                except StopAsyncIteration:
+                    break
+                out: list[bytes] = []
+                for block in decoder.feed(chunk):
+                    payload = event_data(block)
+                    if payload is not None and payload != b"[DONE]":
+                        try:
+                            event = orjson.loads(payload)
+                        except orjson.JSONDecodeError:
+                            event = None
+                        if not isinstance(event, dict):
+                            raise _MalformedEventError(payload[:80].decode("utf-8", "replace"))
+                        if events.read(event) and self.first_token_at is None:
+                            self.first_token_at = time.perf_counter()
+                    for old, new in renames:
+                        block = block.replace(old, new, 1)
+                    out.append(block)
+                if out:
+                    yield b"".join(out)
+            if events.final is None:  # the upstream ended the stream without its final event
+                raise ProtocolError("the stream ended before its final event")
+        except (asyncio.CancelledError, GeneratorExit):
+            # A client that leaves after the final event got the whole stream: a success.
+            if events.final is None:
+                self.cancelled()
+                status, reason = CLIENT_CLOSED, CLIENT_CLOSED_REASON
+            raise
+        except (_MalformedEventError, TimeoutError, ReadTimeout, ProtocolError) as exc:
+            status = 504 if isinstance(exc, TimeoutError | ReadTimeout) else 502
+            reason = "upstream_timeout" if status == 504 else "upstream_stream_broken"
+            if isinstance(exc, _MalformedEventError):
+                kind = "malformed"
+                exc = _MalformedEventError("an event was not JSON")
+            elif status == 504:
+                kind = "timeout_total" if isinstance(exc, TimeoutError) else "timeout_first_byte"
+            else:
+                kind = "disconnect"
+            meter.count_error(target, kind)
+            yield events.fail(*self._stream_failure(exc, status))
+        except Exception:
+            status, reason = 500, INTERNAL_ERROR_REASON  # a bug: the stream breaks off
+            raise
+        finally:
+            try:
+                await upstream.aclose()
+            finally:
+                response = events.snapshot if events.final is not None else None
+                tokens = response_usage_tokens(response.get("usage")) if response else None
+                if tokens is not None:
+                    self.prompt_tokens, self.completion_tokens = tokens
+                else:
+                    self.usage_estimated = True
+                    self.prompt_tokens = estimate_prompt_tokens(self.parsed)
+                    self.completion_tokens = max(
+                        events.pieces, estimate_tokens("".join(events.texts))
+                    )
+                if response is not None:
+                    if response.get("model") != self.parsed.model:
+                        response["model"] = self.parsed.model
+                    passthrough.response = response
+                    if events.final == "response.failed" and status == 200:
+                        status, reason = 502, "upstream_response_failed"
+                meter.in_flight.dec((self.gauge_model,))
+                self.finish(target, status, reason)
 
     # -- metering ----------------------------------------------------------------------------
 
@@ -431,10 +563,10 @@ class StreamBody:
 
     __slots__ = ("_call", "_relay", "_started", "_upstream")
 
-    def __init__(self, call: Call, upstream: UpstreamResponse) -> None:
+    def __init__(self, call: Call, upstream: UpstreamResponse, *, native: bool = False) -> None:
         self._call = call
         self._upstream = upstream
-        self._relay = call.relay(upstream)
+        self._relay = call.relay_responses(upstream) if native else call.relay(upstream)
         self._started = False
 
     def __aiter__(self) -> StreamBody:

@@ -22,8 +22,8 @@ import logging
 import time
 from dataclasses import dataclass
 
+from citadel.accounts.auth import Principal
 from citadel.errors import StoreUnavailable
-from citadel.gateway.auth import Principal
 from citadel.http.client import Origin
 from citadel.limits.decision import Limiter, Limits, Reservation
 from citadel.metering.events import UsageEvent, UsageSink, new_event_id

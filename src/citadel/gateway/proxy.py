@@ -6,8 +6,9 @@ request to its ``Call`` (``citadel.gateway.call``), the one owner of the rest of
 upstream attempts (``citadel.gateway.upstream``: retries, fallbacks), the body whole or the SSE
 relay, and whatever ends it, the settling (``citadel.gateway.meter``).
 
-Limits: before forwarding, one limiter call checks and reserves every limit of the caller's tier
-(the prompt's estimated tokens plus ``max_tokens`` are reserved); a refusal is a 429 with
+Limits: before forwarding, one limiter call checks and reserves every limit of the caller's tier,
+of its API key (its own budget and per-minute limits) and its team's budget (the prompt's
+estimated tokens plus ``max_tokens`` are reserved); a refusal is a 429 with
 ``Retry-After`` and the ``x-ratelimit-*`` headers, which successful responses carry too. When the
 request ends, however it ends (done, failed upstream, client gone), the reservation is reconciled
 to the actual usage in the background, which also releases the concurrency lease. When the limiter
@@ -30,6 +31,7 @@ from urllib.parse import unquote
 
 import orjson
 
+from citadel.accounts.auth import Authenticator, Principal
 from citadel.errors import (
     ApiError,
     BadRequest,
@@ -41,9 +43,9 @@ from citadel.errors import (
     Unavailable,
     UnsupportedMedia,
 )
-from citadel.gateway.auth import Authenticator, Principal
 from citadel.gateway.call import CLIENT_CLOSED, CLIENT_CLOSED_REASON, Call, error_reason
 from citadel.gateway.meter import Meter
+from citadel.gateway.passthrough import Passthrough
 from citadel.gateway.throttle import AuthThrottle, client_address, parse_networks
 from citadel.gateway.upstream import UPSTREAM_PATHS, Upstream
 from citadel.http.client import HttpClient
@@ -130,6 +132,8 @@ class Gateway:
             fail_closed=self._fail_closed,
         )
         self.upstream = Upstream(settings, client=client, meter=self.meter)
+        # Some deployment speaks the Responses API itself (``responses: true``).
+        self.speaks_responses = any(d.responses for m in settings.models for d in m.deployments)
         created = int(time.time())
 
         def entry(name: str) -> bytes:
@@ -139,16 +143,18 @@ class Gateway:
 
         self._models = {name: entry(name) for m in settings.models for name in (m.name, *m.aliases)}
         self._virtual = {name: entry(name) for name in sorted(self.router.virtual)}
-        # The list each set of allowed models sees (a tier's `models:`), built once per set.
-        self._listings: dict[tuple[str, ...], bytes] = {}
+        # The list each set of allowed models sees (a tier's `models:` and a key's own list),
+        # built once per set.
+        self._listings: dict[tuple[tuple[str, ...], tuple[str, ...] | None], bytes] = {}
 
     # -- endpoints ---------------------------------------------------------------------------
 
     async def list_models(self, request: Request) -> Response:
-        """The models (and aliases) the caller's tier may use, and the virtual names (``auto``)
-        when it may use any model."""
+        """The models (and aliases) the caller's tier and key may use, and the virtual names
+        (``auto``) when it may use any model."""
         principal = await self._authenticate(request)
-        body = self._listings.get(principal.models)
+        listing = (principal.models, principal.key_models)
+        body = self._listings.get(listing)
         if body is None:
             allowed = [
                 self._models[name]
@@ -159,7 +165,7 @@ class Gateway:
             if allowed:
                 allowed += self._virtual.values()
             body = b'{"object":"list","data":[' + b",".join(allowed) + b"]}"
-            self._listings[principal.models] = body
+            self._listings[listing] = body
         return Response(200, body)
 
     async def _authenticate(self, request: Request) -> Principal:
@@ -268,13 +274,16 @@ class Gateway:
         wall: float,
         *,
         label: str | None = None,
+        passthrough: Passthrough | None = None,
     ) -> Response | StreamResponse:
         """Resolve the model, check the request against it, admit it and serve it; ``label``
-        names the endpoint in metrics and the ledger when it is not ``parsed.endpoint``."""
+        names the endpoint in metrics and the ledger when it is not ``parsed.endpoint``;
+        ``passthrough`` is the Responses request for deployments that speak the Responses API."""
         endpoint = parsed.endpoint
         name = parsed.model
         try:
             call = self._admitted_call(request, parsed, principal, started, wall, label)
+            call.passthrough = passthrough
             name = call.model.name
             if principal.limits is not None and self._limiter is not None:
                 await self._admit(call)
@@ -321,9 +330,16 @@ class Gateway:
                 param="model",
                 code="model_not_supported",
             )
-        if not principal.may_use(model.name, *model.aliases):
+        if not principal.tier_may_use(model.name, *model.aliases):
             raise Forbidden(
                 f"Your tier '{principal.tier}' may not use the model `{parsed.model}`.",
+                param="model",
+                code="model_not_allowed",
+            )
+        if not principal.key_may_use(model.name, *model.aliases):
+            allowed = ", ".join(principal.key_models or ())
+            raise Forbidden(
+                f"This API key may not use the model `{parsed.model}`; it may use: {allowed}.",
                 param="model",
                 code="model_not_allowed",
             )
@@ -347,6 +363,7 @@ class Gateway:
                 needed_tokens=needed,
                 hint=hint,
                 allowed=lambda m: principal.may_use(m.name, *m.aliases),
+                now=time.monotonic(),
             )
         except ValueError as exc:
             raise BadRequest(str(exc), param="x-citadel-task", code="unknown_task") from exc
@@ -371,7 +388,9 @@ class Gateway:
         completion = 0
         if call.endpoint != "embedding":
             completion = parsed.max_tokens or self._limits.default_max_tokens
-        tpm = limits.tokens_per_minute
+        key = call.principal.scope_limits("key")
+        tpms = [t for t in (limits.tokens_per_minute, key and key.tokens_per_minute) if t]
+        tpm = min(tpms, default=None)
         if tpm is not None and prompt + completion > tpm:
             # Waiting cannot help a request larger than a whole minute's budget: a 400, no
             # Retry-After (OpenAI answers a 429 here, and clients retry it for nothing).
@@ -390,6 +409,7 @@ class Gateway:
                 tokens=prompt + completion,
                 cost_micros=cost_micros(call.model.price, prompt, completion),
                 now=call.wall,
+                scopes=call.principal.scopes,
             )
         )
         try:
@@ -412,11 +432,14 @@ class Gateway:
         if not decision.allowed:
             self._decisions.inc((call.principal.tier, decision.refused_by or "unknown"))
             name = decision.refused_by or "requests_per_minute"
+            scope = decision.refused_scope or "user"
+            refused_limits = limits if scope == "user" else call.principal.scope_limits(scope)
+            limit = name if scope == "user" else f"{scope}_{name}"  # team_cost_per_month
             raise _LimitRefusal(
-                refusal_message(decision, limits=limits),
-                limit=name,
+                refusal_message(decision, limits=refused_limits),
+                limit=limit,
                 kind=_LIMIT_KINDS.get(name, "tokens"),
-                headers=(*ratelimit_headers(decision), (b"x-citadel-limit", name.encode())),
+                headers=(*ratelimit_headers(decision), (b"x-citadel-limit", limit.encode())),
             )
         self._decisions.inc((call.principal.tier, "allowed"))
         call.limit_decision = decision

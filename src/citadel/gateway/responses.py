@@ -6,6 +6,14 @@ resolution, context window, limits, routing, retries, metering, the ledger — a
 reply back: a ``response`` object, or for ``stream: true`` the Responses API's typed events
 (``citadel.openai.response_stream``) made from the chat stream as it arrives.
 
+A model's deployment with ``responses: true`` speaks the Responses API itself (vLLM does): an
+attempt on it forwards the request as the client sent it (``citadel.gateway.passthrough``) and the
+reply, whole or streamed, comes back as the deployment made it (the model renamed as for chat),
+metered from its own ``usage``; attempts on other deployments are translated as above. The chat
+translation is made either way: limits, routing and the context window read it. A
+``previous_response_id`` is the gateway's, so for a deployment that speaks the API it is
+resolved here too, its conversation put before the input as input items.
+
 Stored responses: with ``store`` (OpenAI's default) the finished ``response`` object is kept, so
 ``GET /v1/responses/{id}`` returns it, ``DELETE`` removes it, and ``previous_response_id``
 continues its conversation (its input and output are put before the new input). Each response
@@ -19,19 +27,21 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
+from citadel.accounts.auth import Principal
 from citadel.errors import ApiError, NotFound, StoreUnavailable
-from citadel.gateway.auth import Principal
+from citadel.gateway.passthrough import Passthrough
 from citadel.http.server import Request, Response, StreamResponse
 from citadel.openai.requests import decode_body, parse_body
 from citadel.openai.response_stream import ResponseStream
 from citadel.openai.responses import (
     ResponsesRequest,
+    input_items,
     new_item_id,
     output_messages,
     parse_responses_request,
@@ -184,8 +194,46 @@ class _Translated:
             await aclose()
 
 
+class _ThenKeep:
+    """A passed-through stream as a body that stores its response once the stream has ended."""
+
+    __slots__ = ("_after", "_inner")
+
+    def __init__(self, inner: AsyncIterator[bytes], after: Callable[[], Awaitable[None]]) -> None:
+        self._inner = inner
+        self._after = after
+
+    def __aiter__(self) -> _ThenKeep:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await self._inner.__anext__()
+        except StopAsyncIteration:
+            await self._after()
+            raise
+
+    async def aclose(self) -> None:
+        aclose = getattr(self._inner, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
 def _owner(principal: Principal) -> str:
     return principal.key_id or principal.user
+
+
+def _native_body(body: dict[str, Any], history: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """The request for a deployment that speaks the Responses API: as sent, but a continued
+    conversation (the gateway's ``previous_response_id``) spelt out as input items."""
+    if history is None:
+        return body
+    native = {k: v for k, v in body.items() if k != "previous_response_id"}
+    current = body["input"]
+    if isinstance(current, str):
+        current = [{"type": "message", "role": "user", "content": current}]
+    native["input"] = [*input_items(history), *current]
+    return native
 
 
 class ResponsesApi:
@@ -194,6 +242,8 @@ class ResponsesApi:
     def __init__(self, gateway: Gateway, store: ResponseStore | None = None) -> None:
         self._gateway = gateway
         self._store: ResponseStore = store if store is not None else MemoryResponseStore()
+        # Whether any deployment speaks the Responses API (else no request needs a Passthrough).
+        self._native = gateway.speaks_responses
 
     async def create(self, request: Request) -> Response | StreamResponse:
         started = time.perf_counter()
@@ -202,7 +252,8 @@ class ResponsesApi:
         principal = await gateway.authenticate(request)
         try:  # a request refused here is in the ledger too (dispatch meters the rest)
             gateway.check_json(request)
-            req = await self._request(principal, decode_body(request.body))
+            body = decode_body(request.body)
+            req, history = await self._request(principal, body)
             chat = req.chat
             if chat.get("stream"):
                 chat["stream_options"] = {"include_usage": True}  # the final event carries usage
@@ -212,7 +263,12 @@ class ResponsesApi:
                 principal, request, exc, endpoint="responses", started=started, wall=wall
             )
             raise
-        reply = await gateway.dispatch(request, parsed, principal, started, wall, label="responses")
+        passthrough = Passthrough(_native_body(body, history)) if self._native else None
+        reply = await gateway.dispatch(
+            request, parsed, principal, started, wall, label="responses", passthrough=passthrough
+        )
+        if passthrough is not None and passthrough.served:
+            return await self._relayed(principal, req, reply, passthrough)
         response_id = new_item_id("resp")
         if isinstance(reply, StreamResponse):
             stream = ResponseStream(req, response_id=response_id, created_at=int(wall))
@@ -223,6 +279,30 @@ class ResponsesApi:
         )
         await self._keep(principal, req, doc)
         reply.body = orjson.dumps(doc)
+        return reply
+
+    async def _relayed(
+        self,
+        principal: Principal,
+        req: ResponsesRequest,
+        reply: Response | StreamResponse,
+        passthrough: Passthrough,
+    ) -> Response | StreamResponse:
+        """A reply from a deployment that speaks the Responses API: relayed as it is, stored."""
+        if isinstance(reply, StreamResponse):
+
+            async def keep() -> None:
+                if passthrough.response is not None:
+                    await self._keep(principal, req, passthrough.response)
+
+            reply.body = _ThenKeep(reply.body, keep)
+            return reply
+        if req.store or req.previous_response_id is not None:
+            doc = orjson.loads(reply.body)  # a JSON object: Call.whole checked it
+            if req.previous_response_id is not None:
+                doc["previous_response_id"] = req.previous_response_id
+                reply.body = orjson.dumps(doc)
+            await self._keep(principal, req, doc)
         return reply
 
     async def _events(
@@ -265,18 +345,23 @@ class ResponsesApi:
         if stream.response is not None and stream.response["status"] != "failed":
             await self._keep(principal, stream.request, stream.response)
 
-    async def _request(self, principal: Principal, body: dict[str, Any]) -> ResponsesRequest:
-        """The request ``body`` asks for, with the conversation it continues, if any."""
+    async def _request(
+        self, principal: Principal, body: dict[str, Any]
+    ) -> tuple[ResponsesRequest, list[dict[str, Any]] | None]:
+        """The request ``body`` asks for, and the conversation it continues, if any."""
         history: list[dict[str, Any]] | None = None
         previous = body.get("previous_response_id")
         if isinstance(previous, str):
             history = (await self._store.get(_owner(principal), previous)).messages
-        return parse_responses_request(body, history)
+        return parse_responses_request(body, history), history
 
     async def _keep(self, principal: Principal, req: ResponsesRequest, doc: dict[str, Any]) -> None:
         """Store a finished response. The reply was made (and billed) whatever happens here, so a
         store that is down costs the stored copy, logged, not the reply."""
-        if not req.store:
+        if not req.store or doc.get("status") == "failed":
+            return
+        if not isinstance(doc.get("id"), str) or not isinstance(doc.get("output"), list):
+            _log.warning("response not stored: the upstream's response object has no id or output")
             return
         messages = [*req.chat["messages"], *output_messages(doc["output"])]
         try:

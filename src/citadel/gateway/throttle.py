@@ -19,7 +19,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from citadel.gateway.keycache import LruCache
+from citadel.lru import LruCache
 
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 

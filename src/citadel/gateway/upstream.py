@@ -22,9 +22,10 @@ import logging
 import time
 from typing import Protocol
 
+from citadel.accounts.auth import Principal
 from citadel.errors import ApiError, Unavailable, UpstreamError, UpstreamRefusal, UpstreamTimeout
-from citadel.gateway.auth import Principal
 from citadel.gateway.meter import Meter, Target
+from citadel.gateway.passthrough import Passthrough
 from citadel.http.client import (
     ConnectError,
     ConnectTimeout,
@@ -45,6 +46,8 @@ UPSTREAM_PATHS: dict[Endpoint, str] = {
     "completion": "/v1/completions",
     "embedding": "/v1/embeddings",
 }
+# Where a Responses request goes on a deployment that speaks the Responses API (``responses``).
+RESPONSES_UPSTREAM_PATH = "/v1/responses"
 # Headers the gateway sets itself or that describe the hop; all other x-* headers pass through.
 _NOT_FORWARDED_PREFIXES = (b"x-citadel-", b"x-forwarded-", b"x-request-id", b"x-real-ip")
 _ERROR_BODY_LIMIT = 64 * 1024
@@ -62,6 +65,7 @@ class Forwarded(Protocol):
     request: Request
     request_id: bytes
     parsed: ParsedRequest
+    passthrough: Passthrough | None  # a Responses request, for deployments that speak the API
     principal: Principal
     deadline: float
     model: Model  # set to the fallback model being tried
@@ -170,13 +174,19 @@ class Upstream:
         for name, value in call.request.headers.items():
             if name.startswith(b"x-") and not name.startswith(_NOT_FORWARDED_PREFIXES):
                 headers.append((name, value))
-        body = with_upstream_fields(call.parsed, deployment.upstream_model)
+        passthrough = call.passthrough
+        if passthrough is not None and deployment.responses:  # forwarded as-is (passthrough)
+            path = RESPONSES_UPSTREAM_PATH
+            body = passthrough.upstream_body(deployment.upstream_model)
+        else:
+            path = UPSTREAM_PATHS[call.endpoint]
+            body = with_upstream_fields(call.parsed, deployment.upstream_model)
         remaining = call.deadline - time.perf_counter()
         try:
             response = await self._client.request(
                 "POST",
                 target.origin,
-                UPSTREAM_PATHS[call.endpoint],
+                path,
                 headers,
                 body,
                 connect_timeout=min(timeouts.connect, remaining),

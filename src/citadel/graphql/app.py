@@ -31,23 +31,32 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Final
 
+import orjson
 from litestar import Litestar, Request, Response, WebSocket
 from strawberry.exceptions import ConnectionRejectionError
 from strawberry.litestar import make_graphql_controller
 from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL, GRAPHQL_WS_PROTOCOL
 
+from citadel.accounts.auth import ADMIN, Authenticator, KeyAuthenticator
 from citadel.accounts.store import AccountStore
 from citadel.errors import ApiError, StoreUnavailable, Unauthorized, Unavailable
 from citadel.feed import Feed
-from citadel.gateway.auth import ADMIN, Authenticator, KeyAuthenticator
+from citadel.gateway.proxy import Gateway
+from citadel.graphql.alerting import AlertingView
 from citadel.graphql.context import Context, Services, Viewer
+from citadel.graphql.observe import GraphQLMetrics
+from citadel.graphql.persisted import MemoryQueryStore, QueryStore, query_store
 from citadel.graphql.playground import playground_handlers, playground_page
+from citadel.graphql.protect import CostBudget
 from citadel.graphql.schema import build_schema
 from citadel.health import DependencyHealth, store_scheme
 from citadel.http.client import HttpClient
 from citadel.limits.decision import Limiter
 from citadel.metering.analytics import Analytics
+from citadel.metering.events import UsageSink
+from citadel.metering.sinks import RedisStreamSink, SqlLedgerSink
 from citadel.metrics import Registry
+from citadel.routing.api import Routing
 from citadel.routing.health import HealthProber
 from citadel.routing.router import Router
 from citadel.routing.shared import SharedRoutingState, SyncLoop
@@ -59,6 +68,7 @@ __all__ = ["GraphQLDeps", "create_app", "default_deps"]
 Hook = Callable[[], Awaitable[None]]
 
 PATH: Final = "/graphql"
+GRAPHQL_RESPONSE: Final = "application/graphql-response+json"
 _CHECK_TIMEOUT: Final = 1.5  # seconds; /health gives each check 2
 _INIT_WAIT: Final = timedelta(seconds=5)  # a WebSocket must send connection_init by then
 
@@ -78,9 +88,14 @@ class GraphQLDeps:
     clock: Callable[[], float] = time.time
     startup: tuple[Hook, ...] = ()
     shutdown: tuple[Hook, ...] = ()
-    max_depth: int = 10
-    max_cost: int = 50_000
+    max_depth: int | None = None  # None: graphql.max_depth
+    max_cost: int | None = None  # None: graphql.max_cost
+    cost_per_minute: int | None = None  # None: graphql.cost_per_minute (0: no budget)
     init_wait: timedelta = _INIT_WAIT
+    persisted: QueryStore | None = None  # persisted queries (None: this process's memory)
+    # chatCompletion's path: the usage sink to the ledger and the client to the deployments
+    usage: UsageSink | None = None
+    upstream: HttpClient | None = None
 
 
 def default_deps(settings: Settings) -> GraphQLDeps:
@@ -88,11 +103,12 @@ def default_deps(settings: Settings) -> GraphQLDeps:
     limiter of ``limits.backend``, the live feed (Redis Streams, else memory) and, with Redis,
     the shared routing state. Embedded SQLite databases are created or upgraded at start."""
     from citadel.accounts.migrate import ACCOUNTS
-    from citadel.accounts.sql import build_engine, open_store_lazily
+    from citadel.accounts.sql import open_store_lazily
     from citadel.feed.open import open_feed
     from citadel.limits.backend import create_limiter
     from citadel.metering.app import ledger_uri
     from citadel.metering.migrate import LEDGER
+    from citadel.stores.sql import build_engine
 
     accounts_uri = settings.accounts.database
     uri = ledger_uri(settings)
@@ -110,6 +126,8 @@ def default_deps(settings: Settings) -> GraphQLDeps:
             await LEDGER.upgrade(uri)
 
         startup.append(upgrade_ledger)
+    from citadel.gateway.app import usage_sink
+
     limits = settings.limits
     replica = f"graphql-api@{socket.gethostname()}:{os.getpid()}"
     return GraphQLDeps(
@@ -127,6 +145,11 @@ def default_deps(settings: Settings) -> GraphQLDeps:
         limiter_is_shared=not limits.backend.startswith("memory"),
         startup=tuple(startup),
         shutdown=(engine.dispose,),
+        usage=usage_sink(settings),
+        persisted=query_store(settings),
+        upstream=HttpClient(
+            max_connections_per_origin=settings.gateway.max_connections_per_deployment
+        ),
     )
 
 
@@ -143,6 +166,42 @@ def _authorization(value: str | None) -> bytes | None:
             return value.encode("latin-1")
         return f"Bearer {decoded.partition(':')[2]}".encode()
     return value.encode("latin-1", "replace")
+
+
+def _accepts_graphql_response(request: Request[Any, Any, Any]) -> bool:
+    """Whether the client accepts the GraphQL-over-HTTP media type (``Accept``)."""
+    return GRAPHQL_RESPONSE in request.headers.get("accept", "").lower()
+
+
+def _as_graphql_response(result: Response[Any]) -> Response[Any]:
+    """An answer as ``application/graphql-response+json``: a request error (nothing executed:
+    no ``data``, and no error of a field) is a 4xx without ``data`` (429 for the cost budget,
+    else 400), as the GraphQL-over-HTTP specification asks of that media type."""
+    content = result.content
+    if result.status_code != 200 or not isinstance(content, bytes | str):
+        return result
+    try:
+        body = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        return result
+    status = 200
+    if isinstance(body, dict) and body.get("data") is None and body.get("errors"):
+        errors = body["errors"]
+        if all(isinstance(e, dict) and not e.get("path") for e in errors):
+            body.pop("data", None)
+            budget = any(
+                (e.get("extensions") or {}).get("reason") == "query_cost_budget_exceeded"
+                for e in errors
+            )
+            status = 429 if budget else 400
+    headers = {
+        k: v
+        for k, v in result.headers.items()
+        if k.lower() not in ("content-type", "content-length")
+    }
+    return Response(
+        orjson.dumps(body), status_code=status, media_type=GRAPHQL_RESPONSE, headers=headers
+    )
 
 
 def _wants_playground(request: Request[Any, Any, Any]) -> bool:
@@ -175,6 +234,10 @@ def create_app(settings: Settings, deps: GraphQLDeps) -> Litestar:
         shared=deps.shared,
         limiter_is_shared=deps.limiter_is_shared,
         clock=deps.clock,
+        alerting=AlertingView(settings, deps.analytics, http=deps.client, clock=deps.clock),
+        routing=Routing(
+            settings=settings, router=router, shared=deps.shared, loop=loop, clock=time.monotonic
+        ),
     )
     authenticator: Authenticator = KeyAuthenticator(
         deps.accounts,
@@ -186,10 +249,35 @@ def create_app(settings: Settings, deps: GraphQLDeps) -> Litestar:
         cache_size=settings.accounts.key_cache_size,
         accept_legacy=settings.accounts.accept_legacy_keys,
     )
+    upstream = deps.upstream if deps.upstream is not None else HttpClient()
+    services.gateway = Gateway(
+        settings,
+        client=upstream,
+        authenticator=authenticator,
+        registry=deps.registry,
+        usage=deps.usage,
+        limiter=deps.limiter,
+        router=router,
+    )
+    protection = settings.graphql
+    persisted = deps.persisted if deps.persisted is not None else MemoryQueryStore()
+    per_minute = (
+        protection.cost_per_minute if deps.cost_per_minute is None else deps.cost_per_minute
+    )
     schema = build_schema(
         introspection=settings.env != "production",
-        max_depth=deps.max_depth,
-        max_cost=deps.max_cost,
+        max_depth=protection.max_depth if deps.max_depth is None else deps.max_depth,
+        max_cost=protection.max_cost if deps.max_cost is None else deps.max_cost,
+        budget=None
+        if per_minute <= 0
+        else CostBudget(
+            deps.limiter,
+            per_minute,
+            fail_closed=settings.limits.failure_mode == "closed",
+            clock=deps.clock,
+        ),
+        persisted=persisted,
+        metrics=GraphQLMetrics(deps.registry),
     )
 
     async def viewer_of(authorization: str | None) -> Viewer:
@@ -226,8 +314,12 @@ def create_app(settings: Settings, deps: GraphQLDeps) -> Litestar:
                         headers={"www-authenticate": 'Basic realm="Citadel GraphQL"'},
                     )
                 return Response(page, media_type="text/html")
-            context["citadel"] = Context(services, await viewer_of(authorization))
+            context["citadel"] = Context(
+                services, await viewer_of(authorization), _authorization(authorization)
+            )
             result: Response[Any] = await super().execute_request(request, context, root_value)
+            if _accepts_graphql_response(request):
+                return _as_graphql_response(result)
             return result
 
         async def on_ws_connect(self, context: dict[str, Any]) -> dict[str, object] | None:
@@ -241,7 +333,7 @@ def create_app(settings: Settings, deps: GraphQLDeps) -> Litestar:
                 viewer = await viewer_of(authorization)
             except ApiError as exc:
                 raise ConnectionRejectionError({"message": exc.message}) from exc
-            context["citadel"] = Context(services, viewer)
+            context["citadel"] = Context(services, viewer, _authorization(authorization))
             return None
 
     async def accounts_health() -> DependencyHealth:
@@ -263,12 +355,19 @@ def create_app(settings: Settings, deps: GraphQLDeps) -> Litestar:
     starts: list[Hook] = [*deps.startup, prober.start]
     stops: list[Hook] = [
         prober.stop,
+        services.gateway.drain,
+        upstream.aclose,
         deps.client.aclose,
         deps.feed.aclose,
         deps.accounts.aclose,
         deps.limiter.aclose,
+        persisted.aclose,
         *deps.shutdown,
     ]
+    usage = deps.usage
+    if isinstance(usage, RedisStreamSink | SqlLedgerSink):
+        starts.append(usage.start)
+        stops.insert(2, usage.aclose)  # after the gateway's calls drained
     if deps.shared is not None and loop is not None:
         starts.append(loop.start)
         stops[:0] = [loop.stop, deps.shared.aclose]

@@ -20,14 +20,14 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from strawberry.dataloader import DataLoader
 
+from citadel.accounts.auth import ADMIN, Principal
 from citadel.accounts.store import AccountStore, ApiKey, Team, User
 from citadel.errors import Forbidden
 from citadel.feed import Feed
-from citadel.gateway.auth import ADMIN, Principal
 from citadel.limits.decision import Limiter, Limits, UsageSnapshot
 from citadel.limits.policy import effective_limits
 from citadel.metering.analytics import Analytics
@@ -36,6 +36,11 @@ from citadel.metering.rollups import UsageRow
 from citadel.routing.router import Router
 from citadel.routing.shared import SharedRoutingState
 from citadel.settings import Settings
+
+if TYPE_CHECKING:
+    from citadel.gateway.proxy import Gateway
+    from citadel.graphql.alerting import AlertingView
+    from citadel.routing.api import Routing
 
 __all__ = ["Context", "Loaders", "Services", "Viewer"]
 
@@ -57,6 +62,9 @@ class Services:
     clock: Callable[[], float] = time.time  # Unix seconds
     monotonic: Callable[[], float] = time.monotonic  # the router's clock
     statements: Callable[[], int] | None = None  # SQL statements so far (tests, metrics)
+    alerting: AlertingView | None = None  # forecasts, anomalies, alerts (``graphql.alerting``)
+    gateway: Gateway | None = None  # chatCompletion: the gateway's own path, in process
+    routing: Routing | None = None  # drainDeployment: the routing service's own drain
 
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.clock(), UTC)
@@ -223,11 +231,16 @@ class Context:
 
     services: Services
     viewer: Viewer
-    loaders: Loaders = field(init=False)
+    authorization: bytes | None = None  # the caller's header, as the gateway takes it
+    _loaders: Loaders | None = field(default=None, init=False)
 
-    def __post_init__(self) -> None:
-        self.loaders = Loaders(self.services, self.viewer)
+    @property
+    def loaders(self) -> Loaders:
+        """This request's (or subscription event's) loaders, made on first use."""
+        if self._loaders is None:
+            self._loaders = Loaders(self.services, self.viewer)
+        return self._loaders
 
     def fresh(self) -> None:
         """New loaders (each subscription event reads the stores anew)."""
-        self.loaders = Loaders(self.services, self.viewer)
+        self._loaders = None

@@ -21,10 +21,15 @@ anything unexpected is logged and answered ``INTERNAL_SERVER_ERROR`` with no int
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterator, Mapping
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, Final
 
+from graphql import ExecutionResult as GraphQLExecutionResult
 from graphql import (
     FieldNode,
     FragmentDefinitionNode,
@@ -45,13 +50,17 @@ from graphql import (
 )
 from graphql.language import DocumentNode
 from strawberry.extensions import SchemaExtension
+from strawberry.types.graphql import OperationType as StrawberryOperation
 
 from citadel.accounts.store import ConflictError, NotFoundError
 from citadel.errors import ApiError, StoreUnavailable
+from citadel.graphql.observe import GraphQLMetrics
 from citadel.graphql.pagination import DEFAULT_PAGE
+from citadel.limits.decision import Limiter, Limits, Reservation
+from citadel.limits.policy import format_duration
 from citadel.metering.ranges import QueryError
 
-__all__ = ["CostLimiter", "Translate", "actual_cost", "requested_cost"]
+__all__ = ["CostBudget", "CostLimiter", "Translate", "actual_cost", "requested_cost"]
 
 _log = logging.getLogger("citadel.graphql")
 
@@ -190,12 +199,50 @@ def actual_cost(data: object) -> int:
     return max(0, count - 1) if isinstance(data, Mapping) else 0
 
 
-class CostLimiter(SchemaExtension):
-    """Refuse an operation whose cost is over ``max_cost`` before it runs; report the cost."""
+@dataclass(frozen=True, slots=True)
+class CostBudget:
+    """A cost budget per key and minute, kept by the gateway's limiter (``limits.*``): the
+    minute's cost is the limiter's ``tokens_per_minute`` of the principal ``graphql:<key id>``,
+    so every replica on a shared limiter (Redis) spends from one budget. The admin key has
+    none, as it has no gateway limits."""
 
-    def __init__(self, *, max_cost: int) -> None:
+    limiter: Limiter
+    per_minute: int
+    fail_closed: bool = False
+    clock: Callable[[], float] = time.time
+
+    def limits(self) -> Limits:
+        return Limits(tokens_per_minute=self.per_minute)
+
+
+def _viewer_key(execution: Any) -> str | None:
+    """The caller's key id, None for the admin (or no caller: not budgeted)."""
+    context = execution.context
+    found = context.get("citadel") if isinstance(context, Mapping) else None
+    viewer = getattr(found, "viewer", None)
+    if viewer is None or viewer.admin:
+        return None
+    key_id: str = viewer.principal.key_id
+    return key_id
+
+
+class CostLimiter(SchemaExtension):
+    """Refuse an operation whose cost is over ``max_cost`` before it runs, or over what its key
+    has left of ``budget`` this minute; report the cost."""
+
+    def __init__(
+        self,
+        *,
+        max_cost: int,
+        budget: CostBudget | None = None,
+        metrics: GraphQLMetrics | None = None,
+    ) -> None:
         self.max_cost = max_cost
+        self.budget = budget
+        self.metrics = metrics
         self.requested: int | None = None
+        self.remaining: int | None = None
+        self.refused: str | None = None  # why it did not run: "cost", "budget"
 
     def on_operation(self) -> Iterator[None]:
         extension = self
@@ -208,6 +255,7 @@ class CostLimiter(SchemaExtension):
                 )
                 extension.requested = cost
                 if cost > extension.max_cost:
+                    extension.refused = "cost"
                     self.report_error(
                         GraphQLError(
                             f"The query's cost is {cost}, over the limit of "
@@ -224,18 +272,98 @@ class CostLimiter(SchemaExtension):
         execution.validation_rules = (*execution.validation_rules, CostRule)
         yield
 
+    async def on_execute(self) -> AsyncIterator[None]:
+        budget, cost, execution = self.budget, self.requested, self.execution_context
+        key = None if budget is None or cost is None else _viewer_key(execution)
+        reservation = None
+        if budget is not None and cost is not None and key is not None:
+            reservation, refusal = await self._admit(budget, key, cost)
+            if refusal is not None:
+                self.refused = "budget"
+                if execution.operation_type is StrawberryOperation.SUBSCRIPTION:
+                    raise refusal  # a subscription's execution does not look at the result
+                execution.result = GraphQLExecutionResult(data=None, errors=[refusal])
+        yield
+        if budget is not None and reservation is not None:
+            result = execution.result
+            actual = actual_cost(getattr(result, "data", None))
+            with contextlib.suppress(StoreUnavailable):  # the minute's window settles it anyway
+                await budget.limiter.reconcile(
+                    reservation, budget.limits(), tokens=actual, cost_micros=0, now=budget.clock()
+                )
+
+    def _subscription(self) -> bool:
+        try:
+            return self.execution_context.operation_type is StrawberryOperation.SUBSCRIPTION
+        except RuntimeError:  # no document
+            return False
+
+    async def _admit(
+        self, budget: CostBudget, key: str, cost: int
+    ) -> tuple[Reservation | None, GraphQLError | None]:
+        limits = budget.limits()
+        try:
+            decision = await budget.limiter.admit(
+                f"graphql:{key}",
+                limits,
+                lease_id=os.urandom(8).hex(),
+                tokens=cost,
+                cost_micros=0,
+                now=budget.clock(),
+            )
+        except StoreUnavailable as exc:
+            if not budget.fail_closed:
+                return None, None
+            return None, GraphQLError(
+                f"The cost budget's store is unavailable ({exc.detail}); try again later.",
+                extensions={"code": "UNAVAILABLE", "status": 503, "requestedQueryCost": cost},
+            )
+        if decision.allowed:
+            self.remaining = decision.tokens_remaining
+            return decision.reservation, None
+        self.remaining = decision.tokens_remaining
+        retry = max(0.0, decision.retry_after)
+        alone = cost > budget.per_minute
+        message = (
+            f"The query's cost is {cost}, over this key's budget of {budget.per_minute} a "
+            "minute by itself: ask for smaller pages (first/last) or fewer nested lists."
+            if alone
+            else f"The query's cost is {cost} and this key has "
+            f"{decision.tokens_remaining or 0} of its {budget.per_minute} a minute left; "
+            f"try again in {format_duration(retry) if retry > 0 else 'a moment'}."
+        )
+        return None, GraphQLError(
+            message,
+            extensions={
+                "code": "RATE_LIMITED",
+                "status": 429,
+                "reason": "query_cost_budget_exceeded",
+                "requestedQueryCost": cost,
+                "budgetPerMinute": budget.per_minute,
+                "remaining": decision.tokens_remaining,
+                "retryAfterSeconds": None if alone else round(retry, 3),
+            },
+        )
+
     def get_results(self) -> dict[str, Any]:
         if self.requested is None:
             return {}
+        if self.refused is None and self._subscription():
+            return {}  # charged once when it started; its events carry no cost of their own
         result = self.execution_context.result
         data = None if result is None else getattr(result, "data", None)
-        return {
-            "cost": {
-                "requestedQueryCost": self.requested,
-                "actualQueryCost": actual_cost(data),
-                "maximumQueryCost": self.max_cost,
-            }
+        actual = actual_cost(data)
+        if self.metrics is not None and self.refused is None:
+            self.metrics.cost(self.requested, actual)
+        cost: dict[str, Any] = {
+            "requestedQueryCost": self.requested,
+            "actualQueryCost": actual,
+            "maximumQueryCost": self.max_cost,
         }
+        if self.budget is not None and _viewer_key(self.execution_context) is not None:
+            cost["budgetPerMinute"] = self.budget.per_minute
+            cost["budgetRemaining"] = self.remaining
+        return {"cost": cost}
 
 
 # -- errors -----------------------------------------------------------------------------------
@@ -252,6 +380,12 @@ def translate(error: GraphQLError) -> GraphQLError:
             extensions["code"] = "GRAPHQL_PARSE_FAILED" if parse else "GRAPHQL_VALIDATION_FAILED"
     elif isinstance(original, GraphQLError):
         return translate(original)
+    elif isinstance(original, NotFoundError):  # the store's, before ApiError (its base)
+        message = _sentence(str(original))
+        extensions |= {"code": "NOT_FOUND", "status": 404}
+    elif isinstance(original, ConflictError):
+        message = _sentence(str(original))
+        extensions |= {"code": "CONFLICT", "status": 409}
     elif isinstance(original, ApiError):
         message = original.message
         extensions |= {
@@ -263,12 +397,6 @@ def translate(error: GraphQLError) -> GraphQLError:
     elif isinstance(original, QueryError):
         message = original.message
         extensions |= {"code": "BAD_USER_INPUT", "status": 400, "param": original.param}
-    elif isinstance(original, NotFoundError):
-        message = _sentence(str(original))
-        extensions |= {"code": "NOT_FOUND", "status": 404}
-    elif isinstance(original, ConflictError):
-        message = _sentence(str(original))
-        extensions |= {"code": "CONFLICT", "status": 409}
     elif isinstance(original, StoreUnavailable):
         message = f"A store is unavailable ({original.store}): {original.detail}. Try again later."
         extensions |= {"code": "UNAVAILABLE", "status": 503}

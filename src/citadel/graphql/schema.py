@@ -12,6 +12,7 @@ Mutations need the admin key, except that a user may create and revoke keys of i
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import AsyncGenerator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -19,20 +20,28 @@ from typing import Any
 import msgspec
 import orjson
 import strawberry
+from graphql import GraphQLError
 from strawberry.extensions import MaxAliasesLimiter, MaxTokensLimiter, QueryDepthLimiter
 from strawberry.scalars import JSON
 from strawberry.schema.config import StrawberryConfig
-from strawberry.types import Info
+from strawberry.types import ExecutionContext, Info
 
 from citadel.accounts.store import OVERRIDABLE
-from citadel.errors import BadRequest, Forbidden, NotFound
+from citadel.alerting.definitions import Kind
+from citadel.errors import ApiError, BadRequest, Forbidden, NotFound, Unavailable
 from citadel.feed import Entry, Lagged
 from citadel.feed.open import USAGE
+from citadel.graphql.alerting import Alert, AlertingView, Evaluation
+from citadel.graphql.chat import ChatCompletion, ChatCompletionInput, complete
+from citadel.graphql.fanout import SharedEventExecutor, shareable
+from citadel.graphql.observe import GraphQLMetrics, OperationMetrics
 from citadel.graphql.pagination import Connection, paginate
-from citadel.graphql.protect import CostLimiter, Translate
+from citadel.graphql.persisted import MemoryQueryStore, PersistedQueries, QueryStore
+from citadel.graphql.protect import CostBudget, CostLimiter, Translate
 from citadel.graphql.types import (
     ApiKey,
     Budget,
+    Deployment,
     DeploymentCostItem,
     Model,
     NewApiKey,
@@ -47,10 +56,12 @@ from citadel.graphql.types import (
     default_range,
     window,
 )
+from citadel.limits.policy import usd_to_micros
 from citadel.metering.analytics import savings_by_model
 from citadel.metering.ledger import decode_event
 from citadel.metering.pricing import DeploymentCost
 from citadel.metering.ranges import Dimension, check_group_by
+from citadel.metrics import Registry
 
 __all__ = ["build_schema"]
 
@@ -110,6 +121,7 @@ class RouteExplanation:
     evaluations: JSON
 
 
+@shareable
 @strawberry.type(description="One request's usage, as it finished.")
 class UsageEvent:
     position: str = strawberry.field(description="the feed position (resume after it)")
@@ -399,6 +411,61 @@ class Query:
         ]
         return paginate([Budget.of(r) for r in visible], window(first, after, last, before))
 
+    @strawberry.field(
+        description="The latest forecast of each forecast rule (a user key: its team's spend "
+        "forecasts), evaluated by the predictive-alerting modules at most once per interval."
+    )
+    async def forecasts(
+        self,
+        info: Info,
+        first: int | None = None,
+        after: str | None = None,
+        last: int | None = None,
+        before: str | None = None,
+    ) -> Connection[Evaluation]:
+        return paginate(await _evaluations(info, "forecast"), window(first, after, last, before))
+
+    @strawberry.field(
+        description="The latest anomaly score of each anomaly rule (a user key: its team's)."
+    )
+    async def anomalies(
+        self,
+        info: Info,
+        first: int | None = None,
+        after: str | None = None,
+        last: int | None = None,
+        before: str | None = None,
+    ) -> Connection[Evaluation]:
+        return paginate(await _evaluations(info, "anomaly"), window(first, after, last, before))
+
+    @strawberry.field(description="The alerts firing now (a user key: its team's).")
+    async def alerts(
+        self,
+        info: Info,
+        first: int | None = None,
+        after: str | None = None,
+        last: int | None = None,
+        before: str | None = None,
+    ) -> Connection[Alert]:
+        ctx = context(info)
+        view = _alerting(info)
+        firing = await view.firing(team=None if ctx.viewer.admin else ctx.viewer.team_id or "")
+        items = [Alert.of(rule, alert) for rule, alert in firing]
+        return paginate(items, window(first, after, last, before))
+
+
+def _alerting(info: Info) -> AlertingView:
+    view = context(info).services.alerting
+    if view is None:
+        raise Unavailable("The predictive-alerting state is not configured in this service.")
+    return view
+
+
+async def _evaluations(info: Info, kind: Kind) -> list[Evaluation]:
+    viewer = context(info).viewer
+    team = None if viewer.admin else viewer.team_id or ""
+    return [Evaluation.of(e) for e in await _alerting(info).latest(kind, team=team)]
+
 
 # -- mutations --------------------------------------------------------------------------------
 
@@ -439,10 +506,29 @@ def _tier(info: Info, tier: str | None) -> str | None:
     return None if tier is None else tier.strip()
 
 
-async def _require_team(info: Info, team_id: str) -> None:
+async def _require_team(info: Info, team_id: str, *, param: str = "teamId") -> None:
     teams = await context(info).services.accounts.list_teams()
     if all(t.id != team_id for t in teams):
-        raise NotFound(f"No team has id {team_id!r}.", param="teamId")
+        raise NotFound(f"No team has id {team_id!r}.", param=param)
+
+
+@strawberry.input(description="The fields to change; a field left out is unchanged.")
+class UpdateTeamInput:
+    name: str | None = None
+    budget_usd: float | None = strawberry.field(
+        default=strawberry.UNSET,
+        description="the team's own monthly budget; null: its members' budgets summed",
+    )
+
+
+async def _drain(info: Info, name: str, *, drained: bool, field: str) -> Deployment:
+    ctx = context(info)
+    ctx.viewer.require_admin(field)
+    routing = ctx.services.routing
+    if routing is None:
+        raise Unavailable(f"{field} is not configured in this service.")
+    changed = await routing.drain(name, drained=drained)
+    return Deployment.of(msgspec.structs.asdict(changed.deployment))
 
 
 async def _own_user(info: Info, user_id: str) -> None:
@@ -519,6 +605,69 @@ class Mutation:
         ctx.viewer.require_admin("disableUser")
         return User.of(await ctx.services.accounts.update_user(str(id), status="disabled"))
 
+    @strawberry.mutation(description="Rename a team or set its monthly budget (admin).")
+    async def update_team(self, info: Info, id: strawberry.ID, input: UpdateTeamInput) -> Team:
+        ctx = context(info)
+        ctx.viewer.require_admin("updateTeam")
+        accounts = ctx.services.accounts
+        team_id = str(id)
+        await _require_team(info, team_id, param="id")
+        if input.name is not None:
+            if not input.name.strip():
+                raise BadRequest("'name' must not be empty.", param="input.name")
+            await accounts.rename_team(team_id, input.name.strip())
+        if input.budget_usd is not strawberry.UNSET:
+            budget = input.budget_usd
+            if budget is not None and not (0 <= budget < 9e12):
+                raise BadRequest(
+                    f"'budgetUsd' must be a sum of dollars >= 0, or null; got {budget}.",
+                    param="input.budgetUsd",
+                )
+            await accounts.set_team_budget(
+                team_id, None if budget is None else usd_to_micros(budget)
+            )
+        found = next(t for t in await accounts.list_teams() if t.id == team_id)
+        return Team.of(found)
+
+    @strawberry.mutation(
+        description="Disable a team: every member is disabled, so their keys stop working "
+        "(admin). A member is enabled again with updateUser(status: ACTIVE)."
+    )
+    async def disable_team(self, info: Info, id: strawberry.ID) -> Team:
+        ctx = context(info)
+        ctx.viewer.require_admin("disableTeam")
+        accounts = ctx.services.accounts
+        team_id = str(id)
+        await _require_team(info, team_id, param="id")
+        for user in await accounts.list_users(team_id=team_id):
+            if user.status != "disabled":
+                await accounts.update_user(user.id, status="disabled")
+        found = next(t for t in await accounts.list_teams() if t.id == team_id)
+        ctx.fresh()  # the members read after this see their new status
+        return Team.of(found)
+
+    @strawberry.mutation(
+        description="Drain a deployment: no new request is routed to it (admin). As the routing "
+        "service's drain: set in the shared state (Redis) every gateway replica applies."
+    )
+    async def drain_deployment(self, info: Info, name: str) -> Deployment:
+        return await _drain(info, name, drained=True, field="drainDeployment")
+
+    @strawberry.mutation(description="Put a drained deployment back (admin).")
+    async def restore_deployment(self, info: Info, name: str) -> Deployment:
+        return await _drain(info, name, drained=False, field="restoreDeployment")
+
+    @strawberry.mutation(
+        description="One chat completion through the gateway's own path, in this process: the "
+        "caller's key, its limits, the router, the ledger. The OpenAI-shaped answer."
+    )
+    async def chat_completion(self, info: Info, input: ChatCompletionInput) -> ChatCompletion:
+        ctx = context(info)
+        gateway = ctx.services.gateway
+        if gateway is None:
+            raise Unavailable("chatCompletion is not configured in this service.")
+        return await complete(gateway, ctx.authorization, input)
+
     @strawberry.mutation(description="Create an API key; its secret is in the answer, once.")
     async def create_key(
         self,
@@ -560,7 +709,9 @@ class UsageEventFilter:
     model: str | None = None
 
 
+@functools.lru_cache(maxsize=1024)
 def _usage_event(entry: Entry) -> UsageEvent:
+    """The event of a feed entry, decoded once for all the subscribers it reaches."""
     event = decode_event(entry.data)
     return UsageEvent(
         position=entry.position,
@@ -628,27 +779,56 @@ class Subscription:
                     yield event
 
 
+class _Schema(strawberry.Schema):
+    """Strawberry's schema, logging only the errors that are Citadel's fault: a client's bad
+    query, unknown id or refused value (ApiError, ValueError) is answered with its clear error,
+    not logged with a traceback: Strawberry logs every error so, burying real failures in noise."""
+
+    def process_errors(
+        self, errors: list[GraphQLError], execution_context: ExecutionContext | None = None
+    ) -> None:
+        unexpected = [
+            error
+            for error in errors
+            if error.original_error is not None
+            and not isinstance(error.original_error, ApiError | GraphQLError | ValueError)
+        ]
+        if unexpected:
+            super().process_errors(unexpected, execution_context)
+
+
 def build_schema(
-    *, introspection: bool = True, max_depth: int = 10, max_cost: int = 50_000
+    *,
+    introspection: bool = True,
+    max_depth: int = 10,
+    max_cost: int = 50_000,
+    budget: CostBudget | None = None,
+    persisted: QueryStore | None = None,
+    metrics: GraphQLMetrics | None = None,
 ) -> strawberry.Schema:
     """The schema with its protections: depth, aliases, tokens, cost; errors translated."""
     from strawberry.extensions import DisableIntrospection
 
     # Factories, not instances: each operation gets extensions of its own (CostLimiter keeps
     # the operation's cost).
+    store = persisted if persisted is not None else MemoryQueryStore()
+    counted = metrics if metrics is not None else GraphQLMetrics(Registry())
     extensions: list[Any] = [
+        lambda: OperationMetrics(metrics=counted),
+        lambda: PersistedQueries(store=store),
         Translate,
         lambda: QueryDepthLimiter(max_depth=max_depth),
         lambda: MaxAliasesLimiter(max_alias_count=30),
         lambda: MaxTokensLimiter(max_token_count=5_000),
-        lambda: CostLimiter(max_cost=max_cost),
+        lambda: CostLimiter(max_cost=max_cost, budget=budget, metrics=counted),
     ]
     if not introspection:
         extensions.append(DisableIntrospection)
-    return strawberry.Schema(
+    return _Schema(
         query=Query,
         mutation=Mutation,
         subscription=Subscription,
         extensions=extensions,
         config=StrawberryConfig(),
+        execution_context_class=SharedEventExecutor,
     )

@@ -297,10 +297,18 @@ class Team:
     id: strawberry.ID
     name: str
     created_at: datetime
+    budget_usd: float | None = strawberry.field(
+        description="the team's own monthly budget (null: its members' budgets summed)"
+    )
 
     @classmethod
     def of(cls, team: accounts.Team) -> Team:
-        return cls(id=strawberry.ID(team.id), name=team.name, created_at=team.created_at)
+        return cls(
+            id=strawberry.ID(team.id),
+            name=team.name,
+            created_at=team.created_at,
+            budget_usd=usd(team.budget_micros),
+        )
 
     @strawberry.field(description="The team's members (a user key: only itself).")
     async def users(

@@ -31,6 +31,8 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from citadel.errors import TransportError
+
 _HIGH_WATER = 1 << 20  # buffered unread streaming bytes before reading from the socket pauses
 _SEPARATE_BODY = (
     1 << 16
@@ -40,7 +42,7 @@ _MANAGED = frozenset((b"host", b"content-length", b"transfer-encoding"))
 _BODY_METHODS = frozenset(("POST", "PUT", "PATCH"))
 
 
-class ConnectError(Exception):
+class ConnectError(TransportError):
     """No TCP connection to the upstream could be opened."""
 
 
@@ -48,11 +50,11 @@ class ConnectTimeout(ConnectError):
     """Connecting, or waiting for a free pooled connection, took longer than connect_timeout."""
 
 
-class ReadTimeout(Exception):
+class ReadTimeout(TransportError):
     """The response head did not arrive in time, or reading the body stalled past the deadline."""
 
 
-class ProtocolError(Exception):
+class ProtocolError(TransportError):
     """The upstream sent a malformed response or closed the connection before it was complete."""
 
 

@@ -1,13 +1,16 @@
 """What the limiter is asked and what it answers: plain frozen data, and the backend interface.
 
 Every limit of a principal (a user) is checked and reserved by one ``admit`` call: when one limit
-says no, nothing is reserved. ``reconcile`` settles a reservation once the actual usage is known
+says no, nothing is reserved. An admission may name further ``Scope``s charged with the user: the
+API key's own limits and the team's monthly budget. Every scope is checked, and all are charged
+or none. ``reconcile`` settles a reservation once the actual usage is known
 (tokens and cost), and releases its concurrency lease. Times are Unix seconds, passed in.
 Costs are integers in micro-USD so that sums stay exact.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -47,6 +50,20 @@ class Limits:
         )
 
 
+ScopeKind = Literal["user", "key", "team"]
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """A further set of limits an admission is checked and charged against besides its
+    principal's own: the API key's (``kind`` "key", ``id`` the key's id, counted with its owner)
+    or the team's (``kind`` "team", ``id`` the team's id, shared by every member)."""
+
+    kind: Literal["key", "team"]
+    id: str
+    limits: Limits
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Reservation:
     """What one admitted request holds until it is reconciled."""
@@ -58,6 +75,7 @@ class Reservation:
     admitted_at: float
     day: str  # the calendar day (in the limiter's time zone) the quota was charged to, 2026-11-24
     month: str  # the calendar month, 2026-11
+    scopes: tuple[Scope, ...] = ()  # the key's and team's limits charged with the principal's
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -66,6 +84,7 @@ class LimitDecision:
 
     allowed: bool
     refused_by: LimitName | None = None
+    refused_scope: ScopeKind | None = None  # whose limit refused: the user's, key's or team's
     retry_after: float = 0.0  # seconds until the refusing limit could admit this request
     requests_limit: int | None = None
     requests_remaining: int | None = None
@@ -105,8 +124,10 @@ class Limiter(Protocol):
         tokens: int,
         cost_micros: int,
         now: float,
+        scopes: Sequence[Scope] = (),
     ) -> LimitDecision:
-        """Check every limit and reserve them all, or nothing. Raises StoreUnavailable."""
+        """Check every limit of the principal and of ``scopes`` and reserve them all, or
+        nothing. Raises StoreUnavailable."""
         ...
 
     async def reconcile(
@@ -118,11 +139,17 @@ class Limiter(Protocol):
         cost_micros: int,
         now: float,
     ) -> None:
-        """Settle a reservation to the actual tokens and cost, and release its lease."""
+        """Settle a reservation (its scopes too) to the actual tokens and cost, and release its
+        lease."""
         ...
 
     async def usage(self, principal: str, limits: Limits, now: float) -> UsageSnapshot:
         """Current use and remaining budget of every limit that is set."""
+        ...
+
+    async def team_usage(self, team_id: str, limits: Limits, now: float) -> UsageSnapshot:
+        """A team's use of its own limits (its monthly budget), which its members' requests
+        charge."""
         ...
 
     async def reset(self, principal: str) -> None:

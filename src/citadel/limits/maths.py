@@ -37,12 +37,20 @@ request cannot pass before every refusing limit could admit it.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 from zoneinfo import ZoneInfo
 
-from citadel.limits.decision import LimitDecision, LimitName, Limits, LimitUsage, Reservation
+from citadel.limits.decision import (
+    LimitDecision,
+    LimitName,
+    Limits,
+    LimitUsage,
+    Reservation,
+    Scope,
+    ScopeKind,
+)
 
 PERIOD_MS: Final = 60_000  # the window of the per-minute limits
 MAX_RATE: Final = 10_000_000_000  # per minute: keeps 3 * limit * PERIOD_MS under 2**53
@@ -247,6 +255,7 @@ def reserve(
     tokens: int,
     cost_micros: int,
     now: float,
+    scopes: Sequence[Scope] = (),
 ) -> tuple[int, Periods, Reservation]:
     """Where an admission at ``now`` starts: ``now`` in ms, its periods, what it would reserve."""
     now_ms = to_ms(now)
@@ -259,6 +268,7 @@ def reserve(
         admitted_at=now,
         day=at.day,
         month=at.month,
+        scopes=tuple(scopes),
     )
     return now_ms, at, reservation
 
@@ -341,27 +351,94 @@ def judge(
     return Verdict(name, wait, seen.requests_level, seen.tokens_level)
 
 
+def judge_scopes(
+    checks: Sequence[tuple[Limits, Observed]],
+    *,
+    tokens: int,
+    cost_micros: int,
+    now_ms: int,
+    day_ends_ms: int,
+    month_ends_ms: int,
+) -> tuple[int, tuple[Verdict, ...]]:
+    """``judge`` each scope (the user's, then its key's and team's limits); the refusal with the
+    longest wait over all of them wins (ties: the first checked). Returns the index of the scope
+    that refused (-1: every scope admits) and each scope's verdict; on a refusal every verdict
+    carries its observed levels, since nothing is reserved anywhere.
+
+    ``admit.lua`` performs exactly these steps; keep the two in step.
+    """
+    verdicts = [
+        judge(
+            limits,
+            seen,
+            tokens=tokens,
+            cost_micros=cost_micros,
+            now_ms=now_ms,
+            day_ends_ms=day_ends_ms,
+            month_ends_ms=month_ends_ms,
+        )
+        for limits, seen in checks
+    ]
+    refused, wait = -1, -1
+    for index, verdict in enumerate(verdicts):
+        if verdict.refused_by is not None and verdict.retry_after_ms > wait:
+            refused, wait = index, verdict.retry_after_ms
+    if refused >= 0:
+        verdicts = [
+            Verdict(v.refused_by, v.retry_after_ms, seen.requests_level, seen.tokens_level)
+            for v, (_, seen) in zip(verdicts, checks, strict=True)
+        ]
+    return refused, tuple(verdicts)
+
+
+def _tightest(rates: Sequence[tuple[int | None, int]]) -> tuple[int, int] | None:
+    """Of the (limit, level) pairs whose limit is set, the one with the fewest units left."""
+    best: tuple[int, int] | None = None
+    for limit, level in rates:
+        if limit is None:
+            continue
+        if best is None or gcra_remaining(level, limit) < gcra_remaining(best[1], best[0]):
+            best = (limit, level)
+    return best
+
+
+def scoped_decision(
+    scopes: Sequence[tuple[ScopeKind, Limits, Verdict]],
+    refused: int,
+    reservation: Reservation | None = None,
+) -> LimitDecision:
+    """The LimitDecision for the verdicts of several scopes (``judge_scopes``): the refusing
+    scope's limit and wait, and the ``x-ratelimit-*`` figures of the tightest per-minute limit
+    of any scope (a key's 10 requests a minute under a tier's 100 are what the caller meets)."""
+    requests = _tightest(
+        [(limits.requests_per_minute, v.requests_level) for _, limits, v in scopes]
+    )
+    tokens = _tightest([(limits.tokens_per_minute, v.tokens_level) for _, limits, v in scopes])
+    allowed = refused < 0
+    verdict = scopes[refused][2] if not allowed else None
+    return LimitDecision(
+        allowed=allowed,
+        refused_by=None if verdict is None else verdict.refused_by,
+        refused_scope=None if allowed else scopes[refused][0],
+        retry_after=0.0 if verdict is None else verdict.retry_after_ms / 1000,
+        requests_limit=None if requests is None else requests[0],
+        requests_remaining=None if requests is None else gcra_remaining(requests[1], requests[0]),
+        requests_reset=None
+        if requests is None
+        else gcra_reset_ms(requests[1], max(requests[0], 0)) / 1000,
+        tokens_limit=None if tokens is None else tokens[0],
+        tokens_remaining=None if tokens is None else gcra_remaining(tokens[1], tokens[0]),
+        tokens_reset=None if tokens is None else gcra_reset_ms(tokens[1], max(tokens[0], 0)) / 1000,
+        reservation=reservation if allowed else None,
+    )
+
+
 def decision(
     limits: Limits, verdict: Verdict, reservation: Reservation | None = None
 ) -> LimitDecision:
-    """The LimitDecision (with its x-ratelimit-* figures) for a verdict."""
-    rpm, tpm = limits.requests_per_minute, limits.tokens_per_minute
-    return LimitDecision(
-        allowed=verdict.refused_by is None,
-        refused_by=verdict.refused_by,
-        retry_after=verdict.retry_after_ms / 1000,
-        requests_limit=rpm,
-        requests_remaining=None if rpm is None else gcra_remaining(verdict.requests_level, rpm),
-        requests_reset=None
-        if rpm is None
-        else gcra_reset_ms(verdict.requests_level, max(rpm, 0)) / 1000,
-        tokens_limit=tpm,
-        tokens_remaining=None if tpm is None else gcra_remaining(verdict.tokens_level, tpm),
-        tokens_reset=None
-        if tpm is None
-        else gcra_reset_ms(verdict.tokens_level, max(tpm, 0)) / 1000,
-        reservation=reservation if verdict.refused_by is None else None,
-    )
+    """The LimitDecision (with its x-ratelimit-* figures) for the verdict of one principal."""
+    refused = -1 if verdict.refused_by is None else 0
+    return scoped_decision((("user", limits, verdict),), refused, reservation)
 
 
 def usage_figures(

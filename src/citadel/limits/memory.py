@@ -8,9 +8,17 @@ lock because no decision awaits: each call runs to completion before another sta
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from citadel.limits.decision import LimitDecision, Limits, Reservation, UsageSnapshot
+from citadel.limits.decision import (
+    LimitDecision,
+    Limits,
+    Reservation,
+    Scope,
+    ScopeKind,
+    UsageSnapshot,
+)
 from citadel.limits.maths import (
     Calendar,
     Observed,
@@ -21,10 +29,11 @@ from citadel.limits.maths import (
     gcra_level,
     gcra_settle,
     gcra_tat,
-    judge,
+    judge_scopes,
     live_leases,
     quota_settle,
     reserve,
+    scoped_decision,
     to_ms,
     usage_figures,
 )
@@ -50,6 +59,13 @@ def _charge(counters: dict[str, int], period: str, amount: int) -> None:
         for old in [key for key in counters if key != last]:
             del counters[old]
     counters[period] = counters.get(period, 0) + amount
+
+
+def _scope_name(principal: str, scope: Scope) -> str:
+    """Where a scope's state is kept: apart from every user's (user ids never start with NUL)."""
+    if scope.kind == "key":
+        return f"\x00key:{principal}:{scope.id}"
+    return f"\x00team:{scope.id}"
 
 
 def _settle(counters: dict[str, int], period: str, reserved: int, actual: int) -> None:
@@ -83,6 +99,12 @@ class MemoryLimiter:
             month_cost=state.month_cost.get(periods.month, 0),
         )
 
+    def _state(self, name: str) -> _Principal:
+        state = self._principals.get(name)
+        if state is None:
+            state = self._principals[name] = _Principal()
+        return state
+
     async def admit(
         self,
         principal: str,
@@ -92,7 +114,9 @@ class MemoryLimiter:
         tokens: int,
         cost_micros: int,
         now: float,
+        scopes: Sequence[Scope] = (),
     ) -> LimitDecision:
+        scopes = [scope for scope in scopes if not scope.limits.unlimited]
         now_ms, periods, reservation = reserve(
             self._calendar,
             principal,
@@ -100,23 +124,45 @@ class MemoryLimiter:
             tokens=tokens,
             cost_micros=cost_micros,
             now=now,
+            scopes=scopes,
         )
-        if limits.unlimited:
+        if limits.unlimited and not scopes:
             return decision(limits, Verdict(None, 0, 0, 0), reservation)
-        state = self._principals.get(principal)
-        if state is None:
-            state = self._principals[principal] = _Principal()
-        verdict = judge(
-            limits,
-            self._observe(state, limits, now_ms, periods),
+        kinds: list[ScopeKind] = ["user", *(scope.kind for scope in scopes)]
+        names = [principal, *(_scope_name(principal, scope) for scope in scopes)]
+        every = [limits, *(scope.limits for scope in scopes)]
+        states = [self._state(name) for name in names]
+        refused, verdicts = judge_scopes(
+            [
+                (scope_limits, self._observe(state, scope_limits, now_ms, periods))
+                for scope_limits, state in zip(every, states, strict=True)
+            ],
             tokens=tokens,
             cost_micros=cost_micros,
             now_ms=now_ms,
             day_ends_ms=to_ms(periods.day_ends_at),
             month_ends_ms=to_ms(periods.month_ends_at),
         )
-        if verdict.refused_by is not None:
-            return decision(limits, verdict)
+        judged = list(zip(kinds, every, verdicts, strict=True))
+        if refused >= 0:
+            return scoped_decision(judged, refused)
+        for state, scope_limits, verdict in zip(states, every, verdicts, strict=True):
+            self._charge(
+                state, scope_limits, verdict, lease_id, now_ms, periods, tokens, cost_micros
+            )
+        return scoped_decision(judged, -1, reservation)
+
+    def _charge(
+        self,
+        state: _Principal,
+        limits: Limits,
+        verdict: Verdict,
+        lease_id: str,
+        now_ms: int,
+        periods: Periods,
+        tokens: int,
+        cost_micros: int,
+    ) -> None:
         if limits.requests_per_minute is not None:
             state.requests = gcra_tat(verdict.requests_level, limits.requests_per_minute, now_ms)
         if limits.tokens_per_minute is not None:
@@ -129,7 +175,6 @@ class MemoryLimiter:
             _charge(state.month_tokens, periods.month, tokens)
         if limits.cost_per_month_micros is not None:
             _charge(state.month_cost, periods.month, cost_micros)
-        return decision(limits, verdict, reservation)
 
     async def reconcile(
         self,
@@ -140,12 +185,27 @@ class MemoryLimiter:
         cost_micros: int,
         now: float,
     ) -> None:
-        if limits.unlimited:
-            return
-        state = self._principals.get(reservation.principal)
-        if state is None:  # reset since admission: an over-run is still charged, as in Redis
-            state = self._principals[reservation.principal] = _Principal()
         now_ms = to_ms(now)
+        principal = reservation.principal
+        settle = [(principal, limits)] + [
+            (_scope_name(principal, scope), scope.limits) for scope in reservation.scopes
+        ]
+        for name, scope_limits in settle:
+            if not scope_limits.unlimited:
+                # reset since admission: an over-run is still charged, as in Redis
+                self._settle(
+                    self._state(name), scope_limits, reservation, tokens, cost_micros, now_ms
+                )
+
+    @staticmethod
+    def _settle(
+        state: _Principal,
+        limits: Limits,
+        reservation: Reservation,
+        tokens: int,
+        cost_micros: int,
+        now_ms: int,
+    ) -> None:
         tpm = limits.tokens_per_minute
         if tpm is not None and tokens != reservation.tokens:
             level = gcra_level(state.tokens, tpm, now_ms)
@@ -159,10 +219,18 @@ class MemoryLimiter:
         if limits.cost_per_month_micros is not None:
             _settle(state.month_cost, reservation.month, reservation.cost_micros, cost_micros)
 
+    async def team_usage(self, team_id: str, limits: Limits, now: float) -> UsageSnapshot:
+        return await self._usage(
+            _scope_name("", Scope("team", team_id, limits)), team_id, limits, now
+        )
+
     async def usage(self, principal: str, limits: Limits, now: float) -> UsageSnapshot:
+        return await self._usage(principal, principal, limits, now)
+
+    async def _usage(self, name: str, principal: str, limits: Limits, now: float) -> UsageSnapshot:
         now_ms = to_ms(now)
         periods = self._calendar.at(now_ms / 1000)
-        state = self._principals.get(principal) or _Principal()
+        state = self._principals.get(name) or _Principal()
         seen = self._observe(state, limits, now_ms, periods)
         figures = usage_figures(
             limits,
@@ -175,6 +243,9 @@ class MemoryLimiter:
 
     async def reset(self, principal: str) -> None:
         self._principals.pop(principal, None)
+        prefix = f"\x00key:{principal}:"
+        for name in [name for name in self._principals if name.startswith(prefix)]:
+            del self._principals[name]
 
     async def ping(self) -> None:
         return None

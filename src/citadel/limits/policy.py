@@ -140,9 +140,9 @@ def ratelimit_headers(decision: LimitDecision) -> list[tuple[bytes, bytes]]:
 
 def _limit_value(name: LimitName, decision: LimitDecision, limits: Limits | None) -> str | None:
     value: int | None
-    if name == "requests_per_minute":
+    if name == "requests_per_minute" and limits is None:
         value = decision.requests_limit
-    elif name == "tokens_per_minute":
+    elif name == "tokens_per_minute" and limits is None:
         value = decision.tokens_limit
     elif limits is None:
         return None
@@ -165,13 +165,29 @@ def refusal_message(decision: LimitDecision, *, limits: Limits | None = None) ->
     """Why a request was refused: the limit, its value, and when to try again.
 
     The per-minute limits' values are in the decision; the others' are named when ``limits``
-    (the ones the decision was made on) is given. A decision that admitted raises ValueError.
+    (the ones of the scope that refused: the user's, the key's or the team's) is given. A refusal
+    by a key's or a team's limit says so. A decision that admitted raises ValueError.
     """
     name = decision.refused_by
     if decision.allowed or name is None:
         raise ValueError("refusal_message: the decision admitted the request; nothing refused it")
     value = _limit_value(name, decision, limits)
     limit = f" (limit {value})" if value is not None else ""
+    wait = decision.retry_after
+    if wait >= 60:  # past a minute, milliseconds are noise: whole seconds, rounded up
+        wait = retry_after_seconds(decision)
+    when = format_duration(wait) if wait > 0 else "a moment"
+    if decision.refused_scope == "team":
+        return (
+            f"Team budget reached: this request would take your team past its {_WORDS[name]}"
+            f"{limit}, which every member's requests share. Please try again in {when} (when "
+            "the month renews), or ask an administrator to raise the team's budget."
+        )
+    if decision.refused_scope == "key":
+        return (
+            f"Rate limit reached for this API key's own {_WORDS[name]}{limit}. Please try "
+            f"again in {when}."
+        )
     if name == "tokens_per_minute" and decision.tokens_remaining == decision.tokens_limit:
         # Refused with the whole budget free: this request alone is over the limit, and waiting
         # will not help.
@@ -180,8 +196,4 @@ def refusal_message(decision: LimitDecision, *, limits: Limits | None = None) ->
             "than the limit allows in a minute. Ask for fewer (lower max_tokens or shorten the "
             "prompt)."
         )
-    wait = decision.retry_after
-    if wait >= 60:  # past a minute, milliseconds are noise: whole seconds, rounded up
-        wait = retry_after_seconds(decision)
-    when = format_duration(wait) if wait > 0 else "a moment"
     return f"Rate limit reached for {_WORDS[name]}{limit}. Please try again in {when}."

@@ -239,7 +239,7 @@ class Analytics:
 
     @contextlib.asynccontextmanager
     async def _guard(self) -> AsyncIterator[None]:
-        from citadel.accounts.sql import translate_errors
+        from citadel.stores.sql import translate_errors
 
         try:
             with translate_errors(self._timeout):

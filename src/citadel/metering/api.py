@@ -92,12 +92,15 @@ class Reader:
         return datetime.fromtimestamp(self.clock(), UTC)
 
     async def names(self, by: Dimension) -> dict[str, str]:
-        """Users' and teams' names, best effort: the ledger answered, the accounts may not."""
+        """Users' and teams' names, deleted ones' too (their history keeps them), best effort:
+        the ledger answered, the accounts may not."""
         try:
             if by == "user":
-                return {u.id: u.name for u in await self.accounts.list_users()}
+                users = await self.accounts.list_users(include_deleted=True)
+                return {u.id: u.name for u in users}
             if by == "team":
-                return {t.id: t.name for t in await self.accounts.list_teams()}
+                teams = await self.accounts.list_teams(include_deleted=True)
+                return {t.id: t.name for t in teams}
         except StoreUnavailable as exc:
             _log.warning("names unavailable", extra={"detail": exc.detail})
         return {}

@@ -73,11 +73,12 @@ def default_deps(settings: Settings) -> MeteringDeps:
     import socket
 
     from citadel.accounts.migrate import ACCOUNTS
-    from citadel.accounts.sql import build_engine, open_store_lazily
+    from citadel.accounts.sql import open_store_lazily
     from citadel.errors import ConfigError
     from citadel.metering.migrate import LEDGER
     from citadel.metering.writer import LedgerWriter, redis_url
     from citadel.stores.endpoint import RedisStore, connect_redis
+    from citadel.stores.sql import build_engine
 
     uri = ledger_uri(settings)
     engine = build_engine(uri)

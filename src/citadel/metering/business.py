@@ -21,7 +21,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Protocol
 
-from citadel.accounts.store import AccountStore
+from citadel.accounts.store import AccountStore, Team, User
 from citadel.errors import StoreUnavailable
 from citadel.metering.analytics import Analytics, savings_by_model
 from citadel.metering.budgets import budget_use
@@ -114,8 +114,11 @@ class BusinessMetrics:
         tokens = registry.gauge(BUSINESS_TOKENS)
         requests = registry.gauge(BUSINESS_REQUESTS)
         team_spend: dict[str, int] = {}
+        people = await self._people()
+        team_names = {team.id: team.name for team in people[1]} if people else {}
         for row in await analytics.usage(span, group_by=("tier", "team", "model")):
-            labels = (row.keys["tier"], row.keys["team"], row.keys["model"])
+            team = row.keys["team"]
+            labels = (row.keys["tier"], team, team_names.get(team, ""), row.keys["model"])
             spend.set(labels, row.cost_micros / 1_000_000)
             tokens.set((*labels, "input"), row.prompt_tokens)
             tokens.set((*labels, "output"), row.completion_tokens)
@@ -124,7 +127,8 @@ class BusinessMetrics:
         active = registry.gauge(BUSINESS_ACTIVE_USERS)
         for tier, count in (await analytics.active_users(now))[1].items():
             active.set((tier,), count)
-        await self._budgets(registry, span, team_spend)
+        if people:
+            await self._budgets(registry, span, team_spend, *people)
         costs = await analytics.deployment_costs(span, now=now, settings=settings)
         infra = registry.gauge(BUSINESS_INFRA_COST)
         per_1k = registry.gauge(BUSINESS_COST_PER_1K)
@@ -144,15 +148,27 @@ class BusinessMetrics:
                 saved.set((item.model,), item.savings_micros / 1_000_000)
         return registry.render()
 
-    async def _budgets(
-        self, registry: Registry, span: TimeRange, team_spend: dict[str, int]
-    ) -> None:
+    async def _people(self) -> tuple[list[User], list[Team]] | None:
+        """Users and teams (names, budgets), or None while the accounts store is unreachable."""
         accounts = self._deps.accounts
         try:
-            users, teams = await accounts.list_users(), await accounts.list_teams()
+            return await accounts.list_users(), await accounts.list_teams()
         except StoreUnavailable as exc:
-            _log.warning("budgets unavailable", extra={"detail": exc.detail})
-            return
+            _log.warning("budgets and names unavailable", extra={"detail": exc.detail})
+            return None
+
+    async def _budgets(
+        self,
+        registry: Registry,
+        span: TimeRange,
+        team_spend: dict[str, int],
+        users: list[User],
+        teams: list[Team],
+    ) -> None:
+        names = {
+            "user": {user.id: user.name for user in users},
+            "team": {team.id: team.name for team in teams},
+        }
         user_spend = await self._deps.analytics.spend(span, "user")
         utilisation = registry.gauge(BUSINESS_BUDGET_UTILISATION)
         tiers = self._settings.tiers
@@ -166,4 +182,4 @@ class BusinessMetrics:
             )
             for row in rows:
                 if row.utilisation is not None:
-                    utilisation.set((scope, row.id), row.utilisation)
+                    utilisation.set((scope, row.id, names[scope].get(row.id, "")), row.utilisation)

@@ -49,7 +49,6 @@ from sqlalchemy import insert, select, text
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from citadel.accounts.sql import translate_errors
 from citadel.errors import StoreUnavailable
 from citadel.metering.events import UsageEvent
 from citadel.metering.schema import (
@@ -61,6 +60,7 @@ from citadel.metering.schema import (
     rollup_key,
     usage_events,
 )
+from citadel.stores.sql import translate_errors
 
 __all__ = [
     "COLUMNS",

@@ -342,8 +342,8 @@ class SqlLedgerSink(_BatchingSink):
     async def start(self) -> None:
         """Upgrade the ledger's tables first if ``migrate`` (the embedded default), then start."""
         if self._migrate:
-            from citadel.accounts.sql import translate_errors
             from citadel.metering.migrate import LEDGER
+            from citadel.stores.sql import translate_errors
 
             with translate_errors():
                 await LEDGER.upgrade_engine(self._ledger.engine)

@@ -4,7 +4,7 @@
                           consumer="host-1234", batch_size=10_000)
     await writer.run(stop)          # until stop is set
 
-    python -m citadel.metering.writer --config citadel.yaml      # the same, as a process
+    citadel --config citadel.yaml ledger-writer      # the same, as a process (run_writer)
 
 Theory of operation. Gateways XADD one entry per event (field ``e``: the wire format of
 ``citadel.metering.ledger``). Writers read the stream through one consumer group, so each entry
@@ -36,7 +36,6 @@ position inside that window gets every event since. An entry that cannot be deco
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import dataclasses
@@ -48,16 +47,19 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from citadel.errors import CitadelError, ConfigError, StoreUnavailable
 from citadel.metering.ledger import Ledger, Row, decode_row
-from citadel.stores.endpoint import RedisStore, connect_redis, is_redis_url
+from citadel.stores.endpoint import RedisStore, connect_redis, shared_redis_url
 from citadel.stores.redis import RedisError
 
-__all__ = ["LedgerWriter", "WriterStats", "main", "redis_url"]
+if TYPE_CHECKING:
+    from citadel.settings import Settings
+
+__all__ = ["LedgerWriter", "WriterStats", "redis_url", "run_writer"]
 
 _log = logging.getLogger("citadel.metering.writer")
 
@@ -397,13 +399,10 @@ def _next_id(entry_id: bytes) -> tuple[int, int]:
 
 def redis_url(endpoint: str | None, limits_backend: str) -> str:
     """Where the usage stream is: ``endpoints.redis`` (``host:port`` becomes ``redis://``), else
-    the limiter's Redis: the same choice as the gateway's (``citadel.routing.shared``)."""
-    if endpoint:
-        url = endpoint if "://" in endpoint else f"redis://{endpoint}"
-        if is_redis_url(url):
-            return url
-    elif is_redis_url(limits_backend):
-        return limits_backend
+    the limiter's Redis (``stores.endpoint.shared_redis_url``), required here."""
+    url = shared_redis_url(endpoint, limits_backend)
+    if url is not None:
+        return url
     raise ConfigError(
         "endpoints.redis",
         endpoint,
@@ -412,45 +411,22 @@ def redis_url(endpoint: str | None, limits_backend: str) -> str:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m citadel.metering.writer``: run one ledger writer until SIGTERM or SIGINT."""
-    from citadel.log import configure_logging
-    from citadel.settings import load_settings
-
-    parser = argparse.ArgumentParser(
-        prog="python -m citadel.metering.writer",
-        description="Drain the usage stream (Redis) into the SQL ledger.",
-    )
-    parser.add_argument("--config", metavar="FILE", help="settings file")
-    parser.add_argument(
-        "--consumer", help="this writer's name in the group (default: host-pid; unique per writer)"
-    )
-    parser.add_argument(
-        "--claim-idle-seconds",
-        type=float,
-        default=30.0,
-        help="take over entries another writer has held this long (default: 30)",
-    )
-    parser.add_argument(
-        "--concurrency",
-        type=int,
-        default=2,
-        help="batches written at once, each on its own connection (default: 2)",
-    )
-    args = parser.parse_args(argv)
-    try:
-        settings = load_settings(args.config, os.environ)
-        url = redis_url(settings.endpoints.redis, settings.limits.backend)
-    except ConfigError as exc:
-        print(f"citadel: {exc}", file=sys.stderr)
-        return 2
-    configure_logging("ledger-writer", settings.log_level)
+def run_writer(
+    settings: Settings,
+    *,
+    consumer: str | None = None,
+    claim_idle_seconds: float = 30.0,
+    concurrency: int = 2,
+) -> int:
+    """Run one ledger writer until SIGTERM or SIGINT (``citadel ledger-writer``); the caller
+    read the settings. 1 if a store failed for good."""
+    url = redis_url(settings.endpoints.redis, settings.limits.backend)
     metering = settings.metering
     database = metering.database or settings.accounts.database
-    consumer = args.consumer or f"{socket.gethostname()}-{os.getpid()}"
+    name = consumer or f"{socket.gethostname()}-{os.getpid()}"
 
     async def serve() -> None:
-        from citadel.accounts.sql import build_engine
+        from citadel.stores.sql import build_engine
 
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -467,19 +443,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             engine,
             stream=metering.stream,
             group=metering.group,
-            consumer=consumer,
+            consumer=name,
             batch_size=metering.batch_size,
-            claim_idle_seconds=args.claim_idle_seconds,
-            concurrency=args.concurrency,
+            claim_idle_seconds=claim_idle_seconds,
+            concurrency=concurrency,
             keep_seconds=metering.stream_keep_seconds,
         )
-        _log.info("ledger writer %s: %s -> %s", consumer, metering.stream, engine.url)
+        _log.info("ledger writer %s: %s -> %s", name, metering.stream, engine.url)
         try:
             await writer.run(stop)
         finally:
             await redis.aclose()
             await engine.dispose()
-        _log.info("ledger writer %s stopped: %s", consumer, writer.stats())
+        _log.info("ledger writer %s stopped: %s", name, writer.stats())
 
     try:
         asyncio.run(serve())
@@ -487,7 +463,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"citadel: {exc}", file=sys.stderr)
         return 1
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -3,6 +3,7 @@
 citadel rules generate [--out DIR | --stdout]   the rule file (observability.rules_dir)
 citadel rules test                             promtool check + test on the rules and their cases
 citadel dashboards export [--out DIR]          one Grafana JSON file per dashboard
+citadel dashboards provision                   the folder, data source and dashboards into Grafana
 citadel dashboards check                       the linter's rules and the structural checks
 citadel prometheus-config [--out FILE]         a complete prometheus.yml for this installation
 citadel alertmanager-config [--out FILE]       the Alertmanager routing and inhibition
@@ -158,6 +159,54 @@ def _dashboards_export(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _dashboards_provision(args: argparse.Namespace, settings: Settings) -> int:
+    """Into Grafana's HTTP API (``endpoints.grafana`` or ``--grafana``): what ``POST
+    /v1/provision`` does, from the command line. 0: done (changed or not), 1: Grafana refused
+    or was unreachable, 2: no Grafana configured."""
+    import asyncio
+
+    from citadel.http.client import HttpClient
+    from citadel.observability.grafana import GrafanaClient, GrafanaError, Provisioned, provision
+
+    url = args.grafana or settings.endpoints.grafana
+    if not url:
+        print(
+            "citadel: no Grafana to provision: set GRAFANA_ENDPOINT (endpoints.grafana) or pass "
+            "--grafana URL, and GRAFANA_TOKEN (or GRAFANA_USER and GRAFANA_PASSWORD)",
+            file=sys.stderr,
+        )
+        return 2
+    prometheus = None if args.no_datasource else args.prometheus or settings.endpoints.prometheus
+    auth = settings.grafana
+
+    async def run() -> Provisioned:
+        http = HttpClient(max_connections_per_origin=2)
+        try:
+            grafana = GrafanaClient(
+                url, http, token=auth.token, user=auth.user, password=auth.password
+            )
+            return await provision(grafana, prometheus_url=prometheus)
+        finally:
+            await http.aclose()
+
+    try:
+        done = asyncio.run(run())
+    except GrafanaError as exc:
+        print(f"citadel: {exc}", file=sys.stderr)
+        return 1
+    counts: dict[str, int] = {}
+    for state in done.dashboards.values():
+        counts[state] = counts.get(state, 0) + 1
+    boards = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+    print(f"folder: {done.folder}")
+    print(f"data source: {done.datasource}")
+    for uid, state in done.dashboards.items():
+        print(f"dashboard {uid}: {state}")
+    verdict = "updated" if done.changed else "already as generated, nothing changed"
+    print(f"citadel: Grafana at {url} {verdict} (dashboards: {boards})", file=sys.stderr)
+    return 0
+
+
 def _dashboards_check(args: argparse.Namespace, settings: Settings) -> int:
     from citadel.observability.dashboards import DASHBOARDS, grafana_json
     from citadel.observability.lint import lint
@@ -201,6 +250,11 @@ _COMMANDS: tuple[tuple[str | None, str, str, str, _Handler], ...] = (
     ("dashboards", "export", "write one Grafana JSON file per dashboard",
      "Write the dashboards as classic Grafana JSON (Grafana 11 and 12's file provisioning and "
      "HTTP API), one <uid>.json each.", _guarded(_dashboards_export)),
+    ("dashboards", "provision", "create or update the dashboards in Grafana",
+     "Create the Citadel folder, the Prometheus data source (endpoints.prometheus) and every "
+     "dashboard through Grafana's HTTP API (endpoints.grafana, GRAFANA_TOKEN or GRAFANA_USER "
+     "and GRAFANA_PASSWORD), each only when missing or different: a second run changes "
+     "nothing.", _dashboards_provision),
     ("dashboards", "check", "lint the dashboards",
      "Grafana's dashboard-linter rules and the structural checks.", _dashboards_check),
     (None, "prometheus-config", "print a complete prometheus.yml for this installation",
@@ -214,7 +268,7 @@ _COMMANDS: tuple[tuple[str | None, str, str, str, _Handler], ...] = (
 )  # fmt: skip
 _GROUPS = {
     "rules": "generate and test the Prometheus rules",
-    "dashboards": "export and check the Grafana dashboards",
+    "dashboards": "export, provision and check the Grafana dashboards",
 }
 
 
@@ -237,6 +291,15 @@ def add_arguments(commands: argparse._SubParsersAction[Any]) -> None:
     out.add_argument("--stdout", action="store_true", help="print the rule file instead")
     parsers["dashboards", "export"].add_argument(
         "--out", metavar="DIR", default="citadel-dashboards"
+    )
+    prov = parsers["dashboards", "provision"]
+    prov.add_argument("--grafana", metavar="URL", help="Grafana (default: endpoints.grafana)")
+    source = prov.add_mutually_exclusive_group()
+    source.add_argument(
+        "--prometheus", metavar="URL", help="the data source (default: endpoints.prometheus)"
+    )
+    source.add_argument(
+        "--no-datasource", action="store_true", help="leave Grafana's data sources alone"
     )
     for name in ("prometheus-config", "alertmanager-config"):
         parsers[None, name].add_argument(

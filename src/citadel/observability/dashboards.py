@@ -236,9 +236,15 @@ def _deployments() -> Dashboard:
                 _q(_gauge(m.DEPLOYMENT_HEALTHY, _DEPLOYMENT, "deployment"), "{{deployment}}"),
             ),
             _p(
-                "Model server: running",
+                "Model server: running and waiting",
                 "short",
-                _q(_gauge(m.SIM_RUNNING, _SIM, "model_name"), "{{model_name}}"),
+                _q(_gauge(m.SIM_RUNNING, _SIM, "model_name"), "running {{model_name}}"),
+                _q(_gauge(m.SIM_WAITING, _SIM, "model_name"), "waiting {{model_name}}"),
+            ),
+            _p(
+                "Model server: KV-cache use",
+                "percentunit",
+                _q(f"max by (model_name) ({m.SIM_KV_CACHE.name}{{{_SIM}}})", "{{model_name}}"),
             ),
             _p(
                 "Model server: TTFT p95 (its view vs the gateway's)",
@@ -310,23 +316,26 @@ def _users() -> Dashboard:
                 "Budget used",
                 "percentunit",
                 _q(
-                    f'max by (scope, id) ({m.BUSINESS_BUDGET_UTILISATION.name}{{scope=~".+"}})',
-                    "{{scope}} {{id}}",
+                    f"max by (scope, id, name) "
+                    f'({m.BUSINESS_BUDGET_UTILISATION.name}{{scope=~".+"}})',
+                    "{{scope}} {{name}} ({{id}})",
                 ),
             ),
             _p(
                 "Top teams by spend this month",
                 "currencyUSD",
                 _q(
-                    f"topk(10, {_gauge(m.BUSINESS_SPEND, f'{_TEAM},{_MODEL}', 'team')})", "{{team}}"
+                    f"topk(10, {_gauge(m.BUSINESS_SPEND, f'{_TEAM},{_MODEL}', 'team, team_name')})",
+                    "{{team_name}} ({{team}})",
                 ),
             ),
             _p(
                 "Top teams by tokens this month",
                 "short",
                 _q(
-                    f"topk(10, {_gauge(m.BUSINESS_TOKENS, f'{_TEAM},{_MODEL}', 'team')})",
-                    "{{team}}",
+                    "topk(10, "
+                    f"{_gauge(m.BUSINESS_TOKENS, f'{_TEAM},{_MODEL}', 'team, team_name')})",
+                    "{{team_name}} ({{team}})",
                 ),
             ),
             _p(
@@ -456,6 +465,33 @@ def _business() -> Dashboard:
                     )
                 ),
             ),
+            _p(
+                "GraphQL operations/s by name and outcome",
+                "reqps",
+                _q(
+                    _rate(m.GRAPHQL_OPERATIONS, "", "operation, outcome"),
+                    "{{operation}} {{outcome}}",
+                ),
+            ),
+            _p(
+                "GraphQL operation p99 duration",
+                "s",
+                _q(
+                    _quantile(m.GRAPHQL_OPERATION_DURATION, "0.99", "", "operation"),
+                    "{{operation}}",
+                ),
+            ),
+            _p(
+                "GraphQL operation cost p50 and p99",
+                "short",
+                _q(_quantile(m.GRAPHQL_OPERATION_COST, "0.5", "", "kind"), "p50 {{kind}}"),
+                _q(_quantile(m.GRAPHQL_OPERATION_COST, "0.99", "", "kind"), "p99 {{kind}}"),
+            ),
+            _p(
+                "GraphQL refusals/s by reason",
+                "reqps",
+                _q(_rate(m.GRAPHQL_REFUSALS, "", "reason"), "{{reason}}"),
+            ),
         ),
     )
 
@@ -581,7 +617,17 @@ def builder(board: Dashboard) -> gd.Dashboard:
     return out
 
 
+# The SDK writes an interval variable's fields on every variable; the published schema
+# (@grafana/schema's VariableModel, checked with tsc in tests/observability/test_schema_tsc.py)
+# has them on none, and Grafana ignores them elsewhere.
+INTERVAL_ONLY = ("auto", "auto_min", "auto_count")
+
+
 def grafana_json(board: Dashboard) -> dict[str, Any]:
     """The classic dashboard JSON (what Grafana 11/12's HTTP API and file provisioning take)."""
     data: dict[str, Any] = json.loads(json.dumps(builder(board).build(), cls=JSONEncoder))
+    for variable in data.get("templating", {}).get("list", []):
+        if variable.get("type") != "interval":
+            for key in INTERVAL_ONLY:
+                variable.pop(key, None)
     return data

@@ -26,6 +26,11 @@ from citadel.observability.names import (
     slo_error_ratio,
 )
 
+# vLLM saturation: KV-cache use worth forecasting from, and the queue lengths (requests) that
+# count as saturated (predicted) and as already queueing (now).
+_KV_NOW = 0.5
+_QUEUE_FULL = 100
+_QUEUE_NOW = 5
 RUNBOOK = "https://github.com/citadel-llm/citadel/blob/main/docs/runbooks.md"
 SLO_RATIO = "slo:sli_error:ratio_rate"
 _UNTIL_MONTH_END = (
@@ -306,6 +311,33 @@ def platform_alerts() -> list[Alert]:
             Case(series=((decisions, "0+10x60"), (errors, "0+5x60")), at="15m"),
             Case(series=((decisions, "0+10x60"), (errors, "0+0x60")), at="15m"),
         ),
+    )
+    kv = m.SIM_KV_CACHE.name
+    waiting = m.SIM_WAITING.name
+    server = 'job="citadel-model-servers",instance="127.0.0.1:8100",model_name="m"'
+    add(
+        "CitadelKVCacheSaturating",
+        f"predict_linear({kv}[15m], 1800) >= 1 and {kv} > {_KV_NOW}",
+        "5m",
+        "ticket",
+        "model-servers",
+        "KV cache of {{ $labels.instance }} ({{ $labels.model_name }}) full within 30 minutes",
+        "The model server at {{ $labels.instance }} holds {{ $value | humanizePercentage }} of "
+        "its KV cache for {{ $labels.model_name }} and, at its rise over the last 15 minutes, "
+        "fills it within 30 minutes: then requests queue and running ones are preempted.",
+        _pair(f"{kv}{{{server}}}", "0.5+0.01", "0.9", 60, "20m"),
+    )
+    add(
+        "CitadelModelServerQueueGrowing",
+        f"predict_linear({waiting}[15m], 1800) > {_QUEUE_FULL} and {waiting} > {_QUEUE_NOW}",
+        "5m",
+        "ticket",
+        "model-servers",
+        "Queue of {{ $labels.instance }} ({{ $labels.model_name }}) growing",
+        "{{ $value | humanize }} requests for {{ $labels.model_name }} wait at the model server "
+        f"{{{{ $labels.instance }}}}, and at their growth over the last 15 minutes over "
+        f"{_QUEUE_FULL} will within 30 minutes: add capacity or shed load.",
+        _pair(f"{waiting}{{{server}}}", "0+2", "50", 60, "20m"),
     )
     add(
         "CitadelTeamBudgetForecast",

@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlsplit
 
+from citadel.registry import SERVICES
 from citadel.settings import Settings
-from citadel.settings.sections import SERVICE_PORTS
 
-SCRAPED: dict[str, str] = SERVICE_PORTS  # `citadel serve NAME` -> Ports attribute
+# `citadel serve NAME` -> the Ports attribute; the scrape job is citadel-NAME.
+SCRAPED: dict[str, str] = {name: spec.port for name, spec in SERVICES.items()}
 
 
 TOKEN_FILE = "/etc/prometheus/citadel-metrics-token"

@@ -36,6 +36,7 @@ from citadel.openai.params import REASONING_EFFORTS, check_metadata, check_numbe
 __all__ = [
     "ResponsesRequest",
     "function_call_item",
+    "input_items",
     "message_item",
     "new_item_id",
     "output_messages",
@@ -443,19 +444,35 @@ def function_call_item(
 
 
 def output_messages(output: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A response's output as chat messages, for the next turn of a stored conversation."""
+    """A response's output as chat messages, for the next turn of a stored conversation.
+
+    The output may be an upstream's (a deployment that speaks the Responses API): items and
+    parts of other kinds (reasoning, say) are left out, and nothing is assumed present.
+    """
     messages: list[dict[str, Any]] = []
     calls: list[dict[str, Any]] = []
     texts: list[str] = []
     for item in output:
+        if not isinstance(item, dict):
+            continue
         if item.get("type") == "message":
-            texts.extend(p.get("text", "") for p in item["content"] if p["type"] == "output_text")
+            content = item.get("content")
+            texts.extend(
+                p["text"]
+                for p in (content if isinstance(content, list) else ())
+                if isinstance(p, dict)
+                and p.get("type") == "output_text"
+                and isinstance(p.get("text"), str)
+            )
         elif item.get("type") == "function_call":
             calls.append(
                 {
-                    "id": item["call_id"],
+                    "id": str(item.get("call_id") or ""),
                     "type": "function",
-                    "function": {"name": item["name"], "arguments": item["arguments"]},
+                    "function": {
+                        "name": str(item.get("name") or ""),
+                        "arguments": str(item.get("arguments") or ""),
+                    },
                 }
             )
     message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) or None}
@@ -464,3 +481,47 @@ def output_messages(output: list[dict[str, Any]]) -> list[dict[str, Any]]:
     if texts or calls:
         messages.append(message)
     return messages
+
+
+def input_items(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Chat messages (a stored conversation) as Responses input items, the inverse of the
+    request translation: for a deployment that takes the Responses API as it is."""
+    items: list[dict[str, Any]] = []
+    for message in messages:
+        role = message.get("role")
+        if role == "tool":
+            items.append(
+                {
+                    "type": "function_call_output",
+                    "call_id": message.get("tool_call_id"),
+                    "output": message.get("content") or "",
+                }
+            )
+            continue
+        content = message.get("content")
+        if isinstance(content, list):
+            text_kind = "output_text" if role == "assistant" else "input_text"
+            parts: list[dict[str, Any]] = []
+            for part in content:
+                if part.get("type") == "text":
+                    parts.append({"type": text_kind, "text": part.get("text", "")})
+                elif part.get("type") == "image_url":
+                    image = part.get("image_url") or {}
+                    parts.append(
+                        {"type": "input_image", "image_url": image.get("url")}
+                        | ({"detail": image["detail"]} if "detail" in image else {})
+                    )
+            items.append({"type": "message", "role": role, "content": parts})
+        elif isinstance(content, str) and (content or role != "assistant"):
+            items.append({"type": "message", "role": role, "content": content})
+        for call in message.get("tool_calls") or ():
+            function = call.get("function") or {}
+            items.append(
+                {
+                    "type": "function_call",
+                    "call_id": call.get("id"),
+                    "name": function.get("name"),
+                    "arguments": function.get("arguments"),
+                }
+            )
+    return items

@@ -69,6 +69,13 @@ class RouteRequest(msgspec.Struct):
         Annotated[Task, Meta(description="as the x-citadel-task header (which it overrides)")]
         | None
     ) = None
+    tier: (
+        Annotated[
+            str,
+            Meta(description="the caller's tier: only the models it may use (none: any model)"),
+        ]
+        | None
+    ) = None
 
 
 # -- replies ----------------------------------------------------------------------------------
@@ -95,6 +102,10 @@ class DeploymentRow(msgspec.Struct, kw_only=True):
     requests: int
     failures: int
     last_error: str
+    reported_by: Annotated[
+        int,
+        Meta(description="gateway replicas whose rows are merged here; 0: this service's view"),
+    ] = 0
 
 
 class Summary(msgspec.Struct):
@@ -115,6 +126,13 @@ class Deployments(msgspec.Struct, kw_only=True):
     data: list[DeploymentRow]
     summary: Summary
     shared_state: SharedState
+    view: Annotated[
+        Literal["gateways", "routing-service"],
+        Meta(
+            description="gateways: `data` merges the gateway replicas' latest rows; "
+            "routing-service: no replica reported, `data` is this service's own router"
+        ),
+    ] = "routing-service"
     replicas: (
         Annotated[
             dict[str, list[dict[str, Any]]] | None,

@@ -37,7 +37,10 @@ characters is judged on its head and tail, so the cost is bounded whatever the s
 for the embedding task, and only for it) and with a context window of at least the tokens needed.
 Models listing the task among their ``specialties`` are preferred; among the preferred, the one
 with the lowest blended price (mean of input and output per 1000 tokens) wins, the first
-configured on a tie. No model fits: None, and the caller answers with an error.
+configured on a tie. A model with no deployment that could serve now (every one drained, broken
+open or failing its health probe: ``servable``) is skipped for the next fit; when no fit can
+serve, the choice is made among them all, as ``Router.select`` tries unhealthy deployments
+rather than none. No model fits: None, and the caller answers with an error.
 """
 
 from __future__ import annotations
@@ -203,8 +206,10 @@ def choose_model(
     needed_tokens: int,
     models: Sequence[Model],
     allowed: Callable[[Model], bool],
+    servable: Callable[[Model], bool] | None = None,
 ) -> ModelChoice | None:
-    """The cheapest allowed model that fits ``needed_tokens``, specialists first, or None."""
+    """The cheapest allowed model that fits ``needed_tokens``, specialists first, among those
+    ``servable`` (a healthy deployment) unless none is, or None."""
     if task not in TASKS:
         raise ValueError(f"task {task!r}: expected one of {', '.join(TASKS)}")
     embedding = task == "embedding"
@@ -215,6 +220,11 @@ def choose_model(
     ]
     if not fits:
         return None
+    down = [] if servable is None else [m for m in fits if not servable(m)]
+    if down and len(down) < len(fits):
+        fits = [m for m in fits if m not in down]
+    else:
+        down = []  # all down (or none): choose among them all
     specialists = [m for m in fits if task in m.specialties]
     pool = specialists or fits
     model = min(pool, key=lambda m: blended_per_1k(m.price))  # min keeps the first on a tie
@@ -228,4 +238,8 @@ def choose_model(
         rank = f"{model.name} is " + (
             "the only fit" if len(pool) == 1 else f"the cheapest of {len(pool)} fits"
         )
-    return ModelChoice(model=model, task=task, reason=f"{task} task: {why}; {rank}")
+    skipped = ""
+    if down:
+        names = ", ".join(m.name for m in down)
+        skipped = f" ({names} skipped: no healthy deployment)"
+    return ModelChoice(model=model, task=task, reason=f"{task} task: {why}; {rank}{skipped}")

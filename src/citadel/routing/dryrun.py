@@ -1,6 +1,10 @@
 """The dry run of ``POST /v1/route``: which model a described request would get (a virtual model
 such as ``auto`` resolved by task), which deployment, why, and why not the others.
 
+The caller's ``tier`` (a body field; none: any model) narrows the choice as the gateway's does:
+``auto`` chooses among the models the tier may use, and a model the tier may not use gets no
+deployment, with the reason (the gateway answers it 403).
+
 Theory of operation: the dry run repeats the gateway's decision over the router's live state
 without any of its side effects. The request is parsed as the gateway would parse it, its tokens
 estimated and its task classified; the model (or the virtual model's choice) is then evaluated,
@@ -37,7 +41,7 @@ from citadel.routing.bodies import CandidateScore, Evaluation, Excluded, RouteRe
 from citadel.routing.breaker import BreakerState
 from citadel.routing.classifier import TASKS, classify
 from citadel.routing.router import DeploymentState, Router
-from citadel.settings import Model, Settings
+from citadel.settings import Model, Settings, Tier
 
 __all__ = ["breaker_refusal", "dry_run"]
 
@@ -63,7 +67,7 @@ def dry_run(
     """The answer to ``POST /v1/route`` with body ``raw`` (and the ``x-citadel-task`` header);
     a bad body raises the 400 the gateway would give, naming the field, an unknown model the
     404."""
-    parsed, endpoint, hint = _parse_route(raw, task_header)
+    parsed, endpoint, hint, tier = _parse_route(settings, raw, task_header)
     model = settings.model(parsed.model)
     virtual = model is None and parsed.model in router.virtual
     if model is None and not virtual:
@@ -117,12 +121,14 @@ def dry_run(
             prompt_text=parsed.prompt_text,
             needed_tokens=needed,
             hint=hint,
-            allowed=lambda m: True,
+            allowed=lambda m: tier is None or _tier_allows(tier, m),
+            now=clock(),
         )
         if choice is None:
+            which = "of this kind" if tier is None else f"of this kind tier '{tier.name}' may use"
             return result(
                 None,
-                f"no model of this kind fits {needed} tokens with the reply",
+                f"no model {which} fits {needed} tokens with the reply",
                 "no model fits, so no deployment is chosen",
                 [],
             )
@@ -131,6 +137,14 @@ def dry_run(
         model_reason = f"{model.name} is named in the request"
     else:
         model_reason = f"{parsed.model} is an alias of {model.name}"
+    if tier is not None and not _tier_allows(tier, model):
+        return result(
+            model.name,
+            f"{model_reason}, but tier '{tier.name}' may not use it",
+            f"tier '{tier.name}' may not use {model.name}: the gateway answers 403 "
+            "(model_not_allowed), so no deployment is chosen",
+            [],
+        )
     if endpoint not in _SERVES[model.kind]:
         raise BadRequest(
             f"The model `{model.name}` is a {model.kind} model and does not serve "
@@ -167,13 +181,30 @@ def _chain(settings: Settings, model: Model) -> list[Model]:
     return chain
 
 
+def _tier_allows(tier: Tier, model: Model) -> bool:
+    """Whether ``tier`` may use ``model`` (by its name or an alias), as the gateway decides."""
+    return any(tier.allows(name) for name in (model.name, *model.aliases))
+
+
 def _parse_route(
-    raw: bytes, task_header: str | None
-) -> tuple[ParsedRequest, Endpoint | None, str | None]:
+    settings: Settings, raw: bytes, task_header: str | None
+) -> tuple[ParsedRequest, Endpoint | None, str | None, Tier | None]:
     """The described request, checked by the gateway's parser (``parse_request``, as its two
     steps: the body is decoded once); the endpoint its prompt field implies (None: no prompt
-    given); and the task hint (``task``, else the ``x-citadel-task`` header)."""
+    given); the task hint (``task``, else the ``x-citadel-task`` header); and the caller's
+    ``tier`` (None: not given)."""
     body = decode_body(raw)  # the gateway's 400 for an empty, unreadable, non-object or deep body
+    tier_name = body.pop("tier", None)
+    tier = None
+    if tier_name is not None:
+        tiers = {t.name: t for t in settings.tiers}
+        if not isinstance(tier_name, str) or tier_name not in tiers:
+            raise BadRequest(
+                f"'tier' must be one of {', '.join(tiers)}; got {tier_name!r}.",
+                param="tier",
+                code="unknown_tier",
+            )
+        tier = tiers[tier_name]
     given = [name for name in _PROMPT_FIELDS if body.get(name) is not None]
     if len(given) > 1:
         raise BadRequest(
@@ -189,9 +220,9 @@ def _parse_route(
         )
     if given:
         endpoint = _PROMPT_FIELDS[given[0]]
-        return parse_body(endpoint, body), endpoint, hint
+        return parse_body(endpoint, body), endpoint, hint, tier
     # No prompt: the other fields are still checked, as a completion with an empty prompt.
-    return parse_body("completion", {**body, "prompt": ""}), None, hint
+    return parse_body("completion", {**body, "prompt": ""}), None, hint, tier
 
 
 def _first_endpoint(model: Model) -> Endpoint:

@@ -177,8 +177,11 @@ class Router:
         needed_tokens: int,
         hint: str | None,
         allowed: Callable[[Model], bool],
+        now: float | None = None,
     ) -> ModelChoice | None:
-        """The best model for a virtual model name (``auto``), by task, fit and price."""
+        """The best model for a virtual model name (``auto``), by task, fit and price; with
+        ``now``, a model none of whose deployments could serve (``servable``) is passed over for
+        the next fit."""
         task = (
             "embedding"
             if endpoint == "embedding"
@@ -186,7 +189,21 @@ class Router:
         )
         kinds = _KINDS_FOR[endpoint]
         models = [m for m in self._settings.models if m.kind in kinds]
-        return choose_model(task, needed_tokens=needed_tokens, models=models, allowed=allowed)
+        return choose_model(
+            task,
+            needed_tokens=needed_tokens,
+            models=models,
+            allowed=allowed,
+            servable=None if now is None else (lambda m: self.servable(m, now)),
+        )
+
+    def servable(self, model: Model, now: float) -> bool:
+        """Whether a deployment of ``model`` could take a request at ``now``: not drained, its
+        breaker not refusing (closed, or open past its back-off), and passing its health probe."""
+        return any(
+            not s.drained and s.healthy and self._breaker_may_allow(s, now)
+            for s in self._by_model[model.name]
+        )
 
     def select(self, model: Model, exclude: frozenset[str], now: float) -> Selection | None:
         """A deployment of ``model`` for one attempt, or None when none can take it."""

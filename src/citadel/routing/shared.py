@@ -46,7 +46,7 @@ from citadel.errors import StoreUnavailable
 from citadel.routing.breaker import BreakerState, Event, Transition
 from citadel.routing.router import DeploymentState, Router
 from citadel.settings import Settings
-from citadel.stores.endpoint import RedisStore, connect_redis, is_redis_url
+from citadel.stores.endpoint import RedisStore, connect_redis, shared_redis_url
 from citadel.stores.redis import Script
 
 __all__ = [
@@ -101,12 +101,7 @@ class Pulled:
 def redis_url(settings: Settings) -> str | None:
     """The Redis of the shared state: ``endpoints.redis`` (host:port becomes redis://), else a
     Redis ``limits.backend`` (any topology); None when there is none (memory:// included)."""
-    endpoint = settings.endpoints.redis
-    if endpoint:
-        url = endpoint if "://" in endpoint else f"redis://{endpoint}"
-        return url if is_redis_url(url) else None
-    backend = settings.limits.backend
-    return backend if is_redis_url(backend) else None
+    return shared_redis_url(settings.endpoints.redis, settings.limits.backend)
 
 
 def deployment_rows(router: Router, now: float) -> list[dict[str, Any]]:

@@ -43,6 +43,7 @@ from citadel.settings.schema import (
     ENDPOINTS,
     GATEWAY,
     GRAFANA,
+    GRAPHQL,
     LIMITS,
     METERING,
     METRICS,
@@ -67,6 +68,7 @@ from citadel.settings.sections import (
     Endpoints,
     GatewaySettings,
     GrafanaSettings,
+    GraphQLSettings,
     HealthSettings,
     LimitsSettings,
     MeteringSettings,
@@ -95,6 +97,7 @@ __all__ = [
     "Endpoints",
     "GatewaySettings",
     "GrafanaSettings",
+    "GraphQLSettings",
     "HealthSettings",
     "LimitsSettings",
     "MeteringSettings",
@@ -238,6 +241,7 @@ def load_settings(path: str | None, environ: Mapping[str, str]) -> Settings:
         observability=ObservabilitySettings(
             **parse_section(doc.get("observability"), "observability", OBSERVABILITY)
         ),
+        graphql=GraphQLSettings(**parse_section(doc.get("graphql"), "graphql", GRAPHQL)),
         config_path=config_path,
     )
 

@@ -99,6 +99,7 @@ TOP = (
     "alerting",
     "slos",
     "observability",
+    "graphql",
 )
 PORTS = {f.name: port for f in dataclasses.fields(Ports)}
 ENDPOINTS: dict[str, Parser] = {f.name: http_url for f in dataclasses.fields(Endpoints)}
@@ -123,6 +124,11 @@ OBSERVABILITY = {
     "data_dir": text,
     "scrape_interval_seconds": at_most(positive, 3600, "an hour"),
     "speedup": at_most(positive, 3600, "one hour per second"),
+}
+GRAPHQL = {
+    "max_depth": integer(1, 100),
+    "max_cost": integer(1),
+    "cost_per_minute": integer(0),
 }
 GRAFANA = {"token": text, "user": text, "password": text}
 TIMEOUTS = {f.name: positive for f in dataclasses.fields(Timeouts)}
@@ -149,6 +155,7 @@ _DEPLOYMENT = {
     "price": _price,
     "gpu_hour_usd": non_negative,
     "gpus": integer(1),
+    "responses": boolean,
 }
 # Bounded by what the limiter's exact arithmetic can hold (citadel.limits.maths): a larger limit
 # would pass start-up and then fail every request of its tier.

@@ -54,6 +54,9 @@ class Deployment:
     price: Price | None = None  # overrides the model's price
     gpu_hour_usd: float = 0.0  # what one GPU of this deployment costs per hour (infrastructure)
     gpus: int = 1  # GPUs the deployment runs on
+    # The server speaks the Responses API itself (vLLM does): /v1/responses is forwarded as-is
+    # rather than translated to Chat Completions.
+    responses: bool = False
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -85,21 +88,6 @@ class Ports:
     simulator: int = 8100
     prometheus: int = 9090  # `citadel up`'s own Prometheus (when none is configured)
     alertmanager: int = 9099  # and Alertmanager (its usual 9093 is grafana-dashboards here)
-
-
-# Citadel's services by their `citadel serve NAME` name -> their Ports attribute. The one list:
-# the CLI serves these, `citadel prometheus-config` scrapes them (job citadel-NAME).
-SERVICE_PORTS: dict[str, str] = {
-    "gateway": "gateway",
-    "rate-limiting-api": "rate_limiting_api",
-    "routing-api": "routing_api",
-    "custom-metrics": "custom_metrics",
-    "predictive-alerting": "predictive_alerting",
-    "streaming-api": "streaming_api",
-    "graphql-api": "graphql_api",
-    "grafana-dashboards": "grafana_dashboards",
-    "prometheus-rules": "prometheus_rules",
-}
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -304,6 +292,17 @@ class ObservabilitySettings:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class GraphQLSettings:
+    """The GraphQL API's protections (citadel.graphql.protect)."""
+
+    max_depth: int = 10  # the deepest selection a query may nest
+    max_cost: int = 50_000  # the most a single operation may cost (objects in its answer)
+    # The cost a key may spend per minute, through the limiter (0: no budget); a query's cost is
+    # reserved before it runs and settled to what its answer held.
+    cost_per_minute: int = 200_000
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Settings:
     env: str = "development"  # one of ENVS
     host: str = "127.0.0.1"  # the address services bind to
@@ -327,6 +326,7 @@ class Settings:
     # `slos:` as read (None: not given; citadel.observability.services.slos_for gives defaults).
     slos: tuple[Slo, ...] | None = None
     observability: ObservabilitySettings = ObservabilitySettings()
+    graphql: GraphQLSettings = GraphQLSettings()
     config_path: str | None = None  # the file read, if any
     _index: Mapping[str, Model] = field(init=False, repr=False, compare=False)
 

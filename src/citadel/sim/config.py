@@ -27,6 +27,10 @@ class SimConfig:
     max_model_len: int = 32768
     """Prompt plus completion tokens above this are refused with a 400, as vLLM does."""
     embedding_dim: int = 64
+    max_num_seqs: int = 0
+    """Requests of one model running at once, as vLLM's flag; more wait (0: no limit)."""
+    kv_cache_tokens: int = 1_048_576
+    """Tokens of KV cache per model; a running request holds its prompt and completion."""
     seed: int = 0
     """The generation seed of requests that give none."""
     ttft_ms: float = 0.0
@@ -49,6 +53,8 @@ class SimConfig:
         _at_least("--completion-tokens", self.completion_tokens, 1)
         _at_least("--max-model-len", self.max_model_len, 1)
         _at_least("--embedding-dim", self.embedding_dim, 1)
+        _at_least("--max-num-seqs", self.max_num_seqs, 0)
+        _at_least("--kv-cache-tokens", self.kv_cache_tokens, 1)
         _at_least("--disconnect-after", self.disconnect_after, 0)
         for key, ms in (
             ("--ttft-ms", self.ttft_ms),
@@ -124,6 +130,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.embedding_dim,
         metavar="N",
         help=f"embedding dimensions (default: {d.embedding_dim})",
+    )
+    add(
+        "--max-num-seqs",
+        type=int,
+        default=d.max_num_seqs,
+        metavar="N",
+        help="requests of a model running at once; more wait in vllm:num_requests_waiting "
+        "(default: 0, no limit)",
+    )
+    add(
+        "--kv-cache-tokens",
+        type=int,
+        default=d.kv_cache_tokens,
+        metavar="N",
+        help="KV cache per model in tokens: a running request holds prompt + completion, one "
+        f"that does not fit waits (default: {d.kv_cache_tokens})",
     )
     add(
         "--seed",
@@ -222,6 +244,8 @@ def config_from_args(ns: argparse.Namespace) -> SimConfig:
         completion_tokens=ns.completion_tokens,
         max_model_len=ns.max_model_len,
         embedding_dim=ns.embedding_dim,
+        max_num_seqs=ns.max_num_seqs,
+        kv_cache_tokens=ns.kv_cache_tokens,
         seed=ns.seed,
         ttft_ms=ns.ttft_ms,
         tbt_ms=ns.tbt_ms,

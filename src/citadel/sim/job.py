@@ -109,7 +109,8 @@ class Planner:
         self._tbt = config.tbt_ms / 1000.0
         self._rng = random.Random(config.fault_seed)
 
-    def plan(self, request: Request, endpoint: Endpoint) -> Job:
+    def plan(self, request: Request, endpoint: Endpoint, raw: bytes | None = None) -> Job:
+        """The job of ``request`` (``raw`` its body when given: a Responses request's chat form)."""
         start = time.perf_counter()
         header = request.headers.get(b"x-sim-fault")
         if header is None and not self._config.injects_faults:
@@ -117,7 +118,7 @@ class Planner:
         else:
             text = None if header is None else header.decode("latin-1")
             faults = decide(self._config, text, self._rng.random)
-        parsed = parse_request(endpoint, request.body)
+        parsed = parse_request(endpoint, request.body if raw is None else raw)
         model = parsed.model
         if model not in self._models:
             raise NotFound(

@@ -27,7 +27,15 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from citadel.errors import ConfigError
 from citadel.stores.redis import Arg, RedisClient, Script
 
-__all__ = ["SCHEMES", "RedisStore", "connect_redis", "is_redis_url", "parse_nodes", "tls_context"]
+__all__ = [
+    "SCHEMES",
+    "RedisStore",
+    "connect_redis",
+    "is_redis_url",
+    "parse_nodes",
+    "shared_redis_url",
+    "tls_context",
+]
 
 SCHEMES: Final = (
     "redis",
@@ -63,6 +71,21 @@ class RedisStore(Protocol):
 def is_redis_url(url: str) -> bool:
     """Whether ``url`` has one of the Redis schemes (it may still be malformed)."""
     return url.split("://", 1)[0] in SCHEMES and "://" in url
+
+
+def shared_redis_url(endpoint: str | None, limits_backend: str) -> str | None:
+    """The one Redis every service shares (usage stream, routing state, live feed): the
+    ``endpoints.redis`` setting (``host:port`` becomes ``redis://``; ``memory://`` means none),
+    else the limiter's backend when it is a Redis URL; None when there is no Redis. Every part
+    resolves it here, so no two parts can disagree on where Redis is."""
+    if endpoint:
+        if endpoint.startswith("memory://"):
+            return None
+        url = endpoint if "://" in endpoint else f"redis://{endpoint}"
+        if not is_redis_url(url):
+            raise ConfigError("endpoints.redis", endpoint, f"{_EXPECTED} or memory://")
+        return url
+    return limits_backend if is_redis_url(limits_backend) else None
 
 
 @dataclass(frozen=True, slots=True)

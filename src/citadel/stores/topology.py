@@ -147,6 +147,8 @@ class _RedisPyStore:
 class ClusterClient(_RedisPyStore):
     """A Redis Cluster, found from any of its nodes (``redis+cluster://h1:7000,h2:7001``)."""
 
+    sharded = True  # the keys of one call must share a slot (citadel.limits.redis reads this)
+
     def __init__(self, endpoint: Endpoint, *, timeout: float) -> None:
         client = RedisCluster(
             startup_nodes=[ClusterNode(host, port) for host, port in endpoint.nodes],

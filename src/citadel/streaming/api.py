@@ -22,10 +22,10 @@ from litestar.params import FromQuery
 from litestar.response import Response as LitestarResponse
 from litestar.response import Stream
 
+from citadel.accounts.auth import Authenticator, Principal
 from citadel.errors import ApiError, BadRequest, PayloadTooLarge, RateLimited, Unauthorized
 from citadel.feed import Entry, Feed, Lagged, Subscription, parse_position
 from citadel.feed.open import USAGE
-from citadel.gateway.auth import Authenticator, Principal
 from citadel.gateway.proxy import Gateway
 from citadel.gateway.responses import ResponsesApi
 from citadel.http.server import Request as HttpRequest
@@ -43,6 +43,7 @@ from citadel.metrics import (
 from citadel.openai.requests import Endpoint
 from citadel.streaming.generations import Generations
 from citadel.streaming.relay import call_gateway, close_body, sse_payloads
+from citadel.web import errors
 
 __all__ = ["StreamingApi", "handlers"]
 
@@ -242,6 +243,8 @@ def handlers(api: StreamingApi) -> list[BaseRouteHandler]:
     @get(
         "/v1/streams/{stream_id:str}",
         summary="Attach to a streamed completion (resume with Last-Event-ID)",
+        media_type="text/event-stream",
+        responses=errors(401, 404),
     )
     async def attach(
         request: Request[Any, Any, Any], stream_id: str, after: FromQuery[str | None] = None
@@ -256,7 +259,12 @@ def handlers(api: StreamingApi) -> list[BaseRouteHandler]:
         events = await api.generations.attach(stream_id, principal, start)
         return Stream(counted(events), media_type="text/event-stream")
 
-    @get("/v1/events", summary="Live events as Server-Sent Events, resumable by Last-Event-ID")
+    @get(
+        "/v1/events",
+        summary="Live events as Server-Sent Events, resumable by Last-Event-ID",
+        media_type="text/event-stream",
+        responses=errors(401, 403),
+    )
     async def events(
         request: Request[Any, Any, Any],
         topics: FromQuery[str] = "usage",

@@ -22,9 +22,9 @@ from typing import Any, Final
 
 import orjson
 
+from citadel.accounts.auth import Principal
 from citadel.errors import NotFound
 from citadel.feed import Feed, Lagged
-from citadel.gateway.auth import Principal
 from citadel.streaming.relay import close_body, sse_data
 
 __all__ = ["DONE", "LIFETIME", "RETENTION", "Generations", "topic_of"]

@@ -45,15 +45,25 @@ accounts:
   default_tier: pair
 limits:
   backend: "{redis}"
+models:
+  - name: sim-chat
+    aliases: [chat]
+    deployments: [{{name: d1, url: "http://127.0.0.1:9"}}]
 """
 # Every route the service documents, with the status an unauthenticated call must not get past.
 ROUTES = [
     ("POST", "/v1/teams"),
     ("GET", "/v1/teams"),
+    ("GET", "/v1/teams/{team_id}"),
+    ("PATCH", "/v1/teams/{team_id}"),
+    ("DELETE", "/v1/teams/{team_id}"),
+    ("GET", "/v1/teams/{team_id}/budget"),
+    ("PUT", "/v1/teams/{team_id}/budget"),
     ("POST", "/v1/users"),
     ("GET", "/v1/users"),
     ("GET", "/v1/users/{user_id}"),
     ("PATCH", "/v1/users/{user_id}"),
+    ("DELETE", "/v1/users/{user_id}"),
     ("POST", "/v1/users/{user_id}/disable"),
     ("GET", "/v1/users/{user_id}/usage"),
     ("POST", "/v1/users/{user_id}/usage/reset"),
@@ -449,6 +459,82 @@ def test_a_disabled_user_is_refused_by_check(service: Service) -> None:
     assert 200 == service.check(user["id"]).status
 
 
+def test_a_deleted_user_loses_their_keys_and_keeps_their_record(service: Service) -> None:
+    """Issue 18 item 5: DELETE /v1/users/{id} marks the user deleted and disabled and revokes
+    every key of theirs; they leave the listing but are still found by id (the ledger's rows
+    name them so), cannot be changed or given a key (409), and are refused by /v1/check."""
+    team = service.call("POST", "/v1/teams", {"name": f"del-{uuid.uuid4().hex[:8]}"}).json()
+    user = service.user(team_id=team["id"])
+    other = service.user(team_id=team["id"])
+    keys = [service.call("POST", "/v1/keys", {"user_id": user["id"]}).json() for _ in range(2)]
+    theirs = service.call("POST", "/v1/keys", {"user_id": other["id"]}).json()
+    assert 200 == service.check(user["id"]).status
+    reply = service.call("DELETE", f"/v1/users/{user['id']}")
+    assert 200 == reply.status, reply.body
+    deleted = reply.json()
+    assert ("disabled", user["name"], user["email"]) == (
+        deleted["status"],
+        deleted["name"],
+        deleted["email"],
+    )
+    assert deleted["deleted_at"] is not None
+    listed = service.call("GET", f"/v1/keys?user_id={user['id']}").json()["data"]
+    assert {k["id"]: "revoked" for k in keys} == {k["id"]: k["status"] for k in listed}
+    assert all(k["revoked_at"] is not None for k in listed)
+    other_keys = service.call("GET", f"/v1/keys?user_id={other['id']}").json()["data"]
+    assert [(theirs["id"], "active")] == [(k["id"], k["status"]) for k in other_keys]
+    members = service.call("GET", f"/v1/users?team_id={team['id']}").json()["data"]
+    assert [other["id"]] == [u["id"] for u in members]
+    assert deleted == service.call("GET", f"/v1/users/{user['id']}").json()
+    changed = service.call("PATCH", f"/v1/users/{user['id']}", {"name": "Back"})
+    assert (409, "conflict") == (changed.status, changed.error["code"])
+    assert "deleted" in changed.error["message"]
+    assert 409 == service.call("POST", "/v1/keys", {"user_id": user["id"]}).status
+    assert 403 == service.check(user["id"]).status
+    again = service.call("DELETE", f"/v1/users/{user['id']}").json()
+    assert deleted["deleted_at"] == again["deleted_at"]
+    assert 404 == service.call("DELETE", "/v1/users/usr_nope").status
+
+
+def test_a_team_is_renamed_unless_the_name_is_taken_and_deleted_once_empty(
+    service: Service,
+) -> None:
+    """Issue 18 item 5: PATCH /v1/teams/{id} renames a team (a taken name is a 409, an empty
+    one a 400); DELETE refuses a team with members (409), then deletes it: it leaves the
+    listing, is still found by id, and its name stays taken."""
+    run = uuid.uuid4().hex[:8]
+    first = service.call("POST", "/v1/teams", {"name": f"first-{run}"}).json()
+    second = service.call("POST", "/v1/teams", {"name": f"second-{run}"}).json()
+    taken = service.call("PATCH", f"/v1/teams/{first['id']}", {"name": f"second-{run}"})
+    assert (409, "conflict") == (taken.status, taken.error["code"])
+    assert f"second-{run}" in taken.error["message"]
+    empty = service.call("PATCH", f"/v1/teams/{first['id']}", {"name": " "})
+    assert (400, "name") == (empty.status, empty.error["param"])
+    renamed = service.call("PATCH", f"/v1/teams/{first['id']}", {"name": f" renamed-{run} "})
+    assert (200, f"renamed-{run}", first["id"]) == (
+        renamed.status,
+        renamed.json()["name"],
+        renamed.json()["id"],
+    )
+    assert 404 == service.call("PATCH", "/v1/teams/team_nope", {"name": "x"}).status
+    member = service.user(team_id=second["id"])
+    busy = service.call("DELETE", f"/v1/teams/{second['id']}")
+    assert (409, "conflict") == (busy.status, busy.error["code"])
+    assert "1 member" in busy.error["message"]
+    assert 200 == service.call("DELETE", f"/v1/users/{member['id']}").status
+    gone = service.call("DELETE", f"/v1/teams/{second['id']}")
+    assert 200 == gone.status, gone.body
+    assert gone.json()["deleted_at"] is not None
+    names = {t["name"] for t in service.call("GET", "/v1/teams").json()["data"]}
+    assert f"renamed-{run}" in names
+    assert f"second-{run}" not in names
+    assert gone.json() == service.call("GET", f"/v1/teams/{second['id']}").json()
+    assert 409 == service.call("POST", "/v1/teams", {"name": f"second-{run}"}).status
+    assert 409 == service.call("PATCH", f"/v1/teams/{second['id']}", {"name": "z"}).status
+    assert 404 == service.call("DELETE", "/v1/teams/team_nope").status
+    assert 404 == service.call("GET", "/v1/teams/team_nope").status
+
+
 # -- keys --------------------------------------------------------------------------------------
 
 
@@ -510,6 +596,97 @@ def test_keys_of_unknown_users_and_unknown_keys_are_404s(service: Service) -> No
     assert 404 == service.call("POST", "/v1/keys", {"user_id": "usr_nope"}).status
     assert 404 == service.call("GET", "/v1/keys?user_id=usr_nope").status
     assert 404 == service.call("POST", "/v1/keys/key_nope/revoke").status
+
+
+def test_a_key_is_created_with_limits_of_its_own(service: Service) -> None:
+    """POST /v1/keys takes a key's own budget, models, per-minute limits and expiry time, and
+    every listing shows them; an unknown model, a past or offset-less time, or both expiries
+    are 400s naming the field."""
+    user = service.user()
+    body = {
+        "user_id": user["id"],
+        "budget_usd": 2.5,
+        "models": [" chat"],
+        "requests_per_minute": 10,
+        "tokens_per_minute": 5000,
+        "expires_at": "2099-01-31T00:00:00Z",
+    }
+    reply = service.call("POST", "/v1/keys", body)
+    assert 201 == reply.status, reply.body
+    made = reply.json()
+    own = ("budget_usd", "models", "requests_per_minute", "tokens_per_minute")
+    expected = {"budget_usd": 2.5, "models": ["chat"], "requests_per_minute": 10}
+    expected["tokens_per_minute"] = 5000
+    assert expected == {k: made[k] for k in own}
+    assert "2099-01-31T00:00:00Z" == made["expires_at"]
+    (listed,) = service.call("GET", f"/v1/keys?user_id={user['id']}").json()["data"]
+    assert expected == {k: listed[k] for k in own}
+    plain = service.call("POST", "/v1/keys", {"user_id": user["id"]}).json()
+    assert dict.fromkeys(own) == {k: plain[k] for k in own}
+    for bad, param in (
+        ({"models": ["gpt-9"]}, "models[0]"),
+        ({"models": []}, "models"),
+        ({"expires_at": "2001-01-01T00:00:00Z"}, "expires_at"),
+        ({"expires_at": "2099-01-01T00:00:00"}, "expires_at"),
+        ({"expires_at": "2099-01-01T00:00:00Z", "expires_in_days": 3}, "expires_at"),
+        ({"budget_usd": -1}, "budget_usd"),
+        ({"requests_per_minute": 1.5}, "requests_per_minute"),
+    ):
+        refused = service.call("POST", "/v1/keys", {"user_id": user["id"], **bad})
+        assert (400, param) == (refused.status, refused.error["param"]), (bad, refused.body)
+    assert 2 == len(service.call("GET", f"/v1/keys?user_id={user['id']}").json()["data"])
+
+
+def test_a_team_budget_is_set_shown_and_charged_by_every_members_check(service: Service) -> None:
+    """PUT sets a team's budget; each member's check charges it, the one that would pass it is
+    a 429 naming the team; GET shows budget, spent and remaining; reconcile returns the unused
+    part; clearing it lets checks through again."""
+    team = service.call("POST", "/v1/teams", {"name": f"t-{uuid.uuid4().hex}"}).json()
+    path = f"/v1/teams/{team['id']}/budget"
+    empty = service.call("GET", path)
+    assert 200 == empty.status, empty.body
+    assert (None, None) == (empty.json()["budget_usd"], empty.json()["spent_usd"])
+    set_reply = service.call("PUT", path, {"budget_usd": 0.001})
+    assert 200 == set_reply.status, set_reply.body
+    assert (0.001, 0.0, 0.001) == tuple(
+        set_reply.json()[k] for k in ("budget_usd", "spent_usd", "remaining_usd")
+    )
+    alice, bob = service.user(team_id=team["id"]), service.user(team_id=team["id"])
+    first = service.check(alice["id"], cost_usd=0.0006)
+    assert 200 == first.status, first.body
+    assert (200, None) == (service.check(bob["id"], cost_usd=0.0004).status, None)
+    refused = service.check(bob["id"], cost_usd=0.000001)
+    assert 429 == refused.status, refused.body
+    assert ("cost_per_month", "team") == (
+        refused.json()["refused_by"],
+        refused.json()["refused_scope"],
+    )
+    assert refused.error["message"].startswith("Team budget reached"), refused.error
+    shown = service.call("GET", path).json()
+    assert (0.001, 0.001, 0.0) == (shown["budget_usd"], shown["spent_usd"], shown["remaining_usd"])
+    assert team["name"] == shown["name"]
+    settled = service.call(
+        "POST",
+        "/v1/reconcile",
+        {"reservation": first.json()["reservation"], "tokens": 0, "cost_usd": 0.0001},
+    )
+    assert 204 == settled.status, settled.body
+    assert 0.0005 == service.call("GET", path).json()["spent_usd"]
+    listed = {t["id"]: t for t in service.call("GET", "/v1/teams").json()["data"]}
+    assert 0.001 == listed[team["id"]]["budget_usd"]
+    cleared = service.call("PUT", path, {"budget_usd": None}).json()
+    assert (None, None) == (cleared["budget_usd"], cleared["spent_usd"])
+    assert 200 == service.check(bob["id"], cost_usd=1.0).status
+
+
+def test_team_budgets_of_unknown_teams_and_bad_amounts(service: Service) -> None:
+    """An unknown team is a 404 on GET and PUT; a negative or missing amount a 400."""
+    assert 404 == service.call("GET", "/v1/teams/team_nope/budget").status
+    assert 404 == service.call("PUT", "/v1/teams/team_nope/budget", {"budget_usd": 1}).status
+    team = service.call("POST", "/v1/teams", {"name": f"t-{uuid.uuid4().hex}"}).json()
+    for body in ({"budget_usd": -1}, {}, {"budget_usd": "lots"}):
+        reply = service.call("PUT", f"/v1/teams/{team['id']}/budget", body)
+        assert (400, "budget_usd") == (reply.status, reply.error["param"]), reply.body
 
 
 # -- tiers, usage, check and reconcile ---------------------------------------------------------
@@ -785,6 +962,10 @@ def test_on_postgresql_users_keys_and_checks_work(tmp_path: Path, postgres_datab
         assert (
             409 == service.call("POST", "/v1/users", {"name": "B", "email": user["email"]}).status
         )
+        deleted = service.call("DELETE", f"/v1/users/{user['id']}")
+        assert (200, "disabled") == (deleted.status, deleted.json()["status"])
+        (revoked,) = service.call("GET", f"/v1/keys?user_id={user['id']}").json()["data"]
+        assert "revoked" == revoked["status"]
     finally:
         assert 0 == stop_process(proc), process_output(proc)
 

@@ -12,7 +12,7 @@ import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
 from citadel.accounts.store import ApiKey, Team, User, UserStatus
-from citadel.limits.decision import LimitDecision, Limits, Reservation, UsageSnapshot
+from citadel.limits.decision import LimitDecision, Limits, Reservation, Scope, UsageSnapshot
 from citadel.limits.maths import MAX_RATE
 from citadel.settings import Tier
 from citadel.web import Struct
@@ -39,6 +39,10 @@ Default = Literal["default"]
 
 
 class NewTeam(Struct):
+    name: Text
+
+
+class TeamChanges(Struct):
     name: Text
 
 
@@ -79,9 +83,31 @@ class UserChanges(Struct):
 
 
 class NewKey(Struct):
+    """A new key; its own limits (``budget_usd``, ``models``, the per-minute ones) apply on top
+    of its owner's: a request must pass both."""
+
     user_id: Text
     name: Annotated[Text, Meta(description='a label; default "default"')] | None = None
     expires_in_days: Annotated[int, Meta(ge=1, le=MAX_DAYS)] | None = None
+    expires_at: (
+        Annotated[datetime, Meta(description="RFC 3339 with an offset; or expires_in_days")] | None
+    ) = None
+    budget_usd: Annotated[Dollars, Meta(description="the key's own monthly budget")] | None = None
+    models: (
+        Annotated[
+            list[Text],
+            Meta(min_length=1, max_length=256, description="the models it may use; null: any"),
+        ]
+        | None
+    ) = None
+    requests_per_minute: Rate | None = None
+    tokens_per_minute: Rate | None = None
+
+
+class TeamBudget(Struct):
+    budget_usd: Annotated[
+        Dollars | None, Meta(description="the team's monthly cost budget; null: none of its own")
+    ]
 
 
 class Check(Struct):
@@ -103,6 +129,7 @@ class ReservationBody(Struct):
     admitted_at: Annotated[float, Meta(ge=0, le=1e11, description="Unix seconds")]
     day: Annotated[str, Meta(min_length=1, max_length=10)]
     month: Annotated[str, Meta(min_length=1, max_length=7)]
+    team_id: Annotated[Text, Meta(description="the team whose budget it charged")] | None = None
 
     @classmethod
     def of(cls, reservation: Reservation) -> ReservationBody:
@@ -114,6 +141,7 @@ class ReservationBody(Struct):
             admitted_at=reservation.admitted_at,
             day=reservation.day,
             month=reservation.month,
+            team_id=next((s.id for s in reservation.scopes if s.kind == "team"), None),
         )
 
     def reservation(self) -> Reservation:
@@ -125,6 +153,10 @@ class ReservationBody(Struct):
             admitted_at=self.admitted_at,
             day=self.day,
             month=self.month,
+            # settling reads only which of a scope's counters are kept: a team's, its budget's
+            scopes=()
+            if self.team_id is None
+            else (Scope("team", self.team_id, Limits(cost_per_month_micros=0)),),
         )
 
 
@@ -151,15 +183,48 @@ def _maybe(value: datetime | None) -> str | None:
     return None if value is None else timestamp(value)
 
 
+def _usd(micros: int | None) -> float | None:
+    return None if micros is None else micros / 1_000_000
+
+
 class TeamReply(msgspec.Struct):
     id: str
     name: str
     created_at: Time
+    budget_usd: Annotated[
+        float | None, Meta(description="its own monthly budget; null: its members' summed")
+    ] = None
+    deleted_at: Annotated[Time | None, Meta(description="null: not deleted")] = None
     object: Literal["team"] = "team"
 
     @classmethod
     def of(cls, team: Team) -> TeamReply:
-        return cls(id=team.id, name=team.name, created_at=timestamp(team.created_at))
+        return cls(
+            id=team.id,
+            name=team.name,
+            created_at=timestamp(team.created_at),
+            budget_usd=_usd(team.budget_micros),
+            deleted_at=None if team.deleted_at is None else timestamp(team.deleted_at),
+        )
+
+
+class TeamBudgetReply(msgspec.Struct):
+    """A team's own monthly budget and what its members' requests have charged to it."""
+
+    team_id: str
+    name: str
+    budget_usd: Annotated[float | None, Meta(description="null: no budget of its own")]
+    spent_usd: Annotated[
+        float | None,
+        Meta(
+            description="this month, reservations not yet settled included, as the limiter "
+            "counts it from when the budget was set; null when there is no budget"
+        ),
+    ]
+    remaining_usd: float | None
+    month: Annotated[str, Meta(description="the calendar month, in limits.timezone")]
+    resets_at: Time
+    object: Literal["team_budget"] = "team_budget"
 
 
 class LimitsReply(msgspec.Struct):
@@ -199,6 +264,7 @@ class UserReply(msgspec.Struct):
         LimitsReply | None, Meta(description="effective; null when the tier is not configured")
     ]
     created_at: Time
+    deleted_at: Annotated[Time | None, Meta(description="null: not deleted")] = None
     object: Literal["user"] = "user"
 
     @classmethod
@@ -213,6 +279,7 @@ class UserReply(msgspec.Struct):
             overrides=dict(user.overrides),
             limits=None if limits is None else LimitsReply.of(limits),
             created_at=timestamp(user.created_at),
+            deleted_at=None if user.deleted_at is None else timestamp(user.deleted_at),
         )
 
 
@@ -226,6 +293,10 @@ class KeyReply(msgspec.Struct):
     last_used_at: Time | None
     expires_at: Time | None
     revoked_at: Time | None
+    budget_usd: Annotated[float | None, Meta(description="its own monthly budget")] = None
+    models: Annotated[list[str] | None, Meta(description="the models it may use; null: any")] = None
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
     object: Literal["api_key"] = "api_key"
 
     @classmethod
@@ -245,6 +316,10 @@ class KeyReply(msgspec.Struct):
             last_used_at=_maybe(key.last_used_at),
             expires_at=_maybe(key.expires_at),
             revoked_at=_maybe(key.revoked_at),
+            budget_usd=_usd(key.limits.budget_micros),
+            models=None if key.limits.models is None else list(key.limits.models),
+            requests_per_minute=key.limits.requests_per_minute,
+            tokens_per_minute=key.limits.tokens_per_minute,
         )
 
 
@@ -328,6 +403,9 @@ class RefusalReply(msgspec.Struct):
 class DecisionReply(msgspec.Struct):
     allowed: bool
     refused_by: str | None
+    refused_scope: Annotated[
+        Literal["user", "key", "team"] | None, Meta(description="whose limit refused")
+    ]
     retry_after: Annotated[float, Meta(description="seconds")]
     requests: RateReply | None
     tokens: RateReply | None
@@ -348,6 +426,7 @@ class DecisionReply(msgspec.Struct):
         return cls(
             allowed=decision.allowed,
             refused_by=decision.refused_by,
+            refused_scope=decision.refused_scope,
             retry_after=decision.retry_after,
             requests=rate(
                 decision.requests_limit, decision.requests_remaining, decision.requests_reset

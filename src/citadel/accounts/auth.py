@@ -11,8 +11,13 @@ a revocation takes effect within the TTL. The cache is two bounded LRU maps (``k
 for known keys and one for unknown digests, so no flood of unknown keys evicts a known one and
 nothing is ever dropped wholesale. When the store is unreachable, a key seen before keeps working
 from the cache (stale entries are kept for that) and an unseen key gets a 503. Every refusal says
-the same thing whatever the reason (malformed, unknown, revoked, expired, disabled owner), so a
-caller cannot probe which keys exist.
+the same thing whatever the reason (malformed, unknown, revoked, disabled owner), so a caller
+cannot probe which keys exist; the one exception is an expired key, whose 401 says when it
+expired: only the holder of its secret can be told, so it reveals nothing to a guesser.
+
+A key's own limits (``KeyLimits``: budget, requests and tokens per minute) and its team's budget
+become the principal's ``scopes``, which the limiter charges with the user's limits; its model
+list narrows what the tier allows (``may_use``).
 """
 
 from __future__ import annotations
@@ -22,23 +27,19 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from citadel.accounts import keyformat
-from citadel.accounts.store import AccountStore, KeyRecord
+from citadel.accounts.store import AccountStore, KeyLimits, KeyRecord
 from citadel.adminkey import AdminKey, bearer_token, digest, incorrect_key
 from citadel.errors import StoreUnavailable, Unauthorized, Unavailable
-from citadel.gateway.keycache import LruCache
-from citadel.limits.decision import Limits
+from citadel.limits.decision import Limits, Scope
 from citadel.limits.policy import effective_limits
+from citadel.lru import LruCache
 from citadel.metrics import AUTH_FAILURES, Registry
 from citadel.settings import Tier
 
-if TYPE_CHECKING:
-    from citadel.http.server import Request, Response
-    from citadel.openapi import PathHandler
-
-_log = logging.getLogger("citadel.gateway.auth")
+_log = logging.getLogger("citadel.accounts.auth")
 
 _UNKNOWN_CACHE_LIMIT = 100_000  # unknown digests remembered (each is a refused lookup)
 
@@ -53,10 +54,26 @@ class Principal:
     team: str = ""
     limits: Limits | None = None
     models: tuple[str, ...] = ("*",)
+    # The key's own model list (None: whatever the tier allows) and the limits charged with the
+    # user's: the key's own and the team's budget.
+    key_models: tuple[str, ...] | None = None
+    scopes: tuple[Scope, ...] = ()
 
-    def may_use(self, *names: str) -> bool:
+    def tier_may_use(self, *names: str) -> bool:
         """Whether the tier allows a model known by any of ``names`` (its name and aliases)."""
         return "*" in self.models or any(name in self.models for name in names)
+
+    def key_may_use(self, *names: str) -> bool:
+        """Whether the key's own model list (if it has one) allows a model of these names."""
+        return self.key_models is None or any(name in self.key_models for name in names)
+
+    def may_use(self, *names: str) -> bool:
+        """Whether both the tier and the key allow a model known by any of ``names``."""
+        return self.tier_may_use(*names) and self.key_may_use(*names)
+
+    def scope_limits(self, kind: str) -> Limits | None:
+        """The limits of the key's or team's scope, if the principal has one."""
+        return next((scope.limits for scope in self.scopes if scope.kind == kind), None)
 
 
 ADMIN = Principal(user="admin", key_id="admin")
@@ -81,14 +98,27 @@ class AdminKeyAuthenticator:
         self._key.verify(authorization)
         return ADMIN
 
-    def guard(self, handler: PathHandler) -> PathHandler:
-        """``handler`` behind the admin key (an admin API's route on ``citadel.openapi``)."""
 
-        async def guarded(request: Request, params: Mapping[str, str]) -> Response:
-            await self.authenticate(request.headers.get(b"authorization"))
-            return await handler(request, params)
+def key_scope_limits(limits: KeyLimits) -> Limits:
+    """A key's own limits as the limiter's ``Limits`` (unlimited when it has none)."""
+    return Limits(
+        requests_per_minute=limits.requests_per_minute,
+        tokens_per_minute=limits.tokens_per_minute,
+        cost_per_month_micros=limits.budget_micros,
+    )
 
-        return guarded
+
+def principal_scopes(record: KeyRecord) -> tuple[Scope, ...]:
+    """What a request of this key is charged to besides its owner's limits: the key's own
+    limits and the team's own budget, each when set."""
+    scopes: list[Scope] = []
+    own = key_scope_limits(record.key.limits)
+    if not own.unlimited:
+        scopes.append(Scope("key", record.key.id, own))
+    team = record.team
+    if team is not None and team.budget_micros is not None:
+        scopes.append(Scope("team", team.id, Limits(cost_per_month_micros=team.budget_micros)))
+    return tuple(scopes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,9 +176,17 @@ class KeyAuthenticator:
         if entry is None or now - entry.fetched_at >= self._ttl:
             entry = await self._lookup(token_digest, entry, now)
         principal = entry.principal
-        if principal is None or (entry.expires_at is not None and self._wall() >= entry.expires_at):
+        if principal is None:
             self._failures.inc(("invalid",))
             raise incorrect_key()
+        if entry.expires_at is not None and self._wall() >= entry.expires_at:
+            self._failures.inc(("expired",))
+            when = datetime.fromtimestamp(entry.expires_at, UTC).isoformat(timespec="seconds")
+            raise Unauthorized(
+                f"This API key ({principal.key_id}) expired at {when}; create a new key or ask "
+                "an administrator for one.",
+                code="api_key_expired",
+            )
         self._last_used[principal.key_id] = datetime.now(UTC)
         return principal
 
@@ -185,6 +223,8 @@ class KeyAuthenticator:
             team=user.team_id or "",
             limits=effective_limits(tier, user.overrides),
             models=tier.models,
+            key_models=record.key.limits.models,
+            scopes=principal_scopes(record),
         )
         expires = record.key.expires_at.timestamp() if record.key.expires_at else None
         return _Entry(now, principal, expires)

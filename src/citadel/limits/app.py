@@ -21,11 +21,18 @@ from dataclasses import dataclass, field
 from litestar import Litestar
 
 from citadel.accounts.store import AccountStore, ConflictError, NotFoundError
-from citadel.errors import ApiError, BadRequest, NotFound, StoreUnavailable, Unavailable
+from citadel.errors import (
+    ApiError,
+    BadRequest,
+    Conflict,
+    NotFound,
+    StoreUnavailable,
+    Unavailable,
+)
 from citadel.health import DependencyHealth, store_scheme
+from citadel.limits.api import CONTROLLERS, Rules
 from citadel.limits.decision import Limiter
 from citadel.metrics import Registry
-from citadel.ratelimit.api import CONTROLLERS, Conflict, Rules
 from citadel.settings import Settings
 from citadel.web import create_service, provide
 

@@ -9,23 +9,20 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
+from zoneinfo import ZoneInfo
 
 import msgspec
-from litestar import Controller, Response, get, patch, post
+from litestar import Controller, Response, delete, get, patch, post, put
 from litestar.openapi import ResponseSpec
 from litestar.params import FromPath, FromQuery, JSONBody
 
-from citadel.accounts.store import AccountStore, User
-from citadel.errors import ApiError, BadRequest, Forbidden, NotFound
-from citadel.limits.decision import Limiter, Limits
-from citadel.limits.policy import effective_limits, ratelimit_headers, refusal_message
-from citadel.limits.policy import usd_to_micros as micros
-from citadel.metrics import LIMITER_DECISIONS, Counter, Registry
-from citadel.ratelimit.bodies import (
+from citadel.accounts.store import AccountStore, KeyLimits, NotFoundError, Team, User
+from citadel.errors import BadRequest, Conflict, Forbidden, NotFound
+from citadel.limits.bodies import (
     DEFAULT,
     Check,
     DecisionReply,
@@ -36,26 +33,27 @@ from citadel.ratelimit.bodies import (
     NewUser,
     Reconcile,
     RefusalReply,
+    TeamBudget,
+    TeamBudgetReply,
+    TeamChanges,
     TeamReply,
     TierReply,
     UsageReply,
     UserChanges,
     UserReply,
+    timestamp,
 )
+from citadel.limits.decision import Limiter, Limits, Scope
+from citadel.limits.maths import periods
+from citadel.limits.policy import effective_limits, ratelimit_headers, refusal_message
+from citadel.limits.policy import usd_to_micros as micros
+from citadel.metrics import LIMITER_DECISIONS, Counter, Registry
 from citadel.settings import Settings, Tier
 from citadel.web import Injected, Listing, errors
 
-__all__ = ["CONTROLLERS", "Conflict", "Rules"]
+__all__ = ["CONTROLLERS", "Rules"]
 
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
-
-
-class Conflict(ApiError):
-    """409: the request conflicts with what exists (an email or team name taken)."""
-
-    status = 409
-    type = "invalid_request_error"
-    default_code = "conflict"
 
 
 @dataclass(slots=True)
@@ -90,6 +88,19 @@ class Rules:
             raise BadRequest(f"'{param}' must be one of: {names}; got {tier!r}.", param=param)
         return None if tier is None else tier.strip()
 
+    def model_names(self, names: Sequence[str]) -> tuple[str, ...]:
+        """``names`` stripped, if each is a configured model or alias; else a 400 naming it."""
+        out = tuple(name.strip() for name in names)
+        for index, name in enumerate(out):
+            if self.settings.model(name) is None:
+                known = ", ".join(m.name for m in self.settings.models)
+                raise BadRequest(
+                    f"models[{index}]: {name!r} is not a configured model or alias "
+                    f"(models: {known}).",
+                    param=f"models[{index}]",
+                )
+        return out
+
     def limits_of(self, user: User) -> tuple[Tier, Limits]:
         tier = self.settings.tier(user.tier)
         if tier is None:
@@ -117,6 +128,40 @@ async def _user(accounts: AccountStore, user_id: str, param: str = "user_id") ->
     return user
 
 
+async def _team(accounts: AccountStore, team_id: str) -> Team:
+    team = await accounts.get_team(team_id)
+    if team is None:
+        raise NotFound(f"No team has id {team_id!r}.", param="team_id")
+    return team
+
+
+def _team_scope(team: Team | None) -> tuple[Scope, ...]:
+    """The scope a member's request charges: its team's budget, when the team has one."""
+    if team is None or team.budget_micros is None:
+        return ()
+    return (Scope("team", team.id, Limits(cost_per_month_micros=team.budget_micros)),)
+
+
+async def _team_budget(team: Team, limiter: Limiter, rules: Rules) -> TeamBudgetReply:
+    now = rules.clock()
+    at = periods(now, ZoneInfo(rules.settings.limits.timezone))
+    spent: float | None = None
+    remaining: float | None = None
+    if team.budget_micros is not None:
+        limits = Limits(cost_per_month_micros=team.budget_micros)
+        (figure,) = (await limiter.team_usage(team.id, limits, now)).limits
+        spent, remaining = figure.used / 1_000_000, figure.remaining / 1_000_000
+    return TeamBudgetReply(
+        team_id=team.id,
+        name=team.name,
+        budget_usd=None if team.budget_micros is None else team.budget_micros / 1_000_000,
+        spent_usd=spent,
+        remaining_usd=remaining,
+        month=at.month,
+        resets_at=timestamp(at.month_ends_at),
+    )
+
+
 async def _require_team(accounts: AccountStore, team_id: str) -> None:
     if all(team.id != team_id for team in await accounts.list_teams()):
         raise NotFound(f"No team has id {team_id!r}.", param="team_id")
@@ -138,6 +183,74 @@ class TeamsController(Controller):
     @get(summary="List teams", responses=errors(503))
     async def list_teams(self, accounts: Accounts) -> Listing[TeamReply]:
         return Listing([TeamReply.of(t) for t in await accounts.list_teams()])
+
+    @get("/{team_id:str}", summary="Get a team (a deleted one too)", responses=errors(404, 503))
+    async def get_team(self, team_id: FromPath[Id], accounts: Accounts) -> TeamReply:
+        return TeamReply.of(await _team(accounts, team_id))
+
+    @patch(
+        "/{team_id:str}",
+        summary="Rename a team",
+        description="A name another team has (a deleted one included) is a 409.",
+        responses=errors(404, 409, 503),
+    )
+    async def rename_team(
+        self, team_id: FromPath[Id], data: JSONBody[TeamChanges], accounts: Accounts
+    ) -> TeamReply:
+        try:
+            return TeamReply.of(await accounts.rename_team(team_id, data.name.strip()))
+        except NotFoundError as exc:
+            raise NotFound(f"No team has id {team_id!r}.", param="team_id") from exc
+
+    @delete(
+        "/{team_id:str}",
+        summary="Delete a team that has no members",
+        description="The team is kept, marked deleted (`deleted_at`), for the usage ledger's "
+        "history: it leaves the listings, its name stays taken. A team with members is a 409: "
+        "move or delete them first.",
+        status_code=200,
+        responses=errors(404, 409, 503),
+    )
+    async def delete_team(self, team_id: FromPath[Id], accounts: Accounts) -> TeamReply:
+        try:
+            return TeamReply.of(await accounts.delete_team(team_id))
+        except NotFoundError as exc:
+            raise NotFound(f"No team has id {team_id!r}.", param="team_id") from exc
+
+    @get(
+        "/{team_id:str}/budget",
+        summary="A team's own monthly budget and what its members have spent of it",
+        tags=["usage"],
+        responses=errors(404, 409, 503),
+    )
+    async def get_budget(
+        self, team_id: FromPath[Id], accounts: Accounts, limiter: Limits_, rules: Rules_
+    ) -> TeamBudgetReply:
+        rules.require_shared_limiter()
+        return await _team_budget(await _team(accounts, team_id), limiter, rules)
+
+    @put(
+        "/{team_id:str}/budget",
+        summary="Set (null: clear) a team's own monthly budget",
+        description="Every member's request is charged to it and refused (429) once it would "
+        "pass it; gateways see a change within `accounts.key_cache_ttl_seconds`.",
+        tags=["usage"],
+        responses=errors(404, 409, 503),
+    )
+    async def set_budget(
+        self,
+        team_id: FromPath[Id],
+        data: JSONBody[TeamBudget],
+        accounts: Accounts,
+        limiter: Limits_,
+        rules: Rules_,
+    ) -> TeamBudgetReply:
+        budget = None if data.budget_usd is None else micros(data.budget_usd)
+        try:
+            team = await accounts.set_team_budget(team_id, budget)
+        except NotFoundError as exc:
+            raise NotFound(f"No team has id {team_id!r}.", param="team_id") from exc
+        return await _team_budget(team, limiter, rules)
 
 
 class UsersController(Controller):
@@ -218,6 +331,23 @@ class UsersController(Controller):
     ) -> UserReply:
         return rules.user_reply(await accounts.update_user(user_id, status="disabled"))
 
+    @delete(
+        "/{user_id:str}",
+        summary="Delete a user: their keys are revoked, their usage history kept",
+        description="The user is kept, marked deleted (`deleted_at`) and disabled, for the "
+        "usage ledger's history: they leave the listings, their email stays taken, and every "
+        "key of theirs is revoked (gateways see it within `accounts.key_cache_ttl_seconds`).",
+        status_code=200,
+        responses=errors(404, 503),
+    )
+    async def delete_user(
+        self, user_id: FromPath[Id], accounts: Accounts, rules: Rules_
+    ) -> UserReply:
+        try:
+            return rules.user_reply(await accounts.delete_user(user_id))
+        except NotFoundError as exc:
+            raise NotFound(f"No user has id {user_id!r}.", param="user_id") from exc
+
     @get(
         "/{user_id:str}/usage",
         summary="A user's usage and remaining quota",
@@ -255,15 +385,42 @@ class KeysController(Controller):
     path = "/v1/keys"
     tags = ["keys"]  # noqa: RUF012 - Litestar's layer attribute
 
-    @post(summary="Create an API key; its secret is shown once", responses=errors(404, 503))
+    @post(
+        summary="Create an API key; its secret is shown once",
+        description="A deleted user gets none (409).",
+        responses=errors(404, 409, 503),
+    )
     async def create_key(
         self, data: JSONBody[NewKey], accounts: Accounts, rules: Rules_
     ) -> NewKeyReply:
         now = rules.now()
         days = data.expires_in_days
         expires = None if days is None else now + timedelta(days=days)
+        if data.expires_at is not None:
+            if days is not None:
+                raise BadRequest(
+                    "Give expires_at or expires_in_days, not both.", param="expires_at"
+                )
+            if data.expires_at.tzinfo is None:
+                raise BadRequest(
+                    "expires_at needs a UTC offset (2027-01-31T00:00:00Z).", param="expires_at"
+                )
+            if data.expires_at <= now:
+                raise BadRequest(
+                    f"expires_at {data.expires_at.isoformat()} is not in the future.",
+                    param="expires_at",
+                )
+            expires = data.expires_at
+        limits = KeyLimits(
+            budget_micros=None if data.budget_usd is None else micros(data.budget_usd),
+            models=None if data.models is None else rules.model_names(data.models),
+            requests_per_minute=data.requests_per_minute,
+            tokens_per_minute=data.tokens_per_minute,
+        )
         name = _strip(data.name) or "default"
-        key, secret = await accounts.create_key(data.user_id, name=name, expires_at=expires)
+        key, secret = await accounts.create_key(
+            data.user_id, name=name, expires_at=expires, limits=limits
+        )
         reply = KeyReply.of(key, now)
         return NewKeyReply(**msgspec.structs.asdict(reply), secret=secret)
 
@@ -322,6 +479,9 @@ class LimitsController(Controller):
         if user.status != "active":
             raise Forbidden(f"User {user.id} is disabled.", param="user_id", code="user_disabled")
         tier, limits = rules.limits_of(user)
+        scopes = _team_scope(
+            None if user.team_id is None else await accounts.get_team(user.team_id)
+        )
         decision = await limiter.admit(
             user.id,
             limits,
@@ -329,14 +489,16 @@ class LimitsController(Controller):
             tokens=data.tokens,
             cost_micros=micros(data.cost_usd or 0.0),
             now=rules.clock(),
+            scopes=scopes,
         )
         rules.decisions.inc((tier.name, decision.refused_by or "allowed"))
         body = DecisionReply.of(decision)
         headers = {k.decode(): v.decode() for k, v in ratelimit_headers(decision)}
         if decision.allowed:
             return Response(body, headers=headers)
+        refused = limits if decision.refused_scope != "team" else scopes[0].limits
         body.error = RefusalReply(
-            message=refusal_message(decision, limits=limits),
+            message=refusal_message(decision, limits=refused),
             type="rate_limit_exceeded",
             param=None,
             code=decision.refused_by,
