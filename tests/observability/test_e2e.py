@@ -337,6 +337,13 @@ def chat(model: str, max_tokens: int = 4, stream: bool = False) -> dict[str, Any
     }
 
 
+GRAPHQL_MODELS = "query Models { models { name deployments { name state } } }"
+# over the 30 aliases the API allows: refused before it runs (the refusals panel)
+GRAPHQL_TOO_MANY_ALIASES = (
+    "query Aliases { " + " ".join(f"m{i}: models {{ name }}" for i in range(40)) + " }"
+)
+
+
 class Traffic:
     """Requests in a background thread until stopped, bounded by ``limit`` seconds."""
 
@@ -353,6 +360,7 @@ class Traffic:
 
     def _run(self) -> None:
         gw = self.stack.ports["gateway"]
+        graphql = self.stack.ports["graphql-api"]
         i = 0
         while not self._stop.is_set() and time.monotonic() < self._deadline:
             i += 1
@@ -370,6 +378,13 @@ class Traffic:
                     self._count(str(status))
                 except (OSError, http.client.HTTPException) as exc:
                     self._count(type(exc).__name__)
+            if i % 3 == 0:  # the GraphQL panels: operations, their cost, and a refusal
+                for query in (GRAPHQL_MODELS, GRAPHQL_TOO_MANY_ALIASES):
+                    try:
+                        status, _ = request(graphql, "/graphql", {"query": query})
+                        self._count(f"graphql {status}")
+                    except (OSError, http.client.HTTPException) as exc:
+                        self._count(type(exc).__name__)
             time.sleep(0.02)
 
     def stop(self) -> None:
