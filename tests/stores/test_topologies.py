@@ -403,3 +403,42 @@ def test_a_sentinel_failover_mid_load_recovers() -> None:
             await limiter.aclose()
 
     asyncio.run(body())
+
+
+def test_a_call_whose_connection_was_reset_before_sending_is_retried() -> None:
+    """redis-py's RedisCluster resets every connection when one call meets a connection error,
+    and a call mid-handshake on one of them then fails writing (AttributeError on a writer set
+    to None): nothing was sent, so it is retried; the same error after sending is an outage."""
+    from citadel.errors import StoreUnavailable
+    from citadel.stores.topology import _RedisPyStore
+
+    class Writer:
+        def __init__(self, failures: int) -> None:
+            self.failures = failures
+            self.sent = 0
+
+        def _send_packed_command(self) -> None:
+            if self.failures:
+                self.failures -= 1
+                None.writelines  # type: ignore[attr-defined]  # noqa: B018 - the redis-py error
+            self.sent += 1
+
+    class Client:
+        def __init__(self, writer: Writer, after_send: bool = False) -> None:
+            self.writer, self.after_send = writer, after_send
+            self.response_callbacks: dict[str, object] = {}
+
+        async def execute_command(self, *args: object) -> bytes:
+            self.writer._send_packed_command()
+            if self.after_send:
+                raise AttributeError("'NoneType' object has no attribute 'read_response'")
+            return b"PONG"
+
+    async def body() -> None:
+        writer = Writer(failures=2)
+        assert b"PONG" == await _RedisPyStore(Client(writer), "x", 2.0).execute("PING")
+        assert 1 == writer.sent
+        with pytest.raises(StoreUnavailable, match="reset under this call"):
+            await _RedisPyStore(Client(Writer(0), after_send=True), "x", 2.0).execute("PING")
+
+    asyncio.run(body())

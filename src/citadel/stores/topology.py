@@ -55,6 +55,15 @@ _NOT_RUN: Final = (
 _UNAVAILABLE: Final = (rex.ConnectionError, rex.TimeoutError, rex.RedisClusterException, OSError)
 
 
+def _unsent(exc: AttributeError) -> bool:
+    """Whether ``exc`` was raised writing a command to a connection already closed (so the
+    command never left): redis-py's ``_send_packed_command`` on a writer set to None."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_name == "_send_packed_command"
+
+
 def _tls_kwargs(endpoint: Endpoint) -> dict[str, Any]:
     if endpoint.tls is None:
         return {}
@@ -105,6 +114,14 @@ class _RedisPyStore:
             except _NOT_RUN as exc:
                 if loop.time() + _PAUSE >= deadline:
                     raise StoreUnavailable(_STORE, f"{self._address}: {exc}") from exc
+                await asyncio.sleep(_PAUSE)
+            except AttributeError as exc:
+                # redis-py's RedisCluster resets every connection (aclose) when one call meets a
+                # connection error; a call sharing a connection mid-handshake then finds its
+                # writer gone. Sent nothing: retried like a redirection; else an outage.
+                if not _unsent(exc) or loop.time() + _PAUSE >= deadline:
+                    detail = f"{self._address}: the connection was reset under this call"
+                    raise StoreUnavailable(_STORE, detail) from exc
                 await asyncio.sleep(_PAUSE)
             except rex.NoScriptError as exc:  # redis-py drops the code: put it back
                 raise RedisError(f"NOSCRIPT {exc}") from exc
