@@ -24,7 +24,7 @@ stream and the ledger writer run unchanged on every topology:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Final
 
 from redis import exceptions as rex
@@ -55,13 +55,36 @@ _NOT_RUN: Final = (
 _UNAVAILABLE: Final = (rex.ConnectionError, rex.TimeoutError, rex.RedisClusterException, OSError)
 
 
-def _unsent(exc: AttributeError) -> bool:
-    """Whether ``exc`` was raised writing a command to a connection already closed (so the
-    command never left): redis-py's ``_send_packed_command`` on a writer set to None."""
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb is not None and tb.tb_frame.f_code.co_name == "_send_packed_command"
+class _Unsent(Exception):
+    """A command met a connection closed under it before a byte of it was written."""
+
+
+def _guarded(base: type[Connection], opened: set[Connection]) -> type[Connection]:
+    """``base`` with two duties redis-py's connections lack, for the Cluster client.
+
+    - Every connection that opens a socket is held in ``opened`` (strongly: a weak reference is
+      cleared by the collector before the warning), dropped once closed: redis-py drops a node
+      from its map (a failover, a slot move) and closes only its idle connections, in a task
+      nobody waits for, so a connection busy at that moment would stay open until it is garbage
+      (which warns, and after the loop closed cannot close it). ``aclose`` closes what is left.
+    - A write on a connection closed under it raises ``_Unsent``: RedisCluster closes every
+      connection (``aclose``) when one call meets a connection error, and a call then between
+      its connection check and its write would fail on a writer set to None (AttributeError)
+      although nothing was sent. Said where it happens, the caller can retry it safely.
+    """
+
+    async def connect(connection: Connection) -> None:
+        await base._connect(connection)  # type: ignore[no-untyped-call]  # opens the socket
+        opened.difference_update([c for c in opened if not c.is_connected])
+        opened.add(connection)
+
+    async def send(connection: Connection, command: Iterable[bytes]) -> None:
+        if connection._writer is None:
+            raise _Unsent(f"{connection.host}:{connection.port} was closed before the write")
+        await base._send_packed_command(connection, command)
+
+    methods = {"_connect": connect, "_send_packed_command": send}
+    return type(f"Guarded{base.__name__}", (base,), methods)
 
 
 def _tls_kwargs(endpoint: Endpoint) -> dict[str, Any]:
@@ -115,14 +138,15 @@ class _RedisPyStore:
                 if loop.time() + _PAUSE >= deadline:
                     raise StoreUnavailable(_STORE, f"{self._address}: {exc}") from exc
                 await asyncio.sleep(_PAUSE)
-            except AttributeError as exc:
-                # redis-py's RedisCluster resets every connection (aclose) when one call meets a
-                # connection error; a call sharing a connection mid-handshake then finds its
-                # writer gone. Sent nothing: retried like a redirection; else an outage.
-                if not _unsent(exc) or loop.time() + _PAUSE >= deadline:
-                    detail = f"{self._address}: the connection was reset under this call"
-                    raise StoreUnavailable(_STORE, detail) from exc
+            except _Unsent as exc:  # nothing was sent: retried like a redirection
+                if loop.time() + _PAUSE >= deadline:
+                    raise StoreUnavailable(_STORE, f"{self._address}: {exc}") from exc
                 await asyncio.sleep(_PAUSE)
+            except AttributeError as exc:
+                # The same reset after the command was written (redis-py reading from a reader
+                # set to None): it may have run, so it is an outage, never a retry.
+                detail = f"{self._address}: the connection was reset under this call"
+                raise StoreUnavailable(_STORE, detail) from exc
             except rex.NoScriptError as exc:  # redis-py drops the code: put it back
                 raise RedisError(f"NOSCRIPT {exc}") from exc
             except rex.ResponseError as exc:
@@ -179,21 +203,8 @@ class ClusterClient(_RedisPyStore):
         address = ",".join(f"{host}:{port}" for host, port in endpoint.nodes)
         super().__init__(client, f"cluster {address}", timeout)
         self._cluster = client
-        # redis-py drops a node from its map (a failover, a slot move, a new CLUSTER SLOTS reply)
-        # and closes only its idle connections, in a task nobody waits for; a connection busy at
-        # that moment stays open until it is garbage, which warns (and, after the loop closed,
-        # cannot close it). So every connection that opens a socket is held here (strongly: a
-        # weak reference is cleared by the collector before the warning), dropped once closed,
-        # and aclose closes what is still open.
         opened: set[Connection] = set()
-        base: type[Connection] = client.connection_kwargs["connection_class"]
-
-        async def open_and_remember(connection: Connection) -> None:
-            await base._connect(connection)  # type: ignore[no-untyped-call]  # opens the socket
-            opened.difference_update([c for c in opened if not c.is_connected])
-            opened.add(connection)
-
-        tracked = type(f"Tracked{base.__name__}", (base,), {"_connect": open_and_remember})
+        tracked = _guarded(client.connection_kwargs["connection_class"], opened)
         client.connection_kwargs["connection_class"] = tracked  # the nodes it discovers
         for node in client.nodes_manager.startup_nodes.values():
             node.connection_class = tracked
