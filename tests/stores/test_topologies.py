@@ -199,6 +199,45 @@ def test_a_cross_slot_script_is_refused_by_the_cluster(topologies: Topologies) -
     asyncio.run(body())
 
 
+def test_concurrent_cluster_calls_share_writes_and_keep_their_own_replies(
+    topologies: Topologies,
+) -> None:
+    """The calls of one turn of the loop go to the Cluster as one pipeline (one write per node,
+    few connections), yet each keeps its own reply: values, an error reply, NOSCRIPT answered
+    with EVAL, and a cross-slot script refused alone."""
+    from citadel.stores.topology import ClusterClient
+
+    prefix = uuid.uuid4().hex
+
+    async def body() -> None:
+        store = connect_redis(topologies.url("cluster"), timeout=2.0)
+        assert isinstance(store, ClusterClient)
+        try:
+            await store.execute("SET", f"{prefix}:string", "x")
+            keys = [f"{prefix}:{i}" for i in range(300)]
+            fresh = Script(f"return {{KEYS[1], '{prefix}'}}")  # never loaded: NOSCRIPT first
+            replies = await asyncio.gather(
+                *(store.execute("INCRBY", key, i) for i, key in enumerate(keys)),
+                store.execute("INCR", f"{prefix}:string"),
+                store.evalsha(fresh, [f"{{{prefix}}}k"], []),
+                store.evalsha(Script("return 1"), ["{a}x", "{b}x"], []),
+                return_exceptions=True,
+            )
+            assert list(range(300)) == replies[:300]
+            assert isinstance(replies[300], RedisError)
+            assert "not an integer" in str(replies[300])
+            assert [f"{{{prefix}}}k".encode(), prefix.encode()] == replies[301]
+            assert isinstance(replies[302], RedisError)
+            assert "same slot" in str(replies[302])
+            # 303 calls at once: batched, they needed about one connection per master, not 303
+            assert len(store._opened) <= 6
+            assert [b"299"] == [await store.execute("GET", keys[-1])]
+        finally:
+            await store.aclose()
+
+    asyncio.run(body())
+
+
 @pytest.mark.parametrize("kind", ALL)
 def test_a_breaker_opened_on_one_replica_holds_the_others(
     kind: str, topologies: Topologies, tmp_path: Path

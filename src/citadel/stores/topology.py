@@ -31,6 +31,7 @@ from redis import exceptions as rex
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import Connection
 from redis.asyncio.sentinel import MasterNotFoundError, Sentinel
+from redis.crc import key_slot
 
 from citadel.errors import StoreUnavailable
 from citadel.stores.endpoint import Endpoint
@@ -85,6 +86,10 @@ def _guarded(base: type[Connection], opened: set[Connection]) -> type[Connection
 
     methods = {"_connect": connect, "_send_packed_command": send}
     return type(f"Guarded{base.__name__}", (base,), methods)
+
+
+def _key_bytes(key: Arg) -> bytes:
+    return key if isinstance(key, bytes) else str(key).encode()
 
 
 def _tls_kwargs(endpoint: Endpoint) -> dict[str, Any]:
@@ -209,8 +214,93 @@ class ClusterClient(_RedisPyStore):
         for node in client.nodes_manager.startup_nodes.values():
             node.connection_class = tracked
         self._opened = opened
+        self._queued: list[tuple[tuple[Arg, ...], asyncio.Future[Any]]] = []
+        self._sending: set[asyncio.Task[None]] = set()
+        self._busy = 0  # calls and batches on their way
+
+    async def execute(self, *args: Arg) -> Any:
+        if self._busy:
+            return await self._call(lambda: self._batched(args))
+        return await self._call(lambda: self._alone(args))
+
+    async def _alone(self, args: tuple[Arg, ...]) -> Any:
+        """A call while none is on its way: sent at once (no wait for company, no task)."""
+        self._busy += 1
+        try:
+            return await self._client.execute_command(*args)
+        finally:
+            self._busy -= 1
+
+    async def evalsha(self, script: Script, keys: Sequence[Arg], args: Sequence[Arg]) -> Any:
+        # Refused here, as the server would (redis-py refuses it only once it knows the slot
+        # map, as an error that reads like an outage).
+        if len({key_slot(_key_bytes(key)) for key in keys}) > 1:
+            raise RedisError("CROSSSLOT Keys in request don't hash to the same slot")
+        return await super().evalsha(script, keys, args)
+
+    def _batched(self, args: tuple[Arg, ...]) -> asyncio.Future[Any]:
+        """``args``'s reply, sent with every other command called in this turn of the loop
+        while others are on their way (a lone call goes at once: ``_alone``).
+
+        redis-py gives each concurrent command a connection of its own, so under load every
+        command is a write and a read of its own on the node (what made a Cluster cost Redis
+        about 1.3x the CPU per request of one server, bench/README.md "Scale-out"). The thin
+        client shares one connection and the server reads many commands at once; here the
+        commands of one turn go as one redis-py pipeline: one write per node. Each command
+        keeps its own reply or error (``raise_on_error=False``), and ``_call`` retries or
+        translates it exactly as a lone call's.
+        """
+        loop = asyncio.get_running_loop()
+        reply: asyncio.Future[Any] = loop.create_future()
+        self._queued.append((args, reply))
+        if len(self._queued) == 1:
+            loop.call_soon(self._flush)
+        return reply
+
+    def _flush(self) -> None:
+        batch, self._queued = self._queued, []
+        batch = [(args, reply) for args, reply in batch if not reply.done()]  # not given up
+        if batch:
+            task = asyncio.get_running_loop().create_task(self._send(batch))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _send(self, batch: list[tuple[tuple[Arg, ...], asyncio.Future[Any]]]) -> None:
+        replies: list[Any]
+        self._busy += 1
+        try:
+            if len(batch) == 1:
+                replies = [await self._client.execute_command(*batch[0][0])]
+            else:
+                pipe = self._client.pipeline(transaction=False)
+                for args, _ in batch:
+                    pipe.execute_command(*args)
+                replies = await pipe.execute(raise_on_error=False)
+        except rex.RedisClusterException:
+            # Refused before sending (a command's keys in two slots, no node for a slot): each
+            # command alone, so only the one at fault gets the error.
+            replies = await asyncio.gather(
+                *(self._client.execute_command(*args) for args, _ in batch),
+                return_exceptions=True,
+            )
+        except BaseException as exc:  # the batch failed as a whole: each caller sees it
+            replies = [exc] * len(batch)
+        finally:
+            self._busy -= 1
+        for (_, reply), result in zip(batch, replies, strict=True):
+            if reply.done():
+                continue
+            if isinstance(result, asyncio.CancelledError):  # the client is closing
+                reply.cancel()
+            elif isinstance(result, BaseException):
+                reply.set_exception(result)
+            else:
+                reply.set_result(result)
 
     async def aclose(self) -> None:
+        for task in list(self._sending):
+            task.cancel()
+        await asyncio.gather(*self._sending, return_exceptions=True)
         await super().aclose()
         await asyncio.gather(
             *(connection.disconnect(nowait=True) for connection in list(self._opened)),
