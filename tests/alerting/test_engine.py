@@ -245,12 +245,14 @@ def test_a_round_longer_than_the_interval_skips_ticks_instead_of_piling_up() -> 
         task = asyncio.create_task(scheduler.run())
         await asyncio.sleep(0.1)
         assert scheduler.round_state()["first_in_progress"] is True
+        assert scheduler.round_state()["in_progress"] is True
         await asyncio.sleep(0.85)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
         state = scheduler.round_state()
         assert state["first_in_progress"] is False
+        assert state["in_progress"] is False
         assert 2 <= state["completed"] <= 3  # type: ignore[operator]
         assert source.calls <= 4  # not one round per 0.1 s tick
         assert 2 * state["completed"] <= state["skipped"]  # type: ignore[operator]

@@ -258,6 +258,7 @@ class RoundsReply(msgspec.Struct):
     completed: int
     skipped: Annotated[int, Meta(description="interval ticks passed over by rounds that overran")]
     last_seconds: Annotated[float | None, Meta(description="the last round's duration")]
+    in_progress: Annotated[bool, Meta(description="a round is running")]
     first_in_progress: Annotated[
         bool, Meta(description="the first round (which fits every model) is still running")
     ]
