@@ -109,6 +109,7 @@ class Finding:
     forecast_lower: float | None = None
     forecast_upper: float | None = None
     score: float | None = None  # anomaly rules
+    warming_up: bool = False  # anomaly rules: the detector's warm-up (its early score)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -324,10 +325,13 @@ class Evaluator:
         if seen < rule.min_points or value is None:
             return _short(rule, series, seen=seen)
         firing = score >= rule.score_threshold
+        warming = bool(getattr(detector, "warming_up", False))
         detail = (
             f"anomaly score {score:.3f} at value {_fmt(value)} "
             f"({'at or above' if firing else 'below'} {rule.score_threshold:g})"
         )
+        if warming:
+            detail = f"warming up ({_warmup(detector, seen)}): {detail}"
         return Finding(
             series=labels,
             outcome="firing" if firing else "ok",
@@ -335,7 +339,21 @@ class Evaluator:
             points=seen,
             value=value,
             score=score,
+            warming_up=warming,
         )
+
+
+def _warmup(detector: Detector, seen: int) -> str:
+    """What a warming-up detector scores with: the early score, or nothing yet."""
+    params = getattr(detector, "params", None)
+    if params is None:
+        return f"{seen} rows seen"
+    full, early = params.warmup, params.early_rows
+    if early <= 0:
+        return f"{seen} of {full} rows; learning"
+    if seen <= early:
+        return f"{seen} of {full} rows; learning, the early score starts after {early}"
+    return f"{seen} of {full} rows; early median/MAD score until the full model has {full}"
 
 
 def _step(times: Sequence[float], default: float) -> float:
@@ -434,6 +452,8 @@ def alerts_of(evaluation: Evaluation) -> list[tuple[Mapping[str, str], Mapping[s
             notes["threshold"] = f"{rule.direction} {_fmt(rule.threshold)}"
         if finding.score is not None:
             notes["anomaly_score"] = f"{finding.score:.3f}"
+        if finding.warming_up:  # the early median/MAD score: more false alarms than the model's
+            notes["warming_up"] = "true"
         found.append((MappingProxyType(labels), MappingProxyType(notes)))
     return found
 
