@@ -274,19 +274,32 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def search(
+    label: str,
+    corpus: Sequence[Series],
+    candidates: Sequence[Mapping[str, object]],
+    profiles: Sequence[Profile],
+    args: argparse.Namespace,
+) -> tuple[list[dict[str, FloatArray]], tuple[HeldOut, ...], list[str], float]:
+    """Run every candidate on ``corpus``, leave one category out, print the held-out table:
+    the outputs, the folds, the candidates' names and when the detection ended."""
+    names = [", ".join(f"{k}={v}" for k, v in c.items()) for c in candidates]
+    outputs = run_candidates(corpus, candidates, args.jobs)
+    detected = time.perf_counter()
+    folds = leave_one_category_out(corpus, outputs, profiles)
+    print_loco(label, corpus, folds, names)
+    return outputs, folds, names, detected
+
+
 def loco(
     corpus: Sequence[Series], profiles: Sequence[Profile], args: argparse.Namespace, started: float
 ) -> int:
     candidates = loco_candidates(args.candidates, args.seed, default=not args.without_default)
-    names = [", ".join(f"{k}={v}" for k, v in c.items()) for c in candidates]
     print(
         f"leave one category out: {len(corpus)} series, {len(candidates)} candidates "
         f"(seed {args.seed}, space {', '.join(SPACE)})"
     )
-    outputs = run_candidates(corpus, candidates, args.jobs)
-    detected = time.perf_counter()
-    folds = leave_one_category_out(corpus, outputs, profiles)
-    print_loco("RecordDetector", corpus, folds, names)
+    outputs, _, names, detected = search("RecordDetector", corpus, candidates, profiles, args)
     best, _ = choose(corpus, outputs, profiles[0])
     chosen = score_corpus(corpus, outputs[best], profiles)
     print(
@@ -314,16 +327,12 @@ def early(
     rows = Params().warmup
     warm = early_corpus(corpus, rows, args.seed)
     candidates = [{"early_rows": 0}, *sample_grid(EARLY_SPACE, 100, args.seed)]
-    names = [", ".join(f"{k}={v}" for k, v in c.items()) for c in candidates]
     windows = sum(len(s.windows) for s in warm)
     print(
         f"warm-up (first {rows} rows): {len(warm)} series of {rows} rows from {len(corpus)}, "
         f"{windows} windows; {len(candidates)} candidates (candidate 0: no early score)"
     )
-    outputs = run_candidates(warm, candidates, args.jobs)
-    detected = time.perf_counter()
-    folds = leave_one_category_out(warm, outputs, profiles)
-    print_loco("early score", warm, folds, names)
+    outputs, folds, names, detected = search("early score", warm, candidates, profiles, args)
     at = {p.name: ALARM_SCORE for p in profiles}
     fixed = [
         score_corpus([s for s in warm if category(s) == f.category], outputs[f.candidate],
