@@ -10,6 +10,8 @@ every 50 ms from one keep-alive connection and reports:
   every ``alerting.refit_seconds``, not every round), from ``/health``'s ``rounds.last_seconds``;
 - ``/health``'s latency (p50, p99, max) during the first round and after it, and (p99, max,
   polls) of the polls answered while a steady round ran (``rounds.in_progress``);
+- a reference: the p99 of a GET of the stand-in Prometheus (another process, a constant reply)
+  polled beside each /health, the machine's own latency floor in the same run;
 - rounds skipped (ticks a round overran).
 
     .venv/bin/python bench/alerting_scale.py                        # 10,100,1000, model auto
@@ -133,6 +135,14 @@ def config(path: Path, prometheus: int, rules: int, model: str, interval: float)
     path.write_text("\n".join(lines) + "\n")
 
 
+def ping(conn: http.client.HTTPConnection) -> float:
+    """The latency of one GET of the stand-in Prometheus (the reference)."""
+    started = time.perf_counter()
+    conn.request("GET", "/api/v1/status/buildinfo")
+    conn.getresponse().read()
+    return time.perf_counter() - started
+
+
 def health(conn: http.client.HTTPConnection) -> tuple[float, dict[str, Any]]:
     started = time.perf_counter()
     conn.request("GET", "/health")
@@ -169,6 +179,10 @@ def run(rules: int, model: str, steady: int, interval: float, prometheus: int) -
                 if time.monotonic() > deadline:
                     raise RuntimeError("the service did not start")
                 time.sleep(0.2)
+            # The machine's noise floor, polled beside /health: the stand-in Prometheus's GET
+            # (another process, a constant reply), on a keep-alive connection of its own.
+            ref = http.client.HTTPConnection("127.0.0.1", prometheus, timeout=30)
+            reference: list[float] = []
             first: list[float] = []
             steady_lat: list[float] = []
             during: list[float] = []  # steady latencies of polls answered while a round ran
@@ -178,6 +192,7 @@ def run(rules: int, model: str, steady: int, interval: float, prometheus: int) -
             limit = time.monotonic() + 1800
             while seen < 1 + steady and time.monotonic() < limit:
                 latency, doc = health(conn)
+                reference.append(ping(ref))
                 (first if seen == 0 else steady_lat).append(latency)
                 if "rounds" not in doc:  # an error reply (counted in the latencies)
                     errors += 1
@@ -205,6 +220,7 @@ def run(rules: int, model: str, steady: int, interval: float, prometheus: int) -
                 "during_max": max(during, default=math.nan) * 1000,
                 "during_n": len(during),
                 "errors": errors,
+                "reference_p99": pct(reference, 0.99) * 1000,
             }
         finally:
             proc.terminate()
@@ -230,7 +246,7 @@ def main() -> None:
     print(
         f"{'rules':>6} {'first s':>8} {'steady s':>9} {'max s':>6} {'skipped':>7} "
         f"{'first p99 ms':>12} {'steady p50':>10} {'p99 ms':>7} {'max ms':>7} "
-        f"{'in-round p99':>12} {'max':>6} {'n':>5}"
+        f"{'in-round p99':>12} {'max':>6} {'n':>5} {'ref p99':>7}"
     )
     try:
         for rules in (int(n) for n in args.rules.split(",")):
@@ -239,7 +255,8 @@ def main() -> None:
                 f"{r['rules']:>6} {r['first']:>8.2f} {r['steady']:>9.2f} {r['steady_max']:>6.2f} "
                 f"{r['skipped']:>7} {r['first_p99']:>12.1f} {r['steady_p50']:>10.1f} "
                 f"{r['steady_p99']:>7.1f} {r['steady_max_ms']:>7.1f} "
-                f"{r['during_p99']:>12.1f} {r['during_max']:>6.1f} {r['during_n']:>5}"
+                f"{r['during_p99']:>12.1f} {r['during_max']:>6.1f} {r['during_n']:>5} "
+                f"{r['reference_p99']:>7.1f}"
                 + (f"  ({r['errors']} /health error replies)" if r["errors"] else ""),
                 flush=True,
             )
