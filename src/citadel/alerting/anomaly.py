@@ -73,6 +73,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
+
 from citadel.alerting.anomaly_art import ShapeMemory
 
 DAY = 86400.0
@@ -196,10 +198,10 @@ class RecordDetector:
         if len(past) >= self._p.early_rows and math.isfinite(value):
             n = len(past)
             median = past[n // 2] if n % 2 else 0.5 * (past[n // 2 - 1] + past[n // 2])
-            deviations = sorted(abs(v - median) for v in past)
-            mad = deviations[n // 2]
+            deviations = np.abs(np.asarray(past) - median)
+            mad = float(np.partition(deviations, n // 2)[n // 2])
             # a quantised series has MAD 0: then the mean deviation, then a thousandth of the range
-            scale = 1.4826 * mad or 1.2533 * sum(deviations) / n
+            scale = 1.4826 * mad or 1.2533 * float(deviations.mean())
             scale += 1e-3 * (past[-1] - past[0]) + 1e-9
             ratio = abs(value - median) / scale / self._p.early_z
         if math.isfinite(value):
