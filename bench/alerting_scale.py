@@ -8,14 +8,18 @@ every 50 ms from one keep-alive connection and reports:
 
 - the first round (every model fitted), and the steady rounds after it (each fit kept, refitted
   every ``alerting.refit_seconds``, not every round), from ``/health``'s ``rounds.last_seconds``;
-- ``/health``'s latency (p50, p99, max) during the first round and during the steady rounds;
+- ``/health``'s latency (p50, p99, max) during the first round and after it, and (p99, max,
+  polls) of the polls answered while a steady round ran (``rounds.in_progress``);
+- a reference: the p99 of a GET of the stand-in Prometheus (another process, a constant reply)
+  polled beside each /health, the machine's own latency floor in the same run;
 - rounds skipped (ticks a round overran).
 
     .venv/bin/python bench/alerting_scale.py                        # 10,100,1000, model auto
     .venv/bin/python bench/alerting_scale.py --rules 1000 --model linear --steady 2
 
-The stand-in Prometheus shares this process with the /health poller, so its answers count in the
-round time (as a real Prometheus's would).
+The stand-in Prometheus runs in a process of its own (as a real one would), so its work counts in
+the round time but not in the poller's latencies: sharing the poller's process (and GIL), its
+answers held the poller's thread and added to the /health latencies it measured.
 """
 
 from __future__ import annotations
@@ -24,13 +28,13 @@ import argparse
 import contextlib
 import http.client
 import math
+import multiprocessing
 import os
 import random
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -42,6 +46,19 @@ import orjson
 KEY = "sk-bench"
 
 
+_SAMPLES: dict[tuple[int, float], list[object]] = {}
+
+
+def sample(rule: int, t: float) -> list[object]:
+    """One ``[t, "value"]`` pair of a rule's series, computed once (each round asks for the same
+    hour again, two new points on: the stand-in should cost what a Prometheus would, not a
+    ``random.Random`` per point per query)."""
+    found = _SAMPLES.get((rule, t))
+    if found is None:
+        found = _SAMPLES[rule, t] = [t, f"{value(rule, t):.4f}"]
+    return found
+
+
 def value(rule: int, t: float) -> float:
     rng = random.Random(rule * 1_000_003 + int(t))
     day = 2 * math.pi * (t % 86400) / 86400
@@ -50,6 +67,7 @@ def value(rule: int, t: float) -> float:
 
 class Prometheus(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # as Prometheus (Go) does: no 40 ms delayed-ACK stalls
 
     def log_message(self, *args: Any) -> None:
         pass
@@ -79,7 +97,7 @@ class Prometheus(BaseHTTPRequestHandler):
         start, end, step = float(form["start"]), float(form["end"]), float(form["step"])
         first = math.ceil(start / step) * step
         times = [first + i * step for i in range(int((end - first) // step) + 1)]
-        values = [[t, f"{value(rule, t):.4f}"] for t in times]
+        values = [sample(rule, t) for t in times]
         result = [{"metric": {"rule": str(rule)}, "values": values}]
         self._reply({"status": "success", "data": {"resultType": "matrix", "result": result}})
 
@@ -115,6 +133,14 @@ def config(path: Path, prometheus: int, rules: int, model: str, interval: float)
                 "lookback_seconds: 3600, step_seconds: 15, min_points: 20}"
             )
     path.write_text("\n".join(lines) + "\n")
+
+
+def ping(conn: http.client.HTTPConnection) -> float:
+    """The latency of one GET of the stand-in Prometheus (the reference)."""
+    started = time.perf_counter()
+    conn.request("GET", "/api/v1/status/buildinfo")
+    conn.getresponse().read()
+    return time.perf_counter() - started
 
 
 def health(conn: http.client.HTTPConnection) -> tuple[float, dict[str, Any]]:
@@ -153,20 +179,28 @@ def run(rules: int, model: str, steady: int, interval: float, prometheus: int) -
                 if time.monotonic() > deadline:
                     raise RuntimeError("the service did not start")
                 time.sleep(0.2)
+            # The machine's noise floor, polled beside /health: the stand-in Prometheus's GET
+            # (another process, a constant reply), on a keep-alive connection of its own.
+            ref = http.client.HTTPConnection("127.0.0.1", prometheus, timeout=30)
+            reference: list[float] = []
             first: list[float] = []
             steady_lat: list[float] = []
+            during: list[float] = []  # steady latencies of polls answered while a round ran
             rounds: list[float] = []
             seen = errors = 0
             state: dict[str, Any] = {}
             limit = time.monotonic() + 1800
             while seen < 1 + steady and time.monotonic() < limit:
                 latency, doc = health(conn)
+                reference.append(ping(ref))
                 (first if seen == 0 else steady_lat).append(latency)
                 if "rounds" not in doc:  # an error reply (counted in the latencies)
                     errors += 1
                     time.sleep(0.05)
                     continue
                 state = doc["rounds"]
+                if seen and state.get("in_progress"):
+                    during.append(latency)
                 if state["completed"] > seen:
                     seen = state["completed"]
                     rounds.append(float(state["last_seconds"]))
@@ -182,7 +216,11 @@ def run(rules: int, model: str, steady: int, interval: float, prometheus: int) -
                 "steady_p99": pct(steady_lat, 0.99) * 1000,
                 "steady_max_ms": max(steady_lat, default=math.nan) * 1000,
                 "samples": len(steady_lat),
+                "during_p99": pct(during, 0.99) * 1000,
+                "during_max": max(during, default=math.nan) * 1000,
+                "during_n": len(during),
                 "errors": errors,
+                "reference_p99": pct(reference, 0.99) * 1000,
             }
         finally:
             proc.terminate()
@@ -200,25 +238,38 @@ def main() -> None:
     parser.add_argument("--steady", type=int, default=3, help="steady rounds measured")
     parser.add_argument("--interval", type=float, default=30.0)
     args = parser.parse_args()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Prometheus)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    ports: multiprocessing.Queue[int] = multiprocessing.Queue()
+    prometheus = multiprocessing.Process(target=serve_prometheus, args=(ports,), daemon=True)
+    prometheus.start()
+    port = ports.get(timeout=30)
     print(f"load: {os.getloadavg()[0]:.2f} (1 min), {os.cpu_count()} cores; model {args.model}")
     print(
         f"{'rules':>6} {'first s':>8} {'steady s':>9} {'max s':>6} {'skipped':>7} "
-        f"{'first p99 ms':>12} {'steady p50':>10} {'p99 ms':>7} {'max ms':>7}"
+        f"{'first p99 ms':>12} {'steady p50':>10} {'p99 ms':>7} {'max ms':>7} "
+        f"{'in-round p99':>12} {'max':>6} {'n':>5} {'ref p99':>7}"
     )
     try:
         for rules in (int(n) for n in args.rules.split(",")):
-            r = run(rules, args.model, args.steady, args.interval, server.server_address[1])
+            r = run(rules, args.model, args.steady, args.interval, port)
             print(
                 f"{r['rules']:>6} {r['first']:>8.2f} {r['steady']:>9.2f} {r['steady_max']:>6.2f} "
                 f"{r['skipped']:>7} {r['first_p99']:>12.1f} {r['steady_p50']:>10.1f} "
-                f"{r['steady_p99']:>7.1f} {r['steady_max_ms']:>7.1f}"
+                f"{r['steady_p99']:>7.1f} {r['steady_max_ms']:>7.1f} "
+                f"{r['during_p99']:>12.1f} {r['during_max']:>6.1f} {r['during_n']:>5} "
+                f"{r['reference_p99']:>7.1f}"
                 + (f"  ({r['errors']} /health error replies)" if r["errors"] else ""),
                 flush=True,
             )
     finally:
-        server.shutdown()
+        prometheus.terminate()
+        prometheus.join(10)
+
+
+def serve_prometheus(ports: multiprocessing.Queue[int]) -> None:
+    """The stand-in Prometheus, in its own process: puts its port on ``ports``, then serves."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Prometheus)
+    ports.put(server.server_address[1])
+    server.serve_forever()
 
 
 if __name__ == "__main__":

@@ -105,10 +105,36 @@ def test_flat_line_scores_zero() -> None:
 
 
 def test_warmup_scores_zero() -> None:
-    """The first rows only learn."""
+    """The first ``early_rows`` rows only learn (then the early score starts)."""
     values = noise()
     values[50] += 100.0
-    assert 0.0 == run(values)[:100].max()
+    assert 0.0 == run(values)[: Params().early_rows].max()
+
+
+def test_the_warm_up_scores_a_spike_with_the_early_score_and_says_so() -> None:
+    """After ``early_rows`` learning rows, the warm-up scores rows by their robust z against the
+    rows before them: a spike at row 100 is an alarm (score at the rules' alarm score), the noise
+    around it is not; the detector says it is warming up until the full model has ``warmup``
+    rows. With ``early_rows=0`` the warm-up scores 0, as before the early score."""
+    from citadel.alerting.defaults import ALARM_SCORE
+
+    values = noise(400)
+    values[100] += 15.0
+    detector = RecordDetector()
+    scores, warming = [], []
+    for i, v in enumerate(values):
+        scores.append(detector.update(i * STEP, float(v)))
+        warming.append(detector.warming_up)
+    assert Params().early_rows == 60
+    assert 0.0 == max(scores[:60])  # learning
+    assert scores[100] >= 0.8  # z of 15: a ratio of 7.5
+    noise_rows = scores[60:100] + scores[101:150]
+    assert scores[100] > max(noise_rows) + 0.2
+    # the early score is sensitive (chosen so on NAB: z 2 is a record): a few noise rows alarm
+    assert sum(s >= ALARM_SCORE for s in noise_rows) <= 0.1 * len(noise_rows)
+    assert all(warming[:150])
+    assert not any(warming[150:])
+    assert 0.0 == run(values, Params(early_rows=0))[:150].max()
 
 
 @settings(max_examples=50, deadline=None)

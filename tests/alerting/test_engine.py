@@ -12,6 +12,7 @@ from citadel.alerting.definitions import Rule, parse_alerting
 from citadel.alerting.engine import (
     Evaluation,
     Evaluator,
+    Finding,
     LedgerSource,
     Scheduler,
     alerts_of,
@@ -122,6 +123,33 @@ def test_anomaly_rules_feed_only_new_samples_and_fire_on_the_score() -> None:
     [finding] = evaluator.evaluate(rule, [spiked], now=4.0).findings
     assert ("firing", 1.0, 4) == (finding.outcome, finding.score, finding.points)
     assert "anomaly_score" in alerts_of(evaluator.evaluate(rule, [spiked], now=5.0))[0][1]
+
+
+def test_an_anomaly_finding_says_the_detector_is_warming_up() -> None:
+    """The default detector's findings are marked warming up (and say with what) for its first
+    150 rows, then not."""
+    from citadel.alerting.anomaly import default_detector
+
+    rule = parse_alerting(
+        {"rules": [{"name": "Odd", "kind": "anomaly", "query": "x", "min_points": 20}]}
+    ).rules[0]
+    evaluator = Evaluator(detector_factory=default_detector)
+    values = tuple(10.0 + (i % 7) * 0.1 for i in range(200))
+
+    def at(n: int) -> Finding:
+        series = Series(labels={}, times=tuple(float(t) for t in range(n)), values=values[:n])
+        [finding] = evaluator.evaluate(rule, [series], now=float(n)).findings
+        return finding
+
+    early = at(30)
+    assert ("ok", True) == (early.outcome, early.warming_up)
+    assert "warming up (30 of 150 rows; learning, the early score starts after 60)" in early.detail
+    scored = at(100)
+    assert scored.warming_up
+    assert "early median/MAD score" in scored.detail
+    full = at(200)
+    assert not full.warming_up
+    assert "warming up" not in full.detail
 
 
 def test_month_end_is_the_next_calendar_month() -> None:
@@ -245,12 +273,14 @@ def test_a_round_longer_than_the_interval_skips_ticks_instead_of_piling_up() -> 
         task = asyncio.create_task(scheduler.run())
         await asyncio.sleep(0.1)
         assert scheduler.round_state()["first_in_progress"] is True
+        assert scheduler.round_state()["in_progress"] is True
         await asyncio.sleep(0.85)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
         state = scheduler.round_state()
         assert state["first_in_progress"] is False
+        assert state["in_progress"] is False
         assert 2 <= state["completed"] <= 3  # type: ignore[operator]
         assert source.calls <= 4  # not one round per 0.1 s tick
         assert 2 * state["completed"] <= state["skipped"]  # type: ignore[operator]

@@ -6,8 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
+import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from citadel.accounts.sql import open_store
 from citadel.alerting.app import alerting_settings
@@ -20,6 +25,8 @@ from citadel.metering.ledger import Ledger
 from citadel.metering.migrate import LEDGER
 from citadel.settings import load_settings
 from citadel.stores.sql import build_engine
+
+from support import scratch_postgres
 
 T0 = 1_764_547_200.0 + 10 * 86400  # 2025-12-11 00:00 UTC: mid-month
 
@@ -55,8 +62,6 @@ def test_the_default_rules_without_prometheus_read_the_ledger_and_add_the_budget
 
 
 def test_ledger_metric_keys_are_checked() -> None:
-    import pytest
-
     from citadel.errors import ConfigError
 
     def rule(ledger: dict[str, str]) -> dict[str, object]:
@@ -86,8 +91,19 @@ def test_percentile_is_within_five_percent() -> None:
     assert percentile(np.zeros(_BINS), 0.95) is None
 
 
-def test_series_from_a_real_ledger_read_each_event_once(tmp_path: Path) -> None:
-    uri = f"sqlite+aiosqlite:///{tmp_path / 'citadel.db'}"
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_uri(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty ledger database: SQLite in a file, or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'citadel.db'}"
+        return
+    with scratch_postgres() as uri:
+        yield uri
+
+
+def test_series_from_a_real_ledger_read_each_event_once(ledger_uri: str) -> None:
+    """On SQLite and on PostgreSQL (the two stores ``citadel up`` and a deployment use)."""
+    uri = ledger_uri
     settings = load_settings(None, {})
 
     async def run() -> None:
@@ -135,3 +151,62 @@ def test_series_from_a_real_ledger_read_each_event_once(tmp_path: Path) -> None:
             await store.aclose()
 
     asyncio.run(run())
+
+
+def test_citadel_up_wiring_on_postgresql_reads_the_ledger_the_gateway_writes() -> None:
+    """``citadel up`` starts every service with the same ``--config`` and environment: with
+    ``SQL_DATABASE_ENDPOINT`` (PostgreSQL) and no Prometheus, the predictive-alerting service's
+    own wiring (``default_deps``) reads the ledger the gateway writes there (the gateway's
+    database, ``metering.database or accounts.database``), and its default rules evaluate."""
+    from citadel.alerting.app import AlertingDeps, default_deps
+    from citadel.alerting.engine import Evaluator, LedgerSource
+
+    with scratch_postgres() as uri:
+        settings = load_settings(None, {"SQL_DATABASE_ENDPOINT": uri})
+        settings = settings.with_models(embedded_models(settings))
+        assert settings.endpoints.prometheus is None
+        ledger_db = settings.metering.database or settings.accounts.database
+        assert uri == ledger_db  # the gateway's ledger (citadel.gateway.app)
+
+        async def run() -> None:
+            await LEDGER.upgrade(uri)
+            store = await open_store(uri, migrate=True)
+            engine = build_engine(ledger_db)
+            deps: AlertingDeps | None = None
+            try:
+                team = await store.create_team("Spenders")
+                await store.set_team_budget(team.id, 1_000_000)  # $1
+                now = time.time()
+                start = math.floor((now - 300) / 15) * 15
+                await Ledger(engine).write(
+                    [event(start + s, model="sim-chat", team=team.id, cost=1_000,
+                           status=500 if s % 10 == 0 else 200) for s in range(240)]
+                )  # fmt: skip
+                deps = default_deps(settings)
+                assert deps.ledger_metrics is not None
+                assert deps.spend is not None
+                source = LedgerSource(deps.spend, deps.ledger_metrics)
+                evaluator = Evaluator(detector_factory=deps.detector_factory)
+                found = {}
+                for rule in alerting_settings(settings).rules:
+                    series = await source.fetch(rule, now=now)
+                    found[rule.name] = (series, evaluator.evaluate(rule, series, now=now))
+                [rate], _ = found["ModelRequestRateAnomaly"]
+                assert "sim-chat" == rate.labels["model"]
+                assert len(rate.values) >= 10
+                assert max(rate.values) > 0
+                [ratio], _ = found["ModelErrorRatioAnomaly"]
+                assert any(0.0 < v < 1.0 for v in ratio.values)  # one in ten a 5xx
+                [use], budget = found["TeamBudgetForecast"]
+                assert team.id == use.labels["team"]
+                assert 0 < use.values[-1] <= 0.24  # $0.24 at most of the $1
+                assert budget.error is None
+                assert all(e.error is None for _, e in found.values())
+            finally:
+                if deps is not None:
+                    for close in reversed(deps.close):
+                        await close()
+                await engine.dispose()
+                await store.aclose()
+
+        asyncio.run(run())

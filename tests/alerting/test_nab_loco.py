@@ -159,3 +159,37 @@ def test_candidates_start_with_the_default_unless_left_out() -> None:
     assert without == sample_grid(nab.SPACE, 6, 19)
     # The documented search (14 draws, seed 19) holds the default parameters: it chose them.
     assert first in nab.loco_candidates(14, 19, default=False)
+
+
+def test_the_early_corpus_cuts_warm_up_series_around_each_window() -> None:
+    """``--early``'s corpus: each series' first rows, and per window a seeded cut that starts 40
+    to 120 rows before it, its windows clipped to the cut; the same seed, the same cuts."""
+    cuts = nab.early_corpus(corpus(), 150, seed=3)
+    again = nab.early_corpus(corpus(), 150, seed=3)
+    assert [(c.name, c.windows) for c in cuts] == [(c.name, c.windows) for c in again]
+    assert [c.name for c in cuts] != [c.name for c in nab.early_corpus(corpus(), 150, seed=4)]
+    assert 6 * 3 == len(cuts)  # the start and one cut per window (two) of each of six series
+    assert all(150 == len(c) for c in cuts)
+    starts = [c for c in cuts if c.name.endswith("@0")]
+    assert 6 == len(starts)
+    assert all(not c.windows for c in starts)  # the windows start at row 250
+    for cut in (c for c in cuts if not c.name.endswith("@0")):
+        offset = int(cut.name.rsplit("@", 1)[1])
+        [(start, end)] = [w for w in cut.windows if w[0] > 0]
+        assert 40 <= start <= 120
+        assert SPIKE == cut.values[start]  # the window's spike, at its place in the cut
+        assert offset + start in (250, 450)
+        assert end <= 149
+
+
+def test_early_run_scores_the_warm_up_against_none(tmp_path: Path) -> None:
+    """``nab.py --early`` runs, prints a held-out table and the no-early-score baseline (0)."""
+    data, windows = write_corpus(tmp_path)
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        assert 0 == nab.main(["--early", "--data", str(data), "--windows", str(windows),
+                              "--jobs", "1"])  # fmt: skip
+    text = buffer.getvalue()
+    assert "no early score (warm-up scores 0): 0.0 / 0.0 / 0.0" in text
+    combined = next(line for line in text.splitlines() if line.startswith("combined (held out)"))
+    assert float(combined.split()[4]) > 0.0  # the spikes are found in the warm-up

@@ -115,7 +115,7 @@ def test_fits_run_in_a_worker_process_and_a_failure_comes_back_as_the_rules_erro
         )
         [finding] = evaluator.evaluate(rule(), [ramp(NOW)], now=NOW).findings
         assert "ok" == finding.outcome, finding.detail
-        [selector] = evaluator._selectors.values()
+        [selector] = evaluator._selectors["Rising"].values()
         model = selector._model
         assert isinstance(model, PidLinear)
         assert model.pid != os.getpid()  # fitted in the worker, sent back

@@ -109,6 +109,13 @@ class FindingReply(msgspec.Struct):
     crossing_at: Annotated[Time | None, Meta(description="when the forecast crosses")]
     forecast: ForecastReply | None
     score: Annotated[float | None, Meta(description="anomaly rules: the score in [0, 1]")]
+    warming_up: Annotated[
+        bool,
+        Meta(
+            description="anomaly rules: the detector is still warming up (its first 150 rows): "
+            "the score is the early median/MAD score, not the full model's"
+        ),
+    ]
 
     @classmethod
     def of(cls, finding: Finding) -> FindingReply:
@@ -130,6 +137,7 @@ class FindingReply(msgspec.Struct):
             crossing_at=iso(finding.crossing_at),
             forecast=forecast,
             score=_finite(finding.score),
+            warming_up=finding.warming_up,
         )
 
 
@@ -258,6 +266,7 @@ class RoundsReply(msgspec.Struct):
     completed: int
     skipped: Annotated[int, Meta(description="interval ticks passed over by rounds that overran")]
     last_seconds: Annotated[float | None, Meta(description="the last round's duration")]
+    in_progress: Annotated[bool, Meta(description="a round is running")]
     first_in_progress: Annotated[
         bool, Meta(description="the first round (which fits every model) is still running")
     ]

@@ -85,6 +85,10 @@ _BACKTEST_STEPS = 12  # the longest horizon the selector backtests over
 _MAX_HORIZON_STEPS = 5000  # a forecast longer than this is coarsened by the step
 
 
+# A rule's state for /health from its evaluation and its models per series (``Scheduler.describe``).
+Describe = Callable[["Evaluation", Mapping[str, tuple[ModelState, ...]]], object]
+
+
 class SourceUnavailable(CitadelError):
     """A rule's data could not be read (Prometheus down, the ledger not configured, ...)."""
 
@@ -105,6 +109,7 @@ class Finding:
     forecast_lower: float | None = None
     forecast_upper: float | None = None
     score: float | None = None  # anomaly rules
+    warming_up: bool = False  # anomaly rules: the detector's warm-up (its early score)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -215,21 +220,25 @@ class Evaluator:
         self._detector_factory = detector_factory
         self._selector_factory = selector_factory
         self._timezone = timezone
-        self._selectors: dict[tuple[str, str], Selector] = {}
+        # rule name -> series key -> its selector (by rule, so one rule's models are read
+        # without walking every rule's: a round reads each rule's once)
+        self._selectors: dict[str, dict[str, Selector]] = {}
         self._detectors: dict[tuple[str, str], tuple[Detector, float, int, float]] = {}
 
     def models(self) -> dict[str, dict[str, tuple[ModelState, ...]]]:
         """Each rule's forecast models per series, as /health reports them."""
-        found: dict[str, dict[str, tuple[ModelState, ...]]] = {}
-        for (rule, key), selector in self._selectors.items():
-            found.setdefault(rule, {})[key] = selector.states()
-        return found
+        return {rule: self.models_of(rule) for rule in list(self._selectors)}
+
+    def models_of(self, rule: str) -> dict[str, tuple[ModelState, ...]]:
+        """One rule's forecast models per series."""
+        selectors = self._selectors.get(rule, {})
+        return {key: selector.states() for key, selector in list(selectors.items())}
 
     def forget(self, rule: str) -> None:
         """Drop every model of ``rule``."""
-        for store in (self._selectors, self._detectors):
-            for key in [k for k in store if k[0] == rule]:
-                del store[key]
+        self._selectors.pop(rule, None)
+        for key in [k for k in self._detectors if k[0] == rule]:
+            del self._detectors[key]
 
     def evaluate(self, rule: Rule, series: Sequence[Series], *, now: float) -> Evaluation:
         started = time.perf_counter()
@@ -258,13 +267,13 @@ class Evaluator:
         horizon = self._horizon(rule, now)
         step = _step(series.times, rule.step_seconds)
         steps = max(1, min(_MAX_HORIZON_STEPS, math.ceil(horizon / step)))
-        key = (rule.name, series.key)
-        selector = self._selectors.get(key)
+        kept = self._selectors.setdefault(rule.name, {})
+        selector = kept.get(series.key)
         if selector is None:
-            selector = self._selectors[key] = self._selector_factory(rule, steps, self._reselect)
+            selector = kept[series.key] = self._selector_factory(rule, steps, self._reselect)
         try:
             if selector.due(series.times, series.values, now=now, refit_seconds=self._refit):
-                selector = self._fit(key, selector, series, now)
+                selector = self._fit(kept, selector, series, now)
             forecast = selector.forecast_from(now, steps)
         except ForecastError as exc:
             outcome: Outcome = "insufficient_history" if "at least" in str(exc) else "error"
@@ -280,7 +289,7 @@ class Evaluator:
         return _forecast_finding(rule, series, forecast, crossing, now=now, horizon=horizon)
 
     def _fit(
-        self, key: tuple[str, str], selector: Selector, series: Series, now: float
+        self, kept: dict[str, Selector], selector: Selector, series: Series, now: float
     ) -> Selector:
         """Fit here, or in the fitter's worker process (the selector travels there and back)."""
         self.fits += 1
@@ -288,7 +297,7 @@ class Evaluator:
             selector.fit(series.times, series.values, now=now)
             return selector
         fitted, error = self._fitter(selector, series.times, series.values, now)
-        self._selectors[key] = fitted
+        kept[series.key] = fitted
         if error is not None:
             raise ForecastError(error)
         return fitted
@@ -316,10 +325,13 @@ class Evaluator:
         if seen < rule.min_points or value is None:
             return _short(rule, series, seen=seen)
         firing = score >= rule.score_threshold
+        warming = bool(getattr(detector, "warming_up", False))
         detail = (
             f"anomaly score {score:.3f} at value {_fmt(value)} "
             f"({'at or above' if firing else 'below'} {rule.score_threshold:g})"
         )
+        if warming:
+            detail = f"warming up ({_warmup(detector, seen)}): {detail}"
         return Finding(
             series=labels,
             outcome="firing" if firing else "ok",
@@ -327,7 +339,21 @@ class Evaluator:
             points=seen,
             value=value,
             score=score,
+            warming_up=warming,
         )
+
+
+def _warmup(detector: Detector, seen: int) -> str:
+    """What a warming-up detector scores with: the early score, or nothing yet."""
+    params = getattr(detector, "params", None)
+    if params is None:
+        return f"{seen} rows seen"
+    full, early = params.warmup, params.early_rows
+    if early <= 0:
+        return f"{seen} of {full} rows; learning"
+    if seen <= early:
+        return f"{seen} of {full} rows; learning, the early score starts after {early}"
+    return f"{seen} of {full} rows; early median/MAD score until the full model has {full}"
 
 
 def _step(times: Sequence[float], default: float) -> float:
@@ -426,6 +452,8 @@ def alerts_of(evaluation: Evaluation) -> list[tuple[Mapping[str, str], Mapping[s
             notes["threshold"] = f"{rule.direction} {_fmt(rule.threshold)}"
         if finding.score is not None:
             notes["anomaly_score"] = f"{finding.score:.3f}"
+        if finding.warming_up:  # the early median/MAD score: more false alarms than the model's
+            notes["warming_up"] = "true"
         found.append((MappingProxyType(labels), MappingProxyType(notes)))
     return found
 
@@ -560,6 +588,10 @@ class Scheduler:
     concurrency: int = 1  # rules evaluated at once (the app: the fit processes, at least 2)
     monotonic: Callable[[], float] = time.monotonic  # the round timer (a test injects one)
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    # A rule's state as /health shows it, made once per evaluation (in the evaluation's thread,
+    # not on the event loop) from the evaluation and the rule's models; kept in ``described``.
+    describe: Describe | None = None
+    described: dict[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._round = asyncio.Lock()
@@ -570,20 +602,43 @@ class Scheduler:
         self._model_error = self.registry.gauge(ALERTING_MODEL_ERROR)
         self._firing = self.registry.gauge(ALERTING_ALERTS_FIRING)
 
+    def _decide(
+        self, rule: Rule, series: Sequence[Series] | None, error: str | None, now: float
+    ) -> tuple[Evaluation, dict[str, tuple[ModelState, ...]]]:
+        """The evaluation of ``series`` (or the read's ``error``), the rule's models after it,
+        and its /health description: everything a rule costs besides its read and its alerts,
+        so that it runs off the event loop."""
+        if series is None:
+            evaluation = Evaluation(rule=rule, at=now, error=error)
+        else:
+            try:
+                evaluation = self.evaluator.evaluate(rule, series, now=now)
+            except (CitadelError, OSError) as exc:
+                evaluation = Evaluation(rule=rule, at=now, error=str(exc))
+            except Exception as exc:  # a model bug must not stop the other rules
+                _log.exception("rule evaluation failed", extra={"rule": rule.name})
+                evaluation = Evaluation(rule=rule, at=now, error=f"{type(exc).__name__}: {exc}")
+        models = self.evaluator.models_of(rule.name)
+        if self.describe is not None:
+            self.described[rule.name] = self.describe(evaluation, models)
+        return evaluation, models
+
     async def evaluate(self, rule: Rule, *, now: float) -> Evaluation:
         """Read, decide and deliver one rule; never raises for a failed source or model."""
         started = time.perf_counter()
         source = self.sources.get("ledger" if rule.ledger is not None else "prometheus")
+        series: list[Series] | None = None
+        error: str | None = None
         try:
             if source is None:
                 raise SourceUnavailable(f"no source for rule {rule.name!r}")
             series = await source.fetch(rule, now=now)
-            evaluation = await asyncio.to_thread(self.evaluator.evaluate, rule, series, now=now)
         except (CitadelError, OSError) as exc:
-            evaluation = Evaluation(rule=rule, at=now, error=str(exc))
-        except Exception as exc:  # a model bug must not stop the other rules
-            _log.exception("rule evaluation failed", extra={"rule": rule.name})
-            evaluation = Evaluation(rule=rule, at=now, error=f"{type(exc).__name__}: {exc}")
+            error = str(exc)
+        except Exception as exc:  # a source bug must not stop the other rules
+            _log.exception("rule read failed", extra={"rule": rule.name})
+            error = f"{type(exc).__name__}: {exc}"
+        evaluation, models = await asyncio.to_thread(self._decide, rule, series, error, now)
         duration = time.perf_counter() - started
         evaluation = Evaluation(
             rule=rule,
@@ -605,7 +660,7 @@ class Scheduler:
                 for alert in sends:
                     if alert.state == "resolved" or alert.starts_at == now:
                         self.events(alert_event(rule, alert))
-        for states in self.evaluator.models().get(rule.name, {}).values():
+        for states in models.values():
             for state in states:
                 if state.backtest_error is not None and state.selected:
                     self._model_error.set((rule.name, state.name), state.backtest_error)
@@ -656,4 +711,5 @@ class Scheduler:
             "skipped": self.rounds_skipped,
             "last_seconds": self.last_round_seconds,
             "first_in_progress": self.in_round and self.rounds == 0,
+            "in_progress": self.in_round,
         }
