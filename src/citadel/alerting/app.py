@@ -35,6 +35,7 @@ from typing import Any
 
 from litestar import Litestar
 
+from citadel.accounts.store import AccountStore
 from citadel.alerting.alertmanager import AlertBook, AlertmanagerClient, AlertmanagerError
 from citadel.alerting.anomaly import default_detector
 from citadel.alerting.api import CONTROLLERS, Alerting
@@ -53,7 +54,8 @@ from citadel.alerting.engine import (
     SpendReader,
 )
 from citadel.alerting.prometheus import InvalidQuery, PrometheusClient, PrometheusError
-from citadel.errors import ConfigError
+from citadel.alerting.teams import resolve_teams
+from citadel.errors import CitadelError, ConfigError
 from citadel.feed import Feed
 from citadel.feed.open import shared_feed
 from citadel.feed.publisher import Publisher
@@ -79,6 +81,7 @@ class AlertingDeps:
     alertmanager: AlertmanagerClient | None = None
     spend: SpendReader | None = None  # the usage ledger, for ledger rules
     ledger_metrics: SeriesReader | None = None  # the ledger's other metrics (per model, budgets)
+    accounts: AccountStore | None = None  # resolves ledger rules' team names to ids at start
     detector_factory: Callable[[], Detector] | None = None
     registry: Registry = field(default_factory=Registry)
     clock: Callable[[], float] = time.time
@@ -130,6 +133,7 @@ def default_deps(settings: Settings) -> AlertingDeps:
     )
     spend: SpendReader | None = None
     metrics: SeriesReader | None = None
+    accounts: AccountStore | None = None
     close: list[Callable[[], Awaitable[None]]] = [http.aclose]
     rules = alerting_settings(settings).rules
     if any(rule.ledger is not None for rule in rules):
@@ -141,16 +145,17 @@ def default_deps(settings: Settings) -> AlertingDeps:
         engine = build_engine(settings.metering.database or settings.accounts.database)
         spend = AnalyticsSpend(Analytics(engine), settings.limits.timezone)
         close.append(engine.dispose)
+        accounts = open_store_lazily(settings.accounts.database)
+        close.append(accounts.aclose)
         if any(rule.ledger is not None and rule.ledger.metric != "team_spend" for rule in rules):
-            accounts = open_store_lazily(settings.accounts.database)
             metrics = LedgerMetrics(engine, accounts, settings)
-            close.append(accounts.aclose)
     return AlertingDeps(
         http=http,
         prometheus=prometheus,
         alertmanager=alertmanager,
         spend=spend,
         ledger_metrics=metrics,
+        accounts=accounts,
         detector_factory=default_detector_factory(),
         registry=registry,
         close=tuple(close),
@@ -267,6 +272,7 @@ class _Service:
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
+        await self._resolve_teams()
         if self.publisher is not None:
             await self.publisher.start()
         prometheus = self.deps.prometheus
@@ -279,6 +285,20 @@ class _Service:
             self._tasks.append(asyncio.create_task(self.deps.alertmanager.run()))
         if self.deps.run_scheduler:
             self._tasks.append(asyncio.create_task(self.state.scheduler.run()))
+
+    async def _resolve_teams(self) -> None:
+        """Ledger rules' team names become ids; an unknown team stops the start (ConfigError).
+        An unreachable accounts store leaves the rules as written, with a warning."""
+        if self.deps.accounts is None:
+            return
+        try:
+            alerting = await resolve_teams(self.alerting, self.deps.accounts)
+        except ConfigError:
+            raise
+        except CitadelError as exc:
+            _log.warning("could not resolve the ledger rules' teams", extra={"error": str(exc)})
+            return
+        self.alerting = self.state.settings = self.state.scheduler.settings = alerting
 
     async def stop(self) -> None:
         for task in self._tasks:
