@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Annotated
+from typing import Annotated, Literal, TypeVar
 from zoneinfo import ZoneInfo
 
 import msgspec
@@ -20,7 +20,8 @@ from litestar import Controller, Response, delete, get, patch, post, put
 from litestar.openapi import ResponseSpec
 from litestar.params import FromPath, FromQuery, JSONBody
 
-from citadel.accounts.store import AccountStore, KeyLimits, NotFoundError, Team, User
+from citadel.accounts.auth import key_scope_limits
+from citadel.accounts.store import AccountStore, ApiKey, KeyLimits, NotFoundError, Team, User
 from citadel.errors import BadRequest, Conflict, Forbidden, NotFound
 from citadel.limits.bodies import (
     DEFAULT,
@@ -53,6 +54,7 @@ from citadel.web import Injected, Listing, errors
 
 __all__ = ["CONTROLLERS", "Rules"]
 
+T = TypeVar("T")
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 
 
@@ -121,6 +123,15 @@ def _strip(value: str | None) -> str | None:
     return None if value is None else value.strip()
 
 
+async def _stored(op: Awaitable[T], what: Literal["team", "user", "key"], ident: str) -> T:
+    """What the accounts store answers to a change of one team, user or key: its
+    ``NotFoundError`` as the 404 that names the path parameter (``team_id``, ...)."""
+    try:
+        return await op
+    except NotFoundError as exc:
+        raise NotFound(f"No {what} has id {ident!r}.", param=f"{what}_id") from exc
+
+
 async def _user(accounts: AccountStore, user_id: str, param: str = "user_id") -> User:
     user = await accounts.get_user(user_id)
     if user is None:
@@ -133,6 +144,33 @@ async def _team(accounts: AccountStore, team_id: str) -> Team:
     if team is None:
         raise NotFound(f"No team has id {team_id!r}.", param="team_id")
     return team
+
+
+async def _key(accounts: AccountStore, user: User, key_id: str, param: str) -> ApiKey:
+    key = next((k for k in await accounts.list_keys(user_id=user.id) if k.id == key_id), None)
+    if key is None:
+        raise NotFound(f"User {user.id} has no key with id {key_id!r}.", param=param)
+    return key
+
+
+async def _usable_key(accounts: AccountStore, user: User, key_id: str, rules: Rules) -> ApiKey:
+    """The user's key ``key_id`` if a request may use it (neither revoked nor expired)."""
+    key = await _key(accounts, user, key_id, "key_id")
+    if key.revoked_at is not None:
+        raise Forbidden(f"Key {key.id} is revoked.", param="key_id", code="key_revoked")
+    if key.expires_at is not None and key.expires_at <= rules.now():
+        raise Forbidden(
+            f"Key {key.id} expired at {timestamp(key.expires_at)}.",
+            param="key_id",
+            code="key_expired",
+        )
+    return key
+
+
+def _key_scope(key: ApiKey) -> tuple[Scope, ...]:
+    """The scope a key's own limits add (as the gateway charges them), when it has any."""
+    own = key_scope_limits(key.limits)
+    return () if own.unlimited else (Scope("key", key.id, own),)
 
 
 def _team_scope(team: Team | None) -> tuple[Scope, ...]:
@@ -197,10 +235,8 @@ class TeamsController(Controller):
     async def rename_team(
         self, team_id: FromPath[Id], data: JSONBody[TeamChanges], accounts: Accounts
     ) -> TeamReply:
-        try:
-            return TeamReply.of(await accounts.rename_team(team_id, data.name.strip()))
-        except NotFoundError as exc:
-            raise NotFound(f"No team has id {team_id!r}.", param="team_id") from exc
+        team = await _stored(accounts.rename_team(team_id, data.name.strip()), "team", team_id)
+        return TeamReply.of(team)
 
     @delete(
         "/{team_id:str}",
@@ -212,10 +248,7 @@ class TeamsController(Controller):
         responses=errors(404, 409, 503),
     )
     async def delete_team(self, team_id: FromPath[Id], accounts: Accounts) -> TeamReply:
-        try:
-            return TeamReply.of(await accounts.delete_team(team_id))
-        except NotFoundError as exc:
-            raise NotFound(f"No team has id {team_id!r}.", param="team_id") from exc
+        return TeamReply.of(await _stored(accounts.delete_team(team_id), "team", team_id))
 
     @get(
         "/{team_id:str}/budget",
@@ -246,10 +279,7 @@ class TeamsController(Controller):
         rules: Rules_,
     ) -> TeamBudgetReply:
         budget = None if data.budget_usd is None else micros(data.budget_usd)
-        try:
-            team = await accounts.set_team_budget(team_id, budget)
-        except NotFoundError as exc:
-            raise NotFound(f"No team has id {team_id!r}.", param="team_id") from exc
+        team = await _stored(accounts.set_team_budget(team_id, budget), "team", team_id)
         return await _team_budget(team, limiter, rules)
 
 
@@ -329,7 +359,8 @@ class UsersController(Controller):
     async def disable_user(
         self, user_id: FromPath[Id], accounts: Accounts, rules: Rules_
     ) -> UserReply:
-        return rules.user_reply(await accounts.update_user(user_id, status="disabled"))
+        user = await _stored(accounts.update_user(user_id, status="disabled"), "user", user_id)
+        return rules.user_reply(user)
 
     @delete(
         "/{user_id:str}",
@@ -343,10 +374,7 @@ class UsersController(Controller):
     async def delete_user(
         self, user_id: FromPath[Id], accounts: Accounts, rules: Rules_
     ) -> UserReply:
-        try:
-            return rules.user_reply(await accounts.delete_user(user_id))
-        except NotFoundError as exc:
-            raise NotFound(f"No user has id {user_id!r}.", param="user_id") from exc
+        return rules.user_reply(await _stored(accounts.delete_user(user_id), "user", user_id))
 
     @get(
         "/{user_id:str}/usage",
@@ -445,7 +473,7 @@ class KeysController(Controller):
         responses=errors(404, 503),
     )
     async def revoke_key(self, key_id: FromPath[Id], accounts: Accounts, rules: Rules_) -> KeyReply:
-        return KeyReply.of(await accounts.revoke_key(key_id), rules.now())
+        return KeyReply.of(await _stored(accounts.revoke_key(key_id), "key", key_id), rules.now())
 
 
 class LimitsController(Controller):
@@ -465,7 +493,9 @@ class LimitsController(Controller):
         "/v1/check",
         summary="Admit a request against a user's limits, reserving them",
         description="200 and a reservation when admitted; 429, `retry-after` and a message "
-        "naming the limit when refused. `x-ratelimit-*` headers either way.",
+        "naming the limit when refused. `x-ratelimit-*` headers either way. With `key_id` the "
+        "key's own limits (budget, requests and tokens per minute) are charged too, as the "
+        "gateway charges them; a revoked or expired key is a 403.",
         status_code=200,
         responses={
             **errors(403, 404, 409, 503),
@@ -479,7 +509,9 @@ class LimitsController(Controller):
         if user.status != "active":
             raise Forbidden(f"User {user.id} is disabled.", param="user_id", code="user_disabled")
         tier, limits = rules.limits_of(user)
-        scopes = _team_scope(
+        key = None if data.key_id is None else await _usable_key(accounts, user, data.key_id, rules)
+        own = () if key is None else _key_scope(key)
+        scopes = own + _team_scope(
             None if user.team_id is None else await accounts.get_team(user.team_id)
         )
         decision = await limiter.admit(
@@ -496,7 +528,7 @@ class LimitsController(Controller):
         headers = {k.decode(): v.decode() for k, v in ratelimit_headers(decision)}
         if decision.allowed:
             return Response(body, headers=headers)
-        refused = limits if decision.refused_scope != "team" else scopes[0].limits
+        refused = next((s.limits for s in scopes if s.kind == decision.refused_scope), limits)
         body.error = RefusalReply(
             message=refusal_message(decision, limits=refused),
             type="rate_limit_exceeded",
@@ -514,9 +546,13 @@ class LimitsController(Controller):
     async def reconcile(
         self, data: JSONBody[Reconcile], accounts: Accounts, limiter: Limits_, rules: Rules_
     ) -> None:
-        reservation = data.reservation.reservation()
+        principal, key_id = data.reservation.principal, data.reservation.key_id
+        user = await _user(accounts, principal, param="reservation.principal")
+        key = None if key_id is None else await _key(accounts, user, key_id, "reservation.key_id")
+        reservation = data.reservation.reservation(
+            None if key is None else key_scope_limits(key.limits)
+        )
         cost = reservation.cost_micros if data.cost_usd is None else micros(data.cost_usd)
-        user = await _user(accounts, reservation.principal, param="reservation.principal")
         _, limits = rules.limits_of(user)
         await limiter.reconcile(
             reservation, limits, tokens=data.tokens, cost_micros=cost, now=rules.clock()
