@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Annotated, Literal, TypeVar
 from zoneinfo import ZoneInfo
 
@@ -21,7 +21,7 @@ from litestar.openapi import ResponseSpec
 from litestar.params import FromPath, FromQuery, JSONBody
 
 from citadel.accounts.auth import key_scope_limits
-from citadel.accounts.store import AccountStore, ApiKey, KeyLimits, NotFoundError, Team, User
+from citadel.accounts.store import AccountStore, ApiKey, NotFoundError, Team, User
 from citadel.errors import BadRequest, Conflict, Forbidden, NotFound
 from citadel.limits.bodies import (
     DEFAULT,
@@ -45,6 +45,7 @@ from citadel.limits.bodies import (
     timestamp,
 )
 from citadel.limits.decision import Limiter, Limits, Scope
+from citadel.limits.keys import key_terms
 from citadel.limits.maths import periods
 from citadel.limits.policy import effective_limits, ratelimit_headers, refusal_message
 from citadel.limits.policy import usd_to_micros as micros
@@ -89,19 +90,6 @@ class Rules:
             names = ", ".join(t.name for t in self.settings.tiers)
             raise BadRequest(f"'{param}' must be one of: {names}; got {tier!r}.", param=param)
         return None if tier is None else tier.strip()
-
-    def model_names(self, names: Sequence[str]) -> tuple[str, ...]:
-        """``names`` stripped, if each is a configured model or alias; else a 400 naming it."""
-        out = tuple(name.strip() for name in names)
-        for index, name in enumerate(out):
-            if self.settings.model(name) is None:
-                known = ", ".join(m.name for m in self.settings.models)
-                raise BadRequest(
-                    f"models[{index}]: {name!r} is not a configured model or alias "
-                    f"(models: {known}).",
-                    param=f"models[{index}]",
-                )
-        return out
 
     def limits_of(self, user: User) -> tuple[Tier, Limits]:
         tier = self.settings.tier(user.tier)
@@ -422,29 +410,7 @@ class KeysController(Controller):
         self, data: JSONBody[NewKey], accounts: Accounts, rules: Rules_
     ) -> NewKeyReply:
         now = rules.now()
-        days = data.expires_in_days
-        expires = None if days is None else now + timedelta(days=days)
-        if data.expires_at is not None:
-            if days is not None:
-                raise BadRequest(
-                    "Give expires_at or expires_in_days, not both.", param="expires_at"
-                )
-            if data.expires_at.tzinfo is None:
-                raise BadRequest(
-                    "expires_at needs a UTC offset (2027-01-31T00:00:00Z).", param="expires_at"
-                )
-            if data.expires_at <= now:
-                raise BadRequest(
-                    f"expires_at {data.expires_at.isoformat()} is not in the future.",
-                    param="expires_at",
-                )
-            expires = data.expires_at
-        limits = KeyLimits(
-            budget_micros=None if data.budget_usd is None else micros(data.budget_usd),
-            models=None if data.models is None else rules.model_names(data.models),
-            requests_per_minute=data.requests_per_minute,
-            tokens_per_minute=data.tokens_per_minute,
-        )
+        expires, limits = key_terms(data, now=now, settings=rules.settings)
         name = _strip(data.name) or "default"
         key, secret = await accounts.create_key(
             data.user_id, name=name, expires_at=expires, limits=limits
