@@ -287,3 +287,51 @@ def test_a_round_longer_than_the_interval_skips_ticks_instead_of_piling_up() -> 
         assert 0.25 <= state["last_seconds"]  # type: ignore[operator]
 
     asyncio.run(test())
+
+
+def office_hours_spend(hours: int) -> Series:
+    """Month-to-date USD of a team that spends $2 an hour from 08:00 to 18:00, from 1 Nov."""
+    start = datetime(2026, 11, 1, tzinfo=UTC).timestamp()
+    times, values, total = [], [], 0.0
+    for h in range(hours):
+        total += 2.0 if 8 <= h % 24 < 18 else 0.0
+        times.append(start + (h + 1) * 3600.0)
+        values.append(total)
+    return Series(labels={"team": "t1"}, times=tuple(times), values=tuple(values))
+
+
+def test_month_to_date_spend_is_forecast_as_cumulative_never_below_what_is_spent() -> None:
+    """Twenty days of office-hours spend ($400) forecast to the month's end by every model:
+    about $600 (ten more days at $20), its interval never below the $400 already spent, and
+    the horizon said in days, not as 2.56712e+06 s."""
+    series = office_hours_spend(20 * 24)
+    now = series.times[-1] + 60.0
+    for model in ("linear", "arima", "ets", "auto"):
+        rule = parse_alerting({"rules": [{"name": "Budget", "kind": "forecast", "model": model,
+            "ledger": {"metric": "team_spend", "team": "t1"}, "threshold": 1000,
+            "horizon_seconds": "month_end"}]}).rules[0]  # fmt: skip
+        [finding] = Evaluator().evaluate(rule, [series], now=now).findings
+        assert "ok" == finding.outcome, (model, finding.detail)
+        assert finding.forecast_mean is not None
+        assert finding.forecast_lower is not None
+        assert 570 <= finding.forecast_mean <= 630, (model, finding.detail)
+        assert 400.0 <= finding.forecast_lower, (model, finding.detail)
+        assert finding.detail.endswith("within 10 days"), finding.detail
+
+
+def test_a_cumulative_forecast_that_crosses_says_when_for_people() -> None:
+    """Spend heading past its threshold fires; the annotations keep the seconds for machines
+    and say the wait for people."""
+    series = office_hours_spend(20 * 24)
+    now = series.times[-1] + 60.0
+    rule = parse_alerting({"rules": [{"name": "Budget", "kind": "forecast", "model": "linear",
+        "ledger": {"metric": "team_spend", "team": "t1"}, "threshold": 500,
+        "horizon_seconds": "month_end"}]}).rules[0]  # fmt: skip
+    evaluation = Evaluator().evaluate(rule, [series], now=now)
+    [finding] = evaluation.findings
+    assert "firing" == finding.outcome, finding.detail
+    [(_, notes)] = alerts_of(evaluation)
+    seconds = float(notes["crossing_in_seconds"])
+    assert 4 * 86400 < seconds < 6 * 86400, notes
+    assert notes["crossing_in"].startswith(("4 days", "5 days")), notes
+    assert "(in 4 days" in finding.detail or "(in 5 days" in finding.detail, finding.detail

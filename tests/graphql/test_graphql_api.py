@@ -457,6 +457,41 @@ def test_admin_creates_updates_and_disables_users_and_teams_and_keys(stack: Stac
     assert "tier" == errors[0]["extensions"]["param"]
 
 
+def test_create_key_takes_the_keys_own_limits_with_the_rest_apis_checks(stack: Stack) -> None:
+    """createKey takes a budget, models, per-minute limits and an expiry time as POST /v1/keys
+    does, and answers them; an unknown model, a past time, both expiries or a negative rate is
+    BAD_USER_INPUT naming the argument."""
+    user = run(
+        stack,
+        "mutation ($input: CreateUserInput!) { createUser(input: $input) { id } }",
+        {"input": {"name": "Dan", "email": f"{uuid.uuid4().hex}@example.com"}},
+    )["createUser"]["id"]
+    made = run(
+        stack,
+        """mutation ($u: ID!) { createKey(userId: $u, budgetUsd: 2.5, models: [" big"],
+             requestsPerMinute: 10, tokensPerMinute: 5000, expiresAt: "2099-01-31T00:00:00Z")
+             { key { budgetUsd models requestsPerMinute tokensPerMinute expiresAt } } }""",
+        {"u": user},
+    )["createKey"]["key"]
+    assert {"budgetUsd": 2.5, "models": ["big"], "requestsPerMinute": 10,
+            "tokensPerMinute": 5000, "expiresAt": "2099-01-31T00:00:00+00:00"} == made  # fmt: skip
+    for bad, param in (
+        ('models: ["gpt-9"]', "models[0]"),
+        ('expiresAt: "2001-01-01T00:00:00Z"', "expiresAt"),
+        ('expiresAt: "2099-01-01T00:00:00Z", expiresInDays: 3', "expiresAt"),
+        ("requestsPerMinute: -1", "requestsPerMinute"),
+        ("budgetUsd: -1", "budgetUsd"),
+    ):
+        errors = errors_of(
+            stack, f"mutation ($u: ID!) {{ createKey(userId: $u, {bad}) {{ secret }} }}",
+            {"u": user},
+        )  # fmt: skip
+        assert ("BAD_USER_INPUT", param) == (
+            errors[0]["extensions"]["code"],
+            errors[0]["extensions"].get("param"),
+        ), (bad, errors)
+
+
 # -- protection and errors ----------------------------------------------------------------------
 
 

@@ -988,3 +988,34 @@ def test_with_the_in_memory_limiter_usage_and_reset_say_409(tmp_path: Path) -> N
     finally:
         output = process_output(proc)
         assert 0 == stop_process(proc), output
+
+
+def test_check_with_a_key_charges_the_keys_own_limits(service: Service) -> None:
+    """/v1/check with `key_id` applies the key's own limits as the gateway does: the key's
+    2 requests a minute refuse the third check (429 naming the key) while the same user
+    without the key is admitted; reconcile settles the key's reservation; another user's,
+    a revoked or an unknown key is refused."""
+    user = service.user(tier="open")
+    key = service.call("POST", "/v1/keys", {"user_id": user["id"], "requests_per_minute": 2}).json()
+    admitted = [service.check(user["id"], key_id=key["id"]) for _ in range(2)]
+    assert [200, 200] == [reply.status for reply in admitted], admitted[-1].body
+    assert key["id"] == admitted[0].json()["reservation"]["key_id"]
+    refused = service.check(user["id"], key_id=key["id"])
+    assert 429 == refused.status, refused.body
+    assert ("requests_per_minute", "key") == (
+        refused.json()["refused_by"],
+        refused.json()["refused_scope"],
+    )
+    assert 200 == service.check(user["id"]).status  # the user's own limits: none
+    settled = service.call(
+        "POST", "/v1/reconcile", {"reservation": admitted[0].json()["reservation"], "tokens": 5}
+    )
+    assert 204 == settled.status, settled.body
+    other = service.user(tier="open")
+    assert (404, "key_id") == (
+        (reply := service.check(other["id"], key_id=key["id"])).status,
+        reply.error["param"],
+    )
+    assert 200 == service.call("POST", f"/v1/keys/{key['id']}/revoke").status
+    revoked = service.check(user["id"], key_id=key["id"])
+    assert (403, "key_revoked") == (revoked.status, revoked.error["code"]), revoked.body

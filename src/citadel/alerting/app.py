@@ -36,6 +36,7 @@ from typing import Any
 
 from litestar import Litestar
 
+from citadel.accounts.store import AccountStore
 from citadel.alerting.alertmanager import AlertBook, AlertmanagerClient, AlertmanagerError
 from citadel.alerting.anomaly import default_detector
 from citadel.alerting.api import CONTROLLERS, Alerting
@@ -54,7 +55,8 @@ from citadel.alerting.engine import (
     SpendReader,
 )
 from citadel.alerting.prometheus import InvalidQuery, PrometheusClient, PrometheusError
-from citadel.errors import ConfigError
+from citadel.alerting.teams import resolve_teams
+from citadel.errors import CitadelError, ConfigError
 from citadel.feed import Feed
 from citadel.feed.open import shared_feed
 from citadel.feed.publisher import Publisher
@@ -81,6 +83,7 @@ class AlertingDeps:
     alertmanager: AlertmanagerClient | None = None
     spend: SpendReader | None = None  # the usage ledger, for ledger rules
     ledger_metrics: SeriesReader | None = None  # the ledger's other metrics (per model, budgets)
+    accounts: AccountStore | None = None  # resolves ledger rules' team names to ids at start
     detector_factory: Callable[[], Detector] | None = None
     registry: Registry = field(default_factory=Registry)
     clock: Callable[[], float] = time.time
@@ -132,6 +135,7 @@ def default_deps(settings: Settings) -> AlertingDeps:
     )
     spend: SpendReader | None = None
     metrics: SeriesReader | None = None
+    accounts: AccountStore | None = None
     close: list[Callable[[], Awaitable[None]]] = [http.aclose]
     rules = alerting_settings(settings).rules
     if any(rule.ledger is not None for rule in rules):
@@ -143,16 +147,17 @@ def default_deps(settings: Settings) -> AlertingDeps:
         engine = build_engine(settings.metering.database or settings.accounts.database)
         spend = AnalyticsSpend(Analytics(engine), settings.limits.timezone)
         close.append(engine.dispose)
+        accounts = open_store_lazily(settings.accounts.database)
+        close.append(accounts.aclose)
         if any(rule.ledger is not None and rule.ledger.metric != "team_spend" for rule in rules):
-            accounts = open_store_lazily(settings.accounts.database)
             metrics = LedgerMetrics(engine, accounts, settings)
-            close.append(accounts.aclose)
     return AlertingDeps(
         http=http,
         prometheus=prometheus,
         alertmanager=alertmanager,
         spend=spend,
         ledger_metrics=metrics,
+        accounts=accounts,
         detector_factory=default_detector_factory(),
         registry=registry,
         close=tuple(close),
@@ -275,6 +280,7 @@ class _Service:
         # so a shorter one (1 ms, from CPython's 5) bounds what a round adds to a reply.
         self._switch = sys.getswitchinterval()
         sys.setswitchinterval(min(self._switch, _SWITCH_SECONDS))
+        await self._resolve_teams()
         if self.publisher is not None:
             await self.publisher.start()
         prometheus = self.deps.prometheus
@@ -287,6 +293,20 @@ class _Service:
             self._tasks.append(asyncio.create_task(self.deps.alertmanager.run()))
         if self.deps.run_scheduler:
             self._tasks.append(asyncio.create_task(self.state.scheduler.run()))
+
+    async def _resolve_teams(self) -> None:
+        """Ledger rules' team names become ids; an unknown team stops the start (ConfigError).
+        An unreachable accounts store leaves the rules as written, with a warning."""
+        if self.deps.accounts is None:
+            return
+        try:
+            alerting = await resolve_teams(self.alerting, self.deps.accounts)
+        except ConfigError:
+            raise
+        except CitadelError as exc:
+            _log.warning("could not resolve the ledger rules' teams", extra={"error": str(exc)})
+            return
+        self.alerting = self.state.settings = self.state.scheduler.settings = alerting
 
     async def stop(self) -> None:
         sys.setswitchinterval(self._switch)

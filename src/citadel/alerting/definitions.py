@@ -92,6 +92,7 @@ LEDGER_METRICS: tuple[LedgerMetric, ...] = (
     "model_latency_p95",
     "model_ttft_p95",
 )
+CUMULATIVE_METRICS = frozenset({"team_spend", "team_budget_use"})  # month to date: only grow
 MODEL_METRICS = frozenset(m for m in LEDGER_METRICS if m.startswith("model_"))
 MODELS = ("auto", "linear", "arima", "ets", "lstm")
 MONTH_END = "month_end"  # horizon_seconds: until the end of the current calendar month
@@ -135,6 +136,12 @@ class Rule:
     labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     summary: str = ""
     default: bool = False  # one of the service's default rules (``defaults.py``)
+
+    @property
+    def cumulative(self) -> bool:
+        """Whether the series only grows within a month (month-to-date spend and budget use),
+        so that it is forecast by its increments (``citadel.alerting.cumulative``)."""
+        return self.ledger is not None and self.ledger.metric in CUMULATIVE_METRICS
 
     @property
     def source(self) -> str:

@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import Any, Literal, Protocol
@@ -39,6 +39,7 @@ from zoneinfo import ZoneInfo
 
 from citadel.alerting.alertmanager import Alert, AlertBook, AlertmanagerClient
 from citadel.alerting.anomaly import Detector
+from citadel.alerting.cumulative import increments, integrate
 from citadel.alerting.definitions import AlertingSettings, LedgerQuery, Rule
 from citadel.alerting.forecast import (
     ArimaForecaster,
@@ -51,6 +52,7 @@ from citadel.alerting.forecast import (
 )
 from citadel.alerting.prometheus import PrometheusClient, Series
 from citadel.alerting.selector import ModelState, Selector, default_candidates, fit_job
+from citadel.duration import for_people
 from citadel.errors import CitadelError
 from citadel.metrics import (
     ALERTING_ALERTS_FIRING,
@@ -271,10 +273,23 @@ class Evaluator:
         selector = kept.get(series.key)
         if selector is None:
             selector = kept[series.key] = self._selector_factory(rule, steps, self._reselect)
+        # A cumulative series (month-to-date spend) is forecast by what each step adds to it,
+        # summed onto its current value (``cumulative``): it never falls.
+        fitted = series
+        if rule.cumulative:
+            times, added = increments(series.times, series.values, step, min_points=rule.min_points)
+            fitted = Series(labels=series.labels, times=times, values=added)
         try:
-            if selector.due(series.times, series.values, now=now, refit_seconds=self._refit):
-                selector = self._fit(kept, selector, series, now)
-            forecast = selector.forecast_from(now, steps)
+            if selector.due(fitted.times, fitted.values, now=now, refit_seconds=self._refit):
+                selector = self._fit(kept, selector, fitted, now)
+            if rule.cumulative:
+                behind = max(0, math.ceil((now - series.times[-1]) / step))
+                whole = integrate(
+                    selector.forecast_from(series.times[-1], steps + behind), start=value
+                )
+                forecast = _after(whole, now)
+            else:
+                forecast = selector.forecast_from(now, steps)
         except ForecastError as exc:
             outcome: Outcome = "insufficient_history" if "at least" in str(exc) else "error"
             detail = f"{'insufficient history' if outcome != 'error' else 'no forecast'}: {exc}"
@@ -363,6 +378,18 @@ def _step(times: Sequence[float], default: float) -> float:
     return gaps[len(gaps) // 2] or default
 
 
+def _after(forecast: Forecast, now: float) -> Forecast:
+    """The part of a forecast after ``now`` (its last point if none is)."""
+    first = next((i for i, t in enumerate(forecast.times) if t > now), len(forecast.times) - 1)
+    return replace(
+        forecast,
+        times=forecast.times[first:],
+        mean=forecast.mean[first:],
+        lower=forecast.lower[first:],
+        upper=forecast.upper[first:],
+    )
+
+
 def _short(rule: Rule, series: Series, *, seen: int | None = None) -> Finding:
     points = len(series.values) if seen is None else seen
     return Finding(
@@ -370,7 +397,8 @@ def _short(rule: Rule, series: Series, *, seen: int | None = None) -> Finding:
         outcome="insufficient_history",
         detail=(
             f"insufficient history: {points} points, at least {rule.min_points} needed "
-            f"(lookback {rule.lookback_seconds:g} s at a step of {rule.step_seconds:g} s)"
+            f"(lookback {for_people(rule.lookback_seconds)} at a step of "
+            f"{for_people(rule.step_seconds)})"
         ),
         points=points,
         value=series.values[-1] if series.values else None,
@@ -398,10 +426,11 @@ def _forecast_finding(
     )
     side = f"{rule.direction} {_fmt(rule.threshold)}"
     if crossing is None:
-        detail = f"{predicted}; no crossing {side} within {horizon:g} s"
+        detail = f"{predicted}; no crossing {side} within {for_people(horizon)}"
     else:
         detail = (
-            f"{predicted}; crosses {side} at {_iso(crossing)} (in {max(0.0, crossing - now):.0f} s)"
+            f"{predicted}; crosses {side} at {_iso(crossing)} "
+            f"(in {for_people(max(0.0, crossing - now))})"
         )
     return Finding(
         series=series.labels,
@@ -447,7 +476,9 @@ def alerts_of(evaluation: Evaluation) -> list[tuple[Mapping[str, str], Mapping[s
             )
         if finding.crossing_at is not None:
             notes["expected_crossing"] = _iso(finding.crossing_at) or ""
-            notes["crossing_in_seconds"] = f"{max(0.0, finding.crossing_at - evaluation.at):.0f}"
+            crossing_in = max(0.0, finding.crossing_at - evaluation.at)
+            notes["crossing_in_seconds"] = f"{crossing_in:.0f}"  # for machines; "in" for people
+            notes["crossing_in"] = for_people(crossing_in)
         if rule.threshold is not None:
             notes["threshold"] = f"{rule.direction} {_fmt(rule.threshold)}"
         if finding.score is not None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 import functools
 from collections.abc import AsyncGenerator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -56,6 +56,8 @@ from citadel.graphql.types import (
     default_range,
     window,
 )
+from citadel.limits.bodies import NewKey
+from citadel.limits.keys import key_terms
 from citadel.limits.policy import usd_to_micros
 from citadel.metering.analytics import savings_by_model
 from citadel.metering.ledger import decode_event
@@ -668,25 +670,44 @@ class Mutation:
             raise Unavailable("chatCompletion is not configured in this service.")
         return await complete(gateway, ctx.authorization, input)
 
-    @strawberry.mutation(description="Create an API key; its secret is in the answer, once.")
+    @strawberry.mutation(
+        description="Create an API key; its secret is in the answer, once. Its own limits "
+        "(budgetUsd, models, requestsPerMinute, tokensPerMinute) and expiry (expiresAt or "
+        "expiresInDays) are as POST /v1/keys takes them, with the same checks."
+    )
     async def create_key(
         self,
         info: Info,
         user_id: strawberry.ID,
         name: str = "default",
         expires_in_days: int | None = None,
+        expires_at: datetime | None = None,
+        budget_usd: float | None = None,
+        models: list[str] | None = None,
+        requests_per_minute: int | None = None,
+        tokens_per_minute: int | None = None,
     ) -> NewApiKey:
         await _own_user(info, str(user_id))
-        if expires_in_days is not None and not 1 <= expires_in_days <= 3650:
-            raise BadRequest("'expiresInDays' must be between 1 and 3650.", param="expiresInDays")
         ctx = context(info)
-        expires = (
-            None
-            if expires_in_days is None
-            else ctx.services.now() + timedelta(days=expires_in_days)
+        fields = {
+            "user_id": str(user_id),
+            "expires_in_days": expires_in_days,
+            "expires_at": expires_at,
+            "budget_usd": budget_usd,
+            "models": models,
+            "requests_per_minute": requests_per_minute,
+            "tokens_per_minute": tokens_per_minute,
+        }
+        try:
+            data = msgspec.convert(fields, NewKey, strict=False)
+        except msgspec.ValidationError as exc:
+            where = str(exc).rpartition("$.")[2].split("[")[0].rstrip("`")
+            raise BadRequest(f"{_camel(where)}: {exc}", param=_camel(where)) from exc
+        expires, limits = key_terms(
+            data, now=ctx.services.now(), settings=ctx.services.settings, param=_camel
         )
         key, secret = await ctx.services.accounts.create_key(
-            str(user_id), name=name.strip() or "default", expires_at=expires
+            str(user_id), name=name.strip() or "default", expires_at=expires, limits=limits
         )
         return NewApiKey(key=ApiKey.of(key), secret=secret)
 
@@ -697,6 +718,12 @@ class Mutation:
         if all(k.id != str(id) for k in keys):
             raise NotFound(f"No key has id {str(id)!r}.", param="id")
         return ApiKey.of(await ctx.services.accounts.revoke_key(str(id)))
+
+
+def _camel(name: str) -> str:
+    """A REST body's field name as the GraphQL argument's (``expires_at``: ``expiresAt``)."""
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)
 
 
 # -- subscriptions ----------------------------------------------------------------------------

@@ -199,6 +199,11 @@ class ApiKey:
     last_used_at: datetime | None
     expires_at: datetime | None
     revoked_at: datetime | None
+    # its own limits, on top of its owner's (null: none of its own)
+    budget_usd: float | None = None
+    models: list[str] | None = None
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
 
     @strawberry.field
     def revoked(self) -> bool:
@@ -206,6 +211,7 @@ class ApiKey:
 
     @classmethod
     def of(cls, key: accounts.ApiKey) -> ApiKey:
+        own = key.limits
         return cls(
             id=strawberry.ID(key.id),
             user_id=strawberry.ID(key.user_id),
@@ -215,6 +221,10 @@ class ApiKey:
             last_used_at=key.last_used_at,
             expires_at=key.expires_at,
             revoked_at=key.revoked_at,
+            budget_usd=None if own.budget_micros is None else own.budget_micros / 1_000_000,
+            models=None if own.models is None else list(own.models),
+            requests_per_minute=own.requests_per_minute,
+            tokens_per_minute=own.tokens_per_minute,
         )
 
 

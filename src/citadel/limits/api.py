@@ -7,21 +7,24 @@ Injected (``app.py``): ``accounts`` (the ``AccountStore``), ``limiter`` (the ``L
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from typing import Annotated
+from datetime import UTC, datetime
+from typing import Annotated, Literal, Protocol, TypeVar
 from zoneinfo import ZoneInfo
 
 import msgspec
 from litestar import Controller, Response, delete, get, patch, post, put
 from litestar.openapi import ResponseSpec
 from litestar.params import FromPath, FromQuery, JSONBody
+from sqlalchemy.exc import SQLAlchemyError
 
-from citadel.accounts.store import AccountStore, KeyLimits, NotFoundError, Team, User
-from citadel.errors import BadRequest, Conflict, Forbidden, NotFound
+from citadel.accounts.auth import key_scope_limits
+from citadel.accounts.store import AccountStore, ApiKey, NotFoundError, Team, User
+from citadel.errors import BadRequest, CitadelError, Conflict, Forbidden, NotFound
 from citadel.limits.bodies import (
     DEFAULT,
     Check,
@@ -44,6 +47,7 @@ from citadel.limits.bodies import (
     timestamp,
 )
 from citadel.limits.decision import Limiter, Limits, Scope
+from citadel.limits.keys import key_terms
 from citadel.limits.maths import periods
 from citadel.limits.policy import effective_limits, ratelimit_headers, refusal_message
 from citadel.limits.policy import usd_to_micros as micros
@@ -51,9 +55,20 @@ from citadel.metrics import LIMITER_DECISIONS, Counter, Registry
 from citadel.settings import Settings, Tier
 from citadel.web import Injected, Listing, errors
 
-__all__ = ["CONTROLLERS", "Rules"]
+__all__ = ["CONTROLLERS", "Rules", "TeamSpend"]
 
+_log = logging.getLogger("citadel.limits")
+
+T = TypeVar("T")
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+
+
+class TeamSpend(Protocol):
+    """The usage ledger's view of a team's spend."""
+
+    async def month_to_date(self, team_id: str, now: float) -> int:
+        """Micro-USD the team's members spent this month (in ``limits.timezone``)."""
+        ...
 
 
 @dataclass(slots=True)
@@ -64,6 +79,7 @@ class Rules:
     registry: Registry
     clock: Callable[[], float] = time.time  # Unix seconds
     shared_limiter: bool = True  # False: the limiter is this process's own (memory://)
+    ledger: TeamSpend | None = None  # the month's spend a new team budget starts from
     decisions: Counter = field(init=False)
 
     def __post_init__(self) -> None:
@@ -88,19 +104,6 @@ class Rules:
             raise BadRequest(f"'{param}' must be one of: {names}; got {tier!r}.", param=param)
         return None if tier is None else tier.strip()
 
-    def model_names(self, names: Sequence[str]) -> tuple[str, ...]:
-        """``names`` stripped, if each is a configured model or alias; else a 400 naming it."""
-        out = tuple(name.strip() for name in names)
-        for index, name in enumerate(out):
-            if self.settings.model(name) is None:
-                known = ", ".join(m.name for m in self.settings.models)
-                raise BadRequest(
-                    f"models[{index}]: {name!r} is not a configured model or alias "
-                    f"(models: {known}).",
-                    param=f"models[{index}]",
-                )
-        return out
-
     def limits_of(self, user: User) -> tuple[Tier, Limits]:
         tier = self.settings.tier(user.tier)
         if tier is None:
@@ -121,6 +124,15 @@ def _strip(value: str | None) -> str | None:
     return None if value is None else value.strip()
 
 
+async def _stored(op: Awaitable[T], what: Literal["team", "user", "key"], ident: str) -> T:
+    """What the accounts store answers to a change of one team, user or key: its
+    ``NotFoundError`` as the 404 that names the path parameter (``team_id``, ...)."""
+    try:
+        return await op
+    except NotFoundError as exc:
+        raise NotFound(f"No {what} has id {ident!r}.", param=f"{what}_id") from exc
+
+
 async def _user(accounts: AccountStore, user_id: str, param: str = "user_id") -> User:
     user = await accounts.get_user(user_id)
     if user is None:
@@ -133,6 +145,33 @@ async def _team(accounts: AccountStore, team_id: str) -> Team:
     if team is None:
         raise NotFound(f"No team has id {team_id!r}.", param="team_id")
     return team
+
+
+async def _key(accounts: AccountStore, user: User, key_id: str, param: str) -> ApiKey:
+    key = next((k for k in await accounts.list_keys(user_id=user.id) if k.id == key_id), None)
+    if key is None:
+        raise NotFound(f"User {user.id} has no key with id {key_id!r}.", param=param)
+    return key
+
+
+async def _usable_key(accounts: AccountStore, user: User, key_id: str, rules: Rules) -> ApiKey:
+    """The user's key ``key_id`` if a request may use it (neither revoked nor expired)."""
+    key = await _key(accounts, user, key_id, "key_id")
+    if key.revoked_at is not None:
+        raise Forbidden(f"Key {key.id} is revoked.", param="key_id", code="key_revoked")
+    if key.expires_at is not None and key.expires_at <= rules.now():
+        raise Forbidden(
+            f"Key {key.id} expired at {timestamp(key.expires_at)}.",
+            param="key_id",
+            code="key_expired",
+        )
+    return key
+
+
+def _key_scope(key: ApiKey) -> tuple[Scope, ...]:
+    """The scope a key's own limits add (as the gateway charges them), when it has any."""
+    own = key_scope_limits(key.limits)
+    return () if own.unlimited else (Scope("key", key.id, own),)
 
 
 def _team_scope(team: Team | None) -> tuple[Scope, ...]:
@@ -160,6 +199,24 @@ async def _team_budget(team: Team, limiter: Limiter, rules: Rules) -> TeamBudget
         month=at.month,
         resets_at=timestamp(at.month_ends_at),
     )
+
+
+async def _count_ledger_spend(team: Team, limiter: Limiter, rules: Rules) -> None:
+    """A budget set mid-month counts what the team spent this month before it (the ledger's
+    figure; the counter is only ever raised to it, so nothing is counted twice). A ledger that
+    cannot be read leaves the counter as it is, with a warning."""
+    if rules.ledger is None:
+        return
+    now = rules.clock()
+    try:
+        spent = await rules.ledger.month_to_date(team.id, now)
+    except (SQLAlchemyError, CitadelError) as exc:
+        _log.warning(
+            "the team's spend so far could not be read from the ledger",
+            extra={"team": team.id, "error": str(exc)},
+        )
+        return
+    await limiter.count_team_spend(team.id, spent, now)
 
 
 async def _require_team(accounts: AccountStore, team_id: str) -> None:
@@ -197,10 +254,8 @@ class TeamsController(Controller):
     async def rename_team(
         self, team_id: FromPath[Id], data: JSONBody[TeamChanges], accounts: Accounts
     ) -> TeamReply:
-        try:
-            return TeamReply.of(await accounts.rename_team(team_id, data.name.strip()))
-        except NotFoundError as exc:
-            raise NotFound(f"No team has id {team_id!r}.", param="team_id") from exc
+        team = await _stored(accounts.rename_team(team_id, data.name.strip()), "team", team_id)
+        return TeamReply.of(team)
 
     @delete(
         "/{team_id:str}",
@@ -212,10 +267,7 @@ class TeamsController(Controller):
         responses=errors(404, 409, 503),
     )
     async def delete_team(self, team_id: FromPath[Id], accounts: Accounts) -> TeamReply:
-        try:
-            return TeamReply.of(await accounts.delete_team(team_id))
-        except NotFoundError as exc:
-            raise NotFound(f"No team has id {team_id!r}.", param="team_id") from exc
+        return TeamReply.of(await _stored(accounts.delete_team(team_id), "team", team_id))
 
     @get(
         "/{team_id:str}/budget",
@@ -233,7 +285,8 @@ class TeamsController(Controller):
         "/{team_id:str}/budget",
         summary="Set (null: clear) a team's own monthly budget",
         description="Every member's request is charged to it and refused (429) once it would "
-        "pass it; gateways see a change within `accounts.key_cache_ttl_seconds`.",
+        "pass it; gateways see a change within `accounts.key_cache_ttl_seconds`. What the team "
+        "spent this month before (the usage ledger's figure) counts against it.",
         tags=["usage"],
         responses=errors(404, 409, 503),
     )
@@ -246,10 +299,9 @@ class TeamsController(Controller):
         rules: Rules_,
     ) -> TeamBudgetReply:
         budget = None if data.budget_usd is None else micros(data.budget_usd)
-        try:
-            team = await accounts.set_team_budget(team_id, budget)
-        except NotFoundError as exc:
-            raise NotFound(f"No team has id {team_id!r}.", param="team_id") from exc
+        team = await _stored(accounts.set_team_budget(team_id, budget), "team", team_id)
+        if budget is not None:
+            await _count_ledger_spend(team, limiter, rules)
         return await _team_budget(team, limiter, rules)
 
 
@@ -329,7 +381,8 @@ class UsersController(Controller):
     async def disable_user(
         self, user_id: FromPath[Id], accounts: Accounts, rules: Rules_
     ) -> UserReply:
-        return rules.user_reply(await accounts.update_user(user_id, status="disabled"))
+        user = await _stored(accounts.update_user(user_id, status="disabled"), "user", user_id)
+        return rules.user_reply(user)
 
     @delete(
         "/{user_id:str}",
@@ -343,10 +396,7 @@ class UsersController(Controller):
     async def delete_user(
         self, user_id: FromPath[Id], accounts: Accounts, rules: Rules_
     ) -> UserReply:
-        try:
-            return rules.user_reply(await accounts.delete_user(user_id))
-        except NotFoundError as exc:
-            raise NotFound(f"No user has id {user_id!r}.", param="user_id") from exc
+        return rules.user_reply(await _stored(accounts.delete_user(user_id), "user", user_id))
 
     @get(
         "/{user_id:str}/usage",
@@ -394,29 +444,7 @@ class KeysController(Controller):
         self, data: JSONBody[NewKey], accounts: Accounts, rules: Rules_
     ) -> NewKeyReply:
         now = rules.now()
-        days = data.expires_in_days
-        expires = None if days is None else now + timedelta(days=days)
-        if data.expires_at is not None:
-            if days is not None:
-                raise BadRequest(
-                    "Give expires_at or expires_in_days, not both.", param="expires_at"
-                )
-            if data.expires_at.tzinfo is None:
-                raise BadRequest(
-                    "expires_at needs a UTC offset (2027-01-31T00:00:00Z).", param="expires_at"
-                )
-            if data.expires_at <= now:
-                raise BadRequest(
-                    f"expires_at {data.expires_at.isoformat()} is not in the future.",
-                    param="expires_at",
-                )
-            expires = data.expires_at
-        limits = KeyLimits(
-            budget_micros=None if data.budget_usd is None else micros(data.budget_usd),
-            models=None if data.models is None else rules.model_names(data.models),
-            requests_per_minute=data.requests_per_minute,
-            tokens_per_minute=data.tokens_per_minute,
-        )
+        expires, limits = key_terms(data, now=now, settings=rules.settings)
         name = _strip(data.name) or "default"
         key, secret = await accounts.create_key(
             data.user_id, name=name, expires_at=expires, limits=limits
@@ -445,7 +473,7 @@ class KeysController(Controller):
         responses=errors(404, 503),
     )
     async def revoke_key(self, key_id: FromPath[Id], accounts: Accounts, rules: Rules_) -> KeyReply:
-        return KeyReply.of(await accounts.revoke_key(key_id), rules.now())
+        return KeyReply.of(await _stored(accounts.revoke_key(key_id), "key", key_id), rules.now())
 
 
 class LimitsController(Controller):
@@ -465,7 +493,9 @@ class LimitsController(Controller):
         "/v1/check",
         summary="Admit a request against a user's limits, reserving them",
         description="200 and a reservation when admitted; 429, `retry-after` and a message "
-        "naming the limit when refused. `x-ratelimit-*` headers either way.",
+        "naming the limit when refused. `x-ratelimit-*` headers either way. With `key_id` the "
+        "key's own limits (budget, requests and tokens per minute) are charged too, as the "
+        "gateway charges them; a revoked or expired key is a 403.",
         status_code=200,
         responses={
             **errors(403, 404, 409, 503),
@@ -479,7 +509,9 @@ class LimitsController(Controller):
         if user.status != "active":
             raise Forbidden(f"User {user.id} is disabled.", param="user_id", code="user_disabled")
         tier, limits = rules.limits_of(user)
-        scopes = _team_scope(
+        key = None if data.key_id is None else await _usable_key(accounts, user, data.key_id, rules)
+        own = () if key is None else _key_scope(key)
+        scopes = own + _team_scope(
             None if user.team_id is None else await accounts.get_team(user.team_id)
         )
         decision = await limiter.admit(
@@ -496,7 +528,7 @@ class LimitsController(Controller):
         headers = {k.decode(): v.decode() for k, v in ratelimit_headers(decision)}
         if decision.allowed:
             return Response(body, headers=headers)
-        refused = limits if decision.refused_scope != "team" else scopes[0].limits
+        refused = next((s.limits for s in scopes if s.kind == decision.refused_scope), limits)
         body.error = RefusalReply(
             message=refusal_message(decision, limits=refused),
             type="rate_limit_exceeded",
@@ -514,9 +546,13 @@ class LimitsController(Controller):
     async def reconcile(
         self, data: JSONBody[Reconcile], accounts: Accounts, limiter: Limits_, rules: Rules_
     ) -> None:
-        reservation = data.reservation.reservation()
+        principal, key_id = data.reservation.principal, data.reservation.key_id
+        user = await _user(accounts, principal, param="reservation.principal")
+        key = None if key_id is None else await _key(accounts, user, key_id, "reservation.key_id")
+        reservation = data.reservation.reservation(
+            None if key is None else key_scope_limits(key.limits)
+        )
         cost = reservation.cost_micros if data.cost_usd is None else micros(data.cost_usd)
-        user = await _user(accounts, reservation.principal, param="reservation.principal")
         _, limits = rules.limits_of(user)
         await limiter.reconcile(
             reservation, limits, tokens=data.tokens, cost_micros=cost, now=rules.clock()

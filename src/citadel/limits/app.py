@@ -17,8 +17,10 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from litestar import Litestar
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from citadel.accounts.store import AccountStore, ConflictError, NotFoundError
 from citadel.errors import (
@@ -30,8 +32,10 @@ from citadel.errors import (
     Unavailable,
 )
 from citadel.health import DependencyHealth, store_scheme
-from citadel.limits.api import CONTROLLERS, Rules
+from citadel.limits.api import CONTROLLERS, Rules, TeamSpend
 from citadel.limits.decision import Limiter
+from citadel.metering.analytics import Analytics
+from citadel.metering.ranges import month_range
 from citadel.metrics import Registry
 from citadel.settings import Settings
 from citadel.web import create_service, provide
@@ -56,6 +60,23 @@ class RateLimitDeps:
     # False when the limiter lives in this process only (memory://): the gateway's counters are
     # in the gateway's own process, so usage and reset here would show and clear nothing real.
     limiter_is_shared: bool = True
+    # the usage ledger's month-to-date spend per team, counted into a team's budget when it is
+    # set (None: no ledger, a budget counts from when it is set)
+    ledger: TeamSpend | None = None
+    close: tuple[Hook, ...] = ()
+
+
+class LedgerTeamSpend:
+    """A team's spend this month (``limits.timezone``) as the usage ledger holds it."""
+
+    def __init__(self, engine: AsyncEngine, timezone: str) -> None:
+        self._analytics = Analytics(engine)
+        self._timezone = timezone
+
+    async def month_to_date(self, team_id: str, now: float) -> int:
+        span = month_range(datetime.fromtimestamp(now, UTC), self._timezone)
+        rows = await self._analytics.usage(span, group_by=("team",), filters={"team": team_id})
+        return sum(int(row.cost_micros) for row in rows)
 
 
 def default_deps(settings: Settings) -> RateLimitDeps:
@@ -65,6 +86,7 @@ def default_deps(settings: Settings) -> RateLimitDeps:
     from citadel.accounts.migrate import ACCOUNTS
     from citadel.accounts.sql import open_store_lazily
     from citadel.limits.backend import create_limiter
+    from citadel.stores.sql import build_engine
 
     uri = settings.accounts.database
     limits = settings.limits
@@ -72,7 +94,10 @@ def default_deps(settings: Settings) -> RateLimitDeps:
     async def upgrade_embedded() -> None:
         await ACCOUNTS.upgrade(uri)
 
+    engine = build_engine(settings.metering.database or uri)
     return RateLimitDeps(
+        ledger=LedgerTeamSpend(engine, limits.timezone),
+        close=(engine.dispose,),
         accounts=open_store_lazily(uri),
         limiter=create_limiter(
             limits.backend,
@@ -127,7 +152,13 @@ def create_app(settings: Settings, deps: RateLimitDeps) -> Litestar:
             "accounts": provide(deps.accounts),
             "limiter": provide(deps.limiter),
             "rules": provide(
-                Rules(settings, deps.registry, deps.clock, shared_limiter=deps.limiter_is_shared)
+                Rules(
+                    settings,
+                    deps.registry,
+                    deps.clock,
+                    shared_limiter=deps.limiter_is_shared,
+                    ledger=deps.ledger,
+                )
             ),
         },
         health={"accounts": accounts_health, "limiter": limiter_health},
@@ -139,5 +170,5 @@ def create_app(settings: Settings, deps: RateLimitDeps) -> Litestar:
             ValueError: lambda exc: BadRequest(_sentence(exc)),
         },
         on_startup=deps.startup,
-        on_shutdown=(deps.accounts.aclose, deps.limiter.aclose),
+        on_shutdown=(*deps.close, deps.accounts.aclose, deps.limiter.aclose),
     )

@@ -117,6 +117,10 @@ class Check(Struct):
     lease_id: (
         Annotated[str, Meta(min_length=1, max_length=128, description="default: a new one")] | None
     ) = None
+    key_id: (
+        Annotated[Text, Meta(description="the user's API key: its own limits are charged too")]
+        | None
+    ) = None
 
 
 class ReservationBody(Struct):
@@ -130,6 +134,7 @@ class ReservationBody(Struct):
     day: Annotated[str, Meta(min_length=1, max_length=10)]
     month: Annotated[str, Meta(min_length=1, max_length=7)]
     team_id: Annotated[Text, Meta(description="the team whose budget it charged")] | None = None
+    key_id: Annotated[Text, Meta(description="the key whose own limits it charged")] | None = None
 
     @classmethod
     def of(cls, reservation: Reservation) -> ReservationBody:
@@ -142,9 +147,17 @@ class ReservationBody(Struct):
             day=reservation.day,
             month=reservation.month,
             team_id=next((s.id for s in reservation.scopes if s.kind == "team"), None),
+            key_id=next((s.id for s in reservation.scopes if s.kind == "key"), None),
         )
 
-    def reservation(self) -> Reservation:
+    def reservation(self, key_limits: Limits | None = None) -> Reservation:
+        """The reservation to settle; ``key_limits``: its key's own (which counters it keeps)."""
+        # settling reads only which of a scope's counters are kept: a team's, its budget's
+        scopes: list[Scope] = []
+        if self.key_id is not None and key_limits is not None:
+            scopes.append(Scope("key", self.key_id, key_limits))
+        if self.team_id is not None:
+            scopes.append(Scope("team", self.team_id, Limits(cost_per_month_micros=0)))
         return Reservation(
             principal=self.principal,
             lease_id=self.lease_id,
@@ -153,10 +166,7 @@ class ReservationBody(Struct):
             admitted_at=self.admitted_at,
             day=self.day,
             month=self.month,
-            # settling reads only which of a scope's counters are kept: a team's, its budget's
-            scopes=()
-            if self.team_id is None
-            else (Scope("team", self.team_id, Limits(cost_per_month_micros=0)),),
+            scopes=tuple(scopes),
         )
 
 

@@ -152,6 +152,11 @@ class Limiter(Protocol):
         charge."""
         ...
 
+    async def count_team_spend(self, team_id: str, micros: int, now: float) -> None:
+        """Raise the team's cost counter for ``now``'s month to at least ``micros`` (never
+        lower it): the month's spend the ledger holds, counted when its budget is set."""
+        ...
+
     async def reset(self, principal: str) -> None:
         """Forget every counter and lease of ``principal`` (admin action)."""
         ...

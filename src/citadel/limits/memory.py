@@ -224,6 +224,12 @@ class MemoryLimiter:
             _scope_name("", Scope("team", team_id, limits)), team_id, limits, now
         )
 
+    async def count_team_spend(self, team_id: str, micros: int, now: float) -> None:
+        name = _scope_name("", Scope("team", team_id, Limits()))
+        month = self._calendar.at(now).month
+        state = self._principals.setdefault(name, _Principal())
+        state.month_cost[month] = max(state.month_cost.get(month, 0), micros)
+
     async def usage(self, principal: str, limits: Limits, now: float) -> UsageSnapshot:
         return await self._usage(principal, principal, limits, now)
 

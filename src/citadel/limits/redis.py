@@ -88,6 +88,7 @@ def _script(name: str) -> Script:
 ADMIT: Final = _script("admit.lua")
 RECONCILE: Final = _script("reconcile.lua")
 USAGE: Final = _script("usage.lua")
+SEED: Final = _script("seed.lua")
 
 
 def _prefix(principal: str) -> str:
@@ -337,6 +338,16 @@ class RedisLimiter:
         return await self._usage(
             _scope_prefix("", Scope("team", team_id, limits)), team_id, limits, now
         )
+
+    async def count_team_spend(self, team_id: str, micros: int, now: float) -> None:
+        prefix = _scope_prefix("", Scope("team", team_id, Limits()))
+        periods = self._calendar.at(now)
+        ttl = max(1, to_ms(periods.month_ends_at) - to_ms(now)) + self._keep_ms
+        keys = [prefix + "cost:" + periods.month, prefix + "keys"]
+        try:
+            await self._client.evalsha(SEED, keys, [max(0, micros), ttl])
+        except RedisError as exc:
+            raise _unavailable("count_team_spend", exc) from exc
 
     async def _usage(
         self, prefix: str, principal: str, limits: Limits, now: float
