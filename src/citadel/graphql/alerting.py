@@ -136,6 +136,13 @@ class AlertingView:
                 alerts.append((rule, alert))
         return alerts
 
+    def rule_visible(self, name: str, *, team: str | None) -> bool:
+        """Whether the caller (``team`` None: the admin) may see the alerts of rule ``name``."""
+        if team is None:
+            return True
+        rule = next((r for r in self.settings.rules if r.name == name), None)
+        return rule is not None and _visible(rule, team)
+
 
 def _visible(rule: Rule, team: str | None) -> bool:
     """Every rule for the admin (``team`` None); a user's team's ledger rules for a user."""

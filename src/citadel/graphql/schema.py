@@ -12,9 +12,8 @@ Mutations need the admin key, except that a user may create and revoke keys of i
 from __future__ import annotations
 
 import enum
-import functools
 from collections.abc import AsyncGenerator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -29,11 +28,30 @@ from strawberry.types import ExecutionContext, Info
 from citadel.accounts.store import OVERRIDABLE
 from citadel.alerting.definitions import Kind
 from citadel.errors import ApiError, BadRequest, Forbidden, NotFound, Unavailable
-from citadel.feed import Entry, Lagged
 from citadel.feed.open import USAGE
 from citadel.graphql.alerting import Alert, AlertingView, Evaluation
-from citadel.graphql.chat import ChatCompletion, ChatCompletionInput, complete
-from citadel.graphql.fanout import SharedEventExecutor, shareable
+from citadel.graphql.chat import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionInput,
+    complete,
+    stream,
+)
+from citadel.graphql.fanout import SharedEventExecutor
+from citadel.graphql.live import (
+    ALERTS,
+    DEPLOYMENTS,
+    AlertEvent,
+    DeploymentStateEvent,
+    UsageEvent,
+    UsageEventFilter,
+    alert_event,
+    deployment_event,
+    follow,
+    usage_event,
+    usage_filter,
+    visible_models,
+)
 from citadel.graphql.observe import GraphQLMetrics, OperationMetrics
 from citadel.graphql.pagination import Connection, paginate
 from citadel.graphql.persisted import MemoryQueryStore, PersistedQueries, QueryStore
@@ -58,7 +76,6 @@ from citadel.graphql.types import (
 )
 from citadel.limits.policy import usd_to_micros
 from citadel.metering.analytics import savings_by_model
-from citadel.metering.ledger import decode_event
 from citadel.metering.pricing import DeploymentCost
 from citadel.metering.ranges import Dimension, check_group_by
 from citadel.metrics import Registry
@@ -119,35 +136,6 @@ class RouteExplanation:
     deployment_model: str | None
     reason: str
     evaluations: JSON
-
-
-@shareable
-@strawberry.type(description="One request's usage, as it finished.")
-class UsageEvent:
-    position: str = strawberry.field(description="the feed position (resume after it)")
-    event_id: str
-    time: datetime
-    request_id: str
-    user_id: strawberry.ID
-    team_id: strawberry.ID | None
-    key_id: str
-    tier: str
-    endpoint: str
-    model: str
-    deployment: str
-    prompt_tokens: int
-    completion_tokens: int
-    latency_seconds: float
-    ttft_seconds: float | None
-    status: int
-    streamed: bool
-    cost_usd: float
-    user_record: strawberry.Private[str]
-
-    @strawberry.field(description="The user who made the request (read anew for each event).")
-    async def user(self, info: Info) -> User | None:
-        found = await context(info).loaders.user.load(self.user_record)
-        return None if found is None else User.of(found)
 
 
 def _filters(given: UsageFilter | None, info: Info) -> dict[Dimension, str]:
@@ -702,53 +690,6 @@ class Mutation:
 # -- subscriptions ----------------------------------------------------------------------------
 
 
-@strawberry.input(description="Only the events matching these (each optional).")
-class UsageEventFilter:
-    user: str | None = None
-    team: str | None = None
-    model: str | None = None
-
-
-@functools.lru_cache(maxsize=1024)
-def _usage_event(entry: Entry) -> UsageEvent:
-    """The event of a feed entry, decoded once for all the subscribers it reaches."""
-    event = decode_event(entry.data)
-    return UsageEvent(
-        position=entry.position,
-        event_id=event.event_id,
-        time=datetime.fromtimestamp(event.time, UTC),
-        request_id=event.request_id,
-        user_id=strawberry.ID(event.user),
-        team_id=strawberry.ID(event.team) if event.team else None,
-        key_id=event.key_id,
-        tier=event.tier,
-        endpoint=event.endpoint,
-        model=event.model,
-        deployment=event.deployment,
-        prompt_tokens=event.prompt_tokens,
-        completion_tokens=event.completion_tokens,
-        latency_seconds=event.latency_seconds,
-        ttft_seconds=event.ttft_seconds,
-        status=event.status,
-        streamed=event.streamed,
-        cost_usd=event.cost_micros / 1_000_000,
-        user_record=event.user,
-    )
-
-
-def _matches(event: UsageEvent, wanted: UsageEventFilter | None, info: Info) -> bool:
-    viewer = context(info).viewer
-    if not viewer.may_see_user(str(event.user_id)):
-        return False
-    if wanted is None:
-        return True
-    return (
-        (wanted.user is None or wanted.user == str(event.user_id))
-        and (wanted.team is None or wanted.team == (event.team_id or ""))
-        and (wanted.model is None or wanted.model == event.model)
-    )
-
-
 @strawberry.type
 class Subscription:
     @strawberry.subscription(
@@ -761,22 +702,63 @@ class Subscription:
         filter: UsageEventFilter | None = None,
         after: str | None = None,
     ) -> AsyncGenerator[UsageEvent, None]:
+        async for event in follow(info, USAGE, after, usage_event, usage_filter(filter, info)):
+            yield event
+
+    @strawberry.subscription(
+        description="Changes of the deployments' state (breaker, health, drain, load) of "
+        "`model` (a name or alias; default: every model the key may use), from the routers of "
+        "every gateway, streaming and GraphQL process; `after` resumes from a position."
+    )
+    async def deployment_state(
+        self,
+        info: Info,
+        model: str | None = None,
+        after: str | None = None,
+    ) -> AsyncGenerator[DeploymentStateEvent, None]:
+        models = visible_models(info, model)
+        async for event in follow(
+            info, DEPLOYMENTS, after, deployment_event, lambda e: e.model in models
+        ):
+            yield event
+
+    @strawberry.subscription(
+        description="Alerts as the predictive-alerting service raises and resolves them (a user "
+        "key: its team's ledger rules'); `after` resumes from a position."
+    )
+    async def alerts(
+        self, info: Info, after: str | None = None
+    ) -> AsyncGenerator[AlertEvent, None]:
         ctx = context(info)
+        viewer = ctx.viewer
+        view = ctx.services.alerting
+        team = None if viewer.admin else viewer.team_id or ""
+
+        def keep(event: AlertEvent) -> bool:
+            if team is None:
+                return True
+            return view is not None and view.rule_visible(event.rule, team=team)
+
+        async for event in follow(info, ALERTS, after, alert_event, keep):
+            yield event
+
+    @strawberry.subscription(
+        description="One chat completion through the gateway's own path (as chatCompletion), "
+        "streamed: each chunk of tokens as the deployment sends it, the last with the usage."
+    )
+    async def chat_completion_stream(
+        self, info: Info, input: ChatCompletionInput
+    ) -> AsyncGenerator[ChatCompletionChunk, None]:
+        ctx = context(info)
+        gateway = ctx.services.gateway
+        if gateway is None:
+            raise Unavailable("chatCompletionStream is not configured in this service.")
+        chunks = await stream(gateway, ctx.authorization, input)
         try:
-            subscription = ctx.services.feed.subscribe(USAGE, after=after)
-        except ValueError as exc:
-            raise BadRequest(str(exc), param="after") from exc
-        async with subscription as sub:
-            async for item in sub:
-                if isinstance(item, Lagged):
-                    continue  # a slow reader skips ahead; its position says where it is
-                try:
-                    event = _usage_event(item)
-                except (ValueError, KeyError):
-                    continue
-                if _matches(event, filter, info):
-                    ctx.fresh()  # each event reads the stores anew
-                    yield event
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            await chunks.aclose()
 
 
 class _Schema(strawberry.Schema):
