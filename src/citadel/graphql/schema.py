@@ -53,7 +53,7 @@ from citadel.graphql.live import (
     visible_models,
 )
 from citadel.graphql.observe import GraphQLMetrics, OperationMetrics
-from citadel.graphql.pagination import Connection, paginate
+from citadel.graphql.pagination import connection
 from citadel.graphql.persisted import MemoryQueryStore, PersistedQueries, QueryStore
 from citadel.graphql.protect import CostBudget, CostLimiter, Translate
 from citadel.graphql.types import (
@@ -72,7 +72,6 @@ from citadel.graphql.types import (
     UserStatus,
     context,
     default_range,
-    window,
 )
 from citadel.limits.policy import usd_to_micros
 from citadel.metering.analytics import savings_by_model
@@ -180,36 +179,26 @@ class Query:
             team_id=None if v.team_id is None else strawberry.ID(v.team_id),
         )
 
-    @strawberry.field(description="The configured models, their prices and deployments.")
+    @connection("The configured models, their prices and deployments.")
     def models(
         self,
         info: Info,
-        first: int | None = None,
-        after: str | None = None,
-        last: int | None = None,
-        before: str | None = None,
-    ) -> Connection[Model]:
-        models = [Model.of(m) for m in context(info).services.settings.models]
-        return paginate(models, window(first, after, last, before))
+    ) -> list[Model]:
+        return [Model.of(m) for m in context(info).services.settings.models]
 
     @strawberry.field(description="One model by name or alias.")
     def model(self, info: Info, name: str) -> Model | None:
         found = context(info).services.settings.model(name)
         return None if found is None else Model.of(found)
 
-    @strawberry.field(description="The tiers and their limits.")
+    @connection("The tiers and their limits.")
     def tiers(
         self,
         info: Info,
-        first: int | None = None,
-        after: str | None = None,
-        last: int | None = None,
-        before: str | None = None,
-    ) -> Connection[Tier]:
+    ) -> list[Tier]:
         settings = context(info).services.settings
         default = settings.accounts.default_tier
-        tiers = [Tier.of(t, default=t.name == default) for t in settings.tiers]
-        return paginate(tiers, window(first, after, last, before))
+        return [Tier.of(t, default=t.name == default) for t in settings.tiers]
 
     @strawberry.field(
         description="The routing dry run of a request to `model` (a model, alias or `auto`): "
@@ -250,49 +239,39 @@ class Query:
             evaluations=msgspec.to_builtins(result.evaluations),
         )
 
-    @strawberry.field(description="Teams (a user key: its own).")
+    @connection("Teams (a user key: its own).")
     async def teams(
         self,
         info: Info,
-        first: int | None = None,
-        after: str | None = None,
-        last: int | None = None,
-        before: str | None = None,
-    ) -> Connection[Team]:
+    ) -> list[Team]:
         teams = await context(info).loaders.all_teams()
-        return paginate([Team.of(t) for t in teams], window(first, after, last, before))
+        return [Team.of(t) for t in teams]
 
     @strawberry.field(description="One team (null: none, or not the caller's).")
     async def team(self, info: Info, id: strawberry.ID) -> Team | None:
         found = await context(info).loaders.team.load(str(id))
         return None if found is None else Team.of(found)
 
-    @strawberry.field(description="Users, optionally of one team (a user key: itself).")
+    @connection("Users, optionally of one team (a user key: itself).")
     async def users(
         self,
         info: Info,
         team_id: strawberry.ID | None = None,
-        first: int | None = None,
-        after: str | None = None,
-        last: int | None = None,
-        before: str | None = None,
-    ) -> Connection[User]:
+    ) -> list[User]:
         loaders = context(info).loaders
         users = (
             await loaders.all_users()
             if team_id is None
             else await loaders.members.load(str(team_id))
         )
-        return paginate([User.of(u) for u in users], window(first, after, last, before))
+        return [User.of(u) for u in users]
 
     @strawberry.field(description="One user (null: none, or not the caller).")
     async def user(self, info: Info, id: strawberry.ID) -> User | None:
         found = await context(info).loaders.user.load(str(id))
         return None if found is None else User.of(found)
 
-    @strawberry.field(
-        description="Usage from the ledger, grouped and bucketed (a user key: its own)."
-    )
+    @connection("Usage from the ledger, grouped and bucketed (a user key: its own).")
     async def usage(
         self,
         info: Info,
@@ -300,11 +279,7 @@ class Query:
         filter: UsageFilter | None = None,
         range: TimeRangeInput | None = None,
         bucket: UsageBucket = UsageBucket.NONE,
-        first: int | None = None,
-        after: str | None = None,
-        last: int | None = None,
-        before: str | None = None,
-    ) -> Connection[Usage]:
+    ) -> list[Usage]:
         dims = check_group_by(d.value for d in group_by or ())
         span = default_range(range, _now(info), bucket.value)
         rows = await context(info).services.analytics.usage(
@@ -313,20 +288,16 @@ class Query:
             bucket=bucket.value,
             filters=_filters(filter, info),
         )
-        return paginate([Usage.of(r) for r in rows], window(first, after, last, before))
+        return [Usage.of(r) for r in rows]
 
-    @strawberry.field(description="The largest users (teams, models...) by a metric (admin).")
+    @connection("The largest users (teams, models...) by a metric (admin).")
     async def top_users(
         self,
         info: Info,
         by: UsageDimension = UsageDimension.USER,
         metric: UsageMetric = UsageMetric.COST,
         range: TimeRangeInput | None = None,
-        first: int | None = None,
-        after: str | None = None,
-        last: int | None = None,
-        before: str | None = None,
-    ) -> Connection[Usage]:
+    ) -> list[Usage]:
         context(info).viewer.require_admin("topUsers")
         span = default_range(range, _now(info))
         rows = await context(info).services.analytics.top(
@@ -335,47 +306,33 @@ class Query:
             metric=metric.value,
             limit=100,
         )
-        return paginate([Usage.of(r) for r in rows], window(first, after, last, before))
+        return [Usage.of(r) for r in rows]
 
-    @strawberry.field(description="Each deployment's charged and infrastructure cost (admin).")
+    @connection("Each deployment's charged and infrastructure cost (admin).")
     async def costs(
         self,
         info: Info,
         range: TimeRangeInput | None = None,
-        first: int | None = None,
-        after: str | None = None,
-        last: int | None = None,
-        before: str | None = None,
-    ) -> Connection[DeploymentCostItem]:
+    ) -> list[DeploymentCostItem]:
         costs = await _deployment_costs(info, range, "costs")
-        items = [DeploymentCostItem.of(c) for c in costs]
-        return paginate(items, window(first, after, last, before))
+        return [DeploymentCostItem.of(c) for c in costs]
 
-    @strawberry.field(description="Savings against each model's reference price (admin).")
+    @connection("Savings against each model's reference price (admin).")
     async def savings(
         self,
         info: Info,
         range: TimeRangeInput | None = None,
-        first: int | None = None,
-        after: str | None = None,
-        last: int | None = None,
-        before: str | None = None,
-    ) -> Connection[SavingsItem]:
+    ) -> list[SavingsItem]:
         costs = await _deployment_costs(info, range, "savings")
         settings = context(info).services.settings
-        items = [SavingsItem.of(s) for s in savings_by_model(costs, settings)]
-        return paginate(items, window(first, after, last, before))
+        return [SavingsItem.of(s) for s in savings_by_model(costs, settings)]
 
-    @strawberry.field(description="This month's spend against budget, of users or teams.")
+    @connection("This month's spend against budget, of users or teams.")
     async def budgets(
         self,
         info: Info,
         scope: UsageDimension = UsageDimension.TEAM,
-        first: int | None = None,
-        after: str | None = None,
-        last: int | None = None,
-        before: str | None = None,
-    ) -> Connection[Budget]:
+    ) -> list[Budget]:
         if scope not in (UsageDimension.USER, UsageDimension.TEAM):
             raise BadRequest("'scope' must be USER or TEAM.", param="scope")
         ctx = context(info)
@@ -397,49 +354,34 @@ class Query:
                 else ctx.viewer.may_see_team(r.id)
             )
         ]
-        return paginate([Budget.of(r) for r in visible], window(first, after, last, before))
+        return [Budget.of(r) for r in visible]
 
-    @strawberry.field(
-        description="The latest forecast of each forecast rule (a user key: its team's spend "
+    @connection(
+        "The latest forecast of each forecast rule (a user key: its team's spend "
         "forecasts), evaluated by the predictive-alerting modules at most once per interval."
     )
     async def forecasts(
         self,
         info: Info,
-        first: int | None = None,
-        after: str | None = None,
-        last: int | None = None,
-        before: str | None = None,
-    ) -> Connection[Evaluation]:
-        return paginate(await _evaluations(info, "forecast"), window(first, after, last, before))
+    ) -> list[Evaluation]:
+        return await _evaluations(info, "forecast")
 
-    @strawberry.field(
-        description="The latest anomaly score of each anomaly rule (a user key: its team's)."
-    )
+    @connection("The latest anomaly score of each anomaly rule (a user key: its team's).")
     async def anomalies(
         self,
         info: Info,
-        first: int | None = None,
-        after: str | None = None,
-        last: int | None = None,
-        before: str | None = None,
-    ) -> Connection[Evaluation]:
-        return paginate(await _evaluations(info, "anomaly"), window(first, after, last, before))
+    ) -> list[Evaluation]:
+        return await _evaluations(info, "anomaly")
 
-    @strawberry.field(description="The alerts firing now (a user key: its team's).")
+    @connection("The alerts firing now (a user key: its team's).")
     async def alerts(
         self,
         info: Info,
-        first: int | None = None,
-        after: str | None = None,
-        last: int | None = None,
-        before: str | None = None,
-    ) -> Connection[Alert]:
+    ) -> list[Alert]:
         ctx = context(info)
         view = _alerting(info)
         firing = await view.firing(team=None if ctx.viewer.admin else ctx.viewer.team_id or "")
-        items = [Alert.of(rule, alert) for rule, alert in firing]
-        return paginate(items, window(first, after, last, before))
+        return [Alert.of(rule, alert) for rule, alert in firing]
 
 
 def _alerting(info: Info) -> AlertingView:

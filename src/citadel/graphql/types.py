@@ -15,7 +15,7 @@ from strawberry.types import Info
 from citadel.accounts import store as accounts
 from citadel.errors import Unauthorized
 from citadel.graphql.context import Context, limits_of
-from citadel.graphql.pagination import Connection, Window, paginate
+from citadel.graphql.pagination import connection
 from citadel.limits.decision import Limits as LimitValues
 from citadel.limits.decision import LimitUsage
 from citadel.metering.budgets import BudgetUse
@@ -87,10 +87,6 @@ def default_range(given: TimeRangeInput | None, now: datetime, bucket: str = "no
     if start is None:
         start = end - timedelta(days=DEFAULT_DAYS if bucket != "hour" else 1)
     return TimeRange.checked(start, end, bucket)  # type: ignore[arg-type]
-
-
-def window(first: int | None, after: str | None, last: int | None, before: str | None) -> Window:
-    return Window(first=first, after=after, last=last, before=before)
 
 
 @strawberry.enum(description="Whether a user's keys work.")
@@ -272,17 +268,13 @@ class User:
         snapshot = await context(info).loaders.quota.load(self.record.id)
         return None if snapshot is None else [Quota.of(u) for u in snapshot.limits]
 
-    @strawberry.field(description="The user's API keys, oldest first (never their secrets).")
+    @connection("The user's API keys, oldest first (never their secrets).")
     async def keys(
         self,
         info: Info,
-        first: int | None = None,
-        after: str | None = None,
-        last: int | None = None,
-        before: str | None = None,
-    ) -> Connection[ApiKey]:
+    ) -> list[ApiKey]:
         keys = await context(info).loaders.keys.load(self.record.id)
-        return paginate([ApiKey.of(k) for k in keys], window(first, after, last, before))
+        return [ApiKey.of(k) for k in keys]
 
     @strawberry.field(description="The user's usage over a range (default: the last 30 days).")
     async def usage(self, info: Info, range: TimeRangeInput | None = None) -> Usage:
@@ -310,17 +302,13 @@ class Team:
             budget_usd=usd(team.budget_micros),
         )
 
-    @strawberry.field(description="The team's members (a user key: only itself).")
+    @connection("The team's members (a user key: only itself).")
     async def users(
         self,
         info: Info,
-        first: int | None = None,
-        after: str | None = None,
-        last: int | None = None,
-        before: str | None = None,
-    ) -> Connection[User]:
+    ) -> list[User]:
         members = await context(info).loaders.members.load(str(self.id))
-        return paginate([User.of(u) for u in members], window(first, after, last, before))
+        return [User.of(u) for u in members]
 
     @strawberry.field(description="The team's usage over a range (default: the last 30 days).")
     async def usage(self, info: Info, range: TimeRangeInput | None = None) -> Usage:
@@ -446,15 +434,11 @@ class Model:
         tiers = context(info).services.settings.tiers
         return [t.name for t in tiers if any(t.allows(n) for n in names)]
 
-    @strawberry.field(description="The model's deployments and their live state.")
+    @connection("The model's deployments and their live state.")
     def deployments(
         self,
         info: Info,
-        first: int | None = None,
-        after: str | None = None,
-        last: int | None = None,
-        before: str | None = None,
-    ) -> Connection[Deployment]:
+    ) -> list[Deployment]:
         from citadel.routing.shared import deployment_rows
 
         services = context(info).services
@@ -463,7 +447,7 @@ class Model:
             for r in deployment_rows(services.router, services.monotonic())
             if r["model"] == self.name
         ]
-        return paginate([Deployment.of(r) for r in rows], window(first, after, last, before))
+        return [Deployment.of(r) for r in rows]
 
 
 # -- analytics --------------------------------------------------------------------------------
