@@ -16,8 +16,11 @@ from citadel.accounts import store as accounts
 from citadel.errors import Unauthorized
 from citadel.graphql.context import Context, limits_of
 from citadel.graphql.pagination import connection
+from citadel.graphql.replies import FromReply, from_reply
+from citadel.limits.bodies import LimitsReply
 from citadel.limits.decision import Limits as LimitValues
 from citadel.limits.decision import LimitUsage
+from citadel.metering.bodies import BudgetRow, CostRow, SavingsRow
 from citadel.metering.budgets import BudgetUse
 from citadel.metering.pricing import DeploymentCost, Savings
 from citadel.metering.ranges import TimeRange
@@ -98,25 +101,14 @@ class UserStatus(enum.Enum):
 # -- limits, quota, usage ---------------------------------------------------------------------
 
 
-@strawberry.type(description="Limits in force (a tier with a user's overrides); null: unlimited.")
-class Limits:
-    requests_per_minute: int | None
-    tokens_per_minute: int | None
-    concurrent_requests: int | None
-    tokens_per_day: int | None
-    tokens_per_month: int | None
-    cost_per_month_usd: float | None
+@from_reply(LimitsReply)
+class Limits(FromReply):
+    """Limits in force (a tier with a user's overrides); null: unlimited."""
 
     @classmethod
     def of(cls, limits: LimitValues) -> Limits:
-        return cls(
-            requests_per_minute=limits.requests_per_minute,
-            tokens_per_minute=limits.tokens_per_minute,
-            concurrent_requests=limits.concurrent_requests,
-            tokens_per_day=limits.tokens_per_day,
-            tokens_per_month=limits.tokens_per_month,
-            cost_per_month_usd=usd(limits.cost_per_month_micros),
-        )
+        built: Limits = cls.of_reply(LimitsReply.of(limits))
+        return built
 
 
 @strawberry.type(description="The current use of one limit.")
@@ -453,82 +445,31 @@ class Model:
 # -- analytics --------------------------------------------------------------------------------
 
 
-@strawberry.type(description="One deployment over a range: what it served and what it cost.")
-class DeploymentCostItem:
-    deployment: str
-    model: str
-    configured: bool
-    gpus: int
-    gpu_hour_usd: float
-    hours: float
-    requests: int
-    tokens: int
-    charged_usd: float
-    infra_usd: float
-    reference_usd: float | None
-    tokens_per_hour: float
+@from_reply(CostRow)
+class DeploymentCostItem(FromReply):
+    """One deployment over a range: what it served and what it cost (the ledger API's row)."""
 
     @classmethod
     def of(cls, cost: DeploymentCost) -> DeploymentCostItem:
-        return cls(
-            deployment=cost.deployment,
-            model=cost.model,
-            configured=cost.configured,
-            gpus=cost.gpus,
-            gpu_hour_usd=cost.gpu_hour_usd,
-            hours=cost.hours,
-            requests=cost.totals.requests,
-            tokens=cost.totals.tokens,
-            charged_usd=cost.totals.cost_micros / 1_000_000,
-            infra_usd=cost.infra_micros / 1_000_000,
-            reference_usd=usd(cost.reference_micros),
-            tokens_per_hour=cost.tokens_per_hour,
-        )
+        built: DeploymentCostItem = cls.of_reply(CostRow.of(cost))
+        return built
 
 
-@strawberry.type(description="What serving a model ourselves saved against its reference price.")
-class SavingsItem:
-    model: str
-    requests: int
-    tokens: int
-    charged_usd: float
-    infra_usd: float
-    reference_usd: float | None
-    savings_usd: float | None
-    savings_vs_charged_usd: float | None
+@from_reply(SavingsRow)
+class SavingsItem(FromReply):
+    """What serving a model ourselves saved against its reference price (the ledger API's row)."""
 
     @classmethod
     def of(cls, item: Savings) -> SavingsItem:
-        return cls(
-            model=item.model,
-            requests=item.totals.requests,
-            tokens=item.totals.tokens,
-            charged_usd=item.totals.cost_micros / 1_000_000,
-            infra_usd=item.infra_micros / 1_000_000,
-            reference_usd=usd(item.reference_micros),
-            savings_usd=usd(item.savings_micros),
-            savings_vs_charged_usd=usd(item.savings_vs_charged_micros),
-        )
+        built: SavingsItem = cls.of_reply(SavingsRow.of(item))
+        return built
 
 
-@strawberry.type(description="This month's spend of a user or team against its budget.")
-class Budget:
-    scope: str
-    id: strawberry.ID
-    name: str
-    spent_usd: float
-    budget_usd: float | None
-    remaining_usd: float | None
-    utilisation: float | None
+@from_reply(BudgetRow)
+class Budget(FromReply):
+    """This month's spend of a user or team against its budget (the ledger API's row)."""
 
     @classmethod
     def of(cls, row: BudgetUse) -> Budget:
-        return cls(
-            scope=row.scope,
-            id=strawberry.ID(row.id),
-            name=row.name,
-            spent_usd=row.spent_micros / 1_000_000,
-            budget_usd=usd(row.budget_micros),
-            remaining_usd=usd(row.remaining_micros),
-            utilisation=row.utilisation,
-        )
+        built: Budget = cls.of_reply(BudgetRow.of(row))
+        return built
