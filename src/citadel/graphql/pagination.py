@@ -20,7 +20,7 @@ import binascii
 import functools
 import inspect
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Generic, TypeVar
 
@@ -33,6 +33,7 @@ __all__ = [
     "MAX_PAGE",
     "Connection",
     "Edge",
+    "Items",
     "PageInfo",
     "Window",
     "connection",
@@ -141,6 +142,13 @@ def paginate(items: Sequence[T], window: Window) -> Connection[T]:
     )
 
 
+Items = list[T] | Awaitable[list[T]]  # what a connection's source returns (sync when it can)
+
+
+async def _paged(items: Awaitable[Sequence[T]], window: Window) -> Connection[T]:
+    return paginate(await items, window)
+
+
 _PAGE_ARGUMENTS: Final = (("first", int | None), ("after", str | None), ("last", int | None),
                           ("before", str | None))  # fmt: skip
 
@@ -152,7 +160,10 @@ def connection(description: str) -> Callable[[Callable[..., Any]], Any]:
 
     def field(source: Callable[..., Any]) -> Any:
         hints = typing.get_type_hints(source)
-        (node,) = typing.get_args(hints["return"])
+        returned = hints["return"]
+        if typing.get_origin(returned) is not list:  # Items[T]: the list, or an awaitable of it
+            returned = next(a for a in typing.get_args(returned) if typing.get_origin(a) is list)
+        (node,) = typing.get_args(returned)
         signature = inspect.signature(source)
         parameters = [
             p.replace(annotation=hints.get(p.name, p.annotation))
@@ -164,18 +175,19 @@ def connection(description: str) -> Callable[[Callable[..., Any]], Any]:
         ]
 
         @functools.wraps(source)
-        async def resolve(
+        def resolve(
             *args: Any,
             first: int | None = None,
             after: str | None = None,
             last: int | None = None,
             before: str | None = None,
             **kwargs: Any,
-        ) -> Connection[Any]:
+        ) -> Connection[Any] | Awaitable[Connection[Any]]:
+            window = Window(first=first, after=after, last=last, before=before)
             items = source(*args, **kwargs)
-            if inspect.isawaitable(items):
-                items = await items
-            return paginate(items, Window(first=first, after=after, last=last, before=before))
+            if inspect.isawaitable(items):  # graphql-core awaits what a resolver returns
+                return _paged(items, window)
+            return paginate(items, window)
 
         resolve.__signature__ = signature.replace(  # type: ignore[attr-defined]
             parameters=parameters,

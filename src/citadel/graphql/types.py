@@ -5,6 +5,7 @@ so a relation costs one batched read per request whatever the number of parents.
 from __future__ import annotations
 
 import enum
+from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -15,7 +16,7 @@ from strawberry.types import Info
 from citadel.accounts import store as accounts
 from citadel.errors import Unauthorized
 from citadel.graphql.context import Context, limits_of
-from citadel.graphql.pagination import connection
+from citadel.graphql.pagination import Items, connection
 from citadel.graphql.replies import FromReply, from_reply
 from citadel.limits.bodies import LimitsReply
 from citadel.limits.decision import Limits as LimitValues
@@ -268,12 +269,12 @@ class User:
         keys = await context(info).loaders.keys.load(self.record.id)
         return [ApiKey.of(k) for k in keys]
 
-    @strawberry.field(description="The user's usage over a range (default: the last 30 days).")
-    async def usage(self, info: Info, range: TimeRangeInput | None = None) -> Usage:
-        ctx = context(info)
-        span = default_range(range, ctx.services.now())
-        row = await ctx.loaders.usage.load((span, "user", self.record.id))
-        return Usage.empty({"user": self.record.id}) if row is None else Usage.of(row)
+    @strawberry.field(
+        description="The user's usage over a range (default: the last 30 days).",
+        graphql_type=Usage,
+    )
+    def usage(self, info: Info, range: TimeRangeInput | None = None) -> Usage | Awaitable[Usage]:
+        return usage_of(info, range, "user", self.record.id)
 
 
 @strawberry.type
@@ -295,19 +296,45 @@ class Team:
         )
 
     @connection("The team's members (a user key: only itself).")
-    async def users(
-        self,
-        info: Info,
-    ) -> list[User]:
-        members = await context(info).loaders.members.load(str(self.id))
-        return [User.of(u) for u in members]
+    def users(self, info: Info) -> Items[User]:
+        loaders = context(info).loaders
+        members = loaders.members_now(str(self.id))  # read already (Query.teams prefetches)
+        if members is not None:
+            return [User.of(u) for u in members]
+        return _users(loaders.members.load(str(self.id)))
 
-    @strawberry.field(description="The team's usage over a range (default: the last 30 days).")
-    async def usage(self, info: Info, range: TimeRangeInput | None = None) -> Usage:
-        ctx = context(info)
-        span = default_range(range, ctx.services.now())
-        row = await ctx.loaders.usage.load((span, "team", str(self.id)))
-        return Usage.empty({"team": str(self.id)}) if row is None else Usage.of(row)
+    @strawberry.field(
+        description="The team's usage over a range (default: the last 30 days).",
+        graphql_type=Usage,
+    )
+    def usage(self, info: Info, range: TimeRangeInput | None = None) -> Usage | Awaitable[Usage]:
+        return usage_of(info, range, "team", str(self.id))
+
+
+async def _users(members: Awaitable[list[accounts.User]]) -> list[User]:
+    return [User.of(u) for u in await members]
+
+
+def usage_of(
+    info: Info, given: TimeRangeInput | None, by: str, ident: str
+) -> Usage | Awaitable[Usage]:
+    """The usage of a user or team: at once when the request's table for the range is read
+    already (a list above prefetched it), else once it is."""
+    ctx = context(info)
+    span = default_range(given, ctx.services.now())
+    table = ctx.loaders.usage_now(span, by)
+    if table is not None:
+        return _usage_row(table, by, ident)
+    return _usage_later(ctx, span, by, ident)
+
+
+def _usage_row(table: dict[str, UsageRow], by: str, ident: str) -> Usage:
+    row = table.get(ident)
+    return Usage.empty({by: ident}) if row is None else Usage.of(row)
+
+
+async def _usage_later(ctx: Context, span: TimeRange, by: str, ident: str) -> Usage:
+    return _usage_row(await ctx.loaders.usage_table(span, by), by, ident)
 
 
 # -- models and deployments --------------------------------------------------------------------
