@@ -111,7 +111,8 @@ class Loaders:
     def __init__(self, services: Services, viewer: Viewer) -> None:
         self._services = services
         self._viewer = viewer
-        self._memo: dict[str, asyncio.Future[object]] = {}
+        self._memo: dict[object, asyncio.Future[object]] = {}
+        self._spans: dict[datetime, TimeRange] = {}
         self.user = DataLoader[str, User | None](self._load_users)
         self.team = DataLoader[str, Team | None](self._load_teams)
         self.members = DataLoader[str, list[User]](self._load_members)
@@ -121,7 +122,7 @@ class Loaders:
 
     # the whole lists, read once per request and filtered to what the viewer may see
 
-    async def _once(self, name: str, load: Callable[[], Awaitable[T]]) -> T:
+    async def _once(self, name: object, load: Callable[[], Awaitable[T]]) -> T:
         future = self._memo.get(name)
         if future is None:
             future = asyncio.get_running_loop().create_future()
@@ -163,7 +164,7 @@ class Loaders:
 
         return await self._once("keys", load)
 
-    def _ready(self, name: str) -> Any:
+    def _ready(self, name: object) -> Any:
         """The memoised result of ``name`` if it is in, else ``_PENDING``."""
         future = self._memo.get(name)
         if future is None or not future.done() or future.exception() is not None:
@@ -232,11 +233,19 @@ class Loaders:
             rows = await self._services.analytics.usage(span, group_by=(dimension,))
             return {row.keys[dimension]: row for row in rows if allowed(row.keys[dimension])}
 
-        return await self._once(f"usage:{by}:{span.start}:{span.end}", load)
+        return await self._once(("usage", by, span), load)
+
+    def default_span(self, now: datetime, make: Callable[[datetime], TimeRange]) -> TimeRange:
+        """``make(now)`` (the default range), computed once per hour of this request."""
+        hour = now.replace(minute=0, second=0, microsecond=0)
+        span = self._spans.get(hour)
+        if span is None:
+            span = self._spans[hour] = make(now)
+        return span
 
     def usage_now(self, span: TimeRange, by: str) -> dict[str, UsageRow] | None:
         """``usage_table`` if it is read already, else None."""
-        table = self._ready(f"usage:{by}:{span.start}:{span.end}")
+        table = self._ready(("usage", by, span))
         return None if table is _PENDING else table
 
 

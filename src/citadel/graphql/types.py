@@ -321,7 +321,12 @@ def usage_of(
     """The usage of a user or team: at once when the request's table for the range is read
     already (a list above prefetched it), else once it is."""
     ctx = context(info)
-    span = default_range(given, ctx.services.now())
+    now = ctx.services.now()
+    span = (
+        ctx.loaders.default_span(now, lambda at: default_range(None, at))
+        if given is None
+        else default_range(given, now)
+    )
     table = ctx.loaders.usage_now(span, by)
     if table is not None:
         return _usage_row(table, by, ident)
