@@ -172,6 +172,17 @@ def usage_filter(wanted: UsageEventFilter | None, info: Info) -> Callable[[Usage
     return keep
 
 
+@strawberry.type
+class _Published:
+    """What every event a process published to the feed has."""
+
+    position: str = strawberry.field(description="the feed position (resume after it)")
+    time: datetime
+    source: str = strawberry.field(
+        description="the process that published it (gateway@host:pid, predictive-alerting@...)"
+    )
+
+
 # -- deployments ------------------------------------------------------------------------------
 
 
@@ -180,10 +191,7 @@ def usage_filter(wanted: UsageEventFilter | None, info: Info) -> Callable[[Usage
     description="A change of one deployment's state, as the router of one gateway (streaming, "
     "GraphQL) process saw it: `kind` says which fields are set."
 )
-class DeploymentStateEvent:
-    position: str = strawberry.field(description="the feed position (resume after it)")
-    time: datetime
-    source: str = strawberry.field(description="the process whose router saw it")
+class DeploymentStateEvent(_Published):
     kind: str = strawberry.field(description="breaker, health, drain or load")
     deployment: str
     model: str
@@ -254,10 +262,7 @@ def visible_models(info: Info, model: str | None) -> frozenset[str]:
 
 @shareable
 @strawberry.type(description="An alert that started firing or resolved.")
-class AlertEvent:
-    position: str = strawberry.field(description="the feed position (resume after it)")
-    time: datetime
-    source: str = strawberry.field(description="the predictive-alerting process that raised it")
+class AlertEvent(_Published):
     state: str = strawberry.field(description="firing or resolved")
     rule: str
     severity: str
