@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import orjson
@@ -329,6 +329,28 @@ async def fanout(port: int, redis: str, stream: str, subscribers: int, events: i
     )
 
 
+@contextlib.contextmanager
+def profiled(pid: int, prefix: str | None, part: str) -> Iterator[None]:
+    """py-spy sampling ``pid`` while the block runs (nothing without ``prefix``)."""
+    if prefix is None:
+        yield
+        return
+    out = f"{prefix}-{part}.txt"
+    spy_bin = str(Path(sys.executable).parent / "py-spy")
+    spy = subprocess.Popen(
+        [spy_bin, "record", "--pid", str(pid), "--format", "raw", "--output", out,
+         "--rate", "200", "--nonblocking"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        time.sleep(1.0)  # attached
+        yield
+    finally:
+        spy.send_signal(2)  # SIGINT: py-spy writes its file and exits
+        spy.wait(30)
+        print(f"profile of ({part}): {out}")
+
+
 # -- main -----------------------------------------------------------------------------------------
 
 
@@ -341,7 +363,15 @@ def main() -> None:
     parser.add_argument("--subscribers", type=int, default=1000)
     parser.add_argument("--fanout-events", type=int, default=50)
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/7")
+    parser.add_argument(
+        "--profile",
+        metavar="PREFIX",
+        help="record the graphql-api process with py-spy during (b) and (c): PREFIX-b.txt and "
+        "PREFIX-c.txt, collapsed stacks (pip install py-spy)",
+    )
+    parser.add_argument("--only", choices=("a", "b", "c"), action="append", help="these parts")
     args = parser.parse_args()
+    only = set(args.only or ("a", "b", "c"))
     per_team = max(1, min(100, -(-args.users // args.teams)))
     with tempfile.TemporaryDirectory(prefix="citadel-bench-graphql-") as tmp:
         db = Path(tmp) / "citadel.db"
@@ -376,28 +406,32 @@ def main() -> None:
             procs.append(limits)
             metrics, metrics_port = start(plain, "custom-metrics", "")
             procs.append(metrics)
-            compare(
-                "(a) models and their deployments' state",
-                graphql_call(gql_port, MODELS),
-                rest_calls([(routing_port, "/v1/deployments")]),
-                args.duration,
-            )
-            compare(
-                f"(b) teams -> users -> usage over 30 days ({args.teams} x {per_team})",
-                graphql_call(gql_port, NESTED % per_team),
-                rest_calls(
-                    [
-                        (limits_port, "/v1/teams"),
-                        (limits_port, "/v1/users"),
-                        (metrics_port, "/v1/usage?group_by=user"),
-                    ]
-                ),
-                args.duration,
-            )
-            if args.subscribers > 0:
-                asyncio.run(
-                    fanout(gql_port, args.redis, stream, args.subscribers, args.fanout_events)
+            if "a" in only:
+                compare(
+                    "(a) models and their deployments' state",
+                    graphql_call(gql_port, MODELS),
+                    rest_calls([(routing_port, "/v1/deployments")]),
+                    args.duration,
                 )
+            if "b" in only:
+                with profiled(gql.pid, args.profile, "b"):
+                    compare(
+                        f"(b) teams -> users -> usage over 30 days ({args.teams} x {per_team})",
+                        graphql_call(gql_port, NESTED % per_team),
+                        rest_calls(
+                            [
+                                (limits_port, "/v1/teams"),
+                                (limits_port, "/v1/users"),
+                                (metrics_port, "/v1/usage?group_by=user"),
+                            ]
+                        ),
+                        args.duration,
+                    )
+            if "c" in only and args.subscribers > 0:
+                with profiled(gql.pid, args.profile, "c"):
+                    asyncio.run(
+                        fanout(gql_port, args.redis, stream, args.subscribers, args.fanout_events)
+                    )
         finally:
             for proc in procs:
                 proc.terminate()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -81,6 +82,49 @@ models:
     assert published[0]["from"] == "closed"
     assert published[0]["reason"] == "consecutive_failures"
     assert all(e["source"] == "gw@test" and e["deployment"] == "d-1" for e in published)
+
+
+def test_the_routers_load_is_sampled_each_interval_and_only_when_it_moved(tmp_path: Path) -> None:
+    """Load changes with every request, so it is not published per request: the LoadReporter
+    sends one load event per deployment and interval, and none for an idle deployment."""
+    from citadel.routing.load import LoadReporter
+
+    path = tmp_path / "citadel.yaml"
+    path.write_text(
+        """
+models:
+  - name: pool
+    deployments:
+      - {name: d-1, url: "http://127.0.0.1:9"}
+      - {name: d-2, url: "http://127.0.0.1:9"}
+"""
+    )
+    settings = load_settings(str(path), {})
+
+    async def main() -> list[dict[str, Any]]:
+        feed = MemoryFeed()
+        publisher = Publisher(feed, source="gw@test")
+        await publisher.start()
+        router = Router(settings, registry=Registry(), events=publisher.sink("deployments"))
+        reporter = LoadReporter(router, interval=0.05)
+        await reporter.start()
+        state = router.states["d-1"]
+        await asyncio.sleep(0.12)  # idle: nothing to report
+        for _ in range(30):
+            router.begin(state)
+        router.end(state, time.monotonic(), success=True, latency=0.2)  # the router's clock
+        await asyncio.sleep(0.12)  # reported once, then unchanged
+        await reporter.stop()
+        await publisher.aclose()
+        return await events(feed, "deployments")
+
+    published = asyncio.run(main())
+    assert [("load", "d-1", "pool", 29, 30)] == [
+        (e["kind"], e["deployment"], e["model"], e["in_flight"], e["requests"]) for e in published
+    ]
+    assert published[0]["latency_ewma_seconds"] > 0
+    with pytest.raises(ValueError, match="interval"):
+        LoadReporter(Router(settings, registry=Registry()), interval=0)
 
 
 def test_the_scheduler_publishes_an_alert_when_it_fires_and_when_it_resolves() -> None:

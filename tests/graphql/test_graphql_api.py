@@ -1244,3 +1244,288 @@ def test_every_graphql_over_http_audit_passes(stack: Stack, tmp_path: Path) -> N
         (r["id"], r["name"], r["status"], r["reason"]) for r in results if r["status"] != "ok"
     ]
     assert [] == failed, "\n".join(map(str, failed))
+
+
+# -- deploymentState, alerts, chatCompletionStream ---------------------------------------------
+
+PROTOCOLS = {
+    "graphql-transport-ws": WebsocketsTransport.GRAPHQLWS_SUBPROTOCOL,
+    "graphql-ws": WebsocketsTransport.APOLLO_SUBPROTOCOL,
+}
+
+
+def _ws(stack: Stack, key: str, protocol: str = "graphql-transport-ws") -> Client:
+    transport = WebsocketsTransport(
+        url=stack.ws,
+        init_payload={"authorization": f"Bearer {key}"},
+        subprotocols=[PROTOCOLS[protocol]],
+    )
+    return Client(transport=transport)
+
+
+async def _feed_last(topic: str) -> str:
+    """The newest position of a feed topic's stream (``0-0`` when it has none yet)."""
+    from citadel.feed.redis import stream_key
+
+    client = RedisClient.from_url(REDIS, timeout=2.0)
+    try:
+        rows = await client.execute("XREVRANGE", stream_key(topic), "+", "-", "COUNT", 1)
+    finally:
+        await client.aclose()
+    return rows[0][0].decode() if rows else "0-0"
+
+
+async def _publish_feed(topic: str, event: dict[str, Any]) -> None:
+    """An event as another process's Publisher puts it on the feed."""
+    from citadel.feed.redis import stream_key
+
+    client = RedisClient.from_url(REDIS, timeout=2.0)
+    try:
+        await client.execute("XADD", stream_key(topic), "*", "e", orjson.dumps(event))
+    finally:
+        await client.aclose()
+
+
+async def _collect(
+    stack: Stack,
+    key: str,
+    request: GraphQLRequest,
+    field: str,
+    until: Any,
+    ready: asyncio.Event,
+    protocol: str = "graphql-transport-ws",
+) -> list[dict[str, Any]]:
+    """The events of one subscription until ``until(events)`` holds."""
+    got: list[dict[str, Any]] = []
+    async with _ws(stack, key, protocol) as session:
+        generator = session.subscribe(request)
+        first = asyncio.ensure_future(generator.__anext__())
+        await asyncio.sleep(0.5)  # the subscription reaches the feed's tail
+        ready.set()
+        got.append((await first)[field])
+        while not until(got):
+            got.append((await generator.__anext__())[field])
+        await generator.aclose()
+    return got
+
+
+def _drains(events: list[dict[str, Any]]) -> list[tuple[str, bool]]:
+    return [(e["deployment"], e["drained"]) for e in events if e["kind"] == "drain"]
+
+
+STATE = """subscription ($model: String, $after: String) { deploymentState(model: $model,
+    after: $after) { position kind deployment model source drained healthy breaker inFlight
+    requests time } }"""
+
+
+@pytest.mark.parametrize("protocol", sorted(PROTOCOLS))
+def test_deployment_state_follows_drains_of_the_models_a_key_may_use(
+    stack: Stack, protocol: str
+) -> None:
+    """A drain through this service's router (the routing service's own code) is on the feed's
+    deployments topic, which every gateway's router publishes to as well; Alice's free tier
+    allows llama and echo, never coder."""
+
+    async def main() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        position = await _feed_last("deployments")
+        admin_ready, alice_ready = asyncio.Event(), asyncio.Event()
+        admin = asyncio.create_task(
+            _collect(stack, ADMIN,
+                     GraphQLRequest(STATE, variable_values={"model": "big", "after": position}),
+                     "deploymentState", lambda got: len(_drains(got)) >= 2, admin_ready, protocol)
+        )  # fmt: skip
+        alice = asyncio.create_task(
+            _collect(stack, stack.alice.key, GraphQLRequest(STATE), "deploymentState",
+                     lambda got: len(_drains(got)) >= 2, alice_ready, protocol)
+        )  # fmt: skip
+        await asyncio.wait_for(asyncio.gather(admin_ready.wait(), alice_ready.wait()), 15)
+        # coder's only deployment cannot be drained: a gateway replica's event says it was
+        coder = {"kind": "drain", "deployment": "coder-a", "model": "coder", "drained": True}
+        await _publish_feed("deployments", {**coder, "source": "gateway@x:1", "time": time.time()})
+        await _run_async(stack, 'mutation { drainDeployment(name: "llama-b") { name } }')
+        await _run_async(stack, 'mutation { restoreDeployment(name: "llama-b") { name } }')
+        return await asyncio.wait_for(asyncio.gather(admin, alice), 20)
+
+    try:
+        admin_events, alice_events = asyncio.run(main())
+    finally:
+        run(stack, 'mutation { restoreDeployment(name: "llama-b") { name } }')
+    assert [("llama-b", True), ("llama-b", False)] == _drains(admin_events)  # "big" is llama
+    assert {"llama"} == {e["model"] for e in admin_events}
+    assert all(e["source"].startswith("graphql-api@") for e in admin_events if e["kind"] == "drain")
+    assert [("llama-b", True), ("llama-b", False)] == _drains(alice_events)  # never coder-a
+    assert {"llama", "echo"} >= {e["model"] for e in alice_events}
+    assert admin_events[0]["position"] > "0-0"
+
+
+async def _run_async(
+    stack: Stack, query: str, variables: dict[str, Any] | None = None, key: str = ADMIN
+) -> dict[str, Any]:
+    async with http_session(stack, key) as session:
+        return await session.execute(GraphQLRequest(query, variable_values=variables))
+
+
+def _subscription_errors(
+    stack: Stack, key: str, query: str, variables: dict[str, Any], protocol: str
+) -> list[dict[str, Any]]:
+    async def main() -> None:
+        async with _ws(stack, key, protocol) as session:
+            generator = session.subscribe(GraphQLRequest(query, variable_values=variables))
+            await asyncio.wait_for(generator.__anext__(), 15)
+
+    with pytest.raises(TransportQueryError) as caught:
+        asyncio.run(main())
+    errors: list[dict[str, Any]] = caught.value.errors or []
+    assert errors, "expected GraphQL errors"
+    return errors
+
+
+@pytest.mark.parametrize("protocol", sorted(PROTOCOLS))
+def test_deployment_state_bad_input_is_a_clear_graphql_error(stack: Stack, protocol: str) -> None:
+    errors = _subscription_errors(stack, stack.alice.key, STATE, {"model": "coder"}, protocol)
+    assert ("FORBIDDEN", "model_not_allowed", "model") == tuple(
+        errors[0]["extensions"][k] for k in ("code", "reason", "param")
+    )
+    errors = _subscription_errors(stack, ADMIN, STATE, {"model": "nope"}, protocol)
+    assert "NOT_FOUND" == errors[0]["extensions"]["code"]
+    assert "'nope'" in errors[0]["message"]
+    errors = _subscription_errors(stack, ADMIN, STATE, {"after": "yesterday"}, protocol)
+    assert ("BAD_USER_INPUT", "after") == (
+        errors[0]["extensions"]["code"],
+        errors[0]["extensions"]["param"],
+    )
+    assert "not a feed position" in errors[0]["message"]
+
+
+ALERT_EVENTS = """subscription ($after: String) { alerts(after: $after) { position state rule
+    severity fingerprint labels startsAt endsAt source } }"""
+
+
+def test_alerts_arrive_as_the_predictive_alerting_service_raises_them(stack: Stack) -> None:
+    """The predictive-alerting service (another process, the same config) evaluates Alice's
+    team's budget rule, which fires (her seeded spend is over its threshold): the alert is on the
+    feed's alerts topic, seen by the admin and Alice, never by Bob (no rule of his team)."""
+    alerting_port = free_port()
+    args = [sys.executable, "-m", "citadel", "--config", str(stack.config)]
+
+    async def main() -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+        position = await _feed_last("alerts")
+        request = GraphQLRequest(ALERT_EVENTS, variable_values={"after": position})
+        ready = [asyncio.Event() for _ in range(2)]
+
+        def fired(got: list[dict[str, Any]]) -> bool:
+            return any(e["rule"] == "AliceTeamBudget" for e in got)
+
+        admin = asyncio.create_task(_collect(stack, ADMIN, request, "alerts", fired, ready[0]))
+        alice = asyncio.create_task(
+            _collect(stack, stack.alice.key, request, "alerts", fired, ready[1], "graphql-ws")
+        )
+        bob: list[dict[str, Any]] = []
+
+        async def watch_bob() -> None:
+            async with _ws(stack, stack.bob.key) as session:
+                bob.extend([result["alerts"] async for result in session.subscribe(request)])
+
+        bob_task = asyncio.create_task(watch_bob())
+        await asyncio.wait_for(asyncio.gather(*(r.wait() for r in ready)), 15)
+        service = start_process(
+            [*args, "serve", "predictive-alerting", "--port", str(alerting_port)],
+            alerting_port,
+            env=stack.env,
+            timeout=30,
+        )
+        try:
+            admin_events, alice_events = await asyncio.wait_for(asyncio.gather(admin, alice), 40)
+            await asyncio.sleep(1.0)  # Bob's subscription had the same events to see
+        finally:
+            stop_process(service)
+            bob_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await bob_task
+        return admin_events, alice_events, bob
+
+    admin_events, alice_events, bob_events = asyncio.run(main())
+    alert = next(e for e in admin_events if e["rule"] == "AliceTeamBudget")
+    assert ("firing", "critical", None) == (alert["state"], alert["severity"], alert["endsAt"])
+    assert stack.alice.team == alert["labels"]["team"]
+    assert alert["source"].startswith("predictive-alerting@")
+    assert [alert["fingerprint"]] == [e["fingerprint"] for e in alice_events]
+    assert [] == bob_events
+
+
+STREAM = """subscription ($input: ChatCompletionInput!) { chatCompletionStream(input: $input) {
+    index id model role content finishReason requestId deployment
+    usage { promptTokens completionTokens totalTokens } } }"""
+TBT_MS = 150
+
+
+@pytest.mark.parametrize("protocol", sorted(PROTOCOLS))
+def test_chat_completion_stream_delivers_tokens_before_the_completion_ends(
+    stack: Stack, protocol: str
+) -> None:
+    """The simulator spaces its tokens ``TBT_MS`` apart: the first chunk reaches the subscriber
+    while the model is still generating (long before the last), through the gateway's path in
+    this service (Alice's key: her limits, her usage event in the ledger)."""
+    sim = start_process(
+        [sys.executable, "-m", "citadel", "sim", "--port", str(stack.sim),
+         "--tbt-ms", str(TBT_MS)],
+        stack.sim,
+    )  # fmt: skip
+    given = {"model": "echo", "maxTokens": 8,
+             "messages": [{"role": "user", "content": "count to eight please"}]}  # fmt: skip
+
+    async def main() -> list[tuple[float, dict[str, Any]]]:
+        async with _ws(stack, stack.alice.key, protocol) as session:
+            request = GraphQLRequest(STREAM, variable_values={"input": given})
+            return [
+                (time.monotonic(), result["chatCompletionStream"])
+                async for result in session.subscribe(request)
+            ]
+
+    try:
+        position = asyncio.run(_last_position(stack))
+        arrived = asyncio.run(asyncio.wait_for(main(), 30))
+    finally:
+        stop_process(sim)
+    chunks = [c for _, c in arrived]
+    assert list(range(len(chunks))) == [c["index"] for c in chunks]
+    tokens = [(t, c) for t, c in arrived if c["content"]]
+    assert len(tokens) >= 4, chunks
+    # the first tokens were delivered while the others were still being generated
+    assert tokens[-1][0] - tokens[0][0] >= (len(tokens) - 2) * TBT_MS / 1000 * 0.8
+    assert "".join(c["content"] or "" for c in chunks)
+    last = chunks[-1]
+    assert last["usage"] is not None
+    assert 0 < last["usage"]["completionTokens"] <= 8
+    assert any(c["finishReason"] in ("stop", "length") for c in chunks)
+    assert {"echo-a"} == {c["deployment"] for c in chunks}
+    request_id = chunks[0]["requestId"]
+    event = asyncio.run(_usage_after(stack, position, request_id))
+    assert event is not None, "no usage event for the streamed completion"
+    assert (stack.alice.user, "echo-a", True) == (event.user, event.deployment, event.streamed)
+
+
+@pytest.mark.parametrize("protocol", sorted(PROTOCOLS))
+def test_chat_completion_stream_bad_input_is_a_clear_graphql_error(
+    stack: Stack, protocol: str
+) -> None:
+    given = {"model": "echo", "messages": [{"role": "user", "content": "hi"}]}
+    errors = _subscription_errors(
+        stack, stack.alice.key, STREAM, {"input": {**given, "model": "coder"}}, protocol
+    )
+    assert ("FORBIDDEN", "model_not_allowed") == (
+        errors[0]["extensions"]["code"],
+        errors[0]["extensions"]["reason"],
+    )
+    errors = _subscription_errors(stack, ADMIN, STREAM, {"input": {**given, "model": "nope"}},
+                                  protocol)  # fmt: skip
+    assert "NOT_FOUND" == errors[0]["extensions"]["code"]
+    errors = _subscription_errors(
+        stack, ADMIN, STREAM, {"input": {**given, "extra": {"stream": False}}}, protocol
+    )
+    assert ("BAD_USER_INPUT", "input.extra.stream") == (
+        errors[0]["extensions"]["code"],
+        errors[0]["extensions"]["param"],
+    )
+    errors = _subscription_errors(stack, ADMIN, STREAM, {"input": {"model": "echo"}}, protocol)
+    assert "GRAPHQL_VALIDATION_FAILED" == errors[0]["extensions"]["code"]  # messages missing

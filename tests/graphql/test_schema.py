@@ -87,3 +87,59 @@ def test_bad_page_arguments_name_themselves(window: Window, param: str) -> None:
     with pytest.raises(BadRequest) as caught:
         paginate([1, 2, 3], window)
     assert param == caught.value.param
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part[:1].upper() + part[1:] for part in rest)
+
+
+@pytest.mark.parametrize(
+    ("graphql_type", "reply"),
+    [
+        ("Evaluation", "citadel.alerting.bodies:EvaluationReply"),
+        ("Finding", "citadel.alerting.bodies:FindingReply"),
+        ("ForecastPoint", "citadel.alerting.bodies:ForecastReply"),
+        ("Limits", "citadel.limits.bodies:LimitsReply"),
+        ("Budget", "citadel.metering.bodies:BudgetRow"),
+        ("DeploymentCostItem", "citadel.metering.bodies:CostRow"),
+        ("SavingsItem", "citadel.metering.bodies:SavingsRow"),
+    ],
+)
+def test_graphql_types_have_the_fields_of_the_rest_reply_they_are_made_from(
+    graphql_type: str, reply: str
+) -> None:
+    """A field added to a REST reply is in the graph too (no copy of its fields to drift)."""
+    import importlib
+
+    import msgspec
+
+    module, _, name = reply.partition(":")
+    struct = getattr(importlib.import_module(module), name)
+    wanted = [
+        _camel(f.name)
+        for f in msgspec.structs.fields(struct)
+        if f.name != "object" and not f.name.endswith("_micros")
+    ]
+    served = build_schema()._schema.type_map[graphql_type]
+    assert wanted == list(served.fields)  # type: ignore[attr-defined]
+
+
+def test_a_reply_type_converts_times_ids_nested_replies_and_unset() -> None:
+    from citadel.alerting.bodies import EvaluationReply, FindingReply, ForecastReply
+    from citadel.graphql.alerting import Evaluation
+
+    reply = EvaluationReply(
+        rule="r", kind="forecast", source="up", threshold=1.0, direction="above",
+        severity="warning", at="2026-12-02T08:00:00Z", outcome="firing", error=None,
+        duration_seconds=0.5,
+        findings=[FindingReply(series={"job": "x"}, outcome="firing", detail="d", points=3,
+                               value=2.0, model="linear", crossing_at=None,
+                               forecast=ForecastReply(at=None, mean=1.5, lower=None, upper=None),
+                               score=None)],
+    )  # fmt: skip
+    built = Evaluation.of_reply(reply)
+    assert "2026-12-02T08:00:00+00:00" == built.at.isoformat()
+    assert {"job": "x"} == built.findings[0].series
+    assert 1.5 == built.findings[0].forecast.mean
+    assert built.findings[0].forecast.at is None

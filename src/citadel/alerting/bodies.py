@@ -101,11 +101,11 @@ class FindingReply(msgspec.Struct):
     """The decision for one series, and why."""
 
     series: Annotated[dict[str, str], Meta(description="the series' labels")]
-    outcome: Outcome
+    outcome: Annotated[Outcome, Meta(description="ok, firing, insufficient_history or error")]
     detail: str
     points: int
     value: Annotated[float | None, Meta(description="the last sample")]
-    model: str | None
+    model: Annotated[str | None, Meta(description="the forecasting model used")]
     crossing_at: Annotated[Time | None, Meta(description="when the forecast crosses")]
     forecast: ForecastReply | None
     score: Annotated[float | None, Meta(description="anomaly rules: the score in [0, 1]")]
@@ -145,13 +145,19 @@ class EvaluationReply(msgspec.Struct):
     """One evaluation of one rule: a finding per series, or the error that prevented it."""
 
     rule: str
-    kind: Kind
+    kind: Annotated[Kind, Meta(description="forecast or anomaly")]
     source: Annotated[str, Meta(description="the PromQL, or ledger:METRIC(...)")]
     threshold: float | None
     direction: Direction
     severity: Severity
     at: Time | None
-    outcome: Outcome
+    outcome: Annotated[
+        Outcome,
+        Meta(
+            description="the rule's outcome: error, else firing if any series fires, else the "
+            "most hopeful (ok, insufficient_history)"
+        ),
+    ]
     error: str | None
     duration_seconds: float
     findings: list[FindingReply]

@@ -35,6 +35,7 @@ from citadel.metering.events import UsageSink
 from citadel.metering.sinks import RedisStreamSink, SqlLedgerSink
 from citadel.metrics import Registry
 from citadel.routing.health import HealthProber
+from citadel.routing.load import LoadReporter
 from citadel.routing.router import Router
 from citadel.routing.shared import SharedRoutingState, SyncLoop
 from citadel.service import App, DependencyHealth, service_app
@@ -174,6 +175,10 @@ def create_app(settings: Settings, deps: GatewayDeps) -> App:
         on_transition=shared.on_transition if shared is not None else None,
         events=publisher.sink("deployments") if publisher is not None else None,
     )
+    if publisher is not None:  # and its load, sampled (citadel.routing.load)
+        load = LoadReporter(router)
+        app.on_startup(load.start)
+        app.on_shutdown(load.stop)
     if shared is not None:  # replicas agree on open breakers and drained deployments
         sync = SyncLoop(shared, router)
         app.on_startup(sync.start)

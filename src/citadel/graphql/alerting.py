@@ -29,6 +29,7 @@ from strawberry.scalars import JSON
 from citadel.alerting.alertmanager import Alert as AlertRecord
 from citadel.alerting.alertmanager import AlertBook
 from citadel.alerting.app import AnalyticsSpend, alerting_settings, default_detector_factory
+from citadel.alerting.bodies import EvaluationReply, FindingReply, ForecastReply
 from citadel.alerting.definitions import AlertingSettings, Kind, Rule
 from citadel.alerting.engine import Evaluation as EvaluationRecord
 from citadel.alerting.engine import (
@@ -39,8 +40,8 @@ from citadel.alerting.engine import (
     Source,
     SourceUnavailable,
 )
-from citadel.alerting.engine import Finding as FindingRecord
 from citadel.alerting.prometheus import PrometheusClient, Series
+from citadel.graphql.replies import FromReply, from_reply
 from citadel.http.client import HttpClient
 from citadel.metering.analytics import Analytics
 from citadel.metrics import Registry
@@ -136,6 +137,13 @@ class AlertingView:
                 alerts.append((rule, alert))
         return alerts
 
+    def rule_visible(self, name: str, *, team: str | None) -> bool:
+        """Whether the caller (``team`` None: the admin) may see the alerts of rule ``name``."""
+        if team is None:
+            return True
+        rule = next((r for r in self.settings.rules if r.name == name), None)
+        return rule is not None and _visible(rule, team)
+
 
 def _visible(rule: Rule, team: str | None) -> bool:
     """Every rule for the admin (``team`` None); a user's team's ledger rules for a user."""
@@ -144,84 +152,24 @@ def _visible(rule: Rule, team: str | None) -> bool:
     return rule.ledger is not None and rule.ledger.team == team
 
 
-@strawberry.type(description="A forecast at the end of its horizon, with its interval.")
-class ForecastPoint:
-    at: datetime
-    mean: float | None
-    lower: float | None
-    upper: float | None
+@from_reply(ForecastReply)
+class ForecastPoint(FromReply):
+    """A forecast at the end of its horizon, with its interval."""
 
 
-@strawberry.type(description="The decision for one series of a rule, and why.")
-class Finding:
-    series: JSON = strawberry.field(description="the series' labels")
-    outcome: str = strawberry.field(description="ok, firing, insufficient_history or error")
-    detail: str
-    points: int
-    value: float | None = strawberry.field(description="the last sample")
-    model: str | None = strawberry.field(description="the forecasting model used")
-    crossing_at: datetime | None = strawberry.field(
-        description="when the forecast crosses the threshold"
-    )
-    forecast: ForecastPoint | None
-    score: float | None = strawberry.field(description="anomaly rules: the score in [0, 1]")
-
-    @classmethod
-    def of(cls, finding: FindingRecord) -> Finding:
-        forecast = None
-        if finding.forecast_at is not None:
-            forecast = ForecastPoint(
-                at=datetime.fromtimestamp(finding.forecast_at, UTC),
-                mean=_finite(finding.forecast_mean),
-                lower=_finite(finding.forecast_lower),
-                upper=_finite(finding.forecast_upper),
-            )
-        return cls(
-            series=JSON(dict(finding.series)),
-            outcome=finding.outcome,
-            detail=finding.detail,
-            points=finding.points,
-            value=_finite(finding.value),
-            model=finding.model,
-            crossing_at=_time(finding.crossing_at),
-            forecast=forecast,
-            score=_finite(finding.score),
-        )
+@from_reply(FindingReply, nested={ForecastReply: ForecastPoint})
+class Finding(FromReply):
+    """The decision for one series of a rule, and why."""
 
 
-@strawberry.type(description="The latest evaluation of one alert rule.")
-class Evaluation:
-    rule: str
-    kind: str = strawberry.field(description="forecast or anomaly")
-    source: str = strawberry.field(description="the PromQL, or ledger:METRIC(TEAM)")
-    threshold: float | None
-    direction: str
-    severity: str
-    at: datetime
-    outcome: str = strawberry.field(
-        description="the rule's outcome: error, else firing if any series fires, else the most "
-        "hopeful (ok, insufficient_history)"
-    )
-    error: str | None
-    duration_seconds: float
-    findings: list[Finding]
+@from_reply(EvaluationReply, nested={FindingReply: Finding})
+class Evaluation(FromReply):
+    """The latest evaluation of one alert rule (the predictive-alerting API's reply)."""
 
     @classmethod
     def of(cls, evaluation: EvaluationRecord) -> Evaluation:
-        rule = evaluation.rule
-        return cls(
-            rule=rule.name,
-            kind=rule.kind,
-            source=rule.source,
-            threshold=rule.threshold,
-            direction=rule.direction,
-            severity=rule.severity,
-            at=datetime.fromtimestamp(evaluation.at, UTC),
-            outcome=evaluation.outcome,
-            error=evaluation.error,
-            duration_seconds=evaluation.duration,
-            findings=[Finding.of(f) for f in evaluation.findings],
-        )
+        built: Evaluation = cls.of_reply(EvaluationReply.of(evaluation))
+        return built
 
 
 @strawberry.type(description="An alert firing now, as it is sent to Alertmanager.")

@@ -41,6 +41,7 @@ from citadel.accounts.auth import ADMIN, Authenticator, KeyAuthenticator
 from citadel.accounts.store import AccountStore
 from citadel.errors import ApiError, StoreUnavailable, Unauthorized, Unavailable
 from citadel.feed import Feed
+from citadel.feed.publisher import Publisher
 from citadel.gateway.proxy import Gateway
 from citadel.graphql.alerting import AlertingView
 from citadel.graphql.context import Context, Services, Viewer
@@ -58,6 +59,7 @@ from citadel.metering.sinks import RedisStreamSink, SqlLedgerSink
 from citadel.metrics import Registry
 from citadel.routing.api import Routing
 from citadel.routing.health import HealthProber
+from citadel.routing.load import LoadReporter
 from citadel.routing.router import Router
 from citadel.routing.shared import SharedRoutingState, SyncLoop
 from citadel.settings import Settings
@@ -213,11 +215,16 @@ def _wants_playground(request: Request[Any, Any, Any]) -> bool:
 
 def create_app(settings: Settings, deps: GraphQLDeps) -> Litestar:
     """The GraphQL service: /graphql (HTTP, WebSocket, playground), /health and /metrics."""
+    # This service's router (chatCompletion's path, and its own health probes) publishes its
+    # changes to the feed like every gateway's, so deploymentState sees them too.
+    publisher = Publisher(deps.feed, source=f"graphql-api@{socket.gethostname()}:{os.getpid()}")
     router = Router(
         settings,
         registry=deps.registry,
         on_transition=deps.shared.on_transition if deps.shared is not None else None,
+        events=publisher.sink("deployments"),
     )
+    load = LoadReporter(router)
     loop = (
         None
         if deps.shared is None
@@ -352,12 +359,14 @@ def create_app(settings: Settings, deps: GraphQLDeps) -> Litestar:
         types = len(schema._schema.type_map)
         return DependencyHealth("ok", f"{types} types")
 
-    starts: list[Hook] = [*deps.startup, prober.start]
+    starts: list[Hook] = [*deps.startup, publisher.start, prober.start, load.start]
     stops: list[Hook] = [
         prober.stop,
+        load.stop,
         services.gateway.drain,
         upstream.aclose,
         deps.client.aclose,
+        publisher.aclose,
         deps.feed.aclose,
         deps.accounts.aclose,
         deps.limiter.aclose,

@@ -10,6 +10,12 @@ all the users' keys one ``list_keys``, all the users' usage one grouped analytic
 range, so the SQL statements of a query are bounded by its depth, not by its rows. A
 subscription makes new loaders for every event (``Context.fresh``): a long subscription never
 serves rows cached at its start.
+
+What a loader has already read is answered without awaiting (``members_now``, ``usage_now``),
+and a list field that knows what its items' fields will read starts those reads with its own
+(``Query.teams`` asks for the users and their usage at once when the query selects them): the
+nested levels then resolve synchronously, which in graphql-core costs a fraction of an awaited
+field (bench/graphql_api.py (b): 1,000 users' usage no longer make 1,000 awaitables).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from strawberry.dataloader import DataLoader
 
@@ -105,17 +111,18 @@ class Loaders:
     def __init__(self, services: Services, viewer: Viewer) -> None:
         self._services = services
         self._viewer = viewer
-        self._memo: dict[str, asyncio.Future[object]] = {}
+        self._memo: dict[object, asyncio.Future[object]] = {}
+        self._spans: dict[datetime, TimeRange] = {}
         self.user = DataLoader[str, User | None](self._load_users)
         self.team = DataLoader[str, Team | None](self._load_teams)
         self.members = DataLoader[str, list[User]](self._load_members)
         self.keys = DataLoader[str, list[ApiKey]](self._load_keys)
         self.quota = DataLoader[str, UsageSnapshot | None](self._load_quota)
-        self.usage = DataLoader[tuple[TimeRange, str, str], UsageRow | None](self._load_usage)
+        self._by_team: dict[str, list[User]] | None = None
 
     # the whole lists, read once per request and filtered to what the viewer may see
 
-    async def _once(self, name: str, load: Callable[[], Awaitable[T]]) -> T:
+    async def _once(self, name: object, load: Callable[[], Awaitable[T]]) -> T:
         future = self._memo.get(name)
         if future is None:
             future = asyncio.get_running_loop().create_future()
@@ -157,6 +164,13 @@ class Loaders:
 
         return await self._once("keys", load)
 
+    def _ready(self, name: object) -> Any:
+        """The memoised result of ``name`` if it is in, else ``_PENDING``."""
+        future = self._memo.get(name)
+        if future is None or not future.done() or future.exception() is not None:
+            return _PENDING
+        return future.result()
+
     # the relations
 
     async def _load_users(self, ids: Sequence[str]) -> list[User | None]:
@@ -167,12 +181,25 @@ class Loaders:
         by_id = {t.id: t for t in await self.all_teams()}
         return [by_id.get(i) for i in ids]
 
+    def _members_index(self, users: list[User]) -> dict[str, list[User]]:
+        if self._by_team is None:
+            by_team: dict[str, list[User]] = defaultdict(list)
+            for user in users:
+                if user.team_id is not None:
+                    by_team[user.team_id].append(user)
+            self._by_team = by_team
+        return self._by_team
+
     async def _load_members(self, team_ids: Sequence[str]) -> list[list[User]]:
-        by_team: dict[str, list[User]] = defaultdict(list)
-        for user in await self.all_users():
-            if user.team_id is not None:
-                by_team[user.team_id].append(user)
+        by_team = self._members_index(await self.all_users())
         return [by_team.get(t, []) for t in team_ids]
+
+    def members_now(self, team_id: str) -> list[User] | None:
+        """A team's members (scoped) if the users are read already, else None."""
+        users = self._ready("users")
+        if users is _PENDING:
+            return None
+        return self._members_index(users).get(team_id, [])
 
     async def _load_keys(self, user_ids: Sequence[str]) -> list[list[ApiKey]]:
         by_user: dict[str, list[ApiKey]] = defaultdict(list)
@@ -195,28 +222,34 @@ class Loaders:
 
         return list(await asyncio.gather(*(one(u) for u in users)))
 
-    async def _load_usage(
-        self, keys: Sequence[tuple[TimeRange, str, str]]
-    ) -> list[UsageRow | None]:
-        """Usage of users or teams (``(span, "user"|"team", id)``): one grouped query per span
-        and dimension, whatever the number of ids."""
-        groups: dict[tuple[TimeRange, str], dict[str, UsageRow]] = {}
-        for span, by, _ in keys:
-            if (span, by) not in groups:
-                groups[(span, by)] = {}
-        for span, by in groups:
-            dimension: Dimension = "user" if by == "user" else "team"
+    async def usage_table(self, span: TimeRange, by: str) -> dict[str, UsageRow]:
+        """The usage over ``span`` of every user (``by="user"``) or team the viewer may see,
+        by id: one grouped query per span and dimension, whatever the number of ids."""
+        viewer = self._viewer
+        dimension: Dimension = "user" if by == "user" else "team"
+        allowed = viewer.may_see_user if by == "user" else viewer.may_see_team
+
+        async def load() -> dict[str, UsageRow]:
             rows = await self._services.analytics.usage(span, group_by=(dimension,))
-            groups[(span, by)] = {row.keys[dimension]: row for row in rows}
-        answers: list[UsageRow | None] = []
-        for span, by, ident in keys:
-            allowed = (
-                self._viewer.may_see_user(ident)
-                if by == "user"
-                else self._viewer.may_see_team(ident)
-            )
-            answers.append(groups[(span, by)].get(ident) if allowed else None)
-        return answers
+            return {row.keys[dimension]: row for row in rows if allowed(row.keys[dimension])}
+
+        return await self._once(("usage", by, span), load)
+
+    def default_span(self, now: datetime, make: Callable[[datetime], TimeRange]) -> TimeRange:
+        """``make(now)`` (the default range), computed once per hour of this request."""
+        hour = now.replace(minute=0, second=0, microsecond=0)
+        span = self._spans.get(hour)
+        if span is None:
+            span = self._spans[hour] = make(now)
+        return span
+
+    def usage_now(self, span: TimeRange, by: str) -> dict[str, UsageRow] | None:
+        """``usage_table`` if it is read already, else None."""
+        table = self._ready(("usage", by, span))
+        return None if table is _PENDING else table
+
+
+_PENDING: Final = object()
 
 
 def limits_of(settings: Settings, user: User) -> Limits | None:

@@ -5,7 +5,7 @@ thousand subscribers to ``usageEvents`` that is a thousand identical executions 
 ``SharedEventExecutor`` (the schema's executor class) remembers, for a few recent events, the
 result of each distinct (document text, operation, variables, tenant scope) and hands it to
 every subscriber with the same key: the event object is the same for all of them (the feed
-entry is decoded once, ``schema._usage_event``), and scoping and filtering happen in the
+entry is decoded once, ``live.usage_event``), and scoping and filtering happen in the
 subscription's resolver before the event is yielded, so subscribers with equal keys are owed
 equal answers. Queries and mutations are executed as always.
 """

@@ -4,21 +4,41 @@ bounded by the accounts and the analytics' ``MAX_ROWS``).
 A cursor is the opaque, base64 form of the item's offset in the list (``cursor:<n>``). Every list
 takes ``first``/``after`` (forwards) or ``last``/``before`` (backwards), ``first`` and ``last``
 between 1 and ``MAX_PAGE`` (GitHub's node limit); with neither, the first ``DEFAULT_PAGE`` items.
+
+A list field is written once, as the source of its items: ``connection`` adds the page arguments
+and the paging, so no resolver repeats them.
+
+    @connection("The user's API keys.")
+    async def keys(self, info: Info) -> list[ApiKey]:
+        return [ApiKey.of(k) for k in await context(info).loaders.keys.load(self.record.id)]
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Sequence
+import functools
+import inspect
+import typing
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Final, Generic, TypeVar
+from typing import Any, Final, Generic, TypeVar
 
 import strawberry
 
 from citadel.errors import BadRequest
 
-__all__ = ["DEFAULT_PAGE", "MAX_PAGE", "Connection", "Edge", "PageInfo", "Window", "paginate"]
+__all__ = [
+    "DEFAULT_PAGE",
+    "MAX_PAGE",
+    "Connection",
+    "Edge",
+    "Items",
+    "PageInfo",
+    "Window",
+    "connection",
+    "paginate",
+]
 
 MAX_PAGE: Final = 100
 DEFAULT_PAGE: Final = 20
@@ -120,3 +140,59 @@ def paginate(items: Sequence[T], window: Window) -> Connection[T]:
         ),
         total_count=len(items),
     )
+
+
+Items = list[T] | Awaitable[list[T]]  # what a connection's source returns (sync when it can)
+
+
+async def _paged(items: Awaitable[Sequence[T]], window: Window) -> Connection[T]:
+    return paginate(await items, window)
+
+
+_PAGE_ARGUMENTS: Final = (("first", int | None), ("after", str | None), ("last", int | None),
+                          ("before", str | None))  # fmt: skip
+
+
+def connection(description: str) -> Callable[[Callable[..., Any]], Any]:
+    """A Relay connection field over the items its ``source`` returns (``-> list[T]``, sync or
+    async, with arguments of its own): the field takes those arguments and ``first``, ``after``,
+    ``last``, ``before``, and answers ``Connection[T]``, the page ``paginate`` cuts."""
+
+    def field(source: Callable[..., Any]) -> Any:
+        hints = typing.get_type_hints(source)
+        returned = hints["return"]
+        if typing.get_origin(returned) is not list:  # Items[T]: the list, or an awaitable of it
+            returned = next(a for a in typing.get_args(returned) if typing.get_origin(a) is list)
+        (node,) = typing.get_args(returned)
+        signature = inspect.signature(source)
+        parameters = [
+            p.replace(annotation=hints.get(p.name, p.annotation))
+            for p in signature.parameters.values()
+        ]
+        parameters += [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=kind)
+            for name, kind in _PAGE_ARGUMENTS
+        ]
+
+        @functools.wraps(source)
+        def resolve(
+            *args: Any,
+            first: int | None = None,
+            after: str | None = None,
+            last: int | None = None,
+            before: str | None = None,
+            **kwargs: Any,
+        ) -> Connection[Any] | Awaitable[Connection[Any]]:
+            window = Window(first=first, after=after, last=last, before=before)
+            items = source(*args, **kwargs)
+            if inspect.isawaitable(items):  # graphql-core awaits what a resolver returns
+                return _paged(items, window)
+            return paginate(items, window)
+
+        resolve.__signature__ = signature.replace(  # type: ignore[attr-defined]
+            parameters=parameters,
+            return_annotation=Connection[node],  # type: ignore[valid-type]
+        )
+        return strawberry.field(resolver=resolve, description=description)
+
+    return field

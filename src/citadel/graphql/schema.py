@@ -11,10 +11,10 @@ Mutations need the admin key, except that a user may create and revoke keys of i
 
 from __future__ import annotations
 
+import asyncio
 import enum
-import functools
-from collections.abc import AsyncGenerator
-from datetime import UTC, datetime
+from collections.abc import AsyncGenerator, Awaitable, Sequence
+from datetime import datetime
 from typing import Any
 
 import msgspec
@@ -25,17 +25,37 @@ from strawberry.extensions import MaxAliasesLimiter, MaxTokensLimiter, QueryDept
 from strawberry.scalars import JSON
 from strawberry.schema.config import StrawberryConfig
 from strawberry.types import ExecutionContext, Info
+from strawberry.types.nodes import SelectedField, Selection
 
 from citadel.accounts.store import OVERRIDABLE
 from citadel.alerting.definitions import Kind
 from citadel.errors import ApiError, BadRequest, Forbidden, NotFound, Unavailable
-from citadel.feed import Entry, Lagged
 from citadel.feed.open import USAGE
 from citadel.graphql.alerting import Alert, AlertingView, Evaluation
-from citadel.graphql.chat import ChatCompletion, ChatCompletionInput, complete
-from citadel.graphql.fanout import SharedEventExecutor, shareable
+from citadel.graphql.chat import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionInput,
+    complete,
+    stream,
+)
+from citadel.graphql.fanout import SharedEventExecutor
+from citadel.graphql.live import (
+    ALERTS,
+    DEPLOYMENTS,
+    AlertEvent,
+    DeploymentStateEvent,
+    UsageEvent,
+    UsageEventFilter,
+    alert_event,
+    deployment_event,
+    follow,
+    usage_event,
+    usage_filter,
+    visible_models,
+)
 from citadel.graphql.observe import GraphQLMetrics, OperationMetrics
-from citadel.graphql.pagination import Connection, paginate
+from citadel.graphql.pagination import connection
 from citadel.graphql.persisted import MemoryQueryStore, PersistedQueries, QueryStore
 from citadel.graphql.protect import CostBudget, CostLimiter, Translate
 from citadel.graphql.types import (
@@ -54,13 +74,11 @@ from citadel.graphql.types import (
     UserStatus,
     context,
     default_range,
-    window,
 )
 from citadel.limits.bodies import NewKey
 from citadel.limits.keys import key_terms
 from citadel.limits.policy import usd_to_micros
 from citadel.metering.analytics import savings_by_model
-from citadel.metering.ledger import decode_event
 from citadel.metering.pricing import DeploymentCost
 from citadel.metering.ranges import Dimension, check_group_by
 from citadel.metrics import Registry
@@ -123,35 +141,6 @@ class RouteExplanation:
     evaluations: JSON
 
 
-@shareable
-@strawberry.type(description="One request's usage, as it finished.")
-class UsageEvent:
-    position: str = strawberry.field(description="the feed position (resume after it)")
-    event_id: str
-    time: datetime
-    request_id: str
-    user_id: strawberry.ID
-    team_id: strawberry.ID | None
-    key_id: str
-    tier: str
-    endpoint: str
-    model: str
-    deployment: str
-    prompt_tokens: int
-    completion_tokens: int
-    latency_seconds: float
-    ttft_seconds: float | None
-    status: int
-    streamed: bool
-    cost_usd: float
-    user_record: strawberry.Private[str]
-
-    @strawberry.field(description="The user who made the request (read anew for each event).")
-    async def user(self, info: Info) -> User | None:
-        found = await context(info).loaders.user.load(self.user_record)
-        return None if found is None else User.of(found)
-
-
 def _filters(given: UsageFilter | None, info: Info) -> dict[Dimension, str]:
     viewer = context(info).viewer
     filters: dict[Dimension, str] = {}
@@ -183,6 +172,53 @@ async def _deployment_costs(
     )
 
 
+def _named(selections: Sequence[Selection], name: str) -> list[SelectedField]:
+    """The fields called ``name`` among ``selections`` (through fragments)."""
+    found: list[SelectedField] = []
+    for selection in selections:
+        if isinstance(selection, SelectedField):
+            if selection.name == name:
+                found.append(selection)
+        else:
+            found.extend(_named(selection.selections, name))
+    return found
+
+
+def _items_of(connections: Sequence[SelectedField]) -> list[Selection]:
+    """What is selected of the items of connection fields (``nodes``, ``edges { node }``)."""
+    items: list[Selection] = []
+    for field in connections:
+        for nodes in _named(field.selections, "nodes"):
+            items.extend(nodes.selections)
+        for edges in _named(field.selections, "edges"):
+            for node in _named(edges.selections, "node"):
+                items.extend(node.selections)
+    return items
+
+
+def _prefetch(info: Info, kind: str) -> list[Awaitable[object]]:
+    """The reads a list of teams or users will make for its items' fields, started with the
+    list's own: the members of teams, and the usage (over the default range) of teams and
+    users. The nested fields then find them read (``Loaders.members_now``, ``usage_now``) and
+    resolve without awaiting; the SQL statements are the same as without (one per relation)."""
+    ctx = context(info)
+    loaders = ctx.loaders
+    span = default_range(None, ctx.services.now())
+    items = _items_of([f for f in info.selected_fields if isinstance(f, SelectedField)])
+    reads: list[Awaitable[object]] = []
+    if kind == "team":
+        if any(not u.arguments for u in _named(items, "usage")):
+            reads.append(loaders.usage_table(span, "team"))
+        members = _named(items, "users")
+        if not members:
+            return reads
+        reads.append(loaders.all_users())
+        items = _items_of(members)
+    if any(not u.arguments for u in _named(items, "usage")):
+        reads.append(loaders.usage_table(span, "user"))
+    return reads
+
+
 @strawberry.type
 class Query:
     @strawberry.field(description="Who the caller is (the admin key, or a user's key).")
@@ -194,36 +230,26 @@ class Query:
             team_id=None if v.team_id is None else strawberry.ID(v.team_id),
         )
 
-    @strawberry.field(description="The configured models, their prices and deployments.")
+    @connection("The configured models, their prices and deployments.")
     def models(
         self,
         info: Info,
-        first: int | None = None,
-        after: str | None = None,
-        last: int | None = None,
-        before: str | None = None,
-    ) -> Connection[Model]:
-        models = [Model.of(m) for m in context(info).services.settings.models]
-        return paginate(models, window(first, after, last, before))
+    ) -> list[Model]:
+        return [Model.of(m) for m in context(info).services.settings.models]
 
     @strawberry.field(description="One model by name or alias.")
     def model(self, info: Info, name: str) -> Model | None:
         found = context(info).services.settings.model(name)
         return None if found is None else Model.of(found)
 
-    @strawberry.field(description="The tiers and their limits.")
+    @connection("The tiers and their limits.")
     def tiers(
         self,
         info: Info,
-        first: int | None = None,
-        after: str | None = None,
-        last: int | None = None,
-        before: str | None = None,
-    ) -> Connection[Tier]:
+    ) -> list[Tier]:
         settings = context(info).services.settings
         default = settings.accounts.default_tier
-        tiers = [Tier.of(t, default=t.name == default) for t in settings.tiers]
-        return paginate(tiers, window(first, after, last, before))
+        return [Tier.of(t, default=t.name == default) for t in settings.tiers]
 
     @strawberry.field(
         description="The routing dry run of a request to `model` (a model, alias or `auto`): "
@@ -264,49 +290,41 @@ class Query:
             evaluations=msgspec.to_builtins(result.evaluations),
         )
 
-    @strawberry.field(description="Teams (a user key: its own).")
-    async def teams(
-        self,
-        info: Info,
-        first: int | None = None,
-        after: str | None = None,
-        last: int | None = None,
-        before: str | None = None,
-    ) -> Connection[Team]:
-        teams = await context(info).loaders.all_teams()
-        return paginate([Team.of(t) for t in teams], window(first, after, last, before))
+    @connection("Teams (a user key: its own).")
+    async def teams(self, info: Info) -> list[Team]:
+        loaders = context(info).loaders
+        prefetched = asyncio.gather(*_prefetch(info, "team"))  # running beside the teams' read
+        teams = await loaders.all_teams()
+        await prefetched
+        return [Team.of(t) for t in teams]
 
     @strawberry.field(description="One team (null: none, or not the caller's).")
     async def team(self, info: Info, id: strawberry.ID) -> Team | None:
         found = await context(info).loaders.team.load(str(id))
         return None if found is None else Team.of(found)
 
-    @strawberry.field(description="Users, optionally of one team (a user key: itself).")
+    @connection("Users, optionally of one team (a user key: itself).")
     async def users(
         self,
         info: Info,
         team_id: strawberry.ID | None = None,
-        first: int | None = None,
-        after: str | None = None,
-        last: int | None = None,
-        before: str | None = None,
-    ) -> Connection[User]:
+    ) -> list[User]:
         loaders = context(info).loaders
+        prefetched = asyncio.gather(*_prefetch(info, "user"))
         users = (
             await loaders.all_users()
             if team_id is None
             else await loaders.members.load(str(team_id))
         )
-        return paginate([User.of(u) for u in users], window(first, after, last, before))
+        await prefetched
+        return [User.of(u) for u in users]
 
     @strawberry.field(description="One user (null: none, or not the caller).")
     async def user(self, info: Info, id: strawberry.ID) -> User | None:
         found = await context(info).loaders.user.load(str(id))
         return None if found is None else User.of(found)
 
-    @strawberry.field(
-        description="Usage from the ledger, grouped and bucketed (a user key: its own)."
-    )
+    @connection("Usage from the ledger, grouped and bucketed (a user key: its own).")
     async def usage(
         self,
         info: Info,
@@ -314,11 +332,7 @@ class Query:
         filter: UsageFilter | None = None,
         range: TimeRangeInput | None = None,
         bucket: UsageBucket = UsageBucket.NONE,
-        first: int | None = None,
-        after: str | None = None,
-        last: int | None = None,
-        before: str | None = None,
-    ) -> Connection[Usage]:
+    ) -> list[Usage]:
         dims = check_group_by(d.value for d in group_by or ())
         span = default_range(range, _now(info), bucket.value)
         rows = await context(info).services.analytics.usage(
@@ -327,20 +341,16 @@ class Query:
             bucket=bucket.value,
             filters=_filters(filter, info),
         )
-        return paginate([Usage.of(r) for r in rows], window(first, after, last, before))
+        return [Usage.of(r) for r in rows]
 
-    @strawberry.field(description="The largest users (teams, models...) by a metric (admin).")
+    @connection("The largest users (teams, models...) by a metric (admin).")
     async def top_users(
         self,
         info: Info,
         by: UsageDimension = UsageDimension.USER,
         metric: UsageMetric = UsageMetric.COST,
         range: TimeRangeInput | None = None,
-        first: int | None = None,
-        after: str | None = None,
-        last: int | None = None,
-        before: str | None = None,
-    ) -> Connection[Usage]:
+    ) -> list[Usage]:
         context(info).viewer.require_admin("topUsers")
         span = default_range(range, _now(info))
         rows = await context(info).services.analytics.top(
@@ -349,47 +359,33 @@ class Query:
             metric=metric.value,
             limit=100,
         )
-        return paginate([Usage.of(r) for r in rows], window(first, after, last, before))
+        return [Usage.of(r) for r in rows]
 
-    @strawberry.field(description="Each deployment's charged and infrastructure cost (admin).")
+    @connection("Each deployment's charged and infrastructure cost (admin).")
     async def costs(
         self,
         info: Info,
         range: TimeRangeInput | None = None,
-        first: int | None = None,
-        after: str | None = None,
-        last: int | None = None,
-        before: str | None = None,
-    ) -> Connection[DeploymentCostItem]:
+    ) -> list[DeploymentCostItem]:
         costs = await _deployment_costs(info, range, "costs")
-        items = [DeploymentCostItem.of(c) for c in costs]
-        return paginate(items, window(first, after, last, before))
+        return [DeploymentCostItem.of(c) for c in costs]
 
-    @strawberry.field(description="Savings against each model's reference price (admin).")
+    @connection("Savings against each model's reference price (admin).")
     async def savings(
         self,
         info: Info,
         range: TimeRangeInput | None = None,
-        first: int | None = None,
-        after: str | None = None,
-        last: int | None = None,
-        before: str | None = None,
-    ) -> Connection[SavingsItem]:
+    ) -> list[SavingsItem]:
         costs = await _deployment_costs(info, range, "savings")
         settings = context(info).services.settings
-        items = [SavingsItem.of(s) for s in savings_by_model(costs, settings)]
-        return paginate(items, window(first, after, last, before))
+        return [SavingsItem.of(s) for s in savings_by_model(costs, settings)]
 
-    @strawberry.field(description="This month's spend against budget, of users or teams.")
+    @connection("This month's spend against budget, of users or teams.")
     async def budgets(
         self,
         info: Info,
         scope: UsageDimension = UsageDimension.TEAM,
-        first: int | None = None,
-        after: str | None = None,
-        last: int | None = None,
-        before: str | None = None,
-    ) -> Connection[Budget]:
+    ) -> list[Budget]:
         if scope not in (UsageDimension.USER, UsageDimension.TEAM):
             raise BadRequest("'scope' must be USER or TEAM.", param="scope")
         ctx = context(info)
@@ -411,49 +407,34 @@ class Query:
                 else ctx.viewer.may_see_team(r.id)
             )
         ]
-        return paginate([Budget.of(r) for r in visible], window(first, after, last, before))
+        return [Budget.of(r) for r in visible]
 
-    @strawberry.field(
-        description="The latest forecast of each forecast rule (a user key: its team's spend "
+    @connection(
+        "The latest forecast of each forecast rule (a user key: its team's spend "
         "forecasts), evaluated by the predictive-alerting modules at most once per interval."
     )
     async def forecasts(
         self,
         info: Info,
-        first: int | None = None,
-        after: str | None = None,
-        last: int | None = None,
-        before: str | None = None,
-    ) -> Connection[Evaluation]:
-        return paginate(await _evaluations(info, "forecast"), window(first, after, last, before))
+    ) -> list[Evaluation]:
+        return await _evaluations(info, "forecast")
 
-    @strawberry.field(
-        description="The latest anomaly score of each anomaly rule (a user key: its team's)."
-    )
+    @connection("The latest anomaly score of each anomaly rule (a user key: its team's).")
     async def anomalies(
         self,
         info: Info,
-        first: int | None = None,
-        after: str | None = None,
-        last: int | None = None,
-        before: str | None = None,
-    ) -> Connection[Evaluation]:
-        return paginate(await _evaluations(info, "anomaly"), window(first, after, last, before))
+    ) -> list[Evaluation]:
+        return await _evaluations(info, "anomaly")
 
-    @strawberry.field(description="The alerts firing now (a user key: its team's).")
+    @connection("The alerts firing now (a user key: its team's).")
     async def alerts(
         self,
         info: Info,
-        first: int | None = None,
-        after: str | None = None,
-        last: int | None = None,
-        before: str | None = None,
-    ) -> Connection[Alert]:
+    ) -> list[Alert]:
         ctx = context(info)
         view = _alerting(info)
         firing = await view.firing(team=None if ctx.viewer.admin else ctx.viewer.team_id or "")
-        items = [Alert.of(rule, alert) for rule, alert in firing]
-        return paginate(items, window(first, after, last, before))
+        return [Alert.of(rule, alert) for rule, alert in firing]
 
 
 def _alerting(info: Info) -> AlertingView:
@@ -729,53 +710,6 @@ def _camel(name: str) -> str:
 # -- subscriptions ----------------------------------------------------------------------------
 
 
-@strawberry.input(description="Only the events matching these (each optional).")
-class UsageEventFilter:
-    user: str | None = None
-    team: str | None = None
-    model: str | None = None
-
-
-@functools.lru_cache(maxsize=1024)
-def _usage_event(entry: Entry) -> UsageEvent:
-    """The event of a feed entry, decoded once for all the subscribers it reaches."""
-    event = decode_event(entry.data)
-    return UsageEvent(
-        position=entry.position,
-        event_id=event.event_id,
-        time=datetime.fromtimestamp(event.time, UTC),
-        request_id=event.request_id,
-        user_id=strawberry.ID(event.user),
-        team_id=strawberry.ID(event.team) if event.team else None,
-        key_id=event.key_id,
-        tier=event.tier,
-        endpoint=event.endpoint,
-        model=event.model,
-        deployment=event.deployment,
-        prompt_tokens=event.prompt_tokens,
-        completion_tokens=event.completion_tokens,
-        latency_seconds=event.latency_seconds,
-        ttft_seconds=event.ttft_seconds,
-        status=event.status,
-        streamed=event.streamed,
-        cost_usd=event.cost_micros / 1_000_000,
-        user_record=event.user,
-    )
-
-
-def _matches(event: UsageEvent, wanted: UsageEventFilter | None, info: Info) -> bool:
-    viewer = context(info).viewer
-    if not viewer.may_see_user(str(event.user_id)):
-        return False
-    if wanted is None:
-        return True
-    return (
-        (wanted.user is None or wanted.user == str(event.user_id))
-        and (wanted.team is None or wanted.team == (event.team_id or ""))
-        and (wanted.model is None or wanted.model == event.model)
-    )
-
-
 @strawberry.type
 class Subscription:
     @strawberry.subscription(
@@ -788,22 +722,63 @@ class Subscription:
         filter: UsageEventFilter | None = None,
         after: str | None = None,
     ) -> AsyncGenerator[UsageEvent, None]:
+        async for event in follow(info, USAGE, after, usage_event, usage_filter(filter, info)):
+            yield event
+
+    @strawberry.subscription(
+        description="Changes of the deployments' state (breaker, health, drain, load) of "
+        "`model` (a name or alias; default: every model the key may use), from the routers of "
+        "every gateway, streaming and GraphQL process; `after` resumes from a position."
+    )
+    async def deployment_state(
+        self,
+        info: Info,
+        model: str | None = None,
+        after: str | None = None,
+    ) -> AsyncGenerator[DeploymentStateEvent, None]:
+        models = visible_models(info, model)
+        async for event in follow(
+            info, DEPLOYMENTS, after, deployment_event, lambda e: e.model in models
+        ):
+            yield event
+
+    @strawberry.subscription(
+        description="Alerts as the predictive-alerting service raises and resolves them (a user "
+        "key: its team's ledger rules'); `after` resumes from a position."
+    )
+    async def alerts(
+        self, info: Info, after: str | None = None
+    ) -> AsyncGenerator[AlertEvent, None]:
         ctx = context(info)
+        viewer = ctx.viewer
+        view = ctx.services.alerting
+        team = None if viewer.admin else viewer.team_id or ""
+
+        def keep(event: AlertEvent) -> bool:
+            if team is None:
+                return True
+            return view is not None and view.rule_visible(event.rule, team=team)
+
+        async for event in follow(info, ALERTS, after, alert_event, keep):
+            yield event
+
+    @strawberry.subscription(
+        description="One chat completion through the gateway's own path (as chatCompletion), "
+        "streamed: each chunk of tokens as the deployment sends it, the last with the usage."
+    )
+    async def chat_completion_stream(
+        self, info: Info, input: ChatCompletionInput
+    ) -> AsyncGenerator[ChatCompletionChunk, None]:
+        ctx = context(info)
+        gateway = ctx.services.gateway
+        if gateway is None:
+            raise Unavailable("chatCompletionStream is not configured in this service.")
+        chunks = await stream(gateway, ctx.authorization, input)
         try:
-            subscription = ctx.services.feed.subscribe(USAGE, after=after)
-        except ValueError as exc:
-            raise BadRequest(str(exc), param="after") from exc
-        async with subscription as sub:
-            async for item in sub:
-                if isinstance(item, Lagged):
-                    continue  # a slow reader skips ahead; its position says where it is
-                try:
-                    event = _usage_event(item)
-                except (ValueError, KeyError):
-                    continue
-                if _matches(event, filter, info):
-                    ctx.fresh()  # each event reads the stores anew
-                    yield event
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            await chunks.aclose()
 
 
 class _Schema(strawberry.Schema):

@@ -5,6 +5,7 @@ so a relation costs one batched read per request whatever the number of parents.
 from __future__ import annotations
 
 import enum
+from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -15,9 +16,12 @@ from strawberry.types import Info
 from citadel.accounts import store as accounts
 from citadel.errors import Unauthorized
 from citadel.graphql.context import Context, limits_of
-from citadel.graphql.pagination import Connection, Window, paginate
+from citadel.graphql.pagination import Items, connection
+from citadel.graphql.replies import FromReply, from_reply
+from citadel.limits.bodies import LimitsReply
 from citadel.limits.decision import Limits as LimitValues
 from citadel.limits.decision import LimitUsage
+from citadel.metering.bodies import BudgetRow, CostRow, SavingsRow
 from citadel.metering.budgets import BudgetUse
 from citadel.metering.pricing import DeploymentCost, Savings
 from citadel.metering.ranges import TimeRange
@@ -89,10 +93,6 @@ def default_range(given: TimeRangeInput | None, now: datetime, bucket: str = "no
     return TimeRange.checked(start, end, bucket)  # type: ignore[arg-type]
 
 
-def window(first: int | None, after: str | None, last: int | None, before: str | None) -> Window:
-    return Window(first=first, after=after, last=last, before=before)
-
-
 @strawberry.enum(description="Whether a user's keys work.")
 class UserStatus(enum.Enum):
     ACTIVE = "active"
@@ -102,25 +102,14 @@ class UserStatus(enum.Enum):
 # -- limits, quota, usage ---------------------------------------------------------------------
 
 
-@strawberry.type(description="Limits in force (a tier with a user's overrides); null: unlimited.")
-class Limits:
-    requests_per_minute: int | None
-    tokens_per_minute: int | None
-    concurrent_requests: int | None
-    tokens_per_day: int | None
-    tokens_per_month: int | None
-    cost_per_month_usd: float | None
+@from_reply(LimitsReply)
+class Limits(FromReply):
+    """Limits in force (a tier with a user's overrides); null: unlimited."""
 
     @classmethod
     def of(cls, limits: LimitValues) -> Limits:
-        return cls(
-            requests_per_minute=limits.requests_per_minute,
-            tokens_per_minute=limits.tokens_per_minute,
-            concurrent_requests=limits.concurrent_requests,
-            tokens_per_day=limits.tokens_per_day,
-            tokens_per_month=limits.tokens_per_month,
-            cost_per_month_usd=usd(limits.cost_per_month_micros),
-        )
+        built: Limits = cls.of_reply(LimitsReply.of(limits))
+        return built
 
 
 @strawberry.type(description="The current use of one limit.")
@@ -282,24 +271,20 @@ class User:
         snapshot = await context(info).loaders.quota.load(self.record.id)
         return None if snapshot is None else [Quota.of(u) for u in snapshot.limits]
 
-    @strawberry.field(description="The user's API keys, oldest first (never their secrets).")
+    @connection("The user's API keys, oldest first (never their secrets).")
     async def keys(
         self,
         info: Info,
-        first: int | None = None,
-        after: str | None = None,
-        last: int | None = None,
-        before: str | None = None,
-    ) -> Connection[ApiKey]:
+    ) -> list[ApiKey]:
         keys = await context(info).loaders.keys.load(self.record.id)
-        return paginate([ApiKey.of(k) for k in keys], window(first, after, last, before))
+        return [ApiKey.of(k) for k in keys]
 
-    @strawberry.field(description="The user's usage over a range (default: the last 30 days).")
-    async def usage(self, info: Info, range: TimeRangeInput | None = None) -> Usage:
-        ctx = context(info)
-        span = default_range(range, ctx.services.now())
-        row = await ctx.loaders.usage.load((span, "user", self.record.id))
-        return Usage.empty({"user": self.record.id}) if row is None else Usage.of(row)
+    @strawberry.field(
+        description="The user's usage over a range (default: the last 30 days).",
+        graphql_type=Usage,
+    )
+    def usage(self, info: Info, range: TimeRangeInput | None = None) -> Usage | Awaitable[Usage]:
+        return usage_of(info, range, "user", self.record.id)
 
 
 @strawberry.type
@@ -320,24 +305,51 @@ class Team:
             budget_usd=usd(team.budget_micros),
         )
 
-    @strawberry.field(description="The team's members (a user key: only itself).")
-    async def users(
-        self,
-        info: Info,
-        first: int | None = None,
-        after: str | None = None,
-        last: int | None = None,
-        before: str | None = None,
-    ) -> Connection[User]:
-        members = await context(info).loaders.members.load(str(self.id))
-        return paginate([User.of(u) for u in members], window(first, after, last, before))
+    @connection("The team's members (a user key: only itself).")
+    def users(self, info: Info) -> Items[User]:
+        loaders = context(info).loaders
+        members = loaders.members_now(str(self.id))  # read already (Query.teams prefetches)
+        if members is not None:
+            return [User.of(u) for u in members]
+        return _users(loaders.members.load(str(self.id)))
 
-    @strawberry.field(description="The team's usage over a range (default: the last 30 days).")
-    async def usage(self, info: Info, range: TimeRangeInput | None = None) -> Usage:
-        ctx = context(info)
-        span = default_range(range, ctx.services.now())
-        row = await ctx.loaders.usage.load((span, "team", str(self.id)))
-        return Usage.empty({"team": str(self.id)}) if row is None else Usage.of(row)
+    @strawberry.field(
+        description="The team's usage over a range (default: the last 30 days).",
+        graphql_type=Usage,
+    )
+    def usage(self, info: Info, range: TimeRangeInput | None = None) -> Usage | Awaitable[Usage]:
+        return usage_of(info, range, "team", str(self.id))
+
+
+async def _users(members: Awaitable[list[accounts.User]]) -> list[User]:
+    return [User.of(u) for u in await members]
+
+
+def usage_of(
+    info: Info, given: TimeRangeInput | None, by: str, ident: str
+) -> Usage | Awaitable[Usage]:
+    """The usage of a user or team: at once when the request's table for the range is read
+    already (a list above prefetched it), else once it is."""
+    ctx = context(info)
+    now = ctx.services.now()
+    span = (
+        ctx.loaders.default_span(now, lambda at: default_range(None, at))
+        if given is None
+        else default_range(given, now)
+    )
+    table = ctx.loaders.usage_now(span, by)
+    if table is not None:
+        return _usage_row(table, by, ident)
+    return _usage_later(ctx, span, by, ident)
+
+
+def _usage_row(table: dict[str, UsageRow], by: str, ident: str) -> Usage:
+    row = table.get(ident)
+    return Usage.empty({by: ident}) if row is None else Usage.of(row)
+
+
+async def _usage_later(ctx: Context, span: TimeRange, by: str, ident: str) -> Usage:
+    return _usage_row(await ctx.loaders.usage_table(span, by), by, ident)
 
 
 # -- models and deployments --------------------------------------------------------------------
@@ -456,15 +468,11 @@ class Model:
         tiers = context(info).services.settings.tiers
         return [t.name for t in tiers if any(t.allows(n) for n in names)]
 
-    @strawberry.field(description="The model's deployments and their live state.")
+    @connection("The model's deployments and their live state.")
     def deployments(
         self,
         info: Info,
-        first: int | None = None,
-        after: str | None = None,
-        last: int | None = None,
-        before: str | None = None,
-    ) -> Connection[Deployment]:
+    ) -> list[Deployment]:
         from citadel.routing.shared import deployment_rows
 
         services = context(info).services
@@ -473,88 +481,37 @@ class Model:
             for r in deployment_rows(services.router, services.monotonic())
             if r["model"] == self.name
         ]
-        return paginate([Deployment.of(r) for r in rows], window(first, after, last, before))
+        return [Deployment.of(r) for r in rows]
 
 
 # -- analytics --------------------------------------------------------------------------------
 
 
-@strawberry.type(description="One deployment over a range: what it served and what it cost.")
-class DeploymentCostItem:
-    deployment: str
-    model: str
-    configured: bool
-    gpus: int
-    gpu_hour_usd: float
-    hours: float
-    requests: int
-    tokens: int
-    charged_usd: float
-    infra_usd: float
-    reference_usd: float | None
-    tokens_per_hour: float
+@from_reply(CostRow)
+class DeploymentCostItem(FromReply):
+    """One deployment over a range: what it served and what it cost (the ledger API's row)."""
 
     @classmethod
     def of(cls, cost: DeploymentCost) -> DeploymentCostItem:
-        return cls(
-            deployment=cost.deployment,
-            model=cost.model,
-            configured=cost.configured,
-            gpus=cost.gpus,
-            gpu_hour_usd=cost.gpu_hour_usd,
-            hours=cost.hours,
-            requests=cost.totals.requests,
-            tokens=cost.totals.tokens,
-            charged_usd=cost.totals.cost_micros / 1_000_000,
-            infra_usd=cost.infra_micros / 1_000_000,
-            reference_usd=usd(cost.reference_micros),
-            tokens_per_hour=cost.tokens_per_hour,
-        )
+        built: DeploymentCostItem = cls.of_reply(CostRow.of(cost))
+        return built
 
 
-@strawberry.type(description="What serving a model ourselves saved against its reference price.")
-class SavingsItem:
-    model: str
-    requests: int
-    tokens: int
-    charged_usd: float
-    infra_usd: float
-    reference_usd: float | None
-    savings_usd: float | None
-    savings_vs_charged_usd: float | None
+@from_reply(SavingsRow)
+class SavingsItem(FromReply):
+    """What serving a model ourselves saved against its reference price (the ledger API's row)."""
 
     @classmethod
     def of(cls, item: Savings) -> SavingsItem:
-        return cls(
-            model=item.model,
-            requests=item.totals.requests,
-            tokens=item.totals.tokens,
-            charged_usd=item.totals.cost_micros / 1_000_000,
-            infra_usd=item.infra_micros / 1_000_000,
-            reference_usd=usd(item.reference_micros),
-            savings_usd=usd(item.savings_micros),
-            savings_vs_charged_usd=usd(item.savings_vs_charged_micros),
-        )
+        built: SavingsItem = cls.of_reply(SavingsRow.of(item))
+        return built
 
 
-@strawberry.type(description="This month's spend of a user or team against its budget.")
-class Budget:
-    scope: str
-    id: strawberry.ID
-    name: str
-    spent_usd: float
-    budget_usd: float | None
-    remaining_usd: float | None
-    utilisation: float | None
+@from_reply(BudgetRow)
+class Budget(FromReply):
+    """This month's spend of a user or team against its budget (the ledger API's row)."""
 
     @classmethod
     def of(cls, row: BudgetUse) -> Budget:
-        return cls(
-            scope=row.scope,
-            id=strawberry.ID(row.id),
-            name=row.name,
-            spent_usd=row.spent_micros / 1_000_000,
-            budget_usd=usd(row.budget_micros),
-            remaining_usd=usd(row.remaining_micros),
-            utilisation=row.utilisation,
-        )
+        built: Budget = cls.of_reply(BudgetRow.of(row))
+        return built

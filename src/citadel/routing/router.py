@@ -157,6 +157,7 @@ class Router:
         # Each change of a deployment's state (breaker, health, drain) as a JSON object, for the
         # event feed's ``deployments`` topic; called on changes only, never per request.
         self._events = events
+        self._load_marks = dict.fromkeys(self.states, (0, 0))  # (in flight, requests)
         self._decisions = registry.counter(ROUTING_DECISIONS)
         self._retries = registry.counter(ROUTING_RETRIES)
         self._transitions = registry.counter(BREAKER_TRANSITIONS)
@@ -338,6 +339,32 @@ class Router:
                 {"kind": "drain", "deployment": name, "model": state.model, "drained": drained}
             )
         return state
+
+    def report_load(self, now: float) -> int:
+        """A ``load`` event for each deployment whose in-flight count or request total moved
+        since the last report (``citadel.routing.load`` calls this on an interval, so the feed
+        carries load at a bounded rate, never per request); returns how many were sent."""
+        if self._events is None:
+            return 0
+        sent = 0
+        for state in self.states.values():
+            mark = (state.in_flight, state.requests)
+            if self._load_marks.get(state.name) == mark:
+                continue
+            self._load_marks[state.name] = mark
+            self._events(
+                {
+                    "kind": "load",
+                    "deployment": state.name,
+                    "model": state.model,
+                    "in_flight": state.in_flight,
+                    "requests": state.requests,
+                    "latency_ewma_seconds": state.latency.value(now),
+                    "error_rate_ewma": state.errors.value(now),
+                }
+            )
+            sent += 1
+        return sent
 
     def snapshot(self, now: float) -> list[dict[str, Any]]:
         """Every deployment's state, for the routing service and /health."""

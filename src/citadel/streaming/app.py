@@ -19,6 +19,7 @@ from citadel.gateway.proxy import Gateway
 from citadel.metering.events import UsageEvent, UsageSink
 from citadel.metering.ledger import encode_event
 from citadel.metrics import Registry
+from citadel.routing.load import LoadReporter
 from citadel.routing.router import Router
 from citadel.settings import Settings
 from citadel.streaming.api import StreamingApi, handlers
@@ -71,6 +72,7 @@ def create_app(settings: Settings, deps: StreamingDeps) -> Litestar:
     g = deps.gateway
     source = f"streaming-api@{socket.gethostname()}:{os.getpid()}"
     publisher = Publisher(deps.feed, source=source)
+    router = Router(settings, registry=deps.registry, events=publisher.sink("deployments"))
     gateway = Gateway(
         settings,
         client=g.client,
@@ -78,11 +80,12 @@ def create_app(settings: Settings, deps: StreamingDeps) -> Litestar:
         registry=deps.registry,
         usage=g.usage,
         limiter=g.limiter,
-        router=Router(settings, registry=deps.registry, events=publisher.sink("deployments")),
+        router=router,
     )
+    load = LoadReporter(router)
     api = StreamingApi(gateway, g.authenticator, deps.feed, deps.registry)
     metrics = MetricsDigest(deps.feed, owner=source)
-    starts = [getattr(g.usage, "start", None), publisher.start, metrics.start]
+    starts = [getattr(g.usage, "start", None), publisher.start, metrics.start, load.start]
     grace = settings.gateway.shutdown_grace_seconds
 
     async def finish_generations() -> None:
@@ -93,6 +96,7 @@ def create_app(settings: Settings, deps: StreamingDeps) -> Litestar:
         g.client.aclose,
         deps.feed.aclose,
         finish_generations,
+        load.stop,
         publisher.aclose,
         metrics.aclose,
         api.shutdown,

@@ -43,6 +43,10 @@ def serve(app: Litestar, *, host: str, port: int, grace: float = 30.0) -> int:
         log_config=None,  # citadel.log configured logging already
         access_log=False,
         server_header=False,
+        # No permessage-deflate: the WebSocket messages here are small JSON (subscription events,
+        # chunks), and compressing each one for each subscriber was a tenth of the GraphQL
+        # service's time in a 1,000-subscriber fan-out (bench/graphql_api.py), its clients' too.
+        ws_per_message_deflate=False,
         timeout_graceful_shutdown=int(grace),
     )
     server = _Server(config)
