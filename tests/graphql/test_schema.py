@@ -136,10 +136,11 @@ def test_a_reply_type_converts_times_ids_nested_replies_and_unset() -> None:
         findings=[FindingReply(series={"job": "x"}, outcome="firing", detail="d", points=3,
                                value=2.0, model="linear", crossing_at=None,
                                forecast=ForecastReply(at=None, mean=1.5, lower=None, upper=None),
-                               score=None)],
+                               score=None, warming_up=True)],
     )  # fmt: skip
     built = Evaluation.of_reply(reply)
     assert "2026-12-02T08:00:00+00:00" == built.at.isoformat()
     assert {"job": "x"} == built.findings[0].series
     assert 1.5 == built.findings[0].forecast.mean
     assert built.findings[0].forecast.at is None
+    assert built.findings[0].warming_up is True
