@@ -71,3 +71,37 @@ def test_a_budget_set_mid_month_counts_the_months_spend_already_in_the_ledger(
     first, again = asyncio.run(main())
     assert (0.3, 0.7) == (first["spent_usd"], first["remaining_usd"])
     assert (0.3, 1.7) == (again["spent_usd"], again["remaining_usd"])
+
+
+# Strawberry's Litestar handler leaves its `context` and `root_value` dependencies inferred (their code, not ours)
+@pytest.mark.filterwarnings("ignore:.*Inferred dependency field")
+def test_a_budget_set_through_graphql_counts_the_months_spend_too(tmp_path: Path) -> None:
+    """GraphQL's updateTeam(budgetUsd:) starts the team's counter where the REST PUT does: at
+    the month's spend in the ledger (read back through the rate-limiting API, same Redis)."""
+    from citadel.graphql.app import create_app as create_graphql
+    from citadel.graphql.app import default_deps as graphql_deps
+
+    uri = f"sqlite+aiosqlite:///{tmp_path / 'a.db'}"
+    config = tmp_path / "citadel.yaml"
+    config.write_text(f'accounts: {{database: "{uri}"}}\nlimits: {{backend: "{REDIS}"}}\n')
+    settings = load_settings(str(config), {"CITADEL_ADMIN_KEY": ADMIN, "CITADEL_ENV": "test"})
+    headers = {"authorization": f"Bearer {ADMIN}"}
+
+    async def main() -> dict[str, float]:
+        team_id = await _seed(uri, time.time())
+        mutation = "mutation ($id: ID!) { updateTeam(id: $id, input: {budgetUsd: 1}) { id } }"
+        async with AsyncTestClient(create_graphql(settings, graphql_deps(settings))) as graphql:
+            reply = await graphql.post(
+                "/graphql",
+                json={"query": mutation, "variables": {"id": team_id}},
+                headers=headers,
+            )
+            assert 200 == reply.status_code and "errors" not in reply.json(), reply.text
+        async with AsyncTestClient(create_app(settings, default_deps(settings))) as rest:
+            budget = await rest.get(f"/v1/teams/{team_id}/budget", headers=headers)
+            assert 200 == budget.status_code, budget.text
+            shown: dict[str, float] = budget.json()
+            return shown
+
+    shown = asyncio.run(main())
+    assert (1.0, 0.3, 0.7) == (shown["budget_usd"], shown["spent_usd"], shown["remaining_usd"])

@@ -76,6 +76,7 @@ from citadel.graphql.types import (
     default_range,
 )
 from citadel.limits.bodies import NewKey
+from citadel.limits.budgets import LedgerTeamSpend, count_ledger_spend
 from citadel.limits.keys import key_terms
 from citadel.limits.policy import usd_to_micros
 from citadel.metering.analytics import savings_by_model
@@ -609,6 +610,10 @@ class Mutation:
             await accounts.set_team_budget(
                 team_id, None if budget is None else usd_to_micros(budget)
             )
+            services = ctx.services
+            if budget is not None and services.limiter_is_shared:  # as the REST budget PUT
+                spend = LedgerTeamSpend(services.analytics, services.settings.limits.timezone)
+                await count_ledger_spend(team_id, services.limiter, spend, services.clock())
         found = next(t for t in await accounts.list_teams() if t.id == team_id)
         return Team.of(found)
 

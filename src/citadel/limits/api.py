@@ -13,18 +13,17 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Annotated, Literal, Protocol, TypeVar
+from typing import Annotated, Literal, TypeVar
 from zoneinfo import ZoneInfo
 
 import msgspec
 from litestar import Controller, Response, delete, get, patch, post, put
 from litestar.openapi import ResponseSpec
 from litestar.params import FromPath, FromQuery, JSONBody
-from sqlalchemy.exc import SQLAlchemyError
 
 from citadel.accounts.auth import key_scope_limits
 from citadel.accounts.store import AccountStore, ApiKey, NotFoundError, Team, User
-from citadel.errors import BadRequest, CitadelError, Conflict, Forbidden, NotFound
+from citadel.errors import BadRequest, Conflict, Forbidden, NotFound
 from citadel.limits.bodies import (
     DEFAULT,
     Check,
@@ -46,6 +45,7 @@ from citadel.limits.bodies import (
     UserReply,
     timestamp,
 )
+from citadel.limits.budgets import TeamSpend, count_ledger_spend
 from citadel.limits.decision import Limiter, Limits, Scope
 from citadel.limits.keys import key_terms
 from citadel.limits.maths import periods
@@ -55,20 +55,12 @@ from citadel.metrics import LIMITER_DECISIONS, Counter, Registry
 from citadel.settings import Settings, Tier
 from citadel.web import Injected, Listing, errors
 
-__all__ = ["CONTROLLERS", "Rules", "TeamSpend"]
+__all__ = ["CONTROLLERS", "Rules"]
 
 _log = logging.getLogger("citadel.limits")
 
 T = TypeVar("T")
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
-
-
-class TeamSpend(Protocol):
-    """The usage ledger's view of a team's spend."""
-
-    async def month_to_date(self, team_id: str, now: float) -> int:
-        """Micro-USD the team's members spent this month (in ``limits.timezone``)."""
-        ...
 
 
 @dataclass(slots=True)
@@ -201,24 +193,6 @@ async def _team_budget(team: Team, limiter: Limiter, rules: Rules) -> TeamBudget
     )
 
 
-async def _count_ledger_spend(team: Team, limiter: Limiter, rules: Rules) -> None:
-    """A budget set mid-month counts what the team spent this month before it (the ledger's
-    figure; the counter is only ever raised to it, so nothing is counted twice). A ledger that
-    cannot be read leaves the counter as it is, with a warning."""
-    if rules.ledger is None:
-        return
-    now = rules.clock()
-    try:
-        spent = await rules.ledger.month_to_date(team.id, now)
-    except (SQLAlchemyError, CitadelError) as exc:
-        _log.warning(
-            "the team's spend so far could not be read from the ledger",
-            extra={"team": team.id, "error": str(exc)},
-        )
-        return
-    await limiter.count_team_spend(team.id, spent, now)
-
-
 async def _require_team(accounts: AccountStore, team_id: str) -> None:
     if all(team.id != team_id for team in await accounts.list_teams()):
         raise NotFound(f"No team has id {team_id!r}.", param="team_id")
@@ -301,7 +275,7 @@ class TeamsController(Controller):
         budget = None if data.budget_usd is None else micros(data.budget_usd)
         team = await _stored(accounts.set_team_budget(team_id, budget), "team", team_id)
         if budget is not None:
-            await _count_ledger_spend(team, limiter, rules)
+            await count_ledger_spend(team.id, limiter, rules.ledger, rules.clock())
         return await _team_budget(team, limiter, rules)
 
 

@@ -17,10 +17,8 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
 from litestar import Litestar
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from citadel.accounts.store import AccountStore, ConflictError, NotFoundError
 from citadel.errors import (
@@ -32,10 +30,10 @@ from citadel.errors import (
     Unavailable,
 )
 from citadel.health import DependencyHealth, store_scheme
-from citadel.limits.api import CONTROLLERS, Rules, TeamSpend
+from citadel.limits.api import CONTROLLERS, Rules
+from citadel.limits.budgets import LedgerTeamSpend, TeamSpend
 from citadel.limits.decision import Limiter
 from citadel.metering.analytics import Analytics
-from citadel.metering.ranges import month_range
 from citadel.metrics import Registry
 from citadel.settings import Settings
 from citadel.web import create_service, provide
@@ -66,19 +64,6 @@ class RateLimitDeps:
     close: tuple[Hook, ...] = ()
 
 
-class LedgerTeamSpend:
-    """A team's spend this month (``limits.timezone``) as the usage ledger holds it."""
-
-    def __init__(self, engine: AsyncEngine, timezone: str) -> None:
-        self._analytics = Analytics(engine)
-        self._timezone = timezone
-
-    async def month_to_date(self, team_id: str, now: float) -> int:
-        span = month_range(datetime.fromtimestamp(now, UTC), self._timezone)
-        rows = await self._analytics.usage(span, group_by=("team",), filters={"team": team_id})
-        return sum(int(row.cost_micros) for row in rows)
-
-
 def default_deps(settings: Settings) -> RateLimitDeps:
     """Production wiring: the SQL accounts store, connected on first use, and the limiter of
     ``limits.backend``. The embedded SQLite database is created or upgraded at start; a
@@ -96,7 +81,7 @@ def default_deps(settings: Settings) -> RateLimitDeps:
 
     engine = build_engine(settings.metering.database or uri)
     return RateLimitDeps(
-        ledger=LedgerTeamSpend(engine, limits.timezone),
+        ledger=LedgerTeamSpend(Analytics(engine), limits.timezone),
         close=(engine.dispose,),
         accounts=open_store_lazily(uri),
         limiter=create_limiter(
