@@ -73,7 +73,8 @@ def test_a_budget_set_mid_month_counts_the_months_spend_already_in_the_ledger(
     assert (0.3, 1.7) == (again["spent_usd"], again["remaining_usd"])
 
 
-# Strawberry's Litestar handler leaves its `context` and `root_value` dependencies inferred (their code, not ours)
+# Strawberry's Litestar handler leaves its `context` and `root_value` dependencies inferred
+# (their code, not ours)
 @pytest.mark.filterwarnings("ignore:.*Inferred dependency field")
 def test_a_budget_set_through_graphql_counts_the_months_spend_too(tmp_path: Path) -> None:
     """GraphQL's updateTeam(budgetUsd:) starts the team's counter where the REST PUT does: at
@@ -96,7 +97,8 @@ def test_a_budget_set_through_graphql_counts_the_months_spend_too(tmp_path: Path
                 json={"query": mutation, "variables": {"id": team_id}},
                 headers=headers,
             )
-            assert 200 == reply.status_code and "errors" not in reply.json(), reply.text
+            assert 200 == reply.status_code, reply.text
+            assert "errors" not in reply.json(), reply.text
         async with AsyncTestClient(create_app(settings, default_deps(settings))) as rest:
             budget = await rest.get(f"/v1/teams/{team_id}/budget", headers=headers)
             assert 200 == budget.status_code, budget.text
