@@ -100,3 +100,42 @@ def _leaves(exc: BaseException) -> list[BaseException]:
     if isinstance(exc, BaseExceptionGroup):
         return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
     return [exc]
+
+
+def test_graphqls_alerting_view_resolves_team_names_too(tmp_path: Path) -> None:
+    """GraphQL evaluates the alerting rules in place: its rule given by team name watches that
+    team's id as the predictive-alerting service's does."""
+    from citadel.graphql.alerting import AlertingView
+    from citadel.metering.analytics import Analytics
+    from citadel.metering.migrate import LEDGER
+    from citadel.settings import load_settings
+    from citadel.stores.sql import build_engine
+
+    uri = f"sqlite+aiosqlite:///{tmp_path / 'a.db'}"
+    config = tmp_path / "citadel.yaml"
+    config.write_text(
+        f'accounts: {{database: "{uri}"}}\n'
+        "alerting:\n  defaults: false\n  rules:\n"
+        "    - {name: Research, kind: forecast, threshold: 5, horizon_seconds: month_end,\n"
+        "       ledger: {metric: team_spend, team: research}}\n"
+    )
+    settings = load_settings(str(config), {"CITADEL_ENV": "test"})
+
+    async def run() -> tuple[str, str | None]:
+        await LEDGER.upgrade(uri)
+        store = await open_store(uri, migrate=True)
+        engine = build_engine(uri)
+        try:
+            team = await store.create_team("research")
+            view = AlertingView(settings, Analytics(engine), accounts=store)
+            await view.refresh()
+            [rule] = view.settings.rules
+            assert rule.ledger is not None
+            assert view.scheduler.settings is view.settings
+            return team.id, rule.ledger.team
+        finally:
+            await engine.dispose()
+            await store.aclose()
+
+    team_id, watched = asyncio.run(run())
+    assert team_id == watched

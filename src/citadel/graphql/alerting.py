@@ -17,6 +17,7 @@ admin's.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from typing import Any
 import strawberry
 from strawberry.scalars import JSON
 
+from citadel.accounts.store import AccountStore
 from citadel.alerting.alertmanager import Alert as AlertRecord
 from citadel.alerting.alertmanager import AlertBook
 from citadel.alerting.app import AnalyticsSpend, alerting_settings, default_detector_factory
@@ -41,11 +43,15 @@ from citadel.alerting.engine import (
     SourceUnavailable,
 )
 from citadel.alerting.prometheus import PrometheusClient, Series
+from citadel.alerting.teams import resolve_teams
+from citadel.errors import CitadelError, ConfigError
 from citadel.graphql.replies import FromReply, from_reply
 from citadel.http.client import HttpClient
 from citadel.metering.analytics import Analytics
 from citadel.metrics import Registry
 from citadel.settings import Settings
+
+_log = logging.getLogger("citadel.graphql")
 
 __all__ = ["Alert", "AlertingView", "Evaluation", "Finding", "ForecastPoint"]
 
@@ -76,8 +82,10 @@ class AlertingView:
         *,
         http: HttpClient | None = None,
         clock: Callable[[], float] = time.time,
+        accounts: AccountStore | None = None,
     ) -> None:
         self.settings: AlertingSettings = alerting_settings(settings)
+        self._accounts = accounts  # ledger rules' team names become ids (``_resolve``)
         self._clock = clock
         evaluator = Evaluator(
             detector_factory=default_detector_factory(),
@@ -109,9 +117,24 @@ class AlertingView:
         )
         self._lock = asyncio.Lock()
 
+    async def _resolve(self) -> None:
+        """Ledger rules' team names as ids, once, as the predictive-alerting service does at its
+        start. A team neither service knows is that service's start error; here it is logged and
+        the rule kept as written. An unreadable store is tried again at the next refresh."""
+        accounts, self._accounts = self._accounts, None
+        if accounts is None:
+            return
+        try:
+            self.settings = self.scheduler.settings = await resolve_teams(self.settings, accounts)
+        except ConfigError as exc:
+            _log.warning("a ledger rule names an unknown team", extra={"error": str(exc)})
+        except CitadelError:
+            self._accounts = accounts
+
     async def refresh(self) -> None:
         """Evaluate every rule unless that was done less than an interval ago."""
         async with self._lock:
+            await self._resolve()
             last = self.scheduler.last_run
             if last is None or self._clock() - last >= self.settings.interval_seconds:
                 await self.scheduler.evaluate_all()

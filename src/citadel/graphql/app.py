@@ -241,7 +241,9 @@ def create_app(settings: Settings, deps: GraphQLDeps) -> Litestar:
         shared=deps.shared,
         limiter_is_shared=deps.limiter_is_shared,
         clock=deps.clock,
-        alerting=AlertingView(settings, deps.analytics, http=deps.client, clock=deps.clock),
+        alerting=AlertingView(
+            settings, deps.analytics, http=deps.client, clock=deps.clock, accounts=deps.accounts
+        ),
         routing=Routing(
             settings=settings, router=router, shared=deps.shared, loop=loop, clock=time.monotonic
         ),
