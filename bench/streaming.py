@@ -17,13 +17,29 @@ connection cap): events/s delivered to each, and the delivery latency p50/p99 (p
 the payload to the moment a subscriber parses it). The reference is the same events read with a
 plain ``XREAD BLOCK`` loop on Redis, in the same run (ratio of events/s). A subscriber that falls
 more than 1,000 events behind gets ``lagged`` instead (counted and printed).
+
+(a) ``--idle N`` WebSocket connections (default 10,000), authenticated and then left idle, on
+the service's one worker: its RSS before and while they are held (``/proc``), per connection,
+and ``/health`` p50/p99 while they are held against the same with none (the reference). Each
+key may hold 64 connections and subscriptions, so the bench makes one key per 30.
+
+(c) ``--fanout 1000,10000``: that many WebSocket subscribers of ``alerts``, then
+``--fanout-events`` events published one at a time (XADD, a pause between): per event, the time
+from the XADD to each subscriber's frame (p50/p99 over every delivery) and to the last
+subscriber's (p50/p99 over the events); the reference is a plain ``XREAD BLOCK`` reader of the
+same stream in the same run. These clients are a few lines of asyncio protocol (the upgrade,
+pongs, a timestamp per frame), so that one client process can hold 10,000 of them and cost far
+less per frame than the server does.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import contextlib
 import os
+import resource
 import socket
 import statistics
 import subprocess
@@ -215,6 +231,229 @@ async def events(port: int, redis_url: str, count: int, subscribers: int) -> dic
     }
 
 
+class RawWs(asyncio.Protocol):
+    """A WebSocket client with no library: the upgrade, pongs to pings, and the arrival time
+    and payload of every data frame."""
+
+    def __init__(self, key: str) -> None:
+        nonce = base64.b64encode(os.urandom(16)).decode()
+        self.request = (
+            "GET /v1/ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {nonce}\r\n"
+            f"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer {key}\r\n\r\n"
+        ).encode()
+        self.opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.Transport | None = None
+        self.buffer = b""
+        self.upgraded = False
+        self.closed = False
+        self.frames: list[tuple[float, bytes]] = []
+        self.waiter: asyncio.Future[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.write(self.request)
+
+    def send(self, payload: bytes, opcode: int = 0x1) -> None:
+        assert self.transport is not None
+        assert len(payload) < 126
+        # Masked with a zero key: XOR with zeros leaves the payload as it is.
+        self.transport.write(bytes((0x80 | opcode, 0x80 | len(payload))) + b"\0\0\0\0" + payload)
+
+    def data_received(self, data: bytes) -> None:
+        now = time.perf_counter()
+        self.buffer += data
+        if not self.upgraded:
+            head, sep, rest = self.buffer.partition(b"\r\n\r\n")
+            if not sep:
+                return
+            if not head.startswith(b"HTTP/1.1 101"):
+                self.opened.set_exception(RuntimeError(head.split(b"\r\n")[0].decode()))
+                return
+            self.upgraded, self.buffer = True, rest
+            self.opened.set_result(None)
+        buf = self.buffer
+        while len(buf) >= 2:
+            size, at = buf[1] & 0x7F, 2
+            if size >= 126:
+                at = 4 if size == 126 else 10
+                if len(buf) < at:
+                    break
+                size = int.from_bytes(buf[2:at], "big")
+            if len(buf) < at + size:
+                break
+            opcode, payload, buf = buf[0] & 0x0F, buf[at : at + size], buf[at + size :]
+            if opcode == 0x9:
+                self.send(payload, 0xA)
+            elif opcode == 0x8:
+                self.closed = True
+            elif opcode in (0x1, 0x2):
+                self.frames.append((now, payload))
+                if self.waiter is not None and not self.waiter.done():
+                    self.waiter.set_result(None)
+        self.buffer = buf
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if not self.opened.done():
+            self.opened.set_exception(exc or ConnectionError("closed before the upgrade"))
+
+    async def frame(self, n: int) -> None:
+        """Wait until ``n`` data frames have arrived."""
+        while len(self.frames) < n:
+            self.waiter = asyncio.get_running_loop().create_future()
+            await self.waiter
+
+
+def make_keys(config: Path, count: int) -> list[str]:
+    """``count`` API keys of one new user, straight into the accounts database."""
+    from citadel.accounts.sql import open_store
+
+    async def make() -> list[str]:
+        store = await open_store(
+            f"sqlite+aiosqlite:///{config.parent / 'accounts.db'}", migrate=False
+        )
+        try:
+            user = await store.create_user(
+                name="bench", email=f"bench-{os.urandom(6).hex()}@example.com", tier="free"
+            )
+            return [(await store.create_key(user.id, name=f"b{i}"))[1] for i in range(count)]
+        finally:
+            await store.aclose()
+
+    return asyncio.run(make())
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+async def open_many(port: int, keys: list[str], n: int, per_key: int) -> list[RawWs]:
+    loop = asyncio.get_running_loop()
+    clients: list[RawWs] = []
+    for offset in range(0, n, 250):  # 250 handshakes at a time: the listen backlog is ~2048
+        batch = [RawWs(keys[i // per_key]) for i in range(offset, min(n, offset + 250))]
+        await asyncio.gather(
+            *(loop.create_connection(lambda c=c: c, "127.0.0.1", port) for c in batch)
+        )
+        await asyncio.wait_for(asyncio.gather(*(c.opened for c in batch)), 60)
+        clients += batch
+    return clients
+
+
+async def health_times(port: int, calls: int) -> list[float]:
+    times = []
+    async with httpx.AsyncClient(timeout=30) as client:
+        for _ in range(calls):
+            started = time.perf_counter()
+            (await client.get(f"http://127.0.0.1:{port}/health")).raise_for_status()
+            times.append(time.perf_counter() - started)
+    return sorted(times)
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
+
+
+async def idle(port: int, pid: int, keys: list[str], n: int, calls: int) -> dict[str, float]:
+    reference = await health_times(port, calls)
+    before = rss_kib(pid)
+    clients = await open_many(port, keys, n, 30)
+    await asyncio.sleep(3)  # let the service settle (allocations, the per-key counts)
+    held = rss_kib(pid)
+    loaded = await health_times(port, calls)
+    still_open = sum(not c.closed for c in clients)
+    for c in clients:
+        assert c.transport is not None
+        c.transport.close()
+    await asyncio.sleep(1)
+    return {
+        "connections": n,
+        "open_after": still_open,
+        "rss_before_mib": before / 1024,
+        "rss_held_mib": held / 1024,
+        "kib_per_connection": (held - before) / n,
+        "health_ref_p50_ms": pct(reference, 0.5) * 1000,
+        "health_ref_p99_ms": pct(reference, 0.99) * 1000,
+        "health_p50_ms": pct(loaded, 0.5) * 1000,
+        "health_p99_ms": pct(loaded, 0.99) * 1000,
+    }
+
+
+async def fanout(
+    port: int, redis_url: str, keys: list[str], n: int, events: int
+) -> dict[str, float]:
+    from citadel.feed.redis import stream_key
+    from citadel.stores.redis import RedisClient
+
+    key = stream_key("alerts")
+    clients = await open_many(port, keys, n, 30)
+    for c in clients:
+        c.send(b'{"type":"subscribe","id":"s","topics":["alerts"]}')
+    await asyncio.wait_for(asyncio.gather(*(c.frame(1) for c in clients)), 120)
+    assert all(b'"subscribed"' in c.frames[0][1] for c in clients), clients[0].frames[0]
+    publisher = RedisClient.from_url(redis_url, timeout=5)
+    reader = RedisClient.from_url(redis_url, timeout=5)
+    deliveries: list[float] = []
+    last: list[float] = []
+    raw: list[float] = []
+    missed = 0
+    try:
+        for i in range(events):
+            position = await reader.execute("XREVRANGE", key, "+", "-", "COUNT", 1)
+            after = position[0][0].decode() if position else "0-0"
+            read = asyncio.create_task(
+                reader.execute("XREAD", "COUNT", 10, "BLOCK", 5000, "STREAMS", key, after)
+            )
+            await asyncio.sleep(0.05)  # the XREAD is blocked before the event exists
+            started = time.perf_counter()
+            await publisher.execute("XADD", key, "MAXLEN", "~", 10_000, "*", "e", b'{"n":%d}' % i)
+            await read
+            raw.append(time.perf_counter() - started)
+            waiting = [c.frame(i + 2) for c in clients if not c.closed]
+            with contextlib.suppress(TimeoutError):  # a socket closed meanwhile never gets it
+                await asyncio.wait_for(asyncio.gather(*waiting), 30)
+            times = [c.frames[i + 1][0] - started for c in clients if len(c.frames) > i + 1]
+            missed += len(clients) - len(times)
+            deliveries += times
+            last.append(max(times))
+            await asyncio.sleep(0.2)
+    finally:
+        await publisher.aclose()
+        await reader.aclose()
+        for c in clients:
+            assert c.transport is not None
+            c.transport.close()
+    lagged = sum(b'"lagged"' in payload for c in clients for _, payload in c.frames)
+    await asyncio.sleep(1)
+    return {
+        "subscribers": n,
+        "events": events,
+        "p50_ms": pct(deliveries, 0.5) * 1000,
+        "p99_ms": pct(deliveries, 0.99) * 1000,
+        "last_p50_ms": pct(last, 0.5) * 1000,
+        "last_p99_ms": pct(last, 0.99) * 1000,
+        "xread_p50_ms": pct(raw, 0.5) * 1000,
+        "lagged": lagged,
+        "missed": missed,
+    }
+
+
+def raise_nofile(need: int) -> None:
+    """The soft descriptor limit up to the hard one (the services started here inherit it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    if soft != resource.RLIM_INFINITY and soft < need:
+        raise SystemExit(f"RLIMIT_NOFILE is {soft}; {need} descriptors are needed (ulimit -Hn)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--completions", type=int, default=192)
@@ -223,9 +462,18 @@ def main() -> int:
     parser.add_argument("--events", type=int, default=5000)
     parser.add_argument("--subscribers", type=int, default=32)
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/15")
+    parser.add_argument("--idle", type=int, default=10_000, help="(a) idle connections")
+    parser.add_argument("--health-calls", type=int, default=300)
+    parser.add_argument("--fanout", default="1000,10000", help="(c) subscriber counts")
+    parser.add_argument("--fanout-events", type=int, default=10)
+    parser.add_argument("--parts", default="a,b,c,e", help="which of a, b, c, e to run")
     args = parser.parse_args()
     if args.subscribers > 64:
         parser.error("--subscribers: at most 64 (the per-key connection cap)")
+    parts = set(args.parts.split(","))
+    sizes = [int(n) for n in args.fanout.split(",") if n] if "c" in parts else []
+    most = max([args.idle if "a" in parts else 0, *sizes])
+    raise_nofile(most + 1000)
     with tempfile.TemporaryDirectory() as tmp:
         sim, gw, st = free_port(), free_port(), free_port()
         config = Path(tmp) / "citadel.yaml"
@@ -256,6 +504,30 @@ models:
                 start([*base, "serve", "gateway", "--port", str(gw), "--workers", "1"], gw, env)
             )
             procs.append(start([*base, "serve", "streaming-api", "--port", str(st)], st, env))
+            keys = make_keys(config, -(-most // 30)) if most else []
+            if "a" in parts:
+                a = asyncio.run(idle(st, procs[-1].pid, keys, args.idle, args.health_calls))
+                print(
+                    f"(a) {a['connections']} idle WebSocket connections ({a['open_after']:.0f} "
+                    f"still open when measured): RSS {a['rss_before_mib']:.1f} -> "
+                    f"{a['rss_held_mib']:.1f} MiB, {a['kib_per_connection']:.1f} KiB per "
+                    f"connection; /health p50/p99 {a['health_p50_ms']:.2f}/"
+                    f"{a['health_p99_ms']:.2f} ms held, {a['health_ref_p50_ms']:.2f}/"
+                    f"{a['health_ref_p99_ms']:.2f} ms with none (reference)",
+                    flush=True,
+                )
+            for size in sizes:
+                f = asyncio.run(fanout(st, args.redis, keys, size, args.fanout_events))
+                print(
+                    f"(c) one event to {size} WebSocket subscribers, {f['events']:.0f} events: "
+                    f"delivery p50 {f['p50_ms']:.1f} ms, p99 {f['p99_ms']:.1f} ms; last "
+                    f"subscriber p50 {f['last_p50_ms']:.1f} ms, p99 {f['last_p99_ms']:.1f} ms; "
+                    f"plain XREAD p50 {f['xread_p50_ms']:.2f} ms (reference); "
+                    f"lagged: {f['lagged']:.0f}; not delivered: {f['missed']:.0f}",
+                    flush=True,
+                )
+            if not parts & {"b", "e"}:
+                return 0
             n, c, k = args.completions, args.concurrency, args.tokens
             asyncio.run(completions("sse", gw, c, c, k))  # warm-up
             asyncio.run(completions("websocket", st, c, c, k))

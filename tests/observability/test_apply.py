@@ -100,20 +100,21 @@ async def test_apply_writes_the_rules_reloads_prometheus_and_health_then_matches
         body = reply.json()
         assert body == {
             "path": str(rules / RULE_FILE),
-            "groups": 4,
+            "groups": 5,  # recording, platform, two SLOs, the model's recording
             "reloaded": True,
             "prometheus": f"http://127.0.0.1:{port}",
         }
         assert [p.name for p in rules.iterdir()] == [RULE_FILE]  # no temporary file left
         after = (await c.get("/health")).json()["dependencies"]["prometheus"]
-        assert after == {"status": "ok", "detail": "4 rule groups loaded"}
+        assert after == {"status": "ok", "detail": "5 rule groups loaded"}
         # Another SLO set: Prometheus now runs rules that differ from these.
         other = ObservabilityDeps(slos=default_slos(["sim-code"]))
         async with AsyncTestClient(create_rules_app(s, other)) as c2:
             differs = (await c2.get("/health")).json()["dependencies"]["prometheus"]
             assert differs["status"] == "degraded"
-            assert "missing: citadel-slo-sim-code-availability" in differs["detail"]
-            assert "extra: citadel-slo-sim-chat-availability" in differs["detail"]
+            detail = differs["detail"]
+            assert "missing: citadel-recording-sim-code, citadel-slo-sim-code-avail" in detail
+            assert "extra: citadel-recording-sim-chat, citadel-slo-sim-chat-avail" in detail
 
 
 async def test_an_unreachable_prometheus_is_a_502_that_says_so(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from citadel import metrics as m
 from citadel.errors import ConfigError
 from citadel.observability import promtool
 from citadel.observability.names import Slo, default_slos, parse_slos
@@ -127,6 +128,7 @@ def test_parsed_slos_generate_one_group_each() -> None:
     assert [g["name"] for g in groups][2:] == [
         "citadel-slo-sim-chat-availability",
         "citadel-slo-sim-chat-ttft",
+        "citadel-recording-sim-chat",
     ]
     assert 'le="0.5"' in yaml.safe_dump(groups[3])
 
@@ -155,6 +157,72 @@ def test_an_slo_with_no_failures_records_a_ratio_of_zero_not_nothing() -> None:
     }
     outcome = promtool.run_tests([slo], {"rule_files": ["citadel.rules.yml"], "tests": [case]})
     assert outcome.ok, outcome.output
+
+
+def test_recording_rules_cover_every_model_once_whether_it_has_its_own_group_or_not() -> None:
+    """The per-deployment rules run model by model (``citadel-recording-m``) and, for any model
+    not configured, in ``citadel-recording``: each series is recorded exactly once, and the
+    quantiles read the bucket rate recorded in the same evaluation."""
+    slo = Slo(model="m.1", kind="availability", objective=99.9)
+    spec = m.GATEWAY_REQUEST_DURATION
+    series = []
+    for model in ("m.1", "m21", "other"):  # m21 would match an unescaped "m.1"
+        route = f'model="{model}",deployment="{model}-a"'
+        series.append(
+            {"series": f'{m.GATEWAY_REQUESTS.name}{{{route},status="200"}}', "values": "0+30x40"}
+        )
+        # Every request in the second bucket: p99 is inside it, the same for every model.
+        for bound in spec.buckets:
+            count = "0+0x40" if bound == spec.buckets[0] else "0+30x40"
+            series.append(
+                {
+                    "series": f'{spec.name}_bucket{{endpoint="chat",{route},le="{bound!r}"}}',
+                    "values": count,
+                }
+            )
+        series.append(
+            {
+                "series": f'{spec.name}_bucket{{endpoint="chat",{route},le="+Inf"}}',
+                "values": "0+30x40",
+            }
+        )
+    p99 = "model_deployment:gen_ai_server_request_duration_seconds:p99_5m"
+    rate = "model_deployment:citadel_gateway_requests:rate5m"
+    low, high = spec.buckets[0], spec.buckets[1]
+    expected = low + (high - low) * 0.99
+    case = {
+        "interval": "30s",
+        "input_series": series,
+        "promql_expr_test": [
+            {
+                "expr": f"count by (model) ({name})",
+                "eval_time": "10m",
+                "exp_samples": [
+                    {"labels": f'{{model="{model}"}}', "value": 1}
+                    for model in ("m.1", "m21", "other")
+                ],
+            }
+            for name in (p99, rate)
+        ]
+        + [
+            {
+                "expr": f'{p99}{{model="{model}"}}',
+                "eval_time": "10m",
+                "exp_samples": [
+                    {
+                        "labels": f'{p99}{{model="{model}",deployment="{model}-a"}}',
+                        "value": expected,
+                    }
+                ],
+            }
+            for model in ("m.1", "other")
+        ],
+    }
+    outcome = promtool.run_tests([slo], {"rule_files": ["citadel.rules.yml"], "tests": [case]})
+    assert outcome.ok, outcome.output
+    # Not evaluated twice either: the shared group leaves the configured model out.
+    shared = rule_groups([slo])[0]["rules"]
+    assert all('model!~"m[.]1"' in r["expr"] for r in shared if r["record"].startswith("model"))
 
 
 def test_each_platform_alerts_runbook_shows_its_expression_as_generated() -> None:

@@ -20,6 +20,7 @@ functions here, tested without a server.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import time
@@ -31,8 +32,9 @@ from importlib import resources
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
+import msgspec
 import orjson
-from litestar import Controller, Response, get, post
+from litestar import Controller, Request, Response, get, post
 from litestar.exceptions import NotFoundException
 from litestar.params import FromPath, FromQuery
 
@@ -283,6 +285,8 @@ class Console:
     prometheus_url: str | None = None  # the data source provisioned into Grafana
     http: HttpClient | None = None  # closed on shutdown when the console made it
     cache: _Cache = field(default_factory=_Cache)
+    # Whole panel answers as sent (JSON bytes and their ETag), kept as long as their queries'.
+    answers: _Cache = field(default_factory=_Cache)
     clock: Any = time.time
 
     @classmethod
@@ -402,6 +406,7 @@ class ConsoleController(Controller):
     )
     async def query(
         self,
+        request: Request[Any, Any, Any],
         console: Injected[Console],
         dashboard: FromQuery[str],
         panel: FromQuery[int],
@@ -411,12 +416,32 @@ class ConsoleController(Controller):
         model: FromQuery[str | None] = None,
         deployment: FromQuery[str | None] = None,
         team: FromQuery[str | None] = None,
-    ) -> PanelData:
+    ) -> Response[PanelData]:
+        """A cached answer is sent as it was encoded: no query, no re-rendering."""
         board = _board(dashboard)
         if not 0 <= panel < len(board.panels):
             raise NotFound(f"Dashboard {board.uid!r} has no panel {panel}.", param="panel")
         window = plan_window(start, end, step)
         values = _values(model, deployment, team)
+        key = (board.uid, panel, window.start, window.end, window.step, *values.values())
+        now = console.clock()
+        answer = console.answers.get(key, now)
+        if answer is None:
+            data = await self._panel(console, board, panel, window, values)
+            body = msgspec.json.encode(data)
+            answer = (body, f'"{hashlib.blake2b(body, digest_size=12).hexdigest()}"')
+            console.answers.put(key, answer, now + min(window.step, 30.0))
+        body, etag = answer
+        # no-cache: the browser may keep the answer, and asks again with If-None-Match.
+        headers = {"etag": etag, "cache-control": "private, no-cache"}
+        if request.headers.get("if-none-match") == etag:
+            return Response(b"", status_code=304, headers=headers)  # type: ignore[arg-type]
+        return Response(body, media_type="application/json", headers=headers)
+
+    @staticmethod
+    async def _panel(
+        console: Console, board: Dashboard, panel: int, window: Window, values: dict[str, str]
+    ) -> PanelData:
         out: list[Series] = []
         for ref, q in zip("ABCDEFGHIJ", board.panels[panel].queries, strict=False):
             found = await console.range(render_expr(q.expr, values, window), window)

@@ -37,6 +37,9 @@ class Recorded:
     expr: str
     source: m.MetricSpec
     unit: str = ""
+    # Whether the rule reads per-model series: the rule set evaluates those once per model, in
+    # that model's group (``rules.recording_groups``), the others once.
+    per_model: bool = True
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -180,14 +183,25 @@ def _ratio(by: str, part: str, whole: str) -> str:
     return f"(sum by ({by}) ({part}) or {total} * 0) / {total}"
 
 
-def _quantiles(spec: m.MetricSpec, what: str) -> list[Recorded]:
-    return [
+def _and(*matchers: str) -> str:
+    return ",".join(m for m in matchers if m)
+
+
+def _quantiles(spec: m.MetricSpec, what: str, model: str) -> list[Recorded]:
+    """The buckets' per-deployment 5m rate, recorded once, then p50/p95/p99 read from it (one
+    ``rate`` over every bucket series per evaluation instead of one per quantile). A group
+    evaluates its rules in order, so each quantile reads the rate of the same evaluation."""
+    rate = Recorded(
+        name=f"model_deployment_le:{what}_bucket:rate5m",
+        expr=f"sum by (model, deployment, le) ({_rate(spec, '_bucket', model)})",
+        source=spec,
+        unit="reqps",
+    )
+    selector = f"{rate.name}{{{model}}}" if model else rate.name
+    return [rate] + [
         Recorded(
             name=f"model_deployment:{what}:p{q}_5m",
-            expr=(
-                f"histogram_quantile(0.{q}, sum by (model, deployment, le) "
-                f"({_rate(spec, '_bucket')}))"
-            ),
+            expr=f"histogram_quantile(0.{q}, {selector})",
             source=spec,
             unit="s",
         )
@@ -195,13 +209,17 @@ def _quantiles(spec: m.MetricSpec, what: str) -> list[Recorded]:
     ]
 
 
-def recorded() -> tuple[Recorded, ...]:
-    """The recording rules dashboards and alerts read repeatedly (SLO ratios come apart)."""
+def recorded(model: str = "") -> tuple[Recorded, ...]:
+    """The recording rules dashboards and alerts read repeatedly (SLO ratios come apart).
+
+    ``model`` is a label matcher (``model="m0"``, ``model!~"m0|m1"``) that every per-model rule
+    applies to what it reads: the rule set evaluates them model by model, so that no group
+    grows with the number of deployments (``docs/decisions.md`` 39)."""
     req, err = m.GATEWAY_REQUESTS, m.GATEWAY_UPSTREAM_ERRORS
     rules = [
         Recorded(
             name=f"model_deployment:citadel_gateway_requests:rate{w}",
-            expr=f"sum by (model, deployment) ({_rate(req, window=w)})",
+            expr=f"sum by (model, deployment) ({_rate(req, matcher=model, window=w)})",
             source=req,
             unit="reqps",
         )
@@ -210,19 +228,22 @@ def recorded() -> tuple[Recorded, ...]:
     rules += [
         Recorded(
             name="model:citadel_gateway_errors:ratio_rate5m",
-            expr=_ratio("model", _rate(req, matcher=_5XX), _rate(req)),
+            expr=_ratio("model", _rate(req, matcher=_and(model, _5XX)), _rate(req, matcher=model)),
             source=req,
             unit="percentunit",
         ),
         Recorded(
             name="model_deployment:citadel_gateway_upstream_errors:rate5m",
-            expr=f"sum by (model, deployment, kind) ({_rate(err)})",
+            expr=f"sum by (model, deployment, kind) ({_rate(err, matcher=model)})",
             source=err,
             unit="reqps",
         ),
         Recorded(
             name="model_deployment:citadel_gateway_tokens:rate5m",
-            expr=f"sum by (model, deployment, token_type) ({_rate(m.GATEWAY_TOKENS_TOTAL)})",
+            expr=(
+                "sum by (model, deployment, token_type) "
+                f"({_rate(m.GATEWAY_TOKENS_TOTAL, matcher=model)})"
+            ),
             source=m.GATEWAY_TOKENS_TOTAL,
             unit="short",
         ),
@@ -233,16 +254,18 @@ def recorded() -> tuple[Recorded, ...]:
             ),
             source=m.LIMITER_DECISIONS,
             unit="percentunit",
+            per_model=False,
         ),
         Recorded(
             name="team_model:citadel_business_spend_usd:deriv1h",
             expr=f"sum by (team, model) (deriv({m.BUSINESS_SPEND.name}[1h]))",
             source=m.BUSINESS_SPEND,
             unit="currencyUSD",
+            per_model=False,
         ),
     ]
-    rules += _quantiles(m.GATEWAY_REQUEST_DURATION, "gen_ai_server_request_duration_seconds")
-    rules += _quantiles(m.GATEWAY_TTFT, "gen_ai_server_time_to_first_token_seconds")
+    rules += _quantiles(m.GATEWAY_REQUEST_DURATION, "gen_ai_server_request_duration_seconds", model)
+    rules += _quantiles(m.GATEWAY_TTFT, "gen_ai_server_time_to_first_token_seconds", model)
     return tuple(rules)
 
 

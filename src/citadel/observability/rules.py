@@ -19,10 +19,10 @@ import yaml
 from citadel import metrics as m
 from citadel.observability.names import (
     BURN_WINDOWS,
-    RECORDED,
     WINDOWS,
     Slo,
     record,
+    recorded,
     slo_error_ratio,
 )
 
@@ -509,19 +509,54 @@ def rule_groups(slos: Sequence[Slo], *, speedup: float = 1.0) -> list[dict[str, 
     return _speed_up(_groups(slos), speedup)
 
 
-def _groups(slos: Sequence[Slo]) -> list[dict[str, Any]]:
-    return [
+def _literal(text: str) -> str:
+    """``text`` as a regular expression matching it literally, with no backslash (which the
+    PromQL string would need doubled): each metacharacter in a class of its own."""
+    return "".join(f"[{c}]" if c in ".+*?()|{}$^[" else c for c in text)
+
+
+def recording_groups(models: Sequence[str]) -> list[dict[str, Any]]:
+    """The recording rules in groups: ``citadel-recording`` holds the rules that do not read
+    per-model series, and the per-model rules for any model not in ``models`` (all of them when
+    ``models`` is empty); then one ``citadel-recording-<model>`` group per model with that
+    model's. Each group's cost grows with its model's deployments, not the installation's, and
+    Prometheus evaluates groups concurrently, each at its own offset in the interval."""
+    names = sorted(set(models))
+    rest = f'model!~"{"|".join(map(_literal, names))}"' if names else ""
+    groups = [
         {
             "name": "citadel-recording",
             "interval": "30s",
-            "rules": [{"record": r.name, "expr": r.expr} for r in RECORDED],
-        },
+            "rules": [{"record": r.name, "expr": r.expr} for r in recorded(rest)],
+        }
+    ]
+    for name in names:
+        rules = [r for r in recorded(f'model="{name}"') if r.per_model]
+        groups.append(
+            {
+                "name": f"citadel-recording-{name}",
+                "interval": "30s",
+                # The label (which the expressions' output carries already) tells promtool's
+                # lint that these are not duplicates of the rules in citadel-recording.
+                "rules": [
+                    {"record": r.name, "expr": r.expr, "labels": {"model": name}} for r in rules
+                ],
+            }
+        )
+    return groups
+
+
+def _groups(slos: Sequence[Slo]) -> list[dict[str, Any]]:
+    first, *per_model = recording_groups([slo.model for slo in slos])
+    return [
+        first,
         {
             "name": "citadel-platform",
             "interval": "30s",
             "rules": [a.rule() for a in platform_alerts()],
         },
         *(slo_group(slo) for slo in slos),
+        *per_model,
     ]
 
 
