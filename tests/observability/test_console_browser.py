@@ -250,3 +250,30 @@ def test_without_prometheus_the_ledger_panels_still_draw(
     finally:
         page.close()
         stop_process(proc)
+
+
+def test_a_cached_panel_answer_is_revalidated_by_its_etag(stack: Stack) -> None:
+    """The console keeps each panel's answer as sent, with an ETag: the browser's If-None-Match
+    gets a 304 and no body while the answer stands; another tag gets the answer itself."""
+    uid, titles = next(iter(MUST_DRAW.items()))
+    index = next(i for i, p in enumerate(BY_UID[uid].panels) if p.title in titles)
+    now = int(time.time())
+    path = f"/v1/query?dashboard={uid}&panel={index}&start={now - 900}&end={now}"
+    host, port = stack.console.removeprefix("http://").split(":")
+
+    def get(**headers: str) -> tuple[int, str | None, bytes]:
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        try:
+            conn.request("GET", path, headers={"authorization": f"Bearer {stack.admin_key}",
+                                               **headers})  # fmt: skip
+            response = conn.getresponse()
+            return response.status, response.getheader("etag"), response.read()
+        finally:
+            conn.close()
+
+    status, etag, body = get()
+    assert 200 == status
+    assert etag is not None
+    assert json.loads(body)["series"]
+    assert (304, etag, b"") == get(**{"if-none-match": etag})
+    assert (200, etag, body) == get(**{"if-none-match": '"another"'})
