@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from citadel.errors import ConfigError, StoreUnavailable
-from citadel.stores.redis import RedisClient, RedisError, Script, encode_command
+from citadel.stores.redis import RedisClient, RedisError, Script, _encode_bytes, encode_command
 
 from support import free_port
 
@@ -44,6 +44,23 @@ def test_encode_command_ascii_fast_path_matches() -> None:
     """ASCII text and ints, the hot path, encode to the same RESP as the general path."""
     assert b"*3\r\n$6\r\nINCRBY\r\n$3\r\nk:1\r\n$2\r\n-5\r\n" == encode_command(
         ["INCRBY", "k:1", -5]
+    )
+
+
+def test_encode_command_hiredis_path_matches_the_python_path() -> None:
+    """hiredis packs what the Python encoder would write, for every kind of argument; a
+    bytearray (which hiredis does not take) still encodes, through the Python path."""
+    samples: list[tuple[Any, ...]] = [
+        ("EVALSHA", "0" * 40, 2, "citadel:{u:x}:rpm", "k:é", 2**70, -3, 0.1, 1e-07, b"\xff\x00"),
+        ("SET", "k", 1 / 3),
+        ("SET", "k", float("inf")),
+    ]
+    for args in samples:
+        assert encode_command(args) == _encode_bytes(args)
+        assert encode_command(list(args)) == _encode_bytes(args)
+    assert (
+        encode_command(("SET", "k", bytearray(b"ab")))
+        == b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$2\r\nab\r\n"
     )
 
 

@@ -30,7 +30,7 @@ import asyncio
 import collections
 import hashlib
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final, cast
 from urllib.parse import unquote, urlsplit
 
@@ -43,6 +43,8 @@ __all__ = ["RedisClient", "RedisError", "Script", "encode_command"]
 Arg = bytes | str | int | float
 
 _STORE: Final = "redis"
+# (hiredis types its argument as a one-item tuple; it takes any number of items)
+_pack_command = cast(Callable[[tuple[Arg, ...]], bytes], hiredis.pack_command)
 
 
 class RedisError(CitadelError):
@@ -64,20 +66,12 @@ class Script:
 
 def encode_command(args: tuple[Arg, ...] | list[Arg]) -> bytes:
     """One command as a RESP array of bulk strings (UTF-8 text, decimal numbers)."""
-    # The hot path sends ASCII text and ints: format them as one str and encode it once,
-    # which is about a third cheaper than encoding argument by argument.
-    out: list[str] = []
-    add = out.append
-    for arg in args:
-        kind = type(arg)
-        if kind is int:
-            text = str(arg)
-        elif kind is str and arg.isascii():  # type: ignore[union-attr]
-            text = arg  # type: ignore[assignment]
-        else:
-            return _encode_bytes(args)
-        add(f"${len(text)}\r\n{text}\r\n")
-    return (f"*{len(args)}\r\n" + "".join(out)).encode()
+    # hiredis packs str, int, float and bytes in C, about twice as fast as formatting them here
+    # (bench/README.md); anything else (a bytearray; a bool, refused) takes the Python path.
+    try:
+        return _pack_command(args if type(args) is tuple else tuple(args))
+    except TypeError:
+        return _encode_bytes(args)
 
 
 def _encode_bytes(args: tuple[Arg, ...] | list[Arg]) -> bytes:
