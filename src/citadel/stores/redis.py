@@ -108,8 +108,12 @@ class _Connection(asyncio.Protocol):
         self._reader = hiredis.Reader(replyError=RedisError)
         self._pending: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
         self._timer: asyncio.TimerHandle | None = None
-        # Commands written this turn of the loop, sent together by ``_flush`` (see ``send``).
+        # Commands written this turn of the loop, sent together by ``_flush`` (see ``_queue``);
+        # ``_soon`` is set while a flush at the end of the turn is due, ``_later`` while only
+        # deferred commands wait (see ``send``).
         self._outbox: list[bytes] = []
+        self._soon = False
+        self._later: asyncio.TimerHandle | None = None
 
     # asyncio.Protocol callbacks
 
@@ -138,30 +142,41 @@ class _Connection(asyncio.Protocol):
 
     # used by RedisClient
 
-    def send(self, data: bytes) -> asyncio.Future[Any]:
-        """Write one encoded command; the future gets its reply."""
+    def send(self, data: bytes, *, deferred: float = 0.0) -> asyncio.Future[Any]:
+        """Write one encoded command; the future gets its reply. ``deferred`` > 0: the command
+        may wait up to that many seconds for the next command that cannot (see ``_queue``)."""
         if self.closed or self._transport is None:
             raise StoreUnavailable(_STORE, f"connection to {self._where} is closed")
         future = self.loop.create_future()
         deadline = self.loop.time() + self._timeout
         self._pending.append((future, deadline))
-        self._queue(data)
+        self._queue(data, deferred)
         if self._timer is None:
             self._timer = self.loop.call_at(deadline, self._check_deadline)
         return future
 
-    def _queue(self, data: bytes) -> None:
+    def _queue(self, data: bytes, deferred: float = 0.0) -> None:
         """Hold a command until the loop's current turn ends: the commands of every request
         served in one turn (admissions, the settlements of finished ones, XADDs) leave in one
         socket write, and Redis answers them in one read, instead of a write and a read each
-        (a loopback write costs tens of microseconds on a busy VM). Order is kept: replies still
+        (each write wakes Redis: tens of microseconds on this VM, bench/README.md). A deferred
+        command waits longer, for the next command that is not (or its own delay): a request's
+        settlement then travels with the next request's admission. Order is kept: replies still
         match the FIFO of futures."""
-        outbox = self._outbox
-        if not outbox:
+        self._outbox.append(data)
+        if self._soon:
+            return
+        if not deferred:
+            self._soon = True
             self.loop.call_soon(self._flush)
-        outbox.append(data)
+        elif self._later is None:
+            self._later = self.loop.call_later(deferred, self._flush)
 
     def _flush(self) -> None:
+        self._soon = False
+        if self._later is not None:
+            self._later.cancel()
+            self._later = None
         outbox, self._outbox = self._outbox, []
         if outbox and not self.closed and self._transport is not None:
             self._transport.write(outbox[0] if len(outbox) == 1 else b"".join(outbox))
@@ -193,6 +208,9 @@ class _Connection(asyncio.Protocol):
         """Fail every pending call and drop the connection."""
         self.closed = True
         self._outbox = []
+        if self._later is not None:
+            self._later.cancel()
+            self._later = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -266,10 +284,12 @@ class RedisClient:
     def address(self) -> str:
         return f"{self._host}:{self._port}"
 
-    async def execute(self, *args: Arg) -> Any:
-        """Send one command and return its reply (bytes, int, list or None)."""
+    async def execute(self, *args: Arg, deferred: float = 0.0) -> Any:
+        """Send one command and return its reply (bytes, int, list or None). ``deferred``: the
+        command may wait up to that many seconds to travel with the next one (for what nobody
+        waits on, such as a settlement after the response)."""
         conn = self._usable() or await self._connect()
-        return await conn.send(encode_command(args))
+        return await conn.send(encode_command(args), deferred=deferred)
 
     async def pipeline(self, commands: Sequence[tuple[Arg, ...]]) -> list[Any]:
         """Send ``commands`` in one write and return their replies in order; an error reply is
@@ -285,11 +305,14 @@ class RedisClient:
                 raise reply  # cancelled
         return replies
 
-    async def evalsha(self, script: Script, keys: Sequence[Arg], args: Sequence[Arg]) -> Any:
-        """Run ``script`` by its SHA1, loading it once if the server does not know it."""
+    async def evalsha(
+        self, script: Script, keys: Sequence[Arg], args: Sequence[Arg], *, deferred: float = 0.0
+    ) -> Any:
+        """Run ``script`` by its SHA1, loading it once if the server does not know it
+        (``deferred`` as for ``execute``)."""
         command = ("EVALSHA", script.sha, len(keys), *keys, *args)
         try:
-            return await self.execute(*command)
+            return await self.execute(*command, deferred=deferred)
         except RedisError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise

@@ -146,7 +146,10 @@ class _RedisPyStore:
 
         return [_translate(reply) for reply in await self._call(run)]
 
-    async def evalsha(self, script: Script, keys: Sequence[Arg], args: Sequence[Arg]) -> Any:
+    async def evalsha(
+        self, script: Script, keys: Sequence[Arg], args: Sequence[Arg], *, deferred: float = 0.0
+    ) -> Any:
+        # ``deferred`` is a hint redis-py's clients cannot take: they send at once.
         try:
             return await self.execute("EVALSHA", script.sha, len(keys), *keys, *args)
         except RedisError as exc:
