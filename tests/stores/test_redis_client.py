@@ -326,3 +326,29 @@ def test_the_client_runs_on_uvloop() -> None:
     incrs, error, timeout = uvloop.run(main())
     assert list(range(1, 201)) == incrs
     assert (RedisError, StoreUnavailable) == (error, timeout)
+
+
+def test_a_deferred_command_goes_with_the_next_command_or_after_its_delay() -> None:
+    """A deferred command waits for the next one that is not, and is answered first (its place
+    in the pipeline is kept); alone, it is sent once its delay has passed, not before."""
+    counter = key("deferred")
+
+    async def body(client: RedisClient) -> tuple[Any, Any, float, bool]:
+        await client.execute("DEL", counter)
+        later = asyncio.ensure_future(client.execute("INCR", counter, deferred=5.0))
+        await asyncio.sleep(0)  # the INCR is queued
+        # sent with this GET, ahead of it: the GET sees the INCR applied, long before 5 s
+        seen = await client.execute("GET", counter)
+        applied = await later
+        started = time.perf_counter()
+        alone = asyncio.ensure_future(client.execute("INCR", counter, deferred=0.05))
+        await asyncio.sleep(0.02)
+        early = alone.done()
+        await alone
+        return seen, applied, time.perf_counter() - started, early
+
+    seen, applied, waited, early = run(body, timeout=2.0)
+    assert seen == b"1"
+    assert applied == 1
+    assert not early
+    assert waited >= 0.045

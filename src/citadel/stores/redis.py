@@ -109,11 +109,12 @@ class _Connection(asyncio.Protocol):
         self._pending: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
         self._timer: asyncio.TimerHandle | None = None
         # Commands written this turn of the loop, sent together by ``_flush`` (see ``_queue``);
-        # ``_soon`` is set while a flush at the end of the turn is due, ``_later`` while only
-        # deferred commands wait (see ``send``).
+        # ``_soon`` is set while a flush at the end of the turn is due; ``_later`` is the timer
+        # that sends deferred commands (it may outlive them: see ``_queue``).
         self._outbox: list[bytes] = []
         self._soon = False
         self._later: asyncio.TimerHandle | None = None
+        self._later_at = 0.0
 
     # asyncio.Protocol callbacks
 
@@ -169,14 +170,25 @@ class _Connection(asyncio.Protocol):
         if not deferred:
             self._soon = True
             self.loop.call_soon(self._flush)
-        elif self._later is None:
-            self._later = self.loop.call_later(deferred, self._flush)
+        else:
+            # The timer is left scheduled by the flushes before it fires (creating and
+            # cancelling a loop timer per command costs several microseconds on uvloop): when
+            # it fires it sends what waits. A new one only if this command is due sooner.
+            due = self.loop.time() + deferred
+            later = self._later
+            if later is None or self._later_at > due:
+                if later is not None:
+                    later.cancel()
+                self._later_at = due
+                self._later = self.loop.call_at(due, self._flush_later)
+
+    def _flush_later(self) -> None:
+        self._later = None
+        if not self._soon:
+            self._flush()
 
     def _flush(self) -> None:
         self._soon = False
-        if self._later is not None:
-            self._later.cancel()
-            self._later = None
         outbox, self._outbox = self._outbox, []
         if outbox and not self.closed and self._transport is not None:
             self._transport.write(outbox[0] if len(outbox) == 1 else b"".join(outbox))
