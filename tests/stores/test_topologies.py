@@ -201,6 +201,45 @@ def test_a_cross_slot_script_is_refused_by_the_cluster(topologies: Topologies) -
     asyncio.run(body())
 
 
+def test_concurrent_cluster_calls_share_writes_and_keep_their_own_replies(
+    topologies: Topologies,
+) -> None:
+    """The calls of one turn of the loop go to the Cluster as one pipeline (one write per node,
+    few connections), yet each keeps its own reply: values, an error reply, NOSCRIPT answered
+    with EVAL, and a cross-slot script refused alone."""
+    from citadel.stores.topology import ClusterClient
+
+    prefix = uuid.uuid4().hex
+
+    async def body() -> None:
+        store = connect_redis(topologies.url("cluster"), timeout=2.0)
+        assert isinstance(store, ClusterClient)
+        try:
+            await store.execute("SET", f"{prefix}:string", "x")
+            keys = [f"{prefix}:{i}" for i in range(300)]
+            fresh = Script(f"return {{KEYS[1], '{prefix}'}}")  # never loaded: NOSCRIPT first
+            replies = await asyncio.gather(
+                *(store.execute("INCRBY", key, i) for i, key in enumerate(keys)),
+                store.execute("INCR", f"{prefix}:string"),
+                store.evalsha(fresh, [f"{{{prefix}}}k"], []),
+                store.evalsha(Script("return 1"), ["{a}x", "{b}x"], []),
+                return_exceptions=True,
+            )
+            assert list(range(300)) == replies[:300]
+            assert isinstance(replies[300], RedisError)
+            assert "not an integer" in str(replies[300])
+            assert [f"{{{prefix}}}k".encode(), prefix.encode()] == replies[301]
+            assert isinstance(replies[302], RedisError)
+            assert "same slot" in str(replies[302])
+            # 303 calls at once: batched, they needed about one connection per master, not 303
+            assert len(store._opened) <= 6
+            assert [b"299"] == [await store.execute("GET", keys[-1])]
+        finally:
+            await store.aclose()
+
+    asyncio.run(body())
+
+
 @pytest.mark.parametrize("kind", ALL)
 def test_a_breaker_opened_on_one_replica_holds_the_others(
     kind: str, topologies: Topologies, tmp_path: Path
@@ -408,39 +447,42 @@ def test_a_sentinel_failover_mid_load_recovers() -> None:
 
 
 def test_a_call_whose_connection_was_reset_before_sending_is_retried() -> None:
-    """redis-py's RedisCluster resets every connection when one call meets a connection error,
-    and a call mid-handshake on one of them then fails writing (AttributeError on a writer set
-    to None): nothing was sent, so it is retried; the same error after sending is an outage."""
-    from citadel.errors import StoreUnavailable
-    from citadel.stores.topology import _RedisPyStore
+    """redis-py's RedisCluster closes every connection when one call meets a connection error,
+    and a call between its connection check and its write then writes to a closed connection.
+    The Cluster client's connections say so (nothing was sent), and such a call is retried; the
+    same reset after the write is an outage, never a retry."""
+    from redis.asyncio.connection import Connection
 
-    class Writer:
-        def __init__(self, failures: int) -> None:
-            self.failures = failures
-            self.sent = 0
-
-        def _send_packed_command(self) -> None:
-            if self.failures:
-                self.failures -= 1
-                None.writelines  # type: ignore[attr-defined]  # noqa: B018 - the redis-py error
-            self.sent += 1
-
-    class Client:
-        def __init__(self, writer: Writer, after_send: bool = False) -> None:
-            self.writer, self.after_send = writer, after_send
-            self.response_callbacks: dict[str, object] = {}
-
-        async def execute_command(self, *args: object) -> bytes:
-            self.writer._send_packed_command()
-            if self.after_send:
-                raise AttributeError("'NoneType' object has no attribute 'read_response'")
-            return b"PONG"
+    from citadel.stores.topology import _guarded, _RedisPyStore, _Unsent
 
     async def body() -> None:
-        writer = Writer(failures=2)
-        assert b"PONG" == await _RedisPyStore(Client(writer), "x", 2.0).execute("PING")
-        assert 1 == writer.sent
+        opened: set[Connection] = set()
+        connection = _guarded(Connection, opened)(host="127.0.0.1", port=6379)
+        await connection.connect()
+        assert {connection} == opened
+        await connection.send_command("PING")
+        assert b"PONG" == await connection.read_response()
+        await connection.disconnect()  # what RedisCluster.aclose does under a busy call
+        with pytest.raises(_Unsent, match="closed before the write"):
+            await connection._send_packed_command([b"PING\r\n"])
+
+        class Client:  # fails the way a guarded connection does, then answers
+            def __init__(self, failure: BaseException, failures: int) -> None:
+                self.failure, self.failures, self.calls = failure, failures, 0
+                self.response_callbacks: dict[str, object] = {}
+
+            async def execute_command(self, *args: object) -> bytes:
+                self.calls += 1
+                if self.calls <= self.failures:
+                    raise self.failure
+                return b"PONG"
+
+        unsent = Client(_Unsent("closed before the write"), failures=2)
+        assert b"PONG" == await _RedisPyStore(unsent, "x", 2.0).execute("PING")
+        assert 3 == unsent.calls
+        after_send = Client(AttributeError("'NoneType' has no attribute 'read'"), failures=1)
         with pytest.raises(StoreUnavailable, match="reset under this call"):
-            await _RedisPyStore(Client(Writer(0), after_send=True), "x", 2.0).execute("PING")
+            await _RedisPyStore(after_send, "x", 2.0).execute("PING")
+        assert 1 == after_send.calls
 
     asyncio.run(body())

@@ -24,13 +24,14 @@ stream and the ledger writer run unchanged on every topology:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Final
 
 from redis import exceptions as rex
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import Connection
 from redis.asyncio.sentinel import MasterNotFoundError, Sentinel
+from redis.crc import key_slot
 
 from citadel.errors import StoreUnavailable
 from citadel.stores.endpoint import Endpoint
@@ -55,13 +56,40 @@ _NOT_RUN: Final = (
 _UNAVAILABLE: Final = (rex.ConnectionError, rex.TimeoutError, rex.RedisClusterException, OSError)
 
 
-def _unsent(exc: AttributeError) -> bool:
-    """Whether ``exc`` was raised writing a command to a connection already closed (so the
-    command never left): redis-py's ``_send_packed_command`` on a writer set to None."""
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb is not None and tb.tb_frame.f_code.co_name == "_send_packed_command"
+class _Unsent(Exception):
+    """A command met a connection closed under it before a byte of it was written."""
+
+
+def _guarded(base: type[Connection], opened: set[Connection]) -> type[Connection]:
+    """``base`` with two duties redis-py's connections lack, for the Cluster client.
+
+    - Every connection that opens a socket is held in ``opened`` (strongly: a weak reference is
+      cleared by the collector before the warning), dropped once closed: redis-py drops a node
+      from its map (a failover, a slot move) and closes only its idle connections, in a task
+      nobody waits for, so a connection busy at that moment would stay open until it is garbage
+      (which warns, and after the loop closed cannot close it). ``aclose`` closes what is left.
+    - A write on a connection closed under it raises ``_Unsent``: RedisCluster closes every
+      connection (``aclose``) when one call meets a connection error, and a call then between
+      its connection check and its write would fail on a writer set to None (AttributeError)
+      although nothing was sent. Said where it happens, the caller can retry it safely.
+    """
+
+    async def connect(connection: Connection) -> None:
+        await base._connect(connection)  # type: ignore[no-untyped-call]  # opens the socket
+        opened.difference_update([c for c in opened if not c.is_connected])
+        opened.add(connection)
+
+    async def send(connection: Connection, command: Iterable[bytes]) -> None:
+        if connection._writer is None:
+            raise _Unsent(f"{connection.host}:{connection.port} was closed before the write")
+        await base._send_packed_command(connection, command)
+
+    methods = {"_connect": connect, "_send_packed_command": send}
+    return type(f"Guarded{base.__name__}", (base,), methods)
+
+
+def _key_bytes(key: Arg) -> bytes:
+    return key if isinstance(key, bytes) else str(key).encode()
 
 
 def _tls_kwargs(endpoint: Endpoint) -> dict[str, Any]:
@@ -115,14 +143,15 @@ class _RedisPyStore:
                 if loop.time() + _PAUSE >= deadline:
                     raise StoreUnavailable(_STORE, f"{self._address}: {exc}") from exc
                 await asyncio.sleep(_PAUSE)
-            except AttributeError as exc:
-                # redis-py's RedisCluster resets every connection (aclose) when one call meets a
-                # connection error; a call sharing a connection mid-handshake then finds its
-                # writer gone. Sent nothing: retried like a redirection; else an outage.
-                if not _unsent(exc) or loop.time() + _PAUSE >= deadline:
-                    detail = f"{self._address}: the connection was reset under this call"
-                    raise StoreUnavailable(_STORE, detail) from exc
+            except _Unsent as exc:  # nothing was sent: retried like a redirection
+                if loop.time() + _PAUSE >= deadline:
+                    raise StoreUnavailable(_STORE, f"{self._address}: {exc}") from exc
                 await asyncio.sleep(_PAUSE)
+            except AttributeError as exc:
+                # The same reset after the command was written (redis-py reading from a reader
+                # set to None): it may have run, so it is an outage, never a retry.
+                detail = f"{self._address}: the connection was reset under this call"
+                raise StoreUnavailable(_STORE, detail) from exc
             except rex.NoScriptError as exc:  # redis-py drops the code: put it back
                 raise RedisError(f"NOSCRIPT {exc}") from exc
             except rex.ResponseError as exc:
@@ -182,27 +211,99 @@ class ClusterClient(_RedisPyStore):
         address = ",".join(f"{host}:{port}" for host, port in endpoint.nodes)
         super().__init__(client, f"cluster {address}", timeout)
         self._cluster = client
-        # redis-py drops a node from its map (a failover, a slot move, a new CLUSTER SLOTS reply)
-        # and closes only its idle connections, in a task nobody waits for; a connection busy at
-        # that moment stays open until it is garbage, which warns (and, after the loop closed,
-        # cannot close it). So every connection that opens a socket is held here (strongly: a
-        # weak reference is cleared by the collector before the warning), dropped once closed,
-        # and aclose closes what is still open.
         opened: set[Connection] = set()
-        base: type[Connection] = client.connection_kwargs["connection_class"]
-
-        async def open_and_remember(connection: Connection) -> None:
-            await base._connect(connection)  # type: ignore[no-untyped-call]  # opens the socket
-            opened.difference_update([c for c in opened if not c.is_connected])
-            opened.add(connection)
-
-        tracked = type(f"Tracked{base.__name__}", (base,), {"_connect": open_and_remember})
+        tracked = _guarded(client.connection_kwargs["connection_class"], opened)
         client.connection_kwargs["connection_class"] = tracked  # the nodes it discovers
         for node in client.nodes_manager.startup_nodes.values():
             node.connection_class = tracked
         self._opened = opened
+        self._queued: list[tuple[tuple[Arg, ...], asyncio.Future[Any]]] = []
+        self._sending: set[asyncio.Task[None]] = set()
+        self._busy = 0  # calls and batches on their way
+
+    async def execute(self, *args: Arg) -> Any:
+        if self._busy:
+            return await self._call(lambda: self._batched(args))
+        return await self._call(lambda: self._alone(args))
+
+    async def _alone(self, args: tuple[Arg, ...]) -> Any:
+        """A call while none is on its way: sent at once (no wait for company, no task)."""
+        self._busy += 1
+        try:
+            return await self._client.execute_command(*args)
+        finally:
+            self._busy -= 1
+
+    async def evalsha(self, script: Script, keys: Sequence[Arg], args: Sequence[Arg]) -> Any:
+        # Refused here, as the server would (redis-py refuses it only once it knows the slot
+        # map, as an error that reads like an outage).
+        if len({key_slot(_key_bytes(key)) for key in keys}) > 1:
+            raise RedisError("CROSSSLOT Keys in request don't hash to the same slot")
+        return await super().evalsha(script, keys, args)
+
+    def _batched(self, args: tuple[Arg, ...]) -> asyncio.Future[Any]:
+        """``args``'s reply, sent with every other command called in this turn of the loop
+        while others are on their way (a lone call goes at once: ``_alone``).
+
+        redis-py gives each concurrent command a connection of its own, so under load every
+        command is a write and a read of its own on the node (what made a Cluster cost Redis
+        about 1.3x the CPU per request of one server, bench/README.md "Scale-out"). The thin
+        client shares one connection and the server reads many commands at once; here the
+        commands of one turn go as one redis-py pipeline: one write per node. Each command
+        keeps its own reply or error (``raise_on_error=False``), and ``_call`` retries or
+        translates it exactly as a lone call's.
+        """
+        loop = asyncio.get_running_loop()
+        reply: asyncio.Future[Any] = loop.create_future()
+        self._queued.append((args, reply))
+        if len(self._queued) == 1:
+            loop.call_soon(self._flush)
+        return reply
+
+    def _flush(self) -> None:
+        batch, self._queued = self._queued, []
+        batch = [(args, reply) for args, reply in batch if not reply.done()]  # not given up
+        if batch:
+            task = asyncio.get_running_loop().create_task(self._send(batch))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _send(self, batch: list[tuple[tuple[Arg, ...], asyncio.Future[Any]]]) -> None:
+        replies: list[Any]
+        self._busy += 1
+        try:
+            if len(batch) == 1:
+                replies = [await self._client.execute_command(*batch[0][0])]
+            else:
+                pipe = self._client.pipeline(transaction=False)
+                for args, _ in batch:
+                    pipe.execute_command(*args)
+                replies = await pipe.execute(raise_on_error=False)
+        except rex.RedisClusterException:
+            # Refused before sending (a command's keys in two slots, no node for a slot): each
+            # command alone, so only the one at fault gets the error.
+            replies = await asyncio.gather(
+                *(self._client.execute_command(*args) for args, _ in batch),
+                return_exceptions=True,
+            )
+        except BaseException as exc:  # the batch failed as a whole: each caller sees it
+            replies = [exc] * len(batch)
+        finally:
+            self._busy -= 1
+        for (_, reply), result in zip(batch, replies, strict=True):
+            if reply.done():
+                continue
+            if isinstance(result, asyncio.CancelledError):  # the client is closing
+                reply.cancel()
+            elif isinstance(result, BaseException):
+                reply.set_exception(result)
+            else:
+                reply.set_result(result)
 
     async def aclose(self) -> None:
+        for task in list(self._sending):
+            task.cancel()
+        await asyncio.gather(*self._sending, return_exceptions=True)
         await super().aclose()
         await asyncio.gather(
             *(connection.disconnect(nowait=True) for connection in list(self._opened)),
