@@ -592,3 +592,36 @@ def test_unexpected_handler_error_is_a_500_and_the_server_goes_on(run: Run[None]
         assert ("/after", "/again") == (same_connection["path"], new_connection["path"])
 
     run(main())
+
+
+def test_a_moved_deadline_fires_once_at_its_latest_time_and_a_cleared_one_never() -> None:
+    """The connection timeouts' ``_Deadline``: re-armed later it fires at the later time, not
+    at the first; cleared it does not fire; re-armed earlier it fires at the earlier time."""
+    from citadel.http.server import _Deadline
+
+    async def body() -> tuple[list[float], list[float], list[float]]:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        moved: list[float] = []
+        moving = _Deadline(loop, lambda: moved.append(loop.time() - start))
+        moving.arm(0.05)
+        for _ in range(5):  # a request's worth of re-arming, each pushing it later
+            await asyncio.sleep(0.02)
+            moving.arm(0.1)
+        cleared: list[float] = []
+        clearing = _Deadline(loop, lambda: cleared.append(loop.time() - start))
+        clearing.arm(0.03)
+        clearing.clear()
+        earlier: list[float] = []
+        sooner = _Deadline(loop, lambda: earlier.append(loop.time() - start))
+        sooner.arm(5.0)
+        sooner.arm(0.02)
+        await asyncio.sleep(0.35)
+        return moved, cleared, earlier
+
+    moved, cleared, earlier = uvloop.run(body())
+    assert len(moved) == 1
+    assert moved[0] >= 0.2 - 0.005  # not at the first deadline (0.05 s), nor early
+    assert cleared == []
+    assert len(earlier) == 1
+    assert earlier[0] < 1.0  # not at the first, later deadline (5 s)

@@ -7,16 +7,23 @@ from __future__ import annotations
 import itertools
 
 import orjson
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from citadel.openai.sse import (
+    CHUNK,
+    CHUNK_DONE,
+    CHUNK_ERROR,
+    CHUNK_MALFORMED,
+    CHUNK_USAGE_ONLY,
     DONE,
     SseDecoder,
     StreamChunkInfo,
     encode_data,
     event_data,
     inspect_chunk,
+    read_chunk,
 )
 
 EMPTY = StreamChunkInfo(
@@ -291,3 +298,46 @@ def test_inspect_garbage_is_malformed_and_odd_shapes_are_empty() -> None:
 def test_inspect_never_raises(payload: bytes) -> None:
     """Any bytes at all can be inspected."""
     assert isinstance(inspect_chunk(payload), StreamChunkInfo)
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        # the common chunk (read without the general walk), with and without vLLM's null usage
+        (b'{"choices":[{"index":0,"delta":{"content":"hi"}}]}', (CHUNK, None, 1, "hi")),
+        (b'{"choices":[{"delta":{"content":"hi"}}],"usage":null}', (CHUNK, None, 1, "hi")),
+        # the shapes the general walk reads
+        (b'{"choices":[{"delta":{"content":""}}]}', (CHUNK, None, 0, "")),
+        (b'{"choices":[{"delta":{"reasoning_content":"r"}}]}', (CHUNK, None, 1, "")),
+        (b'{"choices":[{"text":"a"},{"text":"b"}]}', (CHUNK, None, 2, "ab")),
+        (b'{"choices":["x"]}', (CHUNK, None, 0, "")),
+        (
+            b'{"choices":[{"delta":{"content":"x"}}],"usage":{"prompt_tokens":1}}',
+            (CHUNK, {"prompt_tokens": 1}, 1, "x"),
+        ),
+        (
+            b'{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2,"d":{}}}',
+            (CHUNK_USAGE_ONLY, {"prompt_tokens": 1, "completion_tokens": 2}, 0, ""),
+        ),
+        (b" [DONE] ", (CHUNK_DONE, None, 0, "")),
+        (b'{"choices":[{"delta":{"content":"x"}', (CHUNK_MALFORMED, None, 0, "")),
+        (b"[1]", (CHUNK_MALFORMED, None, 0, "")),
+        (
+            b'{"error":"boom","choices":[{"delta":{"content":"x"}}]}',
+            (CHUNK_ERROR, {"message": "boom"}, 0, ""),
+        ),
+    ],
+)
+def test_read_chunk_reads_what_inspect_chunk_reads(
+    payload: bytes, expected: tuple[object, ...]
+) -> None:
+    """The relay's tuple reading (its fast path for the common chunk included) says what the
+    ``StreamChunkInfo`` says."""
+    assert read_chunk(payload) == expected
+    info = inspect_chunk(payload)
+    kind, found, pieces, text = expected
+    assert info.is_done == (kind == CHUNK_DONE)
+    assert info.malformed == (kind == CHUNK_MALFORMED)
+    assert info.is_usage_only == (kind == CHUNK_USAGE_ONLY)
+    assert (info.error if kind == CHUNK_ERROR else info.usage) == found
+    assert (info.content_pieces, info.text) == (pieces, text)

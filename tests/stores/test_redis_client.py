@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from citadel.errors import ConfigError, StoreUnavailable
-from citadel.stores.redis import RedisClient, RedisError, Script, encode_command
+from citadel.stores.redis import RedisClient, RedisError, Script, _encode_bytes, encode_command
 
 from support import free_port
 
@@ -44,6 +44,23 @@ def test_encode_command_ascii_fast_path_matches() -> None:
     """ASCII text and ints, the hot path, encode to the same RESP as the general path."""
     assert b"*3\r\n$6\r\nINCRBY\r\n$3\r\nk:1\r\n$2\r\n-5\r\n" == encode_command(
         ["INCRBY", "k:1", -5]
+    )
+
+
+def test_encode_command_hiredis_path_matches_the_python_path() -> None:
+    """hiredis packs what the Python encoder would write, for every kind of argument; a
+    bytearray (which hiredis does not take) still encodes, through the Python path."""
+    samples: list[tuple[Any, ...]] = [
+        ("EVALSHA", "0" * 40, 2, "citadel:{u:x}:rpm", "k:é", 2**70, -3, 0.1, 1e-07, b"\xff\x00"),
+        ("SET", "k", 1 / 3),
+        ("SET", "k", float("inf")),
+    ]
+    for args in samples:
+        assert encode_command(args) == _encode_bytes(args)
+        assert encode_command(list(args)) == _encode_bytes(args)
+    assert (
+        encode_command(("SET", "k", bytearray(b"ab")))
+        == b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$2\r\nab\r\n"
     )
 
 
@@ -309,3 +326,29 @@ def test_the_client_runs_on_uvloop() -> None:
     incrs, error, timeout = uvloop.run(main())
     assert list(range(1, 201)) == incrs
     assert (RedisError, StoreUnavailable) == (error, timeout)
+
+
+def test_a_deferred_command_goes_with_the_next_command_or_after_its_delay() -> None:
+    """A deferred command waits for the next one that is not, and is answered first (its place
+    in the pipeline is kept); alone, it is sent once its delay has passed, not before."""
+    counter = key("deferred")
+
+    async def body(client: RedisClient) -> tuple[Any, Any, float, bool]:
+        await client.execute("DEL", counter)
+        later = asyncio.ensure_future(client.execute("INCR", counter, deferred=5.0))
+        await asyncio.sleep(0)  # the INCR is queued
+        # sent with this GET, ahead of it: the GET sees the INCR applied, long before 5 s
+        seen = await client.execute("GET", counter)
+        applied = await later
+        started = time.perf_counter()
+        alone = asyncio.ensure_future(client.execute("INCR", counter, deferred=0.05))
+        await asyncio.sleep(0.02)
+        early = alone.done()
+        await alone
+        return seen, applied, time.perf_counter() - started, early
+
+    seen, applied, waited, early = run(body, timeout=2.0)
+    assert seen == b"1"
+    assert applied == 1
+    assert not early
+    assert waited >= 0.045

@@ -75,9 +75,11 @@ class Recording:
     async def pipeline(self, commands: Sequence[tuple[Arg, ...]]) -> list[Any]:
         return await self.store.pipeline(commands)
 
-    async def evalsha(self, script: Script, keys: Sequence[Arg], args: Sequence[Arg]) -> Any:
+    async def evalsha(
+        self, script: Script, keys: Sequence[Arg], args: Sequence[Arg], *, deferred: float = 0.0
+    ) -> Any:
         self.calls.append((script.sha, [str(k) for k in keys]))
-        return await self.store.evalsha(script, keys, args)
+        return await self.store.evalsha(script, keys, args, deferred=deferred)
 
     async def ping(self) -> None:
         await self.store.ping()

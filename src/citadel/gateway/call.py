@@ -52,7 +52,16 @@ from citadel.limits.decision import LimitDecision
 from citadel.limits.policy import cost_micros, ratelimit_headers
 from citadel.metering.events import UsageEvent, new_event_id
 from citadel.openai.requests import Endpoint, ParsedRequest
-from citadel.openai.sse import SseDecoder, encode_data, event_data, inspect_chunk
+from citadel.openai.sse import (
+    CHUNK_DONE,
+    CHUNK_ERROR,
+    CHUNK_MALFORMED,
+    CHUNK_USAGE_ONLY,
+    SseDecoder,
+    encode_data,
+    event_data,
+    read_chunk,
+)
 from citadel.openai.tokens import estimate_prompt_tokens, estimate_tokens
 from citadel.routing.router import DeploymentState
 from citadel.settings import Model
@@ -200,8 +209,11 @@ class Call:
         assert target is not None
         meter = self.meter
         try:
-            async with asyncio.timeout(self.deadline - time.perf_counter()):
+            if upstream.complete:  # the usual small body came with the head: no timer needed
                 raw = await upstream.read()
+            else:
+                async with asyncio.timeout(self.deadline - time.perf_counter()):
+                    raw = await upstream.read()
         except TimeoutError as exc:
             meter.count_error(target, "timeout_total")
             raise UpstreamTimeout(
@@ -313,20 +325,21 @@ class Call:
                     if payload is None:
                         out.append(block)
                         continue
-                    info = inspect_chunk(payload)
-                    done = done or info.is_done
-                    if info.malformed:
+                    read, usage, found, text = read_chunk(payload)
+                    if read == CHUNK_DONE:
+                        done = True
+                    elif read == CHUNK_MALFORMED:
                         raise _MalformedEventError(payload[:80].decode("utf-8", "replace"))
-                    if info.usage is not None:
+                    elif usage is not None and read != CHUNK_ERROR:
                         saw_usage = True
-                        self._take_usage(info.usage)
-                        if info.is_usage_only and not wants_usage:
+                        self._take_usage(usage)
+                        if read == CHUNK_USAGE_ONLY and not wants_usage:
                             continue
-                    if info.content_pieces:
+                    if found:
                         if self.first_token_at is None:
                             self.first_token_at = time.perf_counter()
-                        pieces += info.content_pieces
-                        texts.append(info.text)
+                        pieces += found
+                        texts.append(text)
                     for old, new in renames:
                         block = block.replace(old, new, 1)
                     out.append(block)

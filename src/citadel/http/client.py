@@ -324,6 +324,12 @@ class UpstreamResponse:
                 return value
         return None
 
+    @property
+    def complete(self) -> bool:
+        """Whether the whole body has arrived (``read`` will not wait)."""
+        conn = self._conn
+        return conn is None or (conn._done and conn._error is None)
+
     async def read(self) -> bytes:
         """The whole (remaining) body; the connection then goes back to the pool."""
         conn = self._conn

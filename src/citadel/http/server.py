@@ -214,6 +214,62 @@ async def _close_body(body: AsyncIterator[bytes]) -> None:
             await aclose()
 
 
+_TIMER_SLACK = 0.001  # event loops may fire a timer this early; do not re-arm for less
+
+
+class _Deadline:
+    """A timeout that is moved and cleared without touching the loop's timers each time.
+
+    A connection arms and clears its read and idle timeouts on every request; creating and
+    cancelling a loop timer for each costs several microseconds on uvloop (bench/README.md). So
+    ``arm`` and ``clear`` only write the deadline; one timer stays scheduled at the earliest
+    deadline armed, and when it fires it calls ``callback`` if the deadline is due, else
+    re-arms itself for the deadline, or ends when the deadline was cleared. ``callback`` runs at
+    the deadline as before, never earlier; ``cancel`` really cancels (the connection is done).
+    """
+
+    __slots__ = ("_at", "_callback", "_deadline", "_handle", "_loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], object]) -> None:
+        self._loop = loop
+        self._callback = callback
+        self._deadline: float | None = None
+        self._handle: asyncio.TimerHandle | None = None
+        self._at = 0.0  # when the handle fires
+
+    def arm(self, seconds: float) -> None:
+        deadline = self._loop.time() + seconds
+        self._deadline = deadline
+        handle = self._handle
+        if handle is not None:
+            if self._at <= deadline:
+                return
+            handle.cancel()
+        self._at = deadline
+        self._handle = self._loop.call_at(deadline, self._fire)
+
+    def clear(self) -> None:
+        self._deadline = None
+
+    def cancel(self) -> None:
+        self._deadline = None
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _fire(self) -> None:
+        self._handle = None
+        deadline = self._deadline
+        if deadline is None:
+            return
+        if self._loop.time() + _TIMER_SLACK < deadline:
+            self._at = deadline
+            self._handle = self._loop.call_at(deadline, self._fire)
+            return
+        self._deadline = None
+        self._callback()
+
+
 class HttpProtocol(asyncio.Protocol):
     """One client connection: parse requests, run the handler, write responses in order."""
 
@@ -229,7 +285,7 @@ class HttpProtocol(asyncio.Protocol):
         self._too_large = False
         self._pending: deque[tuple[Request, bool]] = deque()
         self._task: asyncio.Task[None] | None = None
-        self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_timer = _Deadline(self._loop, self._close)
         self._paused = False
         self._drain: asyncio.Future[None] | None = None
         self._client = ""
@@ -238,7 +294,8 @@ class HttpProtocol(asyncio.Protocol):
         self._head_bytes = 0
         self._header_count = 0
         self._head_size = 0
-        self._read_timer: asyncio.TimerHandle | None = None
+        self._read_timer = _Deadline(self._loop, self._read_timed_out)
+        self._read_part = "head"
         self._refused = False
         self.closing = False
 
@@ -258,8 +315,8 @@ class HttpProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._server.forget(self)
-        self._cancel_idle_timer()
-        self._cancel_read_timer()
+        self._idle_timer.cancel()
+        self._read_timer.cancel()
         self.closing = True
         self._pending.clear()
         if self._task is not None and not self._task.done():
@@ -525,7 +582,7 @@ class HttpProtocol(asyncio.Protocol):
                 self._cancel_idle_timer()
                 self._cancel_read_timer()
                 self._transport.write_eof()
-                self._idle_timer = self._loop.call_later(1.0, self._close)
+                self._idle_timer.arm(1.0)
                 return
         self._close()
 
@@ -547,35 +604,28 @@ class HttpProtocol(asyncio.Protocol):
         transport.close()
 
     def _arm_read_timer(self, seconds: float, part: str) -> None:
-        if self._read_timer is not None:
-            self._read_timer.cancel()
-        self._read_timer = self._loop.call_later(seconds, self._read_timed_out, part)
+        self._read_part = part
+        self._read_timer.arm(seconds)
 
     def _cancel_read_timer(self) -> None:
-        if self._read_timer is not None:
-            self._read_timer.cancel()
-            self._read_timer = None
+        self._read_timer.clear()
 
-    def _read_timed_out(self, part: str) -> None:
-        self._read_timer = None
-        message = f"The request {part} did not arrive in time."
+    def _read_timed_out(self) -> None:
+        message = f"The request {self._read_part} did not arrive in time."
         self._reject(408, error_body(message, "request_timeout"))
 
     def _close(self) -> None:
         self.closing = True
-        self._cancel_idle_timer()
-        self._cancel_read_timer()
+        self._idle_timer.cancel()
+        self._read_timer.cancel()
         if self._transport is not None and not self._transport.is_closing():
             self._transport.close()
 
     def _arm_idle_timer(self) -> None:
-        self._cancel_idle_timer()
-        self._idle_timer = self._loop.call_later(self._server.keepalive_timeout, self._close)
+        self._idle_timer.arm(self._server.keepalive_timeout)
 
     def _cancel_idle_timer(self) -> None:
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
+        self._idle_timer.clear()
 
     @property
     def busy(self) -> bool:

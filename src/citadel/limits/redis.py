@@ -1,9 +1,11 @@
 """The Redis limiter: every gateway replica shares one set of limits.
 
 One EVALSHA of ``admit.lua`` per admission checks and reserves every limit of the principal
-atomically, and one of ``reconcile.lua`` settles it. Python computes ``now`` in milliseconds and
-the calendar periods (``citadel.limits.maths``); the scripts do the same integer steps as
-``maths.judge`` and no calendar maths. The keys of one principal share the hash tag
+atomically, and one of ``reconcile.lua`` settles it (sent up to ``SETTLE_DELAY`` late, with the
+next command on the connection: usually the next request's admission, which Redis then runs
+after it, so a lease returned is free for that admission). Python computes ``now`` in
+milliseconds and the calendar periods (``citadel.limits.maths``); the scripts do the same integer
+steps as ``maths.judge`` and no calendar maths. The keys of one principal share the hash tag
 ``{u:<principal>}``, so they live in one Redis Cluster slot:
 
     citadel:{u:<principal>}:rpm               GCRA TAT of requests per minute, "ms:frac"
@@ -79,6 +81,9 @@ __all__ = ["RedisLimiter", "principal_keys"]
 _log = logging.getLogger("citadel.limits")
 
 _KEEP_MS: Final = 60_000  # dated counters outlive their period by the lease TTL and this
+# A settlement may wait this long to travel with the next admission (one write and one wake-up
+# of Redis per request instead of two; docs/decisions.md); an admission never waits.
+SETTLE_DELAY: Final = 0.005
 
 
 def _script(name: str) -> Script:
@@ -177,7 +182,7 @@ class RedisLimiter:
     The limiter owns ``client``: ``aclose`` closes it.
     """
 
-    __slots__ = ("_calendar", "_client", "_keep_ms", "_lease_ttl_ms", "_split")
+    __slots__ = ("_calendar", "_client", "_keep_ms", "_lease_ttl_ms", "_settle_delay", "_split")
 
     def __init__(
         self,
@@ -186,8 +191,10 @@ class RedisLimiter:
         lease_ttl: float,
         *,
         split: bool | None = None,
+        settle_delay: float = SETTLE_DELAY,
     ) -> None:
         self._client = client
+        self._settle_delay = settle_delay
         self._calendar = Calendar(timezone)
         self._lease_ttl_ms = to_ms(lease_ttl)
         self._keep_ms = self._lease_ttl_ms + _KEEP_MS
@@ -270,7 +277,9 @@ class RedisLimiter:
         """Undo admitted calls of an admission a later call refused: settle them to zero."""
         for group in groups:
             try:
-                await self._settle(group, reservation, tokens=0, cost_micros=0, now=None)
+                await self._settle(
+                    group, reservation, tokens=0, cost_micros=0, now=None, deferred=0.0
+                )
             except RedisError as exc:  # the reservation stays charged: conservative, logged
                 _log.warning(
                     "could not return a refused admission's reservation",
@@ -285,6 +294,7 @@ class RedisLimiter:
         tokens: int,
         cost_micros: int,
         now: float | None,
+        deferred: float,
     ) -> None:
         keys: list[Arg] = []
         args: list[Arg] = [
@@ -311,7 +321,7 @@ class RedisLimiter:
                 int(part.limits.tokens_per_month is not None),
                 int(part.limits.cost_per_month_micros is not None),
             ]
-        await self._client.evalsha(RECONCILE, keys, args)
+        await self._client.evalsha(RECONCILE, keys, args, deferred=deferred)
 
     async def reconcile(
         self,
@@ -326,7 +336,12 @@ class RedisLimiter:
         try:
             for group in self._groups(parts):
                 await self._settle(
-                    group, reservation, tokens=tokens, cost_micros=cost_micros, now=now
+                    group,
+                    reservation,
+                    tokens=tokens,
+                    cost_micros=cost_micros,
+                    now=now,
+                    deferred=self._settle_delay,
                 )
         except RedisError as exc:
             raise _unavailable("reconcile", exc) from exc

@@ -61,7 +61,12 @@ class RedisStore(Protocol):
 
     async def pipeline(self, commands: Sequence[tuple[Arg, ...]]) -> list[Any]: ...
 
-    async def evalsha(self, script: Script, keys: Sequence[Arg], args: Sequence[Arg]) -> Any: ...
+    async def evalsha(
+        self, script: Script, keys: Sequence[Arg], args: Sequence[Arg], *, deferred: float = 0.0
+    ) -> Any:
+        """``deferred`` > 0: the call may wait up to that many seconds to travel with the next
+        one (``RedisClient``; the redis-py clients send at once)."""
+        ...
 
     async def ping(self) -> None: ...
 

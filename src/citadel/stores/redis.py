@@ -3,8 +3,10 @@
 Why not redis-py: its asyncio client costs ~110 µs per call here, whatever the command; this one
 costs about half (see PERFORMANCE.md). It does only what the limiter needs:
 
-- One TCP connection, opened on the first call. Every command is written at once, so concurrent
-  callers pipeline; Redis answers in order, so replies are matched to a FIFO of futures.
+- One TCP connection, opened on the first call. Commands are held until the event loop's
+  current turn ends and then written together (one socket write for every command of that turn:
+  concurrent callers pipeline); Redis answers in order, so replies are matched to a FIFO of
+  futures.
 - A reply slower than ``timeout`` fails every pending call with ``StoreUnavailable`` and drops
   the connection (the replies behind a late one are late too, and matching them later would be
   guesswork). A lost connection does the same. The next call connects again, so the client
@@ -28,7 +30,7 @@ import asyncio
 import collections
 import hashlib
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final, cast
 from urllib.parse import unquote, urlsplit
 
@@ -41,6 +43,8 @@ __all__ = ["RedisClient", "RedisError", "Script", "encode_command"]
 Arg = bytes | str | int | float
 
 _STORE: Final = "redis"
+# (hiredis types its argument as a one-item tuple; it takes any number of items)
+_pack_command = cast(Callable[[tuple[Arg, ...]], bytes], hiredis.pack_command)
 
 
 class RedisError(CitadelError):
@@ -62,20 +66,12 @@ class Script:
 
 def encode_command(args: tuple[Arg, ...] | list[Arg]) -> bytes:
     """One command as a RESP array of bulk strings (UTF-8 text, decimal numbers)."""
-    # The hot path sends ASCII text and ints: format them as one str and encode it once,
-    # which is about a third cheaper than encoding argument by argument.
-    out: list[str] = []
-    add = out.append
-    for arg in args:
-        kind = type(arg)
-        if kind is int:
-            text = str(arg)
-        elif kind is str and arg.isascii():  # type: ignore[union-attr]
-            text = arg  # type: ignore[assignment]
-        else:
-            return _encode_bytes(args)
-        add(f"${len(text)}\r\n{text}\r\n")
-    return (f"*{len(args)}\r\n" + "".join(out)).encode()
+    # hiredis packs str, int, float and bytes in C, about twice as fast as formatting them here
+    # (bench/README.md); anything else (a bytearray; a bool, refused) takes the Python path.
+    try:
+        return _pack_command(args if type(args) is tuple else tuple(args))
+    except TypeError:
+        return _encode_bytes(args)
 
 
 def _encode_bytes(args: tuple[Arg, ...] | list[Arg]) -> bytes:
@@ -112,6 +108,13 @@ class _Connection(asyncio.Protocol):
         self._reader = hiredis.Reader(replyError=RedisError)
         self._pending: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
         self._timer: asyncio.TimerHandle | None = None
+        # Commands written this turn of the loop, sent together by ``_flush`` (see ``_queue``);
+        # ``_soon`` is set while a flush at the end of the turn is due; ``_later`` is the timer
+        # that sends deferred commands (it may outlive them: see ``_queue``).
+        self._outbox: list[bytes] = []
+        self._soon = False
+        self._later: asyncio.TimerHandle | None = None
+        self._later_at = 0.0
 
     # asyncio.Protocol callbacks
 
@@ -140,17 +143,55 @@ class _Connection(asyncio.Protocol):
 
     # used by RedisClient
 
-    def send(self, data: bytes) -> asyncio.Future[Any]:
-        """Write one encoded command; the future gets its reply."""
+    def send(self, data: bytes, *, deferred: float = 0.0) -> asyncio.Future[Any]:
+        """Write one encoded command; the future gets its reply. ``deferred`` > 0: the command
+        may wait up to that many seconds for the next command that cannot (see ``_queue``)."""
         if self.closed or self._transport is None:
             raise StoreUnavailable(_STORE, f"connection to {self._where} is closed")
         future = self.loop.create_future()
         deadline = self.loop.time() + self._timeout
         self._pending.append((future, deadline))
-        self._transport.write(data)
+        self._queue(data, deferred)
         if self._timer is None:
             self._timer = self.loop.call_at(deadline, self._check_deadline)
         return future
+
+    def _queue(self, data: bytes, deferred: float = 0.0) -> None:
+        """Hold a command until the loop's current turn ends: the commands of every request
+        served in one turn (admissions, the settlements of finished ones, XADDs) leave in one
+        socket write, and Redis answers them in one read, instead of a write and a read each
+        (each write wakes Redis: tens of microseconds on this VM, bench/README.md). A deferred
+        command waits longer, for the next command that is not (or its own delay): a request's
+        settlement then travels with the next request's admission. Order is kept: replies still
+        match the FIFO of futures."""
+        self._outbox.append(data)
+        if self._soon:
+            return
+        if not deferred:
+            self._soon = True
+            self.loop.call_soon(self._flush)
+        else:
+            # The timer is left scheduled by the flushes before it fires (creating and
+            # cancelling a loop timer per command costs several microseconds on uvloop): when
+            # it fires it sends what waits. A new one only if this command is due sooner.
+            due = self.loop.time() + deferred
+            later = self._later
+            if later is None or self._later_at > due:
+                if later is not None:
+                    later.cancel()
+                self._later_at = due
+                self._later = self.loop.call_at(due, self._flush_later)
+
+    def _flush_later(self) -> None:
+        self._later = None
+        if not self._soon:
+            self._flush()
+
+    def _flush(self) -> None:
+        self._soon = False
+        outbox, self._outbox = self._outbox, []
+        if outbox and not self.closed and self._transport is not None:
+            self._transport.write(outbox[0] if len(outbox) == 1 else b"".join(outbox))
 
     def send_many(self, data: Sequence[bytes]) -> list[asyncio.Future[Any]]:
         """Write encoded commands in one go; a future per command gets its reply."""
@@ -159,7 +200,7 @@ class _Connection(asyncio.Protocol):
         deadline = self.loop.time() + self._timeout
         futures = [self.loop.create_future() for _ in data]
         self._pending.extend((future, deadline) for future in futures)
-        self._transport.write(b"".join(data))
+        self._queue(b"".join(data))
         if self._timer is None:
             self._timer = self.loop.call_at(deadline, self._check_deadline)
         return futures
@@ -178,6 +219,10 @@ class _Connection(asyncio.Protocol):
     def fail(self, detail: str) -> None:
         """Fail every pending call and drop the connection."""
         self.closed = True
+        self._outbox = []
+        if self._later is not None:
+            self._later.cancel()
+            self._later = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -251,10 +296,12 @@ class RedisClient:
     def address(self) -> str:
         return f"{self._host}:{self._port}"
 
-    async def execute(self, *args: Arg) -> Any:
-        """Send one command and return its reply (bytes, int, list or None)."""
+    async def execute(self, *args: Arg, deferred: float = 0.0) -> Any:
+        """Send one command and return its reply (bytes, int, list or None). ``deferred``: the
+        command may wait up to that many seconds to travel with the next one (for what nobody
+        waits on, such as a settlement after the response)."""
         conn = self._usable() or await self._connect()
-        return await conn.send(encode_command(args))
+        return await conn.send(encode_command(args), deferred=deferred)
 
     async def pipeline(self, commands: Sequence[tuple[Arg, ...]]) -> list[Any]:
         """Send ``commands`` in one write and return their replies in order; an error reply is
@@ -270,11 +317,14 @@ class RedisClient:
                 raise reply  # cancelled
         return replies
 
-    async def evalsha(self, script: Script, keys: Sequence[Arg], args: Sequence[Arg]) -> Any:
-        """Run ``script`` by its SHA1, loading it once if the server does not know it."""
+    async def evalsha(
+        self, script: Script, keys: Sequence[Arg], args: Sequence[Arg], *, deferred: float = 0.0
+    ) -> Any:
+        """Run ``script`` by its SHA1, loading it once if the server does not know it
+        (``deferred`` as for ``execute``)."""
         command = ("EVALSHA", script.sha, len(keys), *keys, *args)
         try:
-            return await self.execute(*command)
+            return await self.execute(*command, deferred=deferred)
         except RedisError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise

@@ -175,7 +175,10 @@ class _RedisPyStore:
 
         return [_translate(reply) for reply in await self._call(run)]
 
-    async def evalsha(self, script: Script, keys: Sequence[Arg], args: Sequence[Arg]) -> Any:
+    async def evalsha(
+        self, script: Script, keys: Sequence[Arg], args: Sequence[Arg], *, deferred: float = 0.0
+    ) -> Any:
+        # ``deferred`` is a hint redis-py's clients cannot take: they send at once.
         try:
             return await self.execute("EVALSHA", script.sha, len(keys), *keys, *args)
         except RedisError as exc:
@@ -231,7 +234,9 @@ class ClusterClient(_RedisPyStore):
         finally:
             self._busy -= 1
 
-    async def evalsha(self, script: Script, keys: Sequence[Arg], args: Sequence[Arg]) -> Any:
+    async def evalsha(
+        self, script: Script, keys: Sequence[Arg], args: Sequence[Arg], *, deferred: float = 0.0
+    ) -> Any:
         # Refused here, as the server would (redis-py refuses it only once it knows the slot
         # map, as an error that reads like an outage).
         if len({key_slot(_key_bytes(key)) for key in keys}) > 1:
