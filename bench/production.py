@@ -561,6 +561,8 @@ def run_streams(stack: Stack, args: argparse.Namespace) -> list[dict[str, Any]]:
                     "first_error": result.get("first_error", ""),
                 }
                 points.append(point)
+                if point["failed"] and target == "gateway":
+                    print(f"  the gateway's log ends:\n{stack.gateway.log_tail(6)}")
                 err = (
                     f"  !! {point['failed']} failed: {point['first_error']}"
                     if point["failed"]
