@@ -403,6 +403,10 @@ def fall(rows: list[dict[str, Any]], mode: str, target: str) -> float | None:
     return 1.0 - lo / hi if hi and lo is not None else None
 
 
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.0%}"
+
+
 def print_matrix(rows: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
     print()
     print(
@@ -474,8 +478,8 @@ def print_matrix(rows: list[dict[str, Any]], args: argparse.Namespace) -> dict[s
                     f"fall_{mode}",
                     drop,
                     drop is not None and drop <= TARGET_FALL,
-                    f"{mode} fall c=16 -> c=64 <= {TARGET_FALL:.0%}: gateway {_f(drop, '%+.0%')}"
-                    f" (nginx {_f(fall(rows, mode, 'nginx'), '%+.0%')})",
+                    f"{mode} fall c=16 -> c=64 <= {TARGET_FALL:.0%}: gateway {_pct(drop)}"
+                    f" (nginx {_pct(fall(rows, mode, 'nginx'))})",
                 )
     added = by.get(("plain", 1), {}).get("added_p50_ms")
     verdict(
@@ -502,7 +506,7 @@ def hold(stack: Stack, args: argparse.Namespace, target: str, streams: int) -> d
     command = ["taskset", "-c", str(args.load_core), sys.executable, str(STREAMLOAD), "--json"]
     command += ["--url", f"http://127.0.0.1:{stack.port(target)}/v1/chat/completions"]
     command += ["-c", str(streams), "-d", str(args.stream_duration)]
-    command += ["--ramp", str(args.stream_ramp), "--settle", "1", "--stall", "20"]
+    command += ["--ramp", str(stream_ramp(args, streams)), "--settle", "1", "--stall", "20"]
     command += ["--max-tokens", str(args.stream_tokens)]
     for name, value in STREAM_HEADERS.items():
         command += ["-H", f"{name}: {value}"]
@@ -512,7 +516,7 @@ def hold(stack: Stack, args: argparse.Namespace, target: str, streams: int) -> d
     command += ["--watch-pid", f"server={server.pid}", "--rss-pid", f"server={server.pid}"]
     for i, sim in enumerate(stack.sims):
         command += ["--watch-pid", f"sim{i}={sim.pid}"]
-    timeout = args.stream_ramp + args.stream_duration + 90
+    timeout = stream_ramp(args, streams) + args.stream_duration + 90
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired as exc:
@@ -521,6 +525,26 @@ def hold(stack: Stack, args: argparse.Namespace, target: str, streams: int) -> d
         raise RuntimeError(f"streamload failed ({done.returncode}): {done.stderr.strip()}")
     result: dict[str, Any] = json.loads(done.stdout)
     return result
+
+
+def stream_ramp(args: argparse.Namespace, streams: int) -> float:
+    """Seconds to open ``streams`` connections: --stream-ramp, else 2 ms a stream (at least 1 s),
+    so a busy worker's accept queue does not overflow while they open."""
+    ramp: float = args.stream_ramp if args.stream_ramp is not None else max(1.0, streams / 500)
+    return ramp
+
+
+def listen_overflows() -> int:
+    """The kernel's count of connections dropped because a listen queue was full (all sockets)."""
+    try:
+        lines = Path("/proc/net/netstat").read_text().splitlines()
+    except OSError:
+        return 0
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:"):
+            table = dict(zip(names.split()[1:], values.split()[1:], strict=False))
+            return int(table.get("ListenOverflows", 0))
+    return 0
 
 
 def run_streams(stack: Stack, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -534,7 +558,9 @@ def run_streams(stack: Stack, args: argparse.Namespace) -> list[dict[str, Any]]:
                 wait_for_quiet(args.quiet_wait)
                 server = stack.gateway if target == "gateway" else stack.nginx
                 idle_rss = rss_bytes(server.pid)
+                overflows = listen_overflows()
                 result = hold(stack, args, target, streams)
+                overflows = listen_overflows() - overflows
                 server_cpu = result.get("cpu_seconds", {}).get("server") or 0.0
                 open_mid = result.get("open") or 0
                 point = {
@@ -558,13 +584,15 @@ def run_streams(stack: Stack, args: argparse.Namespace) -> list[dict[str, Any]]:
                         else None
                     ),
                     "failed": result["errors"] + result["socket_errors"],
+                    "listen_overflows": overflows,
                     "first_error": result.get("first_error", ""),
                 }
                 points.append(point)
                 if point["failed"] and target == "gateway":
                     print(f"  the gateway's log ends:\n{stack.gateway.log_tail(6)}")
                 err = (
-                    f"  !! {point['failed']} failed: {point['first_error']}"
+                    f"  !! {point['failed']} failed: {point['first_error']} (listen queue "
+                    f"overflows meanwhile: {overflows})"
                     if point["failed"]
                     else ""
                 )
@@ -770,7 +798,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--stream-tokens", type=int, default=8, help="tokens per stream (8)")
     parser.add_argument("--stream-duration", type=float, default=10.0, help="seconds (10)")
-    parser.add_argument("--stream-ramp", type=float, default=3.0, help="seconds to open (3)")
+    parser.add_argument(
+        "--stream-ramp", type=float, default=None, help="seconds to open them (2 ms a stream)"
+    )
     parser.add_argument("--profile", action="store_true", help="py-spy + Redis stats at c=16")
     parser.add_argument("--profile-top", type=int, default=25, help="profile entries shown (25)")
     parser.add_argument(
