@@ -684,31 +684,14 @@ def print_limits(rows: list[dict[str, Any]], check: dict[str, Any] | None) -> No
 
 
 def print_responses(rows: list[dict[str, Any]]) -> None:
-    """The Responses API rows: /v1/responses (translated to chat) against /v1/chat/completions."""
+    """The Responses API rows: /v1/responses (translated to chat) against /v1/chat/completions,
+    and passed through as-is against the simulator's own /v1/responses."""
     if not any("responses" in row for row in rows):
         return
     print()
     print("Responses API vs chat: the same request through /v1/responses (translated to chat and")
     print("back by the gateway) and through /v1/chat/completions. 'added' = responses - chat, ms.")
-    header = (
-        f"{'mode':<7}{'conc':>5}{'chat rps':>10}{'resp rps':>10}{'ratio':>7}"
-        f"{'chat p50':>10}{'resp p50':>10}{'added p50':>11}"
-        f"{'chat p99':>10}{'resp p99':>10}{'added p99':>11}"
-    )
-    print(header)
-    print("-" * len(header))
-    for row in rows:
-        chat, resp = row.get("gateway"), row.get("responses")
-        if not (chat and resp):
-            continue
-        print(
-            f"{row['mode']:<7}{row['concurrency']:>5}{_f(chat['rps'], '%.0f'):>10}"
-            f"{_f(resp['rps'], '%.0f'):>10}{_f(row.get('responses_ratio'), '%.2f'):>7}"
-            f"{_f(chat['p50_ms'], '%.3f'):>10}{_f(resp['p50_ms'], '%.3f'):>10}"
-            f"{_f(row.get('responses_added_p50_ms'), '%+.3f'):>11}"
-            f"{_f(chat['p99_ms'], '%.3f'):>10}{_f(resp['p99_ms'], '%.3f'):>10}"
-            f"{_f(row.get('responses_added_p99_ms'), '%+.3f'):>11}"
-        )
+    print_pair_table(rows, "gateway", "responses", "responses_", ("chat", "resp"))
     for row in rows:
         added = row.get("responses_added_p50_ms")
         if row["concurrency"] == 1 and added is not None:
@@ -724,25 +707,44 @@ def print_responses(rows: list[dict[str, Any]]) -> None:
     print(f"(responses: true, model {NATIVE_MODEL}), forwarded as-is by the gateway, against the")
     print("simulator's own /v1/responses directly. 'added' = through the gateway - direct, ms;")
     print("'chat added' = the same for /v1/chat/completions (the gateway's cost on chat).")
+    print_pair_table(
+        rows, "direct_responses", "passthrough", "passthrough_", ("direct", "gw"), "added_p50_ms"
+    )
+
+
+def print_pair_table(
+    rows: list[dict[str, Any]],
+    base: str,
+    target: str,
+    prefix: str,
+    labels: tuple[str, str],
+    chat_added: str | None = None,
+) -> None:
+    """One table of ``target`` against ``base`` (summarize's ``prefix``ed ratio and added
+    latencies), the columns named by ``labels``; with ``chat_added``, that row field (the
+    gateway's added p50 on chat) as a column after the added p50."""
+    a, b = labels
+    width = max(len(a), len(b)) + 6
     header = (
-        f"{'mode':<7}{'conc':>5}{'direct rps':>12}{'gw rps':>9}{'ratio':>7}"
-        f"{'direct p50':>12}{'gw p50':>9}{'added p50':>11}{'chat added':>12}"
-        f"{'direct p99':>12}{'gw p99':>9}{'added p99':>11}"
+        f"{'mode':<7}{'conc':>5}{a + ' rps':>{width}}{b + ' rps':>{width}}{'ratio':>7}"
+        f"{a + ' p50':>{width}}{b + ' p50':>{width}}{'added p50':>11}"
+        + (f"{'chat added':>12}" if chat_added else "")
+        + f"{a + ' p99':>{width}}{b + ' p99':>{width}}{'added p99':>11}"
     )
     print(header)
     print("-" * len(header))
     for row in rows:
-        direct, through = row.get("direct_responses"), row.get("passthrough")
-        if not (direct and through):
+        x, y = row.get(base), row.get(target)
+        if not (x and y):
             continue
+        extra = f"{_f(row.get(chat_added), '%+.3f'):>12}" if chat_added else ""
         print(
-            f"{row['mode']:<7}{row['concurrency']:>5}{_f(direct['rps'], '%.0f'):>12}"
-            f"{_f(through['rps'], '%.0f'):>9}{_f(row.get('passthrough_ratio'), '%.2f'):>7}"
-            f"{_f(direct['p50_ms'], '%.3f'):>12}{_f(through['p50_ms'], '%.3f'):>9}"
-            f"{_f(row.get('passthrough_added_p50_ms'), '%+.3f'):>11}"
-            f"{_f(row.get('added_p50_ms'), '%+.3f'):>12}"
-            f"{_f(direct['p99_ms'], '%.3f'):>12}{_f(through['p99_ms'], '%.3f'):>9}"
-            f"{_f(row.get('passthrough_added_p99_ms'), '%+.3f'):>11}"
+            f"{row['mode']:<7}{row['concurrency']:>5}{_f(x['rps'], '%.0f'):>{width}}"
+            f"{_f(y['rps'], '%.0f'):>{width}}{_f(row.get(prefix + 'ratio'), '%.2f'):>7}"
+            f"{_f(x['p50_ms'], '%.3f'):>{width}}{_f(y['p50_ms'], '%.3f'):>{width}}"
+            f"{_f(row.get(prefix + 'added_p50_ms'), '%+.3f'):>11}{extra}"
+            f"{_f(x['p99_ms'], '%.3f'):>{width}}{_f(y['p99_ms'], '%.3f'):>{width}}"
+            f"{_f(row.get(prefix + 'added_p99_ms'), '%+.3f'):>11}"
         )
 
 
